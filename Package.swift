@@ -1,0 +1,66 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// One module per layer; the folder list under Sources/ is the architecture:
+//   CLMDB, CFuse3, CCurl - system libraries (pkg-config)
+//   LMDB          - a thin, safe Swift wrapper over the LMDB C API
+//   ShardStore    - the shard engine: one LMDB environment per shard
+//   Metadata      - the metadata interface, the embedded store, the retry wrapper
+//   MetadataEtcd  - the metadata store on etcd (v3 JSON gateway over libcurl)
+//   Volumes       - cloud-provider and volume-manager interfaces, local folders
+//   ShardNode     - the shard manager, configuration, the node composing the layers
+//   Benchmarks    - the benchmarks `shardfs bench` runs
+//   shardfs       - the command-line executable
+let package = Package(
+    name: "ShardFS",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "shardfs", targets: ["shardfs"]),
+        .library(name: "ShardStore", targets: ["ShardStore"]),
+        .library(name: "ShardNode", targets: ["ShardNode"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/jpsim/Yams", from: "5.0.1"),
+    ],
+    targets: [
+        .systemLibrary(name: "CLMDB", pkgConfig: "lmdb", providers: [.apt(["liblmdb-dev"])]),
+        .systemLibrary(name: "CFuse3", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
+        .systemLibrary(name: "CCurl", pkgConfig: "libcurl", providers: [.apt(["libcurl4-openssl-dev"])]),
+
+        .target(name: "LMDB", dependencies: ["CLMDB"]),
+        .target(name: "ShardStore", dependencies: ["LMDB"]),
+        .target(name: "Metadata", dependencies: [
+            "LMDB",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .target(name: "MetadataEtcd", dependencies: [
+            "Metadata", "CCurl",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .target(name: "Volumes", dependencies: [
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .target(name: "ShardNode", dependencies: [
+            "ShardStore", "Metadata", "Volumes",
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "Yams", package: "Yams"),
+        ]),
+        .target(name: "Benchmarks", dependencies: ["ShardStore", "LMDB", "CLMDB"]),
+        .executableTarget(name: "shardfs", dependencies: [
+            "ShardNode", "Benchmarks",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+
+        .testTarget(name: "LMDBTests", dependencies: ["LMDB"]),
+        .testTarget(name: "ShardStoreTests", dependencies: ["ShardStore"]),
+        .testTarget(name: "MetadataTests", dependencies: ["Metadata"]),
+        .testTarget(name: "MetadataEtcdTests", dependencies: ["MetadataEtcd"]),
+        .testTarget(name: "VolumesTests", dependencies: ["Volumes"]),
+        .testTarget(name: "ShardNodeTests", dependencies: ["ShardNode"]),
+        .testTarget(name: "CommandTests", dependencies: ["shardfs"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

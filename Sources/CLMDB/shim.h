@@ -1,0 +1,4 @@
+#ifndef SHARDFS_CLMDB_SHIM_H
+#define SHARDFS_CLMDB_SHIM_H
+#include <lmdb.h>
+#endif

@@ -1,0 +1,343 @@
+// A thin Swift layer over LMDB's C API. lmdb.h is the contract; the rules that
+// matter to callers are repeated where they apply:
+//
+// - Environments are opened with MDB_NOTLS, so a read-only transaction is not
+//   tied to the thread that began it. It still must be used by one thread at a
+//   time, and every transaction here lives inside one synchronous closure:
+//   never hold one across `await`.
+// - A write transaction and its cursors belong to one thread. LMDB allows one
+//   writer per environment; `write` blocks until it is this caller's turn.
+// - Buffers handed out by `get` and cursors point into the memory map. They are
+//   valid only until the next update in the same transaction or its end: copy
+//   what you keep.
+// - Databases are opened once, at setup (mdb_dbi_open must not run in
+//   concurrent transactions of one process).
+import CLMDB
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// An error returned by LMDB, with its return code.
+public struct LMDBError: Error, Equatable, CustomStringConvertible, Sendable {
+    public let code: Int32
+    public init(code: Int32) { self.code = code }
+
+    public static let notFound = LMDBError(code: MDB_NOTFOUND)
+    public static let keyExists = LMDBError(code: MDB_KEYEXIST)
+    /// The environment's map size (the shard's size limit) is reached.
+    public static let mapFull = LMDBError(code: MDB_MAP_FULL)
+    /// The transaction has too many dirty pages.
+    public static let transactionFull = LMDBError(code: MDB_TXN_FULL)
+    public static let badValueSize = LMDBError(code: MDB_BAD_VALSIZE)
+    /// Located page was wrong type, or data the caller expected is missing.
+    public static let corrupted = LMDBError(code: MDB_CORRUPTED)
+
+    public var description: String {
+        String(cString: mdb_strerror(code))
+    }
+}
+
+@inline(__always)
+func check(_ rc: Int32) throws {
+    if rc != 0 { throw LMDBError(code: rc) }
+}
+
+/// How to open an environment.
+public struct EnvironmentOptions: Sendable {
+    /// Upper bound of the data file, rounded up to a page. Writes past it fail with `LMDBError.mapFull`.
+    public var mapSize: Int
+    public var maxDatabases: UInt32 = 8
+    public var maxReaders: UInt32 = 512
+    public var readOnly = false
+    /// The caller promises to coordinate access itself (needed for MDB_RDONLY on a
+    /// writable filesystem where the user may not write the lock file).
+    public var noLock = false
+    /// Skip the fsyncs at commit: commits stay atomic but not durable until `sync(force:)`.
+    public var noSync = false
+    /// File mode of the data and lock files.
+    public var mode: mode_t = 0o644
+
+    public init(mapSize: Int) { self.mapSize = mapSize }
+}
+
+/// A database (a named B-tree) inside an environment.
+public struct Database: Sendable {
+    public let handle: MDB_dbi
+}
+
+public struct DatabaseFlags: OptionSet, Sendable {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    public static let create = DatabaseFlags(rawValue: UInt32(MDB_CREATE))
+    /// Sorted duplicate values under one key.
+    public static let duplicateSort = DatabaseFlags(rawValue: UInt32(MDB_DUPSORT))
+}
+
+public struct PutFlags: OptionSet, Sendable {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    public static let noOverwrite = PutFlags(rawValue: UInt32(MDB_NOOVERWRITE))
+    public static let noDuplicateData = PutFlags(rawValue: UInt32(MDB_NODUPDATA))
+    /// Keys arrive in increasing order: LMDB appends without searching.
+    public static let append = PutFlags(rawValue: UInt32(MDB_APPEND))
+}
+
+/// Figures of an environment (mdb_env_info + mdb_env_stat).
+public struct EnvironmentInfo: Sendable {
+    public var mapSize: Int
+    public var pageSize: Int
+    /// Highest page number in use; (lastPage + 1) * pageSize bytes of the file are in use or free-listed.
+    public var lastPage: Int
+    public var usedBytes: Int { (lastPage + 1) * pageSize }
+}
+
+/// An LMDB environment: one data file (and its lock file) in a directory.
+/// Safe to share between threads; see the rules at the top of this file.
+public final class Environment: @unchecked Sendable {
+    public let path: String
+    public let options: EnvironmentOptions
+    let env: OpaquePointer
+
+    /// Opens (creating if needed) the environment in the directory `path`, which must exist.
+    public init(path: String, options: EnvironmentOptions) throws {
+        var env: OpaquePointer?
+        try check(mdb_env_create(&env))
+        guard let env else { throw LMDBError(code: EINVAL) }
+        do {
+            try check(mdb_env_set_mapsize(env, options.mapSize))
+            try check(mdb_env_set_maxdbs(env, options.maxDatabases))
+            try check(mdb_env_set_maxreaders(env, options.maxReaders))
+            var flags = UInt32(MDB_NOTLS)
+            if options.readOnly { flags |= UInt32(MDB_RDONLY) }
+            if options.noLock { flags |= UInt32(MDB_NOLOCK) }
+            if options.noSync { flags |= UInt32(MDB_NOSYNC) }
+            try check(mdb_env_open(env, path, flags, options.mode))
+        } catch {
+            mdb_env_close(env)
+            throw error
+        }
+        self.env = env
+        self.path = path
+        self.options = options
+    }
+
+    deinit { mdb_env_close(env) }
+
+    /// Opens a named database. Call at setup only, never concurrently with other
+    /// `openDatabase` calls on the same environment.
+    public func openDatabase(_ name: String, flags: DatabaseFlags = []) throws -> Database {
+        let readOnly = options.readOnly || !flags.contains(.create)
+        var txn: OpaquePointer?
+        try check(mdb_txn_begin(env, nil, readOnly ? UInt32(MDB_RDONLY) : 0, &txn))
+        var dbi: MDB_dbi = 0
+        let rc = mdb_dbi_open(txn, name, flags.rawValue, &dbi)
+        if rc != 0 {
+            mdb_txn_abort(txn)
+            throw LMDBError(code: rc)
+        }
+        try check(mdb_txn_commit(txn))
+        return Database(handle: dbi)
+    }
+
+    /// Runs `body` in a read-only snapshot. Buffers obtained inside are invalid once it returns.
+    public func read<R>(_ body: (Transaction) throws -> R) throws -> R {
+        var txn: OpaquePointer?
+        try check(mdb_txn_begin(env, nil, UInt32(MDB_RDONLY), &txn))
+        defer { mdb_txn_abort(txn) }
+        return try body(Transaction(txn: txn!))
+    }
+
+    /// Runs `body` in a write transaction on the calling thread and commits it if
+    /// `body` returns; aborts it if `body` throws. Blocks while another writer is active.
+    /// With the default options the commit is durable when this returns.
+    public func write<R>(_ body: (Transaction) throws -> R) throws -> R {
+        var txn: OpaquePointer?
+        try check(mdb_txn_begin(env, nil, 0, &txn))
+        let result: R
+        do {
+            result = try body(Transaction(txn: txn!))
+        } catch {
+            mdb_txn_abort(txn)
+            throw error
+        }
+        try check(mdb_txn_commit(txn))  // frees the transaction, success or not
+        return result
+    }
+
+    /// Flushes data to disk. With `force`, even if the environment was opened with `noSync`.
+    public func sync(force: Bool = true) throws {
+        try check(mdb_env_sync(env, force ? 1 : 0))
+    }
+
+    public var info: EnvironmentInfo {
+        var info = MDB_envinfo()
+        mdb_env_info(env, &info)
+        var stat = MDB_stat()
+        mdb_env_stat(env, &stat)
+        return EnvironmentInfo(mapSize: info.me_mapsize, pageSize: Int(stat.ms_psize), lastPage: info.me_last_pgno)
+    }
+
+    /// Changes the map size (the size limit). Only while this process has no
+    /// transaction open on the environment, e.g. right after opening it.
+    public func setMapSize(_ size: Int) throws {
+        try check(mdb_env_set_mapsize(env, size))
+    }
+
+    /// The largest key (and DUPSORT value) this build of LMDB accepts.
+    public var maxKeySize: Int { Int(mdb_env_get_maxkeysize(env)) }
+
+    /// Reader slots held by dead processes are released (useful after `kill -9` of a reader).
+    @discardableResult
+    public func clearStaleReaders() -> Int32 {
+        var dead: Int32 = 0
+        mdb_reader_check(env, &dead)
+        return dead
+    }
+}
+
+/// A transaction handed to a closure by `Environment.read` or `write`.
+/// Never let it escape the closure.
+public struct Transaction {
+    let txn: OpaquePointer
+
+    /// The value under `key`, or nil. The buffer points into the map: see the rules above.
+    public func get(_ db: Database, _ key: UnsafeRawBufferPointer) throws -> UnsafeRawBufferPointer? {
+        var k = MDB_val(key)
+        var v = MDB_val()
+        let rc = mdb_get(txn, db.handle, &k, &v)
+        if rc == MDB_NOTFOUND { return nil }
+        try check(rc)
+        return v.buffer
+    }
+
+    public func get(_ db: Database, _ key: [UInt8]) throws -> UnsafeRawBufferPointer? {
+        try key.withUnsafeBytes { try get(db, $0) }
+    }
+
+    public func put(_ db: Database, _ key: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer, flags: PutFlags = []) throws {
+        var k = MDB_val(key)
+        var v = MDB_val(value)
+        try check(mdb_put(txn, db.handle, &k, &v, flags.rawValue))
+    }
+
+    public func put(_ db: Database, _ key: [UInt8], _ value: [UInt8], flags: PutFlags = []) throws {
+        try key.withUnsafeBytes { k in try value.withUnsafeBytes { v in try put(db, k, v, flags: flags) } }
+    }
+
+    /// Reserves `count` bytes for `key` and returns them to be filled before the
+    /// next update (MDB_RESERVE): saves a copy of large values. Not for DUPSORT databases.
+    public func reserve(_ db: Database, _ key: UnsafeRawBufferPointer, count: Int, flags: PutFlags = []) throws -> UnsafeMutableRawBufferPointer {
+        var k = MDB_val(key)
+        var v = MDB_val(mv_size: count, mv_data: nil)
+        try check(mdb_put(txn, db.handle, &k, &v, flags.rawValue | UInt32(MDB_RESERVE)))
+        return UnsafeMutableRawBufferPointer(start: v.mv_data, count: count)
+    }
+
+    /// Deletes `key` (and, in a DUPSORT database, only the pair with `value` if given).
+    /// Returns false if there was nothing to delete.
+    @discardableResult
+    public func delete(_ db: Database, _ key: UnsafeRawBufferPointer, value: UnsafeRawBufferPointer? = nil) throws -> Bool {
+        var k = MDB_val(key)
+        let rc: Int32
+        if let value {
+            var v = MDB_val(value)
+            rc = mdb_del(txn, db.handle, &k, &v)
+        } else {
+            rc = mdb_del(txn, db.handle, &k, nil)
+        }
+        if rc == MDB_NOTFOUND { return false }
+        try check(rc)
+        return true
+    }
+
+    @discardableResult
+    public func delete(_ db: Database, _ key: [UInt8]) throws -> Bool {
+        try key.withUnsafeBytes { try delete(db, $0) }
+    }
+
+    /// Number of entries in `db`.
+    public func count(_ db: Database) throws -> Int {
+        var stat = MDB_stat()
+        try check(mdb_stat(txn, db.handle, &stat))
+        return stat.ms_entries
+    }
+
+    /// Pages on LMDB's free list (free for reuse) as of this transaction.
+    /// The free list maps transaction IDs to page lists whose first word is their length.
+    public func freePageCount() throws -> Int {
+        var cursor: OpaquePointer?
+        try check(mdb_cursor_open(txn, 0, &cursor))  // dbi 0 is FREE_DBI
+        defer { mdb_cursor_close(cursor) }
+        var k = MDB_val(), v = MDB_val()
+        var total = 0
+        var rc = mdb_cursor_get(cursor, &k, &v, MDB_FIRST)
+        while rc == 0 {
+            if v.mv_size >= MemoryLayout<Int>.size {
+                total += v.mv_data.loadUnaligned(as: Int.self)
+            }
+            rc = mdb_cursor_get(cursor, &k, &v, MDB_NEXT)
+        }
+        if rc != MDB_NOTFOUND { try check(rc) }
+        return total
+    }
+
+    /// Runs `body` with a cursor on `db`, closed when `body` returns.
+    public func withCursor<R>(_ db: Database, _ body: (inout Cursor) throws -> R) throws -> R {
+        var cursor: OpaquePointer?
+        try check(mdb_cursor_open(txn, db.handle, &cursor))
+        defer { mdb_cursor_close(cursor) }
+        var c = Cursor(cursor: cursor!)
+        return try body(&c)
+    }
+}
+
+/// A position in a database. Keys and values returned point into the map.
+public struct Cursor {
+    let cursor: OpaquePointer
+    public typealias Pair = (key: UnsafeRawBufferPointer, value: UnsafeRawBufferPointer)
+
+    private func op(_ op: MDB_cursor_op, key: UnsafeRawBufferPointer? = nil, value: UnsafeRawBufferPointer? = nil) throws -> Pair? {
+        var k = key.map { MDB_val($0) } ?? MDB_val()
+        var v = value.map { MDB_val($0) } ?? MDB_val()
+        let rc = mdb_cursor_get(cursor, &k, &v, op)
+        if rc == MDB_NOTFOUND { return nil }
+        try check(rc)
+        return (k.buffer, v.buffer)
+    }
+
+    public func first() throws -> Pair? { try op(MDB_FIRST) }
+    public func last() throws -> Pair? { try op(MDB_LAST) }
+    public func next() throws -> Pair? { try op(MDB_NEXT) }
+    public func current() throws -> Pair? { try op(MDB_GET_CURRENT) }
+    /// The first pair whose key is >= `key`.
+    public func seek(atLeast key: UnsafeRawBufferPointer) throws -> Pair? { try op(MDB_SET_RANGE, key: key) }
+    /// Exactly `key` (its first duplicate).
+    public func seek(exactly key: UnsafeRawBufferPointer) throws -> Pair? { try op(MDB_SET_KEY, key: key) }
+    /// DUPSORT: the first duplicate of `key` >= `value`.
+    public func seek(key: UnsafeRawBufferPointer, atLeastValue value: UnsafeRawBufferPointer) throws -> Pair? {
+        try op(MDB_GET_BOTH_RANGE, key: key, value: value)
+    }
+    /// DUPSORT: the next duplicate of the current key.
+    public func nextDuplicate() throws -> Pair? { try op(MDB_NEXT_DUP) }
+
+    /// Deletes the pair at the cursor (write transactions only).
+    public func deleteCurrent() throws { try check(mdb_cursor_del(cursor, 0)) }
+}
+
+// Shared empty buffer: LMDB must never be handed a NULL data pointer.
+nonisolated(unsafe) private let emptyByte = UnsafeMutableRawPointer.allocate(byteCount: 1, alignment: 1)
+
+extension MDB_val {
+    @inline(__always)
+    init(_ buffer: UnsafeRawBufferPointer) {
+        self.init(mv_size: buffer.count, mv_data: UnsafeMutableRawPointer(mutating: buffer.baseAddress) ?? emptyByte)
+    }
+
+    @inline(__always)
+    var buffer: UnsafeRawBufferPointer {
+        UnsafeRawBufferPointer(start: mv_data, count: mv_size)
+    }
+}
+
+/// LMDB's version string, e.g. "LMDB 0.9.24: (July 24, 2019)".
+public var lmdbVersion: String { String(cString: mdb_version(nil, nil, nil)) }

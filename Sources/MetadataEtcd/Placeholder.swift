@@ -1,0 +1,1 @@
+// placeholder: the etcd store goes here

@@ -1,0 +1,614 @@
+import Foundation
+import LMDB
+
+/// Whether a shard takes writes. Closed is forever.
+public enum ShardState: String, Codable, Sendable {
+    case open
+    case closed
+}
+
+/// An entry as read back.
+public struct Entry: Sendable, Equatable {
+    public var key: EntryKey
+    public var value: [UInt8]
+    public var indexes: [IndexPair]
+    /// Nanoseconds since 1970.
+    public var modificationTime: Int64
+}
+
+/// What a file view needs of an entry, without its value.
+public struct EntryAttributes: Sendable, Equatable {
+    public var key: EntryKey
+    public var size: Int
+    public var modificationTime: Int64
+    public var indexes: [IndexPair]
+}
+
+/// One row of a listing.
+public struct EntrySummary: Sendable, Equatable {
+    public var key: EntryKey
+    public var size: Int
+    public var modificationTime: Int64
+}
+
+/// A listing row borrowed from the map; valid only inside the `forEachEntry` callback.
+public struct EntryView {
+    public var key: UnsafeRawBufferPointer
+    public var size: Int
+    public var modificationTime: Int64
+}
+
+/// One item of a batch put. The key is validated by the shard (per-item status).
+public struct EntryWrite: Sendable {
+    public var key: [UInt8]
+    public var value: [UInt8]
+    public var indexes: [IndexPair]
+    /// Nanoseconds since 1970; nil means now.
+    public var modificationTime: Int64?
+
+    public init(key: [UInt8], value: [UInt8], indexes: [IndexPair] = [], modificationTime: Int64? = nil) {
+        self.key = key
+        self.value = value
+        self.indexes = indexes
+        self.modificationTime = modificationTime
+    }
+
+    public init(key: EntryKey, value: [UInt8], indexes: [IndexPair] = [], modificationTime: Int64? = nil) {
+        self.init(key: key.bytes, value: value, indexes: indexes, modificationTime: modificationTime)
+    }
+}
+
+public struct ShardStats: Sendable, Equatable {
+    public var id: UInt64
+    public var owner: String
+    public var state: ShardState
+    public var entries: Int
+    /// Bytes of the data file holding live data (LMDB pages in use, not free-listed).
+    public var usedBytes: Int
+    /// The size limit: writes that would grow the shard past it fail as `full`.
+    public var limitBytes: Int
+}
+
+/// How to open or create a shard.
+public struct ShardOptions: Sendable {
+    public static let defaultSizeLimit = 2 << 30  // 2 GiB
+    public static let minimumSizeLimit = 256 << 10
+
+    /// Size limit for a new shard (an existing shard keeps the one it was created with).
+    public var sizeLimit = ShardOptions.defaultSizeLimit
+    /// Open as a read-only view (backup nodes, read-only mounts): every write fails with `readOnlyView`.
+    public var readOnly = false
+    /// Commit with fsync (the default): a write is durable when it returns. When false,
+    /// commits are atomic but only made durable by `sync()`.
+    public var durableCommits = true
+
+    public init() {}
+}
+
+/// A shard: one LMDB environment in its own directory. Safe to use from many
+/// threads: reads run in parallel snapshots; writes are serialised and group-committed.
+public final class Shard: @unchecked Sendable {
+    public let path: String
+    public let id: UInt64
+    public let owner: String
+    public let sizeLimit: Int
+    public let isReadOnlyView: Bool
+
+    let env: Environment
+    let entries: Database
+    let chunks: Database
+    let indexes: Database
+    let meta: Database
+
+    private let stateLock = NSLock()
+    private var committedState: ShardState
+    private var committer: GroupCommitter<WriteContext>!
+
+    struct WriteContext {
+        let txn: Transaction
+        var state: ShardState
+    }
+
+    public var state: ShardState { stateLock.withLock { committedState } }
+
+    // MARK: Opening
+
+    /// Creates a new shard in the directory `path` (created if missing; it must not hold a shard).
+    public static func create(at path: String, id: UInt64, owner: String, options: ShardOptions = ShardOptions()) throws -> Shard {
+        guard !owner.isEmpty else { throw ShardError.clientIDRequired }
+        guard options.sizeLimit >= ShardOptions.minimumSizeLimit else {
+            throw ShardError.invalidArgument("a shard's size limit is at least \(ShardOptions.minimumSizeLimit) bytes")
+        }
+        guard !options.readOnly else { throw ShardError.readOnlyView }
+        if FileManager.default.fileExists(atPath: path + "/data.mdb") { throw ShardError.shardExists(path) }
+        do {
+            try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+        } catch {
+            throw ShardError.storage("cannot create \(path): \(error.localizedDescription)")
+        }
+        let descriptor = Descriptor(id: id, owner: owner, state: .open, sizeLimit: options.sizeLimit)
+        return try Shard(path: path, creating: descriptor, options: options)
+    }
+
+    /// Opens the shard in `path`. An open shard opens writable unless `options.readOnly`.
+    public static func open(at path: String, options: ShardOptions = ShardOptions()) throws -> Shard {
+        guard FileManager.default.fileExists(atPath: path + "/data.mdb") else {
+            throw ShardError.notAShard("\(path) holds no shard data")
+        }
+        return try Shard(path: path, creating: nil, options: options)
+    }
+
+    private init(path: String, creating descriptor: Descriptor?, options: ShardOptions) throws {
+        var envOptions = EnvironmentOptions(mapSize: descriptor?.sizeLimit ?? ShardOptions.minimumSizeLimit)
+        envOptions.readOnly = options.readOnly
+        envOptions.noSync = !options.durableCommits
+        envOptions.maxDatabases = 4
+        let dbFlags: DatabaseFlags = options.readOnly ? [] : [.create]
+        do {
+            env = try Environment(path: path, options: envOptions)
+            entries = try env.openDatabase("entries", flags: dbFlags)
+            chunks = try env.openDatabase("chunks", flags: dbFlags)
+            indexes = try env.openDatabase("indexes", flags: dbFlags.union(.duplicateSort))
+            meta = try env.openDatabase("meta", flags: dbFlags)
+        } catch let error as LMDBError {
+            throw error == .notFound
+                ? ShardError.notAShard("\(path) lacks the shard databases")
+                : ShardError.storage("cannot open shard at \(path): \(error)")
+        }
+        let stored: Descriptor
+        if let descriptor {
+            let meta = self.meta
+            try env.write { txn in try descriptor.store(txn, meta) }
+            stored = descriptor
+        } else {
+            let meta = self.meta
+            stored = try env.read { txn in try Descriptor.load(txn, meta, path: path) }
+            if !options.readOnly && stored.sizeLimit != env.info.mapSize {
+                try env.setMapSize(stored.sizeLimit)
+            }
+        }
+        self.path = path
+        self.id = stored.id
+        self.owner = stored.owner
+        self.sizeLimit = stored.sizeLimit
+        self.committedState = stored.state
+        self.isReadOnlyView = options.readOnly
+        self.committer = GroupCommitter(runGroup: { [unowned self] group in self.run(group) })
+    }
+
+    // MARK: Writes
+
+    /// Puts one entry: replaces its value and indexes in one durable transaction.
+    public func put(_ key: EntryKey, value: [UInt8], indexes: [IndexPair] = [], clientID: String,
+                    modificationTime: Int64? = nil) throws {
+        try IndexPair.validate(indexes)
+        try checkLimits(keyCount: key.bytes.count, valueCount: value.count, indexes: indexes)
+        let mtime = modificationTime ?? Shard.now()
+        try write(clientID: clientID) { ctx in
+            try self.writeEntry(ctx.txn, key: key.bytes, value: value, indexes: indexes, modificationTime: mtime)
+        }
+    }
+
+    /// Puts many entries in one transaction. Items that fail validation get their
+    /// error at their position and are skipped; the others commit together. Errors
+    /// of the whole batch (fenced, closed, full) are thrown and nothing is committed.
+    public func batchPut(_ items: [EntryWrite], clientID: String) throws -> [ShardError?] {
+        var statuses = [ShardError?](repeating: nil, count: items.count)
+        var valid: [Int] = []
+        valid.reserveCapacity(items.count)
+        for (i, item) in items.enumerated() {
+            do {
+                if let problem = EntryKey.problem(with: item.key) { throw ShardError.invalidKey(problem) }
+                if !item.indexes.isEmpty { try IndexPair.validate(item.indexes) }
+                try checkLimits(keyCount: item.key.count, valueCount: item.value.count, indexes: item.indexes)
+                valid.append(i)
+            } catch let error as ShardError {
+                statuses[i] = error
+            }
+        }
+        if valid.isEmpty { return statuses }
+        let now = Shard.now()
+        try write(clientID: clientID) { ctx in
+            for i in valid {
+                let item = items[i]
+                try self.writeEntry(ctx.txn, key: item.key, value: item.value, indexes: item.indexes,
+                                    modificationTime: item.modificationTime ?? now)
+            }
+        }
+        return statuses
+    }
+
+    /// Deletes an entry; `entryNotFound` if there is none.
+    public func delete(_ key: EntryKey, clientID: String) throws {
+        try write(clientID: clientID) { ctx in
+            guard let old = try self.readOld(ctx.txn, key.bytes) else { throw ShardError.entryNotFound(key) }
+            try self.removeEntry(ctx.txn, key: key.bytes, old: old)
+        }
+    }
+
+    /// Renames an entry within the shard, atomically replacing `to` if it exists.
+    public func rename(_ from: EntryKey, to: EntryKey, clientID: String) throws {
+        try write(clientID: clientID) { ctx in
+            let txn = ctx.txn
+            guard let source = try self.readOld(txn, from.bytes) else { throw ShardError.entryNotFound(from) }
+            if from == to { return }
+            let record = try txn.get(self.entries, from.bytes).map { Array($0) }!
+            if let target = try self.readOld(txn, to.bytes) {
+                try self.removeEntry(txn, key: to.bytes, old: target)
+            }
+            try txn.put(self.entries, to.bytes, record)
+            for n in 0..<source.chunkCount {
+                let old = chunkKey(from.bytes, n)
+                guard let chunk = try txn.get(self.chunks, old).map({ Array($0) }) else {
+                    throw LMDBError.corrupted  // not a ShardError: changes were made, the group must abort
+                }
+                try txn.put(self.chunks, chunkKey(to.bytes, n), chunk)
+                try txn.delete(self.chunks, old)
+            }
+            for index in source.indexes {
+                let rk = index.reverseKey
+                try rk.withUnsafeBytes { k in
+                    _ = try from.bytes.withUnsafeBytes { try txn.delete(self.indexes, k, value: $0) }
+                    try to.bytes.withUnsafeBytes { try txn.put(self.indexes, k, $0) }
+                }
+            }
+            try txn.delete(self.entries, from.bytes)
+        }
+    }
+
+    /// Sets an entry's modification time (nanoseconds since 1970), e.g. for `touch` or `rsync -a`.
+    public func setModificationTime(_ key: EntryKey, _ time: Int64, clientID: String) throws {
+        try write(clientID: clientID) { ctx in
+            guard let raw = try ctx.txn.get(self.entries, key.bytes) else { throw ShardError.entryNotFound(key) }
+            var record = Array(raw)
+            record.withUnsafeMutableBytes { $0.storeLE(UInt64(bitPattern: time), at: 2) }
+            try ctx.txn.put(self.entries, key.bytes, record)
+        }
+    }
+
+    /// Closes the shard: from now on, and after any restart, every write fails with `closed`.
+    /// Closing a closed shard does nothing.
+    public func close() throws {
+        guard !isReadOnlyView else { throw ShardError.readOnlyView }
+        try committer.submit { ctx in
+            if ctx.state == .closed { return }
+            try ctx.txn.put(self.meta, Array("state".utf8), Array(ShardState.closed.rawValue.utf8))
+            ctx.state = .closed
+        }
+    }
+
+    /// Flushes commits made with `durableCommits == false` to disk.
+    public func sync() throws {
+        do { try env.sync(force: true) } catch { throw ShardError.from(error, limit: sizeLimit) }
+    }
+
+    // MARK: Reads
+
+    public func get(_ key: EntryKey) throws -> Entry {
+        try readTransaction { txn in
+            guard let raw = try txn.get(entries, key.bytes) else { throw ShardError.entryNotFound(key) }
+            let view = try RecordView(raw)
+            return Entry(key: key, value: try value(txn, key.bytes, view), indexes: view.indexes(),
+                         modificationTime: view.modificationTime)
+        }
+    }
+
+    /// Gets many entries from one snapshot; a missing entry is reported at its position.
+    public func batchGet(_ keys: [EntryKey]) throws -> [Result<Entry, ShardError>] {
+        try readTransaction { txn in
+            keys.map { key in
+                do {
+                    guard let raw = try txn.get(entries, key.bytes) else { return .failure(.entryNotFound(key)) }
+                    let view = try RecordView(raw)
+                    return .success(Entry(key: key, value: try value(txn, key.bytes, view), indexes: view.indexes(),
+                                          modificationTime: view.modificationTime))
+                } catch let error as ShardError {
+                    return .failure(error)
+                } catch {
+                    return .failure(.storage("\(error)"))
+                }
+            }
+        }
+    }
+
+    /// Size, modification time and indexes of an entry, or nil if there is none.
+    public func attributes(_ key: EntryKey) throws -> EntryAttributes? {
+        try readTransaction { txn in
+            guard let raw = try txn.get(entries, key.bytes) else { return nil }
+            let view = try RecordView(raw)
+            return EntryAttributes(key: key, size: view.size, modificationTime: view.modificationTime,
+                                   indexes: view.indexes())
+        }
+    }
+
+    /// Up to `count` bytes of the value from `offset`, touching only the chunks needed.
+    public func read(_ key: EntryKey, offset: Int, count: Int) throws -> [UInt8] {
+        guard offset >= 0, count >= 0 else { throw ShardError.invalidArgument("negative offset or count") }
+        return try readTransaction { txn in
+            guard let raw = try txn.get(entries, key.bytes) else { throw ShardError.entryNotFound(key) }
+            let view = try RecordView(raw)
+            let end = min(view.size, offset &+ count)
+            guard offset < end else { return [] }
+            if !view.flags.contains(.chunked) { return Array(view.inlineValue[offset..<end]) }
+            var out: [UInt8] = []
+            out.reserveCapacity(end - offset)
+            var position = offset
+            while position < end {
+                let n = position / chunkSize
+                let chunk = try self.chunk(txn, key.bytes, n, view)
+                let start = position - n * chunkSize
+                let stop = min(chunk.count, end - n * chunkSize)
+                out.append(contentsOf: chunk[start..<stop])
+                position = n * chunkSize + stop
+            }
+            return out
+        }
+    }
+
+    /// Entries in key order, starting after `after` (or at the first), at most `limit` of them.
+    public func list(after: EntryKey? = nil, limit: Int = .max) throws -> [EntrySummary] {
+        var rows: [EntrySummary] = []
+        try forEachEntry(after: after) { view in
+            guard rows.count < limit else { return false }
+            rows.append(EntrySummary(key: EntryKey(trusted: Array(view.key)), size: view.size,
+                                     modificationTime: view.modificationTime))
+            return rows.count < limit
+        }
+        return rows
+    }
+
+    /// Visits entries in key order from one snapshot until `body` returns false.
+    /// The view is valid only during the call.
+    public func forEachEntry(after: EntryKey? = nil, _ body: (EntryView) throws -> Bool) throws {
+        try readTransaction { txn in
+            try txn.withCursor(entries) { cursor in
+                var pair: Cursor.Pair?
+                if let after {
+                    pair = try after.bytes.withUnsafeBytes { try cursor.seek(atLeast: $0) }
+                    if let p = pair, p.key.elementsEqual(after.bytes) { pair = try cursor.next() }
+                } else {
+                    pair = try cursor.first()
+                }
+                while let (key, raw) = pair {
+                    guard raw.count >= recordHeaderSize else { throw ShardError.corrupt("short entry record") }
+                    let view = EntryView(key: key, size: Int(raw.loadLE(UInt64.self, at: 10)),
+                                         modificationTime: Int64(bitPattern: raw.loadLE(UInt64.self, at: 2)))
+                    guard try body(view) else { return }
+                    pair = try cursor.next()
+                }
+            }
+        }
+    }
+
+    /// Keys of the entries whose index `name` has exactly `value`, in key order.
+    public func find(indexName name: String, value: [UInt8], after: EntryKey? = nil, limit: Int = .max) throws -> [EntryKey] {
+        let nameBytes = Array(name.utf8)
+        guard !nameBytes.isEmpty, nameBytes.count <= IndexPair.maxNameLength else {
+            throw ShardError.invalidIndex("an index name is 1–\(IndexPair.maxNameLength) bytes")
+        }
+        let rk = nameBytes.withUnsafeBytes { n in value.withUnsafeBytes { reverseIndexKey(name: n, value: $0) } }
+        let hashed = reverseIndexKeyIsHashed(value.count)
+        return try readTransaction { txn in
+            var keys: [EntryKey] = []
+            try txn.withCursor(indexes) { cursor in
+                var pair: Cursor.Pair? = try rk.withUnsafeBytes { k in
+                    if let after {
+                        var p = try after.bytes.withUnsafeBytes { try cursor.seek(key: k, atLeastValue: $0) }
+                        if let found = p, found.value.elementsEqual(after.bytes) { p = try cursor.nextDuplicate() }
+                        return p
+                    }
+                    return try cursor.seek(exactly: k)
+                }
+                while let p = pair, keys.count < limit {
+                    let key = Array(p.value)
+                    let matches = try !hashed || entryHasIndex(txn, key, name: nameBytes, value: value)
+                    if matches {
+                        keys.append(EntryKey(trusted: key))
+                    }
+                    pair = try cursor.nextDuplicate()
+                }
+            }
+            return keys
+        }
+    }
+
+    public func stats() throws -> ShardStats {
+        let pageSize = env.info.pageSize
+        let (count, free) = try readTransaction { txn in (try txn.count(entries), try txn.freePageCount()) }
+        let used = max(0, env.info.lastPage + 1 - free) * pageSize
+        return ShardStats(id: id, owner: owner, state: state, entries: count, usedBytes: used, limitBytes: sizeLimit)
+    }
+
+    // MARK: Internals
+
+    /// Checks who may write, then queues `body` for the next group commit.
+    private func write(clientID: String, _ body: @escaping (inout WriteContext) throws -> Void) throws {
+        guard !isReadOnlyView else { throw ShardError.readOnlyView }
+        guard !clientID.isEmpty else { throw ShardError.clientIDRequired }
+        guard clientID == owner else { throw ShardError.fenced(owner: owner, client: clientID) }
+        try committer.submit { ctx in
+            if ctx.state == .closed { throw ShardError.closed }
+            try body(&ctx)
+        }
+    }
+
+    /// Runs a group of writes in one transaction. A body may throw a `ShardError`
+    /// only before its first change (so the transaction stays whole); any other
+    /// error, or a failed commit, aborts the group and each member is retried
+    /// alone, so one write that does not fit cannot fail the others.
+    private func run(_ group: [GroupCommitter<WriteContext>.Pending]) {
+        if group.count > 1 {
+            var state = self.state
+            do {
+                try env.write { txn in
+                    var ctx = WriteContext(txn: txn, state: state)
+                    for member in group {
+                        do { try member.body(&ctx) } catch let error as ShardError { member.error = error }
+                    }
+                    state = ctx.state
+                }
+                stateLock.withLock { committedState = state }
+                return
+            } catch {
+                for member in group { member.error = nil }
+            }
+        }
+        for member in group {
+            do {
+                var state = self.state
+                try env.write { txn in
+                    var ctx = WriteContext(txn: txn, state: state)
+                    try member.body(&ctx)
+                    state = ctx.state
+                }
+                stateLock.withLock { committedState = state }
+            } catch {
+                member.error = ShardError.from(error, limit: sizeLimit)
+            }
+        }
+    }
+
+    private func readTransaction<R>(_ body: (Transaction) throws -> R) throws -> R {
+        do {
+            return try env.read(body)
+        } catch let error as ShardError {
+            throw error
+        } catch {
+            throw ShardError.from(error, limit: sizeLimit)
+        }
+    }
+
+    private func checkLimits(keyCount: Int, valueCount: Int, indexes: [IndexPair]) throws {
+        // Past the size limit the write can never fit; say so before touching LMDB.
+        if valueCount + keyCount + (indexes.isEmpty ? 0 : encodedIndexSize(indexes)) > sizeLimit {
+            throw ShardError.full(limit: sizeLimit)
+        }
+    }
+
+    /// What a write must undo of an existing entry, copied out of the map.
+    struct OldEntry {
+        struct Index { var reverseKey: [UInt8] }
+        var chunkCount: Int
+        var indexes: [Index]
+    }
+
+    private func readOld(_ txn: Transaction, _ key: [UInt8]) throws -> OldEntry? {
+        guard let raw = try txn.get(entries, key) else { return nil }
+        let view = try RecordView(raw)
+        var old = OldEntry(chunkCount: view.chunkCount, indexes: [])
+        view.forEachIndex { name, value in
+            old.indexes.append(.init(reverseKey: reverseIndexKey(name: name, value: value)))
+        }
+        return old
+    }
+
+    private func removeEntry(_ txn: Transaction, key: [UInt8], old: OldEntry) throws {
+        try removeSideData(txn, key: key, old: old)
+        try txn.delete(entries, key)
+    }
+
+    private func removeSideData(_ txn: Transaction, key: [UInt8], old: OldEntry) throws {
+        for n in 0..<old.chunkCount { try txn.delete(chunks, chunkKey(key, n)) }
+        for index in old.indexes {
+            try index.reverseKey.withUnsafeBytes { k in
+                try key.withUnsafeBytes { _ = try txn.delete(indexes, k, value: $0) }
+            }
+        }
+    }
+
+    private func writeEntry(_ txn: Transaction, key: [UInt8], value: [UInt8], indexes newIndexes: [IndexPair],
+                            modificationTime: Int64) throws {
+        if let old = try readOld(txn, key), old.chunkCount > 0 || !old.indexes.isEmpty {
+            try removeSideData(txn, key: key, old: old)
+        }
+        let chunked = value.count > chunkSize
+        let headSize = recordHeaderSize + (newIndexes.isEmpty ? 0 : encodedIndexSize(newIndexes))
+        try key.withUnsafeBytes { k in
+            let out = try txn.reserve(entries, k, count: headSize + (chunked ? 0 : value.count))
+            let offset = encodeRecordHead(into: out, flags: chunked ? .chunked : [], modificationTime: modificationTime,
+                                          size: value.count, indexes: newIndexes)
+            if !chunked, !value.isEmpty {
+                value.withUnsafeBytes { out.baseAddress!.advanced(by: offset).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+            }
+        }
+        if chunked {
+            try value.withUnsafeBytes { v in
+                var n = 0
+                while n * chunkSize < v.count {
+                    let slice = UnsafeRawBufferPointer(rebasing: v[(n * chunkSize)..<min(v.count, (n + 1) * chunkSize)])
+                    try chunkKey(key, n).withUnsafeBytes { try txn.put(chunks, $0, slice) }
+                    n += 1
+                }
+            }
+        }
+        for index in newIndexes {
+            let rk = Array(index.name.utf8).withUnsafeBytes { n in index.value.withUnsafeBytes { reverseIndexKey(name: n, value: $0) } }
+            try rk.withUnsafeBytes { k in try key.withUnsafeBytes { try txn.put(self.indexes, k, $0) } }
+        }
+    }
+
+    private func chunk(_ txn: Transaction, _ key: [UInt8], _ n: Int, _ view: RecordView) throws -> UnsafeRawBufferPointer {
+        guard let chunk = try txn.get(chunks, chunkKey(key, n)) else {
+            throw ShardError.corrupt("chunk \(n) of \(EntryKey(trusted: key)) is missing")
+        }
+        let expected = min(chunkSize, view.size - n * chunkSize)
+        guard chunk.count == expected else { throw ShardError.corrupt("chunk \(n) has \(chunk.count) bytes, not \(expected)") }
+        return chunk
+    }
+
+    private func value(_ txn: Transaction, _ key: [UInt8], _ view: RecordView) throws -> [UInt8] {
+        guard view.flags.contains(.chunked) else { return Array(view.inlineValue) }
+        var out: [UInt8] = []
+        out.reserveCapacity(view.size)
+        for n in 0..<view.chunkCount { out.append(contentsOf: try chunk(txn, key, n, view)) }
+        return out
+    }
+
+    private func entryHasIndex(_ txn: Transaction, _ key: [UInt8], name: [UInt8], value: [UInt8]) throws -> Bool {
+        guard let raw = try txn.get(entries, key) else { return false }
+        var found = false
+        try RecordView(raw).forEachIndex { n, v in
+            if n.elementsEqual(name) && v.elementsEqual(value) { found = true }
+        }
+        return found
+    }
+
+    static func now() -> Int64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)
+    }
+}
+
+/// The shard's own description, kept in its `meta` database so that a shard's
+/// directory describes itself (owner, state, limit) even without metadata.
+struct Descriptor {
+    var id: UInt64
+    var owner: String
+    var state: ShardState
+    var sizeLimit: Int
+
+    static let formatVersion = "1"
+
+    func store(_ txn: Transaction, _ db: Database) throws {
+        for (k, v) in [("format", Descriptor.formatVersion), ("id", String(id)), ("owner", owner),
+                       ("state", state.rawValue), ("sizeLimit", String(sizeLimit))] {
+            try txn.put(db, Array(k.utf8), Array(v.utf8))
+        }
+    }
+
+    static func load(_ txn: Transaction, _ db: Database, path: String) throws -> Descriptor {
+        func field(_ name: String) throws -> String {
+            guard let raw = try txn.get(db, Array(name.utf8)) else {
+                throw ShardError.notAShard("\(path) has no \(name) in its shard descriptor")
+            }
+            return String(decoding: raw, as: UTF8.self)
+        }
+        guard try field("format") == formatVersion else { throw ShardError.corrupt("unknown shard format at \(path)") }
+        guard let id = UInt64(try field("id")), let limit = Int(try field("sizeLimit")),
+              let state = ShardState(rawValue: try field("state")) else {
+            throw ShardError.corrupt("unreadable shard descriptor at \(path)")
+        }
+        return Descriptor(id: id, owner: try field("owner"), state: state, sizeLimit: limit)
+    }
+}

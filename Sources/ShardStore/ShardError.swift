@@ -1,0 +1,55 @@
+import LMDB
+
+/// Why a shard operation failed. Every layer above (FUSE errno, protocol status
+/// codes, command exit messages) maps from this one type.
+public enum ShardError: Error, Equatable, Sendable, CustomStringConvertible {
+    case invalidKey(String)
+    case invalidIndex(String)
+    case invalidArgument(String)
+    /// A write named no client ID.
+    case clientIDRequired
+    /// A write by a client other than the shard's owner.
+    case fenced(owner: String, client: String)
+    /// The shard is closed: read-only forever.
+    case closed
+    /// The shard was opened as a read-only view (a backup node or a read-only mount).
+    case readOnlyView
+    /// The write does not fit in the shard's size limit; nothing was committed.
+    case full(limit: Int)
+    /// One transaction cannot hold this much; nothing was committed.
+    case tooLarge(String)
+    case entryNotFound(EntryKey)
+    case shardExists(String)
+    case notAShard(String)
+    case corrupt(String)
+    case storage(String)
+
+    public var description: String {
+        switch self {
+        case .invalidKey(let why): return "invalid key: \(why)"
+        case .invalidIndex(let why): return "invalid index: \(why)"
+        case .invalidArgument(let why): return "invalid argument: \(why)"
+        case .clientIDRequired: return "a client ID is required to write"
+        case .fenced(let owner, let client): return "shard is fenced: it belongs to client \"\(owner)\", not \"\(client)\""
+        case .closed: return "shard is closed (read-only forever)"
+        case .readOnlyView: return "shard is open read-only on this node"
+        case .full(let limit): return "shard full: the write does not fit in the shard's size limit of \(limit) bytes"
+        case .tooLarge(let why): return "write too large: \(why)"
+        case .entryNotFound(let key): return "entry not found: \(key)"
+        case .shardExists(let path): return "a shard already exists at \(path)"
+        case .notAShard(let why): return "not a shard: \(why)"
+        case .corrupt(let why): return "shard data is corrupt: \(why)"
+        case .storage(let why): return "storage error: \(why)"
+        }
+    }
+
+    /// Maps LMDB failures to the shard's vocabulary.
+    static func from(_ error: Error, limit: Int) -> Error {
+        guard let e = error as? LMDBError else { return error }
+        switch e {
+        case .mapFull: return ShardError.full(limit: limit)
+        case .transactionFull: return ShardError.tooLarge("more dirty pages than one LMDB transaction may hold")
+        default: return ShardError.storage(e.description)
+        }
+    }
+}
