@@ -1,0 +1,252 @@
+import Foundation
+import Yams
+
+/// A node's configuration. Sources, weakest first: built-in defaults, the YAML
+/// file, environment variables, command-line flags. `config/example.yaml`
+/// documents every key.
+public struct Configuration: Sendable, Equatable {
+    public struct Node: Sendable, Equatable {
+        public var nodeID = "node-1"
+        /// Cloud instance ID; empty means "this host" for folder volumes.
+        public var instanceID = ""
+        /// Where the node keeps its embedded metadata and (by default) its volumes.
+        public var dataDir = "./data"
+    }
+
+    public struct Server: Sendable, Equatable {
+        /// TCP address of the batch socket service.
+        public var address = "127.0.0.1:7070"
+        /// Unix socket path; empty means `<data_dir>/shardfs.sock`.
+        public var unixSocket = ""
+    }
+
+    public struct Cloud: Sendable, Equatable {
+        /// folder (embedded default) | loop | aws | aliyun
+        public var provider = "folder"
+        public var region = ""
+        public var availabilityZone = ""
+        /// Volumes are mounted at `<volume_root>/<volumeID>`; empty means `<data_dir>/volumes`
+        /// (production uses "/").
+        public var volumeRoot = ""
+        /// Volumes a fresh node creates for itself when it holds none.
+        public var initialVolumes = 1
+    }
+
+    public struct Metadata: Sendable, Equatable {
+        /// embedded | etcd
+        public var type = "embedded"
+        public var endpoints: [String] = []
+        public var namespace = "/shardfs"
+        public var username = ""
+        public var password = ""
+        public var tlsCAFile = ""
+        public var tlsCertFile = ""
+        public var tlsKeyFile = ""
+        /// Retry policy for transient metadata failures (the original: 100 ms, ×1.5, 2 s, 10 s).
+        public var retryInitialBackoffMs = 100
+        public var retryMultiplier = 1.5
+        public var retryMaxBackoffMs = 2000
+        public var retryDeadlineMs = 10_000
+    }
+
+    public struct Shard: Sendable, Equatable {
+        /// Size limit of new shards, in bytes.
+        public var sizeLimit = 2 << 30
+    }
+
+    public var node = Node()
+    public var server = Server()
+    public var cloud = Cloud()
+    public var metadata = Metadata()
+    public var shard = Shard()
+    /// trace | debug | info | notice | warning | error | critical
+    public var logLevel = "info"
+
+    public init() {}
+
+    /// The folder under which volumes are mounted.
+    public var resolvedVolumeRoot: String {
+        cloud.volumeRoot.isEmpty ? node.dataDir + "/volumes" : cloud.volumeRoot
+    }
+
+    /// The folder of the embedded metadata store.
+    public var embeddedMetadataPath: String { node.dataDir + "/metadata" }
+}
+
+public struct ConfigurationError: Error, CustomStringConvertible, Equatable {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}
+
+extension Configuration {
+    /// Loads the configuration: defaults, then `file` (if given), then `environment`.
+    /// Flags are applied by the caller afterwards, so they win.
+    public static func load(file: String?, environment: [String: String] = ProcessInfo.processInfo.environment) throws -> Configuration {
+        var config = Configuration()
+        if let file {
+            let text: String
+            do { text = try String(contentsOfFile: file, encoding: .utf8) } catch {
+                throw ConfigurationError("cannot read configuration file \(file): \(error.localizedDescription)")
+            }
+            try config.apply(yaml: text, source: file)
+        }
+        try config.apply(environment: environment)
+        try config.validate()
+        return config
+    }
+
+    /// Environment variables and the keys they set.
+    public static let environmentVariables: [(name: String, key: String)] = [
+        ("NODE_ID", "node.node_id"),
+        ("INSTANCE_ID", "node.instance_id"),
+        ("AWS_REGION", "cloud.region"),
+        ("SHARDFS_DATA_DIR", "node.data_dir"),
+        ("SHARDFS_SERVER_ADDRESS", "server.address"),
+        ("SHARDFS_UNIX_SOCKET", "server.unix_socket"),
+        ("SHARDFS_CLOUD_PROVIDER", "cloud.provider"),
+        ("SHARDFS_VOLUME_ROOT", "cloud.volume_root"),
+        ("SHARDFS_METADATA_TYPE", "metadata.type"),
+        ("SHARDFS_METADATA_ENDPOINTS", "metadata.endpoints"),
+        ("SHARDFS_METADATA_NAMESPACE", "metadata.namespace"),
+        ("SHARDFS_METADATA_USERNAME", "metadata.options.username"),
+        ("SHARDFS_METADATA_PASSWORD", "metadata.options.password"),
+        ("SHARDFS_SHARD_SIZE_LIMIT", "shard.size_limit"),
+        ("SHARDFS_LOG_LEVEL", "log.level"),
+    ]
+
+    mutating func apply(environment: [String: String]) throws {
+        for (name, key) in Self.environmentVariables {
+            if let value = environment[name], !value.isEmpty {
+                try set(key, value, source: "environment variable \(name)")
+            }
+        }
+    }
+
+    mutating func apply(yaml text: String, source: String) throws {
+        let root: Any?
+        do { root = try Yams.load(yaml: text) } catch {
+            throw ConfigurationError("\(source) is not valid YAML: \(error)")
+        }
+        guard let root else { return }  // an empty file
+        guard let sections = root as? [String: Any] else {
+            throw ConfigurationError("\(source): the top level must be a mapping of sections")
+        }
+        try walk(sections, prefix: "", source: source)
+    }
+
+    private mutating func walk(_ mapping: [String: Any], prefix: String, source: String) throws {
+        for (name, value) in mapping.sorted(by: { $0.key < $1.key }) {
+            let key = prefix.isEmpty ? name : prefix + "." + name
+            if let nested = value as? [String: Any] {
+                guard Self.settableKeys.contains(where: { $0.hasPrefix(key + ".") }) else {
+                    throw ConfigurationError("\(source): unknown section \"\(key)\"")
+                }
+                try walk(nested, prefix: key, source: source)
+            } else if let list = value as? [Any] {
+                try set(key, list.map { "\($0)" }.joined(separator: ","), source: source)
+            } else if value is NSNull {
+                continue
+            } else {
+                try set(key, "\(value)", source: source)
+            }
+        }
+    }
+
+    static let settableKeys: Set<String> = [
+        "node.node_id", "node.instance_id", "node.data_dir",
+        "server.address", "server.unix_socket",
+        "cloud.provider", "cloud.region", "cloud.availability_zone", "cloud.volume_root", "cloud.initial_volumes",
+        "metadata.type", "metadata.endpoints", "metadata.namespace",
+        "metadata.options.username", "metadata.options.password",
+        "metadata.options.tls.ca_file", "metadata.options.tls.cert_file", "metadata.options.tls.key_file",
+        "metadata.retry.initial_backoff_ms", "metadata.retry.multiplier", "metadata.retry.max_backoff_ms",
+        "metadata.retry.deadline_ms",
+        "shard.size_limit",
+        "log.level",
+    ]
+
+    /// Sets one dotted key from text (the same syntax in YAML, environment and flags).
+    public mutating func set(_ key: String, _ value: String, source: String = "flag") throws {
+        func int() throws -> Int {
+            guard let n = Int(value), n >= 0 else { throw ConfigurationError("\(source): \(key) must be a whole number, not \"\(value)\"") }
+            return n
+        }
+        switch key {
+        case "node.node_id": node.nodeID = value
+        case "node.instance_id": node.instanceID = value
+        case "node.data_dir": node.dataDir = value
+        case "server.address": server.address = value
+        case "server.unix_socket": server.unixSocket = value
+        case "cloud.provider": cloud.provider = value
+        case "cloud.region": cloud.region = value
+        case "cloud.availability_zone": cloud.availabilityZone = value
+        case "cloud.volume_root": cloud.volumeRoot = value
+        case "cloud.initial_volumes": cloud.initialVolumes = try int()
+        case "metadata.type": metadata.type = value
+        case "metadata.endpoints":
+            metadata.endpoints = value.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+        case "metadata.namespace": metadata.namespace = value
+        case "metadata.options.username": metadata.username = value
+        case "metadata.options.password": metadata.password = value
+        case "metadata.options.tls.ca_file": metadata.tlsCAFile = value
+        case "metadata.options.tls.cert_file": metadata.tlsCertFile = value
+        case "metadata.options.tls.key_file": metadata.tlsKeyFile = value
+        case "metadata.retry.initial_backoff_ms": metadata.retryInitialBackoffMs = try int()
+        case "metadata.retry.max_backoff_ms": metadata.retryMaxBackoffMs = try int()
+        case "metadata.retry.deadline_ms": metadata.retryDeadlineMs = try int()
+        case "metadata.retry.multiplier":
+            guard let m = Double(value), m >= 1 else { throw ConfigurationError("\(source): \(key) must be a number ≥ 1, not \"\(value)\"") }
+            metadata.retryMultiplier = m
+        case "shard.size_limit":
+            guard let bytes = ByteSize.parse(value) else {
+                throw ConfigurationError("\(source): \(key) must be a size like 2GiB, 512MiB or 1048576, not \"\(value)\"")
+            }
+            shard.sizeLimit = bytes
+        case "log.level": logLevel = value
+        default:
+            throw ConfigurationError("\(source): unknown key \"\(key)\"")
+        }
+    }
+
+    public func validate() throws {
+        if node.nodeID.isEmpty { throw ConfigurationError("node.node_id must not be empty") }
+        if node.dataDir.isEmpty { throw ConfigurationError("node.data_dir must not be empty") }
+        guard ["folder", "loop", "aws", "aliyun"].contains(cloud.provider) else {
+            throw ConfigurationError("cloud.provider must be folder, loop, aws or aliyun, not \"\(cloud.provider)\"")
+        }
+        guard ["embedded", "etcd"].contains(metadata.type) else {
+            throw ConfigurationError("metadata.type must be embedded or etcd, not \"\(metadata.type)\"")
+        }
+        if metadata.type == "etcd" && metadata.endpoints.isEmpty {
+            throw ConfigurationError("metadata.type is etcd but metadata.endpoints is empty")
+        }
+        guard ["trace", "debug", "info", "notice", "warning", "error", "critical"].contains(logLevel) else {
+            throw ConfigurationError("log.level must be one of trace, debug, info, notice, warning, error, critical, not \"\(logLevel)\"")
+        }
+        if shard.sizeLimit < 256 << 10 { throw ConfigurationError("shard.size_limit must be at least 256KiB") }
+    }
+}
+
+/// Sizes written as "2GiB", "512MiB", "64KiB", "2G", "1048576".
+public enum ByteSize {
+    public static func parse(_ text: String) -> Int? {
+        let t = text.trimmingCharacters(in: .whitespaces)
+        let units: [(String, Int)] = [("KiB", 1 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30), ("TiB", 1 << 40),
+                                      ("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30), ("T", 1 << 40), ("B", 1)]
+        for (suffix, factor) in units where t.hasSuffix(suffix) {
+            guard let n = Int(t.dropLast(suffix.count).trimmingCharacters(in: .whitespaces)), n >= 0 else { return nil }
+            let (product, overflow) = n.multipliedReportingOverflow(by: factor)
+            return overflow ? nil : product
+        }
+        guard let n = Int(t), n >= 0 else { return nil }
+        return n
+    }
+
+    public static func format(_ bytes: Int) -> String {
+        for (suffix, factor) in [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] where bytes >= factor {
+            let value = Double(bytes) / Double(factor)
+            return value == value.rounded() ? "\(Int(value))\(suffix)" : String(format: "%.1f%@", value, suffix)
+        }
+        return "\(bytes)B"
+    }
+}

@@ -1,0 +1,277 @@
+import Foundation
+import Logging
+import Metadata
+import ShardStore
+import Volumes
+
+public enum ShardManagerError: Error, Equatable, Sendable, CustomStringConvertible {
+    case shardNotFound(UInt64)
+    /// The shard exists but its volume is not mounted on this node.
+    case shardNotLocal(UInt64, volumeID: String)
+    case shardIDTaken(UInt64)
+    case noWritableVolume
+    /// The shard's volume is mounted read-only here (this node is a backup for it).
+    case notPrimary(UInt64)
+    case invalidArgument(String)
+
+    public var description: String {
+        switch self {
+        case .shardNotFound(let id): return "shard \(id) not found"
+        case .shardNotLocal(let id, let volume): return "shard \(id) lives on volume \(volume), which this node has not mounted"
+        case .shardIDTaken(let id): return "shard ID \(id) is taken"
+        case .noWritableVolume: return "no writable volume on this node for a new shard"
+        case .notPrimary(let id): return "this node is not the primary of shard \(id)'s volume"
+        case .invalidArgument(let s): return "invalid argument: \(s)"
+        }
+    }
+}
+
+/// A shard as listed by the manager: its metadata and, if local, its figures.
+public struct ShardListing: Sendable {
+    public var record: ShardRecord
+    public var stats: ShardStats?
+}
+
+/// The shards of this node: creates, opens, closes and deletes them, keeping the
+/// shard files on the volumes and the metadata in step. Every change is ordered
+/// so that a crash at any point is finished or rolled back by `restore()`:
+///
+/// - new:    metadata record (open) → files. Record without files: rolled back.
+/// - close:  the shard's own descriptor → metadata. Either says closed: closed.
+/// - delete: metadata marked `deleting` → directory renamed `shard-N.deleting`
+///           → files removed → record removed. A `deleting` record or a
+///           `.deleting` directory is finished on restore.
+public final class ShardManager: @unchecked Sendable {
+    public let nodeID: String
+    public let metadata: any MetadataStore
+    public let volumes: any VolumeManager
+    public let defaultSizeLimit: Int
+    private let logger: Logger
+    private let lock = NSLock()
+    private var shards: [UInt64: (shard: Shard, volumeID: String)] = [:]
+
+    public init(nodeID: String, metadata: any MetadataStore, volumes: any VolumeManager, defaultSizeLimit: Int,
+                logger: Logger = Logger(label: "shardfs.shards")) {
+        self.nodeID = nodeID
+        self.metadata = metadata
+        self.volumes = volumes
+        self.defaultSizeLimit = defaultSizeLimit
+        self.logger = logger
+    }
+
+    public static func directoryName(_ id: UInt64) -> String { "shard-\(id)" }
+
+    func path(_ id: UInt64, on volume: MountedVolume) -> String { volume.mountPath + "/" + Self.directoryName(id) }
+
+    // MARK: Lifecycle
+
+    /// Creates a shard owned by `owner`: with the requested ID if it is free, else the next ID.
+    @discardableResult
+    public func newShard(owner: String, id requested: UInt64? = nil, sizeLimit: Int? = nil) async throws -> Shard {
+        guard !owner.isEmpty else { throw ShardError.clientIDRequired }
+        let limit = sizeLimit ?? defaultSizeLimit
+        guard limit >= ShardOptions.minimumSizeLimit else {
+            throw ShardManagerError.invalidArgument("a shard's size limit is at least \(ShardOptions.minimumSizeLimit) bytes")
+        }
+        let volume = try chooseVolume()
+        let id: UInt64
+        if let requested {
+            guard requested > 0 else { throw ShardManagerError.invalidArgument("shard ID 0 is reserved") }
+            do { try await metadata.claimShardID(requested) } catch MetadataError.alreadyExists {
+                throw ShardManagerError.shardIDTaken(requested)
+            }
+            id = requested
+        } else {
+            id = try await metadata.generateShardID()
+        }
+        let record = ShardRecord(shardID: id, volumeID: volume.volumeID, ownerClientID: owner, state: .open, sizeLimit: limit)
+        do { try await metadata.createShard(record) } catch MetadataError.alreadyExists {
+            throw ShardManagerError.shardIDTaken(id)
+        }
+        do {
+            var options = ShardOptions()
+            options.sizeLimit = limit
+            let shard = try Shard.create(at: path(id, on: volume), id: id, owner: owner, options: options)
+            lock.withLock { shards[id] = (shard, volume.volumeID) }
+            logger.info("created shard", metadata: ["shard": "\(id)", "volume": "\(volume.volumeID)", "owner": "\(owner)"])
+            return shard
+        } catch {
+            try? await metadata.deleteShard(id)  // roll back; restore() would do it too
+            throw error
+        }
+    }
+
+    /// The open handle of a shard on this node.
+    public func shard(_ id: UInt64) async throws -> Shard {
+        if let local = lock.withLock({ shards[id] }) { return local.shard }
+        let record: ShardRecord
+        do { record = try await metadata.getShard(id) } catch MetadataError.notFound {
+            throw ShardManagerError.shardNotFound(id)
+        }
+        if record.state == .deleting { throw ShardManagerError.shardNotFound(id) }
+        throw ShardManagerError.shardNotLocal(id, volumeID: record.volumeID)
+    }
+
+    /// Loaded shards, by ID.
+    public func localShards() -> [Shard] {
+        lock.withLock { shards.values.map(\.shard).sorted { $0.id < $1.id } }
+    }
+
+    /// Closes a shard: read-only forever. Closing a closed shard succeeds.
+    public func closeShard(_ id: UInt64) async throws {
+        let shard = try await self.shard(id)
+        guard !shard.isReadOnlyView else { throw ShardManagerError.notPrimary(id) }
+        try shard.close()
+        _ = try await metadata.updateShardState(id, to: .closed)
+        logger.info("closed shard", metadata: ["shard": "\(id)"])
+    }
+
+    /// Deletes a shard and all its entries, open or closed.
+    public func deleteShard(_ id: UInt64) async throws {
+        let shard = try await self.shard(id)
+        guard !shard.isReadOnlyView, let volume = volume(of: id) else { throw ShardManagerError.notPrimary(id) }
+        _ = try await metadata.updateShardState(id, to: .deleting)
+        lock.withLock { _ = shards.removeValue(forKey: id) }
+        try await finishDelete(id, on: volume)
+        logger.info("deleted shard", metadata: ["shard": "\(id)"])
+    }
+
+    /// Every shard the metadata knows of, with figures for those on this node.
+    public func listShards() async throws -> [ShardListing] {
+        let records = try await metadata.listShards(volumeID: nil).filter { $0.state != .deleting }
+        let local = lock.withLock { shards }
+        return records.map { record in
+            ShardListing(record: record, stats: try? local[record.shardID]?.shard.stats())
+        }
+    }
+
+    public func stats(_ id: UInt64) async throws -> ShardStats {
+        try await shard(id).stats()
+    }
+
+    // MARK: Restore
+
+    /// Opens the shards of every mounted volume, reconciling files with metadata.
+    /// Only a volume's primary (mounted writable) repairs anything.
+    public func restore() async throws {
+        for volume in volumes.mountedVolumes() {
+            try await restore(volume)
+        }
+    }
+
+    private func restore(_ volume: MountedVolume) async throws {
+        let records = try await metadata.listShards(volumeID: volume.volumeID)
+        var byID = Dictionary(uniqueKeysWithValues: records.map { ($0.shardID, $0) })
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: volume.mountPath)) ?? []
+        let writable = !volume.readOnly
+
+        for name in names.sorted() {
+            guard name.hasPrefix("shard-") else { continue }
+            let rest = name.dropFirst("shard-".count)
+            if rest.hasSuffix(".deleting") {
+                if writable {
+                    logger.notice("finishing an interrupted delete", metadata: ["dir": "\(name)"])
+                    try? FileManager.default.removeItem(atPath: volume.mountPath + "/" + name)
+                }
+                continue
+            }
+            guard let id = UInt64(rest), Self.directoryName(id) == name else { continue }
+            let record = byID.removeValue(forKey: id)
+            if let record, record.state == .deleting {
+                if writable { try await finishDelete(id, on: volume) }
+                continue
+            }
+            var options = ShardOptions()
+            options.readOnly = !writable
+            let shard: Shard
+            do { shard = try Shard.open(at: volume.mountPath + "/" + name, options: options) } catch {
+                logger.error("cannot open shard; leaving it alone", metadata: ["dir": "\(name)", "error": "\(error)"])
+                continue
+            }
+            if writable {
+                try await reconcile(shard, record: record, volume: volume)
+            }
+            lock.withLock { shards[id] = (shard, volume.volumeID) }
+        }
+
+        // Records whose files are missing.
+        for record in byID.values where writable {
+            if record.state == .deleting {
+                try await finishDelete(record.shardID, on: volume)
+            } else {
+                // Created in metadata, crashed before its files: roll the create back.
+                logger.warning("shard has metadata but no files; removing its record",
+                               metadata: ["shard": "\(record.shardID)", "volume": "\(volume.volumeID)"])
+                _ = try await metadata.updateShardState(record.shardID, to: .deleting)
+                try await metadata.deleteShard(record.shardID)
+            }
+        }
+    }
+
+    /// Makes the files and the metadata agree: closed wins (closed is forever);
+    /// files without a record are registered from the shard's own descriptor.
+    private func reconcile(_ shard: Shard, record: ShardRecord?, volume: MountedVolume) async throws {
+        guard let record else {
+            logger.warning("shard files without metadata; registering them", metadata: ["shard": "\(shard.id)"])
+            let state: ShardStatus = shard.state == .closed ? .closed : .open
+            do {
+                try await metadata.createShard(ShardRecord(shardID: shard.id, volumeID: volume.volumeID,
+                                                           ownerClientID: shard.owner, state: state, sizeLimit: shard.sizeLimit))
+            } catch MetadataError.alreadyExists {
+                logger.error("shard ID is recorded on another volume; not registering these files",
+                             metadata: ["shard": "\(shard.id)", "volume": "\(volume.volumeID)"])
+            }
+            return
+        }
+        if record.state == .closed && shard.state == .open {
+            try shard.close()
+        } else if record.state == .open && shard.state == .closed {
+            _ = try await metadata.updateShardState(shard.id, to: .closed)
+        }
+    }
+
+    private func finishDelete(_ id: UInt64, on volume: MountedVolume) async throws {
+        let live = path(id, on: volume)
+        let doomed = live + ".deleting"
+        let fm = FileManager.default
+        if fm.fileExists(atPath: live) {
+            guard rename(live, doomed) == 0 else {
+                throw ShardError.storage("cannot rename \(live): \(String(cString: strerror(errno)))")
+            }
+        }
+        if fm.fileExists(atPath: doomed) {
+            do { try fm.removeItem(atPath: doomed) } catch {
+                throw ShardError.storage("cannot remove \(doomed): \(error.localizedDescription)")
+            }
+        }
+        do { try await metadata.deleteShard(id) } catch MetadataError.notFound {}
+    }
+
+    // MARK: Placement
+
+    private func volume(of id: UInt64) -> MountedVolume? {
+        guard let volumeID = lock.withLock({ shards[id]?.volumeID }) else { return nil }
+        return volumes.mountedVolumes().first { $0.volumeID == volumeID }
+    }
+
+    /// The writable volume with the most free space (compared in whole GiB, since
+    /// folders on one filesystem differ by noise), then the fewest open shards.
+    func chooseVolume() throws -> MountedVolume {
+        let candidates = volumes.mountedVolumes().filter { !$0.readOnly }
+        let openCounts = lock.withLock {
+            shards.values.reduce(into: [String: Int]()) { counts, entry in
+                if entry.shard.state == .open { counts[entry.volumeID, default: 0] += 1 }
+            }
+        }
+        let scored = candidates.map { volume in
+            (volume: volume, freeGiB: ((try? volumes.freeBytes(volume.volumeID)) ?? 0) >> 30,
+             open: openCounts[volume.volumeID] ?? 0)
+        }
+        guard let best = scored.min(by: { a, b in
+            if a.freeGiB != b.freeGiB { return a.freeGiB > b.freeGiB }
+            if a.open != b.open { return a.open < b.open }
+            return a.volume.volumeID < b.volume.volumeID
+        }) else { throw ShardManagerError.noWritableVolume }
+        return best.volume
+    }
+}

@@ -1,0 +1,90 @@
+import ArgumentParser
+import Foundation
+import ShardNode
+import ShardStore
+
+struct ShardCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "shard",
+        abstract: "Create, close, delete, list and inspect shards.",
+        subcommands: [New.self, Close.self, Delete.self, List.self, Stat.self]
+    )
+
+    struct New: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Create a shard owned by a client; prints its ID.")
+        @OptionGroup var node: NodeOptions
+        @OptionGroup var client: ClientOption
+        @Option(name: .long, help: "Ask for this shard ID (it must be above every ID handed out so far).")
+        var id: UInt64?
+
+        func run() async throws {
+            let node = try await node.startNode()
+            let shard = try await node.shards.newShard(owner: try client.clientID(), id: id)
+            emit(String(shard.id))
+        }
+    }
+
+    struct Close: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Close a shard: read-only forever.")
+        @OptionGroup var node: NodeOptions
+        @Argument(help: "Shard ID.") var shardID: UInt64
+
+        func run() async throws {
+            try await node.startNode().shards.closeShard(shardID)
+        }
+    }
+
+    struct Delete: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Delete a shard and all its entries.")
+        @OptionGroup var node: NodeOptions
+        @Argument(help: "Shard ID.") var shardID: UInt64
+
+        func run() async throws {
+            try await node.startNode().shards.deleteShard(shardID)
+        }
+    }
+
+    struct List: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List shards: ID, state, owner, volume, entries, used and limit.")
+        @OptionGroup var node: NodeOptions
+
+        func run() async throws {
+            let listings = try await node.startNode().shards.listShards()
+            emit(row("ID", "STATE", "OWNER", "VOLUME", "ENTRIES", "USED", "LIMIT"))
+            for listing in listings {
+                let r = listing.record
+                emit(row(String(r.shardID), r.state.rawValue, r.ownerClientID, r.volumeID,
+                         listing.stats.map { String($0.entries) } ?? "-",
+                         listing.stats.map { ByteSize.format($0.usedBytes) } ?? "-",
+                         ByteSize.format(r.sizeLimit)))
+            }
+        }
+
+        func row(_ columns: String...) -> String {
+            zip(columns, [8, 8, 16, 14, 10, 10, 8]).map { $0.padding(toLength: max($1, $0.count), withPad: " ", startingAt: 0) }
+                .joined(separator: " ").trimmingCharacters(in: .whitespaces)
+        }
+    }
+
+    struct Stat: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Show a shard's state, owner, volume and figures.")
+        @OptionGroup var node: NodeOptions
+        @Argument(help: "Shard ID.") var shardID: UInt64
+
+        func run() async throws {
+            let node = try await node.startNode()
+            let record = try await node.metadata.getShard(shardID)
+            let stats = try await node.shards.stats(shardID)
+            emit("""
+                shard:   \(stats.id)
+                state:   \(stats.state.rawValue)
+                owner:   \(stats.owner)
+                volume:  \(record.volumeID)
+                node:    \(node.configuration.node.nodeID)
+                entries: \(stats.entries)
+                used:    \(stats.usedBytes) bytes (\(ByteSize.format(stats.usedBytes)))
+                limit:   \(stats.limitBytes) bytes (\(ByteSize.format(stats.limitBytes)))
+                """)
+        }
+    }
+}

@@ -1,0 +1,96 @@
+import ArgumentParser
+import Foundation
+import Logging
+import ShardNode
+
+@main
+struct ShardFS: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "shardfs",
+        abstract: "ShardFS: shards of entries on cloud block volumes.",
+        discussion: """
+            Shards are segments of entries written by one client. Each shard is an LMDB \
+            environment at <volume root>/<volumeID>/shard-<id>. These commands work on a \
+            node's local data folder (--data-dir, default ./data).
+            """,
+        subcommands: [
+            DemoCommand.self, ShardCommand.self,
+            PutCommand.self, GetCommand.self, ListCommand.self, RemoveCommand.self, MoveCommand.self, FindCommand.self,
+            BenchCommand.self,
+        ]
+    )
+}
+
+/// Options every command that opens a node takes. Precedence: flags, then the
+/// environment, then the YAML file, then defaults.
+struct NodeOptions: ParsableArguments {
+    @Option(name: .long, help: "YAML configuration file (see config/example.yaml). Also SHARDFS_CONFIG.")
+    var config: String?
+
+    @Option(name: .long, help: "The node's data folder (node.data_dir).")
+    var dataDir: String?
+
+    @Option(name: .long, help: "This node's ID (node.node_id, NODE_ID).")
+    var nodeID: String?
+
+    @Option(name: .long, help: "Size limit of new shards, e.g. 2GiB (shard.size_limit).")
+    var sizeLimit: String?
+
+    @Option(name: .long, help: "trace, debug, info, notice, warning, error or critical (log.level).")
+    var logLevel: String?
+
+    func configuration() throws -> Configuration {
+        let environment = ProcessInfo.processInfo.environment
+        var config = try Configuration.load(file: config ?? environment["SHARDFS_CONFIG"].flatMap { $0.isEmpty ? nil : $0 },
+                                            environment: environment)
+        if let dataDir { try config.set("node.data_dir", dataDir) }
+        if let nodeID { try config.set("node.node_id", nodeID) }
+        if let sizeLimit { try config.set("shard.size_limit", sizeLimit) }
+        if let logLevel { try config.set("log.level", logLevel) }
+        try config.validate()
+        return config
+    }
+
+    /// Loads the configuration, bootstraps logging and starts the node.
+    func startNode() async throws -> StorageNode {
+        let config = try configuration()
+        Log.bootstrap(level: config.logLevel)
+        return try await StorageNode.start(config)
+    }
+}
+
+/// The client ID that writes: --client or SHARDFS_CLIENT_ID.
+struct ClientOption: ParsableArguments {
+    @Option(name: .long, help: "Client ID of the writer (the shard's owner). Also SHARDFS_CLIENT_ID.")
+    var client: String?
+
+    func clientID() throws -> String {
+        if let client, !client.isEmpty { return client }
+        if let env = ProcessInfo.processInfo.environment["SHARDFS_CLIENT_ID"], !env.isEmpty { return env }
+        throw ValidationError("a client ID is required: pass --client or set SHARDFS_CLIENT_ID")
+    }
+}
+
+enum Log {
+    nonisolated(unsafe) private static var done = false
+    private static let lock = NSLock()
+
+    /// swift-log is bootstrapped once per process, to standard error.
+    static func bootstrap(level: String) {
+        lock.withLock {
+            guard !done else { return }
+            done = true
+            let parsed = Logger.Level(rawValue: level) ?? .info
+            LoggingSystem.bootstrap { label in
+                var handler = StreamLogHandler.standardError(label: label)
+                handler.logLevel = parsed
+                return handler
+            }
+        }
+    }
+}
+
+/// Writes to standard output without buffering surprises.
+func emit(_ text: String) {
+    FileHandle.standardOutput.write(Data((text + "\n").utf8))
+}
