@@ -54,13 +54,15 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
 
-        .testTarget(name: "LMDBTests", dependencies: ["LMDB"]),
-        .testTarget(name: "ShardStoreTests", dependencies: ["ShardStore"]),
-        .testTarget(name: "MetadataTests", dependencies: ["Metadata"]),
-        .testTarget(name: "MetadataEtcdTests", dependencies: ["MetadataEtcd"]),
-        .testTarget(name: "VolumesTests", dependencies: ["Volumes"]),
-        .testTarget(name: "ShardNodeTests", dependencies: ["ShardNode"]),
-        .testTarget(name: "CommandTests", dependencies: ["shardfs"]),
+        // Temporary folders and child processes for the tests.
+        .target(name: "TestSupport", path: "Tests/TestSupport"),
+        .testTarget(name: "LMDBTests", dependencies: ["LMDB", "TestSupport"]),
+        .testTarget(name: "ShardStoreTests", dependencies: ["ShardStore", "TestSupport"]),
+        .testTarget(name: "MetadataTests", dependencies: ["Metadata", "TestSupport"]),
+        .testTarget(name: "MetadataEtcdTests", dependencies: ["MetadataEtcd", "TestSupport"]),
+        .testTarget(name: "VolumesTests", dependencies: ["Volumes", "TestSupport"]),
+        .testTarget(name: "ShardNodeTests", dependencies: ["ShardNode", "TestSupport"]),
+        .testTarget(name: "CommandTests", dependencies: ["shardfs", "TestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

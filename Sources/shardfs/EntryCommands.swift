@@ -128,3 +128,43 @@ struct FindCommand: AsyncParsableCommand {
         for key in try shard.find(indexName: pair.name, value: pair.value) { emit(key.description) }
     }
 }
+
+struct BatchPutCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "batch-put",
+        abstract: "Put entries read from standard input as lines KEY<TAB>VALUE.",
+        discussion: """
+            Commits every --batch lines in one durable transaction and then prints \
+            "ok KEY" for each entry of the batch (or "error KEY: reason"): a printed \
+            "ok" is an acknowledgement, the entry survives a crash from then on.
+            """)
+    @OptionGroup var node: NodeOptions
+    @OptionGroup var client: ClientOption
+    @Argument(help: "Shard ID.") var shardID: UInt64
+    @Option(name: .long, help: "Entries per transaction.") var batch = 1
+
+    func validate() throws {
+        if batch < 1 { throw ValidationError("--batch must be at least 1") }
+    }
+
+    func run() async throws {
+        let clientID = try client.clientID()
+        let shard = try await node.startNode().shards.shard(shardID)
+        var pending: [EntryWrite] = []
+        func flush() throws {
+            guard !pending.isEmpty else { return }
+            let statuses = try shard.batchPut(pending, clientID: clientID)
+            for (item, status) in zip(pending, statuses) {
+                let key = String(decoding: item.key, as: UTF8.self)
+                emit(status.map { "error \(key): \($0)" } ?? "ok \(key)")
+            }
+            pending.removeAll(keepingCapacity: true)
+        }
+        while let line = readLine(strippingNewline: true) {
+            let parts = line.split(separator: "\t", maxSplits: 1, omittingEmptySubsequences: false)
+            pending.append(EntryWrite(key: Array(parts[0].utf8), value: parts.count > 1 ? Array(parts[1].utf8) : []))
+            if pending.count >= batch { try flush() }
+        }
+        try flush()
+    }
+}

@@ -1,0 +1,96 @@
+import Foundation
+import Metadata
+import Testing
+
+/// A store whose `getShard` fails with scripted errors before answering.
+final class FlakyStore: MetadataStore, @unchecked Sendable {
+    private let lock = NSLock()
+    private var script: [MetadataError]
+    private(set) var calls = 0
+
+    init(failures: [MetadataError]) { script = failures }
+
+    func getShard(_ shardID: UInt64) async throws -> ShardRecord {
+        let failure: MetadataError? = lock.withLock {
+            calls += 1
+            return script.isEmpty ? nil : script.removeFirst()
+        }
+        if let failure { throw failure }
+        return ShardRecord(shardID: shardID, volumeID: "v", ownerClientID: "c", sizeLimit: 1)
+    }
+
+    var callCount: Int { lock.withLock { calls } }
+
+    func registerNode(_ node: NodeRecord) async throws {}
+    func unregisterNode(_ nodeID: String) async throws {}
+    func getNode(_ nodeID: String) async throws -> NodeRecord { throw MetadataError.notFound(nodeID) }
+    func listNodes() async throws -> [NodeRecord] { [] }
+    func generateShardID() async throws -> UInt64 { 1 }
+    func claimShardID(_ id: UInt64) async throws {}
+    func createShard(_ shard: ShardRecord) async throws {}
+    func updateShardState(_ shardID: UInt64, to state: ShardStatus) async throws -> ShardRecord { try await getShard(shardID) }
+    func deleteShard(_ shardID: UInt64) async throws {}
+    func listShards(volumeID: String?) async throws -> [ShardRecord] { [] }
+    func registerVolume(_ volume: VolumeRecord) async throws {}
+    func getVolume(_ volumeID: String) async throws -> VolumeRecord { throw MetadataError.notFound(volumeID) }
+    func listVolumes(nodeID: String?) async throws -> [VolumeRecord] { [] }
+    func updatePrimary(volumeID: String, nodeID: String, expectedEpoch: UInt64) async throws -> VolumeRecord {
+        throw MetadataError.notFound(volumeID)
+    }
+    func addBackup(volumeID: String, nodeID: String) async throws {}
+    func removeBackup(volumeID: String, nodeID: String) async throws {}
+    func unregisterVolume(_ volumeID: String) async throws {}
+    func changes() -> AsyncStream<MetadataEvent> { AsyncStream { $0.finish() } }
+}
+
+let fastPolicy = RetryPolicy(initialBackoff: .milliseconds(5), multiplier: 2, maxBackoff: .milliseconds(40),
+                             deadline: .milliseconds(400))
+
+@Suite struct RetryTests {
+    @Test func transientFailuresAreRetriedUntilSuccess() async throws {
+        let flaky = FlakyStore(failures: [.unavailable("down"), .timeout("slow"), .unavailable("down")])
+        let store = RetryingMetadataStore(flaky, policy: fastPolicy)
+        #expect(try await store.getShard(3).shardID == 3)
+        #expect(flaky.callCount == 4)
+    }
+
+    @Test(arguments: [MetadataError.notFound("x"), .alreadyExists("x"), .conflict("x"), .invalidArgument("x"),
+                      .unauthorized("x"), .failed("x")])
+    func permanentFailuresFailAtOnce(_ error: MetadataError) async throws {
+        let flaky = FlakyStore(failures: [error])
+        let store = RetryingMetadataStore(flaky, policy: fastPolicy)
+        let started = ContinuousClock.now
+        await #expect(throws: error) { try await store.getShard(3) }
+        #expect(flaky.callCount == 1)
+        #expect(ContinuousClock.now - started < .milliseconds(100))
+    }
+
+    @Test func givesUpAtTheDeadline() async throws {
+        let flaky = FlakyStore(failures: Array(repeating: .unavailable("down"), count: 1000))
+        let store = RetryingMetadataStore(flaky, policy: fastPolicy)
+        let started = ContinuousClock.now
+        do {
+            _ = try await store.getShard(3)
+            Issue.record("expected deadlineExceeded")
+        } catch let error as MetadataError {
+            guard case .deadlineExceeded(let message) = error else { Issue.record("got \(error)"); return }
+            #expect(message.contains("down"))
+        }
+        let elapsed = ContinuousClock.now - started
+        #expect(elapsed < .milliseconds(1500))
+        #expect(flaky.callCount > 3)
+    }
+
+    @Test func cancellationStopsRetrying() async throws {
+        let flaky = FlakyStore(failures: Array(repeating: .unavailable("down"), count: 1000))
+        let store = RetryingMetadataStore(flaky, policy: RetryPolicy(initialBackoff: .seconds(5), multiplier: 1,
+                                                                     maxBackoff: .seconds(5), deadline: .seconds(60)))
+        let task = Task { try await store.getShard(1) }
+        try await Task.sleep(for: .milliseconds(50))
+        task.cancel()
+        let started = ContinuousClock.now
+        await #expect(throws: CancellationError.self) { _ = try await task.value }
+        #expect(ContinuousClock.now - started < .seconds(2))
+        #expect(flaky.callCount == 1)
+    }
+}
