@@ -62,7 +62,7 @@ let package = Package(
         .testTarget(name: "MetadataEtcdTests", dependencies: ["MetadataEtcd", "TestSupport"]),
         .testTarget(name: "VolumesTests", dependencies: ["Volumes", "TestSupport"]),
         .testTarget(name: "ShardNodeTests", dependencies: ["ShardNode", "TestSupport"]),
-        .testTarget(name: "CommandTests", dependencies: ["shardfs", "TestSupport"]),
+        .testTarget(name: "CommandTests", dependencies: ["shardfs", "ShardStore", "TestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -168,6 +168,11 @@ public final class ShardManager: @unchecked Sendable {
         for name in names.sorted() {
             guard name.hasPrefix("shard-") else { continue }
             let rest = name.dropFirst("shard-".count)
+            if rest.hasSuffix(".creating") {
+                // A create that crashed before its rename: never acknowledged, never used.
+                if writable { try? FileManager.default.removeItem(atPath: volume.mountPath + "/" + name) }
+                continue
+            }
             if rest.hasSuffix(".deleting") {
                 if writable {
                     logger.notice("finishing an interrupted delete", metadata: ["dir": "\(name)"])
@@ -238,6 +243,7 @@ public final class ShardManager: @unchecked Sendable {
             guard rename(live, doomed) == 0 else {
                 throw ShardError.storage("cannot rename \(live): \(String(cString: strerror(errno)))")
             }
+            try syncDirectory(volume.mountPath)
         }
         if fm.fileExists(atPath: doomed) {
             do { try fm.removeItem(atPath: doomed) } catch {

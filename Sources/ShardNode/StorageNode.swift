@@ -12,9 +12,12 @@ public final class StorageNode: Sendable {
     public let metadata: any MetadataStore
     public let volumes: any VolumeManager
     public let shards: ShardManager
+    private let lock: DataFolderLock
 
-    init(configuration: Configuration, metadata: any MetadataStore, volumes: any VolumeManager, shards: ShardManager) {
+    init(configuration: Configuration, lock: DataFolderLock, metadata: any MetadataStore, volumes: any VolumeManager,
+         shards: ShardManager) {
         self.configuration = configuration
+        self.lock = lock
         self.metadata = metadata
         self.volumes = volumes
         self.shards = shards
@@ -22,7 +25,9 @@ public final class StorageNode: Sendable {
 
     /// Starts a node: opens the metadata store, registers the node, mounts the
     /// volumes it holds (creating its first ones on a fresh node) and restores its shards.
-    public static func start(_ config: Configuration, logger: Logger = Logger(label: "shardfs.node")) async throws -> StorageNode {
+    /// Only one node runs per data folder: another process waits up to `lockTimeout` for it.
+    public static func start(_ config: Configuration, lockTimeout: Duration = .seconds(30),
+                             logger: Logger = Logger(label: "shardfs.node")) async throws -> StorageNode {
         try config.validate()
         do {
             try FileManager.default.createDirectory(atPath: config.node.dataDir, withIntermediateDirectories: true)
@@ -30,6 +35,7 @@ public final class StorageNode: Sendable {
         } catch {
             throw ConfigurationError("cannot create the data folder \(config.node.dataDir): \(error.localizedDescription)")
         }
+        let lock = try DataFolderLock(folder: config.node.dataDir, timeout: lockTimeout)
         let metadata = RetryingMetadataStore(try openMetadata(config), policy: retryPolicy(config))
         try await metadata.registerNode(NodeRecord(nodeID: config.node.nodeID, address: config.server.address))
 
@@ -53,7 +59,7 @@ public final class StorageNode: Sendable {
         let shards = ShardManager(nodeID: config.node.nodeID, metadata: metadata, volumes: volumes,
                                   defaultSizeLimit: config.shard.sizeLimit)
         try await shards.restore()
-        return StorageNode(configuration: config, metadata: metadata, volumes: volumes, shards: shards)
+        return StorageNode(configuration: config, lock: lock, metadata: metadata, volumes: volumes, shards: shards)
     }
 
     static func openMetadata(_ config: Configuration) throws -> any MetadataStore {

@@ -1,5 +1,8 @@
 import Foundation
 import LMDB
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Whether a shard takes writes. Closed is forever.
 public enum ShardState: String, Codable, Sendable {
@@ -113,21 +116,40 @@ public final class Shard: @unchecked Sendable {
 
     // MARK: Opening
 
-    /// Creates a new shard in the directory `path` (created if missing; it must not hold a shard).
+    /// Creates a new shard in the directory `path`, which must not exist yet.
+    ///
+    /// Atomic: the shard is built in `<path>.creating`, which is renamed to `path`
+    /// once its descriptor is durable, and the rename is made durable (parent
+    /// directory fsync'ed) before this returns. After a crash there is either no
+    /// `path` or a complete shard; a leftover `.creating` directory is garbage.
     public static func create(at path: String, id: UInt64, owner: String, options: ShardOptions = ShardOptions()) throws -> Shard {
         guard !owner.isEmpty else { throw ShardError.clientIDRequired }
         guard options.sizeLimit >= ShardOptions.minimumSizeLimit else {
             throw ShardError.invalidArgument("a shard's size limit is at least \(ShardOptions.minimumSizeLimit) bytes")
         }
         guard !options.readOnly else { throw ShardError.readOnlyView }
-        if FileManager.default.fileExists(atPath: path + "/data.mdb") { throw ShardError.shardExists(path) }
+        let fm = FileManager.default
+        if fm.fileExists(atPath: path) { throw ShardError.shardExists(path) }
+        let building = path + ".creating"
         do {
-            try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+            try? fm.removeItem(atPath: building)
+            try fm.createDirectory(atPath: building, withIntermediateDirectories: true)
         } catch {
-            throw ShardError.storage("cannot create \(path): \(error.localizedDescription)")
+            throw ShardError.storage("cannot create \(building): \(error.localizedDescription)")
         }
-        let descriptor = Descriptor(id: id, owner: owner, state: .open, sizeLimit: options.sizeLimit)
-        return try Shard(path: path, creating: descriptor, options: options)
+        do {
+            let descriptor = Descriptor(id: id, owner: owner, state: .open, sizeLimit: options.sizeLimit)
+            _ = try Shard(path: building, creating: descriptor, options: options)  // closed again on return
+            guard Glibc.rename(building, path) == 0 else {
+                throw errno == EEXIST || errno == ENOTEMPTY
+                    ? ShardError.shardExists(path) : ShardError.storage("cannot rename \(building): \(String(cString: strerror(errno)))")
+            }
+            try syncDirectory(URL(fileURLWithPath: path).deletingLastPathComponent().path)
+        } catch {
+            try? fm.removeItem(atPath: building)
+            throw error
+        }
+        return try open(at: path, options: options)
     }
 
     /// Opens the shard in `path`. An open shard opens writable unless `options.readOnly`.
@@ -578,6 +600,14 @@ public final class Shard: @unchecked Sendable {
         clock_gettime(CLOCK_REALTIME, &ts)
         return Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)
     }
+}
+
+/// fsyncs a directory, making renames and creations in it durable.
+public func syncDirectory(_ path: String) throws {
+    let fd = Glibc.open(path, O_RDONLY | O_DIRECTORY)
+    guard fd >= 0 else { throw ShardError.storage("cannot open \(path): \(String(cString: strerror(errno)))") }
+    defer { Glibc.close(fd) }
+    guard fsync(fd) == 0 else { throw ShardError.storage("cannot fsync \(path): \(String(cString: strerror(errno)))") }
 }
 
 /// The shard's own description, kept in its `meta` database so that a shard's

@@ -186,3 +186,39 @@ let key1 = try! EntryKey("1")
         }
     }
 }
+
+@Suite struct NodeStartTests {
+    @Test func oneNodePerDataFolder() async throws {
+        let dir = try TemporaryDirectory("node")
+        let config = try testConfig(dir)
+        do {
+            let node = try await StorageNode.start(config)
+            await #expect(throws: ConfigurationError.self) {
+                _ = try await StorageNode.start(config, lockTimeout: .milliseconds(100))
+            }
+            _ = node
+        }
+        // Released with the node.
+        let again = try await StorageNode.start(config, lockTimeout: .milliseconds(100))
+        #expect(again.volumes.mountedVolumes().count == 1)
+    }
+
+    @Test func aCrashedCreateLeavesNoShard() async throws {
+        let dir = try TemporaryDirectory("node")
+        let config = try testConfig(dir)
+        var volumePath = ""
+        do {
+            let node = try await StorageNode.start(config)
+            volumePath = node.volumes.mountedVolumes()[0].mountPath
+        }
+        // What a crash inside Shard.create leaves: a half-built directory.
+        try FileManager.default.createDirectory(atPath: volumePath + "/shard-5.creating", withIntermediateDirectories: true)
+        _ = FileManager.default.createFile(atPath: volumePath + "/shard-5.creating/data.mdb", contents: Data([0]))
+        do {
+            let node = try await StorageNode.start(config)
+            #expect(!FileManager.default.fileExists(atPath: volumePath + "/shard-5.creating"))
+            let listed = try await node.shards.listShards()
+            #expect(listed.isEmpty)
+        }
+    }
+}

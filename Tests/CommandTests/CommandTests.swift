@@ -1,0 +1,157 @@
+import Foundation
+import ShardStore
+import TestSupport
+import Testing
+
+let shardfs = productsDirectory().appendingPathComponent("shardfs").path
+
+func shardfsRun(_ arguments: [String], input: String = "", environment: [String: String] = [:]) throws -> ProcessResult {
+    try run(shardfs, arguments, input: input, environment: environment)
+}
+
+@Suite struct CommandTests {
+    @Test func helpWorksEverywhere() throws {
+        for command in [[], ["demo"], ["shard"], ["shard", "new"], ["shard", "list"], ["put"], ["get"], ["ls"], ["rm"],
+                        ["mv"], ["find"], ["batch-put"], ["bench"]] {
+            let result = try shardfsRun(command + ["--help"])
+            #expect(result.status == 0, "\(command) --help: \(result.stderr)")
+            #expect(result.stdout.contains("USAGE"), "\(command)")
+        }
+    }
+
+    @Test func lifecycleThroughTheCommand() throws {
+        let dir = try TemporaryDirectory("cli")
+        let data = ["--data-dir", dir.path, "--log-level", "error"]
+        let created = try shardfsRun(["shard", "new", "--client", "c"] + data)
+        #expect(created.status == 0, "\(created.stderr)")
+        let id = created.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(id == "1")
+        #expect(try shardfsRun(["put", id, "k1", "--value", "hello", "--index", "color=red"] + data,
+                               environment: ["SHARDFS_CLIENT_ID": "c"]).status == 0)
+        #expect(try shardfsRun(["put", id, "k2", "--client", "c"] + data, input: "from stdin").status == 0)
+        #expect(try shardfsRun(["get", id, "k1"] + data).stdout == "hello")
+        #expect(try shardfsRun(["get", id, "k2"] + data).stdout == "from stdin")
+        #expect(try shardfsRun(["get", id, "k1", "--indexes"] + data).stdout == "color=red\n")
+        #expect(try shardfsRun(["find", id, "color=red"] + data).stdout == "k1\n")
+        #expect(try shardfsRun(["mv", id, "k2", "k3", "--client", "c"] + data).status == 0)
+        #expect(try shardfsRun(["rm", id, "k1", "--client", "c"] + data).status == 0)
+        let listing = try shardfsRun(["ls", id] + data).stdout
+        #expect(listing.hasSuffix(" k3\n") && !listing.contains("k1"), "\(listing)")
+        #expect(try shardfsRun(["shard", "close", id] + data).status == 0)
+        let stat = try shardfsRun(["shard", "stat", id] + data).stdout
+        #expect(stat.contains("state:   closed") && stat.contains("entries: 1"), "\(stat)")
+        let list = try shardfsRun(["shard", "list"] + data).stdout
+        #expect(list.contains("closed") && list.contains(" c "), "\(list)")
+        #expect(try shardfsRun(["shard", "delete", id] + data).status == 0)
+        #expect(try shardfsRun(["shard", "list"] + data).stdout.split(separator: "\n").count == 1)
+    }
+
+    @Test(arguments: [
+        (["get", "9", "k"], "shard 9 not found"),
+        (["put", "1", "a/b", "--value", "x", "--client", "c"], "invalid key"),
+        (["put", "1", "k", "--value", "x"], "client ID is required"),
+        (["put", "1", "k", "--value", "x", "--client", "intruder"], "fenced"),
+        (["get", "1", "missing"], "entry not found"),
+        (["shard", "new", "--client", "c", "--id", "1"], "shard ID 1 is taken"),
+        (["shard", "new", "--client", "c", "--size-limit", "huge"], "shard.size_limit"),
+        (["put", "1", "k", "--value", "x", "--file", "/etc/hostname", "--client", "c"], "not both"),
+        (["ls", "1", "--config", "/nonexistent.yaml"], "cannot read configuration file"),
+        (["find", "1", "novalue"], "name=value"),
+    ])
+    func errorsExitNonZeroWithAClearMessage(_ arguments: [String], _ message: String) throws {
+        let dir = try TemporaryDirectory("cli")
+        let data = ["--data-dir", dir.path, "--log-level", "error"]
+        #expect(try shardfsRun(["shard", "new", "--client", "c"] + data).status == 0)
+        let result = try shardfsRun(arguments + data)
+        #expect(result.status != 0)
+        #expect(result.stderr.contains(message), "stderr: \(result.stderr)")
+    }
+
+    @Test func processesCreatingShardsAtOnceGetUniqueIDs() throws {
+        let dir = try TemporaryDirectory("cli")
+        let data = ["--data-dir", dir.path, "--log-level", "error"]
+        #expect(try shardfsRun(["shard", "new", "--client", "c"] + data).stdout == "1\n")  // initialise the node once
+        let results = try (0..<8).map { _ -> Process in
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: shardfs)
+            p.arguments = ["shard", "new", "--client", "c", "--data-dir", dir.path, "--log-level", "warning"]
+            p.standardOutput = Pipe()
+            p.standardError = Pipe()
+            try p.run()
+            return p
+        }.map { p -> String in
+            let out = (p.standardOutput as! Pipe).fileHandleForReading.readDataToEndOfFile()
+            let err = (p.standardError as! Pipe).fileHandleForReading.readDataToEndOfFile()
+            p.waitUntilExit()
+            // No process may see another's shard half-made (it would log a warning or an error).
+            #expect(err.isEmpty, "\(String(decoding: err, as: UTF8.self))")
+            return String(decoding: out, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        }
+        #expect(Set(results) == Set((2...9).map(String.init)), "\(results)")
+    }
+
+    @Test func demoRunsOnEmbeddedDefaults() throws {
+        let dir = try TemporaryDirectory("cli")
+        let result = try shardfsRun(["demo", "--data-dir", dir.sub("data")])
+        #expect(result.status == 0, "\(result.stderr)")
+        #expect(result.stdout.contains("BatchPut of 1000 entries"))
+        #expect(result.stdout.contains("Put after CloseShard: shard is closed"))
+    }
+
+    /// A child streams durable puts and acknowledges each; it is killed with
+    /// SIGKILL mid-stream. Every acknowledged entry must be there afterwards.
+    @Test func killDashNineLosesNoAcknowledgedPut() throws {
+        signal(SIGPIPE, SIG_IGN)
+        let dir = try TemporaryDirectory("cli")
+        let data = ["--data-dir", dir.path, "--log-level", "error"]
+        #expect(try shardfsRun(["shard", "new", "--client", "c"] + data).stdout == "1\n")
+
+        let child = Process()
+        child.executableURL = URL(fileURLWithPath: shardfs)
+        child.arguments = ["batch-put", "1", "--client", "c", "--batch", "3"] + data
+        let stdin = Pipe(), stdout = Pipe()
+        child.standardInput = stdin
+        child.standardOutput = stdout
+        try child.run()
+
+        // Feed entries as fast as the child takes them, until it dies.
+        let writer = Thread {
+            var i = 0
+            while true {
+                let line = "k\(i)\tvalue-\(i)-" + String(repeating: "x", count: i % 300) + "\n"
+                do { try stdin.fileHandleForWriting.write(contentsOf: Data(line.utf8)) } catch { return }
+                i += 1
+            }
+        }
+        writer.start()
+
+        var acknowledged: [String] = []
+        var buffer = Data()
+        let reader = stdout.fileHandleForReading
+        while acknowledged.count < 600 {
+            let chunk = reader.availableData
+            if chunk.isEmpty { break }
+            buffer.append(chunk)
+            while let newline = buffer.firstIndex(of: 0x0A) {
+                let line = String(decoding: buffer[buffer.startIndex..<newline], as: UTF8.self)
+                buffer.removeSubrange(buffer.startIndex...newline)
+                if line.hasPrefix("ok ") { acknowledged.append(String(line.dropFirst(3))) }
+            }
+        }
+        kill(child.processIdentifier, SIGKILL)
+        child.waitUntilExit()
+        try? stdin.fileHandleForWriting.close()
+        #expect(child.terminationReason == .uncaughtSignal)
+        #expect(acknowledged.count >= 600)
+
+        // Open the shard's files directly, as the restarted node would.
+        let volumes = dir.sub("volumes")
+        let volume = try #require(try FileManager.default.contentsOfDirectory(atPath: volumes).first)
+        let shard = try Shard.open(at: volumes + "/" + volume + "/shard-1")
+        for key in acknowledged {
+            let i = Int(key.dropFirst())!
+            let entry = try shard.get(try EntryKey(key))
+            #expect(entry.value == Array(("value-\(i)-" + String(repeating: "x", count: i % 300)).utf8), "entry \(key)")
+        }
+    }
+}

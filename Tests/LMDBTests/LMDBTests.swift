@@ -1,0 +1,80 @@
+import LMDB
+import TestSupport
+import Testing
+
+@Suite struct LMDBTests {
+    @Test func putGetDeleteAndOrder() throws {
+        let dir = try TemporaryDirectory("lmdb")
+        let env = try Environment(path: dir.path, options: EnvironmentOptions(mapSize: 1 << 20))
+        let db = try env.openDatabase("d", flags: .create)
+        try env.write { txn in
+            for k in ["b", "a", "c"] { try txn.put(db, Array(k.utf8), Array((k + k).utf8)) }
+        }
+        let (value, keys, count) = try env.read { txn in
+            let value = try txn.get(db, Array("a".utf8)).map { Array($0) }
+            var keys: [String] = []
+            try txn.withCursor(db) { cursor in
+                var pair = try cursor.first()
+                while let p = pair { keys.append(String(decoding: p.key, as: UTF8.self)); pair = try cursor.next() }
+            }
+            return (value, keys, try txn.count(db))
+        }
+        #expect(value == Array("aa".utf8))
+        #expect(keys == ["a", "b", "c"])
+        #expect(count == 3)
+        #expect(try env.write { txn in try txn.delete(db, Array("b".utf8)) })
+        #expect(try env.write { txn in try txn.delete(db, Array("b".utf8)) } == false)
+    }
+
+    @Test func aThrowingBodyAbortsTheTransaction() throws {
+        struct Stop: Error {}
+        let dir = try TemporaryDirectory("lmdb")
+        let env = try Environment(path: dir.path, options: EnvironmentOptions(mapSize: 1 << 20))
+        let db = try env.openDatabase("d", flags: .create)
+        #expect(throws: Stop.self) {
+            try env.write { txn in
+                try txn.put(db, [1], [1])
+                throw Stop()
+            }
+        }
+        #expect(try env.read { try $0.get(db, [1]) } == nil)
+    }
+
+    @Test func mapFullIsReportedAndTheEnvironmentStaysUsable() throws {
+        let dir = try TemporaryDirectory("lmdb")
+        let env = try Environment(path: dir.path, options: EnvironmentOptions(mapSize: 256 << 10))
+        let db = try env.openDatabase("d", flags: .create)
+        #expect(throws: LMDBError.mapFull) {
+            try env.write { txn in try txn.put(db, [1], [UInt8](repeating: 0, count: 512 << 10)) }
+        }
+        try env.write { txn in try txn.put(db, [2], [2]) }
+        #expect(try env.read { try $0.get(db, [2]).map { Array($0) } } == [2])
+    }
+
+    @Test func duplicateSortedValuesAndReadOnlyOpen() throws {
+        let dir = try TemporaryDirectory("lmdb")
+        do {
+            let env = try Environment(path: dir.path, options: EnvironmentOptions(mapSize: 1 << 20))
+            let db = try env.openDatabase("dups", flags: [.create, .duplicateSort])
+            try env.write { txn in
+                for v in [3, 1, 2] as [UInt8] { try txn.put(db, [9], [v]) }
+            }
+            let values: [UInt8] = try env.read { txn in
+                try txn.withCursor(db) { cursor in
+                    var out: [UInt8] = []
+                    var pair = try [UInt8(9)].withUnsafeBytes { try cursor.seek(exactly: $0) }
+                    while let p = pair { out.append(p.value[0]); pair = try cursor.nextDuplicate() }
+                    return out
+                }
+            }
+            #expect(values == [1, 2, 3])
+        }
+        var options = EnvironmentOptions(mapSize: 1 << 20)
+        options.readOnly = true
+        let ro = try Environment(path: dir.path, options: options)
+        let db = try ro.openDatabase("dups", flags: [.duplicateSort])
+        #expect(try ro.read { try $0.count(db) } == 3)
+        #expect(throws: LMDBError.self) { try ro.write { txn in try txn.put(db, [1], [1]) } }
+        #expect(throws: LMDBError.notFound) { _ = try ro.openDatabase("missing") }
+    }
+}
