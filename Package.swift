@@ -43,7 +43,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "ShardNode", dependencies: [
-            "ShardStore", "Metadata", "Volumes",
+            "ShardStore", "Metadata", "MetadataEtcd", "Volumes",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Yams", package: "Yams"),
         ]),
@@ -59,7 +59,7 @@ let package = Package(
         .testTarget(name: "LMDBTests", dependencies: ["LMDB", "TestSupport"]),
         .testTarget(name: "ShardStoreTests", dependencies: ["ShardStore", "TestSupport"]),
         .testTarget(name: "MetadataTests", dependencies: ["Metadata", "TestSupport"]),
-        .testTarget(name: "MetadataEtcdTests", dependencies: ["MetadataEtcd", "TestSupport"]),
+        .testTarget(name: "MetadataEtcdTests", dependencies: ["MetadataEtcd", "ShardNode", "ShardStore", "TestSupport"]),
         .testTarget(name: "VolumesTests", dependencies: ["Volumes", "TestSupport"]),
         .testTarget(name: "ShardNodeTests", dependencies: ["ShardNode", "TestSupport"]),
         .testTarget(name: "CommandTests", dependencies: ["shardfs", "ShardStore", "TestSupport"]),

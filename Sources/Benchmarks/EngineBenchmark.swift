@@ -13,6 +13,8 @@ public struct EngineBenchmark {
     public var keySize = 16
     public var valueSize = 100
     public var rounds = 1
+    /// Listing passes per round (alternating which side goes first).
+    public var listingPasses = 5
     /// Folder for the benchmark's files (a temporary folder under it is removed afterwards).
     public var directory = NSTemporaryDirectory()
 
@@ -20,9 +22,11 @@ public struct EngineBenchmark {
 
     public struct Line: Sendable {
         public var workload: String
+        /// Medians over the rounds.
         public var engineOpsPerSecond: Double
         public var rawOpsPerSecond: Double
-        public var ratio: Double { engineOpsPerSecond / rawOpsPerSecond }
+        /// Median of the per-round ratios (each round compares runs made side by side).
+        public var ratio: Double
     }
 
     public func run(progress: (String) -> Void = { _ in }) throws -> [Line] {
@@ -47,8 +51,11 @@ public struct EngineBenchmark {
                 let batches = stride(from: 0, to: putKeys.count, by: batchSize).map { start in
                     putKeys[start..<min(start + batchSize, putKeys.count)].map { EntryWrite(key: $0, value: value) }
                 }
-                let rawPut = try time { for batch in batches { try raw.put(batch) } }
-                let enginePut = try time { for batch in batches { _ = try engine.batchPut(batch, clientID: "bench") } }
+                // Alternate which side goes first, so neither always runs on the warmer machine.
+                let engineFirst = round % 2 == 0
+                let (enginePut, rawPut) = try pair(engineFirst,
+                    engine: { for batch in batches { _ = try engine.batchPut(batch, clientID: "bench") } },
+                    raw: { for batch in batches { try raw.put(batch) } })
                 samples[name, default: []].append((rate(enginePut), rate(rawPut)))
 
                 // Reads run once, on the randomly filled shard (the harder case).
@@ -58,33 +65,50 @@ public struct EngineBenchmark {
                     Array(getOrder[start..<min(start + batchSize, getOrder.count)])
                 }
                 let keyBatches = try getBatches.map { try $0.map { try EntryKey($0) } }
-                let rawGet = try time { for batch in getBatches { try raw.get(batch) } }
-                let engineGet = try time {
+                let (engineGet, rawGet) = try pair(engineFirst, engine: {
                     for batch in keyBatches {
                         for result in try engine.batchGet(batch) { if case .failure(let e) = result { throw e } }
                     }
-                }
+                }, raw: { for batch in getBatches { try raw.get(batch) } })
                 samples[order[2], default: []].append((rate(engineGet), rate(rawGet)))
 
                 progress("round \(round): ordered listing")
-                var seen = 0
-                let rawList = try time { seen = try raw.scan() }
-                guard seen == entries else { throw BenchmarkError("raw scan saw \(seen) entries") }
-                seen = 0
-                let engineList = try time {
-                    try engine.forEachEntry { view in
-                        seen &+= view.size > 0 ? 1 : 0
-                        return true
+                // Both read each entry's key and value size (a listing for `ls -l`).
+                // A scan takes tens of milliseconds: take the median of several.
+                var engineLists: [Double] = [], rawLists: [Double] = []
+                for pass in 0..<listingPasses {
+                    var rawSeen = 0, engineSeen = 0
+                    let (e, r) = try pair(pass % 2 == 0, engine: {
+                        try engine.forEachEntry { view in
+                            engineSeen &+= view.size > 0 ? 1 : 0
+                            return true
+                        }
+                    }, raw: { rawSeen = try raw.scan() })
+                    guard rawSeen == entries, engineSeen == entries else {
+                        throw BenchmarkError("scans saw \(engineSeen) and \(rawSeen) of \(entries) entries")
                     }
+                    engineLists.append(e)
+                    rawLists.append(r)
                 }
-                guard seen == entries else { throw BenchmarkError("engine scan saw \(seen) entries") }
+                let (engineList, rawList) = (median(engineLists), median(rawLists))
                 samples[order[3], default: []].append((rate(engineList), rate(rawList)))
             }
         }
         return order.map { name in
             let s = samples[name] ?? []
-            return Line(workload: name, engineOpsPerSecond: median(s.map(\.0)), rawOpsPerSecond: median(s.map(\.1)))
+            return Line(workload: name, engineOpsPerSecond: median(s.map(\.0)), rawOpsPerSecond: median(s.map(\.1)),
+                        ratio: median(s.map { $0.0 / $0.1 }))
         }
+    }
+
+    /// Times both sides, in the given order; returns (engine, raw) seconds.
+    private func pair(_ engineFirst: Bool, engine: () throws -> Void, raw: () throws -> Void) throws -> (Double, Double) {
+        if engineFirst {
+            let e = try time(engine)
+            return (e, try time(raw))
+        }
+        let r = try time(raw)
+        return (try time(engine), r)
     }
 
     private func rate(_ seconds: Double) -> Double { Double(entries) / seconds }

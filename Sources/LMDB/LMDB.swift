@@ -37,7 +37,7 @@ public struct LMDBError: Error, Equatable, CustomStringConvertible, Sendable {
     }
 }
 
-@inline(__always)
+@inlinable @inline(__always)
 func check(_ rc: Int32) throws {
     if rc != 0 { throw LMDBError(code: rc) }
 }
@@ -63,6 +63,7 @@ public struct EnvironmentOptions: Sendable {
 /// A database (a named B-tree) inside an environment.
 public struct Database: Sendable {
     public let handle: MDB_dbi
+    public init(handle: MDB_dbi) { self.handle = handle }
 }
 
 public struct DatabaseFlags: OptionSet, Sendable {
@@ -96,7 +97,7 @@ public struct EnvironmentInfo: Sendable {
 public final class Environment: @unchecked Sendable {
     public let path: String
     public let options: EnvironmentOptions
-    let env: OpaquePointer
+    @usableFromInline let env: OpaquePointer
 
     /// Opens (creating if needed) the environment in the directory `path`, which must exist.
     public init(path: String, options: EnvironmentOptions) throws {
@@ -140,6 +141,7 @@ public final class Environment: @unchecked Sendable {
     }
 
     /// Runs `body` in a read-only snapshot. Buffers obtained inside are invalid once it returns.
+    @inlinable
     public func read<R>(_ body: (Transaction) throws -> R) throws -> R {
         var txn: OpaquePointer?
         try check(mdb_txn_begin(env, nil, UInt32(MDB_RDONLY), &txn))
@@ -150,6 +152,7 @@ public final class Environment: @unchecked Sendable {
     /// Runs `body` in a write transaction on the calling thread and commits it if
     /// `body` returns; aborts it if `body` throws. Blocks while another writer is active.
     /// With the default options the commit is durable when this returns.
+    @inlinable
     public func write<R>(_ body: (Transaction) throws -> R) throws -> R {
         var txn: OpaquePointer?
         try check(mdb_txn_begin(env, nil, 0, &txn))
@@ -198,9 +201,12 @@ public final class Environment: @unchecked Sendable {
 /// A transaction handed to a closure by `Environment.read` or `write`.
 /// Never let it escape the closure.
 public struct Transaction {
-    let txn: OpaquePointer
+    @usableFromInline let txn: OpaquePointer
+
+    @usableFromInline init(txn: OpaquePointer) { self.txn = txn }
 
     /// The value under `key`, or nil. The buffer points into the map: see the rules above.
+    @inlinable
     public func get(_ db: Database, _ key: UnsafeRawBufferPointer) throws -> UnsafeRawBufferPointer? {
         var k = MDB_val(key)
         var v = MDB_val()
@@ -210,10 +216,12 @@ public struct Transaction {
         return v.buffer
     }
 
+    @inlinable
     public func get(_ db: Database, _ key: [UInt8]) throws -> UnsafeRawBufferPointer? {
         try key.withUnsafeBytes { try get(db, $0) }
     }
 
+    @inlinable
     public func put(_ db: Database, _ key: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer, flags: PutFlags = []) throws {
         var k = MDB_val(key)
         var v = MDB_val(value)
@@ -224,8 +232,29 @@ public struct Transaction {
         try key.withUnsafeBytes { k in try value.withUnsafeBytes { v in try put(db, k, v, flags: flags) } }
     }
 
+    /// What `reserveIfAbsent` found.
+    public enum Reservation {
+        /// The key was new: fill these bytes before the next update.
+        case reserved(UnsafeMutableRawBufferPointer)
+        /// The key exists (nothing was written): its current value.
+        case existing(UnsafeRawBufferPointer)
+    }
+
+    /// Reserves `count` bytes for `key` if the key is absent, else returns its value
+    /// untouched — one B-tree lookup either way (MDB_NOOVERWRITE | MDB_RESERVE).
+    @inlinable
+    public func reserveIfAbsent(_ db: Database, _ key: UnsafeRawBufferPointer, count: Int) throws -> Reservation {
+        var k = MDB_val(key)
+        var v = MDB_val(mv_size: count, mv_data: nil)
+        let rc = mdb_put(txn, db.handle, &k, &v, UInt32(MDB_NOOVERWRITE | MDB_RESERVE))
+        if rc == MDB_KEYEXIST { return .existing(v.buffer) }
+        try check(rc)
+        return .reserved(UnsafeMutableRawBufferPointer(start: v.mv_data, count: count))
+    }
+
     /// Reserves `count` bytes for `key` and returns them to be filled before the
     /// next update (MDB_RESERVE): saves a copy of large values. Not for DUPSORT databases.
+    @inlinable
     public func reserve(_ db: Database, _ key: UnsafeRawBufferPointer, count: Int, flags: PutFlags = []) throws -> UnsafeMutableRawBufferPointer {
         var k = MDB_val(key)
         var v = MDB_val(mv_size: count, mv_data: nil)
@@ -282,6 +311,7 @@ public struct Transaction {
     }
 
     /// Runs `body` with a cursor on `db`, closed when `body` returns.
+    @inlinable
     public func withCursor<R>(_ db: Database, _ body: (inout Cursor) throws -> R) throws -> R {
         var cursor: OpaquePointer?
         try check(mdb_cursor_open(txn, db.handle, &cursor))
@@ -293,10 +323,13 @@ public struct Transaction {
 
 /// A position in a database. Keys and values returned point into the map.
 public struct Cursor {
-    let cursor: OpaquePointer
+    @usableFromInline let cursor: OpaquePointer
     public typealias Pair = (key: UnsafeRawBufferPointer, value: UnsafeRawBufferPointer)
 
-    private func op(_ op: MDB_cursor_op, key: UnsafeRawBufferPointer? = nil, value: UnsafeRawBufferPointer? = nil) throws -> Pair? {
+    @usableFromInline init(cursor: OpaquePointer) { self.cursor = cursor }
+
+    @inlinable
+    func op(_ op: MDB_cursor_op, key: UnsafeRawBufferPointer? = nil, value: UnsafeRawBufferPointer? = nil) throws -> Pair? {
         var k = key.map { MDB_val($0) } ?? MDB_val()
         var v = value.map { MDB_val($0) } ?? MDB_val()
         let rc = mdb_cursor_get(cursor, &k, &v, op)
@@ -305,11 +338,14 @@ public struct Cursor {
         return (k.buffer, v.buffer)
     }
 
+    @inlinable
     public func first() throws -> Pair? { try op(MDB_FIRST) }
     public func last() throws -> Pair? { try op(MDB_LAST) }
+    @inlinable
     public func next() throws -> Pair? { try op(MDB_NEXT) }
     public func current() throws -> Pair? { try op(MDB_GET_CURRENT) }
     /// The first pair whose key is >= `key`.
+    @inlinable
     public func seek(atLeast key: UnsafeRawBufferPointer) throws -> Pair? { try op(MDB_SET_RANGE, key: key) }
     /// Exactly `key` (its first duplicate).
     public func seek(exactly key: UnsafeRawBufferPointer) throws -> Pair? { try op(MDB_SET_KEY, key: key) }
@@ -325,18 +361,24 @@ public struct Cursor {
 }
 
 // Shared empty buffer: LMDB must never be handed a NULL data pointer.
-nonisolated(unsafe) private let emptyByte = UnsafeMutableRawPointer.allocate(byteCount: 1, alignment: 1)
+@usableFromInline nonisolated(unsafe) let emptyByte = UnsafeMutableRawPointer.allocate(byteCount: 1, alignment: 1)
 
 extension MDB_val {
-    @inline(__always)
+    @inlinable @inline(__always)
     init(_ buffer: UnsafeRawBufferPointer) {
         self.init(mv_size: buffer.count, mv_data: UnsafeMutableRawPointer(mutating: buffer.baseAddress) ?? emptyByte)
     }
 
-    @inline(__always)
+    @inlinable @inline(__always)
     var buffer: UnsafeRawBufferPointer {
         UnsafeRawBufferPointer(start: mv_data, count: mv_size)
     }
+}
+
+/// Hints the CPU to load `address` soon (a cache-miss overlap for scans).
+@inlinable @inline(__always)
+public func prefetch(_ address: UnsafeRawPointer?) {
+    if let address { shardfs_prefetch(address) }
 }
 
 /// LMDB's version string, e.g. "LMDB 0.9.24: (July 24, 2019)".

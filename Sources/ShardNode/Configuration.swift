@@ -42,6 +42,10 @@ public struct Configuration: Sendable, Equatable {
         public var tlsCAFile = ""
         public var tlsCertFile = ""
         public var tlsKeyFile = ""
+        /// Deadline of one etcd call (one attempt; retries come on top).
+        public var callTimeoutMs = 5000
+        /// A node's registration lapses this long after its keepalives stop (etcd lease TTL).
+        public var leaseTTLSeconds = 10
         /// Retry policy for transient metadata failures (the original: 100 ms, ×1.5, 2 s, 10 s).
         public var retryInitialBackoffMs = 100
         public var retryMultiplier = 1.5
@@ -159,6 +163,7 @@ extension Configuration {
         "metadata.type", "metadata.endpoints", "metadata.namespace",
         "metadata.options.username", "metadata.options.password",
         "metadata.options.tls.ca_file", "metadata.options.tls.cert_file", "metadata.options.tls.key_file",
+        "metadata.options.call_timeout_ms", "metadata.options.lease_ttl_s",
         "metadata.retry.initial_backoff_ms", "metadata.retry.multiplier", "metadata.retry.max_backoff_ms",
         "metadata.retry.deadline_ms",
         "shard.size_limit",
@@ -191,6 +196,8 @@ extension Configuration {
         case "metadata.options.tls.ca_file": metadata.tlsCAFile = value
         case "metadata.options.tls.cert_file": metadata.tlsCertFile = value
         case "metadata.options.tls.key_file": metadata.tlsKeyFile = value
+        case "metadata.options.call_timeout_ms": metadata.callTimeoutMs = try int()
+        case "metadata.options.lease_ttl_s": metadata.leaseTTLSeconds = try int()
         case "metadata.retry.initial_backoff_ms": metadata.retryInitialBackoffMs = try int()
         case "metadata.retry.max_backoff_ms": metadata.retryMaxBackoffMs = try int()
         case "metadata.retry.deadline_ms": metadata.retryDeadlineMs = try int()
@@ -219,6 +226,9 @@ extension Configuration {
         }
         if metadata.type == "etcd" && metadata.endpoints.isEmpty {
             throw ConfigurationError("metadata.type is etcd but metadata.endpoints is empty")
+        }
+        if metadata.callTimeoutMs < 1 || metadata.leaseTTLSeconds < 1 {
+            throw ConfigurationError("metadata.options.call_timeout_ms and lease_ttl_s must be at least 1")
         }
         guard ["trace", "debug", "info", "notice", "warning", "error", "critical"].contains(logLevel) else {
             throw ConfigurationError("log.level must be one of trace, debug, info, notice, warning, error, critical, not \"\(logLevel)\"")

@@ -26,9 +26,12 @@ public enum ShardManagerError: Error, Equatable, Sendable, CustomStringConvertib
     }
 }
 
-/// A shard as listed by the manager: its metadata and, if local, its figures.
+/// A shard as listed by the manager: its metadata, the node holding its volume
+/// as primary, and, if local, its figures.
 public struct ShardListing: Sendable {
     public var record: ShardRecord
+    /// Empty when the volume is unknown or has no primary.
+    public var primaryNodeID: String
     public var stats: ShardStats?
 }
 
@@ -139,9 +142,12 @@ public final class ShardManager: @unchecked Sendable {
     /// Every shard the metadata knows of, with figures for those on this node.
     public func listShards() async throws -> [ShardListing] {
         let records = try await metadata.listShards(volumeID: nil).filter { $0.state != .deleting }
+        let primaries = Dictionary(try await metadata.listVolumes(nodeID: nil).map { ($0.volumeID, $0.primaryNodeID) },
+                                   uniquingKeysWith: { a, _ in a })
         let local = lock.withLock { shards }
         return records.map { record in
-            ShardListing(record: record, stats: try? local[record.shardID]?.shard.stats())
+            ShardListing(record: record, primaryNodeID: primaries[record.volumeID] ?? "",
+                         stats: try? local[record.shardID]?.shard.stats())
         }
     }
 

@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import Metadata
+import MetadataEtcd
 import ShardStore
 import Volumes
 
@@ -66,6 +67,18 @@ public final class StorageNode: Sendable {
         switch config.metadata.type {
         case "embedded":
             return try EmbeddedMetadataStore(path: config.embeddedMetadataPath)
+        case "etcd":
+            let m = config.metadata
+            func optional(_ s: String) -> String? { s.isEmpty ? nil : s }
+            do {
+                return try EtcdMetadataStore(configuration: EtcdConfiguration(
+                    endpoints: m.endpoints, namespace: m.namespace,
+                    username: optional(m.username), password: optional(m.password),
+                    caFile: optional(m.tlsCAFile), certFile: optional(m.tlsCertFile), keyFile: optional(m.tlsKeyFile),
+                    callTimeout: .milliseconds(m.callTimeoutMs), leaseTTL: m.leaseTTLSeconds))
+            } catch {
+                throw ConfigurationError("cannot use the etcd metadata store: \(error)")
+            }
         default:
             throw ConfigurationError("metadata.type \(config.metadata.type) is not available in this build")
         }

@@ -8,24 +8,55 @@
 //   indexes  (DUPSORT) indexKey(name, value) -> entry key. The reverse index.
 //   meta     shard descriptor: id, owner, state, size limit, format.
 //
-// Record header (little-endian):
-//   0      u8   format version (1)
-//   1      u8   flags (bit 0: value is chunked)
-//   2..9   i64  modification time, nanoseconds since 1970
-//   10..17 u64  value size in bytes
-//   18..19 u16  number of indexes
-//   then per index: u8 name length, name, u32 value length, value
-//   then the value itself when not chunked.
+// Record layout (little-endian), kept small because it is paid on every entry:
+//   0      u8   bits 0–3: format version (1); bit 4: value is chunked; bit 5: has indexes
+//   1..8   i64  modification time, nanoseconds since 1970
+//   if chunked:      u64 value size
+//   if has indexes:  u32 length of the index section, then the section:
+//                    per index: u8 name length, name, u32 value length, value
+//   then the value itself when not chunked (its size is what remains).
+// A plain entry thus costs 9 bytes over its value, and its size is known from
+// the record's length without reading past the first bytes.
 
-let recordFormatVersion: UInt8 = 1
-let recordHeaderSize = 20
+@usableFromInline let recordFormatVersion: UInt8 = 1
+@usableFromInline let recordFixedSize = 9
 /// Values larger than this are stored as chunks of this size (so large values are
 /// read and rewritten piecewise, and a read never copies the whole value).
 public let chunkSize = 128 * 1024
 
-struct RecordFlags: OptionSet {
-    let rawValue: UInt8
-    static let chunked = RecordFlags(rawValue: 1)
+@usableFromInline
+struct RecordFlags: OptionSet, Sendable {
+    @usableFromInline let rawValue: UInt8
+    @usableFromInline init(rawValue: UInt8) { self.rawValue = rawValue }
+    @usableFromInline static let chunked = RecordFlags(rawValue: 1 << 4)
+    @usableFromInline static let hasIndexes = RecordFlags(rawValue: 1 << 5)
+}
+
+/// Whether the fixed fields `recordValueSize` reads are within the record: a
+/// cheap check for listings, which do not decode the whole record.
+@inlinable @inline(__always)
+func recordHeadIsSane(_ raw: UnsafeRawBufferPointer) -> Bool {
+    guard raw.count >= recordFixedSize, raw[0] & 0x0F == recordFormatVersion else { return false }
+    let flags = RecordFlags(rawValue: raw[0] & 0xF0)
+    if flags.contains(.chunked) { return raw.count >= recordFixedSize + 8 }
+    if flags.contains(.hasIndexes) {
+        return raw.count >= recordFixedSize + 4 && Int(raw.loadLE(UInt32.self, at: recordFixedSize)) <= raw.count - recordFixedSize - 4
+    }
+    return true
+}
+
+/// Size of a record's value, from its first bytes and length (for listings).
+@inlinable @inline(__always)
+func recordValueSize(_ raw: UnsafeRawBufferPointer) -> Int {
+    let flags = RecordFlags(rawValue: raw[0] & 0xF0)
+    if flags.contains(.chunked) { return Int(raw.loadLE(UInt64.self, at: recordFixedSize)) }
+    if flags.contains(.hasIndexes) { return raw.count - recordFixedSize - 4 - Int(raw.loadLE(UInt32.self, at: recordFixedSize)) }
+    return raw.count - recordFixedSize
+}
+
+@inlinable @inline(__always)
+func recordModificationTime(_ raw: UnsafeRawBufferPointer) -> Int64 {
+    Int64(bitPattern: raw.loadLE(UInt64.self, at: 1))
 }
 
 /// The decoded header and indexes of a record; the inline value stays in the map.
@@ -33,40 +64,58 @@ struct RecordView {
     var flags: RecordFlags
     var modificationTime: Int64
     var size: Int
-    var indexCount: Int
     /// Bytes of the index section.
     var indexBytes: UnsafeRawBufferPointer
     /// The inline value (empty when chunked).
     var inlineValue: UnsafeRawBufferPointer
 
     init(_ raw: UnsafeRawBufferPointer) throws {
-        guard raw.count >= recordHeaderSize, raw[0] == recordFormatVersion else {
+        guard raw.count >= recordFixedSize, raw[0] & 0x0F == recordFormatVersion else {
             throw ShardError.corrupt("entry record of \(raw.count) bytes with an unknown header")
         }
-        flags = RecordFlags(rawValue: raw[1])
-        modificationTime = Int64(bitPattern: raw.loadLE(UInt64.self, at: 2))
-        size = Int(raw.loadLE(UInt64.self, at: 10))
-        indexCount = Int(raw.loadLE(UInt16.self, at: 18))
-        var offset = recordHeaderSize
-        for _ in 0..<indexCount {
-            guard offset + 1 <= raw.count else { throw ShardError.corrupt("truncated index section") }
-            let nameLength = Int(raw[offset])
-            guard offset + 1 + nameLength + 4 <= raw.count else { throw ShardError.corrupt("truncated index name") }
-            let valueLength = Int(raw.loadLE(UInt32.self, at: offset + 1 + nameLength))
-            offset += 1 + nameLength + 4 + valueLength
-            guard offset <= raw.count else { throw ShardError.corrupt("truncated index value") }
+        flags = RecordFlags(rawValue: raw[0] & 0xF0)
+        modificationTime = recordModificationTime(raw)
+        var offset = recordFixedSize
+        var chunkedSize = 0
+        if flags.contains(.chunked) {
+            guard raw.count >= offset + 8 else { throw ShardError.corrupt("truncated record header") }
+            chunkedSize = Int(raw.loadLE(UInt64.self, at: offset))
+            offset += 8
         }
-        indexBytes = UnsafeRawBufferPointer(rebasing: raw[recordHeaderSize..<offset])
+        indexBytes = UnsafeRawBufferPointer(start: nil, count: 0)
+        if flags.contains(.hasIndexes) {
+            guard raw.count >= offset + 4 else { throw ShardError.corrupt("truncated record header") }
+            let length = Int(raw.loadLE(UInt32.self, at: offset))
+            offset += 4
+            guard raw.count >= offset + length else { throw ShardError.corrupt("truncated index section") }
+            indexBytes = UnsafeRawBufferPointer(rebasing: raw[offset..<(offset + length)])
+            offset += length
+            try Self.checkIndexSection(indexBytes)
+        }
         inlineValue = UnsafeRawBufferPointer(rebasing: raw[offset...])
-        if flags.contains(.chunked) ? !inlineValue.isEmpty : inlineValue.count != size {
-            throw ShardError.corrupt("value size \(size) does not match the record")
+        if flags.contains(.chunked) {
+            guard inlineValue.isEmpty else { throw ShardError.corrupt("a chunked record carries inline bytes") }
+            size = chunkedSize
+        } else {
+            size = inlineValue.count
+        }
+    }
+
+    private static func checkIndexSection(_ section: UnsafeRawBufferPointer) throws {
+        var offset = 0
+        while offset < section.count {
+            let nameLength = Int(section[offset])
+            guard offset + 1 + nameLength + 4 <= section.count else { throw ShardError.corrupt("truncated index name") }
+            let valueLength = Int(section.loadLE(UInt32.self, at: offset + 1 + nameLength))
+            offset += 1 + nameLength + 4 + valueLength
+            guard offset <= section.count else { throw ShardError.corrupt("truncated index value") }
         }
     }
 
     /// Calls `body` for each (name bytes, value bytes) index.
     func forEachIndex(_ body: (UnsafeRawBufferPointer, UnsafeRawBufferPointer) throws -> Void) rethrows {
         var offset = 0
-        for _ in 0..<indexCount {
+        while offset < indexBytes.count {
             let nameLength = Int(indexBytes[offset])
             let name = UnsafeRawBufferPointer(rebasing: indexBytes[(offset + 1)..<(offset + 1 + nameLength)])
             let valueLength = Int(indexBytes.loadLE(UInt32.self, at: offset + 1 + nameLength))
@@ -76,9 +125,10 @@ struct RecordView {
         }
     }
 
+    var hasIndexes: Bool { !indexBytes.isEmpty }
+
     func indexes() -> [IndexPair] {
         var result: [IndexPair] = []
-        result.reserveCapacity(indexCount)
         forEachIndex { name, value in
             result.append(IndexPair(name: String(decoding: name, as: UTF8.self), value: Array(value)))
         }
@@ -93,27 +143,40 @@ func encodedIndexSize(_ indexes: [IndexPair]) -> Int {
     indexes.reduce(0) { $0 + 1 + $1.name.utf8.count + 4 + $1.value.count }
 }
 
-/// Writes a record header and index section into `out`; returns the offset where the inline value goes.
-func encodeRecordHead(into out: UnsafeMutableRawBufferPointer, flags: RecordFlags, modificationTime: Int64,
+/// Bytes of a record before its inline value.
+func recordHeadSize(chunked: Bool, indexes: [IndexPair]) -> Int {
+    recordFixedSize + (chunked ? 8 : 0) + (indexes.isEmpty ? 0 : 4 + encodedIndexSize(indexes))
+}
+
+/// Writes a record's head into `out`; returns the offset where the inline value goes.
+func encodeRecordHead(into out: UnsafeMutableRawBufferPointer, chunked: Bool, modificationTime: Int64,
                       size: Int, indexes: [IndexPair]) -> Int {
-    out[0] = recordFormatVersion
-    out[1] = flags.rawValue
-    out.storeLE(UInt64(bitPattern: modificationTime), at: 2)
-    out.storeLE(UInt64(size), at: 10)
-    out.storeLE(UInt16(indexes.count), at: 18)
-    var offset = recordHeaderSize
-    for index in indexes {
-        let name = Array(index.name.utf8)
-        out[offset] = UInt8(name.count)
-        offset += 1
-        name.withUnsafeBytes { out.baseAddress!.advanced(by: offset).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
-        offset += name.count
-        out.storeLE(UInt32(index.value.count), at: offset)
+    var flags: RecordFlags = []
+    if chunked { flags.insert(.chunked) }
+    if !indexes.isEmpty { flags.insert(.hasIndexes) }
+    out[0] = recordFormatVersion | flags.rawValue
+    out.storeLE(UInt64(bitPattern: modificationTime), at: 1)
+    var offset = recordFixedSize
+    if chunked {
+        out.storeLE(UInt64(size), at: offset)
+        offset += 8
+    }
+    if !indexes.isEmpty {
+        out.storeLE(UInt32(encodedIndexSize(indexes)), at: offset)
         offset += 4
-        index.value.withUnsafeBytes { v in
-            if let base = v.baseAddress { out.baseAddress!.advanced(by: offset).copyMemory(from: base, byteCount: v.count) }
+        for index in indexes {
+            let name = Array(index.name.utf8)
+            out[offset] = UInt8(name.count)
+            offset += 1
+            name.withUnsafeBytes { out.baseAddress!.advanced(by: offset).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+            offset += name.count
+            out.storeLE(UInt32(index.value.count), at: offset)
+            offset += 4
+            index.value.withUnsafeBytes { v in
+                if let base = v.baseAddress { out.baseAddress!.advanced(by: offset).copyMemory(from: base, byteCount: v.count) }
+            }
+            offset += index.value.count
         }
-        offset += index.value.count
     }
     return offset
 }
@@ -159,7 +222,7 @@ func fnv1a64(_ bytes: UnsafeRawBufferPointer) -> UInt64 {
 }
 
 extension UnsafeRawBufferPointer {
-    @inline(__always)
+    @inlinable @inline(__always)
     func loadLE<T: FixedWidthInteger>(_: T.Type, at offset: Int) -> T {
         T(littleEndian: loadUnaligned(fromByteOffset: offset, as: T.self))
     }

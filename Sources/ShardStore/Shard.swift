@@ -35,10 +35,19 @@ public struct EntrySummary: Sendable, Equatable {
 }
 
 /// A listing row borrowed from the map; valid only inside the `forEachEntry` callback.
+/// Size and time are read from the record only when asked for, so a listing of
+/// names alone touches no record.
 public struct EntryView {
-    public var key: UnsafeRawBufferPointer
-    public var size: Int
-    public var modificationTime: Int64
+    public let key: UnsafeRawBufferPointer
+    @usableFromInline let record: UnsafeRawBufferPointer
+
+    @usableFromInline init(key: UnsafeRawBufferPointer, record: UnsafeRawBufferPointer) {
+        self.key = key
+        self.record = record
+    }
+
+    @inlinable public var size: Int { recordValueSize(record) }
+    @inlinable public var modificationTime: Int64 { recordModificationTime(record) }
 }
 
 /// One item of a batch put. The key is validated by the shard (per-item status).
@@ -97,8 +106,8 @@ public final class Shard: @unchecked Sendable {
     public let sizeLimit: Int
     public let isReadOnlyView: Bool
 
-    let env: Environment
-    let entries: Database
+    @usableFromInline let env: Environment
+    @usableFromInline let entries: Database
     let chunks: Database
     let indexes: Database
     let meta: Database
@@ -206,9 +215,8 @@ public final class Shard: @unchecked Sendable {
         try IndexPair.validate(indexes)
         try checkLimits(keyCount: key.bytes.count, valueCount: value.count, indexes: indexes)
         let mtime = modificationTime ?? Shard.now()
-        try write(clientID: clientID) { ctx in
-            try self.writeEntry(ctx.txn, key: key.bytes, value: value, indexes: indexes, modificationTime: mtime)
-        }
+        let item = EntryWrite(key: key, value: value, indexes: indexes, modificationTime: mtime)
+        try write(clientID: clientID) { ctx in try self.writeEntry(ctx.txn, item, defaultTime: mtime) }
     }
 
     /// Puts many entries in one transaction. Items that fail validation get their
@@ -216,25 +224,22 @@ public final class Shard: @unchecked Sendable {
     /// of the whole batch (fenced, closed, full) are thrown and nothing is committed.
     public func batchPut(_ items: [EntryWrite], clientID: String) throws -> [ShardError?] {
         var statuses = [ShardError?](repeating: nil, count: items.count)
-        var valid: [Int] = []
-        valid.reserveCapacity(items.count)
-        for (i, item) in items.enumerated() {
+        var invalid = 0
+        for i in items.indices {
             do {
-                if let problem = EntryKey.problem(with: item.key) { throw ShardError.invalidKey(problem) }
-                if !item.indexes.isEmpty { try IndexPair.validate(item.indexes) }
-                try checkLimits(keyCount: item.key.count, valueCount: item.value.count, indexes: item.indexes)
-                valid.append(i)
+                if let problem = EntryKey.problem(with: items[i].key) { throw ShardError.invalidKey(problem) }
+                if !items[i].indexes.isEmpty { try IndexPair.validate(items[i].indexes) }
+                try checkLimits(keyCount: items[i].key.count, valueCount: items[i].value.count, indexes: items[i].indexes)
             } catch let error as ShardError {
                 statuses[i] = error
+                invalid += 1
             }
         }
-        if valid.isEmpty { return statuses }
+        if invalid == items.count { return statuses }
         let now = Shard.now()
-        try write(clientID: clientID) { ctx in
-            for i in valid {
-                let item = items[i]
-                try self.writeEntry(ctx.txn, key: item.key, value: item.value, indexes: item.indexes,
-                                    modificationTime: item.modificationTime ?? now)
+        try write(clientID: clientID) { [statuses] ctx in
+            for i in items.indices where statuses[i] == nil {
+                try self.writeEntry(ctx.txn, items[i], defaultTime: now)
             }
         }
         return statuses
@@ -283,7 +288,7 @@ public final class Shard: @unchecked Sendable {
         try write(clientID: clientID) { ctx in
             guard let raw = try ctx.txn.get(self.entries, key.bytes) else { throw ShardError.entryNotFound(key) }
             var record = Array(raw)
-            record.withUnsafeMutableBytes { $0.storeLE(UInt64(bitPattern: time), at: 2) }
+            record.withUnsafeMutableBytes { $0.storeLE(UInt64(bitPattern: time), at: 1) }
             try ctx.txn.put(self.entries, key.bytes, record)
         }
     }
@@ -380,7 +385,9 @@ public final class Shard: @unchecked Sendable {
     }
 
     /// Visits entries in key order from one snapshot until `body` returns false.
-    /// The view is valid only during the call.
+    /// The view is valid only during the call. Inlinable: listings are hot, and
+    /// specialising the caller's closure into the loop matters.
+    @inlinable
     public func forEachEntry(after: EntryKey? = nil, _ body: (EntryView) throws -> Bool) throws {
         try readTransaction { txn in
             try txn.withCursor(entries) { cursor in
@@ -391,16 +398,34 @@ public final class Shard: @unchecked Sendable {
                 } else {
                     pair = try cursor.first()
                 }
-                while let (key, raw) = pair {
-                    guard raw.count >= recordHeaderSize else { throw ShardError.corrupt("short entry record") }
-                    let view = EntryView(key: key, size: Int(raw.loadLE(UInt64.self, at: 10)),
-                                         modificationTime: Int64(bitPattern: raw.loadLE(UInt64.self, at: 2)))
-                    guard try body(view) else { return }
-                    pair = try cursor.next()
+                // Entries are gathered in blocks by a tight cursor loop that
+                // prefetches each record, then handed to `body`: the cache misses
+                // of a block overlap instead of stalling one by one. Pages stay
+                // mapped for the whole read transaction, so held pointers stay valid.
+                try withUnsafeTemporaryAllocation(of: Cursor.Pair.self, capacity: Shard.scanBlock) { block in
+                    while pair != nil {
+                        var count = 0
+                        while let p = pair, count < Shard.scanBlock {
+                            prefetch(p.value.baseAddress)
+                            block.initializeElement(at: count, to: p)
+                            count += 1
+                            pair = try cursor.next()
+                        }
+                        for i in 0..<count {
+                            let (key, raw) = block[i]
+                            guard recordHeadIsSane(raw) else {
+                                throw ShardError.corrupt("unreadable record for key \(String(decoding: key, as: UTF8.self))")
+                            }
+                            guard try body(EntryView(key: key, record: raw)) else { return }
+                        }
+                    }
                 }
             }
         }
     }
+
+    /// Entries a scan gathers before handing them on (a few pages' worth).
+    @usableFromInline static let scanBlock = 64
 
     /// Keys of the entries whose index `name` has exactly `value`, in key order.
     public func find(indexName name: String, value: [UInt8], after: EntryKey? = nil, limit: Int = .max) throws -> [EntryKey] {
@@ -490,7 +515,8 @@ public final class Shard: @unchecked Sendable {
         }
     }
 
-    private func readTransaction<R>(_ body: (Transaction) throws -> R) throws -> R {
+    @usableFromInline
+    func readTransaction<R>(_ body: (Transaction) throws -> R) throws -> R {
         do {
             return try env.read(body)
         } catch let error as ShardError {
@@ -516,6 +542,10 @@ public final class Shard: @unchecked Sendable {
 
     private func readOld(_ txn: Transaction, _ key: [UInt8]) throws -> OldEntry? {
         guard let raw = try txn.get(entries, key) else { return nil }
+        return try oldEntry(raw)
+    }
+
+    private func oldEntry(_ raw: UnsafeRawBufferPointer) throws -> OldEntry {
         let view = try RecordView(raw)
         var old = OldEntry(chunkCount: view.chunkCount, indexes: [])
         view.forEachIndex { name, value in
@@ -538,16 +568,24 @@ public final class Shard: @unchecked Sendable {
         }
     }
 
-    private func writeEntry(_ txn: Transaction, key: [UInt8], value: [UInt8], indexes newIndexes: [IndexPair],
-                            modificationTime: Int64) throws {
-        if let old = try readOld(txn, key), old.chunkCount > 0 || !old.indexes.isEmpty {
-            try removeSideData(txn, key: key, old: old)
-        }
+    private func writeEntry(_ txn: Transaction, _ item: EntryWrite, defaultTime: Int64) throws {
+        let key = item.key, value = item.value, newIndexes = item.indexes
+        let modificationTime = item.modificationTime ?? defaultTime
         let chunked = value.count > chunkSize
-        let headSize = recordHeaderSize + (newIndexes.isEmpty ? 0 : encodedIndexSize(newIndexes))
+        let count = recordHeadSize(chunked: chunked, indexes: newIndexes) + (chunked ? 0 : value.count)
         try key.withUnsafeBytes { k in
-            let out = try txn.reserve(entries, k, count: headSize + (chunked ? 0 : value.count))
-            let offset = encodeRecordHead(into: out, flags: chunked ? .chunked : [], modificationTime: modificationTime,
+            // One lookup for a new key (the append workload); an existing key is
+            // cleaned of its chunks and index rows, then overwritten.
+            var out: UnsafeMutableRawBufferPointer
+            switch try txn.reserveIfAbsent(entries, k, count: count) {
+            case .reserved(let buffer):
+                out = buffer
+            case .existing(let raw):
+                let old = try oldEntry(raw)
+                if old.chunkCount > 0 || !old.indexes.isEmpty { try removeSideData(txn, key: key, old: old) }
+                out = try txn.reserve(entries, k, count: count)
+            }
+            let offset = encodeRecordHead(into: out, chunked: chunked, modificationTime: modificationTime,
                                           size: value.count, indexes: newIndexes)
             if !chunked, !value.isEmpty {
                 value.withUnsafeBytes { out.baseAddress!.advanced(by: offset).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }

@@ -45,15 +45,18 @@ struct ShardCommand: AsyncParsableCommand {
     }
 
     struct List: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "List shards: ID, state, owner, volume, entries, used and limit.")
+        static let configuration = CommandConfiguration(
+            abstract: "List every shard the metadata knows: ID, state, owner, node, volume, entries, used and limit.",
+            discussion: "Entries and used bytes are shown for shards on this node's volumes, '-' for others.")
         @OptionGroup var node: NodeOptions
 
         func run() async throws {
             let listings = try await node.startNode().shards.listShards()
-            emit(row("ID", "STATE", "OWNER", "VOLUME", "ENTRIES", "USED", "LIMIT"))
+            emit(row("ID", "STATE", "OWNER", "NODE", "VOLUME", "ENTRIES", "USED", "LIMIT"))
             for listing in listings {
                 let r = listing.record
-                emit(row(String(r.shardID), r.state.rawValue, r.ownerClientID, r.volumeID,
+                emit(row(String(r.shardID), r.state.rawValue, r.ownerClientID,
+                         listing.primaryNodeID.isEmpty ? "-" : listing.primaryNodeID, r.volumeID,
                          listing.stats.map { String($0.entries) } ?? "-",
                          listing.stats.map { ByteSize.format($0.usedBytes) } ?? "-",
                          ByteSize.format(r.sizeLimit)))
@@ -61,7 +64,7 @@ struct ShardCommand: AsyncParsableCommand {
         }
 
         func row(_ columns: String...) -> String {
-            zip(columns, [8, 8, 16, 14, 10, 10, 8]).map { $0.padding(toLength: max($1, $0.count), withPad: " ", startingAt: 0) }
+            zip(columns, [8, 8, 16, 10, 14, 10, 10, 8]).map { $0.padding(toLength: max($1, $0.count), withPad: " ", startingAt: 0) }
                 .joined(separator: " ").trimmingCharacters(in: .whitespaces)
         }
     }
@@ -75,12 +78,13 @@ struct ShardCommand: AsyncParsableCommand {
             let node = try await node.startNode()
             let record = try await node.metadata.getShard(shardID)
             let stats = try await node.shards.stats(shardID)
+            let primary = (try? await node.metadata.getVolume(record.volumeID).primaryNodeID) ?? "-"
             emit("""
                 shard:   \(stats.id)
                 state:   \(stats.state.rawValue)
                 owner:   \(stats.owner)
                 volume:  \(record.volumeID)
-                node:    \(node.configuration.node.nodeID)
+                node:    \(primary)
                 entries: \(stats.entries)
                 used:    \(stats.usedBytes) bytes (\(ByteSize.format(stats.usedBytes)))
                 limit:   \(stats.limitBytes) bytes (\(ByteSize.format(stats.limitBytes)))

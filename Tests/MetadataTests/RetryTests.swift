@@ -43,8 +43,12 @@ final class FlakyStore: MetadataStore, @unchecked Sendable {
     func changes() -> AsyncStream<MetadataEvent> { AsyncStream { $0.finish() } }
 }
 
+// Timing bounds here are loose on purpose: tests share two CPUs and a small
+// thread pool, so a sleep may wake late. Attempt counts carry the assertions.
 let fastPolicy = RetryPolicy(initialBackoff: .milliseconds(5), multiplier: 2, maxBackoff: .milliseconds(40),
-                             deadline: .milliseconds(400))
+                             deadline: .seconds(10))
+let shortDeadline = RetryPolicy(initialBackoff: .milliseconds(5), multiplier: 2, maxBackoff: .milliseconds(20),
+                                deadline: .milliseconds(300))
 
 @Suite struct RetryTests {
     @Test func transientFailuresAreRetriedUntilSuccess() async throws {
@@ -62,12 +66,12 @@ let fastPolicy = RetryPolicy(initialBackoff: .milliseconds(5), multiplier: 2, ma
         let started = ContinuousClock.now
         await #expect(throws: error) { try await store.getShard(3) }
         #expect(flaky.callCount == 1)
-        #expect(ContinuousClock.now - started < .milliseconds(100))
+        #expect(ContinuousClock.now - started < .seconds(2))
     }
 
     @Test func givesUpAtTheDeadline() async throws {
         let flaky = FlakyStore(failures: Array(repeating: .unavailable("down"), count: 1000))
-        let store = RetryingMetadataStore(flaky, policy: fastPolicy)
+        let store = RetryingMetadataStore(flaky, policy: shortDeadline)
         let started = ContinuousClock.now
         do {
             _ = try await store.getShard(3)
@@ -77,8 +81,8 @@ let fastPolicy = RetryPolicy(initialBackoff: .milliseconds(5), multiplier: 2, ma
             #expect(message.contains("down"))
         }
         let elapsed = ContinuousClock.now - started
-        #expect(elapsed < .milliseconds(1500))
-        #expect(flaky.callCount > 3)
+        #expect(elapsed >= .milliseconds(250) && elapsed < .seconds(5), "gave up after \(elapsed)")
+        #expect(flaky.callCount >= 2)
     }
 
     @Test func cancellationStopsRetrying() async throws {

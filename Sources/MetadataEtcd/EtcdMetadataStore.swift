@@ -1,0 +1,504 @@
+import Foundation
+import Logging
+import Metadata
+
+/// The metadata store on etcd, for clusters of nodes: the same semantics as
+/// `EmbeddedMetadataStore`, with every guarded change a compare-and-swap txn.
+///
+/// Layout under the namespace (default "/shardfs"), values JSON:
+///   <ns>/nodes/<nodeID>           NodeRecord, attached to the node's lease
+///   <ns>/shards/<20-digit ID>     ShardRecord (zero-padded: key order is ID order)
+///   <ns>/volumes/<volumeID>       VolumeRecord
+///   <ns>/counters/shard-id        the highest shard ID handed out, in decimal
+///
+/// Each call is one attempt with `callTimeout`; wrap the store in
+/// `RetryingMetadataStore` to retry transient failures. Call `close()` when done:
+/// it stops the lease keepalives (without revoking) and the watches.
+public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
+    public let configuration: EtcdConfiguration
+    let client: EtcdClient
+    let logger: Logger
+    private let namespace: String
+    private let lock = NSLock()
+    private var leases: [String: NodeLease] = [:]
+    private var watches: [ObjectIdentifier: EtcdWatch] = [:]
+    private var closed = false
+    /// Seconds a broken watch waits before reconnecting at first. Internal: tests
+    /// raise it to make changes land while the watch is surely disconnected.
+    var watchReconnectDelay: Double {
+        get { lock.withLock { reconnectDelay } }
+        set { lock.withLock { reconnectDelay = newValue } }
+    }
+    private var reconnectDelay = 0.05
+
+    /// A CAS that keeps losing (heavy contention) gives up after this many tries
+    /// with a transient error.
+    private static let maxCASAttempts = 500
+
+    /// A node this store registered, and the task keeping its lease alive.
+    private final class NodeLease: @unchecked Sendable {
+        var leaseID: Int64
+        var record: NodeRecord
+        var keepalive: Task<Void, Never>?
+        init(leaseID: Int64, record: NodeRecord) {
+            self.leaseID = leaseID
+            self.record = record
+        }
+    }
+
+    /// Checks the configuration (bad endpoints fail with `invalidArgument`); does
+    /// not connect: the first call does.
+    public init(configuration: EtcdConfiguration, logger: Logger = Logger(label: "shardfs.metadata.etcd")) throws {
+        guard configuration.leaseTTL >= 1 else { throw MetadataError.invalidArgument("leaseTTL must be at least 1 second") }
+        self.configuration = configuration
+        self.logger = logger
+        self.client = try EtcdClient(configuration: configuration, logger: logger)
+        self.namespace = configuration.normalizedNamespace
+    }
+
+    deinit {
+        for lease in leases.values { lease.keepalive?.cancel() }
+        for watch in watches.values { watch.stop() }
+        client.close()
+    }
+
+    /// Stops the keepalives (the leases then lapse: their nodes disappear after
+    /// the TTL, as if this process had died) and the watches, and frees the
+    /// connections. Calls after `close()` fail.
+    public func close() async {
+        let (tasks, active) = lock.withLock { () -> ([Task<Void, Never>], [EtcdWatch]) in
+            closed = true
+            defer { leases.removeAll(); watches.removeAll() }
+            return (leases.values.compactMap(\.keepalive), Array(watches.values))
+        }
+        for task in tasks { task.cancel() }
+        for watch in active { watch.stop() }
+        for task in tasks { await task.value }
+        client.close()
+    }
+
+    // MARK: Keys
+
+    private var nodesPrefix: String { namespace + "/nodes/" }
+    private var shardsPrefix: String { namespace + "/shards/" }
+    private var volumesPrefix: String { namespace + "/volumes/" }
+    private var counterKey: String { namespace + "/counters/shard-id" }
+    private func nodeKey(_ id: String) -> String { nodesPrefix + id }
+    private func volumeKey(_ id: String) -> String { volumesPrefix + id }
+    private func shardKey(_ id: UInt64) -> String { shardsPrefix + Self.paddedID(id) }
+
+    static func paddedID(_ id: UInt64) -> String {
+        let digits = String(id)
+        return String(repeating: "0", count: max(0, 20 - digits.count)) + digits
+    }
+
+    // MARK: Nodes
+
+    public func registerNode(_ node: NodeRecord) async throws {
+        guard !node.nodeID.isEmpty else { throw MetadataError.invalidArgument("a node ID must not be empty") }
+        try checkOpen()
+        let value = try encode(node)
+        if let existing = lock.withLock({ leases[node.nodeID] }) {
+            do {
+                try await put(nodeKey(node.nodeID), value, lease: existing.leaseID)
+                lock.withLock { existing.record = node }
+                return
+            } catch MetadataError.notFound {
+                // The lease lapsed (etcd forgot it): start over with a new one.
+                removeLease(node.nodeID)?.keepalive?.cancel()
+            }
+        }
+        let leaseID = try await grantLease()
+        do {
+            try await put(nodeKey(node.nodeID), value, lease: leaseID)
+        } catch {
+            try? await revokeLease(leaseID)
+            throw error
+        }
+        let entry = NodeLease(leaseID: leaseID, record: node)
+        let previous = lock.withLock { () -> NodeLease? in
+            defer { leases[node.nodeID] = entry }
+            return leases[node.nodeID]
+        }
+        previous?.keepalive?.cancel()
+        entry.keepalive = startKeepalive(nodeID: node.nodeID, entry: entry)
+    }
+
+    public func unregisterNode(_ nodeID: String) async throws {
+        try checkOpen()
+        let entry = removeLease(nodeID)
+        entry?.keepalive?.cancel()
+        let deleted = try await deleteKey(nodeKey(nodeID))
+        if let entry {
+            // The key is gone already; revoking frees the lease at once.
+            do { try await revokeLease(entry.leaseID) } catch {
+                logger.warning("could not revoke the lease of an unregistered node (it lapses by itself)",
+                               metadata: ["node": "\(nodeID)", "error": "\(error)"])
+            }
+        }
+        guard deleted else { throw MetadataError.notFound("node \(nodeID)") }
+    }
+
+    public func getNode(_ nodeID: String) async throws -> NodeRecord {
+        guard let kv = try await get(nodeKey(nodeID)) else { throw MetadataError.notFound("node \(nodeID)") }
+        return try decode(NodeRecord.self, kv)
+    }
+
+    public func listNodes() async throws -> [NodeRecord] {
+        try await list(nodesPrefix).map { try decode(NodeRecord.self, $0) }
+    }
+
+    // MARK: Shard IDs
+
+    public func generateShardID() async throws -> UInt64 {
+        var kv = try await get(counterKey)
+        for attempt in 0..<Self.maxCASAttempts {
+            let next = try counterValue(kv) + 1
+            let response = try await txn(
+                compare: [guardRevision(counterKey, kv)],
+                success: [putOp(counterKey, Data(String(next).utf8))],
+                failure: [rangeOp(counterKey)])
+            if response.didSucceed { return next }
+            kv = response.responses?.first?.response_range?.kvs?.first
+            try await backoffAfterLostCAS(attempt)
+        }
+        throw MetadataError.unavailable("the shard ID counter is too contended")
+    }
+
+    public func claimShardID(_ id: UInt64) async throws {
+        guard id > 0 else { throw MetadataError.invalidArgument("shard ID 0 is reserved") }
+        var kv = try await get(counterKey)
+        for attempt in 0..<Self.maxCASAttempts {
+            let highest = try counterValue(kv)
+            guard id > highest else {
+                throw MetadataError.alreadyExists("shard ID \(id) is taken (IDs up to \(highest) have been handed out)")
+            }
+            let response = try await txn(
+                compare: [guardRevision(counterKey, kv)],
+                success: [putOp(counterKey, Data(String(id).utf8))],
+                failure: [rangeOp(counterKey)])
+            if response.didSucceed { return }
+            kv = response.responses?.first?.response_range?.kvs?.first
+            try await backoffAfterLostCAS(attempt)
+        }
+        throw MetadataError.unavailable("the shard ID counter is too contended")
+    }
+
+    // MARK: Shards
+
+    public func createShard(_ shard: ShardRecord) async throws {
+        guard shard.shardID > 0 else { throw MetadataError.invalidArgument("shard ID 0 is reserved") }
+        guard !shard.ownerClientID.isEmpty else { throw MetadataError.invalidArgument("a shard needs an owner client ID") }
+        let key = shardKey(shard.shardID)
+        let value = try encode(shard)
+        var counter = try await get(counterKey)
+        for attempt in 0..<Self.maxCASAttempts {
+            // One txn: the shard must be absent and, if its ID is above the counter,
+            // the counter moves to it (guarded, so it never moves back).
+            var compare = [createdAbsent(key)]
+            var success = [putOp(key, value)]
+            if shard.shardID > (try counterValue(counter)) {
+                compare.append(guardRevision(counterKey, counter))
+                success.append(putOp(counterKey, Data(String(shard.shardID).utf8)))
+            }
+            let response = try await txn(compare: compare, success: success, failure: [rangeOp(key), rangeOp(counterKey)])
+            if response.didSucceed { return }
+            let answers = response.responses ?? []
+            if answers.first?.response_range?.kvs?.isEmpty == false {
+                throw MetadataError.alreadyExists("shard \(shard.shardID)")
+            }
+            counter = answers.count > 1 ? answers[1].response_range?.kvs?.first : try await get(counterKey)
+            try await backoffAfterLostCAS(attempt)
+        }
+        throw MetadataError.unavailable("the shard ID counter is too contended")
+    }
+
+    public func getShard(_ shardID: UInt64) async throws -> ShardRecord {
+        guard let kv = try await get(shardKey(shardID)) else { throw MetadataError.notFound("shard \(shardID)") }
+        return try decode(ShardRecord.self, kv)
+    }
+
+    public func updateShardState(_ shardID: UInt64, to state: ShardStatus) async throws -> ShardRecord {
+        try await update(shardKey(shardID), ShardRecord.self, what: "shard \(shardID)") { shard in
+            guard shard.state.allows(state) else {
+                throw MetadataError.conflict("shard \(shardID) cannot go from \(shard.state.rawValue) to \(state.rawValue)")
+            }
+            shard.state = state
+        }
+    }
+
+    public func deleteShard(_ shardID: UInt64) async throws {
+        guard try await deleteKey(shardKey(shardID)) else { throw MetadataError.notFound("shard \(shardID)") }
+    }
+
+    public func listShards(volumeID: String?) async throws -> [ShardRecord] {
+        let all = try await list(shardsPrefix).map { try decode(ShardRecord.self, $0) }
+        return volumeID.map { v in all.filter { $0.volumeID == v } } ?? all
+    }
+
+    // MARK: Volumes
+
+    public func registerVolume(_ volume: VolumeRecord) async throws {
+        guard !volume.volumeID.isEmpty else { throw MetadataError.invalidArgument("a volume ID must not be empty") }
+        let key = volumeKey(volume.volumeID)
+        let response = try await txn(compare: [createdAbsent(key)], success: [putOp(key, try encode(volume))], failure: [])
+        guard response.didSucceed else { throw MetadataError.alreadyExists("volume \(volume.volumeID)") }
+    }
+
+    public func getVolume(_ volumeID: String) async throws -> VolumeRecord {
+        guard let kv = try await get(volumeKey(volumeID)) else { throw MetadataError.notFound("volume \(volumeID)") }
+        return try decode(VolumeRecord.self, kv)
+    }
+
+    public func listVolumes(nodeID: String?) async throws -> [VolumeRecord] {
+        let all = try await list(volumesPrefix).map { try decode(VolumeRecord.self, $0) }
+        guard let nodeID else { return all }
+        return all.filter { $0.primaryNodeID == nodeID || $0.backupNodeIDs.contains(nodeID) }
+    }
+
+    public func updatePrimary(volumeID: String, nodeID: String, expectedEpoch: UInt64) async throws -> VolumeRecord {
+        // Guarded by the record's mod revision: if anything changes it between the
+        // read and the write, the txn fails and the epoch check runs again on the
+        // new record, so of two racing changes from one epoch only one wins.
+        try await update(volumeKey(volumeID), VolumeRecord.self, what: "volume \(volumeID)") { volume in
+            guard volume.epoch == expectedEpoch else {
+                throw MetadataError.conflict("volume \(volumeID) is at epoch \(volume.epoch), not \(expectedEpoch)")
+            }
+            volume.primaryNodeID = nodeID
+            volume.backupNodeIDs.removeAll { $0 == nodeID }
+            volume.epoch += 1
+        }
+    }
+
+    public func addBackup(volumeID: String, nodeID: String) async throws {
+        _ = try await update(volumeKey(volumeID), VolumeRecord.self, what: "volume \(volumeID)") { volume in
+            if !volume.backupNodeIDs.contains(nodeID) { volume.backupNodeIDs.append(nodeID) }
+        }
+    }
+
+    public func removeBackup(volumeID: String, nodeID: String) async throws {
+        _ = try await update(volumeKey(volumeID), VolumeRecord.self, what: "volume \(volumeID)") { volume in
+            volume.backupNodeIDs.removeAll { $0 == nodeID }
+        }
+    }
+
+    public func unregisterVolume(_ volumeID: String) async throws {
+        guard try await deleteKey(volumeKey(volumeID)) else { throw MetadataError.notFound("volume \(volumeID)") }
+    }
+
+    // MARK: Changes
+
+    /// Events from an etcd watch on the namespace. It starts after the highest
+    /// revision this store has seen, so every change made through this store after
+    /// the call is included; it survives broken connections by resuming after the
+    /// last revision delivered.
+    public func changes() -> AsyncStream<MetadataEvent> {
+        let (stream, continuation) = AsyncStream<MetadataEvent>.makeStream()
+        let seen = client.highestRevision
+        let watch = EtcdWatch(
+            client: client, prefix: namespace + "/", startRevision: seen > 0 ? seen + 1 : nil,
+            continuation: continuation, logger: logger, reconnectDelay: watchReconnectDelay
+        ) { [namespace] kv, isDelete in Self.event(namespace: namespace, kv, isDelete: isDelete) }
+        let id = ObjectIdentifier(watch)
+        let accepted = lock.withLock { () -> Bool in
+            guard !closed else { return false }
+            watches[id] = watch
+            return true
+        }
+        guard accepted else {
+            continuation.finish()
+            return stream
+        }
+        continuation.onTermination = { [weak self] _ in
+            watch.stop()
+            self?.lock.withLock { _ = self?.watches.removeValue(forKey: id) }
+        }
+        watch.start()
+        return stream
+    }
+
+    /// The event a watched key change means; nil for keys that are not records
+    /// (the counter) or do not decode.
+    static func event(namespace: String, _ kv: WireKeyValue, isDelete: Bool) -> MetadataEvent? {
+        let key = kv.keyString
+        guard key.hasPrefix(namespace + "/") else { return nil }
+        let path = key.dropFirst(namespace.count + 1)
+        guard let slash = path.firstIndex(of: "/") else { return nil }
+        let kind = path[..<slash]
+        let id = String(path[path.index(after: slash)...])
+        let created = kv.createRevision == kv.modRevision
+        let decoder = JSONDecoder()
+        switch kind {
+        case "nodes":
+            if isDelete { return .nodeUnregistered(nodeID: id) }
+            return (try? decoder.decode(NodeRecord.self, from: kv.valueData)).map { .nodeRegistered($0) }
+        case "shards":
+            if isDelete { return UInt64(id).map { .shardDeleted(shardID: $0) } }
+            guard let shard = try? decoder.decode(ShardRecord.self, from: kv.valueData) else { return nil }
+            return created ? .shardCreated(shard) : .shardUpdated(shard)
+        case "volumes":
+            if isDelete { return .volumeUnregistered(volumeID: id) }
+            guard let volume = try? decoder.decode(VolumeRecord.self, from: kv.valueData) else { return nil }
+            return created ? .volumeRegistered(volume) : .volumeUpdated(volume)
+        default:
+            return nil
+        }
+    }
+
+    // MARK: Leases
+
+    private func grantLease() async throws -> Int64 {
+        let response = try await client.post("/v3/lease/grant", ["TTL": String(configuration.leaseTTL)], as: WireLeaseGrantResponse.self)
+        if let error = response.error, !error.isEmpty { throw MetadataError.failed("lease grant: \(error)") }
+        guard let id = response.ID?.value, id != 0 else { throw MetadataError.failed("etcd granted no lease") }
+        return id
+    }
+
+    private func revokeLease(_ id: Int64) async throws {
+        do {
+            _ = try await client.post("/v3/lease/revoke", ["ID": String(id)], as: WirePutResponse.self)
+        } catch MetadataError.notFound {
+            // Already gone: that is what we wanted.
+        }
+    }
+
+    private func removeLease(_ nodeID: String) -> NodeLease? {
+        lock.withLock { leases.removeValue(forKey: nodeID) }
+    }
+
+    /// Renews the lease every third of its TTL. If etcd forgot the lease (an
+    /// outage longer than the TTL), the node is registered again on a new lease.
+    private func startKeepalive(nodeID: String, entry: NodeLease) -> Task<Void, Never> {
+        let interval = Duration.milliseconds(max(200, configuration.leaseTTL * 1000 / 3))
+        return Task { [weak self] in
+            while !Task.isCancelled {
+                try? await Task.sleep(for: interval)
+                guard !Task.isCancelled, let self else { return }
+                await self.keepAlive(nodeID: nodeID, entry: entry)
+            }
+        }
+    }
+
+    private func keepAlive(nodeID: String, entry: NodeLease) async {
+        let leaseID = lock.withLock { entry.leaseID }
+        do {
+            let message = try await client.post("/v3/lease/keepalive", ["ID": String(leaseID)], as: WireLeaseKeepAliveMessage.self)
+            if let error = message.error { throw EtcdErrors.fromStatus(grpcCode: error.code, message: error.text, endpoint: "keepalive") }
+            if message.result?.TTL.int ?? 0 > 0 { return }
+            // No TTL: the lease expired. Register again, unless unregistered meanwhile.
+            logger.warning("the lease of a node expired; registering it again", metadata: ["node": "\(nodeID)"])
+            let newLease = try await grantLease()
+            let record = lock.withLock { () -> NodeRecord? in
+                guard leases[nodeID] === entry, !Task.isCancelled else { return nil }
+                entry.leaseID = newLease
+                return entry.record
+            }
+            guard let record else {
+                try? await revokeLease(newLease)
+                return
+            }
+            try await put(nodeKey(nodeID), try encode(record), lease: newLease)
+        } catch {
+            if !Task.isCancelled {
+                logger.warning("lease keepalive failed", metadata: ["node": "\(nodeID)", "error": "\(error)"])
+            }
+        }
+    }
+
+    // MARK: etcd primitives
+
+    private func checkOpen() throws {
+        if lock.withLock({ closed }) { throw MetadataError.failed("the etcd metadata store is closed") }
+    }
+
+    private func get(_ key: String) async throws -> WireKeyValue? {
+        let response = try await client.post("/v3/kv/range", ["key": Wire.b64(key)], as: WireRangeResponse.self)
+        return response.kvs?.first
+    }
+
+    /// Every key under `prefix`, in key order.
+    private func list(_ prefix: String) async throws -> [WireKeyValue] {
+        let response = try await client.post(
+            "/v3/kv/range", ["key": Wire.b64(prefix), "range_end": Wire.prefixEnd(prefix)], as: WireRangeResponse.self)
+        return response.kvs ?? []
+    }
+
+    private func put(_ key: String, _ value: Data, lease: Int64? = nil) async throws {
+        var body: [String: Any] = ["key": Wire.b64(key), "value": Wire.b64(value)]
+        if let lease { body["lease"] = String(lease) }
+        _ = try await client.post("/v3/kv/put", body, as: WirePutResponse.self)
+    }
+
+    /// Deletes one key; false if it did not exist.
+    private func deleteKey(_ key: String) async throws -> Bool {
+        let response = try await client.post("/v3/kv/deleterange", ["key": Wire.b64(key)], as: WireDeleteRangeResponse.self)
+        return response.deleted.int > 0
+    }
+
+    private func txn(compare: [[String: Any]], success: [[String: Any]], failure: [[String: Any]]) async throws -> WireTxnResponse {
+        try await client.post("/v3/kv/txn", ["compare": compare, "success": success, "failure": failure], as: WireTxnResponse.self)
+    }
+
+    /// Read-modify-write of one record, guarded by its mod revision; re-run on the
+    /// fresh record when another writer got there first.
+    private func update<T: Codable>(_ key: String, _ type: T.Type, what: String, _ change: (inout T) throws -> Void) async throws -> T {
+        guard var kv = try await get(key) else { throw MetadataError.notFound(what) }
+        for attempt in 0..<Self.maxCASAttempts {
+            var record = try decode(T.self, kv)
+            try change(&record)
+            let response = try await txn(
+                compare: [guardRevision(key, kv)], success: [putOp(key, try encode(record))], failure: [rangeOp(key)])
+            if response.didSucceed { return record }
+            guard let fresh = response.responses?.first?.response_range?.kvs?.first else { throw MetadataError.notFound(what) }
+            kv = fresh
+            try await backoffAfterLostCAS(attempt)
+        }
+        throw MetadataError.unavailable("\(what) is too contended")
+    }
+
+    /// A short random pause after losing a CAS, growing with the losses, so that
+    /// many contenders do not all retry in lockstep.
+    private func backoffAfterLostCAS(_ attempt: Int) async throws {
+        guard attempt > 0 else { return }
+        let micros = Int.random(in: 0...(min(attempt, 10) * 500))
+        try await Task.sleep(for: .microseconds(micros))
+    }
+
+    private func putOp(_ key: String, _ value: Data) -> [String: Any] {
+        ["request_put": ["key": Wire.b64(key), "value": Wire.b64(value)]]
+    }
+
+    private func rangeOp(_ key: String) -> [String: Any] {
+        ["request_range": ["key": Wire.b64(key)]]
+    }
+
+    /// The key does not exist (its create revision is 0).
+    private func createdAbsent(_ key: String) -> [String: Any] {
+        ["key": Wire.b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"]
+    }
+
+    /// The key is still as read: unchanged since `kv`, or still absent.
+    private func guardRevision(_ key: String, _ kv: WireKeyValue?) -> [String: Any] {
+        guard let kv else { return createdAbsent(key) }
+        return ["key": Wire.b64(key), "target": "MOD", "result": "EQUAL", "mod_revision": String(kv.modRevision)]
+    }
+
+    private func counterValue(_ kv: WireKeyValue?) throws -> UInt64 {
+        guard let kv else { return 0 }
+        let text = String(decoding: kv.valueData, as: UTF8.self).trimmingCharacters(in: .whitespaces)
+        guard let value = UInt64(text) else { throw MetadataError.failed("the shard ID counter is corrupt: \"\(text)\"") }
+        return value
+    }
+
+    private func encode<T: Encodable>(_ value: T) throws -> Data {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .sortedKeys
+        do { return try encoder.encode(value) } catch { throw MetadataError.failed("cannot encode a record: \(error)") }
+    }
+
+    private func decode<T: Decodable>(_ type: T.Type, _ kv: WireKeyValue) throws -> T {
+        do { return try JSONDecoder().decode(T.self, from: kv.valueData) } catch {
+            throw MetadataError.failed("corrupt record at \(kv.keyString): \(error)")
+        }
+    }
+}

@@ -1,1 +1,0 @@
-// placeholder: the etcd store goes here
