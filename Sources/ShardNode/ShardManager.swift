@@ -115,6 +115,12 @@ public final class ShardManager: @unchecked Sendable {
         throw ShardManagerError.shardNotLocal(id, volumeID: record.volumeID)
     }
 
+    /// The open handle of a shard on this node's volumes, without asking the
+    /// metadata (for hot paths that must not wait).
+    public func localShard(_ id: UInt64) -> Shard? {
+        lock.withLock { shards[id]?.shard }
+    }
+
     /// Loaded shards, by ID.
     public func localShards() -> [Shard] {
         lock.withLock { shards.values.map(\.shard).sorted { $0.id < $1.id } }

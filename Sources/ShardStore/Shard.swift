@@ -25,6 +25,13 @@ public struct EntryAttributes: Sendable, Equatable {
     public var size: Int
     public var modificationTime: Int64
     public var indexes: [IndexPair]
+
+    public init(key: EntryKey, size: Int, modificationTime: Int64, indexes: [IndexPair]) {
+        self.key = key
+        self.size = size
+        self.modificationTime = modificationTime
+        self.indexes = indexes
+    }
 }
 
 /// One row of a listing.
@@ -217,6 +224,54 @@ public final class Shard: @unchecked Sendable {
         let mtime = modificationTime ?? Shard.now()
         let item = EntryWrite(key: key, value: value, indexes: indexes, modificationTime: mtime)
         try write(clientID: clientID) { ctx in try self.writeEntry(ctx.txn, item, defaultTime: mtime) }
+    }
+
+    /// Puts one entry whose value comes from `source` rather than memory: `source`
+    /// fills a buffer with `count` bytes of the value starting at `offset`. Large
+    /// values go straight into their chunks, so memory stays bounded by one chunk.
+    /// One transaction: values past a few hundred MiB fail with `tooLarge`.
+    /// `indexes` nil keeps the indexes the entry has at commit time (a file
+    /// rewritten through the mount keeps its extended attributes).
+    /// `source` must not throw `ShardError`.
+    public func put(_ key: EntryKey, size: Int, indexes: [IndexPair]? = [], clientID: String, modificationTime: Int64? = nil,
+                    source: @escaping (_ offset: Int, _ buffer: UnsafeMutableRawBufferPointer) throws -> Void) throws {
+        guard size >= 0 else { throw ShardError.invalidArgument("negative size") }
+        if let indexes { try IndexPair.validate(indexes) }
+        try checkLimits(keyCount: key.bytes.count, valueCount: size, indexes: indexes ?? [])
+        let mtime = modificationTime ?? Shard.now()
+        try write(clientID: clientID) { ctx in
+            let kept = try indexes ?? ctx.txn.get(self.entries, key.bytes).map { try RecordView($0).indexes() } ?? []
+            try self.writeEntry(ctx.txn, key: key.bytes, size: size, indexes: kept, modificationTime: mtime, source: source)
+        }
+    }
+
+    /// Replaces an entry's indexes, leaving its value and time untouched; `change`
+    /// gets the current indexes. Atomic with respect to every other write.
+    public func updateIndexes(_ key: EntryKey, clientID: String, _ change: @escaping ([IndexPair]) throws -> [IndexPair]) throws {
+        try write(clientID: clientID) { ctx in
+            let txn = ctx.txn
+            guard let raw = try txn.get(self.entries, key.bytes) else { throw ShardError.entryNotFound(key) }
+            let view = try RecordView(raw)
+            let newIndexes = try change(view.indexes())
+            try IndexPair.validate(newIndexes)
+            let mtime = view.modificationTime, size = view.size
+            let chunked = view.flags.contains(.chunked)
+            let inline = Array(view.inlineValue)
+            let old = try self.oldEntry(raw)
+            // From here on only LMDB can fail (the group rule: no ShardError after a change).
+            for index in old.indexes {
+                _ = try index.reverseKey.withUnsafeBytes { k in try key.bytes.withUnsafeBytes { try txn.delete(self.indexes, k, value: $0) } }
+            }
+            let count = recordHeadSize(chunked: chunked, indexes: newIndexes) + inline.count
+            try key.bytes.withUnsafeBytes { k in
+                let out = try txn.reserve(self.entries, k, count: count)
+                let offset = encodeRecordHead(into: out, chunked: chunked, modificationTime: mtime, size: size, indexes: newIndexes)
+                inline.withUnsafeBytes { v in
+                    if let base = v.baseAddress { out.baseAddress!.advanced(by: offset).copyMemory(from: base, byteCount: v.count) }
+                }
+            }
+            try self.addReverseIndexes(txn, key: key.bytes, newIndexes)
+        }
     }
 
     /// Puts many entries in one transaction. Items that fail validation get their
@@ -569,10 +624,21 @@ public final class Shard: @unchecked Sendable {
     }
 
     private func writeEntry(_ txn: Transaction, _ item: EntryWrite, defaultTime: Int64) throws {
-        let key = item.key, value = item.value, newIndexes = item.indexes
-        let modificationTime = item.modificationTime ?? defaultTime
-        let chunked = value.count > chunkSize
-        let count = recordHeadSize(chunked: chunked, indexes: newIndexes) + (chunked ? 0 : value.count)
+        try item.value.withUnsafeBytes { v in
+            try writeEntry(txn, key: item.key, size: v.count, indexes: item.indexes,
+                           modificationTime: item.modificationTime ?? defaultTime) { offset, out in
+                out.copyMemory(from: UnsafeRawBufferPointer(rebasing: v[offset..<(offset + out.count)]))
+            }
+        }
+    }
+
+    /// Writes a record (and chunks and index rows) whose value `source` provides
+    /// piecewise, into the record itself or into reserved chunk space: no extra copy.
+    private func writeEntry(_ txn: Transaction, key: [UInt8], size: Int, indexes newIndexes: [IndexPair],
+                            modificationTime: Int64,
+                            source: (Int, UnsafeMutableRawBufferPointer) throws -> Void) throws {
+        let chunked = size > chunkSize
+        let count = recordHeadSize(chunked: chunked, indexes: newIndexes) + (chunked ? 0 : size)
         try key.withUnsafeBytes { k in
             // One lookup for a new key (the append workload); an existing key is
             // cleaned of its chunks and index rows, then overwritten.
@@ -586,21 +652,24 @@ public final class Shard: @unchecked Sendable {
                 out = try txn.reserve(entries, k, count: count)
             }
             let offset = encodeRecordHead(into: out, chunked: chunked, modificationTime: modificationTime,
-                                          size: value.count, indexes: newIndexes)
-            if !chunked, !value.isEmpty {
-                value.withUnsafeBytes { out.baseAddress!.advanced(by: offset).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+                                          size: size, indexes: newIndexes)
+            if !chunked, size > 0 {
+                try source(0, UnsafeMutableRawBufferPointer(rebasing: out[offset...]))
             }
         }
         if chunked {
-            try value.withUnsafeBytes { v in
-                var n = 0
-                while n * chunkSize < v.count {
-                    let slice = UnsafeRawBufferPointer(rebasing: v[(n * chunkSize)..<min(v.count, (n + 1) * chunkSize)])
-                    try chunkKey(key, n).withUnsafeBytes { try txn.put(chunks, $0, slice) }
-                    n += 1
-                }
+            var n = 0
+            while n * chunkSize < size {
+                let length = min(chunkSize, size - n * chunkSize)
+                let out = try chunkKey(key, n).withUnsafeBytes { try txn.reserve(chunks, $0, count: length) }
+                try source(n * chunkSize, out)
+                n += 1
             }
         }
+        try addReverseIndexes(txn, key: key, newIndexes)
+    }
+
+    private func addReverseIndexes(_ txn: Transaction, key: [UInt8], _ newIndexes: [IndexPair]) throws {
         for index in newIndexes {
             let rk = Array(index.name.utf8).withUnsafeBytes { n in index.value.withUnsafeBytes { reverseIndexKey(name: n, value: $0) } }
             try rk.withUnsafeBytes { k in try key.withUnsafeBytes { try txn.put(self.indexes, k, $0) } }

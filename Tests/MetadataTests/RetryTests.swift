@@ -81,7 +81,7 @@ let shortDeadline = RetryPolicy(initialBackoff: .milliseconds(5), multiplier: 2,
             #expect(message.contains("down"))
         }
         let elapsed = ContinuousClock.now - started
-        #expect(elapsed >= .milliseconds(250) && elapsed < .seconds(5), "gave up after \(elapsed)")
+        #expect(elapsed >= .milliseconds(250), "gave up after \(elapsed), before the deadline")
         #expect(flaky.callCount >= 2)
     }
 

@@ -329,3 +329,57 @@ func bytes(_ s: String) -> [UInt8] { Array(s.utf8) }
         for (k, ok) in results where ok { #expect(try shard.attributes(key(k)) != nil) }
     }
 }
+
+@Suite struct StreamingAndIndexUpdateTests {
+    @Test func putFromASourceWritesChunksPiecewise() throws {
+        let dir = try TemporaryDirectory("shard")
+        let shard = try makeShard(dir)
+        let size = chunkSize * 2 + 77
+        var requested: [Int] = []
+        try shard.put(key("streamed"), size: size, clientID: "owner") { offset, buffer in
+            requested.append(buffer.count)
+            for i in 0..<buffer.count { buffer[i] = UInt8(truncatingIfNeeded: offset + i) }
+        }
+        #expect(requested == [chunkSize, chunkSize, 77])
+        let value = try shard.get(key("streamed")).value
+        #expect(value.count == size)
+        #expect(value.enumerated().allSatisfy { $0.element == UInt8(truncatingIfNeeded: $0.offset) })
+        try shard.put(key("small"), size: 3, clientID: "owner") { _, buffer in buffer.copyBytes(from: [1, 2, 3]) }
+        #expect(try shard.get(key("small")).value == [1, 2, 3])
+    }
+
+    @Test func aFailingSourceCommitsNothing() throws {
+        struct ReadFailed: Error {}
+        let dir = try TemporaryDirectory("shard")
+        let shard = try makeShard(dir)
+        try shard.put(key("k"), value: bytes("old"), clientID: "owner")
+        #expect(throws: ReadFailed.self) {
+            try shard.put(key("k"), size: chunkSize * 3, clientID: "owner") { offset, _ in
+                if offset > 0 { throw ReadFailed() }
+            }
+        }
+        #expect(try shard.get(key("k")).value == bytes("old"))
+    }
+
+    @Test func updateIndexesKeepsValueAndTime() throws {
+        let dir = try TemporaryDirectory("shard")
+        let shard = try makeShard(dir)
+        let big = [UInt8](repeating: 9, count: chunkSize + 5)
+        try shard.put(key("k"), value: big, indexes: [IndexPair(name: "a", value: "1")], clientID: "owner",
+                      modificationTime: 42)
+        try shard.updateIndexes(key("k"), clientID: "owner") { $0 + [IndexPair(name: "b", value: "2")] }
+        var entry = try shard.get(key("k"))
+        #expect(entry.value == big && entry.modificationTime == 42)
+        #expect(entry.indexes == [IndexPair(name: "a", value: "1"), IndexPair(name: "b", value: "2")])
+        #expect(try shard.find(indexName: "b", value: bytes("2")) == [key("k")])
+        try shard.updateIndexes(key("k"), clientID: "owner") { $0.filter { $0.name != "a" } }
+        entry = try shard.get(key("k"))
+        #expect(entry.indexes == [IndexPair(name: "b", value: "2")])
+        #expect(try shard.find(indexName: "a", value: bytes("1")).isEmpty)
+        #expect(throws: ShardError.self) {
+            try shard.updateIndexes(key("k"), clientID: "owner") { $0 + [IndexPair(name: "b", value: "dup")] }
+        }
+        #expect(throws: ShardError.entryNotFound(key("none"))) { try shard.updateIndexes(key("none"), clientID: "owner") { $0 } }
+        #expect(throws: ShardError.fenced(owner: "owner", client: "x")) { try shard.updateIndexes(key("k"), clientID: "x") { $0 } }
+    }
+}

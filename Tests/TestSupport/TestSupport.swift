@@ -60,3 +60,19 @@ public func run(_ executable: String, _ arguments: [String], input: String = "",
     return ProcessResult(status: process.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
                          stderr: String(decoding: errData, as: UTF8.self))
 }
+
+/// `run` on a thread of its own, so a test waiting for a child process does not
+/// hold one of Swift's few cooperative threads (which other tests' timers need).
+public func runAsync(_ executable: String, _ arguments: [String], input: String = "",
+                     environment: [String: String] = [:]) async throws -> ProcessResult {
+    try await withCheckedThrowingContinuation { continuation in
+        Thread {
+            continuation.resume(with: Result { try run(executable, arguments, input: input, environment: environment) })
+        }.start()
+    }
+}
+
+/// Runs a shell command line (bash -c) off the cooperative pool.
+public func shell(_ command: String, environment: [String: String] = [:]) async throws -> ProcessResult {
+    try await runAsync("/bin/bash", ["-c", command], environment: environment)
+}

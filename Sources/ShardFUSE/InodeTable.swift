@@ -1,0 +1,75 @@
+import Foundation
+
+/// What an inode stands for.
+enum NodeKind: Hashable, Sendable {
+    case root
+    case shard(UInt64)
+    case entry(shard: UInt64, key: [UInt8])
+}
+
+/// Inode numbers for the mount. An inode lives while the kernel holds lookups on
+/// it (the lookup count follows `lookup`/`readdirplus` replies and `forget`), as
+/// in libfuse's passthrough_ll. Numbers are never reused within a mount.
+final class InodeTable: @unchecked Sendable {
+    static let rootInode: UInt64 = 1
+
+    private struct Slot {
+        var kind: NodeKind
+        var lookups: UInt64
+    }
+
+    private let lock = NSLock()
+    private var slots: [UInt64: Slot] = [rootInode: Slot(kind: .root, lookups: 1)]
+    private var byKind: [NodeKind: UInt64] = [.root: rootInode]
+    private var next: UInt64 = 2
+
+    /// The inode of `kind`, created if needed; `lookup` counts one kernel reference.
+    func inode(for kind: NodeKind, lookup: Bool) -> UInt64 {
+        lock.withLock {
+            if let ino = byKind[kind] {
+                if lookup { slots[ino]!.lookups += 1 }
+                return ino
+            }
+            let ino = next
+            next += 1
+            slots[ino] = Slot(kind: kind, lookups: lookup ? 1 : 0)
+            byKind[kind] = ino
+            return ino
+        }
+    }
+
+    func kind(of ino: UInt64) -> NodeKind? {
+        lock.withLock { slots[ino]?.kind }
+    }
+
+    /// The kernel dropped `count` references.
+    func forget(_ ino: UInt64, count: UInt64) {
+        guard ino != Self.rootInode else { return }
+        lock.withLock {
+            guard var slot = slots[ino] else { return }
+            slot.lookups -= min(count, slot.lookups)
+            if slot.lookups == 0 {
+                slots.removeValue(forKey: ino)
+                if byKind[slot.kind] == ino { byKind.removeValue(forKey: slot.kind) }
+            } else {
+                slots[ino] = slot
+            }
+        }
+    }
+
+    /// After a rename the kernel's inode for `from` now names `to`; an inode that
+    /// named `to` before is left pointing at nothing (its getattr fails ENOENT).
+    func rename(_ from: NodeKind, to: NodeKind) {
+        lock.withLock {
+            if let displaced = byKind.removeValue(forKey: to), var slot = slots[displaced] {
+                slot.kind = .entry(shard: 0, key: [])  // shard 0 never exists
+                slots[displaced] = slot
+            }
+            guard let ino = byKind.removeValue(forKey: from) else { return }
+            slots[ino]?.kind = to
+            byKind[to] = ino
+        }
+    }
+
+    var count: Int { lock.withLock { slots.count } }
+}

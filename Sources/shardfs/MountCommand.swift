@@ -1,0 +1,127 @@
+import ArgumentParser
+import Foundation
+import Glibc
+import ShardFUSE
+import ShardNode
+
+/// `shardfs mount DATA_DIR MOUNTPOINT [-o options] [-f]`. Without -f it
+/// re-executes itself in the foreground as a new session (no fork once threads or
+/// LMDB exist) and returns once the mount is live, or fails with the child's reason.
+struct MountCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "mount",
+        abstract: "Mount a node's shards as a filesystem: shards are directories, entries are files.",
+        discussion: """
+            DATA_DIR is the node's data folder; an empty or missing one is initialised on \
+            embedded defaults. Options (-o, comma-separated): ro, allow_other, client_id=ID, \
+            entry_timeout=S, attr_timeout=S, closed_timeout=S, config=FILE, max_threads=N, debug; \
+            generic mount options (dev, suid, _netdev, nofail, ...) are ignored. Unmount with \
+            `fusermount3 -u MOUNTPOINT`, `umount`, or SIGTERM/SIGINT to the daemon. See docs/SEMANTICS.md.
+            """)
+
+    @Argument(help: "The node's data folder.") var dataDir: String
+    @Argument(help: "An empty directory to mount on.") var mountpoint: String
+    @Option(name: .customShort("o"), help: "Mount options, comma-separated (repeatable).") var options: [String] = []
+    @Flag(name: [.customShort("f"), .long], help: "Stay in the foreground.") var foreground = false
+    @Option(name: .long, help: "YAML configuration file (also -o config=FILE).") var config: String?
+    @Option(name: .long, help: "Log level.") var logLevel: String?
+
+    static let readyVariable = "SHARDFS_READY_FD"
+    /// glibc's POSIX_SPAWN_SETSID (a GNU extension Swift's Glibc module does not import).
+    static let posixSpawnSetsid: Int16 = 0x80
+
+    func run() async throws {
+        var mountOptions = MountOptions()
+        for list in options { try mountOptions.apply(list) }
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: mountpoint, isDirectory: &isDirectory), isDirectory.boolValue else {
+            throw ValidationError("mount point \(mountpoint) is not a directory")
+        }
+        try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true)
+        if !foreground {
+            try Self.daemonize(dataDir: dataDir)
+            return
+        }
+        let readyFD = ProcessInfo.processInfo.environment[Self.readyVariable].flatMap { Int32($0) }
+        do {
+            let environment = ProcessInfo.processInfo.environment
+            var node = try Configuration.load(file: config ?? mountOptions.configFile, environment: environment)
+            try node.set("node.data_dir", dataDir)
+            if let logLevel { try node.set("log.level", logLevel) }
+            Log.bootstrap(level: node.logLevel)
+            let storage = try await StorageNode.start(node, lockTimeout: .seconds(5))
+            let fileSystem = ShardFileSystem(node: storage, options: mountOptions)
+            let session = try FuseSession(fileSystem: fileSystem, mountpoint: mountpoint)
+            if let readyFD { Self.report("ready\n", to: readyFD) }
+            let rc = await Self.onOwnThread { session.run() }
+            if rc != 0 { throw MountError(description: "the FUSE loop ended with error \(rc)") }
+        } catch {
+            if let readyFD { Self.report("error: \(error)\n", to: readyFD) }
+            throw error
+        }
+    }
+
+    private static func report(_ message: String, to fd: Int32) {
+        _ = message.withCString { write(fd, $0, strlen($0)) }
+        close(fd)
+    }
+
+    /// The FUSE loop blocks: it gets a thread of its own, not Swift's cooperative pool.
+    private static func onOwnThread(_ body: @escaping @Sendable () -> Int32) async -> Int32 {
+        await withCheckedContinuation { continuation in
+            let thread = Thread { continuation.resume(returning: body()) }
+            thread.stackSize = 8 << 20
+            thread.start()
+        }
+    }
+
+    /// Starts `shardfs mount … -f` as a new session with its output in
+    /// `<data dir>/shardfs-mount.log`, and waits for it to say the mount is live.
+    private static func daemonize(dataDir: String) throws {
+        var fds: [Int32] = [0, 0]
+        guard pipe(&fds) == 0 else { throw ValidationError("cannot create a pipe: \(String(cString: strerror(errno)))") }
+        let (readEnd, writeEnd) = (fds[0], fds[1])
+        for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }  // the child gets the write end only, as fd 3
+        let childFD: Int32 = 3
+
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_adddup2(&actions, writeEnd, childFD)
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        let log = URL(fileURLWithPath: dataDir).appendingPathComponent("shardfs-mount.log").path
+        posix_spawn_file_actions_addopen(&actions, 1, log, O_WRONLY | O_CREAT | O_APPEND, 0o644)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        posix_spawnattr_setflags(&attributes, posixSpawnSetsid)  // its own session: the shell's signals stay away
+
+        let arguments = [CommandLine.arguments[0]] + Array(CommandLine.arguments.dropFirst()) + ["--foreground"]
+        var environment = ProcessInfo.processInfo.environment
+        environment[readyVariable] = String(childFD)
+        let argv = arguments.map { strdup($0) } + [nil]
+        let envp = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer { (argv + envp).forEach { free($0) } }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, "/proc/self/exe", &actions, &attributes, argv, envp)
+        close(writeEnd)
+        guard rc == 0 else {
+            close(readEnd)
+            throw ValidationError("cannot start the mount daemon: \(String(cString: strerror(rc)))")
+        }
+        var answer = Data()
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = read(readEnd, &chunk, chunk.count)
+            if n > 0 { answer.append(contentsOf: chunk[0..<n]) } else if n < 0 && errno == EINTR { continue } else { break }
+        }
+        close(readEnd)
+        let text = String(decoding: answer, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        if text == "ready" { return }
+        var status: Int32 = 0
+        waitpid(pid, &status, WNOHANG)
+        throw ValidationError(text.isEmpty ? "the mount daemon exited before the mount was live; see \(log)"
+                                           : text.replacingOccurrences(of: "error: ", with: ""))
+    }
+}
