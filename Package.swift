@@ -9,6 +9,7 @@ import PackageDescription
 //   MetadataEtcd  - the metadata store on etcd (v3 JSON gateway over libcurl)
 //   Volumes       - cloud-provider and volume-manager interfaces, local folders
 //   ShardNode     - the shard manager, configuration, the node composing the layers
+//   ShardFUSE     - the FUSE filesystem (libfuse low-level API)
 //   Benchmarks    - the benchmarks `shardfs bench` runs
 //   shardfs       - the command-line executable
 let package = Package(
@@ -47,9 +48,14 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Yams", package: "Yams"),
         ]),
+        // The FUSE filesystem: a raw bridge to libfuse's low-level API and the shard node layer.
+        .target(name: "ShardFUSE", dependencies: [
+            "CFuse3", "ShardNode", "ShardStore", "Metadata",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .target(name: "Benchmarks", dependencies: ["ShardStore", "LMDB", "CLMDB"]),
         .executableTarget(name: "shardfs", dependencies: [
-            "ShardNode", "Benchmarks",
+            "ShardNode", "Benchmarks", "ShardFUSE",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -62,6 +68,7 @@ let package = Package(
         .testTarget(name: "MetadataEtcdTests", dependencies: ["MetadataEtcd", "ShardNode", "ShardStore", "TestSupport"]),
         .testTarget(name: "VolumesTests", dependencies: ["Volumes", "TestSupport"]),
         .testTarget(name: "ShardNodeTests", dependencies: ["ShardNode", "TestSupport"]),
+        .testTarget(name: "ShardFUSETests", dependencies: ["ShardFUSE", "ShardNode", "ShardStore", "TestSupport"]),
         .testTarget(name: "CommandTests", dependencies: ["shardfs", "ShardStore", "TestSupport"]),
     ],
     swiftLanguageModes: [.v6]
