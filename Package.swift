@@ -10,6 +10,7 @@ import PackageDescription
 //   Volumes       - cloud-provider and volume-manager interfaces, local folders
 //   ShardNode     - the shard manager, configuration, the node composing the layers
 //   ShardFUSE     - the FUSE filesystem (libfuse low-level API)
+//   BatchProtocol, BatchServer, ShardFSClient - the batch socket service
 //   Benchmarks    - the benchmarks `shardfs bench` runs
 //   shardfs       - the command-line executable
 let package = Package(
@@ -24,6 +25,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
         .package(url: "https://github.com/jpsim/Yams", from: "5.0.1"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
     ],
     targets: [
         .systemLibrary(name: "CLMDB", pkgConfig: "lmdb", providers: [.apt(["liblmdb-dev"])]),
@@ -48,6 +50,21 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Yams", package: "Yams"),
         ]),
+        // The batch socket service: wire protocol (no I/O), server, Swift client.
+        .target(name: "BatchProtocol", dependencies: [
+            .product(name: "NIOCore", package: "swift-nio"),
+        ]),
+        .target(name: "BatchServer", dependencies: [
+            "BatchProtocol", "ShardNode", "ShardStore", "Metadata",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .target(name: "ShardFSClient", dependencies: [
+            "BatchProtocol",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+        ]),
         // The FUSE filesystem: a raw bridge to libfuse's low-level API and the shard node layer.
         .target(name: "ShardFUSE", dependencies: [
             "CFuse3", "ShardNode", "ShardStore", "Metadata",
@@ -55,7 +72,7 @@ let package = Package(
         ]),
         .target(name: "Benchmarks", dependencies: ["ShardStore", "LMDB", "CLMDB"]),
         .executableTarget(name: "shardfs", dependencies: [
-            "ShardNode", "Benchmarks", "ShardFUSE",
+            "ShardNode", "Benchmarks", "BatchServer", "ShardFSClient", "ShardFUSE",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -68,7 +85,11 @@ let package = Package(
         .testTarget(name: "MetadataEtcdTests", dependencies: ["MetadataEtcd", "ShardNode", "ShardStore", "TestSupport"]),
         .testTarget(name: "VolumesTests", dependencies: ["Volumes", "TestSupport"]),
         .testTarget(name: "ShardNodeTests", dependencies: ["ShardNode", "TestSupport"]),
-        .testTarget(name: "ShardFUSETests", dependencies: ["ShardFUSE", "ShardNode", "ShardStore", "TestSupport"]),
+        .testTarget(name: "BatchProtocolTests", dependencies: ["BatchProtocol", "TestSupport"]),
+        .testTarget(name: "BatchServerTests", dependencies: [
+            "BatchServer", "ShardFSClient", "ShardNode", "ShardStore", "TestSupport",
+        ]),
+        .testTarget(name: "ShardFUSETests", dependencies: ["shardfs", "TestSupport"]),
         .testTarget(name: "CommandTests", dependencies: ["shardfs", "ShardStore", "TestSupport"]),
     ],
     swiftLanguageModes: [.v6]

@@ -334,6 +334,12 @@ private func makeOperations() -> fuse_lowlevel_ops {
     return ops
 }
 
+/// The session pointer, to be used from the invalidation queue.
+private struct SessionHandle: @unchecked Sendable {
+    let session: OpaquePointer
+    init(_ session: OpaquePointer) { self.session = session }
+}
+
 public struct MountError: Error, CustomStringConvertible {
     public let description: String
     public init(description: String) { self.description = description }
@@ -370,6 +376,11 @@ public final class FuseSession: @unchecked Sendable {
         }
         // SIGTERM, SIGINT and SIGHUP end the loop; `run` then unmounts.
         fuse_set_signal_handlers(session)
+        let handle = SessionHandle(session)
+        let queue = DispatchQueue(label: "shardfs.fuse.invalidate")
+        fileSystem.invalidate = { inodes in
+            queue.async { for ino in inodes { fuse_lowlevel_notify_inval_inode(handle.session, ino, 0, 0) } }
+        }
     }
 
     /// Serves requests until unmounted or signalled; blocks the calling thread,
@@ -379,6 +390,7 @@ public final class FuseSession: @unchecked Sendable {
         fuse_loop_cfg_set_max_threads(config, UInt32(fileSystem.options.maxThreads))
         let rc = fuse_session_loop_mt(session, config)
         fuse_loop_cfg_destroy(config)
+        fileSystem.invalidate = nil
         fileSystem.commitAll()
         fuse_remove_signal_handlers(session)
         fuse_session_unmount(session)

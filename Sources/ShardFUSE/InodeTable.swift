@@ -72,4 +72,17 @@ final class InodeTable: @unchecked Sendable {
     }
 
     var count: Int { lock.withLock { slots.count } }
+
+    /// The inodes the kernel may hold for a shard: its directory and its entries.
+    func inodes(ofShard id: UInt64) -> [UInt64] {
+        lock.withLock {
+            slots.compactMap { ino, slot in
+                switch slot.kind {
+                case .shard(let s) where s == id: return ino
+                case .entry(let s, _) where s == id: return ino
+                default: return nil
+                }
+            }
+        }
+    }
 }

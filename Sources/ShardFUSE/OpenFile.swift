@@ -117,6 +117,9 @@ final class OpenFile: @unchecked Sendable {
     /// Size as this handle sees it, if it holds unwritten changes.
     var pendingSize: Int? { lock.withLock { dirty ? buffer?.size : nil } }
 
+    /// A time set (utimens) on the unwritten changes, if any.
+    var pendingModificationTime: Int64? { lock.withLock { dirty ? modificationTime : nil } }
+
     func write(_ bytes: UnsafeRawBufferPointer, at offset: Int) throws {
         guard writable else { throw FileSystemError(EBADF, "file not open for writing") }
         try lock.withLock {

@@ -36,6 +36,10 @@ public final class ShardFileSystem: @unchecked Sendable {
     private let mountTime = timespec(tv_sec: time(nil), tv_nsec: 0)
     private let spillDirectory: String
 
+    /// Tells the kernel to forget cached attributes and pages of inodes. Set by the
+    /// session; runs asynchronously (never inside a request handler: deadlock).
+    var invalidate: (@Sendable ([UInt64]) -> Void)?
+
     private let lock = NSLock()
     private var files: [UInt64: OpenFile] = [:]
     private var directories: [UInt64: DirectoryCursor] = [:]
@@ -83,13 +87,17 @@ public final class ShardFileSystem: @unchecked Sendable {
         case .entry(let id, let key):
             let shard = try localShard(id)
             let entryKey = try EntryKey(key)
-            guard var attributes = try shard.attributes(entryKey) else {
-                throw FileSystemError(ENOENT, "entry \(entryKey) is gone")
+            let committed = try shard.attributes(entryKey)
+            // A file being written (perhaps created and not yet committed) shows
+            // its writer's view: fstat on a new file must work.
+            if let writer = openWriter(ino), let pending = writer.pendingSize {
+                let attributes = EntryAttributes(key: entryKey, size: pending,
+                                                 modificationTime: writer.pendingModificationTime ?? committed?.modificationTime ?? Self.now(),
+                                                 indexes: [])
+                return (fileAttributes(shard, ino, attributes), 0)
             }
-            if let pending = pendingSize(ino) {  // a writer's view of a file being written
-                attributes.size = pending
-            }
-            return (fileAttributes(shard, ino, attributes), timeout(shard))
+            guard let committed else { throw FileSystemError(ENOENT, "entry \(entryKey) is gone") }
+            return (fileAttributes(shard, ino, committed), timeout(shard))
         }
     }
 
@@ -112,6 +120,8 @@ public final class ShardFileSystem: @unchecked Sendable {
                     if shard.state == .open {
                         try writable(shard)
                         try wait { try await self.node.shards.closeShard(id) }
+                        // Cached modes of its files still show write bits: drop them.
+                        invalidate?(inodes.inodes(ofShard: id))
                     }
                 } else if shard.state == .closed || options.readOnly {
                     throw FileSystemError(options.readOnly ? EROFS : EPERM, "a closed shard stays closed")
@@ -459,10 +469,6 @@ public final class ShardFileSystem: @unchecked Sendable {
 
     private func openWriter(_ ino: UInt64) -> OpenFile? {
         lock.withLock { files.values.first { $0.inode == ino && $0.pendingSize != nil } }
-    }
-
-    private func pendingSize(_ ino: UInt64) -> Int? {
-        openWriter(ino)?.pendingSize
     }
 
     /// Writes need a writable mount, an open shard and the mount's client as owner.

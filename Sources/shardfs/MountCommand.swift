@@ -33,10 +33,13 @@ struct MountCommand: AsyncParsableCommand {
     func run() async throws {
         var mountOptions = MountOptions()
         for list in options { try mountOptions.apply(list) }
-        var isDirectory: ObjCBool = false
-        guard FileManager.default.fileExists(atPath: mountpoint, isDirectory: &isDirectory), isDirectory.boolValue else {
-            throw ValidationError("mount point \(mountpoint) is not a directory")
+        var info = stat()
+        guard stat(mountpoint, &info) == 0 else {
+            let reason = errno == ENOTCONN ? "a dead ShardFS mount is still there: run fusermount3 -u \(mountpoint)"
+                                           : String(cString: strerror(errno))
+            throw ValidationError("mount point \(mountpoint): \(reason)")
         }
+        guard info.st_mode & S_IFMT == S_IFDIR else { throw ValidationError("mount point \(mountpoint) is not a directory") }
         try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true)
         if !foreground {
             try Self.daemonize(dataDir: dataDir)
@@ -78,6 +81,12 @@ struct MountCommand: AsyncParsableCommand {
     /// Starts `shardfs mount … -f` as a new session with its output in
     /// `<data dir>/shardfs-mount.log`, and waits for it to say the mount is live.
     private static func daemonize(dataDir: String) throws {
+        // The daemon must inherit nothing but what the file actions give it: a
+        // caller's pipes or sockets held open by it would make the caller wait for
+        // the daemon instead of for this process (Foundation's Process does).
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? [] {
+            if let fd = Int32(name), fd > 2 { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        }
         var fds: [Int32] = [0, 0]
         guard pipe(&fds) == 0 else { throw ValidationError("cannot create a pipe: \(String(cString: strerror(errno)))") }
         let (readEnd, writeEnd) = (fds[0], fds[1])

@@ -16,7 +16,7 @@ struct ShardFS: AsyncParsableCommand {
         subcommands: [
             DemoCommand.self, ShardCommand.self,
             PutCommand.self, BatchPutCommand.self, GetCommand.self, ListCommand.self, RemoveCommand.self, MoveCommand.self, FindCommand.self,
-            MountCommand.self, BenchCommand.self,
+            MountCommand.self, BenchCommand.self, ServeCommand.self, ClientCommand.self,
         ]
     )
 }

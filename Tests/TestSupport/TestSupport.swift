@@ -5,7 +5,9 @@ public final class TemporaryDirectory: @unchecked Sendable {
     public let path: String
 
     public init(_ label: String = "test") throws {
-        let base = NSTemporaryDirectory() + "/shardfs-\(label)-\(getpid())-\(UUID().uuidString.prefix(8))"
+        // Canonical (no "//"): mount tables and tools print paths that way.
+        let base = URL(fileURLWithPath: NSTemporaryDirectory())
+            .appendingPathComponent("shardfs-\(label)-\(getpid())-\(UUID().uuidString.prefix(8))").standardizedFileURL.path
         try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
         path = base
     }

@@ -1,0 +1,170 @@
+/// An index of an entry on the wire: a (name, value) pair.
+public struct IndexField: Hashable, Sendable {
+    public var name: String
+    public var value: [UInt8]
+    public init(name: String, value: [UInt8]) {
+        self.name = name
+        self.value = value
+    }
+}
+
+/// One entry to write (a Put, or one item of a BatchPut). The key is checked by the server.
+public struct PutItem: Hashable, Sendable {
+    public var key: [UInt8]
+    public var value: [UInt8]
+    public var indexes: [IndexField]
+    public init(key: [UInt8], value: [UInt8], indexes: [IndexField] = []) {
+        self.key = key
+        self.value = value
+        self.indexes = indexes
+    }
+}
+
+/// A request, decoded.
+public enum Request: Hashable, Sendable {
+    case hello(version: UInt16, token: String)
+    case put(client: String, shard: UInt64, item: PutItem)
+    case get(shard: UInt64, key: [UInt8])
+    case delete(client: String, shard: UInt64, key: [UInt8])
+    case batchPut(client: String, shard: UInt64, items: [PutItem])
+    case batchGet(shard: UInt64, keys: [[UInt8]])
+    case list(shard: UInt64, after: [UInt8]?, limit: UInt32)
+    case findByIndex(shard: UInt64, name: String, value: [UInt8], after: [UInt8]?, limit: UInt32)
+    case newShard(owner: String, requestedID: UInt64, sizeLimit: UInt64)
+    case closeShard(UInt64)
+    case deleteShard(UInt64)
+    case listShards
+    case stat(UInt64)
+
+    public var opcode: Opcode {
+        switch self {
+        case .hello: return .hello
+        case .put: return .put
+        case .get: return .get
+        case .delete: return .delete
+        case .batchPut: return .batchPut
+        case .batchGet: return .batchGet
+        case .list: return .list
+        case .findByIndex: return .findByIndex
+        case .newShard: return .newShard
+        case .closeShard: return .closeShard
+        case .deleteShard: return .deleteShard
+        case .listShards: return .listShards
+        case .stat: return .stat
+        }
+    }
+
+    /// The shard a data request addresses, nil for lifecycle and listing requests.
+    public var dataShard: UInt64? {
+        switch self {
+        case .put(_, let s, _), .get(let s, _), .delete(_, let s, _), .batchPut(_, let s, _), .batchGet(let s, _),
+             .list(let s, _, _), .findByIndex(let s, _, _, _, _):
+            return s
+        default:
+            return nil
+        }
+    }
+
+    public var isWrite: Bool {
+        switch self {
+        case .put, .delete, .batchPut: return true
+        default: return false
+        }
+    }
+}
+
+/// An entry as read back.
+public struct EntryPayload: Hashable, Sendable {
+    public var value: [UInt8]
+    public var indexes: [IndexField]
+    /// Nanoseconds since 1970.
+    public var modificationTime: Int64
+    public init(value: [UInt8], indexes: [IndexField], modificationTime: Int64) {
+        self.value = value
+        self.indexes = indexes
+        self.modificationTime = modificationTime
+    }
+}
+
+public struct ListRow: Hashable, Sendable {
+    public var key: [UInt8]
+    public var size: UInt64
+    public var modificationTime: Int64
+    public init(key: [UInt8], size: UInt64, modificationTime: Int64) {
+        self.key = key
+        self.size = size
+        self.modificationTime = modificationTime
+    }
+}
+
+public struct ShardFigures: Hashable, Sendable {
+    public var entries: UInt64
+    public var usedBytes: UInt64
+    public var limitBytes: UInt64
+    public init(entries: UInt64, usedBytes: UInt64, limitBytes: UInt64) {
+        self.entries = entries
+        self.usedBytes = usedBytes
+        self.limitBytes = limitBytes
+    }
+}
+
+public struct ShardInfo: Hashable, Sendable {
+    public var id: UInt64
+    public var owner: String
+    public var closed: Bool
+    public var volumeID: String
+    public var primaryNodeID: String
+    /// Present when the shard is on the answering node.
+    public var figures: ShardFigures?
+    public init(id: UInt64, owner: String, closed: Bool, volumeID: String, primaryNodeID: String, figures: ShardFigures?) {
+        self.id = id
+        self.owner = owner
+        self.closed = closed
+        self.volumeID = volumeID
+        self.primaryNodeID = primaryNodeID
+        self.figures = figures
+    }
+}
+
+public struct HelloInfo: Hashable, Sendable {
+    public var version: UInt16
+    public var maxFrameLength: UInt32
+    public var maxInFlight: UInt32
+    public init(version: UInt16, maxFrameLength: UInt32, maxInFlight: UInt32) {
+        self.version = version
+        self.maxFrameLength = maxFrameLength
+        self.maxInFlight = maxInFlight
+    }
+}
+
+/// What follows an OK status in a response.
+public enum ResponsePayload: Hashable, Sendable {
+    case none
+    case hello(HelloInfo)
+    case entry(EntryPayload)
+    /// BatchPut: one status per item, in request order.
+    case itemStatuses([Status])
+    /// The final frame of a BatchGet: how many items were sent.
+    case itemCount(UInt32)
+    case listPage(rows: [ListRow], more: Bool)
+    case keys([[UInt8]], more: Bool)
+    case shardID(UInt64)
+    case shards([ShardInfo])
+    case shard(ShardInfo)
+}
+
+/// A response frame, decoded.
+public enum Response: Hashable, Sendable {
+    /// The answer to a request (its final frame for BatchGet). The payload is `.none` unless the status is OK.
+    case reply(Opcode, requestID: UInt32, Status, ResponsePayload)
+    /// One streamed BatchGet item; the entry is present when the status is OK.
+    case batchGetItem(requestID: UInt32, position: UInt32, Status, EntryPayload?)
+    /// A connection error: the server closes after it.
+    case error(requestID: UInt32, Status)
+
+    public var requestID: UInt32 {
+        switch self {
+        case .reply(_, let id, _, _), .batchGetItem(let id, _, _, _), .error(let id, _): return id
+        }
+    }
+}

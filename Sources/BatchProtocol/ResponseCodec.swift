@@ -1,0 +1,149 @@
+import NIOCore
+
+/// Responses to and from bytes (the server encodes, the client decodes).
+public enum ResponseCodec {
+    public static func encode(_ response: Response, into out: inout ByteBuffer) {
+        switch response {
+        case .reply(let op, let id, let status, let payload):
+            out.writeFrame(type: op.responseType, requestID: id) { b in
+                b.writeStatus(status)
+                if status.isOK { writePayload(payload, &b) }
+            }
+        case .batchGetItem(let id, let position, let status, let entry):
+            encodeBatchGetItem(requestID: id, position: position, status: status, entry: entry, into: &out)
+        case .error(let id, let status):
+            out.writeFrame(type: Opcode.errorType, requestID: id) { $0.writeStatus(status) }
+        }
+    }
+
+    /// The hot path of BatchGet: no `Response` value is built per item.
+    public static func encodeBatchGetItem(requestID: UInt32, position: UInt32, status: Status, entry: EntryPayload?,
+                                          into out: inout ByteBuffer) {
+        out.writeFrame(type: Opcode.batchGetItemType, requestID: requestID) { b in
+            b.writeU32(position)
+            b.writeStatus(status)
+            if status.isOK, let entry { writeEntry(entry, &b) }
+        }
+    }
+
+    private static func writeEntry(_ e: EntryPayload, _ b: inout ByteBuffer) {
+        b.writeBlob(e.value)
+        b.writeIndexes(e.indexes)
+        b.writeI64(e.modificationTime)
+    }
+
+    private static func writeShard(_ s: ShardInfo, _ b: inout ByteBuffer) {
+        b.writeU64(s.id)
+        b.writeStr(s.owner)
+        b.writeInteger(UInt8(s.closed ? 1 : 0))
+        b.writeStr(s.volumeID)
+        b.writeStr(s.primaryNodeID)
+        b.writeBool(s.figures != nil)
+        if let f = s.figures {
+            b.writeU64(f.entries)
+            b.writeU64(f.usedBytes)
+            b.writeU64(f.limitBytes)
+        }
+    }
+
+    private static func writePayload(_ payload: ResponsePayload, _ b: inout ByteBuffer) {
+        switch payload {
+        case .none: break
+        case .hello(let h):
+            b.writeU16(h.version)
+            b.writeU32(h.maxFrameLength)
+            b.writeU32(h.maxInFlight)
+        case .entry(let e): writeEntry(e, &b)
+        case .itemStatuses(let statuses):
+            b.writeU32(UInt32(statuses.count))
+            for s in statuses { b.writeStatus(s) }
+        case .itemCount(let n): b.writeU32(n)
+        case .listPage(let rows, let more):
+            b.writeU32(UInt32(rows.count))
+            for r in rows {
+                b.writeKey(r.key)
+                b.writeU64(r.size)
+                b.writeI64(r.modificationTime)
+            }
+            b.writeBool(more)
+        case .keys(let keys, let more):
+            b.writeU32(UInt32(keys.count))
+            for k in keys { b.writeKey(k) }
+            b.writeBool(more)
+        case .shardID(let id): b.writeU64(id)
+        case .shards(let shards):
+            b.writeU32(UInt32(shards.count))
+            for s in shards { writeShard(s, &b) }
+        case .shard(let s): writeShard(s, &b)
+        }
+    }
+
+    public static func decode(_ frame: Frame) throws -> Response {
+        var b = frame.body
+        let response: Response
+        if frame.type == Opcode.errorType {
+            response = .error(requestID: frame.requestID, try b.readStatus())
+        } else if frame.type == Opcode.batchGetItemType {
+            let position = try b.readU32("position")
+            let status = try b.readStatus()
+            response = .batchGetItem(requestID: frame.requestID, position: position, status,
+                                     status.isOK ? try readEntry(&b) : nil)
+        } else if frame.type & Opcode.responseBit != 0, let op = Opcode(rawValue: frame.type & ~Opcode.responseBit) {
+            let status = try b.readStatus()
+            let payload = status.isOK ? try readPayload(op, &b) : .none
+            response = .reply(op, requestID: frame.requestID, status, payload)
+        } else {
+            throw ProtocolError(.invalidRequest, "unknown response type 0x\(String(frame.type, radix: 16))")
+        }
+        guard b.readableBytes == 0 else { throw ProtocolError.malformed("\(b.readableBytes) bytes after a response body") }
+        return response
+    }
+
+    private static func readEntry(_ b: inout ByteBuffer) throws -> EntryPayload {
+        EntryPayload(value: try b.readBlob("value"), indexes: try b.readIndexes(), modificationTime: try b.readI64("mtime"))
+    }
+
+    private static func readShard(_ b: inout ByteBuffer) throws -> ShardInfo {
+        let id = try b.readU64("shard"), owner = try b.readStr("owner"), state = try b.readU8("state")
+        let volume = try b.readStr("volume"), primary = try b.readStr("primary")
+        let figures = try b.readBool("local")
+            ? ShardFigures(entries: try b.readU64("entries"), usedBytes: try b.readU64("used"), limitBytes: try b.readU64("limit"))
+            : nil
+        return ShardInfo(id: id, owner: owner, closed: state == 1, volumeID: volume, primaryNodeID: primary, figures: figures)
+    }
+
+    private static func readCount(_ b: inout ByteBuffer, minimumItemSize: Int) throws -> Int {
+        let n = Int(try b.readU32("count"))
+        guard n <= b.readableBytes / minimumItemSize else { throw ProtocolError.malformed("count \(n) exceeds the frame") }
+        return n
+    }
+
+    private static func readPayload(_ op: Opcode, _ b: inout ByteBuffer) throws -> ResponsePayload {
+        switch op {
+        case .hello:
+            return .hello(HelloInfo(version: try b.readU16("version"), maxFrameLength: try b.readU32("max frame"),
+                                    maxInFlight: try b.readU32("max in flight")))
+        case .put, .delete, .closeShard, .deleteShard: return .none
+        case .get: return .entry(try readEntry(&b))
+        case .batchPut:
+            let n = try readCount(&b, minimumItemSize: 4)
+            return .itemStatuses(try (0..<n).map { _ in try b.readStatus() })
+        case .batchGet: return .itemCount(try b.readU32("count"))
+        case .list:
+            let n = try readCount(&b, minimumItemSize: 18)
+            let rows = try (0..<n).map { _ in
+                ListRow(key: try b.readKey(), size: try b.readU64("size"), modificationTime: try b.readI64("mtime"))
+            }
+            return .listPage(rows: rows, more: try b.readBool("more"))
+        case .findByIndex:
+            let n = try readCount(&b, minimumItemSize: 2)
+            let keys = try (0..<n).map { _ in try b.readKey() }
+            return .keys(keys, more: try b.readBool("more"))
+        case .newShard: return .shardID(try b.readU64("shard"))
+        case .listShards:
+            let n = try readCount(&b, minimumItemSize: 15)
+            return .shards(try (0..<n).map { _ in try readShard(&b) })
+        case .stat: return .shard(try readShard(&b))
+        }
+    }
+}

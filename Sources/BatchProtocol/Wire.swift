@@ -1,0 +1,125 @@
+import NIOCore
+
+/// Why bytes could not be understood. The status is what the peer is told.
+public struct ProtocolError: Error, Hashable, Sendable, CustomStringConvertible {
+    public var status: Status
+    public init(_ code: StatusCode, _ message: String) { status = Status(code, message) }
+    public var description: String { status.description }
+
+    static func malformed(_ what: String) -> ProtocolError { ProtocolError(.invalidRequest, "malformed frame: \(what)") }
+}
+
+/// Field readers and writers of the encoding in docs/PROTOCOL.md. Readers throw
+/// `invalidRequest` on a short buffer instead of returning nil, so codecs read straight-line.
+extension ByteBuffer {
+    mutating func readU8(_ field: String) throws -> UInt8 {
+        guard let v = readInteger(as: UInt8.self) else { throw ProtocolError.malformed("\(field) is cut short") }
+        return v
+    }
+
+    mutating func readU16(_ field: String) throws -> UInt16 {
+        guard let v = readInteger(endianness: .big, as: UInt16.self) else { throw ProtocolError.malformed("\(field) is cut short") }
+        return v
+    }
+
+    mutating func readU32(_ field: String) throws -> UInt32 {
+        guard let v = readInteger(endianness: .big, as: UInt32.self) else { throw ProtocolError.malformed("\(field) is cut short") }
+        return v
+    }
+
+    mutating func readU64(_ field: String) throws -> UInt64 {
+        guard let v = readInteger(endianness: .big, as: UInt64.self) else { throw ProtocolError.malformed("\(field) is cut short") }
+        return v
+    }
+
+    mutating func readI64(_ field: String) throws -> Int64 { Int64(bitPattern: try readU64(field)) }
+
+    mutating func readBool(_ field: String) throws -> Bool {
+        switch try readU8(field) {
+        case 0: return false
+        case 1: return true
+        default: throw ProtocolError.malformed("\(field) must be 0 or 1")
+        }
+    }
+
+    mutating func readRaw(_ count: Int, _ field: String) throws -> [UInt8] {
+        guard let v = readBytes(length: count) else { throw ProtocolError.malformed("\(field) is cut short") }
+        return v
+    }
+
+    mutating func readStr(_ field: String) throws -> String {
+        let n = Int(try readU16(field))
+        guard let s = readString(length: n) else { throw ProtocolError.malformed("\(field) is cut short") }
+        return s
+    }
+
+    mutating func readKey(_ field: String = "key") throws -> [UInt8] { try readRaw(Int(try readU16(field)), field) }
+
+    mutating func readBlob(_ field: String) throws -> [UInt8] { try readRaw(Int(try readU32(field)), field) }
+
+    mutating func readIndexes() throws -> [IndexField] {
+        let n = Int(try readU16("index count"))
+        var out: [IndexField] = []
+        out.reserveCapacity(n)
+        for _ in 0..<n { out.append(IndexField(name: try readStr("index name"), value: try readBlob("index value"))) }
+        return out
+    }
+
+    mutating func readStatus() throws -> Status {
+        Status(StatusCode(rawValue: try readU16("status")), try readStr("status message"))
+    }
+
+    mutating func readAfterKey() throws -> [UInt8]? { try readBool("has-after") ? try readKey("after") : nil }
+
+    mutating func writeU16(_ v: UInt16) { writeInteger(v, endianness: .big) }
+    mutating func writeU32(_ v: UInt32) { writeInteger(v, endianness: .big) }
+    mutating func writeU64(_ v: UInt64) { writeInteger(v, endianness: .big) }
+    mutating func writeI64(_ v: Int64) { writeInteger(UInt64(bitPattern: v), endianness: .big) }
+    mutating func writeBool(_ v: Bool) { writeInteger(UInt8(v ? 1 : 0)) }
+
+    /// Strings longer than a u16 allows are cut (messages only; names are validated before).
+    mutating func writeStr(_ s: String) {
+        var utf8 = Array(s.utf8)
+        if utf8.count > Int(UInt16.max) { utf8 = Array(utf8.prefix(Int(UInt16.max))) }
+        writeU16(UInt16(utf8.count))
+        writeBytes(utf8)
+    }
+
+    mutating func writeKey(_ k: [UInt8]) {
+        writeU16(UInt16(truncatingIfNeeded: k.count))
+        writeBytes(k.prefix(Int(UInt16.max)))
+    }
+
+    mutating func writeBlob(_ b: [UInt8]) {
+        writeU32(UInt32(truncatingIfNeeded: b.count))
+        writeBytes(b)
+    }
+
+    mutating func writeIndexes(_ indexes: [IndexField]) {
+        writeU16(UInt16(truncatingIfNeeded: indexes.count))
+        for i in indexes.prefix(Int(UInt16.max)) {
+            writeStr(i.name)
+            writeBlob(i.value)
+        }
+    }
+
+    mutating func writeStatus(_ s: Status) {
+        writeU16(s.code.rawValue)
+        writeStr(s.message)
+    }
+
+    mutating func writeAfterKey(_ k: [UInt8]?) {
+        writeBool(k != nil)
+        if let k { writeKey(k) }
+    }
+
+    /// Writes a frame: reserves the length, lets `body` write type, ID and body, then fills the length in.
+    public mutating func writeFrame(type: UInt8, requestID: UInt32, _ body: (inout ByteBuffer) -> Void) {
+        let start = writerIndex
+        writeU32(0)
+        writeInteger(type)
+        writeU32(requestID)
+        body(&self)
+        setInteger(UInt32(writerIndex - start - 4), at: start, endianness: .big)
+    }
+}

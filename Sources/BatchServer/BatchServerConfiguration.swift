@@ -1,0 +1,59 @@
+import BatchProtocol
+import NIOCore
+
+/// How the socket service listens and the limits it holds to.
+public struct BatchServerConfiguration: Sendable {
+    /// "host:port" for TCP; nil for no TCP listener. Port 0 picks a free port.
+    public var tcpAddress: String? = "127.0.0.1:7070"
+    /// The Unix socket's path; nil for none. Created with mode 0660.
+    public var unixSocketPath: String?
+    /// The shared token clients must present. Required when TCP listens beyond loopback;
+    /// when set, asked of every TCP client (never of Unix socket clients).
+    public var token: String?
+    public var maxFrameLength = ProtocolConstants.defaultMaxFrameLength
+    public var maxInFlightPerConnection = 64
+    public var maxConnections = 4096
+    /// No bytes for this long inside a frame or before the handshake closes the connection.
+    public var readTimeout: TimeAmount = .seconds(10)
+    /// Nothing in flight and nothing read for this long closes the connection.
+    public var idleTimeout: TimeAmount = .seconds(300)
+    /// Past this many unsent bytes a connection stops reading and streaming.
+    public var outboundHighWater = 1 << 20
+    public var outboundLowWater = 256 << 10
+    /// Engine threads (LMDB calls never run on an event loop).
+    public var engineThreads = 4
+    public var eventLoopThreads = 1
+    /// How long a graceful shutdown waits for in-flight requests.
+    public var drainTimeout: TimeAmount = .seconds(30)
+
+    public init() {}
+
+    func limits(tokenRequired: Bool) -> ConnectionLimits {
+        var limits = ConnectionLimits()
+        limits.maxFrameLength = maxFrameLength
+        limits.maxInFlight = maxInFlightPerConnection
+        limits.idleTimeoutTicks = max(1, Int(idleTimeout.nanoseconds / max(1, readTimeout.nanoseconds)))
+        limits.requiredToken = tokenRequired ? (token ?? "") : nil
+        return limits
+    }
+}
+
+public struct BatchServerError: Error, CustomStringConvertible, Sendable {
+    public let description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// "host:port" (IPv6 as "[::1]:port") into its parts.
+func parseAddress(_ address: String) throws -> (host: String, port: Int) {
+    guard let colon = address.lastIndex(of: ":"), let port = Int(address[address.index(after: colon)...]),
+          (0...65535).contains(port) else {
+        throw BatchServerError("server address \"\(address)\" is not host:port")
+    }
+    var host = String(address[..<colon])
+    if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+    return (host.isEmpty ? "127.0.0.1" : host, port)
+}
+
+func isLoopback(_ host: String) -> Bool {
+    host == "localhost" || host == "::1" || host.hasPrefix("127.")
+}

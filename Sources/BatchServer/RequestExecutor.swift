@@ -1,0 +1,289 @@
+import BatchProtocol
+import Metadata
+import NIOCore
+import ShardNode
+import ShardStore
+
+/// What one trip to the engine produced: the encoded answers, how many requests
+/// they finish, streams with more to send, and requests that need async work.
+struct Outcome: Sendable {
+    var out: ByteBuffer
+    var completed = 0
+    var continuations: [StreamCursor] = []
+    /// Lifecycle requests and requests for shards not loaded here: run with `runAsync`.
+    var deferred: [Work] = []
+
+    init() { out = ByteBufferAllocator().buffer(capacity: 256) }
+}
+
+/// Carries out requests against the shard manager. `runSync` blocks on LMDB and
+/// must run on an engine thread, never on an event loop.
+final class RequestExecutor: Sendable {
+    let shards: ShardManager
+    /// A BatchGet is read and sent in pieces of at most this many keys or bytes,
+    /// so a slow reader holds back the stream instead of the server buffering it.
+    let streamChunkKeys: Int
+    let streamChunkBytes: Int
+
+    init(shards: ShardManager, streamChunkKeys: Int = 2048, streamChunkBytes: Int = 1 << 20) {
+        self.shards = shards
+        self.streamChunkKeys = streamChunkKeys
+        self.streamChunkBytes = streamChunkBytes
+    }
+
+    // MARK: On an engine thread
+
+    func runSync(_ works: [Work], resume cursors: [StreamCursor] = []) -> Outcome {
+        var outcome = Outcome()
+        let local = ShardLookup(shards.localShards())
+        var i = 0
+        while i < works.count {
+            let work = works[i]
+            guard let id = work.request.dataShard, let shard = local[id] else {
+                outcome.deferred.append(work)
+                i += 1
+                continue
+            }
+            // Consecutive writes by one client to one shard share a transaction.
+            var end = i + 1
+            while end < works.count, Self.mergeable(works[i].request, works[end].request) { end += 1 }
+            if end - i > 1 {
+                putTogether(works[i..<end], shard, &outcome)
+            } else {
+                runOne(work, shard, &outcome)
+            }
+            i = end
+        }
+        for cursor in cursors {
+            if let shard = local[cursor.shard] {
+                stream(cursor, shard, &outcome)
+            } else {
+                finishStream(cursor, Status(.shardNotFound, "shard \(cursor.shard) went away during the stream"), &outcome)
+            }
+        }
+        return outcome
+    }
+
+    private static func mergeable(_ a: Request, _ b: Request) -> Bool {
+        func target(_ r: Request) -> (String, UInt64)? {
+            switch r {
+            case .put(let c, let s, _), .batchPut(let c, let s, _): return (c, s)
+            default: return nil
+            }
+        }
+        guard let x = target(a), let y = target(b) else { return false }
+        return x == y
+    }
+
+    private func reply(_ work: Work, _ status: Status, _ payload: ResponsePayload = .none, _ outcome: inout Outcome) {
+        ResponseCodec.encode(.reply(work.request.opcode, requestID: work.requestID, status, payload), into: &outcome.out)
+        outcome.completed += 1
+    }
+
+    private func runOne(_ work: Work, _ shard: Shard, _ outcome: inout Outcome) {
+        let request = work.request
+        do {
+            switch request {
+            case .put(let client, _, let item):
+                let status = try shard.batchPut([Self.entryWrite(item)], clientID: client)[0]
+                reply(work, status.map { wireStatus(for: $0, writing: true) } ?? .ok, .none, &outcome)
+            case .batchPut(let client, _, let items):
+                let statuses = try shard.batchPut(items.map(Self.entryWrite), clientID: client)
+                reply(work, .ok, .itemStatuses(statuses.map { $0.map { wireStatus(for: $0, writing: true) } ?? .ok }), &outcome)
+            case .delete(let client, _, let key):
+                try shard.delete(try EntryKey(key), clientID: client)
+                reply(work, .ok, .none, &outcome)
+            case .get(_, let key):
+                let entry = try shard.get(try EntryKey(key))
+                reply(work, .ok, .entry(Self.payload(entry)), &outcome)
+            case .batchGet(_, let keys):
+                stream(StreamCursor(requestID: work.requestID, shard: shard.id, keys: keys), shard, &outcome)
+            case .list(_, let after, let limit):
+                let n = Self.pageLimit(limit)
+                var rows = try shard.list(after: try after.map { try EntryKey($0) }, limit: n + 1)
+                let more = rows.count > n
+                if more { rows.removeLast() }
+                reply(work, .ok, .listPage(rows: rows.map { ListRow(key: $0.key.bytes, size: UInt64($0.size),
+                                                                    modificationTime: $0.modificationTime) }, more: more), &outcome)
+            case .findByIndex(_, let name, let value, let after, let limit):
+                let n = Self.pageLimit(limit)
+                var keys = try shard.find(indexName: name, value: value, after: try after.map { try EntryKey($0) }, limit: n + 1)
+                let more = keys.count > n
+                if more { keys.removeLast() }
+                reply(work, .ok, .keys(keys.map(\.bytes), more: more), &outcome)
+            default:
+                outcome.deferred.append(work)
+            }
+        } catch {
+            reply(work, wireStatus(for: error, writing: request.isWrite), .none, &outcome)
+        }
+    }
+
+    /// Several Puts/BatchPuts of one client to one shard: one `batchPut`, statuses split back.
+    private func putTogether(_ works: ArraySlice<Work>, _ shard: Shard, _ outcome: inout Outcome) {
+        var items: [EntryWrite] = []
+        var client = ""
+        for work in works {
+            switch work.request {
+            case .put(let c, _, let item): client = c; items.append(Self.entryWrite(item))
+            case .batchPut(let c, _, let batch): client = c; items += batch.map(Self.entryWrite)
+            default: break
+            }
+        }
+        let statuses: [ShardError?]
+        do {
+            statuses = try shard.batchPut(items, clientID: client)
+        } catch ShardError.full(_) {
+            // One request that does not fit must not fail the others: try them one by one.
+            for work in works { runOne(work, shard, &outcome) }
+            return
+        } catch {
+            for work in works { reply(work, wireStatus(for: error, writing: true), .none, &outcome) }
+            return
+        }
+        var next = 0
+        for work in works {
+            switch work.request {
+            case .put:
+                reply(work, statuses[next].map { wireStatus(for: $0, writing: true) } ?? .ok, .none, &outcome)
+                next += 1
+            case .batchPut(_, _, let batch):
+                let mine = statuses[next..<(next + batch.count)].map { $0.map { wireStatus(for: $0, writing: true) } ?? .ok }
+                reply(work, .ok, .itemStatuses(Array(mine)), &outcome)
+                next += batch.count
+            default: break
+            }
+        }
+    }
+
+    /// Sends the next piece of a BatchGet (at most `streamChunkKeys` keys or about
+    /// `streamChunkBytes`, read in snapshots of 256 keys); the rest becomes a continuation.
+    private func stream(_ cursor: StreamCursor, _ shard: Shard, _ outcome: inout Outcome) {
+        var cursor = cursor
+        let limit = min(cursor.keys.count, cursor.next + streamChunkKeys)
+        let startBytes = outcome.out.writerIndex
+        while cursor.next < limit && outcome.out.writerIndex - startBytes < streamChunkBytes {
+            let end = min(limit, cursor.next + 256)
+            var valid: [EntryKey] = []
+            var problems: [Int: String] = [:]
+            valid.reserveCapacity(end - cursor.next)
+            for p in cursor.next..<end {
+                if let problem = EntryKey.problem(with: cursor.keys[p]) {
+                    problems[p] = problem
+                } else {
+                    valid.append(try! EntryKey(cursor.keys[p]))
+                }
+            }
+            let results: [Result<Entry, ShardError>]
+            do { results = try shard.batchGet(valid) } catch {
+                finishStream(cursor, wireStatus(for: error, writing: false), &outcome)
+                return
+            }
+            // Items go out in request order, bad keys in their place.
+            var next = 0
+            for p in cursor.next..<end {
+                let position = UInt32(p)
+                if let problem = problems[p] {
+                    ResponseCodec.encodeBatchGetItem(requestID: cursor.requestID, position: position,
+                                                     status: Status(.invalidKey, "invalid key: \(problem)"), entry: nil, into: &outcome.out)
+                    continue
+                }
+                switch results[next] {
+                case .success(let entry):
+                    ResponseCodec.encodeBatchGetItem(requestID: cursor.requestID, position: position, status: .ok,
+                                                     entry: Self.payload(entry), into: &outcome.out)
+                case .failure(let error):
+                    ResponseCodec.encodeBatchGetItem(requestID: cursor.requestID, position: position,
+                                                     status: wireStatus(for: error, writing: false), entry: nil, into: &outcome.out)
+                }
+                next += 1
+            }
+            cursor.next = end
+        }
+        if cursor.next == cursor.keys.count {
+            ResponseCodec.encode(.reply(.batchGet, requestID: cursor.requestID, .ok, .itemCount(UInt32(cursor.keys.count))),
+                                 into: &outcome.out)
+            outcome.completed += 1
+        } else {
+            outcome.continuations.append(cursor)
+        }
+    }
+
+    private func finishStream(_ cursor: StreamCursor, _ status: Status, _ outcome: inout Outcome) {
+        ResponseCodec.encode(.reply(.batchGet, requestID: cursor.requestID, status, .none), into: &outcome.out)
+        outcome.completed += 1
+    }
+
+    private static func pageLimit(_ limit: UInt32) -> Int {
+        Int(limit == 0 ? ProtocolConstants.defaultPageLimit : min(limit, ProtocolConstants.maxPageLimit))
+    }
+
+    static func entryWrite(_ item: PutItem) -> EntryWrite {
+        EntryWrite(key: item.key, value: item.value, indexes: item.indexes.map { IndexPair(name: $0.name, value: $0.value) })
+    }
+
+    static func payload(_ entry: Entry) -> EntryPayload {
+        EntryPayload(value: entry.value, indexes: entry.indexes.map { IndexField(name: $0.name, value: $0.value) },
+                     modificationTime: entry.modificationTime)
+    }
+
+    // MARK: Async (metadata and lifecycle)
+
+    /// Lifecycle requests, and data requests for shards this node has not loaded
+    /// (they get the manager's answer: not found, or not on this node).
+    func runAsync(_ work: Work) async -> Outcome {
+        var outcome = Outcome()
+        let request = work.request
+        do {
+            switch request {
+            case .newShard(let owner, let requested, let limit):
+                let shard = try await shards.newShard(owner: owner, id: requested == 0 ? nil : requested,
+                                                      sizeLimit: limit == 0 ? nil : Int(clamping: limit))
+                reply(work, .ok, .shardID(shard.id), &outcome)
+            case .closeShard(let id):
+                try await shards.closeShard(id)
+                reply(work, .ok, .none, &outcome)
+            case .deleteShard(let id):
+                try await shards.deleteShard(id)
+                reply(work, .ok, .none, &outcome)
+            case .listShards:
+                reply(work, .ok, .shards(try await shards.listShards().map(Self.info)), &outcome)
+            case .stat(let id):
+                _ = try await shards.shard(id)  // not found / not local, as for any request
+                guard let listing = try await shards.listShards().first(where: { $0.record.shardID == id }),
+                      listing.stats != nil else { throw ShardManagerError.shardNotFound(id) }
+                reply(work, .ok, .shard(Self.info(listing)), &outcome)
+            default:
+                // A data request whose shard is not loaded: the manager says why.
+                if let id = request.dataShard { _ = try await shards.shard(id) }
+                throw ShardManagerError.shardNotFound(request.dataShard ?? 0)
+            }
+        } catch {
+            reply(work, wireStatus(for: error, writing: request.isWrite || request.opcode == .newShard), .none, &outcome)
+        }
+        return outcome
+    }
+
+    static func info(_ listing: ShardListing) -> ShardInfo {
+        ShardInfo(id: listing.record.shardID, owner: listing.record.ownerClientID, closed: listing.record.state == .closed,
+                  volumeID: listing.record.volumeID, primaryNodeID: listing.primaryNodeID,
+                  figures: listing.stats.map {
+                      ShardFigures(entries: UInt64($0.entries), usedBytes: UInt64($0.usedBytes), limitBytes: UInt64($0.limitBytes))
+                  })
+    }
+}
+
+/// The loaded shards by ID, looked up by binary search (the manager hands them sorted).
+struct ShardLookup {
+    let sorted: [Shard]
+    init(_ sorted: [Shard]) { self.sorted = sorted }
+
+    subscript(id: UInt64) -> Shard? {
+        var lo = 0, hi = sorted.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if sorted[mid].id < id { lo = mid + 1 } else { hi = mid }
+        }
+        return lo < sorted.count && sorted[lo].id == id ? sorted[lo] : nil
+    }
+}

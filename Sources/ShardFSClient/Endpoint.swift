@@ -1,0 +1,45 @@
+import BatchProtocol
+
+/// Where a node's batch service listens.
+public enum Endpoint: Sendable, Hashable, CustomStringConvertible {
+    case tcp(host: String, port: Int)
+    case unix(path: String)
+
+    /// "host:port" (IPv6 as "[::1]:port").
+    public static func tcp(_ address: String) throws -> Endpoint {
+        guard let colon = address.lastIndex(of: ":"), let port = Int(address[address.index(after: colon)...]),
+              (1...65535).contains(port) else {
+            throw ClientError.invalidArgument("\"\(address)\" is not host:port")
+        }
+        var host = String(address[..<colon])
+        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        return .tcp(host: host.isEmpty ? "127.0.0.1" : host, port: port)
+    }
+
+    public var description: String {
+        switch self {
+        case .tcp(let host, let port): return "\(host):\(port)"
+        case .unix(let path): return path
+        }
+    }
+}
+
+/// Why a call failed.
+public enum ClientError: Error, Hashable, Sendable, CustomStringConvertible {
+    /// The server answered with this status.
+    case status(Status)
+    /// The connection closed (or the server sent a connection error) before the answer.
+    case connectionClosed(String)
+    case invalidArgument(String)
+    /// The server sent something this client does not understand.
+    case protocolViolation(String)
+
+    public var description: String {
+        switch self {
+        case .status(let s): return s.description
+        case .connectionClosed(let why): return "connection closed: \(why)"
+        case .invalidArgument(let why): return "invalid argument: \(why)"
+        case .protocolViolation(let why): return "protocol violation: \(why)"
+        }
+    }
+}

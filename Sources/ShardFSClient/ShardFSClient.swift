@@ -1,0 +1,175 @@
+import BatchProtocol
+import Foundation
+import NIOCore
+import NIOPosix
+
+/// An async client of the batch socket service. One connection; any number of
+/// concurrent calls are pipelined on it and matched to answers by request ID.
+public final class ShardFSClient: Sendable {
+    public let endpoint: Endpoint
+    public let server: HelloInfo
+    private let channel: Channel
+    private let handler: NIOLoopBound<ClientHandler>
+    private let ids = IDCounter()
+
+    private init(endpoint: Endpoint, channel: Channel, handler: NIOLoopBound<ClientHandler>, server: HelloInfo) {
+        self.endpoint = endpoint
+        self.channel = channel
+        self.handler = handler
+        self.server = server
+    }
+
+    /// Connects and shakes hands; `token` is needed for TCP beyond loopback.
+    public static func connect(to endpoint: Endpoint, token: String = "",
+                               group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton) async throws -> ShardFSClient {
+        let bootstrap = ClientBootstrap(group: group).connectTimeout(.seconds(10))
+            .channelOption(.socketOption(.so_keepalive), value: 1)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(ClientHandler()) }
+            }
+        let channel: Channel
+        do {
+            switch endpoint {
+            case .tcp(let host, let port): channel = try await bootstrap.connect(host: host, port: port).get()
+            case .unix(let path): channel = try await bootstrap.connect(unixDomainSocketPath: path).get()
+            }
+        } catch {
+            throw ClientError.connectionClosed("cannot connect to \(endpoint): \(error)")
+        }
+        let handler = try await channel.eventLoop.submit {
+            NIOLoopBound(try channel.pipeline.syncOperations.handler(type: ClientHandler.self), eventLoop: channel.eventLoop)
+        }.get()
+        let hello = try await call(channel, handler, id: 0, .hello(version: ProtocolConstants.version, token: token))
+        guard case .hello(let info) = hello else {
+            try? await channel.close()
+            throw ClientError.protocolViolation("the server answered Hello with \(hello)")
+        }
+        let client = ShardFSClient(endpoint: endpoint, channel: channel, handler: handler, server: info)
+        client.ids.skip()
+        return client
+    }
+
+    public func close() async {
+        try? await channel.close()
+    }
+
+    // MARK: Entries
+
+    /// Puts one entry; returns once it is durable.
+    public func put(client: String, shard: UInt64, key: [UInt8], value: [UInt8], indexes: [IndexField] = []) async throws {
+        _ = try await call(.put(client: client, shard: shard, item: PutItem(key: key, value: value, indexes: indexes)))
+    }
+
+    public func get(shard: UInt64, key: [UInt8]) async throws -> EntryPayload {
+        guard case .entry(let entry) = try await call(.get(shard: shard, key: key)) else { throw unexpected() }
+        return entry
+    }
+
+    public func delete(client: String, shard: UInt64, key: [UInt8]) async throws {
+        _ = try await call(.delete(client: client, shard: shard, key: key))
+    }
+
+    /// Puts many entries in one durable transaction; one status per item, in order.
+    public func batchPut(client: String, shard: UInt64, items: [PutItem]) async throws -> [Status] {
+        guard case .itemStatuses(let statuses) = try await call(.batchPut(client: client, shard: shard, items: items)) else {
+            throw unexpected()
+        }
+        return statuses
+    }
+
+    /// Streams the entries of `keys`, one item per key in request order; a missing
+    /// entry is an item with ENTRY_NOT_FOUND. The sequence throws if the whole request fails.
+    public func batchGet(shard: UInt64, keys: [[UInt8]]) -> AsyncThrowingStream<BatchGetItem, Error> {
+        let (stream, continuation) = AsyncThrowingStream<BatchGetItem, Error>.makeStream()
+        let id = ids.next()
+        var out = channel.allocator.buffer(capacity: 16 + keys.count * 12)
+        RequestCodec.encode(.batchGet(shard: shard, keys: keys), requestID: id, into: &out)
+        let channel = self.channel, handler = self.handler
+        channel.eventLoop.execute { [out] in
+            if handler.value.register(id, .stream(keys: keys, continuation)) {
+                channel.writeAndFlush(out, promise: nil)
+            }
+        }
+        return stream
+    }
+
+    public struct ListPage: Sendable, Hashable {
+        public var rows: [ListRow]
+        public var more: Bool
+    }
+
+    public func list(shard: UInt64, after: [UInt8]? = nil, limit: UInt32 = 0) async throws -> ListPage {
+        guard case .listPage(let rows, let more) = try await call(.list(shard: shard, after: after, limit: limit)) else {
+            throw unexpected()
+        }
+        return ListPage(rows: rows, more: more)
+    }
+
+    public func find(shard: UInt64, indexName: String, value: [UInt8], after: [UInt8]? = nil,
+                     limit: UInt32 = 0) async throws -> (keys: [[UInt8]], more: Bool) {
+        let answer = try await call(.findByIndex(shard: shard, name: indexName, value: value, after: after, limit: limit))
+        guard case .keys(let keys, let more) = answer else { throw unexpected() }
+        return (keys, more)
+    }
+
+    // MARK: Shards
+
+    /// Creates a shard for `owner`; `id` asks for that ID, `sizeLimit` (bytes) overrides the node's default.
+    public func newShard(owner: String, id: UInt64? = nil, sizeLimit: Int? = nil) async throws -> UInt64 {
+        let answer = try await call(.newShard(owner: owner, requestedID: id ?? 0, sizeLimit: UInt64(sizeLimit ?? 0)))
+        guard case .shardID(let shard) = answer else { throw unexpected() }
+        return shard
+    }
+
+    public func closeShard(_ id: UInt64) async throws { _ = try await call(.closeShard(id)) }
+
+    public func deleteShard(_ id: UInt64) async throws { _ = try await call(.deleteShard(id)) }
+
+    public func listShards() async throws -> [ShardInfo] {
+        guard case .shards(let shards) = try await call(.listShards) else { throw unexpected() }
+        return shards
+    }
+
+    public func stat(_ id: UInt64) async throws -> ShardInfo {
+        guard case .shard(let info) = try await call(.stat(id)) else { throw unexpected() }
+        return info
+    }
+
+    /// The key of the original API's entry ID.
+    public static func key(entryID: UInt32) -> [UInt8] { Array(String(entryID).utf8) }
+
+    // MARK: Calls
+
+    /// Sends any request and returns its OK payload; a non-OK status throws `ClientError.status`.
+    public func call(_ request: Request) async throws -> ResponsePayload {
+        try await Self.call(channel, handler, id: ids.next(), request)
+    }
+
+    private static func call(_ channel: Channel, _ handler: NIOLoopBound<ClientHandler>, id: UInt32,
+                             _ request: Request) async throws -> ResponsePayload {
+        var out = channel.allocator.buffer(capacity: 64)
+        RequestCodec.encode(request, requestID: id, into: &out)
+        let promise = channel.eventLoop.makePromise(of: Response.self)
+        channel.eventLoop.execute { [out] in
+            if handler.value.register(id, .reply(promise)) {
+                channel.writeAndFlush(out, promise: nil)
+            }
+        }
+        guard case .reply(_, _, let status, let payload) = try await promise.futureResult.get() else {
+            throw ClientError.protocolViolation("a reply was expected")
+        }
+        guard status.isOK else { throw ClientError.status(status) }
+        return payload
+    }
+
+    private func unexpected() -> ClientError { ClientError.protocolViolation("unexpected response payload") }
+}
+
+/// Request IDs: unique among calls in flight on one connection (they wrap after 2³²).
+final class IDCounter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value: UInt32 = 0
+
+    func next() -> UInt32 { lock.withLock { value &+= 1; return value } }
+    func skip() { _ = next() }
+}

@@ -1,0 +1,218 @@
+import ArgumentParser
+import BatchProtocol
+import Foundation
+import ShardFSClient
+
+/// `shardfs client …`: talk to a running node through its batch socket service.
+struct ClientCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "client",
+        abstract: "Talk to a running node (shardfs serve) over its socket.",
+        subcommands: [ClientPut.self, ClientGet.self, ClientDelete.self, ClientBatchPut.self, ClientBatchGet.self,
+                      ClientList.self, ClientNewShard.self, ClientCloseShard.self, ClientDeleteShard.self,
+                      ClientListShards.self, ClientStat.self])
+}
+
+/// Where the node is: --socket, --address (+ --token), or ./data/shardfs.sock.
+struct ConnectOptions: ParsableArguments {
+    @Option(name: .long, help: "Unix socket of the node.") var socket: String?
+    @Option(name: .long, help: "TCP address host:port of the node.") var address: String?
+    @Option(name: .long, help: "Token for TCP. Also SHARDFS_SERVER_TOKEN.") var token: String?
+
+    func connect() async throws -> ShardFSClient {
+        let endpoint: Endpoint
+        if let address { endpoint = try Endpoint.tcp(address) } else { endpoint = .unix(path: socket ?? "./data/shardfs.sock") }
+        let token = self.token ?? ProcessInfo.processInfo.environment["SHARDFS_SERVER_TOKEN"] ?? ""
+        return try await ShardFSClient.connect(to: endpoint, token: token)
+    }
+}
+
+/// Runs `body` with a connected client and closes it after.
+func withClient<T>(_ options: ConnectOptions, _ body: (ShardFSClient) async throws -> T) async throws -> T {
+    let client = try await options.connect()
+    do {
+        let result = try await body(client)
+        await client.close()
+        return result
+    } catch {
+        await client.close()
+        throw error
+    }
+}
+
+func readInput(_ file: String?) throws -> [UInt8] {
+    if let file {
+        guard let data = FileManager.default.contents(atPath: file) else { throw ValidationError("cannot read \(file)") }
+        return [UInt8](data)
+    }
+    return [UInt8](FileHandle.standardInput.readDataToEndOfFile())
+}
+
+struct ClientPut: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "put", abstract: "Put an entry (value from --value, --file or stdin).")
+    @OptionGroup var connection: ConnectOptions
+    @OptionGroup var client: ClientOption
+    @Argument var shardID: UInt64
+    @Argument var key: String
+    @Option(name: .long) var value: String?
+    @Option(name: .long) var file: String?
+    @Option(name: .long, help: "An index, name=value (repeatable).") var index: [String] = []
+
+    func run() async throws {
+        let bytes = try value.map { Array($0.utf8) } ?? readInput(file)
+        let indexes = try parseIndexes(index).map { IndexField(name: $0.name, value: $0.value) }
+        let clientID = try client.clientID()
+        try await withClient(connection) {
+            try await $0.put(client: clientID, shard: shardID, key: Array(key.utf8), value: bytes, indexes: indexes)
+        }
+    }
+}
+
+struct ClientGet: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "get", abstract: "Print an entry's value.")
+    @OptionGroup var connection: ConnectOptions
+    @Argument var shardID: UInt64
+    @Argument var key: String
+
+    func run() async throws {
+        let entry = try await withClient(connection) { try await $0.get(shard: shardID, key: Array(key.utf8)) }
+        FileHandle.standardOutput.write(Data(entry.value))
+    }
+}
+
+struct ClientDelete: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "delete", abstract: "Delete an entry.")
+    @OptionGroup var connection: ConnectOptions
+    @OptionGroup var client: ClientOption
+    @Argument var shardID: UInt64
+    @Argument var key: String
+
+    func run() async throws {
+        let clientID = try client.clientID()
+        try await withClient(connection) { try await $0.delete(client: clientID, shard: shardID, key: Array(key.utf8)) }
+    }
+}
+
+struct ClientBatchPut: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "batch-put",
+        abstract: "Put many entries in one durable batch: files (key = file name) or key<TAB>value lines on stdin.")
+    @OptionGroup var connection: ConnectOptions
+    @OptionGroup var client: ClientOption
+    @Argument var shardID: UInt64
+    @Argument(help: "Files to put; none: read key<TAB>value lines from standard input.") var files: [String] = []
+
+    func run() async throws {
+        var items: [PutItem] = []
+        if files.isEmpty {
+            let text = String(decoding: try readInput(nil), as: UTF8.self)
+            for line in text.split(separator: "\n", omittingEmptySubsequences: true) {
+                guard let tab = line.firstIndex(of: "\t") else { throw ValidationError("a line is key<TAB>value: \"\(line)\"") }
+                items.append(PutItem(key: Array(line[..<tab].utf8), value: Array(line[line.index(after: tab)...].utf8)))
+            }
+        } else {
+            for file in files {
+                items.append(PutItem(key: Array(URL(fileURLWithPath: file).lastPathComponent.utf8), value: try readInput(file)))
+            }
+        }
+        let clientID = try client.clientID()
+        let statuses = try await withClient(connection) { try await $0.batchPut(client: clientID, shard: shardID, items: items) }
+        var failed = 0
+        for (item, status) in zip(items, statuses) where !status.isOK {
+            failed += 1
+            FileHandle.standardError.write(Data("\(String(decoding: item.key, as: UTF8.self)): \(status)\n".utf8))
+        }
+        emit("\(items.count - failed) put, \(failed) failed")
+        if failed > 0 { throw ExitCode(1) }
+    }
+}
+
+struct ClientBatchGet: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "batch-get", abstract: "Get many entries: prints key<TAB>value (or key<TAB>!STATUS) lines as they stream in.")
+    @OptionGroup var connection: ConnectOptions
+    @Argument var shardID: UInt64
+    @Argument var keys: [String]
+
+    func run() async throws {
+        var missing = 0
+        try await withClient(connection) { client in
+            for try await item in client.batchGet(shard: shardID, keys: keys.map { Array($0.utf8) }) {
+                let key = String(decoding: item.key, as: UTF8.self)
+                if let entry = item.entry {
+                    emit("\(key)\t\(String(decoding: entry.value, as: UTF8.self))")
+                } else {
+                    missing += 1
+                    emit("\(key)\t!\(item.status.code.name)")
+                }
+            }
+        }
+        if missing > 0 { throw ExitCode(1) }
+    }
+}
+
+struct ClientList: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "ls", abstract: "List a shard's entries: size, key.")
+    @OptionGroup var connection: ConnectOptions
+    @Argument var shardID: UInt64
+
+    func run() async throws {
+        try await withClient(connection) { client in
+            var after: [UInt8]?
+            repeat {
+                let page = try await client.list(shard: shardID, after: after)
+                for row in page.rows { emit("\(row.size)\t\(String(decoding: row.key, as: UTF8.self))") }
+                after = page.more ? page.rows.last?.key : nil
+            } while after != nil
+        }
+    }
+}
+
+struct ClientNewShard: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "new-shard", abstract: "Create a shard; prints its ID.")
+    @OptionGroup var connection: ConnectOptions
+    @OptionGroup var client: ClientOption
+    @Option(name: .long, help: "Ask for this shard ID.") var id: UInt64?
+
+    func run() async throws {
+        let owner = try client.clientID()
+        emit(String(try await withClient(connection) { try await $0.newShard(owner: owner, id: id) }))
+    }
+}
+
+struct ClientCloseShard: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "close-shard", abstract: "Close a shard (read-only forever).")
+    @OptionGroup var connection: ConnectOptions
+    @Argument var shardID: UInt64
+    func run() async throws { try await withClient(connection) { try await $0.closeShard(shardID) } }
+}
+
+struct ClientDeleteShard: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "delete-shard", abstract: "Delete a shard and its entries.")
+    @OptionGroup var connection: ConnectOptions
+    @Argument var shardID: UInt64
+    func run() async throws { try await withClient(connection) { try await $0.deleteShard(shardID) } }
+}
+
+struct ClientListShards: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "list-shards", abstract: "List shards: ID, owner, state, entries.")
+    @OptionGroup var connection: ConnectOptions
+
+    func run() async throws {
+        for s in try await withClient(connection, { try await $0.listShards() }) {
+            emit("\(s.id)\t\(s.owner)\t\(s.closed ? "closed" : "open")\t\(s.figures.map { String($0.entries) } ?? "-")")
+        }
+    }
+}
+
+struct ClientStat: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "stat", abstract: "A shard's owner, state and figures.")
+    @OptionGroup var connection: ConnectOptions
+    @Argument var shardID: UInt64
+
+    func run() async throws {
+        let s = try await withClient(connection) { try await $0.stat(shardID) }
+        emit("id \(s.id)\nowner \(s.owner)\nstate \(s.closed ? "closed" : "open")\nvolume \(s.volumeID)")
+        if let f = s.figures { emit("entries \(f.entries)\nused \(f.usedBytes)\nlimit \(f.limitBytes)") }
+    }
+}

@@ -1,0 +1,76 @@
+import ArgumentParser
+import BatchServer
+import Dispatch
+import Foundation
+import ShardNode
+
+struct ServeCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve",
+        abstract: "Run a node with the batch socket service until SIGTERM or SIGINT.",
+        discussion: """
+            Listens on TCP (server.address, default 127.0.0.1:7070) and on a Unix socket \
+            (server.unix_socket, default <data_dir>/shardfs.sock, mode 0660). TCP beyond \
+            loopback requires a token (--token or SHARDFS_SERVER_TOKEN). Prints one \
+            "ready" line with the bound addresses once it serves.
+            """)
+    @OptionGroup var node: NodeOptions
+    @OptionGroup var service: ServiceOptions
+
+    func run() async throws {
+        let running = try await ServeCommand.startNode(node, service)
+        emit("ready tcp=\(running.server.tcpPort.map { "\(running.tcpHost):\($0)" } ?? "-") unix=\(running.server.unixSocketPath ?? "-")")
+        await waitForTerminationSignal()
+        await running.server.shutdown()
+    }
+
+    struct Running {
+        let node: StorageNode
+        let server: BatchServer
+        let tcpHost: String
+    }
+
+    /// Everything `serve` starts, in one place (the FUSE mount joins here later).
+    static func startNode(_ node: NodeOptions, _ service: ServiceOptions) async throws -> Running {
+        let storage = try await node.startNode()
+        let config = try service.serverConfiguration(storage.configuration)
+        let server = try await BatchServer.start(config, shards: storage.shards)
+        let host = config.tcpAddress.map { String($0[..<($0.lastIndex(of: ":") ?? $0.endIndex)]) } ?? ""
+        return Running(node: storage, server: server, tcpHost: host)
+    }
+}
+
+/// Options of the socket service.
+struct ServiceOptions: ParsableArguments {
+    @Option(name: .long, help: "TCP address host:port (server.address); port 0 picks one.") var listen: String?
+    @Flag(name: .long, help: "Do not listen on TCP.") var noTcp = false
+    @Option(name: .long, help: "Unix socket path (server.unix_socket; default <data_dir>/shardfs.sock).") var socket: String?
+    @Option(name: .long, help: "Shared token TCP clients must present. Also SHARDFS_SERVER_TOKEN.") var token: String?
+    @Option(name: .long, help: "Engine threads running LMDB calls.") var engineThreads = 4
+
+    func serverConfiguration(_ node: Configuration) throws -> BatchServerConfiguration {
+        var config = BatchServerConfiguration()
+        config.tcpAddress = noTcp ? nil : (listen ?? node.server.address)
+        config.unixSocketPath = socket ?? (node.server.unixSocket.isEmpty ? node.node.dataDir + "/shardfs.sock" : node.server.unixSocket)
+        let env = ProcessInfo.processInfo.environment["SHARDFS_SERVER_TOKEN"]
+        config.token = [token, env].compactMap { $0 }.first { !$0.isEmpty }
+        guard engineThreads > 0 else { throw ValidationError("--engine-threads must be positive") }
+        config.engineThreads = engineThreads
+        return config
+    }
+}
+
+/// Returns when SIGTERM or SIGINT arrives.
+func waitForTerminationSignal() async {
+    let (stream, continuation) = AsyncStream<Int32>.makeStream()
+    var sources: [DispatchSourceSignal] = []
+    for sig in [SIGTERM, SIGINT] {
+        signal(sig, SIG_IGN)
+        let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+        source.setEventHandler { continuation.yield(sig) }
+        source.resume()
+        sources.append(source)
+    }
+    for await _ in stream { break }
+    for source in sources { source.cancel() }
+}

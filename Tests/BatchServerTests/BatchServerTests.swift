@@ -1,0 +1,257 @@
+import BatchProtocol
+import BatchServer
+import Foundation
+import NIOCore
+import ShardFSClient
+import Testing
+import TestSupport
+
+private func bytes(_ s: String) -> [UInt8] { Array(s.utf8) }
+
+private func statusCode(_ body: () async throws -> Void) async -> StatusCode? {
+    do { try await body() } catch ClientError.status(let s) { return s.code } catch { return nil }
+    return .ok
+}
+
+private func hello(token: String = "") -> [UInt8] {
+    var b = ByteBufferAllocator().buffer(capacity: 32)
+    RequestCodec.encode(.hello(version: 1, token: token), requestID: 0, into: &b)
+    return Array(b.readableBytesView)
+}
+
+/// The frames in `raw`, decoded.
+private func responses(_ raw: [UInt8]) -> [Response] {
+    var decoder = FrameDecoder(maxFrameLength: Int(UInt32.max))
+    decoder.append(ByteBuffer(bytes: raw))
+    var out: [Response] = []
+    while let f = try? decoder.next(), let r = try? ResponseCodec.decode(f) { out.append(r) }
+    return out
+}
+
+@Suite(.serialized) struct BatchServerTests {
+    @Test func everyOperationAndStatusThroughTheSwiftClient() async throws {
+        try await withServer { fx in
+            let c = try await fx.client()
+            defer { Task { await c.close() } }
+            let shard = try await c.newShard(owner: "sw")
+            #expect(await statusCode { _ = try await c.newShard(owner: "sw", id: shard) } == .shardIDTaken)
+            #expect(await statusCode { _ = try await c.newShard(owner: "") } == .clientIDRequired)
+            #expect(await statusCode { _ = try await c.newShard(owner: "sw", sizeLimit: 10) } == .invalidArgument)
+
+            try await c.put(client: "sw", shard: shard, key: ShardFSClient.key(entryID: 1), value: bytes("one"),
+                            indexes: [IndexField(name: "kind", value: bytes("odd"))])
+            let one = try await c.get(shard: shard, key: bytes("1"))
+            #expect(one.value == bytes("one"))
+            #expect(one.indexes == [IndexField(name: "kind", value: bytes("odd"))])
+            #expect(await statusCode { _ = try await c.get(shard: shard, key: bytes("2")) } == .entryNotFound)
+            #expect(await statusCode { _ = try await c.get(shard: 999_999, key: bytes("1")) } == .shardNotFound)
+            #expect(await statusCode { try await c.put(client: "other", shard: shard, key: bytes("x"), value: []) } == .shardFenced)
+            #expect(await statusCode { try await c.put(client: "", shard: shard, key: bytes("x"), value: []) } == .clientIDRequired)
+            #expect(await statusCode { try await c.put(client: "sw", shard: shard, key: bytes("a/b"), value: []) } == .invalidKey)
+            #expect(await statusCode {
+                try await c.put(client: "sw", shard: shard, key: bytes("x"), value: [], indexes: [IndexField(name: "", value: [])])
+            } == .invalidIndex)
+
+            let statuses = try await c.batchPut(client: "sw", shard: shard, items: [
+                PutItem(key: bytes("2"), value: bytes("two")), PutItem(key: bytes(".."), value: []),
+                PutItem(key: bytes("3"), value: bytes("three")),
+            ])
+            #expect(statuses.map(\.code) == [.ok, .invalidKey, .ok])
+
+            let page = try await c.list(shard: shard, limit: 2)
+            #expect(page.rows.map(\.key) == [bytes("1"), bytes("2")] && page.more)
+            let rest = try await c.list(shard: shard, after: bytes("2"), limit: 2)
+            #expect(rest.rows.map(\.key) == [bytes("3")] && !rest.more)
+            let found = try await c.find(shard: shard, indexName: "kind", value: bytes("odd"))
+            #expect(found.keys == [bytes("1")] && !found.more)
+
+            try await c.delete(client: "sw", shard: shard, key: bytes("3"))
+            #expect(await statusCode { try await c.delete(client: "sw", shard: shard, key: bytes("3")) } == .entryNotFound)
+
+            let info = try await c.stat(shard)
+            #expect(info.owner == "sw" && info.figures?.entries == 2 && !info.closed)
+            #expect(try await c.listShards().contains { $0.id == shard })
+
+            try await c.closeShard(shard)
+            #expect(await statusCode { try await c.put(client: "sw", shard: shard, key: bytes("4"), value: []) } == .shardClosed)
+            #expect(try await c.stat(shard).closed)
+
+            let small = try await c.newShard(owner: "sw", sizeLimit: 256 << 10)
+            #expect(await statusCode {
+                try await c.put(client: "sw", shard: small, key: bytes("big"), value: [UInt8](repeating: 1, count: 300 << 10))
+            } == .shardFull)
+
+            try await c.deleteShard(shard)
+            #expect(await statusCode { _ = try await c.stat(shard) } == .shardNotFound)
+        }
+    }
+
+    @Test func thePythonClientWrittenFromTheDocumentAgrees() async throws {
+        try await withServer({ $0.token = "py-token" }) { fx in
+            let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+                .deletingLastPathComponent().appendingPathComponent("clients/python/check_protocol.py").path
+            let port = fx.server.tcpPort!
+            let result = try await Task.detached {
+                try run("/usr/bin/env", ["python3", script, "--socket", fx.socket, "--tcp", "127.0.0.1:\(port)", "--token", "py-token"])
+            }.value
+            #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
+            #expect(result.stdout.contains("python protocol check passed"))
+        }
+    }
+
+    @Test func pipelinedRequestsCompleteOutOfOrderAndMatchTheirAnswers() async throws {
+        try await withServer { fx in
+            let c = try await fx.client()
+            defer { Task { await c.close() } }
+            let slow = try await c.newShard(owner: "p"), fast = try await c.newShard(owner: "p")
+            try await c.put(client: "p", shard: fast, key: bytes("k"), value: bytes("v"))
+            let order = OrderLog()
+            var sawOutOfOrder = false
+            for attempt in 0..<5 where !sawOutOfOrder {
+                let items = (0..<20_000).map { PutItem(key: bytes("a\(attempt)-\($0)"), value: [UInt8](repeating: 7, count: 100)) }
+                try await withThrowingTaskGroup(of: Void.self) { group in
+                    group.addTask {
+                        let statuses = try await c.batchPut(client: "p", shard: slow, items: items)
+                        #expect(statuses.count == items.count && statuses.allSatisfy(\.isOK))
+                        order.append("put")
+                    }
+                    try await Task.sleep(for: .milliseconds(2))  // let the batch go out first
+                    for i in 0..<20 {
+                        group.addTask {
+                            let e = try await c.get(shard: fast, key: bytes("k"))
+                            #expect(e.value == bytes("v"))
+                            order.append("get\(i)")
+                        }
+                    }
+                    try await group.waitForAll()
+                }
+                sawOutOfOrder = order.take().first != "put"
+            }
+            #expect(sawOutOfOrder, "a get sent after a big batch put never overtook it")
+        }
+    }
+
+    @Test func batchGetStreamsEveryItemInOrderAndMissingOnesDoNotAbort() async throws {
+        try await withServer { fx in
+            let c = try await fx.client()
+            defer { Task { await c.close() } }
+            let shard = try await c.newShard(owner: "s")
+            let n = 5_000  // more than one streamed piece
+            let present = (0..<n).filter { $0 % 3 != 0 }
+            _ = try await c.batchPut(client: "s", shard: shard,
+                                     items: present.map { PutItem(key: ShardFSClient.key(entryID: UInt32($0)), value: bytes("v\($0)")) })
+            var positions: [Int] = []
+            for try await item in c.batchGet(shard: shard, keys: (0..<n).map { ShardFSClient.key(entryID: UInt32($0)) }) {
+                positions.append(item.position)
+                if item.position % 3 == 0 {
+                    #expect(item.status.code == .entryNotFound && item.entry == nil)
+                } else {
+                    #expect(item.entry?.value == bytes("v\(item.position)"))
+                }
+            }
+            #expect(positions == Array(0..<n))
+            var failed: StatusCode?
+            do { for try await _ in c.batchGet(shard: 424_242, keys: [bytes("1")]) {} } catch ClientError.status(let s) {
+                failed = s.code
+            }
+            #expect(failed == .shardNotFound)
+        }
+    }
+
+    @Test func badInputClosesOnlyThatConnection() async throws {
+        try await withServer({ $0.readTimeout = .milliseconds(500) }) { fx in
+            let good = try await fx.client()
+            defer { Task { await good.close() } }
+            let shard = try await good.newShard(owner: "b")
+            let path = fx.socket
+            let results = try await Task.detached { () -> [[Response]] in
+                // Random bytes.
+                var rng = SystemRandomNumberGenerator()
+                let random = try RawSocket(unixPath: path)
+                random.send((0..<64).map { _ in UInt8.random(in: 0...255, using: &rng) })
+                // A frame claiming 4 GiB after a good handshake.
+                let huge = try RawSocket(unixPath: path)
+                huge.send(hello() + [0xFF, 0xFF, 0xFF, 0xFF, 0x02])
+                // Half a frame, then silence.
+                let half = try RawSocket(unixPath: path)
+                half.send(hello() + [0, 0, 0, 40, 0x03, 0, 0])
+                // An unknown type.
+                let unknown = try RawSocket(unixPath: path)
+                unknown.send(hello() + [0, 0, 0, 5, 0x6E, 0, 0, 0, 9])
+                return [random, huge, half, unknown].map { responses($0.readToEnd()) }
+            }.value
+            func lastError(_ rs: [Response]) -> StatusCode? {
+                if case .error(_, let s) = rs.last { return s.code }
+                return nil
+            }
+            #expect(lastError(results[0]) == .invalidRequest || lastError(results[0]) == .unauthorised
+                    || lastError(results[0]) == .frameTooLarge)
+            #expect(lastError(results[1]) == .frameTooLarge)
+            #expect(lastError(results[2]) == .timeout)
+            #expect(lastError(results[3]) == .invalidRequest)
+            // The server and the good connection carry on.
+            try await good.put(client: "b", shard: shard, key: bytes("still"), value: bytes("here"))
+            #expect(try await good.get(shard: shard, key: bytes("still")).value == bytes("here"))
+        }
+    }
+
+    @Test func aThousandConnectionsAtOnce() async throws {
+        try await withServer({ $0.maxConnections = 600 }) { fx in
+            let path = fx.socket
+            let refused = try await Task.detached { () -> Int in
+                let sockets = try (0..<1_000).map { _ in try RawSocket(unixPath: path, receiveTimeoutSeconds: 2) }
+                for s in sockets { s.send(hello()) }
+                var refused = 0
+                for s in sockets.suffix(400) {
+                    if case .error(_, let st) = responses(s.readToEnd()).last, st.code == .tooManyConnections { refused += 1 }
+                }
+                return refused
+            }.value
+            #expect(refused == 400)
+            // All those closed; the server answers again.
+            let c = try await fx.client()
+            #expect(try await c.listShards().isEmpty)
+            await c.close()
+        }
+    }
+
+    @Test func anUnauthenticatedTCPClientGetsOnlyAnError() async throws {
+        try await withServer({ $0.token = "s3cret" }) { fx in
+            var refusal: StatusCode?
+            do { _ = try await ShardFSClient.connect(to: fx.tcp, token: "") } catch ClientError.connectionClosed(let why) {
+                refusal = why.contains("UNAUTHORISED") ? .unauthorised : nil
+            }
+            #expect(refusal == .unauthorised)
+            let wrong = await (try? ShardFSClient.connect(to: fx.tcp, token: "guess")) == nil
+            #expect(wrong)
+            let c = try await ShardFSClient.connect(to: fx.tcp, token: "s3cret")
+            #expect(try await c.listShards().isEmpty)
+            await c.close()
+            // The Unix socket needs no token: its mode is the access control.
+            let attrs = try FileManager.default.attributesOfItem(atPath: fx.socket)
+            #expect((attrs[.posixPermissions] as? Int) == 0o660)
+        }
+    }
+
+    @Test func aNonLoopbackAddressWithoutATokenDoesNotStart() async throws {
+        let dir = try TemporaryDirectory("batch-cfg")
+        var config = BatchServerConfiguration()
+        config.tcpAddress = "0.0.0.0:0"
+        config.unixSocketPath = dir.sub("s.sock")
+        var c = ShardNodeConfig()
+        c.node.dataDir = dir.sub("d")
+        let node = try await StorageNode.start(c)
+        await #expect(throws: BatchServerError.self) { _ = try await BatchServer.start(config, shards: node.shards) }
+    }
+}
+
+import ShardNode
+typealias ShardNodeConfig = ShardNode.Configuration
+
+/// Completion order, shared by concurrent tasks.
+final class OrderLog: @unchecked Sendable {
+    private let lock = NSLock()
+    private var entries: [String] = []
+    func append(_ s: String) { lock.withLock { entries.append(s) } }
+    func take() -> [String] { lock.withLock { defer { entries = [] }; return entries } }
+}

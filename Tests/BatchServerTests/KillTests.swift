@@ -1,0 +1,85 @@
+import BatchProtocol
+import Foundation
+import ShardFSClient
+import ShardNode
+import ShardStore
+import Testing
+import TestSupport
+
+/// A `shardfs serve` child process on a temporary data folder.
+final class ServeProcess: @unchecked Sendable {
+    let process = Process()
+    let socket: String
+
+    init(dataDir: String) throws {
+        socket = dataDir + "/shardfs.sock"
+        process.executableURL = productsDirectory().appendingPathComponent("shardfs")
+        process.arguments = ["serve", "--data-dir", dataDir, "--no-tcp", "--log-level", "error"]
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+    }
+
+    /// Waits until the socket answers.
+    func client() async throws -> ShardFSClient {
+        for _ in 0..<200 {
+            if let c = try? await ShardFSClient.connect(to: .unix(path: socket)) { return c }
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        throw ClientError.connectionClosed("shardfs serve did not come up")
+    }
+
+    func kill9() {
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
+    }
+}
+
+@Suite struct KillTests {
+    @Test func acknowledgedBatchPutsSurviveKillDashNine() async throws {
+        let dir = try TemporaryDirectory("batch-kill")
+        let data = dir.sub("data")
+        let server = try ServeProcess(dataDir: data)
+        defer { server.kill9() }
+        let c = try await server.client()
+        let shard = try await c.newShard(owner: "k")
+        let acked = AckLog()
+        // Writers stream batches until the server dies under them.
+        let writers = (0..<4).map { w in
+            Task {
+                var batch = 0
+                while true {
+                    let keys = (0..<200).map { Array("w\(w)-b\(batch)-\($0)".utf8) }
+                    guard let statuses = try? await c.batchPut(client: "k", shard: shard,
+                                                               items: keys.map { PutItem(key: $0, value: Array(repeating: 5, count: 100)) })
+                    else { return }
+                    if statuses.allSatisfy(\.isOK) { acked.add(keys) }
+                    batch += 1
+                }
+            }
+        }
+        while acked.count < 4_000 { try await Task.sleep(for: .milliseconds(20)) }
+        server.kill9()
+        for w in writers { await w.value }
+        await c.close()
+        let keys = acked.all()
+        #expect(keys.count >= 4_000)
+
+        // A fresh node on the same folder has every acknowledged entry.
+        var config = Configuration()
+        config.node.dataDir = data
+        let node = try await StorageNode.start(config)
+        let s = try await node.shards.shard(shard)
+        let results = try s.batchGet(try keys.map { try EntryKey($0) })
+        let lost = results.filter { if case .failure = $0 { return true } else { return false } }.count
+        #expect(lost == 0, "\(lost) of \(keys.count) acknowledged entries were lost")
+    }
+}
+
+final class AckLog: @unchecked Sendable {
+    private let lock = NSLock()
+    private var keys: [[UInt8]] = []
+    func add(_ more: [[UInt8]]) { lock.withLock { keys += more } }
+    var count: Int { lock.withLock { keys.count } }
+    func all() -> [[UInt8]] { lock.withLock { keys } }
+}

@@ -1,0 +1,241 @@
+import Foundation
+import TestSupport
+import Testing
+
+/// Each test mounts ShardFS for real and drives it with the tools users run.
+@Suite struct FileSystemTests {
+    @Test func shardsAreDirectoriesAndEntriesAreFiles() async throws {
+        try await withMount { m in
+            try await m.ok("mkdir shard-7 && mkdir shard-9")
+            #expect(try await m.ok("ls") == "shard-7\nshard-9\n")
+            try await m.ok("printf 'hello world' > shard-7/greeting && cp /etc/hostname shard-7/host")
+            #expect(try await m.ok("cat shard-7/greeting") == "hello world")
+            try await m.ok("cmp /etc/hostname shard-7/host")
+            let listing = try await m.ok("ls -l shard-7")
+            #expect(listing.contains("-rw-r--r--") && listing.contains(" 11 ") && listing.contains("greeting"), "\(listing)")
+            #expect(try await m.ok("stat -c '%s %F' shard-7/greeting") == "11 regular file\n")
+            try await m.ok("touch -d '2001-02-03 04:05:06' shard-7/greeting")
+            #expect(try await m.ok("stat -c %Y shard-7/greeting") == "\(981173106)\n")
+            // df shows the shard's limit (2 GiB) and use.
+            let df = try await m.ok("df -B1 --output=size shard-7 | tail -1")
+            #expect(df.trimmingCharacters(in: .whitespacesAndNewlines) == String(2 << 30), "\(df)")
+            try await m.ok("mv shard-7/greeting shard-7/renamed && rm shard-7/host")
+            #expect(try await m.ok("ls shard-7") == "renamed\n")
+            try await m.ok("rmdir shard-9")
+            #expect(try await m.ok("ls") == "shard-7\n")
+        }
+    }
+
+    @Test func overwriteAppendTruncateAndRandomWrites() async throws {
+        try await withMount { m in
+            try await m.ok("mkdir shard-1 && cd shard-1 && echo one > f && echo two >> f")
+            #expect(try await m.ok("cat shard-1/f") == "one\ntwo\n")
+            try await m.ok("echo replaced > shard-1/f")
+            #expect(try await m.ok("cat shard-1/f") == "replaced\n")
+            try await m.ok("truncate -s 4 shard-1/f")
+            #expect(try await m.ok("cat shard-1/f") == "repl")
+            try await m.ok("truncate -s 6 shard-1/f")
+            #expect(try await m.ok("od -An -c shard-1/f | tr -s ' '") == " r e p l \\0 \\0\n")
+            // A write in the middle of an existing file keeps the rest.
+            try await m.ok("printf 'XY' | dd of=shard-1/f bs=1 seek=1 conv=notrunc status=none")
+            #expect(try await m.ok("head -c 4 shard-1/f") == "rXYl")
+            try await m.ok("dd if=/dev/urandom of=/tmp/shardfs-dd-$$ bs=1M count=3 status=none && dd if=/tmp/shardfs-dd-$$ of=shard-1/dd bs=64K status=none && cmp /tmp/shardfs-dd-$$ shard-1/dd; rc=$?; rm -f /tmp/shardfs-dd-$$; exit $rc")
+        }
+    }
+
+    @Test func indexesAreExtendedAttributes() async throws {
+        try await withMount { m in
+            try await m.ok("mkdir shard-3 && echo v > shard-3/e && setfattr -n user.topic -v logs shard-3/e")
+            try await m.ok("setfattr -n user.level -v 3 shard-3/e")
+            let dump = try await m.ok("getfattr -d --absolute-names shard-3/e")
+            #expect(dump.contains("user.topic=\"logs\"") && dump.contains("user.level=\"3\""), "\(dump)")
+            try await m.ok("setfattr -n user.topic -v metrics shard-3/e")
+            #expect(try await m.ok("getfattr --only-values -n user.topic shard-3/e") == "metrics")
+            try await m.ok("setfattr -x user.level shard-3/e")
+            #expect(!(try await m.ok("getfattr -d shard-3/e")).contains("level"))
+            // Rewriting the file keeps its indexes.
+            try await m.ok("echo rewritten > shard-3/e")
+            #expect(try await m.ok("getfattr --only-values -n user.topic shard-3/e") == "metrics")
+            #expect(try await m.errnoOf("os.getxattr('shard-3/e', 'user.missing')") == "ENODATA")
+            #expect(["EOPNOTSUPP", "ENOTSUP"].contains(try await m.errnoOf("os.setxattr('shard-3/e', 'trusted.x', b'1')")))
+            #expect(try await m.errnoOf("os.removexattr('shard-3/e', 'user.missing')") == "ENODATA")
+        }
+        // After unmount, the index is queryable through the engine.
+    }
+
+    @Test func everyFailureHasItsErrno() async throws {
+        try await withMount { m in
+            try await m.ok("mkdir shard-1 shard-2 && echo x > shard-1/f && echo y > shard-2/g")
+            #expect(try await m.errnoOf("os.mkdir('not-a-shard')") == "EINVAL")
+            #expect(try await m.errnoOf("os.mkdir('shard-01')") == "EINVAL")
+            #expect(try await m.errnoOf("os.mkdir('shard-1')") == "EEXIST")
+            #expect(try await m.errnoOf("os.mkdir('shard-1/sub')") == "EPERM")
+            #expect(try await m.errnoOf("os.symlink('f', 'shard-1/l')") == "EPERM")
+            #expect(try await m.errnoOf("os.link('shard-1/f', 'shard-1/h')") == "EPERM")
+            #expect(try await m.errnoOf("os.mknod('shard-1/p', 0o10644)") == "EPERM")
+            #expect(try await m.errnoOf("os.chown('shard-1/f', 4242, -1)") == "EPERM")
+            #expect(try await m.errnoOf("os.rename('shard-1/f', 'shard-2/f')") == "EXDEV")
+            #expect(try await m.errnoOf("os.rename('shard-1', 'shard-3')") == "EPERM")
+            #expect(try await m.errnoOf("open('top-level-file', 'w')") == "EPERM")
+            #expect(try await m.errnoOf("os.unlink('shard-1/missing')") == "ENOENT")
+            #expect(try await m.errnoOf("os.rmdir('shard-99')") == "ENOENT")
+            #expect(try await m.errnoOf("open('shard-1/' + 'k' * 256, 'w')") == "ENAMETOOLONG")
+            // rename within a shard replaces its target atomically.
+            try await m.ok("echo new > shard-1/a && mv shard-1/a shard-1/f")
+            #expect(try await m.ok("cat shard-1/f") == "new\n")
+        }
+    }
+
+    @Test func chmodAMinusWClosesAShardForever() async throws {
+        let fixture = try MountFixture(options: "client_id=tester")
+        do {
+            try await fixture.mount()
+            try await fixture.ok("mkdir shard-4 && echo data > shard-4/f && chmod a-w shard-4")
+            #expect(try await fixture.ok("stat -c %A shard-4") == "dr-xr-xr-x\n")
+            #expect(try await fixture.ok("stat -c %A shard-4/f") == "-r--r--r--\n")
+            #expect(try await fixture.errnoOf("open('shard-4/new', 'w')") == "EROFS")
+            #expect(try await fixture.errnoOf("os.unlink('shard-4/f')") == "EROFS")
+            #expect(try await fixture.errnoOf("os.chmod('shard-4', 0o755)") == "EPERM")
+            #expect(try await fixture.ok("cat shard-4/f") == "data\n")
+            await fixture.unmount()
+            // Closed across a remount.
+            try await fixture.mount()
+            #expect(try await fixture.errnoOf("open('shard-4/f', 'a')") == "EROFS")
+            // rmdir deletes a closed shard with its entries.
+            try await fixture.ok("rmdir shard-4")
+            #expect(try await fixture.ok("ls") == "")
+        } catch {
+            await fixture.unmount()
+            throw error
+        }
+        await fixture.unmount()
+    }
+
+    @Test func aMountWritesOnlyShardsItsClientOwns() async throws {
+        let fixture = try MountFixture(options: "client_id=alice")
+        do {
+            try await fixture.mount()
+            try await fixture.ok("mkdir shard-5 && echo a > shard-5/f")
+            await fixture.unmount()
+            try await fixture.mount("client_id=bob")
+            #expect(try await fixture.ok("cat shard-5/f") == "a\n")
+            #expect(try await fixture.errnoOf("open('shard-5/g', 'w')") == "EACCES")
+            #expect(try await fixture.errnoOf("os.unlink('shard-5/f')") == "EACCES")
+        } catch {
+            await fixture.unmount()
+            throw error
+        }
+        await fixture.unmount()
+    }
+
+    @Test func readOnlyMountRefusesEveryChange() async throws {
+        let fixture = try MountFixture(options: "client_id=tester")
+        do {
+            try await fixture.mount()
+            try await fixture.ok("mkdir shard-6 && echo a > shard-6/f")
+            await fixture.unmount()
+            try await fixture.mount("ro")
+            #expect(try await fixture.ok("cat shard-6/f") == "a\n")
+            for call in ["open('shard-6/g', 'w')", "open('shard-6/f', 'a')", "os.unlink('shard-6/f')", "os.mkdir('shard-8')",
+                         "os.rmdir('shard-6')", "os.rename('shard-6/f', 'shard-6/h')", "os.setxattr('shard-6/f', 'user.x', b'1')",
+                         "os.truncate('shard-6/f', 0)"] {
+                #expect(try await fixture.errnoOf(call) == "EROFS", "\(call)")
+            }
+        } catch {
+            await fixture.unmount()
+            throw error
+        }
+        await fixture.unmount()
+    }
+
+    @Test func rsyncTarFindAndDuWorkBothWays() async throws {
+        try await withMount { m in
+            let source = m.dir.sub("source"), back = m.dir.sub("back")
+            _ = try await shell("""
+                mkdir -p \(source) && cd \(source) && for i in $(seq 1 40); do head -c $((i * 997)) /dev/urandom > file$i; done \
+                && touch -d '2020-01-01' file1
+                """)
+            try await m.ok("mkdir shard-1 shard-2")
+            try await m.ok("rsync -a \(source)/ shard-1/")
+            try await m.ok("diff -r \(source) shard-1")
+            #expect(try await m.ok("stat -c %Y shard-1/file1") == "\(1577836800)\n")
+            try await m.ok("rsync -a shard-1/ \(back)/ && diff -r \(source) \(back)")
+            // A second rsync finds nothing to do (sizes and times match).
+            #expect(try await m.ok("rsync -ai shard-1/ \(back)/") == "")
+            try await m.ok("tar -C \(source) -cf - . | tar -C shard-2 -xf -")
+            try await m.ok("diff -r \(source) shard-2")
+            try await m.ok("tar -C shard-2 -cf \(m.dir.sub("out.tar")) . && mkdir \(m.dir.sub("untar")) && tar -C \(m.dir.sub("untar")) -xf \(m.dir.sub("out.tar")) && diff -r \(source) \(m.dir.sub("untar"))")
+            #expect(try await m.ok("find . -type f | wc -l") == "80\n")
+            #expect(try await m.ok("find shard-1 -name 'file1*' | sort | head -2") == "shard-1/file1\nshard-1/file10\n")
+            let du = Int(try await m.ok("du -sk shard-1 | cut -f1").trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+            #expect(du >= 40 * 41 / 2 * 997 / 1024 - 40, "du says \(du) KiB")
+        }
+    }
+
+    @Test func parallelReadersAndWritersOnOneShard() async throws {
+        try await withMount { m in
+            try await m.ok("mkdir shard-1")
+            try await m.ok("""
+                for w in $(seq 1 8); do ( for i in $(seq 1 25); do printf "writer $w item $i" > shard-1/w$w-$i; done ) & done; wait
+                """)
+            #expect(try await m.ok("ls shard-1 | wc -l") == "200\n")
+            try await m.ok("""
+                fail=0; for r in $(seq 1 8); do ( for i in $(seq 1 25); do [ "$(cat shard-1/w$r-$i)" = "writer $r item $i" ] || exit 1; done ) & done; \
+                for job in $(jobs -p); do wait $job || fail=1; done; exit $fail
+                """)
+        }
+    }
+
+    @Test func killDashNineLosesNoClosedFileAndRemountWorks() async throws {
+        let fixture = try MountFixture(options: "client_id=tester")
+        do {
+            try await fixture.mount()
+            try await fixture.ok("mkdir shard-1 && for i in $(seq 1 50); do echo value-$i > shard-1/e$i; done && sync shard-1/e50")
+            guard let pid = fixture.daemonPID else { throw FixtureError("no daemon pid") }
+            kill(pid, SIGKILL)
+            for _ in 0..<100 where kill(pid, 0) == 0 { try await Task.sleep(for: .milliseconds(20)) }
+            // The dead mount answers ENOTCONN until it is unmounted.
+            _ = try await shell("fusermount3 -u '\(fixture.mnt)' || fusermount3 -uz '\(fixture.mnt)'")
+            try await fixture.mount()
+            for i in [1, 25, 50] { #expect(try await fixture.ok("cat shard-1/e\(i)") == "value-\(i)\n") }
+            #expect(try await fixture.ok("ls shard-1 | wc -l") == "50\n")
+        } catch {
+            await fixture.unmount()
+            throw error
+        }
+        await fixture.unmount()
+    }
+
+    @Test func aFullShardFailsCloseWithENOSPCAndStaysUsable() async throws {
+        let fixture = try MountFixture(options: "client_id=tester")
+        do {
+            _ = try await shell("mkdir -p '\(fixture.data)' && printf 'shard:\\n  size_limit: 1MiB\\n' > '\(fixture.dir.sub("small.yaml"))'")
+            try await fixture.mount("config=\(fixture.dir.sub("small.yaml"))")
+            try await fixture.ok("mkdir shard-1 && echo small > shard-1/ok")
+            let result = try await fixture.sh("head -c 3000000 /dev/zero > shard-1/big")
+            #expect(result.status != 0 && result.stderr.contains("No space left on device"), "\(result.stderr)")
+            #expect(try await fixture.ok("cat shard-1/ok") == "small\n")
+            try await fixture.ok("echo still-writable > shard-1/next")
+            #expect(try await fixture.ok("cat shard-1/next") == "still-writable\n")
+        } catch {
+            await fixture.unmount()
+            throw error
+        }
+        await fixture.unmount()
+    }
+
+    @Test func largeFilesKeepTheDaemonsMemoryBounded() async throws {
+        try await withMount { m in
+            try await m.ok("mkdir shard-1")
+            try await m.ok("head -c 200000000 /dev/urandom > \(m.dir.sub("big")) && cp \(m.dir.sub("big")) shard-1/big && cmp \(m.dir.sub("big")) shard-1/big")
+            guard let pid = m.daemonPID else { throw FixtureError("no daemon pid") }
+            let status = try String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)
+            let peak = status.split(separator: "\n").first { $0.hasPrefix("VmHWM:") }.map {
+                Int($0.split(separator: " ", omittingEmptySubsequences: true)[1]) ?? 0
+            } ?? 0
+            // Writes spill to a file past 8 MiB; reads go chunk by chunk. LMDB's map
+            // pages count too, but far below the file's 200 MB.
+            #expect(peak < 150_000, "peak resident memory \(peak) KiB")
+        }
+    }
+}

@@ -1,0 +1,95 @@
+import Foundation
+import TestSupport
+import Testing
+
+let shardfs = productsDirectory().appendingPathComponent("shardfs").path
+
+/// A real ShardFS mount in a temporary folder: `data/` (the node) and `mnt/`.
+/// `withMount` always unmounts, stops the daemon and removes the folder, even
+/// when the test fails.
+final class MountFixture: @unchecked Sendable {
+    let dir: TemporaryDirectory
+    var data: String { dir.sub("data") }
+    var mnt: String { dir.sub("mnt") }
+    let options: String
+
+    init(options: String) throws {
+        dir = try TemporaryDirectory("fuse")
+        self.options = options
+        try FileManager.default.createDirectory(atPath: dir.sub("mnt"), withIntermediateDirectories: true)
+    }
+
+    func mount(_ extra: String = "") async throws {
+        let all = [options, extra].filter { !$0.isEmpty }.joined(separator: ",")
+        let result = try await runAsync(shardfs, ["mount", data, mnt, "--log-level", "warning"] + (all.isEmpty ? [] : ["-o", all]))
+        guard result.status == 0 else { throw FixtureError("mount failed: \(result.stderr)") }
+    }
+
+    /// The daemon's pid, from the node lock it holds.
+    var daemonPID: Int32? {
+        (try? String(contentsOfFile: data + "/node.lock", encoding: .utf8))
+            .flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+    }
+
+    var isMounted: Bool {
+        ((try? String(contentsOfFile: "/proc/mounts", encoding: .utf8)) ?? "").contains(" \(mnt) ")
+    }
+
+    func unmount() async {
+        let pid = daemonPID
+        if isMounted { _ = try? await shell("fusermount3 -u '\(mnt)' 2>/dev/null || fusermount3 -uz '\(mnt)'") }
+        // The daemon exits once unmounted; make sure of it.
+        if let pid {
+            for _ in 0..<100 where kill(pid, 0) == 0 { try? await Task.sleep(for: .milliseconds(50)) }
+            if kill(pid, 0) == 0 { kill(pid, SIGKILL) }
+        }
+        for _ in 0..<100 where isMounted { try? await Task.sleep(for: .milliseconds(20)) }
+    }
+
+    /// Runs a shell command in the mount point; returns its result.
+    @discardableResult
+    func sh(_ command: String) async throws -> ProcessResult {
+        try await shell("cd '\(mnt)' && \(command)")
+    }
+
+    /// Runs a shell command that must succeed; returns its standard output.
+    @discardableResult
+    func ok(_ command: String, sourceLocation: SourceLocation = #_sourceLocation) async throws -> String {
+        let result = try await sh(command)
+        #expect(result.status == 0, "\(command): \(result.stderr)", sourceLocation: sourceLocation)
+        return result.stdout
+    }
+
+    /// The errno name a Python os call fails with, or "OK".
+    func errnoOf(_ pythonCall: String) async throws -> String {
+        let script = """
+        import errno, os, sys
+        try:
+            \(pythonCall)
+            print("OK")
+        except OSError as e:
+            print(errno.errorcode[e.errno])
+        """
+        return try await sh("python3 -c '\(script.replacingOccurrences(of: "'", with: "'\\''"))'")
+            .stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+}
+
+struct FixtureError: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// Mounts, runs `body`, and always tears down.
+func withMount(_ options: String = "client_id=tester", _ body: (MountFixture) async throws -> Void) async throws {
+    let fixture = try MountFixture(options: options)
+    do {
+        try await fixture.mount()
+        try await body(fixture)
+    } catch {
+        await fixture.unmount()
+        throw error
+    }
+    await fixture.unmount()
+    #expect(!fixture.isMounted)
+}
