@@ -2,16 +2,19 @@
 //
 //   entries  key -> record: a fixed header, the indexes, then the value inline
 //            unless it is chunked (values over `chunkSize` bytes).
-//   chunks   key 0x00 chunkNumber(u32 big-endian) -> up to `chunkSize` bytes.
-//            Keys never contain NUL, so one entry's chunks are contiguous and
-//            sort right after each other.
+//   chunks   chunkSet(u64 BE) chunkNumber(u32 BE) -> up to `chunkSize` bytes.
+//            A chunked record names its chunk set, so a large value can be
+//            written into a fresh set over several transactions and switched to
+//            in one (memory stays bounded), and a rename moves no chunks.
+//   staging  chunkSet(u64 BE) -> empty: sets being written; a crash leaves them
+//            here and opening the shard removes them.
 //   indexes  (DUPSORT) indexKey(name, value) -> entry key. The reverse index.
-//   meta     shard descriptor: id, owner, state, size limit, format.
+//   meta     shard descriptor: id, owner, state, size limit, format; the last chunk set ID.
 //
 // Record layout (little-endian), kept small because it is paid on every entry:
 //   0      u8   bits 0–3: format version (1); bit 4: value is chunked; bit 5: has indexes
 //   1..8   i64  modification time, nanoseconds since 1970
-//   if chunked:      u64 value size
+//   if chunked:      u64 value size, u64 chunk set
 //   if has indexes:  u32 length of the index section, then the section:
 //                    per index: u8 name length, name, u32 value length, value
 //   then the value itself when not chunked (its size is what remains).
@@ -38,7 +41,7 @@ struct RecordFlags: OptionSet, Sendable {
 func recordHeadIsSane(_ raw: UnsafeRawBufferPointer) -> Bool {
     guard raw.count >= recordFixedSize, raw[0] & 0x0F == recordFormatVersion else { return false }
     let flags = RecordFlags(rawValue: raw[0] & 0xF0)
-    if flags.contains(.chunked) { return raw.count >= recordFixedSize + 8 }
+    if flags.contains(.chunked) { return raw.count >= recordFixedSize + 16 }
     if flags.contains(.hasIndexes) {
         return raw.count >= recordFixedSize + 4 && Int(raw.loadLE(UInt32.self, at: recordFixedSize)) <= raw.count - recordFixedSize - 4
     }
@@ -64,6 +67,8 @@ struct RecordView {
     var flags: RecordFlags
     var modificationTime: Int64
     var size: Int
+    /// Where a chunked value's chunks are (0 when inline).
+    var chunkSet: UInt64 = 0
     /// Bytes of the index section.
     var indexBytes: UnsafeRawBufferPointer
     /// The inline value (empty when chunked).
@@ -78,9 +83,10 @@ struct RecordView {
         var offset = recordFixedSize
         var chunkedSize = 0
         if flags.contains(.chunked) {
-            guard raw.count >= offset + 8 else { throw ShardError.corrupt("truncated record header") }
+            guard raw.count >= offset + 16 else { throw ShardError.corrupt("truncated record header") }
             chunkedSize = Int(raw.loadLE(UInt64.self, at: offset))
-            offset += 8
+            chunkSet = raw.loadLE(UInt64.self, at: offset + 8)
+            offset += 16
         }
         indexBytes = UnsafeRawBufferPointer(start: nil, count: 0)
         if flags.contains(.hasIndexes) {
@@ -145,21 +151,23 @@ func encodedIndexSize(_ indexes: [IndexPair]) -> Int {
 
 /// Bytes of a record before its inline value.
 func recordHeadSize(chunked: Bool, indexes: [IndexPair]) -> Int {
-    recordFixedSize + (chunked ? 8 : 0) + (indexes.isEmpty ? 0 : 4 + encodedIndexSize(indexes))
+    recordFixedSize + (chunked ? 16 : 0) + (indexes.isEmpty ? 0 : 4 + encodedIndexSize(indexes))
 }
 
 /// Writes a record's head into `out`; returns the offset where the inline value goes.
-func encodeRecordHead(into out: UnsafeMutableRawBufferPointer, chunked: Bool, modificationTime: Int64,
+func encodeRecordHead(into out: UnsafeMutableRawBufferPointer, chunkSet: UInt64?, modificationTime: Int64,
                       size: Int, indexes: [IndexPair]) -> Int {
+    let chunked = chunkSet != nil
     var flags: RecordFlags = []
     if chunked { flags.insert(.chunked) }
     if !indexes.isEmpty { flags.insert(.hasIndexes) }
     out[0] = recordFormatVersion | flags.rawValue
     out.storeLE(UInt64(bitPattern: modificationTime), at: 1)
     var offset = recordFixedSize
-    if chunked {
+    if let chunkSet {
         out.storeLE(UInt64(size), at: offset)
-        offset += 8
+        out.storeLE(chunkSet, at: offset + 8)
+        offset += 16
     }
     if !indexes.isEmpty {
         out.storeLE(UInt32(encodedIndexSize(indexes)), at: offset)
@@ -181,14 +189,18 @@ func encodeRecordHead(into out: UnsafeMutableRawBufferPointer, chunked: Bool, mo
     return offset
 }
 
-/// Key of chunk `n` of entry `key`: key, NUL, n as u32 big-endian (so chunks sort in order).
-func chunkKey(_ key: [UInt8], _ n: Int) -> [UInt8] {
-    var k = key
-    k.reserveCapacity(key.count + 5)
-    k.append(0)
-    withUnsafeBytes(of: UInt32(n).bigEndian) { k.append(contentsOf: $0) }
+/// Key of chunk `n` of a chunk set: set and number big-endian, so a set's
+/// chunks are contiguous and in order.
+func chunkKey(_ set: UInt64, _ n: Int) -> [UInt8] {
+    var k = [UInt8](repeating: 0, count: 12)
+    k.withUnsafeMutableBytes {
+        $0.storeBytes(of: set.bigEndian, toByteOffset: 0, as: UInt64.self)
+        $0.storeBytes(of: UInt32(n).bigEndian, toByteOffset: 8, as: UInt32.self)
+    }
     return k
 }
+
+func chunkSetKey(_ set: UInt64) -> [UInt8] { withUnsafeBytes(of: set.bigEndian) { Array($0) } }
 
 /// Values up to this length are kept literally in the reverse-index key; longer
 /// ones by hash (lookups then check the entry's real value).

@@ -116,6 +116,7 @@ public final class Shard: @unchecked Sendable {
     @usableFromInline let env: Environment
     @usableFromInline let entries: Database
     let chunks: Database
+    let staging: Database
     let indexes: Database
     let meta: Database
 
@@ -180,12 +181,13 @@ public final class Shard: @unchecked Sendable {
         var envOptions = EnvironmentOptions(mapSize: descriptor?.sizeLimit ?? ShardOptions.minimumSizeLimit)
         envOptions.readOnly = options.readOnly
         envOptions.noSync = !options.durableCommits
-        envOptions.maxDatabases = 4
+        envOptions.maxDatabases = 5
         let dbFlags: DatabaseFlags = options.readOnly ? [] : [.create]
         do {
             env = try Environment(path: path, options: envOptions)
             entries = try env.openDatabase("entries", flags: dbFlags)
             chunks = try env.openDatabase("chunks", flags: dbFlags)
+            staging = try env.openDatabase("staging", flags: dbFlags)
             indexes = try env.openDatabase("indexes", flags: dbFlags.union(.duplicateSort))
             meta = try env.openDatabase("meta", flags: dbFlags)
         } catch let error as LMDBError {
@@ -212,6 +214,7 @@ public final class Shard: @unchecked Sendable {
         self.committedState = stored.state
         self.isReadOnlyView = options.readOnly
         self.committer = GroupCommitter(runGroup: { [unowned self] group in self.run(group) })
+        if !options.readOnly { try discardStagedChunks() }
     }
 
     // MARK: Writes
@@ -226,10 +229,15 @@ public final class Shard: @unchecked Sendable {
         try write(clientID: clientID) { ctx in try self.writeEntry(ctx.txn, item, defaultTime: mtime) }
     }
 
+    /// Values larger than this are written in several transactions of about this
+    /// size each (then switched to in one), so a write's memory stays bounded.
+    public static let stagingThreshold = 32 << 20
+
     /// Puts one entry whose value comes from `source` rather than memory: `source`
-    /// fills a buffer with `count` bytes of the value starting at `offset`. Large
-    /// values go straight into their chunks, so memory stays bounded by one chunk.
-    /// One transaction: values past a few hundred MiB fail with `tooLarge`.
+    /// fills a buffer with `count` bytes of the value starting at `offset`. Chunks
+    /// are filled in place. Values over `stagingThreshold` are staged into a fresh
+    /// chunk set in several transactions and made visible by a last one: readers
+    /// see the old value or the new one, never a mix, and memory stays bounded.
     /// `indexes` nil keeps the indexes the entry has at commit time (a file
     /// rewritten through the mount keeps its extended attributes).
     /// `source` must not throw `ShardError`.
@@ -239,10 +247,76 @@ public final class Shard: @unchecked Sendable {
         if let indexes { try IndexPair.validate(indexes) }
         try checkLimits(keyCount: key.bytes.count, valueCount: size, indexes: indexes ?? [])
         let mtime = modificationTime ?? Shard.now()
-        try write(clientID: clientID) { ctx in
-            let kept = try indexes ?? ctx.txn.get(self.entries, key.bytes).map { try RecordView($0).indexes() } ?? []
-            try self.writeEntry(ctx.txn, key: key.bytes, size: size, indexes: kept, modificationTime: mtime, source: source)
+        var staged: UInt64?
+        if size > Self.stagingThreshold {
+            staged = try stageChunks(size: size, clientID: clientID, source: source)
         }
+        do {
+            try write(clientID: clientID) { [staged] ctx in
+                let kept = try indexes ?? ctx.txn.get(self.entries, key.bytes).map { try RecordView($0).indexes() } ?? []
+                try self.writeEntry(ctx.txn, key: key.bytes, size: size, indexes: kept, modificationTime: mtime,
+                                    stagedChunkSet: staged, source: source)
+                if let staged { try ctx.txn.delete(self.staging, chunkSetKey(staged)) }
+            }
+        } catch {
+            if let staged { try? discardStaged(staged) }
+            throw error
+        }
+    }
+
+    /// Writes the chunks of a value into a new chunk set, `stagingThreshold` bytes
+    /// per transaction; the set is listed in `staging` until a record uses it.
+    func stageChunks(size: Int, clientID: String,
+                             source: @escaping (Int, UnsafeMutableRawBufferPointer) throws -> Void) throws -> UInt64 {
+        var set: UInt64 = 0
+        try write(clientID: clientID) { ctx in
+            set = try self.newChunkSet(ctx.txn)
+            try ctx.txn.put(self.staging, chunkSetKey(set), [])
+        }
+        let total = (size + chunkSize - 1) / chunkSize, perTransaction = Self.stagingThreshold / chunkSize
+        do {
+            var first = 0
+            while first < total {
+                let range = first..<min(total, first + perTransaction)
+                try write(clientID: clientID) { [set] ctx in
+                    for n in range {
+                        let out = try chunkKey(set, n).withUnsafeBytes {
+                            try ctx.txn.reserve(self.chunks, $0, count: min(chunkSize, size - n * chunkSize))
+                        }
+                        try source(n * chunkSize, out)
+                    }
+                }
+                first = range.upperBound
+            }
+        } catch {
+            try? discardStaged(set)
+            throw error
+        }
+        return set
+    }
+
+    /// Removes a staged chunk set (a put that failed or was interrupted).
+    private func discardStaged(_ set: UInt64) throws {
+        try committer.submit { ctx in
+            try self.deleteChunkSet(ctx.txn, set)
+            try ctx.txn.delete(self.staging, chunkSetKey(set))
+        }
+    }
+
+    /// At open: chunk sets a crash left half-written are garbage.
+    private func discardStagedChunks() throws {
+        let sets: [UInt64] = try env.read { txn in
+            try txn.withCursor(staging) { cursor in
+                var found: [UInt64] = []
+                var pair = try cursor.first()
+                while let p = pair {
+                    if p.key.count == 8 { found.append(UInt64(bigEndian: p.key.loadUnaligned(as: UInt64.self))) }
+                    pair = try cursor.next()
+                }
+                return found
+            }
+        }
+        for set in sets { try discardStaged(set) }
     }
 
     /// Replaces an entry's indexes, leaving its value and time untouched; `change`
@@ -255,17 +329,17 @@ public final class Shard: @unchecked Sendable {
             let newIndexes = try change(view.indexes())
             try IndexPair.validate(newIndexes)
             let mtime = view.modificationTime, size = view.size
-            let chunked = view.flags.contains(.chunked)
+            let chunkSet: UInt64? = view.flags.contains(.chunked) ? view.chunkSet : nil
             let inline = Array(view.inlineValue)
             let old = try self.oldEntry(raw)
             // From here on only LMDB can fail (the group rule: no ShardError after a change).
             for index in old.indexes {
                 _ = try index.reverseKey.withUnsafeBytes { k in try key.bytes.withUnsafeBytes { try txn.delete(self.indexes, k, value: $0) } }
             }
-            let count = recordHeadSize(chunked: chunked, indexes: newIndexes) + inline.count
+            let count = recordHeadSize(chunked: chunkSet != nil, indexes: newIndexes) + inline.count
             try key.bytes.withUnsafeBytes { k in
                 let out = try txn.reserve(self.entries, k, count: count)
-                let offset = encodeRecordHead(into: out, chunked: chunked, modificationTime: mtime, size: size, indexes: newIndexes)
+                let offset = encodeRecordHead(into: out, chunkSet: chunkSet, modificationTime: mtime, size: size, indexes: newIndexes)
                 inline.withUnsafeBytes { v in
                     if let base = v.baseAddress { out.baseAddress!.advanced(by: offset).copyMemory(from: base, byteCount: v.count) }
                 }
@@ -318,15 +392,8 @@ public final class Shard: @unchecked Sendable {
             if let target = try self.readOld(txn, to.bytes) {
                 try self.removeEntry(txn, key: to.bytes, old: target)
             }
+            // The record names its chunk set: the chunks stay where they are.
             try txn.put(self.entries, to.bytes, record)
-            for n in 0..<source.chunkCount {
-                let old = chunkKey(from.bytes, n)
-                guard let chunk = try txn.get(self.chunks, old).map({ Array($0) }) else {
-                    throw LMDBError.corrupted  // not a ShardError: changes were made, the group must abort
-                }
-                try txn.put(self.chunks, chunkKey(to.bytes, n), chunk)
-                try txn.delete(self.chunks, old)
-            }
             for index in source.indexes {
                 let rk = index.reverseKey
                 try rk.withUnsafeBytes { k in
@@ -591,7 +658,7 @@ public final class Shard: @unchecked Sendable {
     /// What a write must undo of an existing entry, copied out of the map.
     struct OldEntry {
         struct Index { var reverseKey: [UInt8] }
-        var chunkCount: Int
+        var chunkSet: UInt64?
         var indexes: [Index]
     }
 
@@ -602,7 +669,7 @@ public final class Shard: @unchecked Sendable {
 
     private func oldEntry(_ raw: UnsafeRawBufferPointer) throws -> OldEntry {
         let view = try RecordView(raw)
-        var old = OldEntry(chunkCount: view.chunkCount, indexes: [])
+        var old = OldEntry(chunkSet: view.flags.contains(.chunked) ? view.chunkSet : nil, indexes: [])
         view.forEachIndex { name, value in
             old.indexes.append(.init(reverseKey: reverseIndexKey(name: name, value: value)))
         }
@@ -615,7 +682,7 @@ public final class Shard: @unchecked Sendable {
     }
 
     private func removeSideData(_ txn: Transaction, key: [UInt8], old: OldEntry) throws {
-        for n in 0..<old.chunkCount { try txn.delete(chunks, chunkKey(key, n)) }
+        if let set = old.chunkSet { try deleteChunkSet(txn, set) }
         for index in old.indexes {
             try index.reverseKey.withUnsafeBytes { k in
                 try key.withUnsafeBytes { _ = try txn.delete(indexes, k, value: $0) }
@@ -634,10 +701,12 @@ public final class Shard: @unchecked Sendable {
 
     /// Writes a record (and chunks and index rows) whose value `source` provides
     /// piecewise, into the record itself or into reserved chunk space: no extra copy.
+    /// `stagedChunkSet`: the value's chunks are already written there.
     private func writeEntry(_ txn: Transaction, key: [UInt8], size: Int, indexes newIndexes: [IndexPair],
-                            modificationTime: Int64,
+                            modificationTime: Int64, stagedChunkSet: UInt64? = nil,
                             source: (Int, UnsafeMutableRawBufferPointer) throws -> Void) throws {
         let chunked = size > chunkSize
+        let chunkSet: UInt64? = chunked ? try stagedChunkSet ?? newChunkSet(txn) : nil
         let count = recordHeadSize(chunked: chunked, indexes: newIndexes) + (chunked ? 0 : size)
         try key.withUnsafeBytes { k in
             // One lookup for a new key (the append workload); an existing key is
@@ -648,25 +717,44 @@ public final class Shard: @unchecked Sendable {
                 out = buffer
             case .existing(let raw):
                 let old = try oldEntry(raw)
-                if old.chunkCount > 0 || !old.indexes.isEmpty { try removeSideData(txn, key: key, old: old) }
+                if old.chunkSet != nil || !old.indexes.isEmpty { try removeSideData(txn, key: key, old: old) }
                 out = try txn.reserve(entries, k, count: count)
             }
-            let offset = encodeRecordHead(into: out, chunked: chunked, modificationTime: modificationTime,
+            let offset = encodeRecordHead(into: out, chunkSet: chunkSet, modificationTime: modificationTime,
                                           size: size, indexes: newIndexes)
             if !chunked, size > 0 {
                 try source(0, UnsafeMutableRawBufferPointer(rebasing: out[offset...]))
             }
         }
-        if chunked {
+        if let chunkSet, stagedChunkSet == nil {
             var n = 0
             while n * chunkSize < size {
                 let length = min(chunkSize, size - n * chunkSize)
-                let out = try chunkKey(key, n).withUnsafeBytes { try txn.reserve(chunks, $0, count: length) }
+                let out = try chunkKey(chunkSet, n).withUnsafeBytes { try txn.reserve(chunks, $0, count: length) }
                 try source(n * chunkSize, out)
                 n += 1
             }
         }
         try addReverseIndexes(txn, key: key, newIndexes)
+    }
+
+    /// A chunk set ID never used before in this shard.
+    private func newChunkSet(_ txn: Transaction) throws -> UInt64 {
+        let key = Array("lastChunkSet".utf8)
+        let last = try txn.get(meta, key).map { $0.count == 8 ? UInt64(bigEndian: $0.loadUnaligned(as: UInt64.self)) : 0 } ?? 0
+        try txn.put(meta, key, chunkSetKey(last + 1))
+        return last + 1
+    }
+
+    private func deleteChunkSet(_ txn: Transaction, _ set: UInt64) throws {
+        let prefix = chunkSetKey(set)
+        try txn.withCursor(chunks) { cursor in
+            var pair = try chunkKey(set, 0).withUnsafeBytes { try cursor.seek(atLeast: $0) }
+            while let p = pair, p.key.starts(with: prefix) {
+                try cursor.deleteCurrent()
+                pair = try cursor.next()  // after a delete: the item that followed
+            }
+        }
     }
 
     private func addReverseIndexes(_ txn: Transaction, key: [UInt8], _ newIndexes: [IndexPair]) throws {
@@ -677,7 +765,7 @@ public final class Shard: @unchecked Sendable {
     }
 
     private func chunk(_ txn: Transaction, _ key: [UInt8], _ n: Int, _ view: RecordView) throws -> UnsafeRawBufferPointer {
-        guard let chunk = try txn.get(chunks, chunkKey(key, n)) else {
+        guard let chunk = try txn.get(chunks, chunkKey(view.chunkSet, n)) else {
             throw ShardError.corrupt("chunk \(n) of \(EntryKey(trusted: key)) is missing")
         }
         let expected = min(chunkSize, view.size - n * chunkSize)
@@ -725,7 +813,7 @@ struct Descriptor {
     var state: ShardState
     var sizeLimit: Int
 
-    static let formatVersion = "1"
+    static let formatVersion = "2"
 
     func store(_ txn: Transaction, _ db: Database) throws {
         for (k, v) in [("format", Descriptor.formatVersion), ("id", String(id)), ("owner", owner),

@@ -49,7 +49,7 @@ final class MountFixture: @unchecked Sendable {
     /// Runs a shell command in the mount point; returns its result.
     @discardableResult
     func sh(_ command: String) async throws -> ProcessResult {
-        try await shell("cd '\(mnt)' && \(command)")
+        try await shell("cd '\(mnt)' || exit 1\n\(command)")
     }
 
     /// Runs a shell command that must succeed; returns its standard output.
