@@ -353,7 +353,12 @@ public final class FuseSession: @unchecked Sendable {
     private var arguments = fuse_args()
     public let mountpoint: String
 
-    public init(fileSystem: ShardFileSystem, mountpoint: String) throws {
+    private let handlesSignals: Bool
+
+    /// `handleSignals`: SIGTERM, SIGINT and SIGHUP end the loop (a process that
+    /// only mounts); a process with other services stops the session itself.
+    public init(fileSystem: ShardFileSystem, mountpoint: String, handleSignals: Bool = true) throws {
+        self.handlesSignals = handleSignals
         self.fileSystem = fileSystem
         self.mountpoint = mountpoint
         var mountOptions = ["fsname=shardfs", "subtype=shardfs", "default_permissions"]
@@ -375,11 +380,20 @@ public final class FuseSession: @unchecked Sendable {
             throw MountError(description: "cannot mount at \(mountpoint): see the message above (is it an empty directory? not already mounted?)")
         }
         // SIGTERM, SIGINT and SIGHUP end the loop; `run` then unmounts.
-        fuse_set_signal_handlers(session)
+        if handleSignals { fuse_set_signal_handlers(session) }
         let handle = SessionHandle(session)
         let queue = DispatchQueue(label: "shardfs.fuse.invalidate")
         fileSystem.invalidate = { inodes in
             queue.async { for ino in inodes { fuse_lowlevel_notify_inval_inode(handle.session, ino, 0, 0) } }
+        }
+        fileSystem.invalidateName = { parent, name in
+            queue.async {
+                var cName = name.map { CChar(bitPattern: $0) } + [0]
+                fuse_lowlevel_notify_inval_entry(handle.session, parent, &cName, name.count)
+            }
+        }
+        fileSystem.node.shards.entriesChanged = { [weak fileSystem] shard, keys in
+            fileSystem?.entriesChanged(shard: shard, keys: keys)
         }
     }
 
@@ -390,15 +404,26 @@ public final class FuseSession: @unchecked Sendable {
         fuse_loop_cfg_set_max_threads(config, UInt32(fileSystem.options.maxThreads))
         let rc = fuse_session_loop_mt(session, config)
         fuse_loop_cfg_destroy(config)
+        fileSystem.node.shards.entriesChanged = nil
         fileSystem.invalidate = nil
+        fileSystem.invalidateName = nil
         fileSystem.commitAll()
-        fuse_remove_signal_handlers(session)
+        if handlesSignals { fuse_remove_signal_handlers(session) }
         fuse_session_unmount(session)
         fuse_session_destroy(session)
         fuse_opt_free_args(&arguments)
         return rc
     }
 
-    /// Ends the loop from another thread (tests, shutdown).
-    public func exit() { fuse_session_exit(session) }
+    /// Ends the loop from another thread: unmounting makes every worker's read
+    /// of /dev/fuse fail, so the loop returns and `run` finishes (open files
+    /// are committed first, in `run`).
+    public func stop() {
+        fuse_session_exit(session)
+        let unmount = Process()
+        unmount.executableURL = URL(fileURLWithPath: "/bin/fusermount3")
+        unmount.arguments = ["-u", "-z", mountpoint]
+        try? unmount.run()
+        unmount.waitUntilExit()
+    }
 }

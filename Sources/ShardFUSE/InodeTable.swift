@@ -38,6 +38,11 @@ final class InodeTable: @unchecked Sendable {
         }
     }
 
+    /// The inode of `kind` if the kernel may know it (never creates one).
+    func existingInode(for kind: NodeKind) -> UInt64? {
+        lock.withLock { byKind[kind] }
+    }
+
     func kind(of ino: UInt64) -> NodeKind? {
         lock.withLock { slots[ino]?.kind }
     }

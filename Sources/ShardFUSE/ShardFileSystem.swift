@@ -39,6 +39,12 @@ public final class ShardFileSystem: @unchecked Sendable {
     /// Tells the kernel to forget cached attributes and pages of inodes. Set by the
     /// session; runs asynchronously (never inside a request handler: deadlock).
     var invalidate: (@Sendable ([UInt64]) -> Void)?
+    /// Tells the kernel to forget a cached name (parent inode, name). Same rules.
+    var invalidateName: (@Sendable (UInt64, [UInt8]) -> Void)?
+
+    /// Entries this mount is committing itself: the kernel already knows them.
+    private var ownWrites: Set<OwnWrite> = []
+    private struct OwnWrite: Hashable { var shard: UInt64; var key: [UInt8] }
 
     private let lock = NSLock()
     private var files: [UInt64: OpenFile] = [:]
@@ -141,7 +147,7 @@ public final class ShardFileSystem: @unchecked Sendable {
                     let temporary = OpenFile(shard: shard, key: entryKey, inode: ino, writable: true, truncate: false,
                                              clientID: options.clientID, spillDirectory: spillDirectory)
                     try temporary.truncate(to: Int(attr.st_size))
-                    try temporary.commit()
+                    try commit(temporary)
                 }
             }
             if !toSet.isDisjoint(with: [.modificationTime, .modificationTimeNow]) {
@@ -152,7 +158,7 @@ public final class ShardFileSystem: @unchecked Sendable {
                 if let writer, writer.pendingSize != nil {
                     writer.setModificationTime(time)
                 } else {
-                    try shard.setModificationTime(entryKey, time, clientID: options.clientID)
+                    try own(id, [key]) { try shard.setModificationTime(entryKey, time, clientID: options.clientID) }
                 }
             }
             // A file's mode is fixed (0644, or 0444 when it cannot be written): chmod
@@ -239,13 +245,17 @@ public final class ShardFileSystem: @unchecked Sendable {
     }
 
     /// close(): commits what this handle wrote; its error is close()'s error.
-    func flush(_ handle: UInt64) throws { try file(handle).commit() }
+    func flush(_ handle: UInt64) throws { try commit(try file(handle)) }
 
-    func fsync(_ handle: UInt64) throws { try file(handle).commit() }
+    func fsync(_ handle: UInt64) throws { try commit(try file(handle)) }
 
     func release(_ handle: UInt64) throws {
         guard let file = lock.withLock({ files.removeValue(forKey: handle) }) else { return }
-        try file.commit()
+        try commit(file)
+    }
+
+    private func commit(_ file: OpenFile) throws {
+        try own(file.shard.id, [file.key.bytes]) { try file.commit() }
     }
 
     func unlink(_ parent: UInt64, _ name: [UInt8]) throws {
@@ -254,7 +264,8 @@ public final class ShardFileSystem: @unchecked Sendable {
         }
         let shard = try localShard(id)
         try writable(shard)
-        try shard.delete(try entryKey(name), clientID: options.clientID)
+        let key = try entryKey(name)
+        try own(id, [key.bytes]) { try shard.delete(key, clientID: options.clientID) }
     }
 
     func rename(_ parent: UInt64, _ name: [UInt8], _ newParent: UInt64, _ newName: [UInt8], flags: UInt32) throws {
@@ -270,7 +281,7 @@ public final class ShardFileSystem: @unchecked Sendable {
         if flags & Self.renameNoReplace != 0, try shard.attributes(target) != nil {
             throw FileSystemError(EEXIST, "\(target) exists")
         }
-        try shard.rename(source, to: target, clientID: options.clientID)
+        try own(id, [source.bytes, target.bytes]) { try shard.rename(source, to: target, clientID: options.clientID) }
         inodes.rename(.entry(shard: id, key: source.bytes), to: .entry(shard: id, key: target.bytes))
     }
 
@@ -385,14 +396,14 @@ public final class ShardFileSystem: @unchecked Sendable {
         let (shard, key) = try entry(ino)
         let index = try indexName(name)
         try writable(shard)
-        try shard.updateIndexes(key, clientID: options.clientID) { current in
+        try own(shard.id, [key.bytes]) { try shard.updateIndexes(key, clientID: options.clientID) { current in
             let exists = current.contains { $0.name == index }
             if flags & Self.xattrCreate != 0 && exists { throw FileSystemError(EEXIST, "index \(index) exists") }
             if flags & Self.xattrReplace != 0 && !exists { throw FileSystemError(ENODATA, "no index \(index)") }
             var updated = current.filter { $0.name != index }
             updated.append(IndexPair(name: index, value: value))
             return updated
-        }
+        } }
     }
 
     func getxattr(_ ino: UInt64, name: String) throws -> [UInt8] {
@@ -419,10 +430,33 @@ public final class ShardFileSystem: @unchecked Sendable {
         let (shard, key) = try entry(ino)
         let index = try indexName(name)
         try writable(shard)
-        try shard.updateIndexes(key, clientID: options.clientID) { current in
+        try own(shard.id, [key.bytes]) { try shard.updateIndexes(key, clientID: options.clientID) { current in
             guard current.contains(where: { $0.name == index }) else { throw FileSystemError(ENODATA, "no index \(index)") }
             return current.filter { $0.name != index }
+        } }
+    }
+
+    /// Runs a write of this mount's own, so that its commit is not mistaken for a
+    /// change made elsewhere (which would needlessly drop the kernel's caches).
+    private func own<T>(_ shard: UInt64, _ keys: [[UInt8]], _ body: () throws -> T) rethrows -> T {
+        let marks = keys.map { OwnWrite(shard: shard, key: $0) }
+        lock.withLock { ownWrites.formUnion(marks) }
+        defer { lock.withLock { ownWrites.subtract(marks) } }  // the commit hook has run by now
+        return try body()
+    }
+
+    /// The node committed changes to entries of a shard. Those not made by this
+    /// mount (the batch service, another handle) are dropped from the kernel's
+    /// caches, so the mount sees them at once.
+    func entriesChanged(shard id: UInt64, keys: [[UInt8]]) {
+        let foreign = lock.withLock { keys.filter { !ownWrites.contains(OwnWrite(shard: id, key: $0)) } }
+        guard !foreign.isEmpty, let parent = inodes.existingInode(for: .shard(id)) else { return }
+        var stale: [UInt64] = []
+        for key in foreign {
+            invalidateName?(parent, key)
+            if let ino = inodes.existingInode(for: .entry(shard: id, key: key)) { stale.append(ino) }
         }
+        if !stale.isEmpty { invalidate?(stale) }
     }
 
     /// Commits every open file (unmount: pending writes first).

@@ -52,6 +52,21 @@ public final class ShardManager: @unchecked Sendable {
     private let logger: Logger
     private let lock = NSLock()
     private var shards: [UInt64: (shard: Shard, volumeID: String)] = [:]
+    private var changeListener: (@Sendable (UInt64, [[UInt8]]) -> Void)?
+
+    /// Told, after each commit to any shard of this node, which entries changed
+    /// (whatever path wrote them), so views like the FUSE mount can drop caches.
+    public var entriesChanged: (@Sendable (UInt64, [[UInt8]]) -> Void)? {
+        get { lock.withLock { changeListener } }
+        set { lock.withLock { changeListener = newValue } }
+    }
+
+    /// Holds a loaded shard and forwards its commits to `entriesChanged`.
+    private func adopt(_ shard: Shard, volumeID: String) {
+        let id = shard.id
+        shard.onCommit = { [weak self] keys in self?.entriesChanged?(id, keys) }
+        lock.withLock { shards[id] = (shard, volumeID) }
+    }
 
     public init(nodeID: String, metadata: any MetadataStore, volumes: any VolumeManager, defaultSizeLimit: Int,
                 logger: Logger = Logger(label: "shardfs.shards")) {
@@ -95,7 +110,7 @@ public final class ShardManager: @unchecked Sendable {
             var options = ShardOptions()
             options.sizeLimit = limit
             let shard = try Shard.create(at: path(id, on: volume), id: id, owner: owner, options: options)
-            lock.withLock { shards[id] = (shard, volume.volumeID) }
+            adopt(shard, volumeID: volume.volumeID)
             logger.info("created shard", metadata: ["shard": "\(id)", "volume": "\(volume.volumeID)", "owner": "\(owner)"])
             return shard
         } catch {
@@ -208,7 +223,7 @@ public final class ShardManager: @unchecked Sendable {
             if writable {
                 try await reconcile(shard, record: record, volume: volume)
             }
-            lock.withLock { shards[id] = (shard, volume.volumeID) }
+            adopt(shard, volumeID: volume.volumeID)
         }
 
         // Records whose files are missing.

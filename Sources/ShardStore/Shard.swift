@@ -127,6 +127,18 @@ public final class Shard: @unchecked Sendable {
     struct WriteContext {
         let txn: Transaction
         var state: ShardState
+        /// Keys this group changed, for `onCommit`.
+        var changed: [[UInt8]] = []
+    }
+
+    private let observerLock = NSLock()
+    private var commitObserver: (@Sendable ([[UInt8]]) -> Void)?
+
+    /// Called after each commit with the keys it changed (put, delete, rename,
+    /// index and time changes), on the committing thread: keep it short.
+    public var onCommit: (@Sendable ([[UInt8]]) -> Void)? {
+        get { observerLock.withLock { commitObserver } }
+        set { observerLock.withLock { commitObserver = newValue } }
     }
 
     public var state: ShardState { stateLock.withLock { committedState } }
@@ -226,7 +238,10 @@ public final class Shard: @unchecked Sendable {
         try checkLimits(keyCount: key.bytes.count, valueCount: value.count, indexes: indexes)
         let mtime = modificationTime ?? Shard.now()
         let item = EntryWrite(key: key, value: value, indexes: indexes, modificationTime: mtime)
-        try write(clientID: clientID) { ctx in try self.writeEntry(ctx.txn, item, defaultTime: mtime) }
+        try write(clientID: clientID) { ctx in
+            try self.writeEntry(ctx.txn, item, defaultTime: mtime)
+            ctx.changed.append(key.bytes)
+        }
     }
 
     /// Values larger than this are written in several transactions of about this
@@ -257,6 +272,7 @@ public final class Shard: @unchecked Sendable {
                 try self.writeEntry(ctx.txn, key: key.bytes, size: size, indexes: kept, modificationTime: mtime,
                                     stagedChunkSet: staged, source: source)
                 if let staged { try ctx.txn.delete(self.staging, chunkSetKey(staged)) }
+                ctx.changed.append(key.bytes)
             }
         } catch {
             if let staged { try? discardStaged(staged) }
@@ -345,6 +361,7 @@ public final class Shard: @unchecked Sendable {
                 }
             }
             try self.addReverseIndexes(txn, key: key.bytes, newIndexes)
+            ctx.changed.append(key.bytes)
         }
     }
 
@@ -369,6 +386,7 @@ public final class Shard: @unchecked Sendable {
         try write(clientID: clientID) { [statuses] ctx in
             for i in items.indices where statuses[i] == nil {
                 try self.writeEntry(ctx.txn, items[i], defaultTime: now)
+                ctx.changed.append(items[i].key)
             }
         }
         return statuses
@@ -379,6 +397,7 @@ public final class Shard: @unchecked Sendable {
         try write(clientID: clientID) { ctx in
             guard let old = try self.readOld(ctx.txn, key.bytes) else { throw ShardError.entryNotFound(key) }
             try self.removeEntry(ctx.txn, key: key.bytes, old: old)
+            ctx.changed.append(key.bytes)
         }
     }
 
@@ -402,6 +421,7 @@ public final class Shard: @unchecked Sendable {
                 }
             }
             try txn.delete(self.entries, from.bytes)
+            ctx.changed += [from.bytes, to.bytes]
         }
     }
 
@@ -412,6 +432,7 @@ public final class Shard: @unchecked Sendable {
             var record = Array(raw)
             record.withUnsafeMutableBytes { $0.storeLE(UInt64(bitPattern: time), at: 1) }
             try ctx.txn.put(self.entries, key.bytes, record)
+            ctx.changed.append(key.bytes)
         }
     }
 
@@ -609,14 +630,17 @@ public final class Shard: @unchecked Sendable {
         if group.count > 1 {
             var state = self.state
             do {
+                var changed: [[UInt8]] = []
                 try env.write { txn in
                     var ctx = WriteContext(txn: txn, state: state)
                     for member in group {
                         do { try member.body(&ctx) } catch let error as ShardError { member.error = error }
                     }
                     state = ctx.state
+                    changed = ctx.changed
                 }
                 stateLock.withLock { committedState = state }
+                if !changed.isEmpty { onCommit?(changed) }
                 return
             } catch {
                 for member in group { member.error = nil }
@@ -625,12 +649,15 @@ public final class Shard: @unchecked Sendable {
         for member in group {
             do {
                 var state = self.state
+                var changed: [[UInt8]] = []
                 try env.write { txn in
                     var ctx = WriteContext(txn: txn, state: state)
                     try member.body(&ctx)
                     state = ctx.state
+                    changed = ctx.changed
                 }
                 stateLock.withLock { committedState = state }
+                if !changed.isEmpty { onCommit?(changed) }
             } catch {
                 member.error = ShardError.from(error, limit: sizeLimit)
             }

@@ -56,7 +56,7 @@ struct MountCommand: AsyncParsableCommand {
             let fileSystem = ShardFileSystem(node: storage, options: mountOptions)
             let session = try FuseSession(fileSystem: fileSystem, mountpoint: mountpoint)
             if let readyFD { Self.report("ready\n", to: readyFD) }
-            let rc = await Self.onOwnThread { session.run() }
+            let rc = await runOnOwnThread { session.run() }
             if rc != 0 { throw MountError(description: "the FUSE loop ended with error \(rc)") }
         } catch {
             if let readyFD { Self.report("error: \(error)\n", to: readyFD) }
@@ -69,14 +69,6 @@ struct MountCommand: AsyncParsableCommand {
         close(fd)
     }
 
-    /// The FUSE loop blocks: it gets a thread of its own, not Swift's cooperative pool.
-    private static func onOwnThread(_ body: @escaping @Sendable () -> Int32) async -> Int32 {
-        await withCheckedContinuation { continuation in
-            let thread = Thread { continuation.resume(returning: body()) }
-            thread.stackSize = 8 << 20
-            thread.start()
-        }
-    }
 
     /// Starts `shardfs mount … -f` as a new session with its output in
     /// `<data dir>/shardfs-mount.log`, and waits for it to say the mount is live.
@@ -132,5 +124,14 @@ struct MountCommand: AsyncParsableCommand {
         waitpid(pid, &status, WNOHANG)
         throw ValidationError(text.isEmpty ? "the mount daemon exited before the mount was live; see \(log)"
                                            : text.replacingOccurrences(of: "error: ", with: ""))
+    }
+}
+
+/// The FUSE loop blocks: it gets a thread of its own, not Swift's cooperative pool.
+func runOnOwnThread(_ body: @escaping @Sendable () -> Int32) async -> Int32 {
+    await withCheckedContinuation { continuation in
+        let thread = Thread { continuation.resume(returning: body()) }
+        thread.stackSize = 8 << 20
+        thread.start()
     }
 }

@@ -2,6 +2,7 @@ import ArgumentParser
 import BatchServer
 import Dispatch
 import Foundation
+import ShardFUSE
 import ShardNode
 
 struct ServeCommand: AsyncParsableCommand {
@@ -11,17 +12,32 @@ struct ServeCommand: AsyncParsableCommand {
         discussion: """
             Listens on TCP (server.address, default 127.0.0.1:7070) and on a Unix socket \
             (server.unix_socket, default <data_dir>/shardfs.sock, mode 0660). TCP beyond \
-            loopback requires a token (--token or SHARDFS_SERVER_TOKEN). Prints one \
+            loopback requires a token (--token or SHARDFS_SERVER_TOKEN). With --mount, the \
+            node's shards are also mounted there (as `shardfs mount` does). Prints one \
             "ready" line with the bound addresses once it serves.
             """)
     @OptionGroup var node: NodeOptions
     @OptionGroup var service: ServiceOptions
+    @Option(name: .long, help: "Also mount the node's shards on this empty directory.") var mount: String?
+    @Option(name: .customShort("o"), help: "Mount options for --mount (see `shardfs mount --help`).") var mountOptions: [String] = []
 
     func run() async throws {
         let running = try await ServeCommand.startNode(node, service)
-        emit("ready tcp=\(running.server.tcpPort.map { "\(running.tcpHost):\($0)" } ?? "-") unix=\(running.server.unixSocketPath ?? "-")")
+        var fuse: (session: FuseSession, done: Task<Int32, Never>)?
+        if let mount {
+            var options = MountOptions()
+            for list in mountOptions { try options.apply(list) }
+            let session = try FuseSession(fileSystem: ShardFileSystem(node: running.node, options: options),
+                                          mountpoint: mount, handleSignals: false)
+            fuse = (session, Task.detached { await runOnOwnThread { session.run() } })
+        }
+        emit("ready tcp=\(running.server.tcpPort.map { "\(running.tcpHost):\($0)" } ?? "-") unix=\(running.server.unixSocketPath ?? "-") mount=\(mount ?? "-")")
         await waitForTerminationSignal()
         await running.server.shutdown()
+        if let fuse {
+            fuse.session.stop()
+            _ = await fuse.done.value
+        }
     }
 
     struct Running {

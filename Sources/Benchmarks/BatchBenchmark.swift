@@ -1,0 +1,676 @@
+import BatchProtocol
+import Dispatch
+import Foundation
+import ShardFSClient
+import ShardStore
+
+/// Measures the batch socket service against Redis and against raw LMDB, doing
+/// the same work: put `entries` values of `valueSize` bytes in batches of
+/// `batchSize` (keys are the original service's entry IDs "1", "2", …, first in
+/// increasing order, then shuffled), then get them all in batches, from each
+/// count of concurrent connections (which split the key space between them).
+///
+/// - ShardFS: a `shardfs serve` child process on a temporary data folder, driven
+///   through the Swift client over the Unix socket and over loopback TCP.
+///   BatchPut is durable (fsync'ed before the answer).
+/// - Redis: `redis-server` child processes on a free loopback port, without
+///   persistence and with `appendonly yes` + `appendfsync always`; MSET / MGET of
+///   `batchSize` keys per command through a minimal RESP client.
+/// - raw LMDB through its C API in this process (`RawLMDB`), durable commits, one
+///   transaction per batch; a "connection" is a thread.
+///
+/// Every connection keeps up to `depth` commands in flight (pipelining). Inputs
+/// are built before the clock starts; encoding and decoding are timed.
+public struct BatchBenchmark {
+    public var entries = 1_000_000
+    public var batchSize = 1_000
+    public var valueSize = 100
+    public var rounds = 1
+    public var connections = [1, 8]
+    /// Commands in flight per connection.
+    public var depth = 4
+    /// ShardFS transports to measure: "unix", "tcp".
+    public var transports = ["unix", "tcp"]
+    /// The `shardfs` executable started with `serve`.
+    public var serverExecutable = ""
+    public var directory = NSTemporaryDirectory()
+
+    public init() {}
+
+    public enum Workload: String, CaseIterable, Sendable {
+        case putIncreasing = "BatchPut, increasing IDs"
+        case putRandom = "BatchPut, random keys"
+        case getRandom = "BatchGet, random order"
+    }
+
+    public static let rawLMDB = "raw LMDB (C API)"
+    public static let redisVolatile = "Redis, no persistence"
+    public static let redisDurable = "Redis, appendfsync always"
+    public static func shardFS(_ transport: String) -> String { "ShardFS (\(transport))" }
+
+    /// One figure: the median over the rounds.
+    public struct Figure: Sendable {
+        public var system: String
+        public var workload: Workload
+        public var connections: Int
+        public var opsPerSecond: Double
+    }
+
+    public func run(progress: @escaping @Sendable (String) -> Void = { _ in }) async throws -> [Figure] {
+        let inputs = Inputs(entries: entries, batchSize: batchSize, valueSize: valueSize)
+        let scratch = directory + "/shardfs-bench-batch-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: scratch, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: scratch) }
+        ChildProcess.installSignalCleanup()
+        let redisPath = try RedisServer.locateOrInstall(progress: progress)
+
+        var samples: [String: [Double]] = [:]
+        func record(_ system: String, _ workload: Workload, _ connections: Int, _ seconds: Double) {
+            samples["\(system)|\(workload.rawValue)|\(connections)", default: []].append(Double(entries) / seconds)
+            progress("  \(system), \(workload.rawValue), \(connections) conn: \(Int(Double(entries) / seconds)) ops/s")
+        }
+
+        for round in 1...rounds {
+            // raw LMDB, in this process.
+            for n in connections {
+                for (workload, batches) in [(Workload.putIncreasing, inputs.increasing), (.putRandom, inputs.random)] {
+                    progress("round \(round): \(Self.rawLMDB), \(workload.rawValue), \(n) connection(s)")
+                    let folder = scratch + "/raw-\(round)-\(n)-\(workload == .putRandom ? "random" : "increasing")"
+                    defer { try? FileManager.default.removeItem(atPath: folder) }
+                    let raw = SendableBox(try RawLMDB(path: folder))
+                    let writes = batches.map { $0.map { EntryWrite(key: $0.key, value: $0.value) } }
+                    let parts = split(writes.count, n)
+                    record(Self.rawLMDB, workload, n, try await onThreads(n) { t in
+                        for i in parts[t] { try raw.value.put(writes[i]) }
+                    })
+                    // Gets once per round, on the randomly filled store of the last put run.
+                    guard workload == .putRandom, n == connections.last else { continue }
+                    for g in connections {
+                        let gets = split(inputs.getKeys.count, g)
+                        record(Self.rawLMDB, .getRandom, g, try await onThreads(g) { t in
+                            for i in gets[t] { try raw.value.get(inputs.getKeys[i]) }
+                        })
+                    }
+                }
+            }
+
+            // Redis, both modes; a fresh server (and folder) for every put run.
+            for durable in [false, true] {
+                let system = durable ? Self.redisDurable : Self.redisVolatile
+                for n in connections {
+                    for (workload, batches) in [(Workload.putIncreasing, inputs.increasing), (.putRandom, inputs.random)] {
+                        progress("round \(round): \(system), \(workload.rawValue), \(n) connection(s)")
+                        let folder = scratch + "/redis-\(round)-\(durable)-\(n)-\(workload == .putRandom ? "random" : "increasing")"
+                        let server = try RedisServer.start(executable: redisPath, folder: folder, durable: durable)
+                        defer {
+                            server.stop()
+                            try? FileManager.default.removeItem(atPath: folder)
+                        }
+                        let parts = split(batches.count, n)
+                        let depth = self.depth
+                        record(system, workload, n, try await onThreads(n, prepare: { _ in try RESPConnection(port: server.port) }) { t, redis in
+                            try redis.pipeline(parts[t], depth: depth, send: { redis.sendMSET(batches[$0]) },
+                                               receive: { _ in try redis.expectOK() })
+                        })
+                        // MGET of 1,000 keys (the target compares against Redis without persistence).
+                        guard workload == .putRandom, !durable, n == connections.last else { continue }
+                        for g in connections {
+                            let gets = split(inputs.getKeys.count, g)
+                            let size = valueSize
+                            record(system, .getRandom, g, try await onThreads(g, prepare: { _ in try RESPConnection(port: server.port) }) { t, redis in
+                                try redis.pipeline(gets[t], depth: depth, send: { redis.sendMGET(inputs.getKeys[$0]) },
+                                                   receive: { i in try redis.expectValues(inputs.getKeys[i].count, size: size) })
+                            })
+                        }
+                    }
+                }
+            }
+
+            // ShardFS: one node for the round; a fresh shard for every put run.
+            progress("round \(round): starting shardfs serve")
+            let node = try ShardFSNode.start(executable: serverExecutable, folder: scratch + "/shardfs-\(round)")
+            do {
+                for transport in transports {
+                    let endpoint: Endpoint = transport == "tcp" ? .tcp(host: "127.0.0.1", port: node.tcpPort) : .unix(path: node.socketPath)
+                    let system = Self.shardFS(transport)
+                    var clients: [ShardFSClient] = []
+                    for _ in 0..<(connections.max() ?? 1) { clients.append(try await ShardFSClient.connect(to: endpoint)) }
+                    for n in connections {
+                        for (workload, batches) in [(Workload.putIncreasing, inputs.increasing), (.putRandom, inputs.random)] {
+                            progress("round \(round): \(system), \(workload.rawValue), \(n) connection(s)")
+                            let shard = try await clients[0].newShard(owner: "bench")
+                            record(system, workload, n, try await shardFSPut(Array(clients.prefix(n)), shard, batches))
+                            if workload == .putRandom, n == connections.last {
+                                for g in connections {
+                                    record(system, .getRandom, g, try await shardFSGet(Array(clients.prefix(g)), shard, inputs.getKeys))
+                                }
+                            }
+                            try? await clients[0].closeShard(shard)
+                            try? await clients[0].deleteShard(shard)
+                        }
+                    }
+                    for client in clients { await client.close() }
+                }
+            } catch {
+                node.stop()
+                throw error
+            }
+            node.stop()
+        }
+
+        var figures: [Figure] = []
+        for workload in Workload.allCases {
+            for n in connections {
+                for system in [Self.rawLMDB, Self.redisVolatile, Self.redisDurable] + transports.map(Self.shardFS) {
+                    if let s = samples["\(system)|\(workload.rawValue)|\(n)"] {
+                        figures.append(Figure(system: system, workload: workload, connections: n, opsPerSecond: median(s)))
+                    }
+                }
+            }
+        }
+        return figures
+    }
+
+    // MARK: ShardFS through the Swift client
+
+    private func shardFSPut(_ clients: [ShardFSClient], _ shard: UInt64, _ batches: [[PutItem]]) async throws -> Double {
+        let parts = split(batches.count, clients.count)
+        let depth = self.depth
+        let start = ContinuousClock.now
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for (c, client) in clients.enumerated() {
+                for lane in 0..<depth {
+                    group.addTask {
+                        for i in stride(from: parts[c].lowerBound + lane, to: parts[c].upperBound, by: depth) {
+                            let statuses = try await client.batchPut(client: "bench", shard: shard, items: batches[i])
+                            guard statuses.count == batches[i].count, statuses.allSatisfy(\.isOK) else {
+                                throw BenchmarkError("BatchPut answered \(statuses.first { !$0.isOK } ?? Status(.ok, "a short status list"))")
+                            }
+                        }
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        return seconds(since: start)
+    }
+
+    private func shardFSGet(_ clients: [ShardFSClient], _ shard: UInt64, _ keys: [[[UInt8]]]) async throws -> Double {
+        let parts = split(keys.count, clients.count)
+        let depth = self.depth, size = valueSize
+        let start = ContinuousClock.now
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for (c, client) in clients.enumerated() {
+                for lane in 0..<depth {
+                    group.addTask {
+                        for i in stride(from: parts[c].lowerBound + lane, to: parts[c].upperBound, by: depth) {
+                            var seen = 0
+                            for try await item in client.batchGet(shard: shard, keys: keys[i]) {
+                                guard item.status.isOK, item.entry?.value.count == size else {
+                                    throw BenchmarkError("BatchGet item \(item.position): \(item.status)")
+                                }
+                                seen += 1
+                            }
+                            guard seen == keys[i].count else { throw BenchmarkError("BatchGet sent \(seen) of \(keys[i].count) items") }
+                        }
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        return seconds(since: start)
+    }
+}
+
+/// The keys, values and batches every system gets, built before any clock starts.
+struct Inputs: Sendable {
+    let increasing: [[PutItem]]
+    let random: [[PutItem]]
+    let getKeys: [[[UInt8]]]
+
+    init(entries: Int, batchSize: Int, valueSize: Int) {
+        var generator = SplitMix64(seed: 42)
+        let value = (0..<valueSize).map { _ in UInt8.random(in: 0...255, using: &generator) }
+        let keys = (1...entries).map { ShardFSClient.key(entryID: UInt32($0)) }
+        func batches(_ keys: [[UInt8]]) -> [[PutItem]] {
+            stride(from: 0, to: keys.count, by: batchSize).map { start in
+                keys[start..<min(start + batchSize, keys.count)].map { PutItem(key: $0, value: value) }
+            }
+        }
+        increasing = batches(keys)
+        random = batches(keys.shuffled(using: &generator))
+        let getOrder = keys.shuffled(using: &generator)
+        getKeys = stride(from: 0, to: getOrder.count, by: batchSize).map { Array(getOrder[$0..<min($0 + batchSize, getOrder.count)]) }
+    }
+}
+
+/// `count` items split into `parts` contiguous ranges (the key space of each connection).
+func split(_ count: Int, _ parts: Int) -> [Range<Int>] {
+    (0..<parts).map { p in (count * p / parts)..<(count * (p + 1) / parts) }
+}
+
+private func seconds(since start: ContinuousClock.Instant) -> Double {
+    let elapsed = ContinuousClock.now - start
+    return Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+}
+
+/// Holds a value used from threads that the benchmark coordinates itself.
+struct SendableBox<T>: @unchecked Sendable {
+    let value: T
+    init(_ value: T) { self.value = value }
+}
+
+/// Runs `body(t, state)` on `count` new threads (one per "connection"), after
+/// `prepare(t)` made each thread's state outside the clock; returns the seconds
+/// from the first start to the last end. No thread of Swift's cooperative pool blocks.
+func onThreads<State>(_ count: Int, prepare: @escaping @Sendable (Int) throws -> State,
+                      _ body: @escaping @Sendable (Int, State) throws -> Void) async throws -> Double {
+    try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Double, Error>) in
+        let coordinator = Thread {
+            var states: [SendableBox<State>] = []
+            do {
+                for t in 0..<count { states.append(SendableBox(try prepare(t))) }
+            } catch {
+                continuation.resume(throwing: error)
+                return
+            }
+            let lock = NSLock()
+            nonisolated(unsafe) var failure: Error?
+            let group = DispatchGroup()
+            let start = ContinuousClock.now
+            for t in 0..<count {
+                group.enter()
+                let state = states[t]
+                let thread = Thread {
+                    do { try body(t, state.value) } catch { lock.withLock { if failure == nil { failure = error } } }
+                    group.leave()
+                }
+                thread.stackSize = 1 << 20
+                thread.start()
+            }
+            group.wait()
+            let elapsed = seconds(since: start)
+            if let failure = lock.withLock({ failure }) { continuation.resume(throwing: failure) } else { continuation.resume(returning: elapsed) }
+        }
+        coordinator.start()
+    }
+}
+
+func onThreads(_ count: Int, _ body: @escaping @Sendable (Int) throws -> Void) async throws -> Double {
+    try await onThreads(count, prepare: { _ in () }) { t, _ in try body(t) }
+}
+
+// MARK: Child processes
+
+/// A server the benchmark started. Stopped by PID (SIGTERM, then SIGKILL), also
+/// when the benchmark itself is interrupted.
+final class ChildProcess: @unchecked Sendable {
+    let process: Process
+    let name: String
+    private static let lock = NSLock()
+    nonisolated(unsafe) private static var running: [Int32: String] = [:]
+    nonisolated(unsafe) private static var signalSources: [DispatchSourceSignal] = []
+
+    init(name: String, executable: String, arguments: [String], stdout: Any?, stderrPath: String) throws {
+        self.name = name
+        process = Process()
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
+        FileManager.default.createFile(atPath: stderrPath, contents: nil)
+        let log = FileHandle(forWritingAtPath: stderrPath)
+        process.standardError = log
+        process.standardOutput = stdout ?? log
+        process.standardInput = FileHandle.nullDevice
+        try ChildProcess.lock.withLock {
+            try process.run()
+            ChildProcess.running[process.processIdentifier] = name
+        }
+    }
+
+    var pid: Int32 { process.processIdentifier }
+
+    /// SIGTERM, up to 10 s for a clean exit, then SIGKILL.
+    func stop() {
+        let pid = process.processIdentifier
+        guard ChildProcess.lock.withLock({ ChildProcess.running.removeValue(forKey: pid) }) != nil else { return }
+        if process.isRunning { kill(pid, SIGTERM) }
+        let deadline = ContinuousClock.now + .seconds(10)
+        while process.isRunning && ContinuousClock.now < deadline { usleep(5_000) }
+        if process.isRunning {
+            kill(pid, SIGKILL)
+            process.waitUntilExit()
+        }
+    }
+
+    /// On SIGINT, SIGTERM or SIGHUP: kill every child still running (by PID), then exit.
+    static func installSignalCleanup() {
+        lock.withLock {
+            guard signalSources.isEmpty else { return }
+            for sig in [SIGINT, SIGTERM, SIGHUP] {
+                signal(sig, SIG_IGN)
+                let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+                source.setEventHandler {
+                    let pids = lock.withLock { Array(running.keys) }
+                    for pid in pids { kill(pid, SIGKILL) }
+                    FileHandle.standardError.write(Data("interrupted: stopped \(pids.count) server process(es)\n".utf8))
+                    exit(128 + sig)
+                }
+                source.resume()
+                signalSources.append(source)
+            }
+        }
+    }
+}
+
+/// A loopback TCP port nobody listens on right now.
+func freeLoopbackPort() throws -> Int {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    guard fd >= 0 else { throw BenchmarkError("socket: \(String(cString: strerror(errno)))") }
+    defer { close(fd) }
+    var address = sockaddr_in()
+    address.sin_family = sa_family_t(AF_INET)
+    address.sin_addr.s_addr = inet_addr("127.0.0.1")
+    address.sin_port = 0
+    var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+    let ok = withUnsafeMutablePointer(to: &address) { p in
+        p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
+    }
+    guard ok else { throw BenchmarkError("cannot find a free port: \(String(cString: strerror(errno)))") }
+    return Int(UInt16(bigEndian: address.sin_port))
+}
+
+/// A `redis-server` child on loopback.
+struct RedisServer {
+    let child: ChildProcess
+    let port: Int
+
+    /// Finds `redis-server`; installs Debian's package when running as root.
+    static func locateOrInstall(progress: (String) -> Void) throws -> String {
+        if let path = which("redis-server") { return path }
+        guard getuid() == 0 else {
+            throw BenchmarkError("redis-server is not installed: run `apt-get install -y redis-server` as root, then try again")
+        }
+        progress("redis-server is missing: apt-get install -y redis-server")
+        let pidFile = "/run/redis/redis-server.pid"
+        let hadDaemon = FileManager.default.fileExists(atPath: pidFile)
+        if run("/usr/bin/apt-get", ["install", "-y", "redis-server"]) != 0 {
+            _ = run("/usr/bin/apt-get", ["update"])
+            guard run("/usr/bin/apt-get", ["install", "-y", "redis-server"]) == 0 else {
+                throw BenchmarkError("apt-get install -y redis-server failed")
+            }
+        }
+        // The package's init script may have started the system daemon: stop the one it started.
+        if !hadDaemon, let text = try? String(contentsOfFile: pidFile, encoding: .utf8),
+           let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 1 {
+            progress("stopping the redis-server daemon the package started (PID \(pid))")
+            kill(pid, SIGTERM)
+        }
+        guard let path = which("redis-server") else { throw BenchmarkError("redis-server is still missing after apt-get install") }
+        return path
+    }
+
+    static func start(executable: String, folder: String, durable: Bool) throws -> RedisServer {
+        try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+        let port = try freeLoopbackPort()
+        var arguments = ["--port", "\(port)", "--bind", "127.0.0.1", "--dir", folder, "--daemonize", "no",
+                         "--save", "", "--logfile", "", "--unixsocket", ""]
+        arguments += durable ? ["--appendonly", "yes", "--appendfsync", "always"] : ["--appendonly", "no"]
+        let child = try ChildProcess(name: "redis-server", executable: executable, arguments: arguments, stdout: nil,
+                                     stderrPath: folder + "/redis.log")
+        let deadline = ContinuousClock.now + .seconds(20)
+        while true {
+            if let connection = try? RESPConnection(port: port) {
+                connection.send(Array("*1\r\n$4\r\nPING\r\n".utf8))
+                if (try? connection.expectSimple("PONG")) != nil { break }
+            }
+            guard child.process.isRunning, ContinuousClock.now < deadline else {
+                child.stop()
+                let log = (try? String(contentsOfFile: folder + "/redis.log", encoding: .utf8)) ?? ""
+                throw BenchmarkError("redis-server did not start on port \(port): \(log.suffix(600))")
+            }
+            usleep(10_000)
+        }
+        return RedisServer(child: child, port: port)
+    }
+
+    func stop() { child.stop() }
+}
+
+private func which(_ name: String) -> String? {
+    let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
+    for folder in (path + ":/usr/sbin:/usr/bin:/sbin:/bin").split(separator: ":") {
+        let candidate = "\(folder)/\(name)"
+        if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+    }
+    return nil
+}
+
+private func run(_ executable: String, _ arguments: [String]) -> Int32 {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: executable)
+    process.arguments = arguments
+    var environment = ProcessInfo.processInfo.environment
+    environment["DEBIAN_FRONTEND"] = "noninteractive"
+    process.environment = environment
+    process.standardOutput = FileHandle.standardError
+    do { try process.run() } catch { return -1 }
+    process.waitUntilExit()
+    return process.terminationStatus
+}
+
+/// A `shardfs serve` child on a temporary data folder, with TCP on a free loopback port and a Unix socket.
+struct ShardFSNode {
+    let child: ChildProcess
+    let tcpPort: Int
+    let socketPath: String
+
+    static func start(executable: String, folder: String) throws -> ShardFSNode {
+        guard FileManager.default.isExecutableFile(atPath: executable) else {
+            throw BenchmarkError("cannot run the shardfs executable \(executable)")
+        }
+        try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+        let pipe = Pipe()
+        let child = try ChildProcess(name: "shardfs serve", executable: executable,
+                                     arguments: ["serve", "--data-dir", folder + "/data", "--listen", "127.0.0.1:0",
+                                                 "--socket", folder + "/shardfs.sock", "--log-level", "warning"],
+                                     stdout: pipe, stderrPath: folder + "/serve.log")
+        try? pipe.fileHandleForWriting.close()
+        // A node that never says "ready" is stopped, which ends the read below.
+        let watchdog = DispatchWorkItem { if child.process.isRunning { kill(child.pid, SIGKILL) } }
+        DispatchQueue.global().asyncAfter(deadline: .now() + 60, execute: watchdog)
+        defer { watchdog.cancel() }
+        var text = ""
+        while !text.contains("\n") {
+            let data = pipe.fileHandleForReading.availableData
+            if data.isEmpty { break }
+            text += String(decoding: data, as: UTF8.self)
+        }
+        let line = text.split(separator: "\n").first { $0.hasPrefix("ready ") }.map(String.init) ?? ""
+        var tcp: Int?, unix: String?
+        for field in line.split(separator: " ") {
+            if field.hasPrefix("tcp="), let colon = field.lastIndex(of: ":") { tcp = Int(field[field.index(after: colon)...]) }
+            if field.hasPrefix("unix=") { unix = String(field.dropFirst(5)) }
+        }
+        guard let tcp, let unix else {
+            child.stop()
+            let log = (try? String(contentsOfFile: folder + "/serve.log", encoding: .utf8)) ?? ""
+            throw BenchmarkError("shardfs serve did not get ready (stdout: \(text.prefix(300))) \(log.suffix(800))")
+        }
+        return ShardFSNode(child: child, tcpPort: tcp, socketPath: unix)
+    }
+
+    func stop() { child.stop() }
+}
+
+// MARK: A minimal RESP client (blocking socket, one per thread)
+
+final class RESPConnection {
+    private let fd: Int32
+    private var buffer: UnsafeMutablePointer<UInt8>
+    private var capacity = 1 << 20
+    private var head = 0, tail = 0
+    private var out: [UInt8] = []
+
+    init(port: Int) throws {
+        fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw BenchmarkError("socket: \(String(cString: strerror(errno)))") }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        address.sin_port = UInt16(port).bigEndian
+        let ok = withUnsafePointer(to: &address) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 }
+        }
+        guard ok else {
+            let reason = String(cString: strerror(errno))
+            close(fd)
+            throw BenchmarkError("cannot connect to redis on port \(port): \(reason)")
+        }
+        var one: Int32 = 1
+        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        buffer = .allocate(capacity: capacity)
+        out.reserveCapacity(256 << 10)
+    }
+
+    deinit {
+        close(fd)
+        buffer.deallocate()
+    }
+
+    /// Sends commands `indexes` in order with up to `depth` awaiting their replies.
+    func pipeline(_ indexes: Range<Int>, depth: Int, send: (Int) -> Void, receive: (Int) throws -> Void) throws {
+        var answered = indexes.lowerBound
+        for i in indexes {
+            send(i)
+            if i - answered + 1 >= depth {
+                try receive(answered)
+                answered += 1
+            }
+        }
+        while answered < indexes.upperBound {
+            try receive(answered)
+            answered += 1
+        }
+    }
+
+    func sendMSET(_ items: [PutItem]) {
+        out.removeAll(keepingCapacity: true)
+        appendHeader(UInt8(ascii: "*"), 1 + 2 * items.count)
+        appendBulk(Array("MSET".utf8))
+        for item in items {
+            appendBulk(item.key)
+            appendBulk(item.value)
+        }
+        send(out)
+    }
+
+    func sendMGET(_ keys: [[UInt8]]) {
+        out.removeAll(keepingCapacity: true)
+        appendHeader(UInt8(ascii: "*"), 1 + keys.count)
+        appendBulk(Array("MGET".utf8))
+        for key in keys { appendBulk(key) }
+        send(out)
+    }
+
+    func send(_ bytes: [UInt8]) {
+        bytes.withUnsafeBytes { raw in
+            var offset = 0
+            while offset < raw.count {
+                let n = Glibc.send(fd, raw.baseAddress! + offset, raw.count - offset, Int32(MSG_NOSIGNAL))
+                if n <= 0 {
+                    if n < 0 && errno == EINTR { continue }
+                    return  // the next read reports the closed connection
+                }
+                offset += n
+            }
+        }
+    }
+
+    func expectOK() throws { try expectSimple("OK") }
+
+    func expectSimple(_ word: String) throws {
+        let type = try byte()
+        let line = try lineText()
+        guard type == UInt8(ascii: "+"), line == word else { throw BenchmarkError("redis answered \(Character(Unicode.Scalar(type)))\(line)") }
+    }
+
+    /// An MGET answer: `count` values of `size` bytes each, copied out as a real reader would.
+    func expectValues(_ count: Int, size: Int) throws {
+        let type = try byte()
+        guard type == UInt8(ascii: "*") else { throw BenchmarkError("redis answered \(Character(Unicode.Scalar(type)))\(try lineText())") }
+        let n = try integer()
+        guard n == count else { throw BenchmarkError("MGET answered \(n) of \(count) values") }
+        for _ in 0..<n {
+            guard try byte() == UInt8(ascii: "$") else { throw BenchmarkError("MGET answered a non-bulk item") }
+            let length = try integer()
+            guard length == size else { throw BenchmarkError("MGET answered a value of \(length) bytes") }
+            try fill(length + 2)
+            let value = Array(UnsafeBufferPointer(start: buffer + head, count: length))
+            head += length + 2
+            if value.isEmpty { throw BenchmarkError("empty value") }
+        }
+    }
+
+    private func appendHeader(_ type: UInt8, _ n: Int) {
+        out.append(type)
+        appendDecimal(n)
+        out.append(13); out.append(10)
+    }
+
+    private func appendBulk(_ bytes: [UInt8]) {
+        appendHeader(UInt8(ascii: "$"), bytes.count)
+        out.append(contentsOf: bytes)
+        out.append(13); out.append(10)
+    }
+
+    private func appendDecimal(_ n: Int) {
+        if n >= 10 { appendDecimal(n / 10) }
+        out.append(UInt8(ascii: "0") + UInt8(n % 10))
+    }
+
+    /// Makes at least `count` unread bytes available.
+    private func fill(_ count: Int) throws {
+        while tail - head < count {
+            if head > 0 {
+                memmove(buffer, buffer + head, tail - head)
+                tail -= head
+                head = 0
+            }
+            if count > capacity {
+                let bigger = UnsafeMutablePointer<UInt8>.allocate(capacity: count)
+                bigger.update(from: buffer, count: tail)
+                buffer.deallocate()
+                buffer = bigger
+                capacity = count
+            }
+            let n = recv(fd, buffer + tail, capacity - tail, 0)
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { throw BenchmarkError("redis closed the connection") }
+            tail += n
+        }
+    }
+
+    private func byte() throws -> UInt8 {
+        try fill(1)
+        defer { head += 1 }
+        return buffer[head]
+    }
+
+    private func integer() throws -> Int {
+        var n = 0, negative = false
+        while true {
+            let b = try byte()
+            if b == 13 { _ = try byte(); return negative ? -n : n }
+            if b == UInt8(ascii: "-") { negative = true } else { n = n * 10 + Int(b - 48) }
+        }
+    }
+
+    private func lineText() throws -> String {
+        var bytes: [UInt8] = []
+        while true {
+            let b = try byte()
+            if b == 13 { _ = try byte(); return String(decoding: bytes, as: UTF8.self) }
+            bytes.append(b)
+        }
+    }
+}
