@@ -5,6 +5,26 @@ import ShardNode
 
 @main
 struct ShardFS: AsyncParsableCommand {
+    /// `mount.fuse3 SRC MNT -t shardfs -o …` (what `mount -t fuse.shardfs` and an
+    /// fstab line run) calls `shardfs SRC MNT -o …`: that form means `mount`.
+    static func main() async {
+        var arguments = Array(CommandLine.arguments.dropFirst())
+        let names = Set(configuration.subcommands.compactMap { $0.configuration.commandName } + ["help"])
+        if let first = arguments.first, !first.hasPrefix("-"), !names.contains(first), arguments.count >= 2 {
+            arguments.insert("mount", at: 0)
+        }
+        do {
+            var command = try parseAsRoot(arguments)
+            if var asyncCommand = command as? AsyncParsableCommand {
+                try await asyncCommand.run()
+            } else {
+                try command.run()
+            }
+        } catch {
+            exit(withError: error)
+        }
+    }
+
     static let configuration = CommandConfiguration(
         commandName: "shardfs",
         abstract: "ShardFS: shards of entries on cloud block volumes.",
@@ -16,7 +36,7 @@ struct ShardFS: AsyncParsableCommand {
         subcommands: [
             DemoCommand.self, ShardCommand.self,
             PutCommand.self, BatchPutCommand.self, GetCommand.self, ListCommand.self, RemoveCommand.self, MoveCommand.self, FindCommand.self,
-            MountCommand.self, BenchCommand.self, ServeCommand.self, ClientCommand.self,
+            MountCommand.self, BenchCommand.self, BatchBenchCommand.self, ServeCommand.self, ClientCommand.self,
         ]
     )
 }

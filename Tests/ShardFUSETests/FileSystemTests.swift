@@ -255,3 +255,62 @@ import Testing
         }
     }
 }
+
+/// The ways mount(8) starts ShardFS: the helper script and mount.fuse3.
+@Suite struct MountHelperTests {
+    static var repository: String {
+        var url = URL(fileURLWithPath: #filePath)
+        while url.path != "/" && !FileManager.default.fileExists(atPath: url.appendingPathComponent("mount-helpers").path) {
+            url.deleteLastPathComponent()
+        }
+        return url.path
+    }
+
+    func check(_ fixture: MountFixture, start: String) async throws {
+        let result = try await shell(start, environment: ["SHARDFS_BIN": shardfs,
+                                                          "PATH": productsDirectory().path + ":/usr/sbin:/usr/bin:/sbin:/bin"])
+        #expect(result.status == 0, "\(start): \(result.stderr)")
+        #expect(fixture.isMounted)
+        try await fixture.ok("mkdir shard-2 && echo ok > shard-2/f && cat shard-2/f")
+        #expect(try await fixture.errnoOf("open('shard-2/g', 'w')") == "OK")
+    }
+
+    @Test func theHelperAcceptsMountsArgvAndGenericOptions() async throws {
+        let fixture = try MountFixture(options: "")
+        do {
+            try await check(fixture, start: "\(Self.repository)/mount-helpers/mount.shardfs \(fixture.data) \(fixture.mnt) -n -o rw,_netdev,nofail,dev,suid,defaults,client_id=app")
+        } catch {
+            await fixture.unmount()
+            throw error
+        }
+        await fixture.unmount()
+    }
+
+    @Test func mountFuse3RunsShardfsWithTheBareForm() async throws {
+        let fixture = try MountFixture(options: "")
+        do {
+            // What `mount -t fuse.shardfs` and fstab do without our helper installed.
+            try await check(fixture, start: "mount.fuse3 \(fixture.data) \(fixture.mnt) -t shardfs -o client_id=app,_netdev,nofail")
+        } catch {
+            await fixture.unmount()
+            throw error
+        }
+        await fixture.unmount()
+    }
+
+    @Test func aReadOnlyHelperMountRefusesWrites() async throws {
+        let fixture = try MountFixture(options: "")
+        do {
+            _ = try await shell("mkdir -p \(fixture.data)")
+            let result = try await shell("\(Self.repository)/mount-helpers/mount.shardfs \(fixture.data) \(fixture.mnt) -r -o client_id=app",
+                                         environment: ["SHARDFS_BIN": shardfs])
+            #expect(result.status == 0, "\(result.stderr)")
+            #expect(try await fixture.errnoOf("os.mkdir('shard-1')") == "EROFS")
+            #expect(try await fixture.errnoOf("open('top', 'w')") == "EROFS")
+        } catch {
+            await fixture.unmount()
+            throw error
+        }
+        await fixture.unmount()
+    }
+}

@@ -1,0 +1,110 @@
+import ArgumentParser
+import Benchmarks
+import Foundation
+
+struct BatchBenchCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bench-batch",
+        abstract: "Benchmark the batch socket service against Redis and raw LMDB (same entries, batches, connections).",
+        discussion: """
+            Starts a `shardfs serve` node and `redis-server` (no persistence, then appendonly yes + \
+            appendfsync always) as child processes on loopback and stops them after; raw LMDB runs \
+            in-process. Installs redis-server with apt-get when it is missing and running as root. \
+            Prints ops/s, every ratio and whether each target is met. Build with -c release.
+            """)
+
+    @Option(name: .long, help: "Number of entries (100-byte values, keys are entry IDs 1…N).") var entries = 1_000_000
+    @Option(name: .long, help: "Entries per batch (one BatchPut / BatchGet / MSET / MGET / LMDB transaction).") var batch = 1_000
+    @Option(name: .long, help: "Rounds; figures are medians.") var rounds = 1
+    @Option(name: .long, help: "Connection counts to measure, comma-separated.") var connections = "1,8"
+    @Option(name: .long, help: "Commands in flight per connection (pipelining).") var depth = 4
+    @Option(name: .long, help: "ShardFS transports, comma-separated: unix, tcp.") var transports = "unix,tcp"
+    @Option(name: .long, help: "Folder for the benchmark's files.") var dir = NSTemporaryDirectory()
+    @Option(name: .long, help: "The shardfs executable to run `serve` with (default: this one).") var server: String?
+
+    private var connectionCounts: [Int] { connections.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) } }
+    private var transportList: [String] { transports.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } }
+
+    func validate() throws {
+        guard entries > 0, batch > 0, rounds > 0, depth > 0 else { throw ValidationError("entries, batch, rounds and depth must be positive") }
+        let counts = connectionCounts
+        guard !counts.isEmpty, counts.count == connections.split(separator: ",").count, counts.allSatisfy({ $0 > 0 && $0 <= 256 }) else {
+            throw ValidationError("--connections takes positive counts, e.g. 1,8")
+        }
+        guard !transportList.isEmpty, transportList.allSatisfy({ $0 == "unix" || $0 == "tcp" }) else {
+            throw ValidationError("--transports takes unix and/or tcp")
+        }
+    }
+
+    func run() async throws {
+        var bench = BatchBenchmark()
+        bench.entries = entries
+        bench.batchSize = batch
+        bench.rounds = rounds
+        bench.connections = connectionCounts
+        bench.depth = depth
+        bench.transports = transportList
+        bench.directory = dir
+        bench.serverExecutable = server ?? Self.ownExecutable()
+        emit("Batch service: \(entries) entries, \(bench.valueSize)-byte values, \(batch) per batch, connections \(connections), "
+             + "\(depth) in flight per connection, \(rounds) round(s); durable = fsync'ed before the answer")
+        let figures = try await bench.run { FileHandle.standardError.write(Data(("  " + $0 + "\n").utf8)) }
+
+        func figure(_ system: String, _ workload: BatchBenchmark.Workload, _ n: Int) -> Double? {
+            figures.first { $0.system == system && $0.workload == workload && $0.connections == n }?.opsPerSecond
+        }
+        let shardFS = transportList.map(BatchBenchmark.shardFS)
+        let others = [BatchBenchmark.rawLMDB, BatchBenchmark.redisVolatile, BatchBenchmark.redisDurable]
+        emit("")
+        emit("workload".padding(toLength: 26, withPad: " ", startingAt: 0) + "conn".leftPad(5) + "  "
+             + "system".padding(toLength: 28, withPad: " ", startingAt: 0) + "ops/s".leftPad(11))
+        for workload in BatchBenchmark.Workload.allCases {
+            for n in connectionCounts {
+                for system in others + shardFS {
+                    guard let ops = figure(system, workload, n) else { continue }
+                    emit(workload.rawValue.padding(toLength: 26, withPad: " ", startingAt: 0) + String(n).leftPad(5) + "  "
+                         + system.padding(toLength: 28, withPad: " ", startingAt: 0) + String(Int(ops)).leftPad(11))
+                }
+            }
+        }
+        emit("")
+        emit("ratios (ShardFS ÷ other, same workload and connections)")
+        for workload in BatchBenchmark.Workload.allCases {
+            for n in connectionCounts {
+                for mine in shardFS {
+                    guard let a = figure(mine, workload, n) else { continue }
+                    let parts = others.compactMap { other in figure(other, workload, n).map { "÷ \(other) \(String(format: "%.2f", a / $0))" } }
+                    emit("  \(workload.rawValue), \(n) conn, \(mine): " + parts.joined(separator: "; "))
+                }
+            }
+        }
+        emit("")
+        emit("targets")
+        var missed = 0
+        for mine in shardFS {
+            for n in connectionCounts {
+                for workload in [BatchBenchmark.Workload.putIncreasing, .putRandom] {
+                    for (other, goal) in [(BatchBenchmark.rawLMDB, 0.8), (BatchBenchmark.redisDurable, 1.0)] {
+                        guard let a = figure(mine, workload, n), let b = figure(other, workload, n) else { continue }
+                        missed += target("\(mine) durable \(workload.rawValue), \(n) conn ≥ \(String(format: "%.1f", goal))× \(other)", a / b, goal)
+                    }
+                }
+                let goal = n == 1 ? 0.5 : 0.8
+                if let a = figure(mine, .getRandom, n), let b = figure(BatchBenchmark.redisVolatile, .getRandom, n) {
+                    missed += target("\(mine) BatchGet, \(n) conn ≥ \(String(format: "%.1f", goal))× Redis MGET (no persistence)", a / b, goal)
+                }
+            }
+        }
+        emit(missed == 0 ? "all targets met" : "\(missed) target(s) missed")
+    }
+
+    private func target(_ name: String, _ ratio: Double, _ goal: Double) -> Int {
+        emit("  " + name.padding(toLength: 96, withPad: " ", startingAt: 0) + String(format: "%.2f", ratio).leftPad(6)
+             + (ratio >= goal ? "  met" : "  MISSED"))
+        return ratio >= goal ? 0 : 1
+    }
+
+    private static func ownExecutable() -> String {
+        (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+    }
+}
