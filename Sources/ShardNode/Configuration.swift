@@ -18,6 +18,9 @@ public struct Configuration: Sendable, Equatable {
         public var address = "127.0.0.1:7070"
         /// Unix socket path; empty means `<data_dir>/shardfs.sock`.
         public var unixSocket = ""
+        /// Shared token TCP clients must present; required when `address` is not loopback.
+        public var token = ""
+        public var maxConnections = 1024
     }
 
     public struct Cloud: Sendable, Equatable {
@@ -107,6 +110,7 @@ extension Configuration {
         ("SHARDFS_DATA_DIR", "node.data_dir"),
         ("SHARDFS_SERVER_ADDRESS", "server.address"),
         ("SHARDFS_UNIX_SOCKET", "server.unix_socket"),
+        ("SHARDFS_SERVER_TOKEN", "server.token"),
         ("SHARDFS_CLOUD_PROVIDER", "cloud.provider"),
         ("SHARDFS_VOLUME_ROOT", "cloud.volume_root"),
         ("SHARDFS_METADATA_TYPE", "metadata.type"),
@@ -158,7 +162,7 @@ extension Configuration {
 
     static let settableKeys: Set<String> = [
         "node.node_id", "node.instance_id", "node.data_dir",
-        "server.address", "server.unix_socket",
+        "server.address", "server.unix_socket", "server.token", "server.max_connections",
         "cloud.provider", "cloud.region", "cloud.availability_zone", "cloud.volume_root", "cloud.initial_volumes",
         "metadata.type", "metadata.endpoints", "metadata.namespace",
         "metadata.options.username", "metadata.options.password",
@@ -182,6 +186,10 @@ extension Configuration {
         case "node.data_dir": node.dataDir = value
         case "server.address": server.address = value
         case "server.unix_socket": server.unixSocket = value
+        case "server.token": server.token = value
+        case "server.max_connections":
+            server.maxConnections = try int()
+            if server.maxConnections < 1 { throw ConfigurationError("\(source): server.max_connections must be at least 1") }
         case "cloud.provider": cloud.provider = value
         case "cloud.region": cloud.region = value
         case "cloud.availability_zone": cloud.availabilityZone = value

@@ -68,10 +68,11 @@ struct ServiceOptions: ParsableArguments {
         var config = BatchServerConfiguration()
         config.tcpAddress = noTcp ? nil : (listen ?? node.server.address)
         config.unixSocketPath = socket ?? (node.server.unixSocket.isEmpty ? node.node.dataDir + "/shardfs.sock" : node.server.unixSocket)
-        let env = ProcessInfo.processInfo.environment["SHARDFS_SERVER_TOKEN"]
-        config.token = [token, env].compactMap { $0 }.first { !$0.isEmpty }
+        // --token, else server.token (from the file or SHARDFS_SERVER_TOKEN).
+        config.token = [token, node.server.token].compactMap { $0 }.first { !$0.isEmpty }
         guard engineThreads > 0 else { throw ValidationError("--engine-threads must be positive") }
         config.engineThreads = engineThreads
+        config.maxConnections = node.server.maxConnections
         return config
     }
 }

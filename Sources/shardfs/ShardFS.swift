@@ -59,6 +59,15 @@ struct NodeOptions: ParsableArguments {
     @Option(name: .long, help: "trace, debug, info, notice, warning, error or critical (log.level).")
     var logLevel: String?
 
+    @Option(name: .long, help: "embedded or etcd (metadata.type).")
+    var metadataType: String?
+
+    @Option(name: .long, help: "etcd endpoints, comma-separated (metadata.endpoints).")
+    var metadataEndpoints: String?
+
+    @Option(name: .long, help: "Key prefix in etcd (metadata.namespace).")
+    var metadataNamespace: String?
+
     func configuration() throws -> Configuration {
         let environment = ProcessInfo.processInfo.environment
         var config = try Configuration.load(file: config ?? environment["SHARDFS_CONFIG"].flatMap { $0.isEmpty ? nil : $0 },
@@ -67,6 +76,9 @@ struct NodeOptions: ParsableArguments {
         if let nodeID { try config.set("node.node_id", nodeID) }
         if let sizeLimit { try config.set("shard.size_limit", sizeLimit) }
         if let logLevel { try config.set("log.level", logLevel) }
+        if let metadataType { try config.set("metadata.type", metadataType) }
+        if let metadataEndpoints { try config.set("metadata.endpoints", metadataEndpoints) }
+        if let metadataNamespace { try config.set("metadata.namespace", metadataNamespace) }
         try config.validate()
         return config
     }

@@ -57,6 +57,8 @@ func shardfsRun(_ arguments: [String], input: String = "", environment: [String:
         (["put", "1", "k", "--value", "x", "--file", "/etc/hostname", "--client", "c"], "not both"),
         (["ls", "1", "--config", "/nonexistent.yaml"], "cannot read configuration file"),
         (["find", "1", "novalue"], "name=value"),
+        (["ls", "1", "--metadata-type", "etcd"], "metadata.endpoints is empty"),
+        (["ls", "1", "--metadata-type", "etcd", "--metadata-endpoints", "ftp://x"], "bad etcd endpoint"),
     ])
     func errorsExitNonZeroWithAClearMessage(_ arguments: [String], _ message: String) throws {
         let dir = try TemporaryDirectory("cli")

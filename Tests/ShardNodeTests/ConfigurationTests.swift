@@ -41,6 +41,7 @@ import Testing
         #expect(config.metadata.username == "u")
         #expect(config.shard.sizeLimit == 512 << 20)
         #expect(config.logLevel == "debug")
+        #expect(try Configuration.load(file: nil, environment: ["SHARDFS_SERVER_TOKEN": "t0k"]).server.token == "t0k")
         try config.set("node.node_id", "from-flag")
         #expect(config.node.nodeID == "from-flag")
     }
