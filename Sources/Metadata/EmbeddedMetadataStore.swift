@@ -152,28 +152,21 @@ public final class EmbeddedMetadataStore: MetadataStore, @unchecked Sendable {
     public func listVolumes(nodeID: String?) async throws -> [VolumeRecord] {
         let all: [VolumeRecord] = try read { txn in try self.all(txn, self.volumes) }
         guard let nodeID else { return all }
-        return all.filter { $0.primaryNodeID == nodeID || $0.backupNodeIDs.contains(nodeID) }
+        return all.filter { $0.isHeld(by: nodeID) }
     }
 
     public func updatePrimary(volumeID: String, nodeID: String, expectedEpoch: UInt64) async throws -> VolumeRecord {
         try updateVolume(volumeID) { volume in
-            guard volume.epoch == expectedEpoch else {
-                throw MetadataError.conflict("volume \(volumeID) is at epoch \(volume.epoch), not \(expectedEpoch)")
-            }
-            volume.primaryNodeID = nodeID
-            volume.backupNodeIDs.removeAll { $0 == nodeID }
-            volume.epoch += 1
+            try volume.promote(nodeID, expectedEpoch: expectedEpoch)
         }
     }
 
     public func addBackup(volumeID: String, nodeID: String) async throws {
-        _ = try updateVolume(volumeID) { volume in
-            if !volume.backupNodeIDs.contains(nodeID) { volume.backupNodeIDs.append(nodeID) }
-        }
+        _ = try updateVolume(volumeID) { volume in volume.addBackup(nodeID) }
     }
 
     public func removeBackup(volumeID: String, nodeID: String) async throws {
-        _ = try updateVolume(volumeID) { volume in volume.backupNodeIDs.removeAll { $0 == nodeID } }
+        _ = try updateVolume(volumeID) { volume in volume.removeBackup(nodeID) }
     }
 
     public func unregisterVolume(_ volumeID: String) async throws {

@@ -168,3 +168,29 @@ extension ShardStatus {
         }
     }
 }
+
+extension VolumeRecord {
+    /// Whether `nodeID` holds the volume, as primary or backup.
+    public func isHeld(by nodeID: String) -> Bool {
+        primaryNodeID == nodeID || backupNodeIDs.contains(nodeID)
+    }
+
+    /// Makes `nodeID` the primary if the epoch is still `expectedEpoch`, and moves
+    /// the epoch on: the rule every store applies inside its guarded update.
+    public mutating func promote(_ nodeID: String, expectedEpoch: UInt64) throws {
+        guard epoch == expectedEpoch else {
+            throw MetadataError.conflict("volume \(volumeID) is at epoch \(epoch), not \(expectedEpoch)")
+        }
+        primaryNodeID = nodeID
+        backupNodeIDs.removeAll { $0 == nodeID }
+        epoch += 1
+    }
+
+    public mutating func addBackup(_ nodeID: String) {
+        if !backupNodeIDs.contains(nodeID) { backupNodeIDs.append(nodeID) }
+    }
+
+    public mutating func removeBackup(_ nodeID: String) {
+        backupNodeIDs.removeAll { $0 == nodeID }
+    }
+}

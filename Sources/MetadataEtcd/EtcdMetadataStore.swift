@@ -253,7 +253,7 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
     public func listVolumes(nodeID: String?) async throws -> [VolumeRecord] {
         let all = try await list(volumesPrefix).map { try decode(VolumeRecord.self, $0) }
         guard let nodeID else { return all }
-        return all.filter { $0.primaryNodeID == nodeID || $0.backupNodeIDs.contains(nodeID) }
+        return all.filter { $0.isHeld(by: nodeID) }
     }
 
     public func updatePrimary(volumeID: String, nodeID: String, expectedEpoch: UInt64) async throws -> VolumeRecord {
@@ -261,25 +261,16 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
         // read and the write, the txn fails and the epoch check runs again on the
         // new record, so of two racing changes from one epoch only one wins.
         try await update(volumeKey(volumeID), VolumeRecord.self, what: "volume \(volumeID)") { volume in
-            guard volume.epoch == expectedEpoch else {
-                throw MetadataError.conflict("volume \(volumeID) is at epoch \(volume.epoch), not \(expectedEpoch)")
-            }
-            volume.primaryNodeID = nodeID
-            volume.backupNodeIDs.removeAll { $0 == nodeID }
-            volume.epoch += 1
+            try volume.promote(nodeID, expectedEpoch: expectedEpoch)
         }
     }
 
     public func addBackup(volumeID: String, nodeID: String) async throws {
-        _ = try await update(volumeKey(volumeID), VolumeRecord.self, what: "volume \(volumeID)") { volume in
-            if !volume.backupNodeIDs.contains(nodeID) { volume.backupNodeIDs.append(nodeID) }
-        }
+        _ = try await update(volumeKey(volumeID), VolumeRecord.self, what: "volume \(volumeID)") { volume in volume.addBackup(nodeID) }
     }
 
     public func removeBackup(volumeID: String, nodeID: String) async throws {
-        _ = try await update(volumeKey(volumeID), VolumeRecord.self, what: "volume \(volumeID)") { volume in
-            volume.backupNodeIDs.removeAll { $0 == nodeID }
-        }
+        _ = try await update(volumeKey(volumeID), VolumeRecord.self, what: "volume \(volumeID)") { volume in volume.removeBackup(nodeID) }
     }
 
     public func unregisterVolume(_ volumeID: String) async throws {
