@@ -114,6 +114,21 @@ final class OpenFile: @unchecked Sendable {
         }
     }
 
+    var hasBuffer: Bool { lock.withLock { buffer != nil } }
+    var hasChanges: Bool { lock.withLock { dirty } }
+
+    /// The new value and its time if it changed, lives in memory and is at most
+    /// `limit` bytes; the handle then counts as committed (the caller queues it).
+    func takeSmallValue(limit: Int) throws -> ([UInt8], Int64?)? {
+        try lock.withLock {
+            guard dirty, let buffer, buffer.size <= limit else { return nil }
+            var value = [UInt8](repeating: 0, count: buffer.size)
+            try value.withUnsafeMutableBytes { try buffer.read(at: 0, into: $0) }
+            dirty = false
+            return (value, modificationTime)
+        }
+    }
+
     /// Size as this handle sees it, if it holds unwritten changes.
     var pendingSize: Int? { lock.withLock { dirty ? buffer?.size : nil } }
 

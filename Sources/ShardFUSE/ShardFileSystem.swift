@@ -46,6 +46,11 @@ public final class ShardFileSystem: @unchecked Sendable {
     private var ownWrites: Set<OwnWrite> = []
     private struct OwnWrite: Hashable { var shard: UInt64; var key: [UInt8] }
 
+    /// Puts of closed small files not yet committed (see WriteBehind).
+    private(set) var writeBehind: WriteBehind!
+    /// Files up to this size are committed behind `close()`; larger ones at once.
+    static let writeBehindLimit = 1 << 20
+
     private let lock = NSLock()
     private var files: [UInt64: OpenFile] = [:]
     private var directories: [UInt64: DirectoryCursor] = [:]
@@ -56,6 +61,9 @@ public final class ShardFileSystem: @unchecked Sendable {
         self.options = options
         self.logger = logger
         spillDirectory = node.configuration.node.dataDir
+        writeBehind = WriteBehind(logger: logger) { [unowned self] shard, keys, body in
+            try self.own(shard, keys, body)
+        }
     }
 
     // MARK: Names and attributes
@@ -71,7 +79,7 @@ public final class ShardFileSystem: @unchecked Sendable {
         case .shard(let id):
             let shard = try localShard(id)
             let key = try entryKey(name)
-            guard let attributes = try shard.attributes(key) else {
+            guard let attributes = try currentAttributes(shard, key) else {
                 throw FileSystemError(ENOENT, "no entry \(key) in shard \(id)")
             }
             let ino = inodes.inode(for: .entry(shard: id, key: key.bytes), lookup: true)
@@ -93,7 +101,7 @@ public final class ShardFileSystem: @unchecked Sendable {
         case .entry(let id, let key):
             let shard = try localShard(id)
             let entryKey = try EntryKey(key)
-            let committed = try shard.attributes(entryKey)
+            let committed = try currentAttributes(shard, entryKey)
             // A file being written (perhaps created and not yet committed) shows
             // its writer's view: fstat on a new file must work.
             if let writer = openWriter(ino), let pending = writer.pendingSize {
@@ -121,6 +129,7 @@ public final class ShardFileSystem: @unchecked Sendable {
             if toSet.contains(.size) { throw FileSystemError(EISDIR, "a shard is a directory") }
             if toSet.contains(.mode) {
                 let shard = try localShard(id)
+                try writeBehind.flush(shard: id)  // queued puts land before the shard closes
                 let writeBits = attr.st_mode & 0o222
                 if writeBits == 0 {
                     if shard.state == .open {
@@ -137,6 +146,7 @@ public final class ShardFileSystem: @unchecked Sendable {
             let shard = try localShard(id)
             let entryKey = try EntryKey(key)
             let file = handle.flatMap { h in lock.withLock { files[h] } }
+            if !toSet.isDisjoint(with: [.size, .modificationTime, .modificationTimeNow]) { try writeBehind.flush(shard: id) }
             if toSet.contains(.size) {
                 try writable(shard)
                 guard attr.st_size >= 0 else { throw FileSystemError(EINVAL, "negative size") }
@@ -147,7 +157,7 @@ public final class ShardFileSystem: @unchecked Sendable {
                     let temporary = OpenFile(shard: shard, key: entryKey, inode: ino, writable: true, truncate: false,
                                              clientID: options.clientID, spillDirectory: spillDirectory)
                     try temporary.truncate(to: Int(attr.st_size))
-                    try commit(temporary)
+                    try commit(temporary, behind: false)
                 }
             }
             if !toSet.isDisjoint(with: [.modificationTime, .modificationTimeNow]) {
@@ -194,6 +204,7 @@ public final class ShardFileSystem: @unchecked Sendable {
                 throw FileSystemError(ENOENT, "no shard \(String(decoding: name, as: UTF8.self))")
             }
             if options.readOnly { throw FileSystemError(EROFS, "read-only mount") }
+            _ = try? writeBehind.flush(shard: id)
             try wait { try await self.node.shards.deleteShard(id) }
         case .shard:
             throw FileSystemError(ENOTDIR, "entries are files")
@@ -225,8 +236,11 @@ public final class ShardFileSystem: @unchecked Sendable {
         let shard = try localShard(id)
         let entryKey = try EntryKey(key)
         let wantsWrite = flags & O_ACCMODE != O_RDONLY
-        if wantsWrite { try writable(shard) }
-        guard try shard.attributes(entryKey) != nil else { throw FileSystemError(ENOENT, "entry \(entryKey) is gone") }
+        if wantsWrite {
+            try writable(shard)
+            try writeBehind.flush(shard: id)  // the handle builds on the latest value
+        }
+        guard try currentAttributes(shard, entryKey) != nil else { throw FileSystemError(ENOENT, "entry \(entryKey) is gone") }
         let file = OpenFile(shard: shard, key: entryKey, inode: ino, writable: wantsWrite, truncate: flags & O_TRUNC != 0,
                             clientID: options.clientID, spillDirectory: spillDirectory)
         // Closed shards never change: the kernel may keep their pages.
@@ -234,7 +248,12 @@ public final class ShardFileSystem: @unchecked Sendable {
     }
 
     func read(_ handle: UInt64, offset: Int, count: Int) throws -> [UInt8] {
-        try file(handle).read(at: offset, count: count)
+        let file = try self.file(handle)
+        if !file.hasBuffer, let pending = writeBehind.pending(shard: file.shard.id, key: file.key.bytes) {
+            guard offset < pending.value.count else { return [] }
+            return Array(pending.value[offset..<min(pending.value.count, offset + count)])
+        }
+        return try file.read(at: offset, count: count)
     }
 
     func write(_ handle: UInt64, _ bytes: UnsafeRawBufferPointer, offset: Int) throws -> Int {
@@ -245,17 +264,55 @@ public final class ShardFileSystem: @unchecked Sendable {
     }
 
     /// close(): commits what this handle wrote; its error is close()'s error.
-    func flush(_ handle: UInt64) throws { try commit(try file(handle)) }
+    /// close(): a small file's put is queued (visible at once, durable at fsync or
+    /// within milliseconds); a larger one is committed now. The error is close()'s.
+    func flush(_ handle: UInt64) throws { try commit(try file(handle), behind: true) }
 
-    func fsync(_ handle: UInt64) throws { try commit(try file(handle)) }
+    /// fsync(): this file's changes and everything queued before them are durable.
+    func fsync(_ handle: UInt64) throws {
+        let file = try self.file(handle)
+        try commit(file, behind: false)
+        try writeBehind.flush(shard: file.shard.id)
+    }
 
     func release(_ handle: UInt64) throws {
         guard let file = lock.withLock({ files.removeValue(forKey: handle) }) else { return }
-        try commit(file)
+        try commit(file, behind: true)
     }
 
-    private func commit(_ file: OpenFile) throws {
-        try own(file.shard.id, [file.key.bytes]) { try file.commit() }
+    private func commit(_ file: OpenFile, behind: Bool) throws {
+        let id = file.shard.id
+        if behind, let (value, time) = try file.takeSmallValue(limit: Self.writeBehindLimit) {
+            // Checked now, as a synchronous put would: owner, closed state, room.
+            try writable(file.shard)
+            let room = file.shard.sizeLimit - file.shard.usedBytesUpperBound - writeBehind.queuedBytes(shard: id)
+            if value.count + value.count / 8 + 4096 < room {
+                writeBehind.enqueue(file.shard, clientID: options.clientID, key: file.key.bytes, value: value,
+                                    modificationTime: time ?? Self.now())
+                if let failure = writeBehind.takeFailure(shard: id) { throw failure }
+                return
+            }
+            // Near the limit: commit now, for an exact answer.
+            try writeBehind.flush(shard: id)
+            try own(id, [file.key.bytes]) {
+                try file.shard.put(file.key, size: value.count, indexes: nil, clientID: options.clientID,
+                                   modificationTime: time) { offset, out in
+                    value.withUnsafeBytes { out.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[offset..<(offset + out.count)])) }
+                }
+            }
+            return
+        }
+        guard file.hasChanges else { return }
+        try writeBehind.flush(shard: id)
+        try own(id, [file.key.bytes]) { try file.commit() }
+    }
+
+    /// An entry's attributes as the mount shows them: a queued put wins.
+    private func currentAttributes(_ shard: Shard, _ key: EntryKey) throws -> EntryAttributes? {
+        if let pending = writeBehind.pending(shard: shard.id, key: key.bytes) {
+            return EntryAttributes(key: key, size: pending.value.count, modificationTime: pending.modificationTime, indexes: [])
+        }
+        return try shard.attributes(key)
     }
 
     func unlink(_ parent: UInt64, _ name: [UInt8]) throws {
@@ -265,6 +322,7 @@ public final class ShardFileSystem: @unchecked Sendable {
         let shard = try localShard(id)
         try writable(shard)
         let key = try entryKey(name)
+        try writeBehind.flush(shard: id)
         try own(id, [key.bytes]) { try shard.delete(key, clientID: options.clientID) }
     }
 
@@ -278,6 +336,7 @@ public final class ShardFileSystem: @unchecked Sendable {
         let shard = try localShard(id)
         try writable(shard)
         let source = try entryKey(name), target = try entryKey(newName)
+        try writeBehind.flush(shard: id)
         if flags & Self.renameNoReplace != 0, try shard.attributes(target) != nil {
             throw FileSystemError(EEXIST, "\(target) exists")
         }
@@ -318,6 +377,7 @@ public final class ShardFileSystem: @unchecked Sendable {
             }
         case .shard(let id):
             let shard = try localShard(id)
+            if offset == 0 { try writeBehind.flush(shard: id) }  // list what is queued too
             let cursor = lock.withLock { directories[handle] } ?? DirectoryCursor()
             // Continue after the last key listed, or (after a seek) count from the start.
             var after: EntryKey? = nil
@@ -396,6 +456,7 @@ public final class ShardFileSystem: @unchecked Sendable {
         let (shard, key) = try entry(ino)
         let index = try indexName(name)
         try writable(shard)
+        try writeBehind.flush(shard: shard.id)
         try own(shard.id, [key.bytes]) { try shard.updateIndexes(key, clientID: options.clientID) { current in
             let exists = current.contains { $0.name == index }
             if flags & Self.xattrCreate != 0 && exists { throw FileSystemError(EEXIST, "index \(index) exists") }
@@ -430,6 +491,7 @@ public final class ShardFileSystem: @unchecked Sendable {
         let (shard, key) = try entry(ino)
         let index = try indexName(name)
         try writable(shard)
+        try writeBehind.flush(shard: shard.id)
         try own(shard.id, [key.bytes]) { try shard.updateIndexes(key, clientID: options.clientID) { current in
             guard current.contains(where: { $0.name == index }) else { throw FileSystemError(ENODATA, "no index \(index)") }
             return current.filter { $0.name != index }
@@ -462,10 +524,11 @@ public final class ShardFileSystem: @unchecked Sendable {
     /// Commits every open file (unmount: pending writes first).
     func commitAll() {
         for file in lock.withLock({ Array(files.values) }) {
-            do { try file.commit() } catch {
+            do { try commit(file, behind: false) } catch {
                 logger.error("could not commit an open file at unmount", metadata: ["key": "\(file.key)", "error": "\(error)"])
             }
         }
+        writeBehind.stop()
     }
 
     // MARK: Helpers

@@ -64,12 +64,17 @@ public struct EntryWrite: Sendable {
     public var indexes: [IndexPair]
     /// Nanoseconds since 1970; nil means now.
     public var modificationTime: Int64?
+    /// Keep the indexes the entry has when the batch commits (`indexes` is ignored):
+    /// a file rewritten through the mount keeps its extended attributes.
+    public var keepsIndexes = false
 
-    public init(key: [UInt8], value: [UInt8], indexes: [IndexPair] = [], modificationTime: Int64? = nil) {
+    public init(key: [UInt8], value: [UInt8], indexes: [IndexPair] = [], modificationTime: Int64? = nil,
+                keepsIndexes: Bool = false) {
         self.key = key
         self.value = value
         self.indexes = indexes
         self.modificationTime = modificationTime
+        self.keepsIndexes = keepsIndexes
     }
 
     public init(key: EntryKey, value: [UInt8], indexes: [IndexPair] = [], modificationTime: Int64? = nil) {
@@ -602,6 +607,10 @@ public final class Shard: @unchecked Sendable {
         }
     }
 
+    /// An upper bound of the bytes in use, without reading the free list (cheap:
+    /// for checks on hot paths; `stats()` gives the exact figure).
+    public var usedBytesUpperBound: Int { env.info.usedBytes }
+
     public func stats() throws -> ShardStats {
         let pageSize = env.info.pageSize
         let (count, free) = try readTransaction { txn in (try txn.count(entries), try txn.freePageCount()) }
@@ -718,8 +727,14 @@ public final class Shard: @unchecked Sendable {
     }
 
     private func writeEntry(_ txn: Transaction, _ item: EntryWrite, defaultTime: Int64) throws {
+        var indexes = item.indexes
+        if item.keepsIndexes, let old = try txn.get(entries, item.key) {
+            // Mid-batch: an unreadable record must abort the transaction, not leave it half done.
+            guard let view = try? RecordView(old) else { throw LMDBError.corrupted }
+            indexes = view.indexes()
+        }
         try item.value.withUnsafeBytes { v in
-            try writeEntry(txn, key: item.key, size: v.count, indexes: item.indexes,
+            try writeEntry(txn, key: item.key, size: v.count, indexes: indexes,
                            modificationTime: item.modificationTime ?? defaultTime) { offset, out in
                 out.copyMemory(from: UnsafeRawBufferPointer(rebasing: v[offset..<(offset + out.count)]))
             }

@@ -99,7 +99,7 @@ struct BatchBenchCommand: AsyncParsableCommand {
     }
 
     private func target(_ name: String, _ ratio: Double, _ goal: Double) -> Int {
-        emit("  " + name.padding(toLength: 96, withPad: " ", startingAt: 0) + String(format: "%.2f", ratio).leftPad(6)
+        emit("  " + name.padding(toLength: 96, withPad: " ", startingAt: 0) + String(format: "%.3f", ratio).leftPad(7)
              + (ratio >= goal ? "  met" : "  MISSED"))
         return ratio >= goal ? 0 : 1
     }
