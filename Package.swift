@@ -70,7 +70,7 @@ let package = Package(
             "CFuse3", "ShardNode", "ShardStore", "Metadata",
             .product(name: "Logging", package: "swift-log"),
         ]),
-        .target(name: "Benchmarks", dependencies: ["ShardStore", "LMDB", "CLMDB"]),
+        .target(name: "Benchmarks", dependencies: ["ShardStore", "LMDB", "CLMDB", "BatchProtocol", "ShardFSClient"]),
         .executableTarget(name: "shardfs", dependencies: [
             "ShardNode", "Benchmarks", "BatchServer", "ShardFSClient", "ShardFUSE",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
