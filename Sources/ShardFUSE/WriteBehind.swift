@@ -52,12 +52,13 @@ final class WriteBehind: @unchecked Sendable {
     /// Queues a put; the caller checked that it may write.
     func enqueue(_ shard: Shard, clientID: String, key: [UInt8], value: [UInt8], modificationTime: Int64) {
         condition.withLock {
+            let wasIdle = queues.isEmpty
             var queue = queues[shard.id] ?? (shard, clientID, [:])
             if let previous = queue.puts[key] { queuedBytes -= previous.value.count }
             queue.puts[key] = Pending(value: value, modificationTime: modificationTime)
             queues[shard.id] = queue
             queuedBytes += value.count
-            if queuedBytes >= Self.maxQueuedBytes { condition.signal() }
+            if wasIdle || queuedBytes >= Self.maxQueuedBytes { condition.broadcast() }
         }
     }
 
@@ -113,7 +114,7 @@ final class WriteBehind: @unchecked Sendable {
     func stop() {
         condition.withLock {
             stopped = true
-            condition.signal()
+            condition.broadcast()
         }
         condition.withLock { while thread != nil { condition.wait() } }
     }
@@ -137,6 +138,9 @@ final class WriteBehind: @unchecked Sendable {
     private func committerLoop() {
         while true {
             let (batch, done) = condition.withLock { () -> ([Queue], Bool) in
+                // Idle: sleep until something is queued. Then let a batch gather
+                // for `interval` (unless it is already large or we are stopping).
+                while queues.isEmpty && !stopped { condition.wait() }
                 if !stopped && queuedBytes < Self.maxQueuedBytes {
                     _ = condition.wait(until: Date(timeIntervalSinceNow: Self.interval))
                 }
