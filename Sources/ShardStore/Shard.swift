@@ -132,8 +132,13 @@ public final class Shard: @unchecked Sendable {
     struct WriteContext {
         let txn: Transaction
         var state: ShardState
-        /// Keys this group changed, for `onCommit`.
+        /// Keys this group changed, for `onCommit` (collected only when it is set).
         var changed: [[UInt8]] = []
+        let observed: Bool
+
+        mutating func changed(_ key: [UInt8]) {
+            if observed { changed.append(key) }
+        }
     }
 
     private let observerLock = NSLock()
@@ -245,7 +250,7 @@ public final class Shard: @unchecked Sendable {
         let item = EntryWrite(key: key, value: value, indexes: indexes, modificationTime: mtime)
         try write(clientID: clientID) { ctx in
             try self.writeEntry(ctx.txn, item, defaultTime: mtime)
-            ctx.changed.append(key.bytes)
+            ctx.changed(key.bytes)
         }
     }
 
@@ -277,7 +282,7 @@ public final class Shard: @unchecked Sendable {
                 try self.writeEntry(ctx.txn, key: key.bytes, size: size, indexes: kept, modificationTime: mtime,
                                     stagedChunkSet: staged, source: source)
                 if let staged { try ctx.txn.delete(self.staging, chunkSetKey(staged)) }
-                ctx.changed.append(key.bytes)
+                ctx.changed(key.bytes)
             }
         } catch {
             if let staged { try? discardStaged(staged) }
@@ -366,7 +371,7 @@ public final class Shard: @unchecked Sendable {
                 }
             }
             try self.addReverseIndexes(txn, key: key.bytes, newIndexes)
-            ctx.changed.append(key.bytes)
+            ctx.changed(key.bytes)
         }
     }
 
@@ -391,7 +396,7 @@ public final class Shard: @unchecked Sendable {
         try write(clientID: clientID) { [statuses] ctx in
             for i in items.indices where statuses[i] == nil {
                 try self.writeEntry(ctx.txn, items[i], defaultTime: now)
-                ctx.changed.append(items[i].key)
+                ctx.changed(items[i].key)
             }
         }
         return statuses
@@ -402,7 +407,7 @@ public final class Shard: @unchecked Sendable {
         try write(clientID: clientID) { ctx in
             guard let old = try self.readOld(ctx.txn, key.bytes) else { throw ShardError.entryNotFound(key) }
             try self.removeEntry(ctx.txn, key: key.bytes, old: old)
-            ctx.changed.append(key.bytes)
+            ctx.changed(key.bytes)
         }
     }
 
@@ -426,7 +431,8 @@ public final class Shard: @unchecked Sendable {
                 }
             }
             try txn.delete(self.entries, from.bytes)
-            ctx.changed += [from.bytes, to.bytes]
+            ctx.changed(from.bytes)
+            ctx.changed(to.bytes)
         }
     }
 
@@ -437,7 +443,7 @@ public final class Shard: @unchecked Sendable {
             var record = Array(raw)
             record.withUnsafeMutableBytes { $0.storeLE(UInt64(bitPattern: time), at: 1) }
             try ctx.txn.put(self.entries, key.bytes, record)
-            ctx.changed.append(key.bytes)
+            ctx.changed(key.bytes)
         }
     }
 
@@ -636,12 +642,13 @@ public final class Shard: @unchecked Sendable {
     /// error, or a failed commit, aborts the group and each member is retried
     /// alone, so one write that does not fit cannot fail the others.
     private func run(_ group: [GroupCommitter<WriteContext>.Pending]) {
+        let observed = onCommit != nil
         if group.count > 1 {
             var state = self.state
             do {
                 var changed: [[UInt8]] = []
                 try env.write { txn in
-                    var ctx = WriteContext(txn: txn, state: state)
+                    var ctx = WriteContext(txn: txn, state: state, observed: observed)
                     for member in group {
                         do { try member.body(&ctx) } catch let error as ShardError { member.error = error }
                     }
@@ -660,7 +667,7 @@ public final class Shard: @unchecked Sendable {
                 var state = self.state
                 var changed: [[UInt8]] = []
                 try env.write { txn in
-                    var ctx = WriteContext(txn: txn, state: state)
+                    var ctx = WriteContext(txn: txn, state: state, observed: observed)
                     try member.body(&ctx)
                     state = ctx.state
                     changed = ctx.changed
