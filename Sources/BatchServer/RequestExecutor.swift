@@ -133,8 +133,9 @@ final class RequestExecutor: Sendable {
         let statuses: [ShardError?]
         do {
             statuses = try shard.batchPut(items, clientID: client)
-        } catch ShardError.full(_) {
-            // One request that does not fit must not fail the others: try them one by one.
+        } catch ShardError.full(_), ShardError.tooLarge(_) {
+            // One request that does not fit (in the shard, or in one transaction
+            // with the others) must not fail the others: try them one by one.
             for work in works { runOne(work, shard, &outcome) }
             return
         } catch {

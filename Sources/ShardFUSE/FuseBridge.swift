@@ -212,7 +212,7 @@ private func readDirectory(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _
     do {
         // A direntry takes at least 24 bytes (plus: about 150): ask for no more than can fit.
         let limit = max(1, min(1024, size / (plus ? 150 : 32)))
-        let items = try fs.readdir(ino, handle: fi.pointee.fh, offset: Int64(offset), limit: limit)
+        let items = try fs.readdir(ino, handle: fi.pointee.fh, offset: Int64(offset), limit: limit, plus: plus)
         var buffer = [CChar](repeating: 0, count: size)
         var used = 0, packed = 0
         buffer.withUnsafeMutableBufferPointer { out in
@@ -238,7 +238,7 @@ private func readDirectory(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _
                 packed += 1
             }
         }
-        fs.listed(items[..<packed], handle: fi.pointee.fh, plus: plus)
+        fs.listed(items, packed: packed, handle: fi.pointee.fh, plus: plus)
         _ = buffer.withUnsafeBufferPointer { fuse_reply_buf(req, $0.baseAddress, used) }
     } catch { fail(req, error) }
 }
@@ -334,9 +334,11 @@ private func makeOperations() -> fuse_lowlevel_ops {
     return ops
 }
 
-/// The session pointer, to be used from the invalidation queue.
-private struct SessionHandle: @unchecked Sendable {
+/// The session pointer for the invalidation queue. `alive` is read and written
+/// only on that queue: once the session is destroyed, late blocks do nothing.
+private final class SessionHandle: @unchecked Sendable {
     let session: OpaquePointer
+    var alive = true
     init(_ session: OpaquePointer) { self.session = session }
 }
 
@@ -354,6 +356,9 @@ public final class FuseSession: @unchecked Sendable {
     public let mountpoint: String
 
     private let handlesSignals: Bool
+    /// Kernel cache invalidations run here, never in a request handler.
+    private let invalidations = DispatchQueue(label: "shardfs.fuse.invalidate")
+    private var sessionHandle: SessionHandle?
 
     /// `handleSignals`: SIGTERM, SIGINT and SIGHUP end the loop (a process that
     /// only mounts); a process with other services stops the session itself.
@@ -382,12 +387,17 @@ public final class FuseSession: @unchecked Sendable {
         // SIGTERM, SIGINT and SIGHUP end the loop; `run` then unmounts.
         if handleSignals { fuse_set_signal_handlers(session) }
         let handle = SessionHandle(session)
-        let queue = DispatchQueue(label: "shardfs.fuse.invalidate")
+        let queue = invalidations
+        sessionHandle = handle
         fileSystem.invalidate = { inodes in
-            queue.async { for ino in inodes { fuse_lowlevel_notify_inval_inode(handle.session, ino, 0, 0) } }
+            queue.async {
+                guard handle.alive else { return }
+                for ino in inodes { fuse_lowlevel_notify_inval_inode(handle.session, ino, 0, 0) }
+            }
         }
         fileSystem.invalidateName = { parent, name in
             queue.async {
+                guard handle.alive else { return }
                 var cName = name.map { CChar(bitPattern: $0) } + [0]
                 fuse_lowlevel_notify_inval_entry(handle.session, parent, &cName, name.count)
             }
@@ -407,6 +417,9 @@ public final class FuseSession: @unchecked Sendable {
         fileSystem.node.shards.entriesChanged = nil
         fileSystem.invalidate = nil
         fileSystem.invalidateName = nil
+        // Blocks queued before (or racing with) the lines above must not touch
+        // the session once it is destroyed.
+        invalidations.sync { sessionHandle?.alive = false }
         fileSystem.commitAll()
         if handlesSignals { fuse_remove_signal_handlers(session) }
         fuse_session_unmount(session)

@@ -91,7 +91,11 @@ final class WriteBuffer {
 /// `release` call; until then other readers see the entry's previous value.
 final class OpenFile: @unchecked Sendable {
     let shard: Shard
-    let key: EntryKey
+    /// The entry this handle writes; follows renames (`renamed`), and an unlinked
+    /// entry's handle commits nothing (`orphaned`).
+    var key: EntryKey { lock.withLock { currentKey } }
+    private var currentKey: EntryKey
+    private var orphaned = false
     let inode: UInt64
     let writable: Bool
     let clientID: String
@@ -103,7 +107,7 @@ final class OpenFile: @unchecked Sendable {
 
     init(shard: Shard, key: EntryKey, inode: UInt64, writable: Bool, truncate: Bool, clientID: String, spillDirectory: String) {
         self.shard = shard
-        self.key = key
+        self.currentKey = key
         self.inode = inode
         self.writable = writable
         self.clientID = clientID
@@ -121,6 +125,7 @@ final class OpenFile: @unchecked Sendable {
     /// `limit` bytes; the handle then counts as committed (the caller queues it).
     func takeSmallValue(limit: Int) throws -> ([UInt8], Int64?)? {
         try lock.withLock {
+            if orphaned { dirty = false }
             guard dirty, let buffer, buffer.size <= limit else { return nil }
             var value = [UInt8](repeating: 0, count: buffer.size)
             try value.withUnsafeMutableBytes { try buffer.read(at: 0, into: $0) }
@@ -128,6 +133,12 @@ final class OpenFile: @unchecked Sendable {
             return (value, modificationTime)
         }
     }
+
+    /// The entry was renamed: later commits go to its new key.
+    func renamed(to key: EntryKey) { lock.withLock { currentKey = key } }
+
+    /// The entry was unlinked (or replaced by a rename): drop unwritten changes.
+    func orphan() { lock.withLock { orphaned = true } }
 
     /// Size as this handle sees it, if it holds unwritten changes.
     var pendingSize: Int? { lock.withLock { dirty ? buffer?.size : nil } }
@@ -146,7 +157,7 @@ final class OpenFile: @unchecked Sendable {
 
     func read(at offset: Int, count: Int) throws -> [UInt8] {
         try lock.withLock {
-            guard let buffer else { return try shard.read(key, offset: offset, count: count) }
+            guard let buffer else { return try shard.read(currentKey, offset: offset, count: count) }
             let n = max(0, min(count, buffer.size - offset))
             var out = [UInt8](repeating: 0, count: n)
             try out.withUnsafeMutableBytes { try buffer.read(at: offset, into: $0) }
@@ -170,7 +181,11 @@ final class OpenFile: @unchecked Sendable {
     func commit() throws {
         try lock.withLock {
             guard dirty, let buffer else { return }
-            try shard.put(key, size: buffer.size, indexes: nil, clientID: clientID,
+            if orphaned {
+                dirty = false
+                return
+            }
+            try shard.put(currentKey, size: buffer.size, indexes: nil, clientID: clientID,
                           modificationTime: modificationTime) { offset, out in
                 try buffer.read(at: offset, into: out)
             }
@@ -182,10 +197,10 @@ final class OpenFile: @unchecked Sendable {
     private func loadedBuffer() throws -> WriteBuffer {
         if let buffer { return buffer }
         let fresh = WriteBuffer(spillDirectory: spillDirectory)
-        if let attributes = try shard.attributes(key) {
+        if let attributes = try shard.attributes(currentKey) {
             var offset = 0
             while offset < attributes.size {
-                let piece = try shard.read(key, offset: offset, count: chunkSize)
+                let piece = try shard.read(currentKey, offset: offset, count: chunkSize)
                 if piece.isEmpty { break }
                 try piece.withUnsafeBytes { try fresh.write($0, at: offset) }
                 offset += piece.count

@@ -38,12 +38,24 @@ public final class ShardFileSystem: @unchecked Sendable {
 
     /// Tells the kernel to forget cached attributes and pages of inodes. Set by the
     /// session; runs asynchronously (never inside a request handler: deadlock).
-    var invalidate: (@Sendable ([UInt64]) -> Void)?
+    var invalidate: (@Sendable ([UInt64]) -> Void)? {
+        get { callbackLock.withLock { invalidateCallback } }
+        set { callbackLock.withLock { invalidateCallback = newValue } }
+    }
     /// Tells the kernel to forget a cached name (parent inode, name). Same rules.
-    var invalidateName: (@Sendable (UInt64, [UInt8]) -> Void)?
+    var invalidateName: (@Sendable (UInt64, [UInt8]) -> Void)? {
+        get { callbackLock.withLock { invalidateNameCallback } }
+        set { callbackLock.withLock { invalidateNameCallback = newValue } }
+    }
+    private let callbackLock = NSLock()
+    private var invalidateCallback: (@Sendable ([UInt64]) -> Void)?
+    private var invalidateNameCallback: (@Sendable (UInt64, [UInt8]) -> Void)?
 
-    /// Entries this mount is committing itself: the kernel already knows them.
-    private var ownWrites: Set<OwnWrite> = []
+    /// Entries this mount is committing itself (with how many commits are in
+    /// progress for each): the kernel already knows them. A lock of its own: the
+    /// commit hook reads it while the committing thread may hold other locks.
+    private let ownLock = NSLock()
+    private var ownWrites: [OwnWrite: Int] = [:]
     private struct OwnWrite: Hashable { var shard: UInt64; var key: [UInt8] }
 
     /// Puts of closed small files not yet committed (see WriteBehind).
@@ -79,9 +91,12 @@ public final class ShardFileSystem: @unchecked Sendable {
         case .shard(let id):
             let shard = try localShard(id)
             let key = try entryKey(name)
-            guard let attributes = try currentAttributes(shard, key) else {
-                throw FileSystemError(ENOENT, "no entry \(key) in shard \(id)")
+            // A file created and still open exists too (for its writer's stat, rename…).
+            let writer = openFiles(shard: id, key: key).first { $0.pendingSize != nil }
+            let attributes = try currentAttributes(shard, key) ?? writer.map {
+                EntryAttributes(key: key, size: $0.pendingSize ?? 0, modificationTime: Self.now(), indexes: [])
             }
+            guard let attributes else { throw FileSystemError(ENOENT, "no entry \(key) in shard \(id)") }
             let ino = inodes.inode(for: .entry(shard: id, key: key.bytes), lookup: true)
             return EntryReply(inode: ino, attributes: fileAttributes(shard, ino, attributes), timeout: timeout(shard))
         case .entry:
@@ -129,7 +144,7 @@ public final class ShardFileSystem: @unchecked Sendable {
             if toSet.contains(.size) { throw FileSystemError(EISDIR, "a shard is a directory") }
             if toSet.contains(.mode) {
                 let shard = try localShard(id)
-                try writeBehind.flush(shard: id)  // queued puts land before the shard closes
+                writeBehind.flush(shard: id)  // queued puts land before the shard closes
                 let writeBits = attr.st_mode & 0o222
                 if writeBits == 0 {
                     if shard.state == .open {
@@ -146,7 +161,7 @@ public final class ShardFileSystem: @unchecked Sendable {
             let shard = try localShard(id)
             let entryKey = try EntryKey(key)
             let file = handle.flatMap { h in lock.withLock { files[h] } }
-            if !toSet.isDisjoint(with: [.size, .modificationTime, .modificationTimeNow]) { try writeBehind.flush(shard: id) }
+            if !toSet.isDisjoint(with: [.size, .modificationTime, .modificationTimeNow]) { writeBehind.flush(shard: id) }
             if toSet.contains(.size) {
                 try writable(shard)
                 guard attr.st_size >= 0 else { throw FileSystemError(EINVAL, "negative size") }
@@ -204,7 +219,7 @@ public final class ShardFileSystem: @unchecked Sendable {
                 throw FileSystemError(ENOENT, "no shard \(String(decoding: name, as: UTF8.self))")
             }
             if options.readOnly { throw FileSystemError(EROFS, "read-only mount") }
-            _ = try? writeBehind.flush(shard: id)
+            writeBehind.flush(shard: id)
             try wait { try await self.node.shards.deleteShard(id) }
         case .shard:
             throw FileSystemError(ENOTDIR, "entries are files")
@@ -238,7 +253,7 @@ public final class ShardFileSystem: @unchecked Sendable {
         let wantsWrite = flags & O_ACCMODE != O_RDONLY
         if wantsWrite {
             try writable(shard)
-            try writeBehind.flush(shard: id)  // the handle builds on the latest value
+            writeBehind.flush(shard: id)  // the handle builds on the latest value
         }
         guard try currentAttributes(shard, entryKey) != nil else { throw FileSystemError(ENOENT, "entry \(entryKey) is gone") }
         let file = OpenFile(shard: shard, key: entryKey, inode: ino, writable: wantsWrite, truncate: flags & O_TRUNC != 0,
@@ -272,7 +287,8 @@ public final class ShardFileSystem: @unchecked Sendable {
     func fsync(_ handle: UInt64) throws {
         let file = try self.file(handle)
         try commit(file, behind: false)
-        try writeBehind.flush(shard: file.shard.id)
+        writeBehind.flush(shard: file.shard.id)
+        if let failure = writeBehind.takeFailure(shard: file.shard.id) { throw failure }
     }
 
     func release(_ handle: UInt64) throws {
@@ -293,7 +309,7 @@ public final class ShardFileSystem: @unchecked Sendable {
                 return
             }
             // Near the limit: commit now, for an exact answer.
-            try writeBehind.flush(shard: id)
+            writeBehind.flush(shard: id)
             try own(id, [file.key.bytes]) {
                 try file.shard.put(file.key, size: value.count, indexes: nil, clientID: options.clientID,
                                    modificationTime: time) { offset, out in
@@ -303,7 +319,7 @@ public final class ShardFileSystem: @unchecked Sendable {
             return
         }
         guard file.hasChanges else { return }
-        try writeBehind.flush(shard: id)
+        writeBehind.flush(shard: id)
         try own(id, [file.key.bytes]) { try file.commit() }
     }
 
@@ -322,8 +338,14 @@ public final class ShardFileSystem: @unchecked Sendable {
         let shard = try localShard(id)
         try writable(shard)
         let key = try entryKey(name)
-        try writeBehind.flush(shard: id)
-        try own(id, [key.bytes]) { try shard.delete(key, clientID: options.clientID) }
+        writeBehind.flush(shard: id)
+        let open = openFiles(shard: id, key: key)
+        do {
+            try own(id, [key.bytes]) { try shard.delete(key, clientID: options.clientID) }
+        } catch ShardError.entryNotFound where !open.isEmpty {
+            // Created and still open, never committed: unlinking it is dropping it.
+        }
+        for file in open { file.orphan() }  // a writer's close must not bring it back
     }
 
     func rename(_ parent: UInt64, _ name: [UInt8], _ newParent: UInt64, _ newName: [UInt8], flags: UInt32) throws {
@@ -336,11 +358,24 @@ public final class ShardFileSystem: @unchecked Sendable {
         let shard = try localShard(id)
         try writable(shard)
         let source = try entryKey(name), target = try entryKey(newName)
-        try writeBehind.flush(shard: id)
+        writeBehind.flush(shard: id)
         if flags & Self.renameNoReplace != 0, try shard.attributes(target) != nil {
             throw FileSystemError(EEXIST, "\(target) exists")
         }
-        try own(id, [source.bytes, target.bytes]) { try shard.rename(source, to: target, clientID: options.clientID) }
+        let openSource = openFiles(shard: id, key: source)
+        do {
+            try own(id, [source.bytes, target.bytes]) { try shard.rename(source, to: target, clientID: options.clientID) }
+        } catch ShardError.entryNotFound where !openSource.isEmpty {
+            // Created and still open, never committed: the target is replaced now,
+            // and the writer's close puts the value under the new name.
+            if source != target, try shard.attributes(target) != nil {
+                try own(id, [target.bytes]) { try shard.delete(target, clientID: options.clientID) }
+            }
+        }
+        // Open handles follow the entry; handles of a replaced target are orphans.
+        let displaced = openFiles(shard: id, key: target), moved = openSource
+        for file in displaced where source != target { file.orphan() }
+        for file in moved { file.renamed(to: target) }
         inodes.rename(.entry(shard: id, key: source.bytes), to: .entry(shard: id, key: target.bytes))
     }
 
@@ -361,7 +396,10 @@ public final class ShardFileSystem: @unchecked Sendable {
     /// Up to `limit` items from `offset` (0 = the start; otherwise a `nextOffset`).
     /// Items of a shard are paged from the key after the last one listed, so a
     /// listing costs memory for one page only, however large the shard.
-    func readdir(_ ino: UInt64, handle: UInt64, offset: Int64, limit: Int) throws -> [DirectoryItem] {
+    /// With `plus`, each item's inode carries one lookup for the kernel from the
+    /// start (a forget racing the reply cannot drop it); `listed` gives back the
+    /// lookups of items that did not fit in the reply.
+    func readdir(_ ino: UInt64, handle: UInt64, offset: Int64, limit: Int, plus: Bool) throws -> [DirectoryItem] {
         var items: [DirectoryItem] = []
         let kind = try self.kind(ino)
         if offset < 1 { items.append(dot(".", ino: ino, next: 1)) }
@@ -370,14 +408,14 @@ public final class ShardFileSystem: @unchecked Sendable {
         case .root:
             let shards = node.shards.localShards()
             for (i, shard) in shards.enumerated() where Int64(i) + 3 > offset && items.count < limit {
-                let ino = inodes.inode(for: .shard(shard.id), lookup: false)
+                let ino = inodes.inode(for: .shard(shard.id), lookup: plus)
                 items.append(DirectoryItem(name: Array(ShardManager.directoryName(shard.id).utf8), inode: ino,
                                            attributes: shardAttributes(shard, ino), timeout: timeout(shard),
                                            nextOffset: Int64(i) + 3, kind: .shard(shard.id)))
             }
         case .shard(let id):
             let shard = try localShard(id)
-            if offset == 0 { try writeBehind.flush(shard: id) }  // list what is queued too
+            if offset == 0 { writeBehind.flush(shard: id) }  // list what is queued too
             let cursor = lock.withLock { directories[handle] } ?? DirectoryCursor()
             // Continue after the last key listed, or (after a seek) count from the start.
             var after: EntryKey? = nil
@@ -392,12 +430,14 @@ public final class ShardFileSystem: @unchecked Sendable {
                         if seen == offset - 2 { after = EntryKey(bytes: view.key) }
                         return seen < offset - 2
                     }
+                    // Fewer entries than the offset now: the listing is over.
+                    if seen < offset - 2 { return items }
                 }
             }
             let rows = try shard.list(after: after, limit: max(0, limit - items.count))
             for row in rows {
                 position += 1
-                let ino = inodes.inode(for: .entry(shard: id, key: row.key.bytes), lookup: false)
+                let ino = inodes.inode(for: .entry(shard: id, key: row.key.bytes), lookup: plus)
                 let attributes = EntryAttributes(key: row.key, size: row.size, modificationTime: row.modificationTime, indexes: [])
                 items.append(DirectoryItem(name: row.key.bytes, inode: ino, attributes: fileAttributes(shard, ino, attributes),
                                            timeout: timeout(shard), nextOffset: position,
@@ -409,11 +449,11 @@ public final class ShardFileSystem: @unchecked Sendable {
         return items
     }
 
-    /// The bridge packed `items` into the reply: remember where the listing stands
-    /// and, for readdirplus, count the lookups the kernel now holds.
-    func listed(_ items: ArraySlice<DirectoryItem>, handle: UInt64, plus: Bool) {
-        guard let last = items.last else { return }
-        if plus { for item in items where item.kind != nil { _ = inodes.inode(for: item.kind!, lookup: true) } }
+    /// The bridge packed the first `packed` items into the reply: remember where
+    /// the listing stands, and with `plus` return the unused items' lookups.
+    func listed(_ items: [DirectoryItem], packed: Int, handle: UInt64, plus: Bool) {
+        if plus { for item in items[packed...] where item.kind != nil { inodes.forget(item.inode, count: 1) } }
+        guard let last = items[..<packed].last else { return }
         if case .entry(_, let key)? = last.kind {
             lock.withLock {
                 directories[handle]?.lastKey = EntryKey(bytes: key)
@@ -456,7 +496,7 @@ public final class ShardFileSystem: @unchecked Sendable {
         let (shard, key) = try entry(ino)
         let index = try indexName(name)
         try writable(shard)
-        try writeBehind.flush(shard: shard.id)
+        writeBehind.flush(shard: shard.id)
         try own(shard.id, [key.bytes]) { try shard.updateIndexes(key, clientID: options.clientID) { current in
             let exists = current.contains { $0.name == index }
             if flags & Self.xattrCreate != 0 && exists { throw FileSystemError(EEXIST, "index \(index) exists") }
@@ -491,7 +531,7 @@ public final class ShardFileSystem: @unchecked Sendable {
         let (shard, key) = try entry(ino)
         let index = try indexName(name)
         try writable(shard)
-        try writeBehind.flush(shard: shard.id)
+        writeBehind.flush(shard: shard.id)
         try own(shard.id, [key.bytes]) { try shard.updateIndexes(key, clientID: options.clientID) { current in
             guard current.contains(where: { $0.name == index }) else { throw FileSystemError(ENODATA, "no index \(index)") }
             return current.filter { $0.name != index }
@@ -502,8 +542,15 @@ public final class ShardFileSystem: @unchecked Sendable {
     /// change made elsewhere (which would needlessly drop the kernel's caches).
     private func own<T>(_ shard: UInt64, _ keys: [[UInt8]], _ body: () throws -> T) rethrows -> T {
         let marks = keys.map { OwnWrite(shard: shard, key: $0) }
-        lock.withLock { ownWrites.formUnion(marks) }
-        defer { lock.withLock { ownWrites.subtract(marks) } }  // the commit hook has run by now
+        ownLock.withLock { for mark in marks { ownWrites[mark, default: 0] += 1 } }
+        defer {  // the commit hook has run by now
+            ownLock.withLock {
+                for mark in marks {
+                    let left = (ownWrites[mark] ?? 1) - 1
+                    ownWrites[mark] = left > 0 ? left : nil
+                }
+            }
+        }
         return try body()
     }
 
@@ -511,7 +558,7 @@ public final class ShardFileSystem: @unchecked Sendable {
     /// mount (the batch service, another handle) are dropped from the kernel's
     /// caches, so the mount sees them at once.
     func entriesChanged(shard id: UInt64, keys: [[UInt8]]) {
-        let foreign = lock.withLock { keys.filter { !ownWrites.contains(OwnWrite(shard: id, key: $0)) } }
+        let foreign = ownLock.withLock { keys.filter { ownWrites[OwnWrite(shard: id, key: $0)] == nil } }
         guard !foreign.isEmpty, let parent = inodes.existingInode(for: .shard(id)) else { return }
         var stale: [UInt64] = []
         for key in foreign {
@@ -555,6 +602,11 @@ public final class ShardFileSystem: @unchecked Sendable {
         return file
     }
 
+    private func openFiles(shard: UInt64, key: EntryKey) -> [OpenFile] {
+        let all = lock.withLock { Array(files.values) }
+        return all.filter { $0.shard.id == shard && $0.key == key }  // file locks taken outside `lock`
+    }
+
     private func register(_ file: OpenFile) -> UInt64 {
         lock.withLock {
             let handle = nextHandle
@@ -564,8 +616,12 @@ public final class ShardFileSystem: @unchecked Sendable {
         }
     }
 
+    /// A handle with unwritten changes to `ino`. The file's own lock is taken
+    /// only after `lock` is released: a commit holds the file's lock while its
+    /// commit hook needs other locks, so nesting them here could deadlock.
     private func openWriter(_ ino: UInt64) -> OpenFile? {
-        lock.withLock { files.values.first { $0.inode == ino && $0.pendingSize != nil } }
+        let candidates = lock.withLock { files.values.filter { $0.inode == ino } }
+        return candidates.first { $0.pendingSize != nil }
     }
 
     /// Writes need a writable mount, an open shard and the mount's client as owner.

@@ -69,18 +69,21 @@ final class WriteBehind: @unchecked Sendable {
 
     /// Bytes queued for a shard (counted against its room when queueing more).
     func queuedBytes(shard: UInt64) -> Int {
-        condition.withLock { queues[shard]?.puts.values.reduce(0) { $0 + $1.value.count + $1.value.count / 8 + 64 } ?? 0 }
+        condition.withLock {
+            [queues[shard], inFlight[shard]].compactMap { $0 }
+                .reduce(0) { total, queue in total + queue.puts.values.reduce(0) { $0 + $1.value.count + $1.value.count / 8 + 64 } }
+        }
     }
 
-    /// Commits the shard's queue now (fsync, and before any other change to it),
-    /// and reports a failure of an earlier background commit.
-    func flush(shard id: UInt64) throws {
+    /// Commits the shard's queue now: the barrier before any other change to the
+    /// shard and for fsync. A failed batch is reported by `takeFailure`, which
+    /// only close() and fsync() call (other operations must not report it).
+    func flush(shard id: UInt64) {
         let queue = condition.withLock { () -> Queue? in
             while committing.contains(id) { condition.wait() }
             return take(id)
         }
         if let queue { commitAndFinish(queue) }
-        if let failure = condition.withLock({ failures.removeValue(forKey: id) }) { throw failure }
     }
 
     typealias Queue = (shard: Shard, clientID: String, puts: [[UInt8]: Pending])
@@ -125,8 +128,19 @@ final class WriteBehind: @unchecked Sendable {
         }
         do {
             try asOwnWrite(queue.shard.id, Array(queue.puts.keys)) {
-                let statuses = try queue.shard.batchPut(items, clientID: queue.clientID)
-                if let failed = statuses.compactMap({ $0 }).first { throw failed }
+                do {
+                    let statuses = try queue.shard.batchPut(items, clientID: queue.clientID)
+                    if let failed = statuses.compactMap({ $0 }).first { throw failed }
+                } catch ShardError.full, ShardError.tooLarge {
+                    // The batch does not fit as a whole: keep every put that fits alone.
+                    var lastFailure: Error?
+                    for item in items {
+                        do {
+                            if let failed = try queue.shard.batchPut([item], clientID: queue.clientID).first ?? nil { throw failed }
+                        } catch { lastFailure = error }
+                    }
+                    if let lastFailure { throw lastFailure }
+                }
             }
         } catch {
             logger.error("queued writes could not be committed and are lost",

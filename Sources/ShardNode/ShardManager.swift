@@ -189,7 +189,14 @@ public final class ShardManager: @unchecked Sendable {
     private func restore(_ volume: MountedVolume) async throws {
         let records = try await metadata.listShards(volumeID: volume.volumeID)
         var byID = Dictionary(uniqueKeysWithValues: records.map { ($0.shardID, $0) })
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: volume.mountPath)) ?? []
+        // A volume that cannot be listed is skipped, never read as empty: that
+        // would roll back the record of every shard on it.
+        let names: [String]
+        do { names = try FileManager.default.contentsOfDirectory(atPath: volume.mountPath) } catch {
+            logger.error("cannot list a volume; its shards are not restored",
+                         metadata: ["volume": "\(volume.volumeID)", "error": "\(error)"])
+            return
+        }
         let writable = !volume.readOnly
 
         for name in names.sorted() {

@@ -178,7 +178,9 @@ public final class Shard: @unchecked Sendable {
         }
         do {
             let descriptor = Descriptor(id: id, owner: owner, state: .open, sizeLimit: options.sizeLimit)
-            _ = try Shard(path: building, creating: descriptor, options: options)  // closed again on return
+            let built = try Shard(path: building, creating: descriptor, options: options)
+            try built.sync()  // even with durableCommits off, the descriptor is on disk
+            try syncDirectory(building)
             guard Glibc.rename(building, path) == 0 else {
                 throw errno == EEXIST || errno == ENOTEMPTY
                     ? ShardError.shardExists(path) : ShardError.storage("cannot rename \(building): \(String(cString: strerror(errno)))")
@@ -225,7 +227,9 @@ public final class Shard: @unchecked Sendable {
         } else {
             let meta = self.meta
             stored = try env.read { txn in try Descriptor.load(txn, meta, path: path) }
-            if !options.readOnly && stored.sizeLimit != env.info.mapSize {
+            // Read-only views too: the writer may grow the file up to the limit, and
+            // a view whose map is smaller fails every read with MDB_MAP_RESIZED.
+            if stored.sizeLimit > env.info.mapSize {
                 try env.setMapSize(stored.sizeLimit)
             }
         }
@@ -236,7 +240,9 @@ public final class Shard: @unchecked Sendable {
         self.committedState = stored.state
         self.isReadOnlyView = options.readOnly
         self.committer = GroupCommitter(runGroup: { [unowned self] group in self.run(group) })
-        if !options.readOnly { try discardStagedChunks() }
+        // Staged chunks a crash left are garbage: remove them, but a failure here
+        // (say, a full shard) must not keep the shard from opening.
+        if !options.readOnly { try? discardStagedChunks() }
     }
 
     // MARK: Writes
@@ -765,7 +771,9 @@ public final class Shard: @unchecked Sendable {
             case .reserved(let buffer):
                 out = buffer
             case .existing(let raw):
-                let old = try oldEntry(raw)
+                // Earlier items of the group may have changed the transaction: an
+                // unreadable old record must abort it, not fail as a ShardError.
+                guard let old = try? oldEntry(raw) else { throw LMDBError.corrupted }
                 if old.chunkSet != nil || !old.indexes.isEmpty { try removeSideData(txn, key: key, old: old) }
                 out = try txn.reserve(entries, k, count: count)
             }
