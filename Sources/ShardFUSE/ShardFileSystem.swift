@@ -144,7 +144,10 @@ public final class ShardFileSystem: @unchecked Sendable {
             if toSet.contains(.size) { throw FileSystemError(EISDIR, "a shard is a directory") }
             if toSet.contains(.mode) {
                 let shard = try localShard(id)
-                writeBehind.flush(shard: id)  // queued puts land before the shard closes
+                // Queued puts land before the shard closes; none are queued after.
+                writeBehind.beginClosing(shard: id)
+                defer { writeBehind.endClosing(shard: id) }
+                writeBehind.flush(shard: id)
                 let writeBits = attr.st_mode & 0o222
                 if writeBits == 0 {
                     if shard.state == .open {
@@ -302,13 +305,13 @@ public final class ShardFileSystem: @unchecked Sendable {
             // Checked now, as a synchronous put would: owner, closed state, room.
             try writable(file.shard)
             let room = file.shard.sizeLimit - file.shard.usedBytesUpperBound - writeBehind.queuedBytes(shard: id)
-            if value.count + value.count / 8 + 4096 < room {
-                writeBehind.enqueue(file.shard, clientID: options.clientID, key: file.key.bytes, value: value,
-                                    modificationTime: time ?? Self.now())
+            if value.count + value.count / 8 + 4096 < room,
+               writeBehind.enqueue(file.shard, clientID: options.clientID, key: file.key.bytes, value: value,
+                                   modificationTime: time ?? Self.now()) {
                 if let failure = writeBehind.takeFailure(shard: id) { throw failure }
                 return
             }
-            // Near the limit: commit now, for an exact answer.
+            // Near the limit, or the shard is closing: commit now, for an exact answer.
             writeBehind.flush(shard: id)
             try own(id, [file.key.bytes]) {
                 try file.shard.put(file.key, size: value.count, indexes: nil, clientID: options.clientID,

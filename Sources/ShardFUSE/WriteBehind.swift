@@ -49,9 +49,19 @@ final class WriteBehind: @unchecked Sendable {
         thread.start()
     }
 
-    /// Queues a put; the caller checked that it may write.
-    func enqueue(_ shard: Shard, clientID: String, key: [UInt8], value: [UInt8], modificationTime: Int64) {
+    /// Shards being closed: nothing more is queued for them (see `enqueue`).
+    private var closing: Set<UInt64> = []
+
+    /// Stops queueing for a shard about to close; a close() after this commits
+    /// synchronously and so gets the true answer (EROFS once it is closed).
+    func beginClosing(shard id: UInt64) { condition.withLock { _ = closing.insert(id) } }
+    func endClosing(shard id: UInt64) { condition.withLock { _ = closing.remove(id) } }
+
+    /// Queues a put (the caller checked that it may write); false if the shard is
+    /// closing, and the caller must commit the put itself.
+    func enqueue(_ shard: Shard, clientID: String, key: [UInt8], value: [UInt8], modificationTime: Int64) -> Bool {
         condition.withLock {
+            guard !closing.contains(shard.id) else { return false }
             let wasIdle = queues.isEmpty
             var queue = queues[shard.id] ?? (shard, clientID, [:])
             if let previous = queue.puts[key] { queuedBytes -= previous.value.count }
@@ -59,6 +69,7 @@ final class WriteBehind: @unchecked Sendable {
             queues[shard.id] = queue
             queuedBytes += value.count
             if wasIdle || queuedBytes >= Self.maxQueuedBytes { condition.broadcast() }
+            return true
         }
     }
 
