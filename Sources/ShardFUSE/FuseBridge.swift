@@ -146,6 +146,9 @@ private func opOpen(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePo
         let (handle, keepCache) = try fileSystem(req).open(ino, flags: fi.pointee.flags)
         fi.pointee.fh = handle
         fi.pointee.keep_cache = keepCache ? 1 : 0
+        // A read-only handle has nothing to commit at close(): spare the kernel
+        // the flush request (release still comes, asynchronously).
+        fi.pointee.noflush = fi.pointee.flags & O_ACCMODE == O_RDONLY ? 1 : 0
         fuse_reply_open(req, fi)
     } catch { fail(req, error) }
 }

@@ -261,8 +261,10 @@ public final class ShardFileSystem: @unchecked Sendable {
         guard try currentAttributes(shard, entryKey) != nil else { throw FileSystemError(ENOENT, "entry \(entryKey) is gone") }
         let file = OpenFile(shard: shard, key: entryKey, inode: ino, writable: wantsWrite, truncate: flags & O_TRUNC != 0,
                             clientID: options.clientID, spillDirectory: spillDirectory)
-        // Closed shards never change: the kernel may keep their pages.
-        return (register(file), shard.state == .closed)
+        // The kernel may keep a file's pages across opens: the mount's own writes
+        // go through them, and changes made elsewhere (the socket service)
+        // invalidate them (entriesChanged).
+        return (register(file), true)
     }
 
     func read(_ handle: UInt64, offset: Int, count: Int) throws -> [UInt8] {
