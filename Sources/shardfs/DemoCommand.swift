@@ -58,6 +58,6 @@ struct DemoCommand: AsyncParsableCommand {
         for listing in try await node.shards.listShards() {
             emit("  shard \(listing.record.shardID): \(listing.record.state.rawValue), owner \(listing.record.ownerClientID), volume \(listing.record.volumeID), \(listing.stats?.entries ?? 0) entries")
         }
-        emit("\nTry: shardfs shard list --data-dir \(config.node.dataDir)   and   shardfs get \(shard.id) 42 --data-dir \(config.node.dataDir)")
+        emit("\nWhile no node runs on it: shardfs shard list --data-dir \(config.node.dataDir)   and   shardfs get \(shard.id) 42 --data-dir \(config.node.dataDir)")
     }
 }
