@@ -269,7 +269,7 @@ public final class ShardFileSystem: @unchecked Sendable {
 
     func read(_ handle: UInt64, offset: Int, count: Int) throws -> [UInt8] {
         let file = try self.file(handle)
-        if !file.hasBuffer, let pending = writeBehind.pending(shard: file.shard.id, key: file.key.bytes) {
+        if !file.hasBuffer, let pending = writeBehind.pending(shard: file.shard.id, key: file.key.bytes), !pending.deleted {
             guard offset < pending.value.count else { return [] }
             return Array(pending.value[offset..<min(pending.value.count, offset + count)])
         }
@@ -331,6 +331,7 @@ public final class ShardFileSystem: @unchecked Sendable {
     /// An entry's attributes as the mount shows them: a queued put wins.
     private func currentAttributes(_ shard: Shard, _ key: EntryKey) throws -> EntryAttributes? {
         if let pending = writeBehind.pending(shard: shard.id, key: key.bytes) {
+            if pending.deleted { return nil }
             return EntryAttributes(key: key, size: pending.value.count, modificationTime: pending.modificationTime, indexes: [])
         }
         return try shard.attributes(key)
@@ -343,12 +344,16 @@ public final class ShardFileSystem: @unchecked Sendable {
         let shard = try localShard(id)
         try writable(shard)
         let key = try entryKey(name)
-        writeBehind.flush(shard: id)
         let open = openFiles(shard: id, key: key)
-        do {
+        // Queued like a put: gone for readers of the mount at once, durable at the
+        // next fsync or within milliseconds. Created-and-still-open files have
+        // nothing committed, and unlinking them is dropping them.
+        if try currentAttributes(shard, key) == nil {
+            guard !open.isEmpty else { throw FileSystemError(ENOENT, "no entry \(key) in shard \(id)") }
+        } else if !writeBehind.enqueue(shard, clientID: options.clientID, key: key.bytes, value: [],
+                                       modificationTime: 0, deleted: true) {
+            writeBehind.flush(shard: id)  // the shard is closing: commit now, for an exact answer
             try own(id, [key.bytes]) { try shard.delete(key, clientID: options.clientID) }
-        } catch ShardError.entryNotFound where !open.isEmpty {
-            // Created and still open, never committed: unlinking it is dropping it.
         }
         for file in open { file.orphan() }  // a writer's close must not bring it back
     }

@@ -67,6 +67,15 @@ public struct EntryWrite: Sendable {
     /// Keep the indexes the entry has when the batch commits (`indexes` is ignored):
     /// a file rewritten through the mount keeps its extended attributes.
     public var keepsIndexes = false
+    /// Delete the entry instead (nothing happens if it does not exist).
+    public var isDeletion = false
+
+    /// An item of a batch that deletes `key`.
+    public static func deletion(of key: [UInt8]) -> EntryWrite {
+        var item = EntryWrite(key: key, value: [])
+        item.isDeletion = true
+        return item
+    }
 
     public init(key: [UInt8], value: [UInt8], indexes: [IndexPair] = [], modificationTime: Int64? = nil,
                 keepsIndexes: Bool = false) {
@@ -401,7 +410,15 @@ public final class Shard: @unchecked Sendable {
         let now = Shard.now()
         try write(clientID: clientID) { [statuses] ctx in
             for i in items.indices where statuses[i] == nil {
-                try self.writeEntry(ctx.txn, items[i], defaultTime: now)
+                if items[i].isDeletion {
+                    // Changes were made: an unreadable record aborts the whole group.
+                    if let raw = try ctx.txn.get(self.entries, items[i].key) {
+                        guard let old = try? self.oldEntry(raw) else { throw LMDBError.corrupted }
+                        try self.removeEntry(ctx.txn, key: items[i].key, old: old)
+                    }
+                } else {
+                    try self.writeEntry(ctx.txn, items[i], defaultTime: now)
+                }
                 ctx.changed(items[i].key)
             }
         }

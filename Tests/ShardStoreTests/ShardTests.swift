@@ -440,3 +440,18 @@ func bytes(_ s: String) -> [UInt8] { Array(s.utf8) }
         #expect(try reopened.stats().usedBytes < base + Shard.stagingThreshold / 2)
     }
 }
+
+@Suite struct BatchDeletionTests {
+    @Test func aBatchCanDeleteAndPutTogether() throws {
+        let dir = try TemporaryDirectory("shard")
+        let shard = try makeShard(dir)
+        try shard.put(key("old"), value: bytes("1"), indexes: [IndexPair(name: "i", value: "x")], clientID: "owner")
+        let statuses = try shard.batchPut([EntryWrite.deletion(of: bytes("old")), EntryWrite(key: bytes("new"), value: bytes("2")),
+                                           EntryWrite.deletion(of: bytes("never-existed")), EntryWrite.deletion(of: bytes("bad/key"))],
+                                          clientID: "owner")
+        #expect(statuses[0] == nil && statuses[1] == nil && statuses[2] == nil)
+        if case .invalidKey = statuses[3] {} else { Issue.record("expected invalidKey, got \(String(describing: statuses[3]))") }
+        #expect(try shard.list().map(\.key.description) == ["new"])
+        #expect(try shard.find(indexName: "i", value: bytes("x")).isEmpty)
+    }
+}
