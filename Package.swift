@@ -89,7 +89,10 @@ let package = Package(
         .testTarget(name: "BatchServerTests", dependencies: [
             "BatchServer", "ShardFSClient", "ShardNode", "ShardStore", "TestSupport",
         ]),
-        .testTarget(name: "ShardFUSETests", dependencies: ["shardfs", "TestSupport"]),
+        .testTarget(name: "ShardFUSETests", dependencies: [
+            "shardfs", "ShardFUSE", "ShardStore", "TestSupport",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .testTarget(name: "CommandTests", dependencies: ["shardfs", "ShardStore", "TestSupport"]),
     ],
     swiftLanguageModes: [.v6]

@@ -174,7 +174,33 @@ public struct BatchBenchmark {
     // MARK: ShardFS through the Swift client
 
     private func shardFSPut(_ clients: [ShardFSClient], _ shard: UInt64, _ batches: [[PutItem]]) async throws -> Double {
-        let parts = split(batches.count, clients.count)
+        try await fanOut(clients, batches.count) { client, i in
+            let statuses = try await client.batchPut(client: "bench", shard: shard, items: batches[i])
+            guard statuses.count == batches[i].count, statuses.allSatisfy(\.isOK) else {
+                throw BenchmarkError("BatchPut answered \(statuses.first { !$0.isOK } ?? Status(.ok, "a short status list"))")
+            }
+        }
+    }
+
+    private func shardFSGet(_ clients: [ShardFSClient], _ shard: UInt64, _ keys: [[[UInt8]]]) async throws -> Double {
+        let size = valueSize
+        return try await fanOut(clients, keys.count) { client, i in
+            var seen = 0
+            for try await item in client.batchGet(shard: shard, keys: keys[i]) {
+                guard item.status.isOK, item.entry?.value.count == size else {
+                    throw BenchmarkError("BatchGet item \(item.position): \(item.status)")
+                }
+                seen += 1
+            }
+            guard seen == keys[i].count else { throw BenchmarkError("BatchGet sent \(seen) of \(keys[i].count) items") }
+        }
+    }
+
+    /// Runs `body(client, batch)` for `count` batches split across the clients,
+    /// each client with `depth` requests in flight; returns the seconds taken.
+    private func fanOut(_ clients: [ShardFSClient], _ count: Int,
+                        _ body: @escaping @Sendable (ShardFSClient, Int) async throws -> Void) async throws -> Double {
+        let parts = split(count, clients.count)
         let depth = self.depth
         let start = ContinuousClock.now
         try await withThrowingTaskGroup(of: Void.self) { group in
@@ -182,36 +208,7 @@ public struct BatchBenchmark {
                 for lane in 0..<depth {
                     group.addTask {
                         for i in stride(from: parts[c].lowerBound + lane, to: parts[c].upperBound, by: depth) {
-                            let statuses = try await client.batchPut(client: "bench", shard: shard, items: batches[i])
-                            guard statuses.count == batches[i].count, statuses.allSatisfy(\.isOK) else {
-                                throw BenchmarkError("BatchPut answered \(statuses.first { !$0.isOK } ?? Status(.ok, "a short status list"))")
-                            }
-                        }
-                    }
-                }
-            }
-            try await group.waitForAll()
-        }
-        return seconds(since: start)
-    }
-
-    private func shardFSGet(_ clients: [ShardFSClient], _ shard: UInt64, _ keys: [[[UInt8]]]) async throws -> Double {
-        let parts = split(keys.count, clients.count)
-        let depth = self.depth, size = valueSize
-        let start = ContinuousClock.now
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            for (c, client) in clients.enumerated() {
-                for lane in 0..<depth {
-                    group.addTask {
-                        for i in stride(from: parts[c].lowerBound + lane, to: parts[c].upperBound, by: depth) {
-                            var seen = 0
-                            for try await item in client.batchGet(shard: shard, keys: keys[i]) {
-                                guard item.status.isOK, item.entry?.value.count == size else {
-                                    throw BenchmarkError("BatchGet item \(item.position): \(item.status)")
-                                }
-                                seen += 1
-                            }
-                            guard seen == keys[i].count else { throw BenchmarkError("BatchGet sent \(seen) of \(keys[i].count) items") }
+                            try await body(client, i)
                         }
                     }
                 }

@@ -186,9 +186,6 @@ public final class Environment: @unchecked Sendable {
         try check(mdb_env_set_mapsize(env, size))
     }
 
-    /// The largest key (and DUPSORT value) this build of LMDB accepts.
-    public var maxKeySize: Int { Int(mdb_env_get_maxkeysize(env)) }
-
     /// Reader slots held by dead processes are released (useful after `kill -9` of a reader).
     @discardableResult
     public func clearStaleReaders() -> Int32 {
@@ -340,7 +337,6 @@ public struct Cursor {
 
     @inlinable
     public func first() throws -> Pair? { try op(MDB_FIRST) }
-    public func last() throws -> Pair? { try op(MDB_LAST) }
     @inlinable
     public func next() throws -> Pair? { try op(MDB_NEXT) }
     public func current() throws -> Pair? { try op(MDB_GET_CURRENT) }
@@ -381,5 +377,3 @@ public func prefetch(_ address: UnsafeRawPointer?) {
     if let address { shardfs_prefetch(address) }
 }
 
-/// LMDB's version string, e.g. "LMDB 0.9.24: (July 24, 2019)".
-public var lmdbVersion: String { String(cString: mdb_version(nil, nil, nil)) }

@@ -14,7 +14,8 @@ final class InodeTable: @unchecked Sendable {
     static let rootInode: UInt64 = 1
 
     private struct Slot {
-        var kind: NodeKind
+        /// nil: the entry was replaced by a rename while the kernel held this inode.
+        var kind: NodeKind?
         var lookups: UInt64
     }
 
@@ -44,7 +45,7 @@ final class InodeTable: @unchecked Sendable {
     }
 
     func kind(of ino: UInt64) -> NodeKind? {
-        lock.withLock { slots[ino]?.kind }
+        lock.withLock { slots[ino]?.kind ?? nil }
     }
 
     /// The kernel dropped `count` references.
@@ -55,7 +56,7 @@ final class InodeTable: @unchecked Sendable {
             slot.lookups -= min(count, slot.lookups)
             if slot.lookups == 0 {
                 slots.removeValue(forKey: ino)
-                if byKind[slot.kind] == ino { byKind.removeValue(forKey: slot.kind) }
+                if let kind = slot.kind, byKind[kind] == ino { byKind.removeValue(forKey: kind) }
             } else {
                 slots[ino] = slot
             }
@@ -67,7 +68,7 @@ final class InodeTable: @unchecked Sendable {
     func rename(_ from: NodeKind, to: NodeKind) {
         lock.withLock {
             if let displaced = byKind.removeValue(forKey: to), var slot = slots[displaced] {
-                slot.kind = .entry(shard: 0, key: [])  // shard 0 never exists
+                slot.kind = nil
                 slots[displaced] = slot
             }
             guard let ino = byKind.removeValue(forKey: from) else { return }
@@ -75,8 +76,6 @@ final class InodeTable: @unchecked Sendable {
             byKind[to] = ino
         }
     }
-
-    var count: Int { lock.withLock { slots.count } }
 
     /// The inodes the kernel may hold for a shard: its directory and its entries.
     func inodes(ofShard id: UInt64) -> [UInt64] {

@@ -307,7 +307,7 @@ public final class ShardFileSystem: @unchecked Sendable {
             // Checked now, as a synchronous put would: owner, closed state, room.
             try writable(file.shard)
             let room = file.shard.sizeLimit - file.shard.usedBytesUpperBound - writeBehind.queuedBytes(shard: id)
-            if value.count + value.count / 8 + 4096 < room,
+            if WriteBehind.cost(value.count) + 4096 < room,
                writeBehind.enqueue(file.shard, clientID: options.clientID, key: file.key.bytes, value: value,
                                    modificationTime: time ?? Self.now()) {
                 if let failure = writeBehind.takeFailure(shard: id) { throw failure }
@@ -437,7 +437,7 @@ public final class ShardFileSystem: @unchecked Sendable {
                     var seen: Int64 = 0
                     try shard.forEachEntry { view in
                         seen += 1
-                        if seen == offset - 2 { after = EntryKey(bytes: view.key) }
+                        if seen == offset - 2 { after = EntryKey(trusted: Array(view.key)) }
                         return seen < offset - 2
                     }
                     // Fewer entries than the offset now: the listing is over.
@@ -466,7 +466,7 @@ public final class ShardFileSystem: @unchecked Sendable {
         guard let last = items[..<packed].last else { return }
         if case .entry(_, let key)? = last.kind {
             lock.withLock {
-                directories[handle]?.lastKey = EntryKey(bytes: key)
+                directories[handle]?.lastKey = EntryKey(trusted: key)
                 directories[handle]?.lastOffset = last.nextOffset
             }
         }
@@ -761,10 +761,4 @@ struct DirectoryCursor {
 
 private final class ResultBox<T>: @unchecked Sendable {
     var result: Result<T, Error>?
-}
-
-extension EntryKey {
-    /// A key read back from the shard (already valid).
-    init(bytes: UnsafeRawBufferPointer) { try! self.init(Array(bytes)) }
-    init(bytes: [UInt8]) { try! self.init(bytes) }
 }

@@ -30,6 +30,11 @@ final class WriteBehind: @unchecked Sendable {
     private let condition = NSCondition()
     private var queues: [UInt64: (shard: Shard, clientID: String, puts: [[UInt8]: Pending])] = [:]
     private var queuedBytes = 0
+    /// What a queued value may take in the shard: its bytes plus page overhead.
+    static func cost(_ bytes: Int) -> Int { bytes + bytes / 8 + 64 }
+
+    /// Per shard: cost of what is queued or in flight (counted against the room left).
+    private var shardBytes: [UInt64: Int] = [:]
     private var failures: [UInt64: Error] = [:]
     /// Shards whose queue is being committed: one commit per shard at a time, so a
     /// flush never returns while an earlier batch of the same shard is in flight.
@@ -67,10 +72,11 @@ final class WriteBehind: @unchecked Sendable {
             guard !closing.contains(shard.id) else { return false }
             let wasIdle = queues.isEmpty
             var queue = queues[shard.id] ?? (shard, clientID, [:])
-            if let previous = queue.puts[key] { queuedBytes -= previous.value.count }
+            let previous = queue.puts[key]?.value.count ?? 0
             queue.puts[key] = Pending(value: value, modificationTime: modificationTime, deleted: deleted)
             queues[shard.id] = queue
-            queuedBytes += value.count
+            queuedBytes += value.count - previous
+            shardBytes[shard.id, default: 0] += Self.cost(value.count) - Self.cost(previous)
             if wasIdle || queuedBytes >= Self.maxQueuedBytes { condition.broadcast() }
             return true
         }
@@ -83,10 +89,7 @@ final class WriteBehind: @unchecked Sendable {
 
     /// Bytes queued for a shard (counted against its room when queueing more).
     func queuedBytes(shard: UInt64) -> Int {
-        condition.withLock {
-            [queues[shard], inFlight[shard]].compactMap { $0 }
-                .reduce(0) { total, queue in total + queue.puts.values.reduce(0) { $0 + $1.value.count + $1.value.count / 8 + 64 } }
-        }
+        condition.withLock { shardBytes[shard] ?? 0 }
     }
 
     /// Commits the shard's queue now: the barrier before any other change to the
@@ -118,6 +121,8 @@ final class WriteBehind: @unchecked Sendable {
             if let failure { failures[queue.shard.id] = failure }
             committing.remove(queue.shard.id)
             inFlight.removeValue(forKey: queue.shard.id)
+            let left = (shardBytes[queue.shard.id] ?? 0) - queue.puts.values.reduce(0) { $0 + Self.cost($1.value.count) }
+            shardBytes[queue.shard.id] = left > 0 ? left : nil
             condition.broadcast()
         }
     }

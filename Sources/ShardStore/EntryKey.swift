@@ -19,7 +19,8 @@ public struct EntryKey: Hashable, Comparable, Sendable, CustomStringConvertible 
         self.bytes = Array(String(entryID).utf8)
     }
 
-    init(trusted bytes: [UInt8]) { self.bytes = bytes }
+    /// A key read back from a shard (validated when it was written): no check.
+    public init(trusted bytes: [UInt8]) { self.bytes = bytes }
 
     /// Why `bytes` is not a valid key, or nil if it is.
     public static func problem<C: Collection>(with bytes: C) -> String? where C.Element == UInt8 {

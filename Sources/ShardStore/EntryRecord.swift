@@ -131,8 +131,6 @@ struct RecordView {
         }
     }
 
-    var hasIndexes: Bool { !indexBytes.isEmpty }
-
     func indexes() -> [IndexPair] {
         var result: [IndexPair] = []
         forEachIndex { name, value in

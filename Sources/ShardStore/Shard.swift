@@ -251,7 +251,11 @@ public final class Shard: @unchecked Sendable {
         self.committer = GroupCommitter(runGroup: { [unowned self] group in self.run(group) })
         // Staged chunks a crash left are garbage: remove them, but a failure here
         // (say, a full shard) must not keep the shard from opening.
-        if !options.readOnly { try? discardStagedChunks() }
+        if !options.readOnly {
+            // Reader slots of processes killed mid-read would pin old pages forever.
+            env.clearStaleReaders()
+            try? discardStagedChunks()
+        }
     }
 
     // MARK: Writes
@@ -641,9 +645,9 @@ public final class Shard: @unchecked Sendable {
     public var usedBytesUpperBound: Int { env.info.usedBytes }
 
     public func stats() throws -> ShardStats {
-        let pageSize = env.info.pageSize
         let (count, free) = try readTransaction { txn in (try txn.count(entries), try txn.freePageCount()) }
-        let used = max(0, env.info.lastPage + 1 - free) * pageSize
+        let info = env.info
+        let used = max(0, info.lastPage + 1 - free) * info.pageSize
         return ShardStats(id: id, owner: owner, state: state, entries: count, usedBytes: used, limitBytes: sizeLimit)
     }
 

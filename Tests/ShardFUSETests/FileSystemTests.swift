@@ -59,8 +59,13 @@ import Testing
             #expect(try await m.errnoOf("os.getxattr('shard-3/e', 'user.missing')") == "ENODATA")
             #expect(["EOPNOTSUPP", "ENOTSUP"].contains(try await m.errnoOf("os.setxattr('shard-3/e', 'trusted.x', b'1')")))
             #expect(try await m.errnoOf("os.removexattr('shard-3/e', 'user.missing')") == "ENODATA")
+            await m.unmount()
+            // The attribute is an index: the shard finds the entry by it.
+            let found = try await runAsync(shardfs, ["find", "3", "topic=metrics", "--data-dir", m.data, "--log-level", "error"])
+            #expect(found.stdout == "e\n", "\(found.stderr)")
+            let old = try await runAsync(shardfs, ["find", "3", "topic=logs", "--data-dir", m.data, "--log-level", "error"])
+            #expect(old.stdout == "")
         }
-        // After unmount, the index is queryable through the engine.
     }
 
     @Test func everyFailureHasItsErrno() async throws {
