@@ -98,6 +98,8 @@ public final class Environment: @unchecked Sendable {
     public let path: String
     public let options: EnvironmentOptions
     @usableFromInline let env: OpaquePointer
+    /// LMDB's page size for this environment (the OS page size when it was created).
+    public let pageSize: Int
 
     /// Opens (creating if needed) the environment in the directory `path`, which must exist.
     public init(path: String, options: EnvironmentOptions) throws {
@@ -120,6 +122,9 @@ public final class Environment: @unchecked Sendable {
         self.env = env
         self.path = path
         self.options = options
+        var stat = MDB_stat()
+        mdb_env_stat(env, &stat)
+        pageSize = Int(stat.ms_psize)
     }
 
     deinit { mdb_env_close(env) }
@@ -375,5 +380,29 @@ extension MDB_val {
 @inlinable @inline(__always)
 public func prefetch(_ address: UnsafeRawPointer?) {
     if let address { shardfs_prefetch(address) }
+}
+
+/// For an in-order scan in a read-only transaction: each time the cursor reaches a
+/// new leaf page, hints the CPU to load all of that page's nodes at once (see
+/// `shardfs_prefetch_leaf_page` in the shim for the page layout it relies on).
+/// Does nothing when the environment's page size is not the OS page size.
+public struct LeafPagePrefetcher {
+    @usableFromInline let pageSize: Int
+    @usableFromInline var lastPage: UInt = 0
+
+    public init(_ environment: Environment) {
+        pageSize = environment.pageSize == Int(sysconf(Int32(_SC_PAGESIZE))) ? environment.pageSize : 0
+    }
+
+    /// Call with each key the cursor returns, before reading its node.
+    @inlinable @inline(__always)
+    public mutating func visit(key: UnsafeRawPointer?) {
+        guard pageSize != 0, let key else { return }
+        let page = UInt(bitPattern: key - 8) & ~UInt(pageSize - 1)
+        if page != lastPage {
+            lastPage = page
+            _ = shardfs_prefetch_leaf_page(key, pageSize)
+        }
+    }
 }
 

@@ -579,14 +579,17 @@ public final class Shard: @unchecked Sendable {
                 } else {
                     pair = try cursor.first()
                 }
-                // Entries are gathered in blocks by a tight cursor loop that
-                // prefetches each record, then handed to `body`: the cache misses
-                // of a block overlap instead of stalling one by one. Pages stay
-                // mapped for the whole read transaction, so held pointers stay valid.
+                // Cache misses bound a scan, so it overlaps them: on reaching a
+                // leaf page it asks for all of that page's nodes at once, and it
+                // gathers entries in blocks, prefetching each record, before
+                // handing them to `body`. Pages stay mapped for the whole read
+                // transaction, so held pointers stay valid.
+                var pages = LeafPagePrefetcher(env)
                 try withUnsafeTemporaryAllocation(of: Cursor.Pair.self, capacity: Shard.scanBlock) { block in
                     while pair != nil {
                         var count = 0
                         while let p = pair, count < Shard.scanBlock {
+                            pages.visit(key: p.key.baseAddress)
                             prefetch(p.value.baseAddress)
                             block.initializeElement(at: count, to: p)
                             count += 1

@@ -125,6 +125,48 @@ func bytes(_ s: String) -> [UInt8] { Array(s.utf8) }
         #expect(try shard.stats().entries == 250)
     }
 
+    /// A scan crosses many leaf pages (it prefetches each page's nodes as it
+    /// reaches it): every entry comes back once, in order, with its own size,
+    /// whatever its key length and record kind (inline, indexed, chunked).
+    @Test func scanAcrossManyPagesSeesEveryEntryWithItsSize() throws {
+        let dir = try TemporaryDirectory("shard")
+        let shard = try makeShard(dir)
+        var expected: [String: Int] = [:]
+        var writes: [EntryWrite] = []
+        for i in 0..<6_000 {
+            // Key lengths from 1 to 255 bytes, so nodes straddle cache lines and pages differently.
+            let name = String(format: "%05d", i) + String(repeating: "x", count: (i * 37) % 251)
+            let size = i % 97 == 0 ? 200_000 : (i * 13) % 300
+            var write = EntryWrite(key: bytes(name), value: [UInt8](repeating: UInt8(i & 0xFF), count: size))
+            if i % 5 == 0 { write.indexes = [IndexPair(name: "n", value: bytes("\(i % 7)"))] }
+            writes.append(write)
+            expected[name] = size
+        }
+        let shuffled = writes.shuffled()
+        for start in stride(from: 0, to: shuffled.count, by: 500) {
+            _ = try shard.batchPut(Array(shuffled[start..<start + 500]), clientID: "owner")
+        }
+        // Overwrites and deletes leave pages with nodes out of address order.
+        _ = try shard.batchPut(writes.filter { $0.key.first == UInt8(ascii: "1") }.map {
+            var w = $0; w.value = [1, 2, 3]; return w
+        }, clientID: "owner")
+        for (name, _) in expected where name.hasPrefix("1") { expected[name] = 3 }
+        for name in expected.keys.filter({ $0.hasPrefix("2") }) {
+            try shard.delete(key(name), clientID: "owner")
+            expected[name] = nil
+        }
+
+        var seen: [(String, Int)] = []
+        try shard.forEachEntry { view in
+            seen.append((String(decoding: view.key, as: UTF8.self), view.size))
+            return true
+        }
+        #expect(seen.map(\.0) == expected.keys.sorted { $0.utf8.lexicographicallyPrecedes($1.utf8) })
+        #expect(seen.allSatisfy { expected[$0.0] == $0.1 })
+        let middle = seen[seen.count / 2].0
+        #expect(try shard.list(after: key(middle), limit: 3).map(\.key.description) == seen[(seen.count / 2 + 1)...].prefix(3).map(\.0))
+    }
+
     @Test func batchPutReportsInvalidItemsAndCommitsTheRest() throws {
         let dir = try TemporaryDirectory("shard")
         let shard = try makeShard(dir)
