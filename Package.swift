@@ -46,7 +46,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "ShardNode", dependencies: [
-            "ShardStore", "Metadata", "MetadataEtcd", "Volumes",
+            "LMDB", "ShardStore", "Metadata", "MetadataEtcd", "Volumes",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Yams", package: "Yams"),
         ]),

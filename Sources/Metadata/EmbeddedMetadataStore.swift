@@ -41,12 +41,12 @@ public final class EmbeddedMetadataStore: MetadataStore, @unchecked Sendable {
 
     public func registerNode(_ node: NodeRecord) async throws {
         guard !node.nodeID.isEmpty else { throw MetadataError.invalidArgument("a node ID must not be empty") }
-        try write { txn in try self.store(txn, self.nodes, key: node.nodeID, node) }
+        try await write { txn in try self.store(txn, self.nodes, key: node.nodeID, node) }
         broadcaster.publish(.nodeRegistered(node))
     }
 
     public func unregisterNode(_ nodeID: String) async throws {
-        try write { txn in
+        try await write { txn in
             guard try txn.delete(self.nodes, Array(nodeID.utf8)) else { throw MetadataError.notFound("node \(nodeID)") }
         }
         broadcaster.publish(.nodeUnregistered(nodeID: nodeID))
@@ -68,7 +68,7 @@ public final class EmbeddedMetadataStore: MetadataStore, @unchecked Sendable {
     // MARK: Shard IDs
 
     public func generateShardID() async throws -> UInt64 {
-        try write { txn in
+        try await write { txn in
             let next = try self.counter(txn) + 1
             try self.setCounter(txn, next)
             return next
@@ -77,7 +77,7 @@ public final class EmbeddedMetadataStore: MetadataStore, @unchecked Sendable {
 
     public func claimShardID(_ id: UInt64) async throws {
         guard id > 0 else { throw MetadataError.invalidArgument("shard ID 0 is reserved") }
-        try write { txn in
+        try await write { txn in
             let highest = try self.counter(txn)
             guard id > highest else {
                 throw MetadataError.alreadyExists("shard ID \(id) is taken (IDs up to \(highest) have been handed out)")
@@ -91,7 +91,7 @@ public final class EmbeddedMetadataStore: MetadataStore, @unchecked Sendable {
     public func createShard(_ shard: ShardRecord) async throws {
         guard shard.shardID > 0 else { throw MetadataError.invalidArgument("shard ID 0 is reserved") }
         guard !shard.ownerClientID.isEmpty else { throw MetadataError.invalidArgument("a shard needs an owner client ID") }
-        try write { txn in
+        try await write { txn in
             let key = Self.shardKey(shard.shardID)
             if try txn.get(self.shards, key) != nil { throw MetadataError.alreadyExists("shard \(shard.shardID)") }
             try txn.put(self.shards, key, try JSONEncoder().encode(shard).bytes)
@@ -107,7 +107,7 @@ public final class EmbeddedMetadataStore: MetadataStore, @unchecked Sendable {
     }
 
     public func updateShardState(_ shardID: UInt64, to state: ShardStatus) async throws -> ShardRecord {
-        let updated = try write { txn in
+        let updated = try await write { txn in
             var shard = try self.shard(txn, shardID)
             guard shard.state.allows(state) else {
                 throw MetadataError.conflict("shard \(shardID) cannot go from \(shard.state.rawValue) to \(state.rawValue)")
@@ -121,7 +121,7 @@ public final class EmbeddedMetadataStore: MetadataStore, @unchecked Sendable {
     }
 
     public func deleteShard(_ shardID: UInt64) async throws {
-        try write { txn in
+        try await write { txn in
             guard try txn.delete(self.shards, Self.shardKey(shardID)) else { throw MetadataError.notFound("shard \(shardID)") }
         }
         broadcaster.publish(.shardDeleted(shardID: shardID))
@@ -136,7 +136,7 @@ public final class EmbeddedMetadataStore: MetadataStore, @unchecked Sendable {
 
     public func registerVolume(_ volume: VolumeRecord) async throws {
         guard !volume.volumeID.isEmpty else { throw MetadataError.invalidArgument("a volume ID must not be empty") }
-        try write { txn in
+        try await write { txn in
             if try txn.get(self.volumes, Array(volume.volumeID.utf8)) != nil {
                 throw MetadataError.alreadyExists("volume \(volume.volumeID)")
             }
@@ -156,21 +156,21 @@ public final class EmbeddedMetadataStore: MetadataStore, @unchecked Sendable {
     }
 
     public func updatePrimary(volumeID: String, nodeID: String, expectedEpoch: UInt64) async throws -> VolumeRecord {
-        try updateVolume(volumeID) { volume in
+        try await updateVolume(volumeID) { volume in
             try volume.promote(nodeID, expectedEpoch: expectedEpoch)
         }
     }
 
     public func addBackup(volumeID: String, nodeID: String) async throws {
-        _ = try updateVolume(volumeID) { volume in volume.addBackup(nodeID) }
+        _ = try await updateVolume(volumeID) { volume in volume.addBackup(nodeID) }
     }
 
     public func removeBackup(volumeID: String, nodeID: String) async throws {
-        _ = try updateVolume(volumeID) { volume in volume.removeBackup(nodeID) }
+        _ = try await updateVolume(volumeID) { volume in volume.removeBackup(nodeID) }
     }
 
     public func unregisterVolume(_ volumeID: String) async throws {
-        try write { txn in
+        try await write { txn in
             guard try txn.delete(self.volumes, Array(volumeID.utf8)) else { throw MetadataError.notFound("volume \(volumeID)") }
         }
         broadcaster.publish(.volumeUnregistered(volumeID: volumeID))
@@ -180,8 +180,8 @@ public final class EmbeddedMetadataStore: MetadataStore, @unchecked Sendable {
 
     // MARK: Internals
 
-    private func updateVolume(_ volumeID: String, _ change: (inout VolumeRecord) throws -> Void) throws -> VolumeRecord {
-        let updated = try write { txn in
+    private func updateVolume(_ volumeID: String, _ change: @escaping @Sendable (inout VolumeRecord) throws -> Void) async throws -> VolumeRecord {
+        let updated = try await write { txn in
             var volume = try self.volume(txn, volumeID)
             try change(&volume)
             try self.store(txn, self.volumes, key: volumeID, volume)
@@ -191,9 +191,13 @@ public final class EmbeddedMetadataStore: MetadataStore, @unchecked Sendable {
         return updated
     }
 
-    private func write<R>(_ body: (Transaction) throws -> R) throws -> R {
-        do { return try env.write(body) } catch let error as MetadataError { throw error } catch {
-            throw MetadataError.failed("embedded metadata write failed: \(error)")
+    /// A durable write transaction, run off Swift's cooperative threads (it waits for fsync).
+    private func write<R: Sendable>(_ body: @escaping @Sendable (Transaction) throws -> R) async throws -> R {
+        let env = self.env
+        return try await blockingWork {
+            do { return try env.write(body) } catch let error as MetadataError { throw error } catch {
+                throw MetadataError.failed("embedded metadata write failed: \(error)")
+            }
         }
     }
 

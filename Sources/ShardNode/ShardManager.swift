@@ -1,4 +1,5 @@
 import Foundation
+import LMDB
 import Logging
 import Metadata
 import ShardStore
@@ -109,7 +110,8 @@ public final class ShardManager: @unchecked Sendable {
         do {
             var options = ShardOptions()
             options.sizeLimit = limit
-            let shard = try Shard.create(at: path(id, on: volume), id: id, owner: owner, options: options)
+            let shardPath = path(id, on: volume)
+            let shard = try await blockingWork { [options] in try Shard.create(at: shardPath, id: id, owner: owner, options: options) }
             adopt(shard, volumeID: volume.volumeID)
             logger.info("created shard", metadata: ["shard": "\(id)", "volume": "\(volume.volumeID)", "owner": "\(owner)"])
             return shard
@@ -145,7 +147,7 @@ public final class ShardManager: @unchecked Sendable {
     public func closeShard(_ id: UInt64) async throws {
         let shard = try await self.shard(id)
         guard !shard.isReadOnlyView else { throw ShardManagerError.notPrimary(id) }
-        try shard.close()
+        try await blockingWork { try shard.close() }
         _ = try await metadata.updateShardState(id, to: .closed)
         logger.info("closed shard", metadata: ["shard": "\(id)"])
     }
@@ -272,16 +274,19 @@ public final class ShardManager: @unchecked Sendable {
     private func finishDelete(_ id: UInt64, on volume: MountedVolume) async throws {
         let live = path(id, on: volume)
         let doomed = live + ".deleting"
-        let fm = FileManager.default
-        if fm.fileExists(atPath: live) {
-            guard rename(live, doomed) == 0 else {
-                throw ShardError.storage("cannot rename \(live): \(String(cString: strerror(errno)))")
+        let folder = volume.mountPath
+        try await blockingWork {
+            let fm = FileManager.default
+            if fm.fileExists(atPath: live) {
+                guard rename(live, doomed) == 0 else {
+                    throw ShardError.storage("cannot rename \(live): \(String(cString: strerror(errno)))")
+                }
+                try syncDirectory(folder)
             }
-            try syncDirectory(volume.mountPath)
-        }
-        if fm.fileExists(atPath: doomed) {
-            do { try fm.removeItem(atPath: doomed) } catch {
-                throw ShardError.storage("cannot remove \(doomed): \(error.localizedDescription)")
+            if fm.fileExists(atPath: doomed) {
+                do { try fm.removeItem(atPath: doomed) } catch {
+                    throw ShardError.storage("cannot remove \(doomed): \(error.localizedDescription)")
+                }
             }
         }
         do { try await metadata.deleteShard(id) } catch MetadataError.notFound {}
