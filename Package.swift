@@ -3,6 +3,7 @@ import PackageDescription
 
 // One module per layer; the folder list under Sources/ is the architecture:
 //   CLMDB, CFuse3, CCurl - system libraries (pkg-config)
+//   CChecksum     - CRC-32C for the shards' batch logs
 //   LMDB          - a thin, safe Swift wrapper over the LMDB C API
 //   ShardStore    - the shard engine: one LMDB environment per shard
 //   Metadata      - the metadata interface, the embedded store, the retry wrapper
@@ -33,7 +34,8 @@ let package = Package(
         .systemLibrary(name: "CCurl", pkgConfig: "libcurl", providers: [.apt(["libcurl4-openssl-dev"])]),
 
         .target(name: "LMDB", dependencies: ["CLMDB"]),
-        .target(name: "ShardStore", dependencies: ["LMDB"]),
+        .target(name: "CChecksum"),
+        .target(name: "ShardStore", dependencies: ["LMDB", "CChecksum"]),
         .target(name: "Metadata", dependencies: [
             "LMDB",
             .product(name: "Logging", package: "swift-log"),

@@ -150,6 +150,42 @@ public final class Shard: @unchecked Sendable {
         }
     }
 
+    // The batch log (see BatchLog and `logBatch`). A logged batch is acknowledged
+    // once it is in the log; it is applied to LMDB by the next LMDB writer (the
+    // background `LogApplier`, any other write, or a read, which waits for it).
+    /// nil: batches go straight to LMDB (a read-only view, commits that are not
+    /// durable anyway, or another open instance of this shard holds the log).
+    private let log: BatchLog?
+    private var logCommitter: GroupCommitter<LogGroup>!
+    private let logLock = NSLock()
+    // Guarded by logLock:
+    /// False from `close()` on, or once the log cannot be written safely.
+    private var logAccepts = true
+    /// Logged batches not yet applied to LMDB, in sequence order.
+    private var pendingBatches: [PendingBatch] = []
+    private var pendingBytes = 0
+    /// Logged batches that could not be applied: every read and write fails with it
+    /// (the batches stay in the log, and opening the shard again retries them).
+    private var logFailure: ShardError?
+    /// The sequence of the last logged record; touched only by the log committer's leader.
+    private var lastLogged: UInt64 = 0
+
+    struct PendingBatch {
+        let sequence: UInt64
+        let items: [EntryWrite]
+        let bytes: Int
+    }
+
+    struct LogGroup {
+        var next: UInt64
+        var bytes: [UInt8] = []
+        var batches: [PendingBatch] = []
+    }
+
+    /// Logged bytes waiting for LMDB past which a batch put applies them first.
+    static let pendingLimit = 64 << 20
+    static let logAppliedKey = Array("logApplied".utf8)
+
     private let observerLock = NSLock()
     private var commitObserver: (@Sendable ([[UInt8]]) -> Void)?
 
@@ -248,7 +284,11 @@ public final class Shard: @unchecked Sendable {
         self.sizeLimit = stored.sizeLimit
         self.committedState = stored.state
         self.isReadOnlyView = options.readOnly
+        // A shard being created gets its log when it is opened under its final name.
+        self.log = descriptor == nil && !options.readOnly && options.durableCommits ? try BatchLog(directory: path) : nil
         self.committer = GroupCommitter(runGroup: { [unowned self] group in self.run(group) })
+        self.logCommitter = GroupCommitter(runGroup: { [unowned self] group in self.runLogGroup(group) })
+        try replayLog()
         // Staged chunks a crash left are garbage: remove them, but a failure here
         // (say, a full shard) must not keep the shard from opening.
         if !options.readOnly {
@@ -412,6 +452,7 @@ public final class Shard: @unchecked Sendable {
         }
         if invalid == items.count { return statuses }
         let now = Shard.now()
+        if try logBatch(items, statuses: statuses, now: now, clientID: clientID) { return statuses }
         try write(clientID: clientID) { [statuses] ctx in
             for i in items.indices where statuses[i] == nil {
                 if items[i].isDeletion {
@@ -478,10 +519,19 @@ public final class Shard: @unchecked Sendable {
     /// Closing a closed shard does nothing.
     public func close() throws {
         guard !isReadOnlyView else { throw ShardError.readOnlyView }
-        try committer.submit { ctx in
-            if ctx.state == .closed { return }
-            try ctx.txn.put(self.meta, Array("state".utf8), Array(ShardState.closed.rawValue.utf8))
-            ctx.state = .closed
+        // No batch may be logged once the close commits: stop appends, and wait out
+        // a log group in flight (its batches are then pending, and applied first).
+        let accepted = logLock.withLock { defer { logAccepts = false }; return logAccepts }
+        do {
+            if log != nil { try logCommitter.submit { _ in } }
+            try committer.submit { ctx in
+                if ctx.state == .closed { return }
+                try ctx.txn.put(self.meta, Array("state".utf8), Array(ShardState.closed.rawValue.utf8))
+                ctx.state = .closed
+            }
+        } catch {
+            if accepted { logLock.withLock { logAccepts = true } }
+            throw error
         }
     }
 
@@ -654,6 +704,192 @@ public final class Shard: @unchecked Sendable {
         return ShardStats(id: id, owner: owner, state: state, entries: count, usedBytes: used, limitBytes: sizeLimit)
     }
 
+    // MARK: The batch log
+
+    /// Whether batch puts go through the batch log (see `log`).
+    var usesBatchLog: Bool { log != nil }
+
+    /// Applies every logged batch to LMDB now. Reads call this first, so they see
+    /// every acknowledged put; the background applier calls it too.
+    public func applyLog() throws {
+        guard log != nil else { return }
+        let (pending, failure) = logLock.withLock { (!pendingBatches.isEmpty, logFailure) }
+        if let failure { throw failure }
+        guard pending else { return }
+        try committer.submit { _ in }  // an LMDB writer applies pending batches first
+        if let failure = logLock.withLock({ logFailure }) { throw failure }
+    }
+
+    /// Logs a batch of valid items instead of committing it to LMDB, when it may
+    /// be: the shard has a log and room to spare, and no value needs chunks.
+    /// Returns false when the batch must take the direct path.
+    private func logBatch(_ items: [EntryWrite], statuses: [ShardError?], now: Int64, clientID: String) throws -> Bool {
+        guard log != nil else { return false }
+        guard !clientID.isEmpty else { throw ShardError.clientIDRequired }
+        guard clientID == owner else { throw ShardError.fenced(owner: owner, client: clientID) }
+        var valid: [EntryWrite] = []
+        valid.reserveCapacity(items.count)
+        for i in items.indices where statuses[i] == nil {
+            if items[i].value.count > chunkSize { return false }
+            var item = items[i]
+            if item.modificationTime == nil { item.modificationTime = now }
+            valid.append(item)
+        }
+        let size = BatchLog.encodedSize(valid)
+        let (pending, failure) = logLock.withLock { (pendingBytes, logFailure) }
+        if let failure { throw failure }
+        if pending + size > Self.pendingLimit { try applyLog() }
+        guard hasRoomToLog(size) else {
+            try applyLog()
+            return false
+        }
+        var logged = false
+        try logCommitter.submit { group in
+            // Checked in log order: `close()` stops appends before it commits.
+            guard self.logLock.withLock({ self.logAccepts }), self.state == .open else { return }
+            BatchLog.encode(sequence: group.next, items: valid, into: &group.bytes)
+            group.batches.append(PendingBatch(sequence: group.next, items: valid, bytes: size))
+            group.next += 1
+            logged = true
+        }
+        guard logged else { return false }
+        if let observer = onCommit { observer(valid.map(\.key)) }
+        LogApplier.shared.wake(self)
+        return true
+    }
+
+    /// Whether a logged batch of `size` bytes is sure to fit when applied: even a
+    /// transaction that rewrites every page in use, plus all that is pending, stays
+    /// well inside the limit. Otherwise the batch takes the direct path, which
+    /// reports `full` exactly.
+    private func hasRoomToLog(_ size: Int) -> Bool {
+        let used = env.info.usedBytes
+        let pending = logLock.withLock { pendingBytes }
+        return 2 * used + 3 * (pending + size) + (16 << 20) <= sizeLimit
+    }
+
+    /// Appends a group of batches to the log with one fdatasync (the log
+    /// committer's leader runs this, one group at a time).
+    private func runLogGroup(_ group: [GroupCommitter<LogGroup>.Pending]) {
+        guard let log else { return }
+        var ctx = LogGroup(next: lastLogged + 1)
+        for member in group {
+            do { try member.body(&ctx) } catch { member.error = error }
+        }
+        guard !ctx.batches.isEmpty else { return }
+        do {
+            // Nothing pending: every record in the file is applied, so start afresh.
+            if log.end > 0, logLock.withLock({ pendingBatches.isEmpty }) { try log.reset() }
+            try log.append(ctx.bytes)
+        } catch {
+            if (error as? BatchLogError)?.broken ?? true { logLock.withLock { logAccepts = false } }
+            let failure = ShardError.storage("\(error)")
+            for member in group { member.error = failure }
+            return
+        }
+        lastLogged = ctx.next - 1
+        let bytes = ctx.batches.reduce(0) { $0 + $1.bytes }
+        logLock.withLock {
+            pendingBatches += ctx.batches
+            pendingBytes += bytes
+        }
+    }
+
+    /// Applies the pending batches in one durable transaction that also records
+    /// the last applied sequence (so a restart replays exactly the rest). Runs in
+    /// the LMDB committer's leader, before its group.
+    private func applyPendingBatches() {
+        let batches = logLock.withLock { logFailure == nil ? pendingBatches : [] }
+        guard !batches.isEmpty else { return }
+        do {
+            try applyBatches(batches)
+        } catch {
+            // A large group may not fit where its batches one by one do.
+            for batch in batches {
+                do { try applyBatches([batch]) } catch {
+                    logLock.withLock {
+                        logFailure = ShardError.storage("acknowledged batches cannot be applied (\(ShardError.from(error, limit: sizeLimit))); they are kept in the batch log")
+                    }
+                    return
+                }
+            }
+            return
+        }
+    }
+
+    private func applyBatches(_ batches: [PendingBatch]) throws {
+        try env.write { txn in
+            try applyInKeyOrder(txn, batches.map(\.items))
+            try txn.put(meta, Self.logAppliedKey, withUnsafeBytes(of: batches.last!.sequence.bigEndian) { Array($0) })
+        }
+        let bytes = batches.reduce(0) { $0 + $1.bytes }
+        logLock.withLock {
+            pendingBatches.removeFirst(batches.count)
+            pendingBytes -= bytes
+        }
+    }
+
+    /// Applies the items of many batches in key order: inserts that follow the
+    /// B-tree's order touch each page once, with its path still in cache, where
+    /// random keys would jump between pages. Items of one key keep their log
+    /// order, so the last one wins, as it would applied batch by batch.
+    private func applyInKeyOrder(_ txn: Transaction, _ batches: [[EntryWrite]]) throws {
+        var order: [(batch: Int32, item: Int32)] = []
+        order.reserveCapacity(batches.reduce(0) { $0 + $1.count })
+        for (b, items) in batches.enumerated() {
+            for i in items.indices { order.append((Int32(b), Int32(i))) }
+        }
+        order.sort { x, y in
+            let a = batches[Int(x.batch)][Int(x.item)].key, b = batches[Int(y.batch)][Int(y.item)].key
+            let c = a.withUnsafeBytes { a in
+                b.withUnsafeBytes { b in
+                    let n = memcmp(a.baseAddress!, b.baseAddress!, min(a.count, b.count))
+                    return n != 0 ? n : Int32(a.count) - Int32(b.count)
+                }
+            }
+            return c != 0 ? c < 0 : (x.batch, x.item) < (y.batch, y.item)
+        }
+        for position in order {
+            try applyItems(txn, CollectionOfOne(batches[Int(position.batch)][Int(position.item)]))
+        }
+    }
+
+    private func applyItems(_ txn: Transaction, _ items: some Sequence<EntryWrite>) throws {
+        for item in items {
+            if item.isDeletion {
+                if let raw = try txn.get(entries, item.key) {
+                    guard let old = try? oldEntry(raw) else { throw LMDBError.corrupted }
+                    try removeEntry(txn, key: item.key, old: old)
+                }
+            } else {
+                try writeEntry(txn, item, defaultTime: item.modificationTime ?? Shard.now())
+            }
+        }
+    }
+
+    /// At open: applies what the log holds beyond the last applied sequence (batches
+    /// acknowledged before a crash), then empties it.
+    private func replayLog() throws {
+        guard let log else { return }
+        let meta = self.meta
+        let applied = try env.read { txn in
+            try txn.get(meta, Self.logAppliedKey).map { $0.count == 8 ? UInt64(bigEndian: $0.loadUnaligned(as: UInt64.self)) : 0 } ?? 0
+        }
+        let records = try log.records().filter { $0.sequence > applied }
+        if let last = records.last {
+            do {
+                try env.write { txn in
+                    try applyInKeyOrder(txn, records.map(\.items))
+                    try txn.put(meta, Self.logAppliedKey, withUnsafeBytes(of: last.sequence.bigEndian) { Array($0) })
+                }
+            } catch {
+                throw ShardError.storage("cannot apply the batch log of \(path): \(ShardError.from(error, limit: sizeLimit))")
+            }
+        }
+        lastLogged = max(applied, records.last?.sequence ?? 0)
+        if log.end > 0 { try log.reset() }
+    }
+
     // MARK: Internals
 
     /// Checks who may write, then queues `body` for the next group commit.
@@ -672,6 +908,8 @@ public final class Shard: @unchecked Sendable {
     /// error, or a failed commit, aborts the group and each member is retried
     /// alone, so one write that does not fit cannot fail the others.
     private func run(_ group: [GroupCommitter<WriteContext>.Pending]) {
+        // Logged batches first: every write lands after the batches acknowledged before it.
+        applyPendingBatches()
         let observed = onCommit != nil
         if group.count > 1 {
             var state = self.state
@@ -712,6 +950,7 @@ public final class Shard: @unchecked Sendable {
 
     @usableFromInline
     func readTransaction<R>(_ body: (Transaction) throws -> R) throws -> R {
+        try applyLog()
         do {
             return try env.read(body)
         } catch let error as ShardError {

@@ -1,0 +1,230 @@
+import CChecksum
+import Glibc
+
+/// A shard's batch log, `<shard>/batch.log`: where a batch put becomes durable
+/// before it reaches LMDB.
+///
+/// A durable LMDB commit rewrites and fsyncs every B-tree page the batch touches:
+/// about one page per entry for random keys. Appending the batch here and
+/// fsyncing once costs one sequential write instead, and the shard then applies
+/// logged batches to LMDB in large transactions, where many entries share a page.
+/// `Shard` owns the rules (which batches are logged, when they are applied, how
+/// reads wait for them); this file owns the format.
+///
+/// Format: records, one per logged batch, each
+///
+///     u32 payload length | u32 CRC-32C of (sequence, payload) | u64 sequence | payload
+///
+/// (integers little-endian). The payload is a u32 item count, then per item:
+///
+///     u8 kind (0 put, 1 put keeping the entry's indexes, 2 delete)
+///     u16 key length, key | i64 modification time (ns) | u32 value length, value
+///     u16 index count, then per index: u16 name length, name | u32 value length, value
+///
+/// Sequences increase by one from record to record. Reading stops at the first
+/// record that is short, fails its CRC or breaks the sequence: that is a torn
+/// append that was never acknowledged, or the stale tail of an older log that was
+/// truncated (see `reset`).
+final class BatchLog {
+    static let fileName = "batch.log"
+    static let recordHeaderSize = 16
+
+    private let fd: Int32
+    /// Where the next record goes.
+    private(set) var end = 0
+
+    /// Opens (creating) the log in the shard directory and locks it for this
+    /// instance; nil when another open instance of the shard holds it.
+    init?(directory: String) throws {
+        let path = directory + "/" + Self.fileName
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw ShardError.storage("cannot open \(path): \(String(cString: strerror(errno)))") }
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+            close(fd)
+            return nil
+        }
+        self.fd = fd
+        end = Int(lseek(fd, 0, SEEK_END))
+    }
+
+    deinit { close(fd) }
+
+    /// The records in the file, in order, up to the first bad one.
+    func records() throws -> [(sequence: UInt64, items: [EntryWrite])] {
+        let size = Int(lseek(fd, 0, SEEK_END))
+        var bytes = [UInt8](repeating: 0, count: size)
+        var done = 0
+        while done < size {
+            let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + done, size - done, off_t(done)) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { throw ShardError.storage("cannot read the batch log: \(String(cString: strerror(errno)))") }
+            done += n
+        }
+        var out: [(sequence: UInt64, items: [EntryWrite])] = []
+        var at = 0
+        while at + Self.recordHeaderSize <= size {
+            let length = Int(bytes.readLE(UInt32.self, at: at))
+            let crc = bytes.readLE(UInt32.self, at: at + 4)
+            guard at + Self.recordHeaderSize + length <= size else { break }
+            let checked = bytes.withUnsafeBytes { shardfs_crc32c(0, $0.baseAddress! + at + 8, 8 + length) }
+            guard checked == crc else { break }
+            let sequence = bytes.readLE(UInt64.self, at: at + 8)
+            if let last = out.last, sequence != last.sequence + 1 { break }
+            guard let items = Self.decodeItems(bytes, from: at + Self.recordHeaderSize, to: at + Self.recordHeaderSize + length) else { break }
+            out.append((sequence, items))
+            at += Self.recordHeaderSize + length
+        }
+        return out
+    }
+
+    /// Appends encoded records and makes them durable (fdatasync). On failure the
+    /// file is cut back to where it was, so a later append does not follow garbage;
+    /// if even that fails, the log must not be appended to again (`throws` says so
+    /// with `broken`).
+    func append(_ records: [UInt8]) throws {
+        var done = 0
+        var failure: Int32 = 0
+        while done < records.count {
+            let n = records.withUnsafeBytes { pwrite(fd, $0.baseAddress! + done, records.count - done, off_t(end + done)) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { failure = n < 0 ? errno : EIO; break }
+            done += n
+        }
+        if failure == 0 && fdatasync(fd) != 0 { failure = errno }
+        guard failure != 0 else {
+            end += records.count
+            return
+        }
+        let broken = ftruncate(fd, off_t(end)) != 0
+        throw BatchLogError(message: "cannot write the batch log: \(String(cString: strerror(failure)))", broken: broken)
+    }
+
+    /// Empties the log once every record in it is applied and durable in LMDB. Not
+    /// synced: if the old records come back after a crash, their sequences are
+    /// ones LMDB already has, and new records written over them end the sequence
+    /// before any stale tail.
+    func reset() throws {
+        guard ftruncate(fd, 0) == 0 else {
+            throw BatchLogError(message: "cannot empty the batch log: \(String(cString: strerror(errno)))", broken: true)
+        }
+        end = 0
+    }
+
+    // MARK: Encoding
+
+    /// Appends one record to `out`. The items must be valid (the shard checked
+    /// them) and carry their modification time.
+    static func encode(sequence: UInt64, items: [EntryWrite], into out: inout [UInt8]) {
+        let size = encodedSize(items)
+        let start = out.count
+        if out.capacity < start + size { out.reserveCapacity(max(start + size, 2 * out.capacity)) }
+        out.append(contentsOf: repeatElement(0, count: size))
+        out.withUnsafeMutableBytes { whole in
+            var w = Writer(base: whole.baseAddress! + start)
+            w.put(UInt32(size - recordHeaderSize))
+            w.put(UInt32(0))  // CRC, below
+            w.put(sequence)
+            w.put(UInt32(items.count))
+            for item in items {
+                w.put(UInt8(item.isDeletion ? 2 : item.keepsIndexes ? 1 : 0))
+                w.put(UInt16(item.key.count))
+                w.put(item.key)
+                w.put(UInt64(bitPattern: item.modificationTime ?? 0))
+                w.put(UInt32(item.value.count))
+                w.put(item.value)
+                let indexes = loggedIndexes(item)
+                w.put(UInt16(indexes.count))
+                for index in indexes {
+                    var name = index.name
+                    name.withUTF8 { utf8 in
+                        w.put(UInt16(utf8.count))
+                        w.put(UnsafeRawBufferPointer(utf8))
+                    }
+                    w.put(UInt32(index.value.count))
+                    w.put(index.value)
+                }
+            }
+            let crc = shardfs_crc32c(0, whole.baseAddress! + start + 8, size - 8)
+            whole.storeBytes(of: crc.littleEndian, toByteOffset: start + 4, as: UInt32.self)
+        }
+    }
+
+    /// The exact bytes `encode` writes for a batch.
+    static func encodedSize(_ items: [EntryWrite]) -> Int {
+        items.reduce(recordHeaderSize + 4) { sum, item in
+            sum + 17 + item.key.count + item.value.count
+                + loggedIndexes(item).reduce(0) { $0 + 6 + $1.name.utf8.count + $1.value.count }
+        }
+    }
+
+    /// A put keeping the entry's indexes, or a delete, logs none.
+    private static func loggedIndexes(_ item: EntryWrite) -> [IndexPair] {
+        item.keepsIndexes || item.isDeletion ? [] : item.indexes
+    }
+
+    /// Writes little-endian integers and bytes at a moving position.
+    private struct Writer {
+        var base: UnsafeMutableRawPointer
+
+        mutating func put<T: FixedWidthInteger>(_ value: T) {
+            base.storeBytes(of: value.littleEndian, as: T.self)
+            base += MemoryLayout<T>.size
+        }
+
+        mutating func put(_ bytes: [UInt8]) {
+            bytes.withUnsafeBytes { put($0) }
+        }
+
+        mutating func put(_ bytes: UnsafeRawBufferPointer) {
+            if let source = bytes.baseAddress { base.copyMemory(from: source, byteCount: bytes.count) }
+            base += bytes.count
+        }
+    }
+
+    private static func decodeItems(_ bytes: [UInt8], from start: Int, to end: Int) -> [EntryWrite]? {
+        var at = start
+        func take(_ n: Int) -> Range<Int>? {
+            guard n >= 0, at + n <= end else { return nil }
+            defer { at += n }
+            return at..<(at + n)
+        }
+        guard let countRange = take(4) else { return nil }
+        let count = Int(bytes.readLE(UInt32.self, at: countRange.lowerBound))
+        var items: [EntryWrite] = []
+        items.reserveCapacity(min(count, (end - start) / 17))
+        for _ in 0..<count {
+            guard let kindAt = take(1), let keyLength = take(2) else { return nil }
+            let kind = bytes[kindAt.lowerBound]
+            guard kind <= 2, let key = take(Int(bytes.readLE(UInt16.self, at: keyLength.lowerBound))),
+                  let time = take(8), let valueLength = take(4),
+                  let value = take(Int(bytes.readLE(UInt32.self, at: valueLength.lowerBound))),
+                  let indexCount = take(2) else { return nil }
+            var indexes: [IndexPair] = []
+            for _ in 0..<Int(bytes.readLE(UInt16.self, at: indexCount.lowerBound)) {
+                guard let nameLength = take(2), let name = take(Int(bytes.readLE(UInt16.self, at: nameLength.lowerBound))),
+                      let indexValueLength = take(4),
+                      let indexValue = take(Int(bytes.readLE(UInt32.self, at: indexValueLength.lowerBound))) else { return nil }
+                indexes.append(IndexPair(name: String(decoding: bytes[name], as: UTF8.self), value: Array(bytes[indexValue])))
+            }
+            var item = EntryWrite(key: Array(bytes[key]), value: Array(bytes[value]), indexes: indexes,
+                                  modificationTime: Int64(bitPattern: bytes.readLE(UInt64.self, at: time.lowerBound)),
+                                  keepsIndexes: kind == 1)
+            item.isDeletion = kind == 2
+            items.append(item)
+        }
+        return at == end ? items : nil
+    }
+}
+
+struct BatchLogError: Error, CustomStringConvertible {
+    var message: String
+    /// The file could not be cut back after a failed append: stop appending to it.
+    var broken: Bool
+    var description: String { message }
+}
+
+extension [UInt8] {
+    fileprivate func readLE<T: FixedWidthInteger>(_: T.Type, at offset: Int) -> T {
+        withUnsafeBytes { T(littleEndian: $0.loadUnaligned(fromByteOffset: offset, as: T.self)) }
+    }
+}

@@ -1,0 +1,178 @@
+import Foundation
+@testable import ShardStore
+import TestSupport
+import Testing
+
+/// The batch log: acknowledged batches are in the log before LMDB has them, so
+/// reads must wait for them, a restart must replay exactly the ones not applied,
+/// and a close must not let one through after it.
+@Suite struct BatchLogTests {
+    /// Writes records straight into a shard's log, as a process that crashed
+    /// before applying them would have left it.
+    func writeLog(_ dir: String, _ records: [(UInt64, [EntryWrite])], tail: [UInt8] = []) throws {
+        let log = try #require(try BatchLog(directory: dir))
+        var bytes: [UInt8] = []
+        for (sequence, items) in records { BatchLog.encode(sequence: sequence, items: items, into: &bytes) }
+        try log.append(bytes + tail)
+    }
+
+    func put(_ key: String, _ value: String, indexes: [IndexPair] = []) -> EntryWrite {
+        EntryWrite(key: bytes(key), value: bytes(value), indexes: indexes, modificationTime: 1_000)
+    }
+
+    func logSize(_ dir: String) throws -> Int {
+        (try FileManager.default.attributesOfItem(atPath: dir + "/" + BatchLog.fileName)[.size] as? Int) ?? -1
+    }
+
+    @Test func openingReplaysWhatFollowsTheLastAppliedBatchAndEmptiesTheLog() throws {
+        let dir = try TemporaryDirectory("log")
+        let path = dir.sub("shard-7")
+        _ = try makeShard(dir)  // created and dropped: nothing applied yet
+
+        var keep = put("kept", "old")
+        keep.keepsIndexes = true
+        try writeLog(path, [
+            (1, [put("a", "1"), put("b", "2", indexes: [IndexPair(name: "colour", value: "red")]), put("kept", "v")]),
+            (2, [.deletion(of: bytes("a")), put("c", "3"), put("empty", "")]),
+        ])
+        var shard: Shard? = try Shard.open(at: path)
+        #expect(try shard!.list().map(\.key.description) == ["b", "c", "empty", "kept"])
+        #expect(try shard!.get(key("b")).indexes == [IndexPair(name: "colour", value: "red")])
+        #expect(try shard!.get(key("b")).modificationTime == 1_000)
+        #expect(try shard!.find(indexName: "colour", value: bytes("red")) == [key("b")])
+        #expect(try shard!.get(key("empty")).value.isEmpty)
+        #expect(try logSize(path) == 0)
+        shard = nil
+
+        // Batch 2 again (a stale record the emptied log brought back), then 3.
+        try writeLog(path, [(2, [put("c", "stale")]), (3, [put("d", "4")])])
+        shard = try Shard.open(at: path)
+        #expect(try shard!.get(key("c")).value == bytes("3"))
+        #expect(try shard!.get(key("d")).value == bytes("4"))
+        #expect(try shard!.stats().entries == 5)
+    }
+
+    @Test func replayStopsAtATornOrOutOfSequenceRecord() throws {
+        let dir = try TemporaryDirectory("log")
+        let path = dir.sub("shard-7")
+        _ = try makeShard(dir)
+
+        var torn: [UInt8] = []
+        BatchLog.encode(sequence: 2, items: [put("torn", "x")], into: &torn)
+        try writeLog(path, [(1, [put("first", "1")])], tail: Array(torn.dropLast(3)))
+        var shard: Shard? = try Shard.open(at: path)
+        #expect(try shard!.list().map(\.key.description) == ["first"])
+        shard = nil
+
+        // A gap in the sequence, then a record whose bytes were damaged.
+        var damaged: [UInt8] = []
+        BatchLog.encode(sequence: 3, items: [put("damaged", "x")], into: &damaged)
+        damaged[damaged.count - 1] ^= 0xFF
+        try writeLog(path, [(2, [put("second", "2")]), (4, [put("gap", "x")])])
+        shard = try Shard.open(at: path)
+        #expect(try shard!.list().map(\.key.description) == ["first", "second"])
+        shard = nil
+        try writeLog(path, [], tail: damaged)
+        shard = try Shard.open(at: path)
+        #expect(try shard!.list().map(\.key.description) == ["first", "second"])
+    }
+
+    @Test func loggedBatchesAreReadAtOnceAndReachReadOnlyViews() throws {
+        let dir = try TemporaryDirectory("log")
+        let writing = try makeShard(dir)
+        #expect(writing.usesBatchLog)
+        let writers = 4, batches = 25
+        let errors = LockedList<String>()
+        DispatchQueue.concurrentPerform(iterations: writers) { w in
+            for b in 0..<batches {
+                let items = (0..<40).map { put("w\(w)-\(b)-\($0)", "value \(w) \(b) \($0)") }
+                do {
+                    let statuses = try writing.batchPut(items, clientID: "owner")
+                    if statuses.contains(where: { $0 != nil }) { errors.append("statuses \(statuses)") }
+                    // Acknowledged: every read from now on sees it.
+                    let got = try writing.batchGet(items.map { try EntryKey($0.key) })
+                    for (item, result) in zip(items, got) where (try? result.get().value) != item.value {
+                        errors.append("\(String(decoding: item.key, as: UTF8.self)) not read back")
+                    }
+                } catch { errors.append("\(error)") }
+            }
+        }
+        #expect(errors.values.isEmpty)
+        #expect(try writing.stats().entries == writers * batches * 40)
+        // A read-only view (as a backup node opens it) catches up once the log is applied.
+        var options = ShardOptions()
+        options.readOnly = true
+        let view = try Shard.open(at: dir.sub("shard-7"), options: options)
+        try writing.applyLog()
+        #expect(try view.stats().entries == writers * batches * 40)
+        #expect(try view.get(key("w3-24-39")).value == bytes("value 3 24 39"))
+    }
+
+    /// Batches racing a close: each one either is acknowledged and there after the
+    /// close (and after a reopen), or fails as closed. None appears later.
+    @Test func aCloseLetsNoLoggedBatchThroughAfterIt() throws {
+        let dir = try TemporaryDirectory("log")
+        let shard = try makeShard(dir)
+        let acknowledged = LockedList<String>()
+        let unexpected = LockedList<String>()
+        DispatchQueue.concurrentPerform(iterations: 3) { w in
+            if w == 0 {
+                usleep(2_000)
+                do { try shard.close() } catch { unexpected.append("close: \(error)") }
+                return
+            }
+            for b in 0..<400 {
+                let name = "w\(w)-\(b)"
+                do {
+                    _ = try shard.batchPut([put(name, "v")], clientID: "owner")
+                    acknowledged.append(name)
+                } catch ShardError.closed {
+                    return
+                } catch { unexpected.append("\(error)") }
+            }
+        }
+        #expect(unexpected.values.isEmpty)
+        #expect(shard.state == .closed)
+        let listed = try shard.list().map(\.key.description)
+        #expect(Set(listed) == Set(acknowledged.values))
+        #expect(throws: ShardError.closed) { _ = try shard.batchPut([put("late", "v")], clientID: "owner") }
+    }
+
+    @Test func aSecondWritableInstanceWritesStraightToLMDB() throws {
+        let dir = try TemporaryDirectory("log")
+        let first = try makeShard(dir)
+        let second = try Shard.open(at: dir.sub("shard-7"))
+        #expect(first.usesBatchLog)
+        #expect(!second.usesBatchLog)
+        _ = try first.batchPut([put("one", "1")], clientID: "owner")
+        _ = try second.batchPut([put("two", "2")], clientID: "owner")
+        #expect(try first.list().map(\.key.description) == ["one", "two"])
+        #expect(try second.list().map(\.key.description) == ["one", "two"])
+    }
+
+    /// Near its limit a shard does not log (an applied batch must never fail):
+    /// batches go straight to LMDB and `full` is exact there.
+    @Test func aShardNearItsLimitWritesStraightToLMDB() throws {
+        let dir = try TemporaryDirectory("log")
+        let shard = try makeShard(dir, limit: 4 << 20)
+        let value = [UInt8](repeating: 7, count: 100_000)
+        var stored = 0
+        do {
+            for i in 0..<100 {
+                _ = try shard.batchPut([EntryWrite(key: bytes("k\(i)"), value: value)], clientID: "owner")
+                stored += 1
+            }
+        } catch ShardError.full {}
+        #expect(stored > 10 && stored < 100)
+        #expect(try shard.stats().entries == stored)
+        _ = try shard.batchPut([put("small", "still fits")], clientID: "owner")
+    }
+}
+
+/// A list appended to from many threads.
+final class LockedList<T>: @unchecked Sendable {
+    private let lock = NSLock()
+    private var items: [T] = []
+    func append(_ item: T) { lock.withLock { items.append(item) } }
+    var values: [T] { lock.withLock { items } }
+}
