@@ -114,6 +114,8 @@ public struct ShardOptions: Sendable {
     /// Commit with fsync (the default): a write is durable when it returns. When false,
     /// commits are atomic but only made durable by `sync()`.
     public var durableCommits = true
+    /// Batch log size past which an append first applies everything and empties it.
+    var batchLogLimit = 256 << 20
 
     public init() {}
 }
@@ -184,6 +186,7 @@ public final class Shard: @unchecked Sendable {
 
     /// Logged bytes waiting for LMDB past which a batch put applies them first.
     static let pendingLimit = 64 << 20
+    private let batchLogLimit: Int
     static let logAppliedKey = Array("logApplied".utf8)
 
     private let observerLock = NSLock()
@@ -284,6 +287,7 @@ public final class Shard: @unchecked Sendable {
         self.sizeLimit = stored.sizeLimit
         self.committedState = stored.state
         self.isReadOnlyView = options.readOnly
+        self.batchLogLimit = options.batchLogLimit
         // A shard being created gets its log when it is opened under its final name.
         self.log = descriptor == nil && !options.readOnly && options.durableCommits ? try BatchLog(directory: path) : nil
         self.committer = GroupCommitter(runGroup: { [unowned self] group in self.run(group) })
@@ -778,6 +782,9 @@ public final class Shard: @unchecked Sendable {
         }
         guard !ctx.batches.isEmpty else { return }
         do {
+            // Under steady load something is always pending: past its size bound the
+            // file is emptied anyway, once what it holds is applied.
+            if log.end > batchLogLimit { try applyLog() }
             // Nothing pending: every record in the file is applied, so start afresh.
             if log.end > 0, logLock.withLock({ pendingBatches.isEmpty }) { try log.reset() }
             try log.append(ctx.bytes)

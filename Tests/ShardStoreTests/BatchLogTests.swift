@@ -138,6 +138,25 @@ import Testing
         #expect(throws: ShardError.closed) { _ = try shard.batchPut([put("late", "v")], clientID: "owner") }
     }
 
+    /// Under steady load something is always pending; the file is still emptied
+    /// once it passes its bound.
+    @Test func theLogFileStaysBoundedUnderSteadyLoad() throws {
+        let dir = try TemporaryDirectory("log")
+        _ = try makeShard(dir)
+        var options = ShardOptions()
+        options.batchLogLimit = 64 << 10
+        let shard = try Shard.open(at: dir.sub("shard-7"), options: options)
+        let path = dir.sub("shard-7")
+        var largest = 0
+        for b in 0..<200 {
+            _ = try shard.batchPut((0..<10).map { put("b\(b)-\($0)", String(repeating: "v", count: 200)) }, clientID: "owner")
+            largest = max(largest, try logSize(path))
+        }
+        #expect(largest > 0)
+        #expect(largest <= (64 << 10) + 8 * 2_500)
+        #expect(try shard.stats().entries == 2_000)
+    }
+
     @Test func aSecondWritableInstanceWritesStraightToLMDB() throws {
         let dir = try TemporaryDirectory("log")
         let first = try makeShard(dir)
