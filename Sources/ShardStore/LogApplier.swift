@@ -1,11 +1,15 @@
 import Foundation
 
-/// Applies the shards' logged batches to LMDB in the background, as soon as it
-/// can: under load each pass finds many batches waiting and applies them in one
-/// transaction; when the load stops, LMDB (and read-only views of the shard)
-/// catch up within one commit. One thread for all shards, started on first use.
+/// Applies the shards' logged batches to LMDB in the background. It waits until
+/// a shard has enough pending for a transaction where entries share B-tree pages
+/// (`Shard.applyThreshold`), or until its writers pause for `idleDelay`, so under
+/// load LMDB gets few large transactions, and after the load it (and read-only
+/// views of the shard) catch up within milliseconds. Reads never wait for it:
+/// they apply what is pending themselves. One thread for all shards, started on
+/// first use.
 final class LogApplier: @unchecked Sendable {
     static let shared = LogApplier()
+    static let idleDelay = Duration.milliseconds(5)
 
     private struct Weak { weak var shard: Shard? }
 
@@ -13,9 +17,10 @@ final class LogApplier: @unchecked Sendable {
     private var waiting: [ObjectIdentifier: Weak] = [:]
     private var started = false
 
-    /// Asks for `shard`'s pending batches to be applied.
+    /// Tells the applier that `shard` has pending batches.
     func wake(_ shard: Shard) {
         condition.lock()
+        let known = waiting[ObjectIdentifier(shard)] != nil
         waiting[ObjectIdentifier(shard)] = Weak(shard: shard)
         if !started {
             started = true
@@ -23,7 +28,7 @@ final class LogApplier: @unchecked Sendable {
             thread.name = "shardfs-log-applier"
             thread.start()
         }
-        condition.signal()
+        if !known { condition.signal() }
         condition.unlock()
     }
 
@@ -34,8 +39,21 @@ final class LogApplier: @unchecked Sendable {
             let shards = waiting.values.compactMap(\.shard)
             waiting.removeAll(keepingCapacity: true)
             condition.unlock()
-            // A failure is kept by the shard and reported to its next reader or writer.
-            for shard in shards { try? shard.applyLog() }
+
+            var later: [Shard] = []
+            for shard in shards {
+                if shard.logIsWorthApplying() {
+                    // A failure is kept by the shard and reported to its next reader or writer.
+                    try? shard.applyLog()
+                } else if shard.hasPendingBatches {
+                    later.append(shard)
+                }
+            }
+            guard !later.isEmpty else { continue }
+            condition.lock()
+            for shard in later { waiting[ObjectIdentifier(shard)] = Weak(shard: shard) }
+            _ = condition.wait(until: Date().addingTimeInterval(0.002))
+            condition.unlock()
         }
     }
 }

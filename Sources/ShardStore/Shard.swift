@@ -166,9 +166,13 @@ public final class Shard: @unchecked Sendable {
     /// Logged batches not yet applied to LMDB, in sequence order.
     private var pendingBatches: [PendingBatch] = []
     private var pendingBytes = 0
+    /// Keys with pending writes, and how many each has.
+    private var pendingKeys: [[UInt8]: Int] = [:]
     /// Logged batches that could not be applied: every read and write fails with it
     /// (the batches stay in the log, and opening the shard again retries them).
     private var logFailure: ShardError?
+    /// When the last batch was logged (for the applier's idle test).
+    private var lastLogTime = ContinuousClock.now
     /// The sequence of the last logged record; touched only by the log committer's leader.
     private var lastLogged: UInt64 = 0
 
@@ -186,6 +190,8 @@ public final class Shard: @unchecked Sendable {
 
     /// Logged bytes waiting for LMDB past which a batch put applies them first.
     static let pendingLimit = 64 << 20
+    /// Logged bytes at which the background applier applies without waiting for a pause.
+    static let applyThreshold = 8 << 20
     private let batchLogLimit: Int
     static let logAppliedKey = Array("logApplied".utf8)
 
@@ -547,7 +553,8 @@ public final class Shard: @unchecked Sendable {
     // MARK: Reads
 
     public func get(_ key: EntryKey) throws -> Entry {
-        try readTransaction { txn in
+        try applyLog(touching: CollectionOfOne(key))
+        return try readTransaction(applyingLog: false) { txn in
             guard let raw = try txn.get(entries, key.bytes) else { throw ShardError.entryNotFound(key) }
             let view = try RecordView(raw)
             return Entry(key: key, value: try value(txn, key.bytes, view), indexes: view.indexes(),
@@ -557,7 +564,8 @@ public final class Shard: @unchecked Sendable {
 
     /// Gets many entries from one snapshot; a missing entry is reported at its position.
     public func batchGet(_ keys: [EntryKey]) throws -> [Result<Entry, ShardError>] {
-        try readTransaction { txn in
+        try applyLog(touching: keys)
+        return try readTransaction(applyingLog: false) { txn in
             keys.map { key in
                 do {
                     guard let raw = try txn.get(entries, key.bytes) else { return .failure(.entryNotFound(key)) }
@@ -575,7 +583,8 @@ public final class Shard: @unchecked Sendable {
 
     /// Size, modification time and indexes of an entry, or nil if there is none.
     public func attributes(_ key: EntryKey) throws -> EntryAttributes? {
-        try readTransaction { txn in
+        try applyLog(touching: CollectionOfOne(key))
+        return try readTransaction(applyingLog: false) { txn in
             guard let raw = try txn.get(entries, key.bytes) else { return nil }
             let view = try RecordView(raw)
             return EntryAttributes(key: key, size: view.size, modificationTime: view.modificationTime,
@@ -586,7 +595,8 @@ public final class Shard: @unchecked Sendable {
     /// Up to `count` bytes of the value from `offset`, touching only the chunks needed.
     public func read(_ key: EntryKey, offset: Int, count: Int) throws -> [UInt8] {
         guard offset >= 0, count >= 0 else { throw ShardError.invalidArgument("negative offset or count") }
-        return try readTransaction { txn in
+        try applyLog(touching: CollectionOfOne(key))
+        return try readTransaction(applyingLog: false) { txn in
             guard let raw = try txn.get(entries, key.bytes) else { throw ShardError.entryNotFound(key) }
             let view = try RecordView(raw)
             let end = min(view.size, offset &+ count)
@@ -799,7 +809,34 @@ public final class Shard: @unchecked Sendable {
         logLock.withLock {
             pendingBatches += ctx.batches
             pendingBytes += bytes
+            for batch in ctx.batches {
+                for item in batch.items { pendingKeys[item.key, default: 0] += 1 }
+            }
+            lastLogTime = .now
         }
+    }
+
+    /// Whether the background applier should apply now: enough is pending for a
+    /// transaction where entries share pages, or the writers have paused (so LMDB,
+    /// and read-only views, catch up within milliseconds of the last put).
+    func logIsWorthApplying() -> Bool {
+        logLock.withLock {
+            !pendingBatches.isEmpty
+                && (pendingBytes >= Self.applyThreshold || ContinuousClock.now - lastLogTime >= LogApplier.idleDelay)
+        }
+    }
+
+    var hasPendingBatches: Bool { logLock.withLock { !pendingBatches.isEmpty } }
+
+    /// For point reads: applies the log only when one of `keys` has a pending
+    /// write (a lookup of a name that is being created must not wait for a commit).
+    func applyLog<Keys: Collection<EntryKey>>(touching keys: Keys) throws {
+        guard log != nil else { return }
+        let (touched, failure) = logLock.withLock {
+            (!pendingKeys.isEmpty && keys.contains { pendingKeys[$0.bytes] != nil }, logFailure)
+        }
+        if let failure { throw failure }
+        if touched { try applyLog() }
     }
 
     /// Applies the pending batches in one durable transaction that also records
@@ -833,6 +870,15 @@ public final class Shard: @unchecked Sendable {
         logLock.withLock {
             pendingBatches.removeFirst(batches.count)
             pendingBytes -= bytes
+            if pendingBatches.isEmpty {
+                pendingKeys.removeAll(keepingCapacity: true)
+            } else {
+                for batch in batches {
+                    for item in batch.items {
+                        if pendingKeys[item.key] == 1 { pendingKeys[item.key] = nil } else { pendingKeys[item.key]! -= 1 }
+                    }
+                }
+            }
         }
     }
 
@@ -956,8 +1002,8 @@ public final class Shard: @unchecked Sendable {
     }
 
     @usableFromInline
-    func readTransaction<R>(_ body: (Transaction) throws -> R) throws -> R {
-        try applyLog()
+    func readTransaction<R>(applyingLog: Bool = true, _ body: (Transaction) throws -> R) throws -> R {
+        if applyingLog { try applyLog() }
         do {
             return try env.read(body)
         } catch let error as ShardError {

@@ -87,14 +87,15 @@ let shortDeadline = RetryPolicy(initialBackoff: .milliseconds(5), multiplier: 2,
 
     @Test func cancellationStopsRetrying() async throws {
         let flaky = FlakyStore(failures: Array(repeating: .unavailable("down"), count: 1000))
-        let store = RetryingMetadataStore(flaky, policy: RetryPolicy(initialBackoff: .seconds(5), multiplier: 1,
-                                                                     maxBackoff: .seconds(5), deadline: .seconds(60)))
+        // A backoff far longer than the bound below, so the bound holds on a loaded machine.
+        let store = RetryingMetadataStore(flaky, policy: RetryPolicy(initialBackoff: .seconds(60), multiplier: 1,
+                                                                     maxBackoff: .seconds(60), deadline: .seconds(600)))
         let task = Task { try await store.getShard(1) }
         try await Task.sleep(for: .milliseconds(50))
         task.cancel()
         let started = ContinuousClock.now
         await #expect(throws: CancellationError.self) { _ = try await task.value }
-        #expect(ContinuousClock.now - started < .seconds(2))
+        #expect(ContinuousClock.now - started < .seconds(20))
         #expect(flaky.callCount == 1)
     }
 }

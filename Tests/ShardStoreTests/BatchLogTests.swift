@@ -85,7 +85,9 @@ import Testing
         let errors = LockedList<String>()
         DispatchQueue.concurrentPerform(iterations: writers) { w in
             for b in 0..<batches {
-                let items = (0..<40).map { put("w\(w)-\(b)-\($0)", "value \(w) \(b) \($0)") }
+                var items = (0..<39).map { put("w\(w)-\(b)-\($0)", "value \(w) \(b) \($0)") }
+                // The last key of each batch is written again by the next one (last write wins).
+                items.append(put("w\(w)-last", "value \(w) \(b) last"))
                 do {
                     let statuses = try writing.batchPut(items, clientID: "owner")
                     if statuses.contains(where: { $0 != nil }) { errors.append("statuses \(statuses)") }
@@ -94,18 +96,23 @@ import Testing
                     for (item, result) in zip(items, got) where (try? result.get().value) != item.value {
                         errors.append("\(String(decoding: item.key, as: UTF8.self)) not read back")
                     }
+                    // Each kind of point read sees it too (they apply the log only for keys it holds).
+                    let last = try EntryKey(items[39].key)
+                    if try writing.attributes(last)?.size != items[39].value.count { errors.append("attributes of \(last)") }
+                    if try writing.read(last, offset: 0, count: 5) != Array(items[39].value.prefix(5)) { errors.append("read of \(last)") }
                 } catch { errors.append("\(error)") }
             }
         }
         #expect(errors.values.isEmpty)
-        #expect(try writing.stats().entries == writers * batches * 40)
+        #expect(try writing.stats().entries == writers * (batches * 39 + 1))
+        #expect(try writing.get(key("w2-last")).value == bytes("value 2 \(batches - 1) last"))
         // A read-only view (as a backup node opens it) catches up once the log is applied.
         var options = ShardOptions()
         options.readOnly = true
         let view = try Shard.open(at: dir.sub("shard-7"), options: options)
         try writing.applyLog()
-        #expect(try view.stats().entries == writers * batches * 40)
-        #expect(try view.get(key("w3-24-39")).value == bytes("value 3 24 39"))
+        #expect(try view.stats().entries == writers * (batches * 39 + 1))
+        #expect(try view.get(key("w3-24-38")).value == bytes("value 3 24 38"))
     }
 
     /// Batches racing a close: each one either is acknowledged and there after the
