@@ -167,7 +167,14 @@ public final class Shard: @unchecked Sendable {
     private var pendingBatches: [PendingBatch] = []
     private var pendingBytes = 0
     /// Keys with pending writes, and how many each has.
-    private var pendingKeys: [[UInt8]: Int] = [:]
+    private var pendingKeys: [PendingKey: Int] = [:]
+
+    /// A key hashed in one pass over its bytes (an array's own hash feeds the
+    /// hasher byte by byte, which costs more than the rest of a logged put).
+    struct PendingKey: Hashable {
+        let bytes: [UInt8]
+        func hash(into hasher: inout Hasher) { bytes.withUnsafeBytes { hasher.combine(bytes: $0) } }
+    }
     /// Logged batches that could not be applied: every read and write fails with it
     /// (the batches stay in the log, and opening the shard again retries them).
     private var logFailure: ShardError?
@@ -810,7 +817,7 @@ public final class Shard: @unchecked Sendable {
             pendingBatches += ctx.batches
             pendingBytes += bytes
             for batch in ctx.batches {
-                for item in batch.items { pendingKeys[item.key, default: 0] += 1 }
+                for item in batch.items { pendingKeys[PendingKey(bytes: item.key), default: 0] += 1 }
             }
             lastLogTime = .now
         }
@@ -833,7 +840,7 @@ public final class Shard: @unchecked Sendable {
     func applyLog<Keys: Collection<EntryKey>>(touching keys: Keys) throws {
         guard log != nil else { return }
         let (touched, failure) = logLock.withLock {
-            (!pendingKeys.isEmpty && keys.contains { pendingKeys[$0.bytes] != nil }, logFailure)
+            (!pendingKeys.isEmpty && keys.contains { pendingKeys[PendingKey(bytes: $0.bytes)] != nil }, logFailure)
         }
         if let failure { throw failure }
         if touched { try applyLog() }
@@ -875,7 +882,8 @@ public final class Shard: @unchecked Sendable {
             } else {
                 for batch in batches {
                     for item in batch.items {
-                        if pendingKeys[item.key] == 1 { pendingKeys[item.key] = nil } else { pendingKeys[item.key]! -= 1 }
+                        let key = PendingKey(bytes: item.key)
+                        if pendingKeys[key] == 1 { pendingKeys[key] = nil } else { pendingKeys[key]! -= 1 }
                     }
                 }
             }
