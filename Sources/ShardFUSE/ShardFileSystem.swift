@@ -586,6 +586,7 @@ public final class ShardFileSystem: @unchecked Sendable {
             }
         }
         writeBehind.stop()
+        node.shards.applyLogs()
     }
 
     // MARK: Helpers

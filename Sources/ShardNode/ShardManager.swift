@@ -143,6 +143,17 @@ public final class ShardManager: @unchecked Sendable {
         lock.withLock { shards.values.map(\.shard).sorted { $0.id < $1.id } }
     }
 
+    /// Applies every local shard's batch log to LMDB (at a clean shutdown, so
+    /// read-only views on other nodes see every acknowledged batch at once).
+    public func applyLogs() {
+        for shard in localShards() {
+            do { try shard.applyLog() } catch {
+                logger.error("could not apply a shard's batch log; it is applied when the shard next opens",
+                             metadata: ["shard": "\(shard.id)", "error": "\(error)"])
+            }
+        }
+    }
+
     /// Closes a shard: read-only forever. Closing a closed shard succeeds.
     public func closeShard(_ id: UInt64) async throws {
         let shard = try await self.shard(id)

@@ -33,18 +33,30 @@ final class BatchLog {
     /// Where the next record goes.
     private(set) var end = 0
 
-    /// Opens (creating) the log in the shard directory and locks it for this
-    /// instance; nil when another open instance of the shard holds it.
-    init?(directory: String) throws {
+    /// Opens (creating) the log in the shard directory and locks it: one writable
+    /// instance of a shard at a time, in this process or any other. Waits up to
+    /// `lockWait` for an instance being released, then fails.
+    init(directory: String, lockWait: Duration = .seconds(2)) throws {
         let path = directory + "/" + Self.fileName
+        let existed = access(path, F_OK) == 0
         let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw ShardError.storage("cannot open \(path): \(String(cString: strerror(errno)))") }
-        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
-            close(fd)
-            return nil
+        let deadline = ContinuousClock.now + lockWait
+        while flock(fd, LOCK_EX | LOCK_NB) != 0 {
+            guard errno == EWOULDBLOCK || errno == EINTR, ContinuousClock.now < deadline else {
+                close(fd)
+                throw ShardError.storage("\(directory) is open for writing elsewhere (its batch log is locked)")
+            }
+            usleep(10_000)
         }
         self.fd = fd
         end = Int(lseek(fd, 0, SEEK_END))
+        if !existed {
+            do { try syncDirectory(directory) } catch {
+                close(fd)
+                throw error
+            }
+        }
     }
 
     deinit { close(fd) }
@@ -78,9 +90,10 @@ final class BatchLog {
     }
 
     /// Appends encoded records and makes them durable (fdatasync). On failure the
-    /// file is cut back to where it was, so a later append does not follow garbage;
-    /// if even that fails, the log must not be appended to again (`throws` says so
-    /// with `broken`).
+    /// file is cut back to where it was, durably, so neither a later append nor a
+    /// replay after a crash can meet the failed bytes (whose sequences are used
+    /// again); if that fails, the log must not be appended to again (the error
+    /// says so with `broken`).
     func append(_ records: [UInt8]) throws {
         var done = 0
         var failure: Int32 = 0
@@ -95,7 +108,7 @@ final class BatchLog {
             end += records.count
             return
         }
-        let broken = ftruncate(fd, off_t(end)) != 0
+        let broken = ftruncate(fd, off_t(end)) != 0 || fsync(fd) != 0
         throw BatchLogError(message: "cannot write the batch log: \(String(cString: strerror(failure)))", broken: broken)
     }
 

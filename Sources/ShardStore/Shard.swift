@@ -116,6 +116,8 @@ public struct ShardOptions: Sendable {
     public var durableCommits = true
     /// Batch log size past which an append first applies everything and empties it.
     var batchLogLimit = 256 << 20
+    /// How long a writable open waits for another instance to let go of the shard.
+    var writerWait = Duration.seconds(2)
 
     public init() {}
 }
@@ -155,17 +157,23 @@ public final class Shard: @unchecked Sendable {
     // The batch log (see BatchLog and `logBatch`). A logged batch is acknowledged
     // once it is in the log; it is applied to LMDB by the next LMDB writer (the
     // background `LogApplier`, any other write, or a read, which waits for it).
-    /// nil: batches go straight to LMDB (a read-only view, commits that are not
-    /// durable anyway, or another open instance of this shard holds the log).
+    /// nil: batches go straight to LMDB (a read-only view, or commits that are not
+    /// durable anyway). Holding it (a file lock) makes this the shard's only
+    /// writable instance.
     private let log: BatchLog?
     private var logCommitter: GroupCommitter<LogGroup>!
     private let logLock = NSLock()
     // Guarded by logLock:
-    /// False from `close()` on, or once the log cannot be written safely.
-    private var logAccepts = true
+    /// From `close()` on: no batch may be logged.
+    private var logClosing = false
+    /// An append failed and its bytes could not be cut back durably: the log is
+    /// not appended to again (batches take the direct path).
+    private var logBroken = false
     /// Logged batches not yet applied to LMDB, in sequence order.
     private var pendingBatches: [PendingBatch] = []
+    /// Their bytes in the log, and what applying them may take in LMDB (see `applyCost`).
     private var pendingBytes = 0
+    private var pendingCost = 0
     /// Keys with pending writes, and how many each has.
     private var pendingKeys: [PendingKey: Int] = [:]
 
@@ -175,8 +183,10 @@ public final class Shard: @unchecked Sendable {
         let bytes: [UInt8]
         func hash(into hasher: inout Hasher) { bytes.withUnsafeBytes { hasher.combine(bytes: $0) } }
     }
-    /// Logged batches that could not be applied: every read and write fails with it
-    /// (the batches stay in the log, and opening the shard again retries them).
+    /// Why the last attempt to apply pending batches failed (nil once one succeeds).
+    /// Until they are applied, every LMDB write fails with it (nothing may land
+    /// after an acknowledged batch that is not in yet) and so does every read
+    /// that needs them; each new attempt retries.
     private var logFailure: ShardError?
     /// When the last batch was logged (for the applier's idle test).
     private var lastLogTime = ContinuousClock.now
@@ -187,16 +197,21 @@ public final class Shard: @unchecked Sendable {
         let sequence: UInt64
         let items: [EntryWrite]
         let bytes: Int
+        let cost: Int
     }
 
     struct LogGroup {
         var next: UInt64
         var bytes: [UInt8] = []
         var batches: [PendingBatch] = []
+        var cost = 0
     }
 
     /// Logged bytes waiting for LMDB past which a batch put applies them first.
     static let pendingLimit = 64 << 20
+    /// Room kept free beside what logged batches may take: for direct writes in
+    /// flight (a staged value commits 32 MiB at a time) and LMDB's own pages.
+    static let logRoomMargin = 64 << 20
     /// Logged bytes at which the background applier applies without waiting for a pause.
     static let applyThreshold = 8 << 20
     private let batchLogLimit: Int
@@ -302,15 +317,18 @@ public final class Shard: @unchecked Sendable {
         self.isReadOnlyView = options.readOnly
         self.batchLogLimit = options.batchLogLimit
         // A shard being created gets its log when it is opened under its final name.
-        self.log = descriptor == nil && !options.readOnly && options.durableCommits ? try BatchLog(directory: path) : nil
+        self.log = descriptor == nil && !options.readOnly && options.durableCommits ? try BatchLog(directory: path, lockWait: options.writerWait) : nil
+        self.logClosing = stored.state == .closed
         self.committer = GroupCommitter(runGroup: { [unowned self] group in self.run(group) })
         self.logCommitter = GroupCommitter(runGroup: { [unowned self] group in self.runLogGroup(group) })
+        if !options.readOnly {
+            // Reader slots of processes killed mid-read would pin old pages forever.
+            env.clearStaleReaders()
+        }
         try replayLog()
         // Staged chunks a crash left are garbage: remove them, but a failure here
         // (say, a full shard) must not keep the shard from opening.
         if !options.readOnly {
-            // Reader slots of processes killed mid-read would pin old pages forever.
-            env.clearStaleReaders()
             try? discardStagedChunks()
         }
     }
@@ -537,8 +555,9 @@ public final class Shard: @unchecked Sendable {
     public func close() throws {
         guard !isReadOnlyView else { throw ShardError.readOnlyView }
         // No batch may be logged once the close commits: stop appends, and wait out
-        // a log group in flight (its batches are then pending, and applied first).
-        let accepted = logLock.withLock { defer { logAccepts = false }; return logAccepts }
+        // a log group in flight (its batches are then pending, and the commit below
+        // applies them first, or fails with nothing committed).
+        let wasClosing = logLock.withLock { defer { logClosing = true }; return logClosing }
         do {
             if log != nil { try logCommitter.submit { _ in } }
             try committer.submit { ctx in
@@ -547,7 +566,7 @@ public final class Shard: @unchecked Sendable {
                 ctx.state = .closed
             }
         } catch {
-            if accepted { logLock.withLock { logAccepts = true } }
+            logLock.withLock { logClosing = wasClosing }
             throw error
         }
     }
@@ -716,7 +735,7 @@ public final class Shard: @unchecked Sendable {
 
     /// An upper bound of the bytes in use, without reading the free list (cheap:
     /// for checks on hot paths; `stats()` gives the exact figure).
-    public var usedBytesUpperBound: Int { env.info.usedBytes }
+    public var usedBytesUpperBound: Int { env.info.usedBytes + logLock.withLock { pendingCost } }
 
     public func stats() throws -> ShardStats {
         let (count, free) = try readTransaction { txn in (try txn.count(entries), try txn.freePageCount()) }
@@ -731,14 +750,12 @@ public final class Shard: @unchecked Sendable {
     var usesBatchLog: Bool { log != nil }
 
     /// Applies every logged batch to LMDB now. Reads call this first, so they see
-    /// every acknowledged put; the background applier calls it too.
+    /// every acknowledged put; the background applier and clean shutdowns call it too.
     public func applyLog() throws {
-        guard log != nil else { return }
-        let (pending, failure) = logLock.withLock { (!pendingBatches.isEmpty, logFailure) }
-        if let failure { throw failure }
-        guard pending else { return }
-        try committer.submit { _ in }  // an LMDB writer applies pending batches first
-        if let failure = logLock.withLock({ logFailure }) { throw failure }
+        guard log != nil, hasPendingBatches else { return }
+        // An LMDB writer applies pending batches before its group, or fails the
+        // group with the reason.
+        try committer.submit { _ in }
     }
 
     /// Logs a batch of valid items instead of committing it to LMDB, when it may
@@ -751,27 +768,37 @@ public final class Shard: @unchecked Sendable {
         var valid: [EntryWrite] = []
         valid.reserveCapacity(items.count)
         for i in items.indices where statuses[i] == nil {
-            if items[i].value.count > chunkSize { return false }
             var item = items[i]
+            // Chunked values, and more indexes than the log's count field holds, go direct.
+            if item.value.count > chunkSize || item.indexes.count > Int(UInt16.max) { return false }
             if item.modificationTime == nil { item.modificationTime = now }
+            // What is logged is what is applied, in memory now or replayed later.
+            if item.keepsIndexes || item.isDeletion { item.indexes = [] }
             valid.append(item)
         }
         let size = BatchLog.encodedSize(valid)
-        let (pending, failure) = logLock.withLock { (pendingBytes, logFailure) }
-        if let failure { throw failure }
-        if pending + size > Self.pendingLimit { try applyLog() }
-        guard hasRoomToLog(size) else {
-            try applyLog()
-            return false
-        }
+        guard size <= Int(UInt32.max) else { return false }
+        let cost = Self.applyCost(valid)
+        let (pending, failing) = logLock.withLock { (pendingBytes, logFailure != nil) }
+        // Back-pressure, and a retry of a failed apply before more is acknowledged.
+        if failing || pending + size > Self.pendingLimit { try applyLog() }
         var logged = false
-        try logCommitter.submit { group in
-            // Checked in log order: `close()` stops appends before it commits.
-            guard self.logLock.withLock({ self.logAccepts }), self.state == .open else { return }
-            BatchLog.encode(sequence: group.next, items: valid, into: &group.bytes)
-            group.batches.append(PendingBatch(sequence: group.next, items: valid, bytes: size))
-            group.next += 1
-            logged = true
+        do {
+            try logCommitter.submit { group in
+                // Checked in log order: `close()` stops appends before it commits,
+                // and room is reserved against everything logged before.
+                let (closing, broken, pendingCost) = self.logLock.withLock { (self.logClosing, self.logBroken, self.pendingCost) }
+                guard !closing, !broken, self.state == .open,
+                      2 * self.env.info.usedBytes + pendingCost + group.cost + cost + Self.logRoomMargin <= self.sizeLimit
+                else { return }
+                BatchLog.encode(sequence: group.next, items: valid, into: &group.bytes)
+                group.batches.append(PendingBatch(sequence: group.next, items: valid, bytes: size, cost: cost))
+                group.next += 1
+                group.cost += cost
+                logged = true
+            }
+        } catch where !logged {
+            return false  // another member's failure: this batch was not written; go direct
         }
         guard logged else { return false }
         if let observer = onCommit { observer(valid.map(\.key)) }
@@ -779,14 +806,16 @@ public final class Shard: @unchecked Sendable {
         return true
     }
 
-    /// Whether a logged batch of `size` bytes is sure to fit when applied: even a
-    /// transaction that rewrites every page in use, plus all that is pending, stays
-    /// well inside the limit. Otherwise the batch takes the direct path, which
-    /// reports `full` exactly.
-    private func hasRoomToLog(_ size: Int) -> Bool {
-        let used = env.info.usedBytes
-        let pending = logLock.withLock { pendingBytes }
-        return 2 * used + 3 * (pending + size) + (16 << 20) <= sizeLimit
+    /// What applying these items may take in LMDB, generously: the records, one
+    /// reverse-index row per index (which holds the entry's key again), and twice
+    /// that for half-full pages after splits. With twice the pages in use (a
+    /// transaction may copy every one), this is what the room check adds up, so an
+    /// acknowledged batch never meets the size limit when it is applied.
+    static func applyCost(_ items: [EntryWrite]) -> Int {
+        items.reduce(0) { sum, item in
+            let indexes = item.indexes.reduce(0) { $0 + 48 + 2 * ($1.name.utf8.count + $1.value.count) + item.key.count }
+            return sum + 2 * (64 + item.key.count + item.value.count + indexes)
+        }
     }
 
     /// Appends a group of batches to the log with one fdatasync (the log
@@ -803,11 +832,11 @@ public final class Shard: @unchecked Sendable {
             // file is emptied anyway, once what it holds is applied.
             if log.end > batchLogLimit { try applyLog() }
             // Nothing pending: every record in the file is applied, so start afresh.
-            if log.end > 0, logLock.withLock({ pendingBatches.isEmpty }) { try log.reset() }
+            if log.end > 0, !hasPendingBatches { try log.reset() }
             try log.append(ctx.bytes)
         } catch {
-            if (error as? BatchLogError)?.broken ?? true { logLock.withLock { logAccepts = false } }
-            let failure = ShardError.storage("\(error)")
+            if let logError = error as? BatchLogError, logError.broken { logLock.withLock { logBroken = true } }
+            let failure = error as? ShardError ?? ShardError.storage("\(error)")
             for member in group { member.error = failure }
             return
         }
@@ -816,6 +845,7 @@ public final class Shard: @unchecked Sendable {
         logLock.withLock {
             pendingBatches += ctx.batches
             pendingBytes += bytes
+            pendingCost += ctx.cost
             for batch in ctx.batches {
                 for item in batch.items { pendingKeys[PendingKey(bytes: item.key), default: 0] += 1 }
             }
@@ -839,44 +869,55 @@ public final class Shard: @unchecked Sendable {
     /// write (a lookup of a name that is being created must not wait for a commit).
     func applyLog<Keys: Collection<EntryKey>>(touching keys: Keys) throws {
         guard log != nil else { return }
-        let (touched, failure) = logLock.withLock {
-            (!pendingKeys.isEmpty && keys.contains { pendingKeys[PendingKey(bytes: $0.bytes)] != nil }, logFailure)
+        let touched = logLock.withLock {
+            !pendingKeys.isEmpty && keys.contains { pendingKeys[PendingKey(bytes: $0.bytes)] != nil }
         }
-        if let failure { throw failure }
         if touched { try applyLog() }
     }
 
     /// Applies the pending batches in one durable transaction that also records
-    /// the last applied sequence (so a restart replays exactly the rest). Runs in
-    /// the LMDB committer's leader, before its group.
-    private func applyPendingBatches() {
-        let batches = logLock.withLock { logFailure == nil ? pendingBatches : [] }
-        guard !batches.isEmpty else { return }
+    /// the last applied sequence (so a restart replays exactly the rest), or, if
+    /// that fails, batch by batch. Runs in the LMDB committer's leader, before its
+    /// group; returns why pending batches could not all be applied.
+    private func applyPendingBatches() -> ShardError? {
+        let batches = logLock.withLock { pendingBatches }
+        guard !batches.isEmpty else { return nil }
         do {
             try applyBatches(batches)
         } catch {
             // A large group may not fit where its batches one by one do.
             for batch in batches {
                 do { try applyBatches([batch]) } catch {
-                    logLock.withLock {
-                        logFailure = ShardError.storage("acknowledged batches cannot be applied (\(ShardError.from(error, limit: sizeLimit))); they are kept in the batch log")
-                    }
-                    return
+                    let failure = ShardError.storage(
+                        "acknowledged batches cannot be applied yet (\(ShardError.from(error, limit: sizeLimit))); they are kept in the batch log and retried")
+                    logLock.withLock { logFailure = failure }
+                    return failure
                 }
             }
-            return
         }
+        logLock.withLock { logFailure = nil }
+        return nil
     }
 
+    /// Tests only: an error to fail the next applies with (a full or failing disk).
+    var applyFault: (@Sendable () throws -> Void)? {
+        get { logLock.withLock { injectedApplyFault } }
+        set { logLock.withLock { injectedApplyFault = newValue } }
+    }
+    private var injectedApplyFault: (@Sendable () throws -> Void)?
+
     private func applyBatches(_ batches: [PendingBatch]) throws {
+        if let fault = applyFault { try fault() }
         try env.write { txn in
             try applyInKeyOrder(txn, batches.map(\.items))
             try txn.put(meta, Self.logAppliedKey, withUnsafeBytes(of: batches.last!.sequence.bigEndian) { Array($0) })
         }
         let bytes = batches.reduce(0) { $0 + $1.bytes }
+        let cost = batches.reduce(0) { $0 + $1.cost }
         logLock.withLock {
             pendingBatches.removeFirst(batches.count)
             pendingBytes -= bytes
+            pendingCost -= cost
             if pendingBatches.isEmpty {
                 pendingKeys.removeAll(keepingCapacity: true)
             } else {
@@ -929,7 +970,9 @@ public final class Shard: @unchecked Sendable {
     }
 
     /// At open: applies what the log holds beyond the last applied sequence (batches
-    /// acknowledged before a crash), then empties it.
+    /// acknowledged before a crash), then empties it. Acknowledged data must get
+    /// in: if it does not fit under the size limit, the map grows to take it (the
+    /// shard is then full for new writes).
     private func replayLog() throws {
         guard let log else { return }
         let meta = self.meta
@@ -938,10 +981,23 @@ public final class Shard: @unchecked Sendable {
         }
         let records = try log.records().filter { $0.sequence > applied }
         if let last = records.last {
-            do {
-                try env.write { txn in
-                    try applyInKeyOrder(txn, records.map(\.items))
+            let apply = {
+                try self.env.write { txn in
+                    try self.applyInKeyOrder(txn, records.map(\.items))
                     try txn.put(meta, Self.logAppliedKey, withUnsafeBytes(of: last.sequence.bigEndian) { Array($0) })
+                }
+            }
+            do {
+                try apply()
+            } catch let error as LMDBError where error == .mapFull {
+                // No transaction is open on this new environment, so the map may grow.
+                let needed = Self.applyCost(records.flatMap(\.items))
+                do {
+                    try env.setMapSize(env.info.mapSize + 2 * env.info.usedBytes + needed + Self.logRoomMargin)
+                    try apply()
+                    try env.setMapSize(sizeLimit)  // LMDB keeps at least what is in use
+                } catch {
+                    throw ShardError.storage("cannot apply the batch log of \(path): \(ShardError.from(error, limit: sizeLimit))")
                 }
             } catch {
                 throw ShardError.storage("cannot apply the batch log of \(path): \(ShardError.from(error, limit: sizeLimit))")
@@ -969,8 +1025,12 @@ public final class Shard: @unchecked Sendable {
     /// error, or a failed commit, aborts the group and each member is retried
     /// alone, so one write that does not fit cannot fail the others.
     private func run(_ group: [GroupCommitter<WriteContext>.Pending]) {
-        // Logged batches first: every write lands after the batches acknowledged before it.
-        applyPendingBatches()
+        // Logged batches first: every write lands after the batches acknowledged
+        // before it, and none lands while they cannot be applied.
+        if let failure = applyPendingBatches() {
+            for member in group { member.error = failure }
+            return
+        }
         let observed = onCommit != nil
         if group.count > 1 {
             var state = self.state

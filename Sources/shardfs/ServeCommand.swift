@@ -38,6 +38,7 @@ struct ServeCommand: AsyncParsableCommand {
             fuse.session.stop()
             _ = await fuse.done.value
         }
+        running.node.shards.applyLogs()
     }
 
     struct Running {

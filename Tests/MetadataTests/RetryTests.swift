@@ -46,7 +46,7 @@ final class FlakyStore: MetadataStore, @unchecked Sendable {
 // Timing bounds here are loose on purpose: tests share two CPUs and a small
 // thread pool, so a sleep may wake late. Attempt counts carry the assertions.
 let fastPolicy = RetryPolicy(initialBackoff: .milliseconds(5), multiplier: 2, maxBackoff: .milliseconds(40),
-                             deadline: .seconds(10))
+                             deadline: .seconds(120))
 let shortDeadline = RetryPolicy(initialBackoff: .milliseconds(5), multiplier: 2, maxBackoff: .milliseconds(20),
                                 deadline: .milliseconds(300))
 
@@ -63,10 +63,8 @@ let shortDeadline = RetryPolicy(initialBackoff: .milliseconds(5), multiplier: 2,
     func permanentFailuresFailAtOnce(_ error: MetadataError) async throws {
         let flaky = FlakyStore(failures: [error])
         let store = RetryingMetadataStore(flaky, policy: fastPolicy)
-        let started = ContinuousClock.now
         await #expect(throws: error) { try await store.getShard(3) }
-        #expect(flaky.callCount == 1)
-        #expect(ContinuousClock.now - started < .seconds(2))
+        #expect(flaky.callCount == 1)  // no retry
     }
 
     @Test func givesUpAtTheDeadline() async throws {

@@ -10,7 +10,7 @@ import Testing
     /// Writes records straight into a shard's log, as a process that crashed
     /// before applying them would have left it.
     func writeLog(_ dir: String, _ records: [(UInt64, [EntryWrite])], tail: [UInt8] = []) throws {
-        let log = try #require(try BatchLog(directory: dir))
+        let log = try BatchLog(directory: dir)
         var bytes: [UInt8] = []
         for (sequence, items) in records { BatchLog.encode(sequence: sequence, items: items, into: &bytes) }
         try log.append(bytes + tail)
@@ -164,16 +164,56 @@ import Testing
         #expect(try shard.stats().entries == 2_000)
     }
 
-    @Test func aSecondWritableInstanceWritesStraightToLMDB() throws {
+    @Test func aSecondWritableInstanceIsRefused() throws {
         let dir = try TemporaryDirectory("log")
-        let first = try makeShard(dir)
+        var first: Shard? = try makeShard(dir)
+        var options = ShardOptions()
+        options.writerWait = .milliseconds(50)
+        #expect(throws: ShardError.self) { _ = try Shard.open(at: dir.sub("shard-7"), options: options) }
+        _ = try first!.batchPut([put("one", "1")], clientID: "owner")
+        first = nil
         let second = try Shard.open(at: dir.sub("shard-7"))
-        #expect(first.usesBatchLog)
-        #expect(!second.usesBatchLog)
-        _ = try first.batchPut([put("one", "1")], clientID: "owner")
         _ = try second.batchPut([put("two", "2")], clientID: "owner")
-        #expect(try first.list().map(\.key.description) == ["one", "two"])
         #expect(try second.list().map(\.key.description) == ["one", "two"])
+    }
+
+    /// While acknowledged batches cannot be applied, nothing may land after them:
+    /// direct writes and close fail, and so do reads that need them. Once the
+    /// apply succeeds, everything lands in acknowledgment order.
+    @Test func anApplyThatFailsHoldsBackEveryLaterWrite() throws {
+        let dir = try TemporaryDirectory("log")
+        let shard = try makeShard(dir)
+        shard.applyFault = { throw ShardError.storage("injected: disk failing") }
+        _ = try shard.batchPut([put("k", "logged"), put("other", "x")], clientID: "owner")
+
+        #expect(throws: ShardError.self) { try shard.put(key("k"), value: bytes("direct"), clientID: "owner") }
+        #expect(throws: ShardError.self) { try shard.close() }
+        #expect(shard.state == .open)
+        #expect(throws: ShardError.self) { _ = try shard.get(key("k")) }
+        #expect(throws: ShardError.self) { _ = try shard.list() }
+
+        shard.applyFault = nil
+        try shard.put(key("k"), value: bytes("direct"), clientID: "owner")
+        #expect(try shard.get(key("k")).value == bytes("direct"))
+        #expect(try shard.get(key("other")).value == bytes("x"))
+        try shard.close()
+        #expect(throws: ShardError.closed) { _ = try shard.batchPut([put("late", "v")], clientID: "owner") }
+    }
+
+    /// Acknowledged data must get in even past the size limit: replay grows the map.
+    @Test func replayOfMoreThanTheLimitStillAppliesEverything() throws {
+        let dir = try TemporaryDirectory("log")
+        let path = dir.sub("shard-7")
+        _ = try makeShard(dir, limit: 1 << 20)
+        let value = String(repeating: "v", count: 100_000)
+        try writeLog(path, (1...20).map { n in (UInt64(n), [put("k\(n)", value)]) })
+        let shard = try Shard.open(at: path)
+        #expect(try shard.stats().entries == 20)
+        #expect(try shard.get(key("k20")).value.count == 100_000)
+        // The shard is past its limit now: new writes are refused as full.
+        #expect(throws: ShardError.full(limit: 1 << 20)) {
+            try shard.put(key("more"), value: [UInt8](repeating: 1, count: 900_000), clientID: "owner")
+        }
     }
 
     /// Near its limit a shard does not log (an applied batch must never fail):
