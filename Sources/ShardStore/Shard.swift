@@ -868,9 +868,13 @@ public final class Shard: @unchecked Sendable {
     /// For point reads: applies the log only when one of `keys` has a pending
     /// write (a lookup of a name that is being created must not wait for a commit).
     func applyLog<Keys: Collection<EntryKey>>(touching keys: Keys) throws {
+        try applyLog(touchingKeyBytes: keys.lazy.map(\.bytes))
+    }
+
+    func applyLog<Keys: Collection<[UInt8]>>(touchingKeyBytes keys: Keys) throws {
         guard log != nil else { return }
         let touched = logLock.withLock {
-            !pendingKeys.isEmpty && keys.contains { pendingKeys[PendingKey(bytes: $0.bytes)] != nil }
+            !pendingKeys.isEmpty && keys.contains { pendingKeys[PendingKey(bytes: $0)] != nil }
         }
         if touched { try applyLog() }
     }
