@@ -945,15 +945,21 @@ public final class Shard: @unchecked Sendable {
         for (b, items) in batches.enumerated() {
             for i in items.indices { order.append((Int32(b), Int32(i))) }
         }
-        order.sort { x, y in
-            let a = batches[Int(x.batch)][Int(x.item)].key, b = batches[Int(y.batch)][Int(y.item)].key
-            let c = a.withUnsafeBytes { a in
-                b.withUnsafeBytes { b in
+        func compare(_ x: (batch: Int32, item: Int32), _ y: (batch: Int32, item: Int32)) -> Int32 {
+            batches[Int(x.batch)][Int(x.item)].key.withUnsafeBytes { a in
+                batches[Int(y.batch)][Int(y.item)].key.withUnsafeBytes { b in
                     let n = memcmp(a.baseAddress!, b.baseAddress!, min(a.count, b.count))
                     return n != 0 ? n : Int32(a.count) - Int32(b.count)
                 }
             }
-            return c != 0 ? c < 0 : (x.batch, x.item) < (y.batch, y.item)
+        }
+        // Appends (keys already increasing) need no sort.
+        let increasing = order.indices.dropFirst().allSatisfy { compare(order[$0 - 1], order[$0]) < 0 }
+        if !increasing {
+            order.sort { x, y in
+                let c = compare(x, y)
+                return c != 0 ? c < 0 : (x.batch, x.item) < (y.batch, y.item)
+            }
         }
         for position in order {
             try applyItems(txn, CollectionOfOne(batches[Int(position.batch)][Int(position.item)]))
