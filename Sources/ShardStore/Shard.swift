@@ -171,7 +171,7 @@ public final class Shard: @unchecked Sendable {
     private var logBroken = false
     /// Logged batches not yet applied to LMDB, in sequence order.
     private var pendingBatches: [PendingBatch] = []
-    /// Their bytes in the log, and what applying them may take in LMDB (see `applyCost`).
+    /// The memory they hold (see `memorySize`), and what applying them may take in LMDB (see `applyCost`).
     private var pendingBytes = 0
     private var pendingCost = 0
     /// Keys with pending writes, and how many each has.
@@ -207,12 +207,12 @@ public final class Shard: @unchecked Sendable {
         var cost = 0
     }
 
-    /// Logged bytes waiting for LMDB past which a batch put applies them first.
+    /// Memory held by logged batches waiting for LMDB past which a batch put applies them first.
     static let pendingLimit = 64 << 20
     /// Room kept free beside what logged batches may take: for direct writes in
     /// flight (a staged value commits 32 MiB at a time) and LMDB's own pages.
     static let logRoomMargin = 64 << 20
-    /// Logged bytes at which the background applier applies without waiting for a pause.
+    /// Pending memory at which the background applier applies without waiting for a pause.
     static let applyThreshold = 8 << 20
     private let batchLogLimit: Int
     static let logAppliedKey = Array("logApplied".utf8)
@@ -779,9 +779,10 @@ public final class Shard: @unchecked Sendable {
         let size = BatchLog.encodedSize(valid)
         guard size <= Int(UInt32.max) else { return false }
         let cost = Self.applyCost(valid)
+        let memory = Self.memorySize(valid)
         let (pending, failing) = logLock.withLock { (pendingBytes, logFailure != nil) }
         // Back-pressure, and a retry of a failed apply before more is acknowledged.
-        if failing || pending + size > Self.pendingLimit { try applyLog() }
+        if failing || pending + memory > Self.pendingLimit { try applyLog() }
         var logged = false
         do {
             try logCommitter.submit { group in
@@ -792,7 +793,7 @@ public final class Shard: @unchecked Sendable {
                       2 * self.env.info.usedBytes + pendingCost + group.cost + cost + Self.logRoomMargin <= self.sizeLimit
                 else { return }
                 BatchLog.encode(sequence: group.next, items: valid, into: &group.bytes)
-                group.batches.append(PendingBatch(sequence: group.next, items: valid, bytes: size, cost: cost))
+                group.batches.append(PendingBatch(sequence: group.next, items: valid, bytes: memory, cost: cost))
                 group.next += 1
                 group.cost += cost
                 logged = true
@@ -804,6 +805,14 @@ public final class Shard: @unchecked Sendable {
         if let observer = onCommit { observer(valid.map(\.key)) }
         LogApplier.shared.wake(self)
         return true
+    }
+
+    /// The memory pending items hold: their bytes and the arrays around them.
+    static func memorySize(_ items: [EntryWrite]) -> Int {
+        items.reduce(0) { sum, item in
+            sum + 128 + item.key.count + item.value.count
+                + item.indexes.reduce(0) { $0 + 80 + $1.name.utf8.count + $1.value.count }
+        }
     }
 
     /// What applying these items may take in LMDB, generously: the records, one
