@@ -344,6 +344,7 @@ public struct Cursor {
     public func first() throws -> Pair? { try op(MDB_FIRST) }
     @inlinable
     public func next() throws -> Pair? { try op(MDB_NEXT) }
+    public func last() throws -> Pair? { try op(MDB_LAST) }
     public func current() throws -> Pair? { try op(MDB_GET_CURRENT) }
     /// The first pair whose key is >= `key`.
     @inlinable

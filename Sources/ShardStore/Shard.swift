@@ -776,6 +776,7 @@ public final class Shard: @unchecked Sendable {
             if item.keepsIndexes || item.isDeletion { item.indexes = [] }
             valid.append(item)
         }
+        if try extendsInKeyOrder(valid) { return false }
         let size = BatchLog.encodedSize(valid)
         guard size <= Int(UInt32.max) else { return false }
         let cost = Self.applyCost(valid)
@@ -805,6 +806,21 @@ public final class Shard: @unchecked Sendable {
         if let observer = onCommit { observer(valid.map(\.key)) }
         LogApplier.shared.wake(self)
         return true
+    }
+
+    /// Whether a batch only appends: its keys increase and follow every key in the
+    /// shard, with nothing pending. That is LMDB's best case (new pages, filled in
+    /// order), so such a batch commits directly; the log pays off for scattered keys.
+    private func extendsInKeyOrder(_ items: [EntryWrite]) throws -> Bool {
+        guard let first = items.first, !first.isDeletion, !hasPendingBatches else { return false }
+        for i in items.indices.dropFirst() {
+            guard !items[i].isDeletion, items[i - 1].key.lexicographicallyPrecedes(items[i].key) else { return false }
+        }
+        let entries = self.entries
+        let last: [UInt8]? = try readTransaction(applyingLog: false) { txn in
+            try txn.withCursor(entries) { try $0.last().map { Array($0.key) } }
+        }
+        return last.map { $0.lexicographicallyPrecedes(first.key) } ?? true
     }
 
     /// The memory pending items hold: their bytes and the arrays around them.

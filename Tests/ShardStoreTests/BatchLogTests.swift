@@ -156,12 +156,24 @@ import Testing
         let path = dir.sub("shard-7")
         var largest = 0
         for b in 0..<200 {
-            _ = try shard.batchPut((0..<10).map { put("b\(b)-\($0)", String(repeating: "v", count: 200)) }, clientID: "owner")
+            _ = try shard.batchPut((0..<10).reversed().map { put("b\(b)-\($0)", String(repeating: "v", count: 200)) }, clientID: "owner")
             largest = max(largest, try logSize(path))
         }
         #expect(largest > 0)
         #expect(largest <= (64 << 10) + 8 * 2_500)
         #expect(try shard.stats().entries == 2_000)
+    }
+
+    @Test func batchesThatOnlyAppendCommitStraightToLMDB() throws {
+        let dir = try TemporaryDirectory("log")
+        let shard = try makeShard(dir)
+        let path = dir.sub("shard-7")
+        _ = try shard.batchPut([put("a1", "v"), put("a2", "v")], clientID: "owner")
+        _ = try shard.batchPut([put("a3", "v"), put("a4", "v")], clientID: "owner")
+        #expect(try logSize(path) == 0)
+        _ = try shard.batchPut([put("a6", "v"), put("a5", "v")], clientID: "owner")
+        #expect(try logSize(path) > 0)
+        #expect(try shard.list().map(\.key.description) == ["a1", "a2", "a3", "a4", "a5", "a6"])
     }
 
     @Test func aSecondWritableInstanceIsRefused() throws {
@@ -184,7 +196,8 @@ import Testing
         let dir = try TemporaryDirectory("log")
         let shard = try makeShard(dir)
         shard.applyFault = { throw ShardError.storage("injected: disk failing") }
-        _ = try shard.batchPut([put("k", "logged"), put("other", "x")], clientID: "owner")
+        // Keys out of order: an append in key order would commit directly.
+        _ = try shard.batchPut([put("other", "x"), put("k", "logged")], clientID: "owner")
 
         #expect(throws: ShardError.self) { try shard.put(key("k"), value: bytes("direct"), clientID: "owner") }
         #expect(throws: ShardError.self) { try shard.close() }
