@@ -765,6 +765,7 @@ public final class Shard: @unchecked Sendable {
         guard log != nil else { return false }
         guard !clientID.isEmpty else { throw ShardError.clientIDRequired }
         guard clientID == owner else { throw ShardError.fenced(owner: owner, client: clientID) }
+        if try extendsInKeyOrder(items, statuses) { return false }
         var valid: [EntryWrite] = []
         valid.reserveCapacity(items.count)
         for i in items.indices where statuses[i] == nil {
@@ -776,7 +777,6 @@ public final class Shard: @unchecked Sendable {
             if item.keepsIndexes || item.isDeletion { item.indexes = [] }
             valid.append(item)
         }
-        if try extendsInKeyOrder(valid) { return false }
         let size = BatchLog.encodedSize(valid)
         guard size <= Int(UInt32.max) else { return false }
         let cost = Self.applyCost(valid)
@@ -811,16 +811,23 @@ public final class Shard: @unchecked Sendable {
     /// Whether a batch only appends: its keys increase and follow every key in the
     /// shard, with nothing pending. That is LMDB's best case (new pages, filled in
     /// order), so such a batch commits directly; the log pays off for scattered keys.
-    private func extendsInKeyOrder(_ items: [EntryWrite]) throws -> Bool {
-        guard let first = items.first, !first.isDeletion, !hasPendingBatches else { return false }
-        for i in items.indices.dropFirst() {
-            guard !items[i].isDeletion, items[i - 1].key.lexicographicallyPrecedes(items[i].key) else { return false }
+    private func extendsInKeyOrder(_ items: [EntryWrite], _ statuses: [ShardError?]) throws -> Bool {
+        guard !hasPendingBatches else { return false }
+        var first: [UInt8]?, previous: [UInt8]?
+        for i in items.indices where statuses[i] == nil {
+            guard !items[i].isDeletion else { return false }
+            if let previous, compareKeys(previous, items[i].key) >= 0 { return false }
+            if first == nil { first = items[i].key }
+            previous = items[i].key
         }
+        guard let first else { return false }
         let entries = self.entries
-        let last: [UInt8]? = try readTransaction(applyingLog: false) { txn in
-            try txn.withCursor(entries) { try $0.last().map { Array($0.key) } }
+        return try readTransaction(applyingLog: false) { txn in
+            try txn.withCursor(entries) { cursor in
+                guard let last = try cursor.last() else { return true }
+                return first.withUnsafeBytes { compareKeys(last.key, $0) } < 0
+            }
         }
-        return last.map { $0.lexicographicallyPrecedes(first.key) } ?? true
     }
 
     /// The memory pending items hold: their bytes and the arrays around them.
@@ -971,12 +978,7 @@ public final class Shard: @unchecked Sendable {
             for i in items.indices { order.append((Int32(b), Int32(i))) }
         }
         func compare(_ x: (batch: Int32, item: Int32), _ y: (batch: Int32, item: Int32)) -> Int32 {
-            batches[Int(x.batch)][Int(x.item)].key.withUnsafeBytes { a in
-                batches[Int(y.batch)][Int(y.item)].key.withUnsafeBytes { b in
-                    let n = memcmp(a.baseAddress!, b.baseAddress!, min(a.count, b.count))
-                    return n != 0 ? n : Int32(a.count) - Int32(b.count)
-                }
-            }
+            compareKeys(batches[Int(x.batch)][Int(x.item)].key, batches[Int(y.batch)][Int(y.item)].key)
         }
         // Appends (keys already increasing) need no sort.
         let increasing = order.indices.dropFirst().allSatisfy { compare(order[$0 - 1], order[$0]) < 0 }
@@ -1312,4 +1314,14 @@ struct Descriptor {
         }
         return Descriptor(id: id, owner: try field("owner"), state: state, sizeLimit: limit)
     }
+}
+
+/// LMDB's default key order (bytes, then length): negative, zero or positive.
+func compareKeys(_ a: UnsafeRawBufferPointer, _ b: UnsafeRawBufferPointer) -> Int32 {
+    let n = a.count == 0 || b.count == 0 ? 0 : memcmp(a.baseAddress!, b.baseAddress!, min(a.count, b.count))
+    return n != 0 ? n : Int32(a.count) - Int32(b.count)
+}
+
+func compareKeys(_ a: [UInt8], _ b: [UInt8]) -> Int32 {
+    a.withUnsafeBytes { a in b.withUnsafeBytes { b in compareKeys(a, b) } }
 }
