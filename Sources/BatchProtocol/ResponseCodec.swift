@@ -26,6 +26,56 @@ public enum ResponseCodec {
         }
     }
 
+    /// A BatchGet item with status OK whose value and indexes the caller copies in
+    /// straight from where they lie (the server copies them out of the LMDB map,
+    /// building no `EntryPayload`). The whole frame is reserved and written in one
+    /// go, which costs a fraction of field-by-field `ByteBuffer` writes.
+    /// `value` gets exactly `valueSize` bytes to fill; `indexes` gets
+    /// `indexesSize` bytes to fill with `indexCount` fields (`storeIndexField`).
+    /// If `value` throws, nothing of the item stays in `out`.
+    public static func encodeBatchGetItem(requestID: UInt32, position: UInt32, valueSize: Int, indexCount: Int,
+                                          indexesSize: Int, modificationTime: Int64, into out: inout ByteBuffer,
+                                          value: (UnsafeMutableRawBufferPointer) throws -> Void,
+                                          indexes: (UnsafeMutableRawBufferPointer) -> Void) rethrows {
+        // length, type, ID, position, status (code, empty message), value length
+        let head = 4 + 1 + 4 + 4 + 2 + 2 + 4
+        let total = head + valueSize + 2 + indexesSize + 8
+        try out.writeWithUnsafeMutableBytes(minimumWritableBytes: total) { p in
+            let b = UnsafeMutableRawBufferPointer(rebasing: p[0..<total])
+            b.storeBytes(of: UInt32(total - 4).bigEndian, toByteOffset: 0, as: UInt32.self)
+            b[4] = Opcode.batchGetItemType
+            b.storeBytes(of: requestID.bigEndian, toByteOffset: 5, as: UInt32.self)
+            b.storeBytes(of: position.bigEndian, toByteOffset: 9, as: UInt32.self)
+            b.storeBytes(of: UInt32(0), toByteOffset: 13, as: UInt32.self)
+            b.storeBytes(of: UInt32(truncatingIfNeeded: valueSize).bigEndian, toByteOffset: 17, as: UInt32.self)
+            try value(UnsafeMutableRawBufferPointer(rebasing: b[head..<(head + valueSize)]))
+            var offset = head + valueSize
+            b.storeBytes(of: UInt16(truncatingIfNeeded: indexCount).bigEndian, toByteOffset: offset, as: UInt16.self)
+            offset += 2
+            indexes(UnsafeMutableRawBufferPointer(rebasing: b[offset..<(offset + indexesSize)]))
+            offset += indexesSize
+            b.storeBytes(of: UInt64(bitPattern: modificationTime).bigEndian, toByteOffset: offset, as: UInt64.self)
+            return total
+        }
+    }
+
+    /// Wire size of one field of `indexes` (`str` name, `bytes` value).
+    public static func indexFieldSize(nameCount: Int, valueCount: Int) -> Int { 2 + nameCount + 4 + valueCount }
+
+    /// Stores one field of `indexes` at `offset` of `out`; returns the offset after it.
+    public static func storeIndexField(name: UnsafeRawBufferPointer, value: UnsafeRawBufferPointer,
+                                       into out: UnsafeMutableRawBufferPointer, at offset: Int) -> Int {
+        var o = offset
+        out.storeBytes(of: UInt16(truncatingIfNeeded: name.count).bigEndian, toByteOffset: o, as: UInt16.self)
+        o += 2
+        if let base = name.baseAddress, name.count > 0 { (out.baseAddress! + o).copyMemory(from: base, byteCount: name.count) }
+        o += name.count
+        out.storeBytes(of: UInt32(truncatingIfNeeded: value.count).bigEndian, toByteOffset: o, as: UInt32.self)
+        o += 4
+        if let base = value.baseAddress, value.count > 0 { (out.baseAddress! + o).copyMemory(from: base, byteCount: value.count) }
+        return o + value.count
+    }
+
     private static func writeEntry(_ e: EntryPayload, _ b: inout ByteBuffer) {
         b.writeBlob(e.value)
         b.writeIndexes(e.indexes)
@@ -84,10 +134,9 @@ public enum ResponseCodec {
         if frame.type == Opcode.errorType {
             response = .error(requestID: frame.requestID, try b.readStatus())
         } else if frame.type == Opcode.batchGetItemType {
-            let position = try b.readU32("position")
-            let status = try b.readStatus()
-            response = .batchGetItem(requestID: frame.requestID, position: position, status,
-                                     status.isOK ? try readEntry(&b) : nil)
+            let item = try decodeBatchGetItem(frame)
+            response = .batchGetItem(requestID: frame.requestID, position: item.position, item.status, item.entry)
+            return response
         } else if frame.type & Opcode.responseBit != 0, let op = Opcode(rawValue: frame.type & ~Opcode.responseBit) {
             let status = try b.readStatus()
             let payload = status.isOK ? try readPayload(op, &b) : .none
@@ -97,6 +146,34 @@ public enum ResponseCodec {
         }
         guard b.readableBytes == 0 else { throw ProtocolError.malformed("\(b.readableBytes) bytes after a response body") }
         return response
+    }
+
+    /// The body of a BatchGetItem frame (type 0x90), read straight from the bytes
+    /// without building a `Response` (the client's hot path: one per item).
+    public static func decodeBatchGetItem(_ frame: Frame) throws -> (position: UInt32, status: Status, entry: EntryPayload?) {
+        try frame.body.withUnsafeReadableBytes { bytes in
+            var r = RawReader(bytes)
+            let position = try r.u32("position")
+            let code = StatusCode(rawValue: try r.u16("status"))
+            let messageLength = Int(try r.u16("status message"))
+            let status = messageLength == 0 ? Status(code) : Status(code, String(decoding: try r.take(messageLength, "status message"), as: UTF8.self))
+            var entry: EntryPayload?
+            if status.isOK {
+                let value = Array(try r.take(Int(try r.u32("value")), "value"))
+                let count = Int(try r.u16("index count"))
+                var indexes: [IndexField] = []
+                if count > 0 {
+                    indexes.reserveCapacity(count)
+                    for _ in 0..<count {
+                        let name = String(decoding: try r.take(Int(try r.u16("index name")), "index name"), as: UTF8.self)
+                        indexes.append(IndexField(name: name, value: Array(try r.take(Int(try r.u32("index value")), "index value"))))
+                    }
+                }
+                entry = EntryPayload(value: value, indexes: indexes, modificationTime: Int64(bitPattern: try r.u64("mtime")))
+            }
+            guard r.remaining == 0 else { throw ProtocolError.malformed("\(r.remaining) bytes after a response body") }
+            return (position, status, entry)
+        }
     }
 
     private static func readEntry(_ b: inout ByteBuffer) throws -> EntryPayload {
@@ -146,4 +223,24 @@ public enum ResponseCodec {
         case .stat: return .shard(try readShard(&b))
         }
     }
+}
+
+/// Big-endian fields from raw bytes, for hot decoders; throws like the `ByteBuffer` readers.
+struct RawReader {
+    let bytes: UnsafeRawBufferPointer
+    var offset = 0
+
+    init(_ bytes: UnsafeRawBufferPointer) { self.bytes = bytes }
+
+    var remaining: Int { bytes.count - offset }
+
+    mutating func take(_ n: Int, _ field: StaticString) throws -> UnsafeRawBufferPointer {
+        guard n <= remaining else { throw ProtocolError.malformed("\(field) is cut short") }
+        defer { offset += n }
+        return UnsafeRawBufferPointer(rebasing: bytes[offset..<(offset + n)])
+    }
+
+    mutating func u16(_ field: StaticString) throws -> UInt16 { UInt16(bigEndian: try take(2, field).loadUnaligned(as: UInt16.self)) }
+    mutating func u32(_ field: StaticString) throws -> UInt32 { UInt32(bigEndian: try take(4, field).loadUnaligned(as: UInt32.self)) }
+    mutating func u64(_ field: StaticString) throws -> UInt64 { UInt64(bigEndian: try take(8, field).loadUnaligned(as: UInt64.self)) }
 }

@@ -157,50 +157,35 @@ final class RequestExecutor: Sendable {
         }
     }
 
-    /// Sends the next piece of a BatchGet (at most `streamChunkKeys` keys or about
-    /// `streamChunkBytes`, read in snapshots of 256 keys); the rest becomes a continuation.
+    /// Sends the next piece of a BatchGet: at most `streamChunkKeys` keys, and it
+    /// stops after the item that passes `streamChunkBytes`; the rest becomes a
+    /// continuation. The piece is read in one snapshot and each value is copied
+    /// from the map straight into the outgoing buffer (no `Entry` per item).
     private func stream(_ cursor: StreamCursor, _ shard: Shard, _ outcome: inout Outcome) {
         var cursor = cursor
         let limit = min(cursor.keys.count, cursor.next + streamChunkKeys)
-        let startBytes = outcome.out.writerIndex
-        while cursor.next < limit && outcome.out.writerIndex - startBytes < streamChunkBytes {
-            let end = min(limit, cursor.next + 256)
-            var valid: [EntryKey] = []
-            var problems: [Int: String] = [:]
-            valid.reserveCapacity(end - cursor.next)
-            for p in cursor.next..<end {
-                if let problem = EntryKey.problem(with: cursor.keys[p]) {
-                    problems[p] = problem
-                } else {
-                    valid.append(try! EntryKey(cursor.keys[p]))
+        let budgetEnd = outcome.out.writerIndex + streamChunkBytes
+        let requestID = cursor.requestID
+        var reached = cursor.next
+        let start = outcome.out.writerIndex
+        do {
+            try shard.visitEntries(cursor.keys[cursor.next..<limit]) { p, result in
+                Self.encodeItem(requestID: requestID, position: UInt32(p), result, into: &outcome.out)
+                if reached == cursor.next {
+                    // Room for the rest at the first item's size: the buffer does not regrow and recopy as it fills.
+                    let guess = (outcome.out.writerIndex - start) * (limit - p)
+                    outcome.out.reserveCapacity(minimumWritableBytes: min(guess, streamChunkBytes) + 64)
                 }
+                reached = p + 1
+                if outcome.out.writerIndex >= budgetEnd && reached < limit { throw PieceFull() }
             }
-            let results: [Result<Entry, ShardError>]
-            do { results = try shard.batchGet(valid) } catch {
-                finishStream(cursor, wireStatus(for: error, writing: false), &outcome)
-                return
-            }
-            // Items go out in request order, bad keys in their place.
-            var next = 0
-            for p in cursor.next..<end {
-                let position = UInt32(p)
-                if let problem = problems[p] {
-                    ResponseCodec.encodeBatchGetItem(requestID: cursor.requestID, position: position,
-                                                     status: Status(.invalidKey, "invalid key: \(problem)"), entry: nil, into: &outcome.out)
-                    continue
-                }
-                switch results[next] {
-                case .success(let entry):
-                    ResponseCodec.encodeBatchGetItem(requestID: cursor.requestID, position: position, status: .ok,
-                                                     entry: Self.payload(entry), into: &outcome.out)
-                case .failure(let error):
-                    ResponseCodec.encodeBatchGetItem(requestID: cursor.requestID, position: position,
-                                                     status: wireStatus(for: error, writing: false), entry: nil, into: &outcome.out)
-                }
-                next += 1
-            }
-            cursor.next = end
+        } catch is PieceFull {
+            // The rest of the piece goes out after this part is written.
+        } catch {
+            finishStream(cursor, wireStatus(for: error, writing: false), &outcome)
+            return
         }
+        cursor.next = reached
         if cursor.next == cursor.keys.count {
             ResponseCodec.encode(.reply(.batchGet, requestID: cursor.requestID, .ok, .itemCount(UInt32(cursor.keys.count))),
                                  into: &outcome.out)
@@ -208,6 +193,46 @@ final class RequestExecutor: Sendable {
         } else {
             outcome.continuations.append(cursor)
         }
+    }
+
+    private struct PieceFull: Error {}
+
+    /// One BatchGet item; a value that cannot be read becomes that item's status.
+    private static func encodeItem(requestID: UInt32, position: UInt32, _ result: Result<BorrowedEntry, ShardError>,
+                                   into out: inout ByteBuffer) {
+        var status = Status.ok
+        switch result {
+        case .success(let entry):
+            var indexCount = 0, indexesSize = 0
+            entry.forEachIndex { name, value in
+                indexCount += 1
+                indexesSize += ResponseCodec.indexFieldSize(nameCount: name.count, valueCount: value.count)
+            }
+            do {
+                try ResponseCodec.encodeBatchGetItem(
+                    requestID: requestID, position: position, valueSize: entry.size, indexCount: indexCount,
+                    indexesSize: indexesSize, modificationTime: entry.modificationTime, into: &out,
+                    value: { target in
+                        var offset = 0
+                        try entry.forEachValuePiece { piece in
+                            if let base = piece.baseAddress, piece.count > 0 {
+                                (target.baseAddress! + offset).copyMemory(from: base, byteCount: piece.count)
+                            }
+                            offset += piece.count
+                        }
+                    },
+                    indexes: { target in
+                        var offset = 0
+                        entry.forEachIndex { offset = ResponseCodec.storeIndexField(name: $0, value: $1, into: target, at: offset) }
+                    })
+                return
+            } catch {
+                status = wireStatus(for: error, writing: false)
+            }
+        case .failure(let error):
+            status = wireStatus(for: error, writing: false)
+        }
+        ResponseCodec.encodeBatchGetItem(requestID: requestID, position: position, status: status, entry: nil, into: &out)
     }
 
     private func finishStream(_ cursor: StreamCursor, _ status: Status, _ outcome: inout Outcome) {

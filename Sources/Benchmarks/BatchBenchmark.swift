@@ -31,6 +31,13 @@ public struct BatchBenchmark {
     public var depth = 4
     /// ShardFS transports to measure: "unix", "tcp".
     public var transports = ["unix", "tcp"]
+    /// Systems to measure: "lmdb", "redis" (no persistence), "redis-durable", "shardfs".
+    public var systems = ["lmdb", "redis", "redis-durable", "shardfs"]
+    /// How the ShardFS client reads a BatchGet: "all" (`batchGetAll`, one array per
+    /// request), "chunks" (`batchGetChunks`) or "items" (`batchGet`, item by item).
+    public var getAPI = "all"
+    /// Every BatchGet measurement reads each key this many times (longer, steadier samples).
+    public var getRepeat = 1
     /// The `shardfs` executable started with `serve`.
     public var serverExecutable = ""
     public var directory = NSTemporaryDirectory()
@@ -65,14 +72,16 @@ public struct BatchBenchmark {
         let redisPath = try RedisServer.locateOrInstall(progress: progress)
 
         var samples: [String: [Double]] = [:]
+        let getCount = inputs.getKeys.count * getRepeat
         func record(_ system: String, _ workload: Workload, _ connections: Int, _ seconds: Double) {
-            samples["\(system)|\(workload.rawValue)|\(connections)", default: []].append(Double(entries) / seconds)
-            progress("  \(system), \(workload.rawValue), \(connections) conn: \(Int(Double(entries) / seconds)) ops/s")
+            let done = Double(entries * (workload == .getRandom ? getRepeat : 1))
+            samples["\(system)|\(workload.rawValue)|\(connections)", default: []].append(done / seconds)
+            progress("  \(system), \(workload.rawValue), \(connections) conn: \(Int(done / seconds)) ops/s")
         }
 
         for round in 1...rounds {
             // raw LMDB, in this process.
-            for n in connections {
+            for n in connections where systems.contains("lmdb") {
                 for (workload, batches) in [(Workload.putIncreasing, inputs.increasing), (.putRandom, inputs.random)] {
                     progress("round \(round): \(Self.rawLMDB), \(workload.rawValue), \(n) connection(s)")
                     let folder = scratch + "/raw-\(round)-\(n)-\(workload == .putRandom ? "random" : "increasing")"
@@ -86,16 +95,16 @@ public struct BatchBenchmark {
                     // Gets once per round, on the randomly filled store of the last put run.
                     guard workload == .putRandom, n == connections.last else { continue }
                     for g in connections {
-                        let gets = split(inputs.getKeys.count, g)
+                        let gets = split(getCount, g)
                         record(Self.rawLMDB, .getRandom, g, try await onThreads(g) { t in
-                            for i in gets[t] { try raw.value.get(inputs.getKeys[i]) }
+                            for i in gets[t] { try raw.value.get(inputs.getKeys[i % inputs.getKeys.count]) }
                         })
                     }
                 }
             }
 
             // Redis, both modes; a fresh server (and folder) for every put run.
-            for durable in [false, true] {
+            for durable in [false, true] where systems.contains(durable ? "redis-durable" : "redis") {
                 let system = durable ? Self.redisDurable : Self.redisVolatile
                 for n in connections {
                     for (workload, batches) in [(Workload.putIncreasing, inputs.increasing), (.putRandom, inputs.random)] {
@@ -115,11 +124,11 @@ public struct BatchBenchmark {
                         // MGET of 1,000 keys (the target compares against Redis without persistence).
                         guard workload == .putRandom, !durable, n == connections.last else { continue }
                         for g in connections {
-                            let gets = split(inputs.getKeys.count, g)
-                            let size = valueSize
+                            let gets = split(getCount, g)
+                            let size = valueSize, batchCount = inputs.getKeys.count
                             record(system, .getRandom, g, try await onThreads(g, prepare: { _ in try RESPConnection(port: server.port) }) { t, redis in
-                                try redis.pipeline(gets[t], depth: depth, send: { redis.sendMGET(inputs.getKeys[$0]) },
-                                                   receive: { i in try redis.expectValues(inputs.getKeys[i].count, size: size) })
+                                try redis.pipeline(gets[t], depth: depth, send: { redis.sendMGET(inputs.getKeys[$0 % batchCount]) },
+                                                   receive: { i in try redis.expectValues(inputs.getKeys[i % batchCount].count, size: size) })
                             })
                         }
                     }
@@ -127,6 +136,7 @@ public struct BatchBenchmark {
             }
 
             // ShardFS: one node for the round; a fresh shard for every put run.
+            guard systems.contains("shardfs") else { continue }
             progress("round \(round): starting shardfs serve")
             let node = try ShardFSNode.start(executable: serverExecutable, folder: scratch + "/shardfs-\(round)")
             do {
@@ -142,7 +152,13 @@ public struct BatchBenchmark {
                             record(system, workload, n, try await shardFSPut(Array(clients.prefix(n)), shard, batches))
                             if workload == .putRandom, n == connections.last {
                                 for g in connections {
+                                    let before = (server: CPUUse(pid: node.child.pid), client: CPUUse(pid: getpid()))
                                     record(system, .getRandom, g, try await shardFSGet(Array(clients.prefix(g)), shard, inputs.getKeys))
+                                    let server = CPUUse(pid: node.child.pid) - before.server, client = CPUUse(pid: getpid()) - before.client
+                                    let read = Double(entries * getRepeat), requests = Double(getCount)
+                                    progress("    CPU per entry: server \(Int(server.seconds * 1e9 / read)) ns, client \(Int(client.seconds * 1e9 / read)) ns; "
+                                             + "context switches per request: server \(String(format: "%.1f", Double(server.switches) / requests)), "
+                                             + "client \(String(format: "%.1f", Double(client.switches) / requests))")
                                 }
                             }
                             try? await clients[0].closeShard(shard)
@@ -184,13 +200,30 @@ public struct BatchBenchmark {
 
     private func shardFSGet(_ clients: [ShardFSClient], _ shard: UInt64, _ keys: [[[UInt8]]]) async throws -> Double {
         let size = valueSize
-        return try await fanOut(clients, keys.count) { client, i in
+        let api = getAPI
+        @Sendable func check(_ item: BatchGetItem) throws {
+            guard item.status.isOK, item.entry?.value.count == size else {
+                throw BenchmarkError("BatchGet item \(item.position): \(item.status)")
+            }
+        }
+        return try await fanOut(clients, keys.count * getRepeat) { client, request in
+            let i = request % keys.count
             var seen = 0
-            for try await item in client.batchGet(shard: shard, keys: keys[i]) {
-                guard item.status.isOK, item.entry?.value.count == size else {
-                    throw BenchmarkError("BatchGet item \(item.position): \(item.status)")
+            switch api {
+            case "items":
+                for try await item in client.batchGet(shard: shard, keys: keys[i]) {
+                    try check(item)
+                    seen += 1
                 }
-                seen += 1
+            case "chunks":
+                for try await chunk in client.batchGetChunks(shard: shard, keys: keys[i]) {
+                    for item in chunk { try check(item) }
+                    seen += chunk.count
+                }
+            default:
+                let items = try await client.batchGetAll(shard: shard, keys: keys[i])
+                for item in items { try check(item) }
+                seen = items.count
             }
             guard seen == keys[i].count else { throw BenchmarkError("BatchGet sent \(seen) of \(keys[i].count) items") }
         }
@@ -239,6 +272,38 @@ struct Inputs: Sendable {
         let getOrder = keys.shuffled(using: &generator)
         getKeys = stride(from: 0, to: getOrder.count, by: batchSize).map { Array(getOrder[$0..<min($0 + batchSize, getOrder.count)]) }
     }
+}
+
+/// CPU time and context switches of a process so far, all threads (Linux /proc).
+struct CPUUse {
+    var seconds = 0.0
+    var switches = 0
+
+    init(seconds: Double, switches: Int) {
+        self.seconds = seconds
+        self.switches = switches
+    }
+
+    init(pid: Int32) {
+        let ticks = Double(sysconf(Int32(_SC_CLK_TCK)))
+        if let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+           let close = stat.lastIndex(of: ")") {
+            // Fields after the command name: state is field 3; utime and stime are fields 14 and 15.
+            let fields = stat[stat.index(after: close)...].split(separator: " ")
+            if fields.count > 13, let user = Double(fields[11]), let system = Double(fields[12]) {
+                seconds = (user + system) / ticks
+            }
+        }
+        let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
+        for task in tasks {
+            guard let status = try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/status", encoding: .utf8) else { continue }
+            for line in status.split(separator: "\n") where line.contains("ctxt_switches:") {
+                switches += Int(line.split(separator: ":").last?.trimmingCharacters(in: .whitespaces) ?? "") ?? 0
+            }
+        }
+    }
+
+    static func - (a: CPUUse, b: CPUUse) -> CPUUse { CPUUse(seconds: a.seconds - b.seconds, switches: a.switches - b.switches) }
 }
 
 /// `count` items split into `parts` contiguous ranges (the key space of each connection).

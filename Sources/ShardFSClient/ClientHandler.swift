@@ -1,20 +1,99 @@
 import BatchProtocol
 import NIOCore
 
-/// One streamed BatchGet item.
+/// One BatchGet item.
 public struct BatchGetItem: Sendable, Hashable {
     /// Index of the key in the request.
     public var position: Int
-    public var key: [UInt8]
     public var status: Status
     /// Present when the status is OK.
     public var entry: EntryPayload?
+    /// The request's keys, shared by all its items: an item does not touch its
+    /// own key's storage until `key` is read (a retain per item of scattered
+    /// key arrays cost a cache miss each).
+    private let keys: [[UInt8]]
+    private var keyOverride: [UInt8]?
+
+    init(position: Int, keys: [[UInt8]], status: Status, entry: EntryPayload?) {
+        self.position = position
+        self.keys = keys
+        self.status = status
+        self.entry = entry
+    }
+
+    /// The key this item answers.
+    public var key: [UInt8] {
+        get { keyOverride ?? keys[position] }
+        set { keyOverride = newValue }
+    }
+
+    public static func == (a: BatchGetItem, b: BatchGetItem) -> Bool {
+        a.position == b.position && a.status == b.status && a.entry == b.entry && a.key == b.key
+    }
+
+    public func hash(into hasher: inout Hasher) {
+        hasher.combine(position)
+        hasher.combine(key)
+        hasher.combine(status)
+        hasher.combine(entry)
+    }
 }
 
 /// Who waits for the answer to a request.
 enum Waiter {
     case reply(EventLoopPromise<Response>)
-    case stream(keys: [[UInt8]], AsyncThrowingStream<BatchGetItem, Error>.Continuation)
+    case batchGet(BatchGetCollector)
+}
+
+/// Gathers a BatchGet's items on the event loop and hands them on in arrays, so
+/// the consumer's task is resumed once per socket read (`chunks`) or once per
+/// request (`all`), not once per item.
+final class BatchGetCollector {
+    enum Sink {
+        case chunks(AsyncThrowingStream<[BatchGetItem], Error>.Continuation)
+        case all(EventLoopPromise<[BatchGetItem]>)
+    }
+
+    let keys: [[UInt8]]
+    let sink: Sink
+    var items: [BatchGetItem] = []
+    /// Already listed among the collectors to flush at the end of this read.
+    var pending = false
+
+    init(keys: [[UInt8]], sink: Sink) {
+        self.keys = keys
+        self.sink = sink
+        if case .all = sink { items.reserveCapacity(keys.count) }
+    }
+
+    /// Hands on what has arrived (chunks only; `all` waits for the final frame).
+    func flush() {
+        pending = false
+        guard case .chunks(let continuation) = sink, !items.isEmpty else { return }
+        continuation.yield(items)
+        items = []
+    }
+
+    func finish(_ status: Status) {
+        switch sink {
+        case .chunks(let continuation):
+            flush()
+            if status.isOK { continuation.finish() } else { continuation.finish(throwing: ClientError.status(status)) }
+        case .all(let promise):
+            if status.isOK { promise.succeed(items) } else { promise.fail(ClientError.status(status)) }
+            items = []
+        }
+    }
+
+    func fail(_ error: Error) {
+        switch sink {
+        case .chunks(let continuation):
+            flush()
+            continuation.finish(throwing: error)
+        case .all(let promise):
+            promise.fail(error)
+        }
+    }
 }
 
 /// Decodes response frames and hands each to the waiter of its request ID.
@@ -35,16 +114,55 @@ final class ClientHandler: ChannelInboundHandler {
         return true
     }
 
+    /// Streams that received items during the current read: flushed once it is decoded.
+    private var touched: [BatchGetCollector] = []
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         decoder.append(unwrapInboundIn(data))
+        // Items of one request arrive in a run: its collector is looked up once per
+        // run, and its array is moved out for the run and back after it (a move,
+        // not a copy of the items), so an item costs no dictionary lookup or
+        // class-property access.
+        var run: (id: UInt32, collector: BatchGetCollector?) = (0, nil)
+        var items: [BatchGetItem] = []
+        func endRun() {
+            guard let collector = run.collector else { return }
+            run = (0, nil)
+            swap(&collector.items, &items)
+            items = []
+            if !collector.items.isEmpty && !collector.pending {
+                collector.pending = true
+                touched.append(collector)
+            }
+        }
         do {
             while let frame = try decoder.next() {
-                deliver(try ResponseCodec.decode(frame), context)
+                if frame.type == Opcode.batchGetItemType {
+                    let item = try ResponseCodec.decodeBatchGetItem(frame)
+                    if run.collector == nil || run.id != frame.requestID {
+                        endRun()
+                        if case .batchGet(let collector) = waiters[frame.requestID] {
+                            run = (frame.requestID, collector)
+                            swap(&collector.items, &items)
+                        } else {
+                            run = (0, nil)
+                        }
+                    }
+                    guard let collector = run.collector, Int(item.position) < collector.keys.count else { continue }
+                    items.append(BatchGetItem(position: Int(item.position), keys: collector.keys, status: item.status, entry: item.entry))
+                } else {
+                    endRun()
+                    deliver(try ResponseCodec.decode(frame), context)
+                }
             }
+            endRun()
         } catch {
+            endRun()
             failAll("undecodable response: \(error)")
             context.close(promise: nil)
         }
+        for collector in touched { collector.flush() }
+        touched.removeAll(keepingCapacity: true)
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -62,15 +180,14 @@ final class ClientHandler: ChannelInboundHandler {
         case .error(_, let status):
             failAll(status.description)
             context.close(promise: nil)
-        case .batchGetItem(let id, let position, let status, let entry):
-            guard case .stream(let keys, let continuation) = waiters[id], Int(position) < keys.count else { return }
-            continuation.yield(BatchGetItem(position: Int(position), key: keys[Int(position)], status: status, entry: entry))
+        case .batchGetItem:
+            break  // handled in channelRead
         case .reply(_, let id, let status, _):
             switch waiters.removeValue(forKey: id) {
             case .reply(let promise):
                 promise.succeed(response)
-            case .stream(_, let continuation):
-                if status.isOK { continuation.finish() } else { continuation.finish(throwing: ClientError.status(status)) }
+            case .batchGet(let collector):
+                collector.finish(status)
             case nil:
                 break
             }
@@ -80,7 +197,7 @@ final class ClientHandler: ChannelInboundHandler {
     private func fail(_ waiter: Waiter, _ error: Error) {
         switch waiter {
         case .reply(let promise): promise.fail(error)
-        case .stream(_, let continuation): continuation.finish(throwing: error)
+        case .batchGet(let collector): collector.fail(error)
         }
     }
 

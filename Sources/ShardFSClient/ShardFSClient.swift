@@ -77,20 +77,42 @@ public final class ShardFSClient: Sendable {
         return statuses
     }
 
+    /// Every item of a BatchGet, one per key in request order, returned once the
+    /// final frame has arrived: one task resume per request, the fastest way to
+    /// read a batch that fits in memory. A missing entry is an item with
+    /// ENTRY_NOT_FOUND; throws if the whole request fails.
+    public func batchGetAll(shard: UInt64, keys: [[UInt8]]) async throws -> [BatchGetItem] {
+        let promise = channel.eventLoop.makePromise(of: [BatchGetItem].self)
+        sendBatchGet(shard: shard, keys: keys, .all(promise))
+        return try await promise.futureResult.get()
+    }
+
+    /// The items of a BatchGet in request order, in arrays as they arrive (one
+    /// array per socket read): memory stays bounded by what has not been consumed,
+    /// at one task resume per array. Throws if the whole request fails.
+    public func batchGetChunks(shard: UInt64, keys: [[UInt8]]) -> AsyncThrowingStream<[BatchGetItem], Error> {
+        let (stream, continuation) = AsyncThrowingStream<[BatchGetItem], Error>.makeStream()
+        sendBatchGet(shard: shard, keys: keys, .chunks(continuation))
+        return stream
+    }
+
     /// Streams the entries of `keys`, one item per key in request order; a missing
-    /// entry is an item with ENTRY_NOT_FOUND. The sequence throws if the whole request fails.
-    public func batchGet(shard: UInt64, keys: [[UInt8]]) -> AsyncThrowingStream<BatchGetItem, Error> {
-        let (stream, continuation) = AsyncThrowingStream<BatchGetItem, Error>.makeStream()
+    /// entry is an item with ENTRY_NOT_FOUND. The sequence throws if the whole
+    /// request fails. Built on `batchGetChunks`.
+    public func batchGet(shard: UInt64, keys: [[UInt8]]) -> BatchGetItems {
+        BatchGetItems(chunks: batchGetChunks(shard: shard, keys: keys))
+    }
+
+    private func sendBatchGet(shard: UInt64, keys: [[UInt8]], _ sink: BatchGetCollector.Sink) {
         let id = ids.next()
         var out = channel.allocator.buffer(capacity: 16 + keys.count * 12)
         RequestCodec.encode(.batchGet(shard: shard, keys: keys), requestID: id, into: &out)
         let channel = self.channel, handler = self.handler
         channel.eventLoop.execute { [out] in
-            if handler.value.register(id, .stream(keys: keys, continuation)) {
+            if handler.value.register(id, .batchGet(BatchGetCollector(keys: keys, sink: sink))) {
                 channel.writeAndFlush(out, promise: nil)
             }
         }
-        return stream
     }
 
     public struct ListPage: Sendable, Hashable {
@@ -163,6 +185,30 @@ public final class ShardFSClient: Sendable {
     }
 
     private func unexpected() -> ClientError { ClientError.protocolViolation("unexpected response payload") }
+}
+
+/// The items of one BatchGet, one at a time (see `ShardFSClient.batchGet`).
+public struct BatchGetItems: AsyncSequence, Sendable {
+    public typealias Element = BatchGetItem
+    let chunks: AsyncThrowingStream<[BatchGetItem], Error>
+
+    public func makeAsyncIterator() -> AsyncIterator { AsyncIterator(chunks: chunks.makeAsyncIterator()) }
+
+    public struct AsyncIterator: AsyncIteratorProtocol {
+        var chunks: AsyncThrowingStream<[BatchGetItem], Error>.AsyncIterator
+        var buffer: [BatchGetItem] = []
+        var index = 0
+
+        public mutating func next() async throws -> BatchGetItem? {
+            while index == buffer.count {
+                guard let chunk = try await chunks.next() else { return nil }
+                buffer = chunk
+                index = 0
+            }
+            defer { index += 1 }
+            return buffer[index]
+        }
+    }
 }
 
 /// Request IDs: unique among calls in flight on one connection (they wrap after 2³²).

@@ -19,14 +19,21 @@ struct BatchBenchCommand: AsyncParsableCommand {
     @Option(name: .long, help: "Connection counts to measure, comma-separated.") var connections = "1,8"
     @Option(name: .long, help: "Commands in flight per connection (pipelining).") var depth = 4
     @Option(name: .long, help: "ShardFS transports, comma-separated: unix, tcp.") var transports = "unix,tcp"
+    @Option(name: .long, help: "Systems to measure, comma-separated: lmdb, redis, redis-durable, shardfs.")
+    var systems = "lmdb,redis,redis-durable,shardfs"
+    @Option(name: .customLong("get-api"), help: "How the ShardFS client reads BatchGet answers: all (one array per request), chunks, items.")
+    var getAPI = "all"
+    @Option(name: .customLong("get-repeat"), help: "Each BatchGet measurement reads every key this many times.")
+    var getRepeat = 1
     @Option(name: .long, help: "Folder for the benchmark's files.") var dir = NSTemporaryDirectory()
     @Option(name: .long, help: "The shardfs executable to run `serve` with (default: this one).") var server: String?
 
     private var connectionCounts: [Int] { connections.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) } }
+    private var systemList: [String] { systems.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } }
     private var transportList: [String] { transports.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } }
 
     func validate() throws {
-        guard entries > 0, batch > 0, rounds > 0, depth > 0 else { throw ValidationError("entries, batch, rounds and depth must be positive") }
+        guard entries > 0, batch > 0, rounds > 0, depth > 0, getRepeat > 0 else { throw ValidationError("entries, batch, rounds, depth and get-repeat must be positive") }
         let counts = connectionCounts
         guard !counts.isEmpty, counts.count == connections.split(separator: ",").count, counts.allSatisfy({ $0 > 0 && $0 <= 256 }) else {
             throw ValidationError("--connections takes positive counts, e.g. 1,8")
@@ -34,6 +41,10 @@ struct BatchBenchCommand: AsyncParsableCommand {
         guard !transportList.isEmpty, transportList.allSatisfy({ $0 == "unix" || $0 == "tcp" }) else {
             throw ValidationError("--transports takes unix and/or tcp")
         }
+        guard !systemList.isEmpty, systemList.allSatisfy(["lmdb", "redis", "redis-durable", "shardfs"].contains) else {
+            throw ValidationError("--systems takes lmdb, redis, redis-durable and/or shardfs")
+        }
+        guard ["all", "chunks", "items"].contains(getAPI) else { throw ValidationError("--get-api takes all, chunks or items") }
     }
 
     func run() async throws {
@@ -44,6 +55,9 @@ struct BatchBenchCommand: AsyncParsableCommand {
         bench.connections = connectionCounts
         bench.depth = depth
         bench.transports = transportList
+        bench.systems = systemList
+        bench.getAPI = getAPI
+        bench.getRepeat = getRepeat
         bench.directory = dir
         bench.serverExecutable = server ?? Self.ownExecutable()
         emit("Batch service: \(entries) entries, \(bench.valueSize)-byte values, \(batch) per batch, connections \(connections), "

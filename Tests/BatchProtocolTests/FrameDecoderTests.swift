@@ -142,6 +142,80 @@ private let samples: [Request] = [
         #expect(decoded == responses)
     }
 
+    /// The server's zero-copy item encoder must put the same bytes on the wire as
+    /// the plain one, and the client's raw decoder must read them back, drip-fed.
+    @Test func batchGetItemsFromRawBytesMatchThePlainEncoding() throws {
+        let entries = [
+            EntryPayload(value: [], indexes: [], modificationTime: 0),
+            EntryPayload(value: Array(0..<200), indexes: [], modificationTime: -1),
+            EntryPayload(value: [7, 8], indexes: [IndexField(name: "kind", value: [1, 2, 3]), IndexField(name: "é", value: [])],
+                         modificationTime: 1_700_000_000_000_000_000),
+        ]
+        var plain = ByteBufferAllocator().buffer(capacity: 512), raw = plain
+        for (i, e) in entries.enumerated() {
+            ResponseCodec.encodeBatchGetItem(requestID: 9, position: UInt32(i), status: .ok, entry: e, into: &plain)
+            let fields = e.indexes.map { (Array($0.name.utf8), $0.value) }
+            ResponseCodec.encodeBatchGetItem(
+                requestID: 9, position: UInt32(i), valueSize: e.value.count, indexCount: fields.count,
+                indexesSize: fields.reduce(0) { $0 + ResponseCodec.indexFieldSize(nameCount: $1.0.count, valueCount: $1.1.count) },
+                modificationTime: e.modificationTime, into: &raw,
+                value: { target in e.value.withUnsafeBytes { target.copyMemory(from: $0) } },
+                indexes: { target in
+                    var offset = 0
+                    for (name, value) in fields {
+                        offset = name.withUnsafeBytes { n in
+                            value.withUnsafeBytes { ResponseCodec.storeIndexField(name: n, value: $0, into: target, at: offset) }
+                        }
+                    }
+                })
+        }
+        ResponseCodec.encodeBatchGetItem(requestID: 9, position: 3, status: Status(.entryNotFound, "gone"), entry: nil, into: &plain)
+        ResponseCodec.encodeBatchGetItem(requestID: 9, position: 3, status: Status(.entryNotFound, "gone"), entry: nil, into: &raw)
+        #expect(Array(raw.readableBytesView) == Array(plain.readableBytesView))
+
+        var decoder = FrameDecoder()
+        var items: [(position: UInt32, status: Status, entry: EntryPayload?)] = []
+        for byte in raw.readableBytesView {
+            decoder.append(ByteBuffer(bytes: [byte]))
+            while let f = try decoder.next() {
+                #expect(f.type == Opcode.batchGetItemType && f.requestID == 9)
+                items.append(try ResponseCodec.decodeBatchGetItem(f))
+            }
+        }
+        #expect(items.map(\.position) == [0, 1, 2, 3])
+        #expect(items.prefix(3).map(\.entry) == entries)
+        #expect(items[3].status == Status(.entryNotFound, "gone") && items[3].entry == nil)
+    }
+
+    @Test func aBatchGetItemThatThrowsLeavesNothingBehind() {
+        struct Gone: Error {}
+        var out = ByteBufferAllocator().buffer(capacity: 64)
+        out.writeBytes([1, 2, 3])
+        #expect(throws: Gone.self) {
+            try ResponseCodec.encodeBatchGetItem(requestID: 1, position: 0, valueSize: 4, indexCount: 0, indexesSize: 0,
+                                                 modificationTime: 0, into: &out, value: { _ in throw Gone() }, indexes: { _ in })
+        }
+        #expect(Array(out.readableBytesView) == [1, 2, 3])
+    }
+
+    @Test func cutShortOrPaddedBatchGetItemsAreRefused() throws {
+        var wire = ByteBufferAllocator().buffer(capacity: 64)
+        ResponseCodec.encodeBatchGetItem(requestID: 1, position: 2, status: .ok,
+                                         entry: EntryPayload(value: [1, 2, 3], indexes: [IndexField(name: "n", value: [4])], modificationTime: 5),
+                                         into: &wire)
+        var decoder = FrameDecoder()
+        decoder.append(wire)
+        let frame = try #require(try decoder.next())
+        #expect(try ResponseCodec.decodeBatchGetItem(frame).entry?.value == [1, 2, 3])
+        for cut in 0..<frame.body.readableBytes {
+            let short = Frame(type: frame.type, requestID: 1, body: frame.body.getSlice(at: frame.body.readerIndex, length: cut)!)
+            #expect(throws: ProtocolError.self) { try ResponseCodec.decodeBatchGetItem(short) }
+        }
+        var padded = frame.body
+        padded.writeBytes([0])
+        #expect(throws: ProtocolError.self) { try ResponseCodec.decodeBatchGetItem(Frame(type: frame.type, requestID: 1, body: padded)) }
+    }
+
     @Test func statusCodesKeepTheOriginalNumbers() {
         let original = ["OK", "CLIENT_ID_REQUIRED", "SHARD_NOT_FOUND", "SHARD_FENCED", "ENTRY_NOT_FOUND", "READ_EXCEPTION",
                         "METADATA_EXCEPTION", "WRITE_EXCEPTION", "NO_NODE_AVAILABLE", "DEVICE_EXCEPTION", "NOT_SHARD_LEADER"]

@@ -158,6 +158,81 @@ private func responses(_ raw: [UInt8]) -> [Response] {
         }
     }
 
+    @Test func batchGetAllAndChunksReturnEveryItemInOrderWithItsStatus() async throws {
+        try await withServer { fx in
+            let c = try await fx.client()
+            defer { Task { await c.close() } }
+            let shard = try await c.newShard(owner: "s")
+            let n = 5_000  // more than one streamed piece
+            func item(_ i: Int) -> PutItem {
+                let indexes = i % 5 == 0 ? [IndexField(name: "five", value: bytes(String(i)))] : []
+                return PutItem(key: ShardFSClient.key(entryID: UInt32(i)), value: bytes("v" + String(i)), indexes: indexes)
+            }
+            _ = try await c.batchPut(client: "s", shard: shard, items: (0..<n).filter { $0 % 3 != 0 }.map(item))
+            var keys = (0..<n).map { ShardFSClient.key(entryID: UInt32($0)) }
+            keys[7] = bytes("a/b")  // a bad key is an item of its own, the others go on
+            func check(_ items: [BatchGetItem]) {
+                #expect(items.map(\.position) == Array(0..<n))
+                #expect(items.map(\.key) == keys)
+                for item in items {
+                    let p = item.position
+                    if p == 7 {
+                        #expect(item.status.code == .invalidKey && item.entry == nil)
+                    } else if p % 3 == 0 {
+                        #expect(item.status.code == .entryNotFound && item.entry == nil)
+                    } else {
+                        #expect(item.status.isOK)
+                        #expect(item.entry?.value == bytes("v\(p)"))
+                        #expect(item.entry?.indexes == (p % 5 == 0 ? [IndexField(name: "five", value: bytes("\(p)"))] : []))
+                    }
+                }
+            }
+            check(try await c.batchGetAll(shard: shard, keys: keys))
+            var chunks = 0
+            var streamed: [BatchGetItem] = []
+            for try await chunk in c.batchGetChunks(shard: shard, keys: keys) {
+                #expect(!chunk.isEmpty)
+                chunks += 1
+                streamed += chunk
+            }
+            check(streamed)
+            #expect(chunks < n / 10, "items should come in arrays, not one by one (\(chunks) arrays)")
+            #expect(try await c.batchGetAll(shard: shard, keys: []).isEmpty)
+
+            var failed: [StatusCode] = []
+            do { _ = try await c.batchGetAll(shard: 424_242, keys: [bytes("1")]) } catch ClientError.status(let s) {
+                failed.append(s.code)
+            }
+            do { for try await _ in c.batchGetChunks(shard: 424_242, keys: [bytes("1")]) {} } catch ClientError.status(let s) {
+                failed.append(s.code)
+            }
+            #expect(failed == [.shardNotFound, .shardNotFound])
+        }
+    }
+
+    @Test func batchGetOfLargeValuesIsSentInPiecesAndComesBackWhole() async throws {
+        try await withServer { fx in
+            let c = try await fx.client()
+            defer { Task { await c.close() } }
+            let shard = try await c.newShard(owner: "s")
+            // 6 × 300 KB: chunked values (over 128 KiB each), more than one 1 MiB stream piece.
+            let values = (0..<6).map { i in (0..<300_000).map { UInt8(truncatingIfNeeded: $0 &* (i + 3)) } }
+            for (i, v) in values.enumerated() {
+                try await c.put(client: "s", shard: shard, key: bytes("big\(i)"), value: v)
+            }
+            let keys = (0..<6).map { bytes("big\($0)") } + [bytes("nothing")]
+            let all = try await c.batchGetAll(shard: shard, keys: keys)
+            #expect(all.map(\.position) == Array(0..<7))
+            let whole = all.prefix(6).map { $0.entry?.value } == values  // (a Bool: no 2 MB failure message)
+            #expect(whole)
+            #expect(all[6].status.code == .entryNotFound)
+            var one: [[UInt8]?] = []
+            for try await item in c.batchGet(shard: shard, keys: keys) { one.append(item.entry?.value) }
+            let wholeOneByOne = one == values + [nil]
+            #expect(wholeOneByOne)
+        }
+    }
+
     @Test func badInputClosesOnlyThatConnection() async throws {
         try await withServer({ $0.readTimeout = .milliseconds(500) }) { fx in
             let good = try await fx.client()

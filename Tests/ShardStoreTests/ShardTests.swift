@@ -196,6 +196,50 @@ func bytes(_ s: String) -> [UInt8] { Array(s.utf8) }
         #expect(try results[2].get().value == bytes("three"))
     }
 
+    @Test func visitEntriesHandsOutEveryKeyInOrderFromOneSnapshot() throws {
+        let dir = try TemporaryDirectory("shard")
+        let shard = try makeShard(dir)
+        let big = (0..<(chunkSize * 2 + 99)).map { UInt8(truncatingIfNeeded: $0 &* 31) }
+        try shard.put(key("small"), value: bytes("one"), indexes: [IndexPair(name: "kind", value: "odd"), IndexPair(name: "n", value: [])],
+                      clientID: "owner", modificationTime: 42)
+        try shard.put(key("big"), value: big, clientID: "owner")
+        let keys = [bytes("big"), bytes("missing"), bytes("a/b"), bytes("small"), bytes("big")]
+        var seen: [Int] = []
+        var got: [Int: (value: [UInt8], pieces: Int, indexes: [IndexPair], time: Int64)] = [:]
+        var failures: [Int: ShardError] = [:]
+        try shard.visitEntries(keys) { i, result in
+            seen.append(i)
+            switch result {
+            case .success(let entry):
+                var value: [UInt8] = [], pieces = 0
+                try entry.forEachValuePiece { value += $0; pieces += 1 }
+                #expect(entry.size == value.count)
+                var indexes: [IndexPair] = []
+                entry.forEachIndex { indexes.append(IndexPair(name: String(decoding: $0, as: UTF8.self), value: Array($1))) }
+                got[i] = (value, pieces, indexes, entry.modificationTime)
+            case .failure(let error):
+                failures[i] = error
+            }
+        }
+        #expect(seen == [0, 1, 2, 3, 4])
+        #expect(got[0]?.value == big && got[0]?.pieces == 3 && got[4]?.value == big)
+        #expect(got[3]?.value == bytes("one") && got[3]?.pieces == 1 && got[3]?.time == 42)
+        #expect(got[3]?.indexes == [IndexPair(name: "kind", value: "odd"), IndexPair(name: "n", value: [])])
+        #expect(failures[1] == .entryNotFound(key("missing")))
+        if case .invalidKey = failures[2] {} else { Issue.record("expected invalidKey, got \(String(describing: failures[2]))") }
+
+        // A slice visits its own indices; an error thrown by the body ends the visit.
+        struct Stop: Error {}
+        var visited: [Int] = []
+        #expect(throws: Stop.self) {
+            try shard.visitEntries(keys[1...]) { i, _ in
+                visited.append(i)
+                if i == 2 { throw Stop() }
+            }
+        }
+        #expect(visited == [1, 2])
+    }
+
     @Test func findByIndexAfterOverwriteAndDeleteIncludingLongValues() throws {
         let dir = try TemporaryDirectory("shard")
         let shard = try makeShard(dir)

@@ -1,0 +1,75 @@
+import LMDB
+
+/// An entry borrowed from the memory map during `Shard.visitEntries`: valid only
+/// inside the callback that received it (the read transaction ends after it).
+/// Lets a caller copy the value straight into its own buffer, with no `Entry`.
+public struct BorrowedEntry {
+    let txn: Transaction
+    let chunks: Database
+    let key: [UInt8]
+    let view: RecordView
+
+    /// Size of the value in bytes.
+    public var size: Int { view.size }
+    /// Nanoseconds since 1970.
+    public var modificationTime: Int64 { view.modificationTime }
+
+    /// Calls `body` with each index's (UTF-8 name, value) bytes, in stored order.
+    public func forEachIndex(_ body: (UnsafeRawBufferPointer, UnsafeRawBufferPointer) throws -> Void) rethrows {
+        try view.forEachIndex(body)
+    }
+
+    /// Calls `body` with the value's bytes, in order: once for an inline value,
+    /// once per chunk for a chunked one (every chunk is checked before it is handed out).
+    public func forEachValuePiece(_ body: (UnsafeRawBufferPointer) throws -> Void) throws {
+        guard view.flags.contains(.chunked) else {
+            try body(view.inlineValue)
+            return
+        }
+        for n in 0..<view.chunkCount {
+            guard let chunk = try txn.get(chunks, chunkKey(view.chunkSet, n)) else {
+                throw ShardError.corrupt("chunk \(n) of \(EntryKey(trusted: key)) is missing")
+            }
+            let expected = min(chunkSize, view.size - n * chunkSize)
+            guard chunk.count == expected else { throw ShardError.corrupt("chunk \(n) has \(chunk.count) bytes, not \(expected)") }
+            try body(chunk)
+        }
+    }
+}
+
+extension Shard {
+    /// Looks up `keys` in one read snapshot and calls `body(index, result)` for
+    /// each key in order: the entry borrowed from the map, or why there is none
+    /// (`invalidKey`, `entryNotFound`, `corrupt`, …) — one bad key does not stop
+    /// the others. `body` must copy what it keeps before it returns. An error
+    /// thrown by `body` ends the visit and is rethrown; a failure to open the
+    /// snapshot is thrown before any callback.
+    public func visitEntries<Keys: Collection>(
+        _ keys: Keys, _ body: (Keys.Index, Result<BorrowedEntry, ShardError>) throws -> Void
+    ) throws where Keys.Element == [UInt8] {
+        try readTransaction { txn in
+            var i = keys.startIndex
+            while i != keys.endIndex {
+                let key = keys[i]
+                let result: Result<BorrowedEntry, ShardError>
+                if let problem = EntryKey.problem(with: key) {
+                    result = .failure(.invalidKey(problem))
+                } else {
+                    do {
+                        if let raw = try txn.get(entries, key) {
+                            result = .success(BorrowedEntry(txn: txn, chunks: chunks, key: key, view: try RecordView(raw)))
+                        } else {
+                            result = .failure(.entryNotFound(EntryKey(trusted: key)))
+                        }
+                    } catch let error as ShardError {
+                        result = .failure(error)
+                    } catch {
+                        result = .failure(ShardError.from(error, limit: sizeLimit) as? ShardError ?? .storage("\(error)"))
+                    }
+                }
+                try body(i, result)
+                keys.formIndex(after: &i)
+            }
+        }
+    }
+}
