@@ -47,7 +47,9 @@ extension Shard {
     public func visitEntries<Keys: Collection>(
         _ keys: Keys, _ body: (Keys.Index, Result<BorrowedEntry, ShardError>) throws -> Void
     ) throws where Keys.Element == [UInt8] {
-        try readTransaction { txn in
+        // Logged batches first, but only if one of these keys is in them.
+        try applyLog(touchingKeyBytes: keys)
+        try readTransaction(applyingLog: false) { txn in
             var i = keys.startIndex
             while i != keys.endIndex {
                 let key = keys[i]

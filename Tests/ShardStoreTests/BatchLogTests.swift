@@ -176,6 +176,21 @@ import Testing
         #expect(try shard.list().map(\.key.description) == ["a1", "a2", "a3", "a4", "a5", "a6"])
     }
 
+    @Test func visitingEntriesSeesLoggedBatches() throws {
+        let dir = try TemporaryDirectory("log")
+        let shard = try makeShard(dir)
+        _ = try shard.batchPut([put("b", "2"), put("a", "1")], clientID: "owner")
+        var seen: [String] = []
+        try shard.visitEntries([bytes("a"), bytes("b"), bytes("c")]) { _, result in
+            switch result {
+            case .success(let entry): try entry.forEachValuePiece { seen.append(String(decoding: $0, as: UTF8.self)) }
+            case .failure(let error): seen.append("\(error)")
+            }
+        }
+        #expect(seen.prefix(2) == ["1", "2"])
+        #expect(seen.count == 3)
+    }
+
     @Test func aSecondWritableInstanceIsRefused() throws {
         let dir = try TemporaryDirectory("log")
         var first: Shard? = try makeShard(dir)
