@@ -194,6 +194,15 @@ private func opFsync(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ datasync: Int32, _
     } catch { fail(req, error) }
 }
 
+/// access(2), faccessat(2) (only without default_permissions): the modes say.
+private func opAccess(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ mask: Int32) {
+    let uid = fuse_req_ctx(req)?.pointee.uid ?? 0
+    do {
+        try fileSystem(req).access(ino, mask: mask, uid: uid)
+        fuse_reply_err(req, 0)
+    } catch { fail(req, error) }
+}
+
 private func opOpendir(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
     guard let fi else { fuse_reply_err(req, EINVAL); return }
     do {
@@ -334,6 +343,7 @@ private func makeOperations() -> fuse_lowlevel_ops {
     ops.getxattr = opGetxattr
     ops.listxattr = opListxattr
     ops.removexattr = opRemovexattr
+    ops.access = opAccess
     return ops
 }
 
@@ -369,9 +379,14 @@ public final class FuseSession: @unchecked Sendable {
         self.handlesSignals = handleSignals
         self.fileSystem = fileSystem
         self.mountpoint = mountpoint
-        var mountOptions = ["fsname=shardfs", "subtype=shardfs", "default_permissions"]
+        var mountOptions = ["fsname=shardfs", "subtype=shardfs"]
         if fileSystem.options.readOnly { mountOptions.append("ro") }
-        if fileSystem.options.allowOther { mountOptions.append("allow_other") }
+        // With other users, the kernel checks modes (default_permissions). Without
+        // them only the daemon's user reaches the mount, and it owns every file:
+        // the checks would only cost a GETATTR of the directory per create and
+        // unlink (each one drops its cached attributes). The daemon refuses what
+        // the modes forbid itself (EROFS) and answers access(2) (`opAccess`).
+        if fileSystem.options.allowOther { mountOptions += ["allow_other", "default_permissions"] }
         for argument in ["shardfs", "-o", mountOptions.joined(separator: ",")] + (fileSystem.options.debug ? ["-d"] : []) {
             fuse_opt_add_arg(&arguments, argument)
         }

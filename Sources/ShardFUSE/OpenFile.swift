@@ -2,90 +2,6 @@ import Foundation
 import Glibc
 import ShardStore
 
-/// The bytes of a file being written, before they are put as the entry's value.
-/// Small files stay in memory; past `spillThreshold` the bytes move to an
-/// unlinked temporary file, so a 1 GiB file costs no more memory than a small one.
-final class WriteBuffer {
-    static let spillThreshold = 8 << 20
-
-    private var memory: [UInt8] = []
-    private var fd: Int32 = -1
-    private(set) var size = 0
-    private let spillDirectory: String
-
-    init(spillDirectory: String) { self.spillDirectory = spillDirectory }
-
-    deinit { if fd >= 0 { close(fd) } }
-
-    func write(_ bytes: UnsafeRawBufferPointer, at offset: Int) throws {
-        let end = offset + bytes.count
-        if fd < 0 && end > Self.spillThreshold { try spill() }
-        if fd >= 0 {
-            var done = 0
-            while done < bytes.count {
-                let n = pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset + done))
-                guard n > 0 else { throw FileSystemError(errno == 0 ? EIO : errno, "cannot write the spill file") }
-                done += n
-            }
-        } else {
-            if memory.count < end { memory.append(contentsOf: repeatElement(0, count: end - memory.count)) }
-            memory.withUnsafeMutableBytes { m in
-                UnsafeMutableRawBufferPointer(rebasing: m[offset..<end]).copyMemory(from: bytes)
-            }
-        }
-        size = max(size, end)
-    }
-
-    /// Copies `buffer.count` bytes from `offset` into `buffer` (zeros past the end).
-    func read(at offset: Int, into buffer: UnsafeMutableRawBufferPointer) throws {
-        let available = max(0, min(buffer.count, size - offset))
-        if fd >= 0 {
-            var done = 0
-            while done < available {
-                let n = pread(fd, buffer.baseAddress! + done, available - done, off_t(offset + done))
-                guard n > 0 else { throw FileSystemError(errno == 0 ? EIO : errno, "cannot read the spill file") }
-                done += n
-            }
-        } else if available > 0 {
-            memory.withUnsafeBytes { m in
-                UnsafeMutableRawBufferPointer(rebasing: buffer[0..<available])
-                    .copyMemory(from: UnsafeRawBufferPointer(rebasing: m[offset..<(offset + available)]))
-            }
-        }
-        if available < buffer.count {
-            UnsafeMutableRawBufferPointer(rebasing: buffer[available...]).initializeMemory(as: UInt8.self, repeating: 0)
-        }
-    }
-
-    func truncate(to newSize: Int) throws {
-        if fd >= 0 {
-            guard ftruncate(fd, off_t(newSize)) == 0 else { throw FileSystemError(errno, "cannot truncate the spill file") }
-        } else if newSize > Self.spillThreshold {
-            try spill()
-            guard ftruncate(fd, off_t(newSize)) == 0 else { throw FileSystemError(errno, "cannot truncate the spill file") }
-        } else if newSize < memory.count {
-            memory.removeSubrange(newSize...)
-        } else {
-            memory.append(contentsOf: repeatElement(0, count: newSize - memory.count))
-        }
-        size = newSize
-    }
-
-    private func spill() throws {
-        var template = Array((spillDirectory + "/.shardfs-spill-XXXXXX").utf8CString)
-        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
-        guard fd >= 0 else { throw FileSystemError(errno, "cannot create a spill file in \(spillDirectory)") }
-        template.withUnsafeBufferPointer { _ = unlink($0.baseAddress!) }  // gone when closed, even after a crash
-        self.fd = fd
-        let pending = memory
-        memory = []
-        let saved = size
-        size = 0
-        try pending.withUnsafeBytes { try write($0, at: 0) }
-        size = saved
-    }
-}
-
 /// An open file: the entry it names and, once written, the new value being built.
 /// The value is put (committed) by `commit`, which `flush` (close), `fsync` and
 /// `release` call; until then other readers see the entry's previous value.
@@ -113,7 +29,7 @@ final class OpenFile: @unchecked Sendable {
         self.clientID = clientID
         self.spillDirectory = spillDirectory
         if truncate {
-            buffer = WriteBuffer(spillDirectory: spillDirectory)
+            buffer = newBuffer()
             dirty = true
         }
     }
@@ -185,6 +101,14 @@ final class OpenFile: @unchecked Sendable {
                 dirty = false
                 return
             }
+            if buffer.isStaged {
+                // The chunks are in the shard already: write the tail and switch.
+                // The set is the entry's value now; later writes start from it.
+                try buffer.commitStaged(currentKey, modificationTime: modificationTime)
+                self.buffer = nil
+                dirty = false
+                return
+            }
             try shard.put(currentKey, size: buffer.size, indexes: nil, clientID: clientID,
                           modificationTime: modificationTime) { offset, out in
                 try buffer.read(at: offset, into: out)
@@ -193,10 +117,24 @@ final class OpenFile: @unchecked Sendable {
         }
     }
 
+    /// The handle is done with (released, or unmounting after its commit): a
+    /// staged set that was not committed is removed.
+    func abandon() {
+        lock.withLock {
+            buffer?.discardStaging()
+            buffer = nil
+            dirty = false
+        }
+    }
+
+    private func newBuffer() -> WriteBuffer {
+        WriteBuffer(spillDirectory: spillDirectory, shard: writable ? shard : nil, clientID: clientID)
+    }
+
     /// The buffer, filled with the entry's current value the first time.
     private func loadedBuffer() throws -> WriteBuffer {
         if let buffer { return buffer }
-        let fresh = WriteBuffer(spillDirectory: spillDirectory)
+        let fresh = newBuffer()
         if let attributes = try shard.attributes(currentKey) {
             var offset = 0
             while offset < attributes.size {

@@ -174,6 +174,7 @@ public final class ShardFileSystem: @unchecked Sendable {
                     // truncate(2) on a path: rewrite the value now.
                     let temporary = OpenFile(shard: shard, key: entryKey, inode: ino, writable: true, truncate: false,
                                              clientID: options.clientID, spillDirectory: spillDirectory)
+                    defer { temporary.abandon() }
                     try temporary.truncate(to: Int(attr.st_size))
                     try commit(temporary, behind: false)
                 }
@@ -193,6 +194,19 @@ public final class ShardFileSystem: @unchecked Sendable {
             // is accepted and changes nothing, so tools like `rsync -a` and `tar` work.
         }
         return try getattr(ino)
+    }
+
+    /// access(2): what the modes allow the caller (root: reading and writing
+    /// always, executing where some execute bit is set, as the kernel's own check).
+    func access(_ ino: UInt64, mask: Int32, uid: uid_t) throws {
+        let mode = Int32(try getattr(ino).0.st_mode)
+        guard mask != F_OK else { return }
+        if uid == 0 {
+            if mask & X_OK != 0 && mode & 0o111 == 0 { throw FileSystemError(EACCES, "no execute bit") }
+            return
+        }
+        let bits = uid == self.uid ? (mode >> 6) & 7 : mode & 7
+        if mask & bits & 7 != mask & 7 { throw FileSystemError(EACCES, "the mode does not allow it") }
     }
 
     // MARK: Shards as directories
@@ -298,6 +312,7 @@ public final class ShardFileSystem: @unchecked Sendable {
 
     func release(_ handle: UInt64) throws {
         guard let file = lock.withLock({ files.removeValue(forKey: handle) }) else { return }
+        defer { file.abandon() }  // a staged value that was not committed is removed
         try commit(file, behind: true)
     }
 
@@ -584,6 +599,7 @@ public final class ShardFileSystem: @unchecked Sendable {
             do { try commit(file, behind: false) } catch {
                 logger.error("could not commit an open file at unmount", metadata: ["key": "\(file.key)", "error": "\(error)"])
             }
+            file.abandon()
         }
         writeBehind.stop()
         node.shards.applyLogs()

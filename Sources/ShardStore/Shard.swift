@@ -416,7 +416,7 @@ public final class Shard: @unchecked Sendable {
     }
 
     /// Removes a staged chunk set (a put that failed or was interrupted).
-    private func discardStaged(_ set: UInt64) throws {
+    func discardStaged(_ set: UInt64) throws {
         try committer.submit { ctx in
             try self.deleteChunkSet(ctx.txn, set)
             try ctx.txn.delete(self.staging, chunkSetKey(set))
@@ -1047,7 +1047,7 @@ public final class Shard: @unchecked Sendable {
     // MARK: Internals
 
     /// Checks who may write, then queues `body` for the next group commit.
-    private func write(clientID: String, _ body: @escaping (inout WriteContext) throws -> Void) throws {
+    func write(clientID: String, _ body: @escaping (inout WriteContext) throws -> Void) throws {
         guard !isReadOnlyView else { throw ShardError.readOnlyView }
         guard !clientID.isEmpty else { throw ShardError.clientIDRequired }
         guard clientID == owner else { throw ShardError.fenced(owner: owner, client: clientID) }
@@ -1178,7 +1178,7 @@ public final class Shard: @unchecked Sendable {
     /// Writes a record (and chunks and index rows) whose value `source` provides
     /// piecewise, into the record itself or into reserved chunk space: no extra copy.
     /// `stagedChunkSet`: the value's chunks are already written there.
-    private func writeEntry(_ txn: Transaction, key: [UInt8], size: Int, indexes newIndexes: [IndexPair],
+    func writeEntry(_ txn: Transaction, key: [UInt8], size: Int, indexes newIndexes: [IndexPair],
                             modificationTime: Int64, stagedChunkSet: UInt64? = nil,
                             source: (Int, UnsafeMutableRawBufferPointer) throws -> Void) throws {
         let chunked = size > chunkSize
@@ -1217,7 +1217,7 @@ public final class Shard: @unchecked Sendable {
     }
 
     /// A chunk set ID never used before in this shard.
-    private func newChunkSet(_ txn: Transaction) throws -> UInt64 {
+    func newChunkSet(_ txn: Transaction) throws -> UInt64 {
         let key = Array("lastChunkSet".utf8)
         let last = try txn.get(meta, key).map { $0.count == 8 ? UInt64(bigEndian: $0.loadUnaligned(as: UInt64.self)) : 0 } ?? 0
         try txn.put(meta, key, chunkSetKey(last + 1))

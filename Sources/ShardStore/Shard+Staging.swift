@@ -1,0 +1,127 @@
+import LMDB
+
+/// Staging a large value piece by piece, as it arrives (a file written through
+/// the mount): whole chunks go into a fresh chunk set, listed in `staging`, in
+/// transactions of the caller's size; a last transaction writes the remaining
+/// bytes and switches the entry to the set. Readers see the old value or the new
+/// one, never a mix. A set that is never switched to is removed by
+/// `discardStaging`, or, after a crash, when the shard opens.
+extension Shard {
+    /// A new, empty chunk set listed in `staging` (one durable transaction).
+    public func beginStaging(clientID: String) throws -> UInt64 {
+        let box = StagedSetBox()
+        try write(clientID: clientID) { ctx in
+            box.set = try self.newChunkSet(ctx.txn)
+            try ctx.txn.put(self.staging, chunkSetKey(box.set), [])
+        }
+        return box.set
+    }
+
+    /// Writes whole chunks `firstChunk…` of staged set `set` from `bytes` (a
+    /// multiple of `chunkSize`) in one durable transaction. Fails with `full` at
+    /// once if the value would already be larger than the shard's whole limit.
+    public func stage(_ bytes: UnsafeRawBufferPointer, set: UInt64, firstChunk: Int, clientID: String) throws {
+        guard bytes.count % chunkSize == 0, firstChunk >= 0 else {
+            throw ShardError.invalidArgument("staged bytes are whole chunks")
+        }
+        guard firstChunk * chunkSize + bytes.count <= sizeLimit else { throw ShardError.full(limit: sizeLimit) }
+        if bytes.isEmpty { return }
+        do {
+            try write(clientID: clientID) { ctx in
+                try self.writeChunks(ctx.txn, set: set, firstChunk: firstChunk, bytes)
+            }
+        } catch let error as ShardError {
+            throw error
+        } catch {
+            throw ShardError.from(error, limit: sizeLimit)
+        }
+    }
+
+    /// Makes `key`'s value the staged set `set`: its first `firstChunk` chunks are
+    /// staged, `tail` holds the rest of the `size` bytes. One durable transaction
+    /// writes the tail's chunks and the record and takes the set out of `staging`.
+    /// `indexes` nil keeps the entry's indexes (a rewritten file keeps its
+    /// extended attributes). On failure the set stays staged (a retry may follow);
+    /// `discardStaging` removes it.
+    public func commitStaged(_ key: EntryKey, set: UInt64, size: Int, firstChunk: Int, tail: UnsafeRawBufferPointer,
+                             indexes: [IndexPair]? = nil, clientID: String, modificationTime: Int64? = nil) throws {
+        guard firstChunk >= 0, firstChunk * chunkSize + tail.count == size, size > chunkSize else {
+            throw ShardError.invalidArgument("a staged value is its staged chunks and its tail, over one chunk")
+        }
+        if let indexes { try IndexPair.validate(indexes) }
+        guard size + key.bytes.count <= sizeLimit else { throw ShardError.full(limit: sizeLimit) }
+        let mtime = modificationTime ?? Shard.now()
+        do {
+            try write(clientID: clientID) { ctx in
+                // Before any change: the only ShardError a member may throw.
+                let kept = try indexes ?? ctx.txn.get(self.entries, key.bytes).map { try RecordView($0).indexes() } ?? []
+                try self.writeChunks(ctx.txn, set: set, firstChunk: firstChunk, tail)
+                try self.writeEntry(ctx.txn, key: key.bytes, size: size, indexes: kept, modificationTime: mtime,
+                                    stagedChunkSet: set) { _, _ in }
+                _ = try ctx.txn.delete(self.staging, chunkSetKey(set))
+                ctx.changed(key.bytes)
+            }
+        } catch let error as ShardError {
+            throw error
+        } catch {
+            throw ShardError.from(error, limit: sizeLimit)
+        }
+    }
+
+    /// Copies bytes of a staged set from `offset` into `buffer`; the set's chunks
+    /// up to there must be staged whole.
+    public func readStaged(set: UInt64, offset: Int, into buffer: UnsafeMutableRawBufferPointer) throws {
+        try readTransaction { txn in
+            var done = 0
+            while done < buffer.count {
+                let position = offset + done
+                let n = position / chunkSize, start = position % chunkSize
+                guard let chunk = try txn.get(chunks, chunkKey(set, n)), chunk.count == chunkSize else {
+                    throw ShardError.corrupt("staged chunk \(n) of set \(set) is missing")
+                }
+                let length = min(chunkSize - start, buffer.count - done)
+                UnsafeMutableRawBufferPointer(rebasing: buffer[done..<(done + length)])
+                    .copyMemory(from: UnsafeRawBufferPointer(rebasing: chunk[start..<(start + length)]))
+                done += length
+            }
+        }
+    }
+
+    /// Removes a staged set that will not be switched to (a failed or abandoned write).
+    public func discardStaging(_ set: UInt64) throws {
+        do { try discardStaged(set) } catch let error as ShardError { throw error } catch {
+            throw ShardError.from(error, limit: sizeLimit)
+        }
+    }
+
+    /// Chunk sets listed in `staging` (for tests: what a crash or a failure left).
+    public func stagedSets() throws -> [UInt64] {
+        try readTransaction { txn in
+            try txn.withCursor(staging) { cursor in
+                var found: [UInt64] = []
+                var pair = try cursor.first()
+                while let p = pair {
+                    if p.key.count == 8 { found.append(UInt64(bigEndian: p.key.loadUnaligned(as: UInt64.self))) }
+                    pair = try cursor.next()
+                }
+                return found
+            }
+        }
+    }
+
+    /// Chunks `firstChunk…` of `set` from `bytes`, the last one possibly short.
+    private func writeChunks(_ txn: Transaction, set: UInt64, firstChunk: Int, _ bytes: UnsafeRawBufferPointer) throws {
+        var offset = 0, n = firstChunk
+        while offset < bytes.count {
+            let length = min(chunkSize, bytes.count - offset)
+            let out = try chunkKey(set, n).withUnsafeBytes { try txn.reserve(chunks, $0, count: length) }
+            out.copyMemory(from: UnsafeRawBufferPointer(rebasing: bytes[offset..<(offset + length)]))
+            offset += length
+            n += 1
+        }
+    }
+}
+
+private final class StagedSetBox: @unchecked Sendable {
+    var set: UInt64 = 0
+}

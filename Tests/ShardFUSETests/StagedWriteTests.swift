@@ -1,0 +1,152 @@
+import Foundation
+import ShardStore
+import TestSupport
+import Testing
+
+/// Large files written in order go straight into a staging chunk set of the
+/// shard as the data arrives, and close() switches the entry to it
+/// (docs/SEMANTICS.md, "Large files and memory").
+@Suite struct StagedWriteTests {
+    /// The one shard's directory under the node's data folder (`shard-1`).
+    static func shardPath(_ fixture: MountFixture) async throws -> String {
+        let found = try await shell("find '\(fixture.data)' -type d -name shard-1 | head -1").stdout
+            .trimmingCharacters(in: .whitespacesAndNewlines)
+        guard !found.isEmpty else { throw FixtureError("no shard-1 under \(fixture.data)") }
+        return found
+    }
+
+    /// Chunk sets listed as staging in shard-1, seen through a read-only view
+    /// (which removes nothing).
+    static func stagedSets(_ fixture: MountFixture) async throws -> [UInt64] {
+        var options = ShardOptions()
+        options.readOnly = true
+        let shard = try Shard.open(at: try await shardPath(fixture), options: options)
+        return try shard.stagedSets()
+    }
+
+    /// Reads must come from the daemon, not from pages the writes left cached.
+    static func dropCaches() async throws { _ = try await shell("sync; echo 3 > /proc/sys/vm/drop_caches") }
+
+    @Test func aLargeSequentialFileReadsBackByteIdentical() async throws {
+        try await withMount { m in
+            try await m.ok("mkdir shard-1 && head -c 50331651 /dev/urandom > '\(m.dir.sub("src"))'")  // 48 MiB + 3
+            try await m.ok("dd if='\(m.dir.sub("src"))' of=shard-1/big bs=1M status=none")
+            try await Self.dropCaches()
+            try await m.ok("cmp '\(m.dir.sub("src"))' shard-1/big")
+            #expect(try await m.ok("stat -c %s shard-1/big") == "50331651\n")
+            // Rewriting it (dd without truncating, then shorter with truncating) and
+            // reading it back while the writer still has it open.
+            try await m.ok("""
+                python3 -c '
+                import os
+                src = open("\(m.dir.sub("src"))", "rb").read()
+                fd = os.open("shard-1/big", os.O_RDWR | os.O_TRUNC)
+                for i in range(0, 40 << 20, 1 << 20): os.write(fd, src[i:i + (1 << 20)])
+                assert os.pread(fd, 3 << 20, 1 << 20) == src[1 << 20:4 << 20]
+                assert os.pread(fd, 2 << 20, 39 << 20) == src[39 << 20:40 << 20]
+                os.ftruncate(fd, 36 << 20)
+                os.close(fd)
+                '
+                """)
+            try await Self.dropCaches()
+            try await m.ok("head -c 37748736 '\(m.dir.sub("src"))' | cmp - shard-1/big")
+        }
+    }
+
+    @Test func aLargeWriteThatSeeksBackIsStillCorrect() async throws {
+        try await withMount { m in
+            try await m.ok("mkdir shard-1 && head -c 62914560 /dev/urandom > '\(m.dir.sub("src"))'")  // 60 MiB
+            try await m.ok("""
+                python3 -c '
+                import os
+                src = bytearray(open("\(m.dir.sub("src"))", "rb").read())
+                fd = os.open("shard-1/patched", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                for i in range(0, 40 << 20, 1 << 20): os.pwrite(fd, src[i:i + (1 << 20)], i)
+                os.pwrite(fd, b"header!" * 1000, 4096)   # back into what is staged already
+                for i in range(40 << 20, 60 << 20, 1 << 20): os.pwrite(fd, src[i:i + (1 << 20)], i)
+                os.close(fd)
+                src[4096:4096 + 7000] = b"header!" * 1000
+                open("\(m.dir.sub("expected"))", "wb").write(src)
+                '
+                """)
+            try await Self.dropCaches()
+            try await m.ok("cmp '\(m.dir.sub("expected"))' shard-1/patched")
+        }
+    }
+
+    @Test func aLargeWriteOverTheLimitFailsWithENOSPCAndLeavesNothingStaged() async throws {
+        let fixture = try MountFixture(options: "client_id=tester")
+        do {
+            _ = try await shell("mkdir -p '\(fixture.data)' && printf 'shard:\\n  size_limit: 24MiB\\n' > '\(fixture.dir.sub("small.yaml"))'")
+            try await fixture.mount("config=\(fixture.dir.sub("small.yaml"))")
+            try await fixture.ok("mkdir shard-1 && echo small > shard-1/ok")
+            let result = try await fixture.sh("dd if=/dev/zero of=shard-1/big bs=1M count=40 status=none")
+            #expect(result.status != 0 && result.stderr.contains("No space left on device"), "\(result.stderr)")
+            #expect(try await fixture.ok("cat shard-1/ok") == "small\n")
+            // The space the staged chunks took is free again: a 12 MiB file fits.
+            try await fixture.ok("head -c 12582912 /dev/urandom > '\(fixture.dir.sub("mid"))' && cp '\(fixture.dir.sub("mid"))' shard-1/mid")
+            try await Self.dropCaches()
+            try await fixture.ok("cmp '\(fixture.dir.sub("mid"))' shard-1/mid")
+            #expect(try await Self.stagedSets(fixture) == [])
+        } catch {
+            await fixture.unmount()
+            throw error
+        }
+        await fixture.unmount()
+        #expect(!fixture.isMounted)
+        // Nothing of the big value was committed (dd's first close, after its
+        // dup2, commits the created file empty, as on any filesystem).
+        var options = ShardOptions()
+        options.readOnly = true
+        let shard = try Shard.open(at: try await Self.shardPath(fixture), options: options)
+        #expect(try shard.attributes(try EntryKey(Array("big".utf8)))?.size ?? 0 == 0)
+        #expect(try shard.get(try EntryKey(Array("ok".utf8))).value == Array("small\n".utf8))
+    }
+
+    @Test func killDashNineMidLargeWriteLeavesTheOldValueAndNoStaging() async throws {
+        let fixture = try MountFixture(options: "client_id=tester")
+        var writer: Process?
+        do {
+            try await fixture.mount()
+            try await fixture.ok("mkdir shard-1 && echo old-value > shard-1/big && sync shard-1/big")
+            // A writer that stages 40 MiB, then waits with the file open.
+            let started = fixture.dir.sub("started")
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+            process.arguments = ["-c", """
+                import os, time
+                fd = os.open("\(fixture.mnt)/shard-1/big", os.O_WRONLY | os.O_TRUNC)
+                chunk = os.urandom(1 << 20)
+                for i in range(40): os.write(fd, chunk)
+                open("\(started)", "w").close()
+                time.sleep(30)
+                """]
+            try process.run()
+            writer = process
+            for _ in 0..<600 where !FileManager.default.fileExists(atPath: started) {
+                try await Task.sleep(for: .milliseconds(50))
+            }
+            #expect(FileManager.default.fileExists(atPath: started))
+            guard let pid = fixture.daemonPID else { throw FixtureError("no daemon pid") }
+            kill(pid, SIGKILL)
+            for _ in 0..<100 where kill(pid, 0) == 0 { try await Task.sleep(for: .milliseconds(20)) }
+            kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+            writer = nil
+            _ = try await shell("fusermount3 -u '\(fixture.mnt)' || fusermount3 -uz '\(fixture.mnt)'")
+            // What was staged is still listed (the data went into the shard as it came)…
+            #expect(try await Self.stagedSets(fixture).count == 1)
+            // …and opening the shard removes it; the entry keeps its old value.
+            try await fixture.mount()
+            #expect(try await fixture.ok("cat shard-1/big") == "old-value\n")
+            await fixture.unmount()
+            #expect(try await Self.stagedSets(fixture) == [])
+        } catch {
+            if let writer, writer.isRunning { kill(writer.processIdentifier, SIGKILL) }
+            await fixture.unmount()
+            throw error
+        }
+        await fixture.unmount()
+        #expect(!fixture.isMounted)
+    }
+}
