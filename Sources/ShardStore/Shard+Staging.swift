@@ -71,7 +71,8 @@ extension Shard {
     /// Copies bytes of a staged set from `offset` into `buffer`; the set's chunks
     /// up to there must be staged whole.
     public func readStaged(set: UInt64, offset: Int, into buffer: UnsafeMutableRawBufferPointer) throws {
-        try readTransaction { txn in
+        // Staged chunks are not entries: logged batches do not touch them.
+        try readTransaction(applyingLog: false) { txn in
             var done = 0
             while done < buffer.count {
                 let position = offset + done
@@ -96,7 +97,7 @@ extension Shard {
 
     /// Chunk sets listed in `staging` (for tests: what a crash or a failure left).
     public func stagedSets() throws -> [UInt64] {
-        try readTransaction { txn in
+        try readTransaction(applyingLog: false) { txn in
             try txn.withCursor(staging) { cursor in
                 var found: [UInt64] = []
                 var pair = try cursor.first()
