@@ -174,15 +174,12 @@ public final class Shard: @unchecked Sendable {
     /// The memory they hold (see `memorySize`), and what applying them may take in LMDB (see `applyCost`).
     private var pendingBytes = 0
     private var pendingCost = 0
-    /// Keys with pending writes, and how many each has.
-    private var pendingKeys: [PendingKey: Int] = [:]
-
-    /// A key hashed in one pass over its bytes (an array's own hash feeds the
-    /// hasher byte by byte, which costs more than the rest of a logged put).
-    struct PendingKey: Hashable {
-        let bytes: [UInt8]
-        func hash(into hasher: inout Hasher) { bytes.withUnsafeBytes { hasher.combine(bytes: $0) } }
-    }
+    /// For point reads: a hash of each key written by a pending batch → the last
+    /// such batch's sequence. A key is pending while that is past `appliedSequence`;
+    /// a hash collision only makes a read apply the log when it need not.
+    private var pendingKeys: [UInt64: UInt64] = [:]
+    private var pendingItems = 0
+    private var appliedSequence: UInt64 = 0
     /// Why the last attempt to apply pending batches failed (nil once one succeeds).
     /// Until they are applied, every LMDB write fails with it (nothing may land
     /// after an acknowledged batch that is not in yet) and so does every read
@@ -213,7 +210,7 @@ public final class Shard: @unchecked Sendable {
     /// flight (a staged value commits 32 MiB at a time) and LMDB's own pages.
     static let logRoomMargin = 64 << 20
     /// Pending memory at which the background applier applies without waiting for a pause.
-    static let applyThreshold = 8 << 20
+    static let applyThreshold = 32 << 20
     private let batchLogLimit: Int
     static let logAppliedKey = Array("logApplied".utf8)
 
@@ -879,7 +876,8 @@ public final class Shard: @unchecked Sendable {
             pendingBytes += bytes
             pendingCost += ctx.cost
             for batch in ctx.batches {
-                for item in batch.items { pendingKeys[PendingKey(bytes: item.key), default: 0] += 1 }
+                for item in batch.items { pendingKeys[keyHash(item.key)] = batch.sequence }
+                pendingItems += batch.items.count
             }
             lastLogTime = .now
         }
@@ -906,7 +904,7 @@ public final class Shard: @unchecked Sendable {
     func applyLog<Keys: Collection<[UInt8]>>(touchingKeyBytes keys: Keys) throws {
         guard log != nil else { return }
         let touched = logLock.withLock {
-            !pendingKeys.isEmpty && keys.contains { pendingKeys[PendingKey(bytes: $0)] != nil }
+            !pendingBatches.isEmpty && keys.contains { (pendingKeys[keyHash($0)] ?? 0) > appliedSequence }
         }
         if touched { try applyLog() }
     }
@@ -954,14 +952,15 @@ public final class Shard: @unchecked Sendable {
             pendingBatches.removeFirst(batches.count)
             pendingBytes -= bytes
             pendingCost -= cost
+            appliedSequence = batches.last!.sequence
+            pendingItems -= batches.reduce(0) { $0 + $1.items.count }
             if pendingBatches.isEmpty {
                 pendingKeys.removeAll(keepingCapacity: true)
-            } else {
-                for batch in batches {
-                    for item in batch.items {
-                        let key = PendingKey(bytes: item.key)
-                        if pendingKeys[key] == 1 { pendingKeys[key] = nil } else { pendingKeys[key]! -= 1 }
-                    }
+            } else if pendingKeys.count > 2 * pendingItems + 65_536 {
+                // Under steady load the map would keep every key ever written.
+                pendingKeys.removeAll(keepingCapacity: true)
+                for batch in pendingBatches {
+                    for item in batch.items { pendingKeys[keyHash(item.key)] = batch.sequence }
                 }
             }
         }
@@ -972,21 +971,21 @@ public final class Shard: @unchecked Sendable {
     /// random keys would jump between pages. Items of one key keep their log
     /// order, so the last one wins, as it would applied batch by batch.
     private func applyInKeyOrder(_ txn: Transaction, _ batches: [[EntryWrite]]) throws {
-        var order: [(batch: Int32, item: Int32)] = []
+        // Sorted by the keys' first 8 bytes as an integer, then whole keys, then log order.
+        typealias Position = (prefix: UInt64, batch: Int32, item: Int32)
+        var order: [Position] = []
         order.reserveCapacity(batches.reduce(0) { $0 + $1.count })
         for (b, items) in batches.enumerated() {
-            for i in items.indices { order.append((Int32(b), Int32(i))) }
+            for i in items.indices { order.append((keyPrefix(items[i].key), Int32(b), Int32(i))) }
         }
-        func compare(_ x: (batch: Int32, item: Int32), _ y: (batch: Int32, item: Int32)) -> Int32 {
-            compareKeys(batches[Int(x.batch)][Int(x.item)].key, batches[Int(y.batch)][Int(y.item)].key)
+        func precedes(_ x: Position, _ y: Position) -> Bool {
+            if x.prefix != y.prefix { return x.prefix < y.prefix }
+            let c = compareKeys(batches[Int(x.batch)][Int(x.item)].key, batches[Int(y.batch)][Int(y.item)].key)
+            return c != 0 ? c < 0 : (x.batch, x.item) < (y.batch, y.item)
         }
         // Appends (keys already increasing) need no sort.
-        let increasing = order.indices.dropFirst().allSatisfy { compare(order[$0 - 1], order[$0]) < 0 }
-        if !increasing {
-            order.sort { x, y in
-                let c = compare(x, y)
-                return c != 0 ? c < 0 : (x.batch, x.item) < (y.batch, y.item)
-            }
+        if !order.indices.dropFirst().allSatisfy({ precedes(order[$0 - 1], order[$0]) }) {
+            order.sort(by: precedes)
         }
         for position in order {
             try applyItems(txn, CollectionOfOne(batches[Int(position.batch)][Int(position.item)]))
@@ -1041,6 +1040,7 @@ public final class Shard: @unchecked Sendable {
             }
         }
         lastLogged = max(applied, records.last?.sequence ?? 0)
+        appliedSequence = lastLogged
         if log.end > 0 { try log.reset() }
     }
 
@@ -1324,4 +1324,33 @@ func compareKeys(_ a: UnsafeRawBufferPointer, _ b: UnsafeRawBufferPointer) -> In
 
 func compareKeys(_ a: [UInt8], _ b: [UInt8]) -> Int32 {
     a.withUnsafeBytes { a in b.withUnsafeBytes { b in compareKeys(a, b) } }
+}
+
+/// A key's first 8 bytes as a big-endian integer (zero-padded): ordering by it
+/// agrees with `compareKeys` wherever two prefixes differ.
+func keyPrefix(_ key: [UInt8]) -> UInt64 {
+    var prefix: UInt64 = 0
+    for i in 0..<8 { prefix = prefix << 8 | UInt64(i < key.count ? key[i] : 0) }
+    return prefix
+}
+
+/// A fast 64-bit hash of a key's bytes (for the pending-key filter, where a
+/// collision costs only an unneeded apply).
+func keyHash(_ key: [UInt8]) -> UInt64 {
+    key.withUnsafeBytes { bytes in
+        var h: UInt64 = 0x9E37_79B9_7F4A_7C15 ^ UInt64(bytes.count)
+        var i = 0
+        while i + 8 <= bytes.count {
+            h = (h ^ bytes.loadUnaligned(fromByteOffset: i, as: UInt64.self)) &* 0xFF51_AFD7_ED55_8CCD
+            h ^= h >> 32
+            i += 8
+        }
+        while i < bytes.count {
+            h = (h ^ UInt64(bytes[i])) &* 0x0100_0000_01B3
+            i += 1
+        }
+        h ^= h >> 33
+        h = h &* 0xC4CE_B9FE_1A85_EC53
+        return h ^ (h >> 33)
+    }
 }
