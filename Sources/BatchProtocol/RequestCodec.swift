@@ -21,6 +21,10 @@ public enum RequestCodec {
                 b.writeU64(shard)
                 b.writeKey(key)
             case .batchPut(let client, let shard, let items):
+                // One allocation for the whole frame, not a doubling per overflow.
+                b.reserveCapacity(minimumWritableBytes: items.reduce(64 + client.utf8.count) {
+                    $0 + 8 + $1.key.count + $1.value.count + $1.indexes.reduce(0) { $0 + 6 + $1.name.utf8.count + $1.value.count }
+                })
                 b.writeStr(client)
                 b.writeU64(shard)
                 b.writeU32(UInt32(items.count))

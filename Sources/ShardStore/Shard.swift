@@ -971,24 +971,33 @@ public final class Shard: @unchecked Sendable {
     /// random keys would jump between pages. Items of one key keep their log
     /// order, so the last one wins, as it would applied batch by batch.
     private func applyInKeyOrder(_ txn: Transaction, _ batches: [[EntryWrite]]) throws {
-        // Sorted by the keys' first 8 bytes as an integer, then whole keys, then log order.
-        typealias Position = (prefix: UInt64, batch: Int32, item: Int32)
+        let items = batches.count == 1 ? batches[0] : Array(batches.joined())
+        // The keys go into one buffer, so the sort compares bytes without touching
+        // (and retaining) the items; it orders by the first 8 bytes as an integer,
+        // then by whole keys, then by log order (the items' order).
+        typealias Position = (prefix: UInt64, offset: UInt32, length: UInt32, index: UInt32)
+        var keys: [UInt8] = []
+        keys.reserveCapacity(items.reduce(0) { $0 + $1.key.count })
         var order: [Position] = []
-        order.reserveCapacity(batches.reduce(0) { $0 + $1.count })
-        for (b, items) in batches.enumerated() {
-            for i in items.indices { order.append((keyPrefix(items[i].key), Int32(b), Int32(i))) }
+        order.reserveCapacity(items.count)
+        for (i, item) in items.enumerated() {
+            order.append((keyPrefix(item.key), UInt32(keys.count), UInt32(item.key.count), UInt32(i)))
+            keys.append(contentsOf: item.key)
         }
-        func precedes(_ x: Position, _ y: Position) -> Bool {
-            if x.prefix != y.prefix { return x.prefix < y.prefix }
-            let c = compareKeys(batches[Int(x.batch)][Int(x.item)].key, batches[Int(y.batch)][Int(y.item)].key)
-            return c != 0 ? c < 0 : (x.batch, x.item) < (y.batch, y.item)
-        }
-        // Appends (keys already increasing) need no sort.
-        if !order.indices.dropFirst().allSatisfy({ precedes(order[$0 - 1], order[$0]) }) {
-            order.sort(by: precedes)
+        keys.withUnsafeBytes { keys in
+            func precedes(_ x: Position, _ y: Position) -> Bool {
+                if x.prefix != y.prefix { return x.prefix < y.prefix }
+                let c = compareKeys(UnsafeRawBufferPointer(rebasing: keys[Int(x.offset)..<Int(x.offset + x.length)]),
+                                    UnsafeRawBufferPointer(rebasing: keys[Int(y.offset)..<Int(y.offset + y.length)]))
+                return c != 0 ? c < 0 : x.index < y.index
+            }
+            // Appends (keys already increasing) need no sort.
+            if !order.indices.dropFirst().allSatisfy({ precedes(order[$0 - 1], order[$0]) }) {
+                order.sort(by: precedes)
+            }
         }
         for position in order {
-            try applyItems(txn, CollectionOfOne(batches[Int(position.batch)][Int(position.item)]))
+            try applyItems(txn, CollectionOfOne(items[Int(position.index)]))
         }
     }
 
