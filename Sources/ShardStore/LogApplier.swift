@@ -4,9 +4,9 @@ import Foundation
 /// a shard has enough pending for a transaction where entries share B-tree pages
 /// (`Shard.applyThreshold`), or until its writers pause for `idleDelay`, so under
 /// load LMDB gets few large transactions, and after the load it (and read-only
-/// views of the shard) catch up within milliseconds. Reads never wait for it:
-/// they apply what is pending themselves. One thread for all shards, started on
-/// first use.
+/// views of the shard) catch up within milliseconds. Readers do not wait for it:
+/// a read that needs pending batches applies them itself. One thread for all
+/// shards, started on first use.
 final class LogApplier: @unchecked Sendable {
     static let shared = LogApplier()
     static let idleDelay = Duration.milliseconds(5)

@@ -204,13 +204,20 @@ public final class Shard: @unchecked Sendable {
         var cost = 0
     }
 
-    /// Memory held by logged batches waiting for LMDB past which a batch put applies them first.
-    static let pendingLimit = 64 << 20
+    /// Memory held by a shard's logged batches waiting for LMDB past which a batch
+    /// put applies them first. Larger applies touch each B-tree page for more
+    /// entries: with random keys, a transaction's cost follows the pages it
+    /// touches, not its entries.
+    static let pendingLimit = 256 << 20
+    /// The same for all shards of the process together (a writer over it applies
+    /// its own shard's batches first).
+    static let processPendingLimit = 1 << 30
+    private static let processPending = PendingTotal()
     /// Room kept free beside what logged batches may take: for direct writes in
     /// flight (a staged value commits 32 MiB at a time) and LMDB's own pages.
     static let logRoomMargin = 64 << 20
     /// Pending memory at which the background applier applies without waiting for a pause.
-    static let applyThreshold = 32 << 20
+    static let applyThreshold = 64 << 20
     private let batchLogLimit: Int
     static let logAppliedKey = Array("logApplied".utf8)
 
@@ -743,6 +750,11 @@ public final class Shard: @unchecked Sendable {
 
     // MARK: The batch log
 
+    deinit {
+        // Batches still pending stay in the log, for the next open to replay.
+        Self.processPending.add(-pendingBytes)
+    }
+
     /// Whether batch puts go through the batch log (see `log`).
     var usesBatchLog: Bool { log != nil }
 
@@ -780,7 +792,10 @@ public final class Shard: @unchecked Sendable {
         let memory = Self.memorySize(valid)
         let (pending, failing) = logLock.withLock { (pendingBytes, logFailure != nil) }
         // Back-pressure, and a retry of a failed apply before more is acknowledged.
-        if failing || pending + memory > Self.pendingLimit { try applyLog() }
+        if failing || pending + memory > Self.pendingLimit
+            || Self.processPending.value + memory > Self.processPendingLimit {
+            try applyLog()
+        }
         var logged = false
         do {
             try logCommitter.submit { group in
@@ -871,6 +886,7 @@ public final class Shard: @unchecked Sendable {
         }
         lastLogged = ctx.next - 1
         let bytes = ctx.batches.reduce(0) { $0 + $1.bytes }
+        Self.processPending.add(bytes)
         logLock.withLock {
             pendingBatches += ctx.batches
             pendingBytes += bytes
@@ -948,6 +964,7 @@ public final class Shard: @unchecked Sendable {
         }
         let bytes = batches.reduce(0) { $0 + $1.bytes }
         let cost = batches.reduce(0) { $0 + $1.cost }
+        Self.processPending.add(-bytes)
         logLock.withLock {
             pendingBatches.removeFirst(batches.count)
             pendingBytes -= bytes
@@ -1362,4 +1379,12 @@ func keyHash(_ key: [UInt8]) -> UInt64 {
         h = h &* 0xC4CE_B9FE_1A85_EC53
         return h ^ (h >> 33)
     }
+}
+
+/// A byte count shared by all shards of the process.
+final class PendingTotal: @unchecked Sendable {
+    private let lock = NSLock()
+    private var total = 0
+    var value: Int { lock.withLock { total } }
+    func add(_ bytes: Int) { lock.withLock { total += bytes } }
 }
