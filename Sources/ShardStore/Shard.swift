@@ -820,19 +820,13 @@ public final class Shard: @unchecked Sendable {
         return true
     }
 
-    /// Whether a batch only appends: its keys increase and follow every key in the
-    /// shard, with nothing pending. That is LMDB's best case (new pages, filled in
-    /// order), so such a batch commits directly; the log pays off for scattered keys.
+    /// Whether a batch appends: it starts past every key in the shard, with
+    /// nothing pending. That is LMDB's best case (new pages, filled in order), so
+    /// such a batch commits directly; the log pays off for scattered keys. (A
+    /// heuristic: only the first key is checked. Either path is correct.)
     private func extendsInKeyOrder(_ items: [EntryWrite], _ statuses: [ShardError?]) throws -> Bool {
-        guard !hasPendingBatches else { return false }
-        var first: [UInt8]?, previous: [UInt8]?
-        for i in items.indices where statuses[i] == nil {
-            guard !items[i].isDeletion else { return false }
-            if let previous, compareKeys(previous, items[i].key) >= 0 { return false }
-            if first == nil { first = items[i].key }
-            previous = items[i].key
-        }
-        guard let first else { return false }
+        guard !hasPendingBatches, let i = statuses.firstIndex(where: { $0 == nil }), !items[i].isDeletion else { return false }
+        let first = items[i].key
         let entries = self.entries
         return try readTransaction(applyingLog: false) { txn in
             try txn.withCursor(entries) { cursor in

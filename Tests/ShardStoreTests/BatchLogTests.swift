@@ -156,7 +156,8 @@ import Testing
         let path = dir.sub("shard-7")
         var largest = 0
         for b in 0..<200 {
-            _ = try shard.batchPut((0..<10).reversed().map { put("b\(b)-\($0)", String(repeating: "v", count: 200)) }, clientID: "owner")
+            // Each batch starts below the keys already there, so it is logged.
+            _ = try shard.batchPut((0..<10).map { put("b\(999 - b)-\($0)", String(repeating: "v", count: 200)) }, clientID: "owner")
             largest = max(largest, try logSize(path))
         }
         #expect(largest > 0)
@@ -171,9 +172,9 @@ import Testing
         _ = try shard.batchPut([put("a1", "v"), put("a2", "v")], clientID: "owner")
         _ = try shard.batchPut([put("a3", "v"), put("a4", "v")], clientID: "owner")
         #expect(try logSize(path) == 0)
-        _ = try shard.batchPut([put("a6", "v"), put("a5", "v")], clientID: "owner")
+        _ = try shard.batchPut([put("a0", "v"), put("a5", "v")], clientID: "owner")
         #expect(try logSize(path) > 0)
-        #expect(try shard.list().map(\.key.description) == ["a1", "a2", "a3", "a4", "a5", "a6"])
+        #expect(try shard.list().map(\.key.description) == ["a0", "a1", "a2", "a3", "a4", "a5"])
     }
 
     @Test func visitingEntriesSeesLoggedBatches() throws {
@@ -211,7 +212,8 @@ import Testing
         let dir = try TemporaryDirectory("log")
         let shard = try makeShard(dir)
         shard.applyFault = { throw ShardError.storage("injected: disk failing") }
-        // Keys out of order: an append in key order would commit directly.
+        // A batch that starts past every key commits directly; this one is logged.
+        _ = try shard.batchPut([put("z", "first")], clientID: "owner")
         _ = try shard.batchPut([put("other", "x"), put("k", "logged")], clientID: "owner")
 
         #expect(throws: ShardError.self) { try shard.put(key("k"), value: bytes("direct"), clientID: "owner") }
