@@ -95,7 +95,7 @@ extension Shard {
         }
     }
 
-    /// Chunk sets listed in `staging` (for tests: what a crash or a failure left).
+    /// Chunk sets listed in `staging`: what writes in progress, a crash or a failure left.
     public func stagedSets() throws -> [UInt64] {
         try readTransaction(applyingLog: false) { txn in
             try txn.withCursor(staging) { cursor in

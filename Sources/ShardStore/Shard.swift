@@ -429,18 +429,7 @@ public final class Shard: @unchecked Sendable {
 
     /// At open: chunk sets a crash left half-written are garbage.
     private func discardStagedChunks() throws {
-        let sets: [UInt64] = try env.read { txn in
-            try txn.withCursor(staging) { cursor in
-                var found: [UInt64] = []
-                var pair = try cursor.first()
-                while let p = pair {
-                    if p.key.count == 8 { found.append(UInt64(bigEndian: p.key.loadUnaligned(as: UInt64.self))) }
-                    pair = try cursor.next()
-                }
-                return found
-            }
-        }
-        for set in sets { try discardStaged(set) }
+        for set in try stagedSets() { try discardStaged(set) }
     }
 
     /// Replaces an entry's indexes, leaving its value and time untouched; `change`
