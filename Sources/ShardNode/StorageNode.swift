@@ -1,4 +1,5 @@
 import Foundation
+import LMDB
 import Logging
 import Metadata
 import MetadataEtcd
@@ -30,6 +31,7 @@ public final class StorageNode: Sendable {
     public static func start(_ config: Configuration, lockTimeout: Duration = .seconds(30),
                              logger: Logger = Logger(label: "shardfs.node")) async throws -> StorageNode {
         try config.validate()
+        keepDirtyPagesInTheHeap()
         do {
             try FileManager.default.createDirectory(atPath: config.node.dataDir, withIntermediateDirectories: true)
             try FileManager.default.createDirectory(atPath: config.resolvedVolumeRoot, withIntermediateDirectories: true)
