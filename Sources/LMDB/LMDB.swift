@@ -244,10 +244,20 @@ public struct Transaction {
 
     /// Reserves `count` bytes for `key` if the key is absent, else returns its value
     /// untouched — one B-tree lookup either way (MDB_NOOVERWRITE | MDB_RESERVE).
+    /// `appending`: the key is probably past every key in the database; then it is
+    /// first tried with MDB_APPEND, which skips the search and, when a page
+    /// splits, leaves the old page full instead of half full.
     @inlinable
-    public func reserveIfAbsent(_ db: Database, _ key: UnsafeRawBufferPointer, count: Int) throws -> Reservation {
+    public func reserveIfAbsent(_ db: Database, _ key: UnsafeRawBufferPointer, count: Int,
+                                appending: Bool = false) throws -> Reservation {
         var k = MDB_val(key)
         var v = MDB_val(mv_size: count, mv_data: nil)
+        if appending {
+            let rc = mdb_put(txn, db.handle, &k, &v, UInt32(MDB_APPEND | MDB_RESERVE))
+            if rc == 0 { return .reserved(UnsafeMutableRawBufferPointer(start: v.mv_data, count: count)) }
+            if rc != MDB_KEYEXIST { try check(rc) }
+            v = MDB_val(mv_size: count, mv_data: nil)  // not past the last key: look it up
+        }
         let rc = mdb_put(txn, db.handle, &k, &v, UInt32(MDB_NOOVERWRITE | MDB_RESERVE))
         if rc == MDB_KEYEXIST { return .existing(v.buffer) }
         try check(rc)

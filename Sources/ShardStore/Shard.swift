@@ -480,7 +480,10 @@ public final class Shard: @unchecked Sendable {
         }
         if invalid == items.count { return statuses }
         let now = Shard.now()
-        if try logBatch(items, statuses: statuses, now: now, clientID: clientID) { return statuses }
+        // A batch that starts past every key commits directly, appending (LMDB's
+        // best case); the batch log is for scattered keys.
+        let appending = try extendsInKeyOrder(items, statuses)
+        if !appending, try logBatch(items, statuses: statuses, now: now, clientID: clientID) { return statuses }
         try write(clientID: clientID) { [statuses] ctx in
             for i in items.indices where statuses[i] == nil {
                 if items[i].isDeletion {
@@ -490,7 +493,7 @@ public final class Shard: @unchecked Sendable {
                         try self.removeEntry(ctx.txn, key: items[i].key, old: old)
                     }
                 } else {
-                    try self.writeEntry(ctx.txn, items[i], defaultTime: now)
+                    try self.writeEntry(ctx.txn, items[i], defaultTime: now, appending: appending)
                 }
                 ctx.changed(items[i].key)
             }
@@ -763,7 +766,6 @@ public final class Shard: @unchecked Sendable {
         guard log != nil else { return false }
         guard !clientID.isEmpty else { throw ShardError.clientIDRequired }
         guard clientID == owner else { throw ShardError.fenced(owner: owner, client: clientID) }
-        if try extendsInKeyOrder(items, statuses) { return false }
         var valid: [EntryWrite] = []
         valid.reserveCapacity(items.count)
         for i in items.indices where statuses[i] == nil {
@@ -1169,7 +1171,7 @@ public final class Shard: @unchecked Sendable {
         }
     }
 
-    private func writeEntry(_ txn: Transaction, _ item: EntryWrite, defaultTime: Int64) throws {
+    private func writeEntry(_ txn: Transaction, _ item: EntryWrite, defaultTime: Int64, appending: Bool = false) throws {
         var indexes = item.indexes
         if item.keepsIndexes, let old = try txn.get(entries, item.key) {
             // Mid-batch: an unreadable record must abort the transaction, not leave it half done.
@@ -1177,7 +1179,7 @@ public final class Shard: @unchecked Sendable {
             indexes = view.indexes()
         }
         try item.value.withUnsafeBytes { v in
-            try writeEntry(txn, key: item.key, size: v.count, indexes: indexes,
+            try writeEntry(txn, key: item.key, size: v.count, indexes: indexes, appending: appending,
                            modificationTime: item.modificationTime ?? defaultTime) { offset, out in
                 out.copyMemory(from: UnsafeRawBufferPointer(rebasing: v[offset..<(offset + out.count)]))
             }
@@ -1188,7 +1190,7 @@ public final class Shard: @unchecked Sendable {
     /// piecewise, into the record itself or into reserved chunk space: no extra copy.
     /// `stagedChunkSet`: the value's chunks are already written there.
     func writeEntry(_ txn: Transaction, key: [UInt8], size: Int, indexes newIndexes: [IndexPair],
-                            modificationTime: Int64, stagedChunkSet: UInt64? = nil,
+                            appending: Bool = false, modificationTime: Int64, stagedChunkSet: UInt64? = nil,
                             source: (Int, UnsafeMutableRawBufferPointer) throws -> Void) throws {
         let chunked = size > chunkSize
         let chunkSet: UInt64? = chunked ? try stagedChunkSet ?? newChunkSet(txn) : nil
@@ -1197,7 +1199,7 @@ public final class Shard: @unchecked Sendable {
             // One lookup for a new key (the append workload); an existing key is
             // cleaned of its chunks and index rows, then overwritten.
             var out: UnsafeMutableRawBufferPointer
-            switch try txn.reserveIfAbsent(entries, k, count: count) {
+            switch try txn.reserveIfAbsent(entries, k, count: count, appending: appending) {
             case .reserved(let buffer):
                 out = buffer
             case .existing(let raw):

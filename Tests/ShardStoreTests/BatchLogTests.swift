@@ -175,6 +175,14 @@ import Testing
         _ = try shard.batchPut([put("a0", "v"), put("a5", "v")], clientID: "owner")
         #expect(try logSize(path) > 0)
         #expect(try shard.list().map(\.key.description) == ["a0", "a1", "a2", "a3", "a4", "a5"])
+
+        // Starts past the end, then goes back: appended where it can, looked up
+        // (and overwritten) where it cannot.
+        try shard.applyLog()
+        _ = try shard.batchPut([put("a7", "v7"), put("a6", "v6"), put("a1", "new"), put("a8", "v8")], clientID: "owner")
+        #expect(try shard.list().map(\.key.description) == ["a0", "a1", "a2", "a3", "a4", "a5", "a6", "a7", "a8"])
+        #expect(try shard.get(key("a1")).value == bytes("new"))
+        #expect(try shard.get(key("a6")).value == bytes("v6"))
     }
 
     @Test func visitingEntriesSeesLoggedBatches() throws {
