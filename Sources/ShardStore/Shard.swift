@@ -482,19 +482,11 @@ public final class Shard: @unchecked Sendable {
         let now = Shard.now()
         // A batch that starts past every key commits directly, appending (LMDB's
         // best case); the batch log is for scattered keys.
-        let appending = try extendsInKeyOrder(items, statuses)
+        let appending = try startsPastLastKey(items, statuses)
         if !appending, try logBatch(items, statuses: statuses, now: now, clientID: clientID) { return statuses }
         try write(clientID: clientID) { [statuses] ctx in
             for i in items.indices where statuses[i] == nil {
-                if items[i].isDeletion {
-                    // Changes were made: an unreadable record aborts the whole group.
-                    if let raw = try ctx.txn.get(self.entries, items[i].key) {
-                        guard let old = try? self.oldEntry(raw) else { throw LMDBError.corrupted }
-                        try self.removeEntry(ctx.txn, key: items[i].key, old: old)
-                    }
-                } else {
-                    try self.writeEntry(ctx.txn, items[i], defaultTime: now, appending: appending)
-                }
+                try self.applyItem(ctx.txn, items[i], defaultTime: now, appending: appending)
                 ctx.changed(items[i].key)
             }
         }
@@ -815,7 +807,7 @@ public final class Shard: @unchecked Sendable {
     /// nothing pending. That is LMDB's best case (new pages, filled in order), so
     /// such a batch commits directly; the log pays off for scattered keys. (A
     /// heuristic: only the first key is checked. Either path is correct.)
-    private func extendsInKeyOrder(_ items: [EntryWrite], _ statuses: [ShardError?]) throws -> Bool {
+    private func startsPastLastKey(_ items: [EntryWrite], _ statuses: [ShardError?]) throws -> Bool {
         guard !hasPendingBatches, let i = statuses.firstIndex(where: { $0 == nil }), !items[i].isDeletion else { return false }
         let first = items[i].key
         let entries = self.entries
@@ -945,7 +937,7 @@ public final class Shard: @unchecked Sendable {
         if let fault = applyFault { try fault() }
         try env.write { txn in
             try applyInKeyOrder(txn, batches.map(\.items))
-            try txn.put(meta, Self.logAppliedKey, withUnsafeBytes(of: batches.last!.sequence.bigEndian) { Array($0) })
+            try setMetaCounter(txn, Self.logAppliedKey, batches.last!.sequence)
         }
         let bytes = batches.reduce(0) { $0 + $1.bytes }
         let cost = batches.reduce(0) { $0 + $1.cost }
@@ -999,20 +991,19 @@ public final class Shard: @unchecked Sendable {
             }
         }
         for position in order {
-            try applyItems(txn, CollectionOfOne(items[Int(position.index)]))
+            try applyItem(txn, items[Int(position.index)], defaultTime: Shard.now())
         }
     }
 
-    private func applyItems(_ txn: Transaction, _ items: some Sequence<EntryWrite>) throws {
-        for item in items {
-            if item.isDeletion {
-                if let raw = try txn.get(entries, item.key) {
-                    guard let old = try? oldEntry(raw) else { throw LMDBError.corrupted }
-                    try removeEntry(txn, key: item.key, old: old)
-                }
-            } else {
-                try writeEntry(txn, item, defaultTime: item.modificationTime ?? Shard.now())
-            }
+    /// One item of a batch: a put, or a delete (nothing happens if the entry is
+    /// absent). Mid-batch, an unreadable old record aborts the whole transaction.
+    private func applyItem(_ txn: Transaction, _ item: EntryWrite, defaultTime: Int64, appending: Bool = false) throws {
+        guard item.isDeletion else {
+            return try writeEntry(txn, item, defaultTime: defaultTime, appending: appending)
+        }
+        if let raw = try txn.get(entries, item.key) {
+            guard let old = try? oldEntry(raw) else { throw LMDBError.corrupted }
+            try removeEntry(txn, key: item.key, old: old)
         }
     }
 
@@ -1022,29 +1013,22 @@ public final class Shard: @unchecked Sendable {
     /// shard is then full for new writes).
     private func replayLog() throws {
         guard let log else { return }
-        let meta = self.meta
-        let applied = try env.read { txn in
-            try txn.get(meta, Self.logAppliedKey).map { $0.count == 8 ? UInt64(bigEndian: $0.loadUnaligned(as: UInt64.self)) : 0 } ?? 0
-        }
+        let applied = try env.read { txn in try metaCounter(txn, Self.logAppliedKey) }
         let records = try log.records().filter { $0.sequence > applied }
         if let last = records.last {
             let apply = {
                 try self.env.write { txn in
                     try self.applyInKeyOrder(txn, records.map(\.items))
-                    try txn.put(meta, Self.logAppliedKey, withUnsafeBytes(of: last.sequence.bigEndian) { Array($0) })
+                    try self.setMetaCounter(txn, Self.logAppliedKey, last.sequence)
                 }
             }
             do {
-                try apply()
-            } catch let error as LMDBError where error == .mapFull {
-                // No transaction is open on this new environment, so the map may grow.
-                let needed = Self.applyCost(records.flatMap(\.items))
-                do {
+                do { try apply() } catch let error as LMDBError where error == .mapFull {
+                    // No transaction is open on this new environment, so the map may grow.
+                    let needed = Self.applyCost(records.flatMap(\.items))
                     try env.setMapSize(env.info.mapSize + 2 * env.info.usedBytes + needed + Self.logRoomMargin)
                     try apply()
                     try env.setMapSize(sizeLimit)  // LMDB keeps at least what is in use
-                } catch {
-                    throw ShardError.storage("cannot apply the batch log of \(path): \(ShardError.from(error, limit: sizeLimit))")
                 }
             } catch {
                 throw ShardError.storage("cannot apply the batch log of \(path): \(ShardError.from(error, limit: sizeLimit))")
@@ -1229,10 +1213,20 @@ public final class Shard: @unchecked Sendable {
 
     /// A chunk set ID never used before in this shard.
     func newChunkSet(_ txn: Transaction) throws -> UInt64 {
-        let key = Array("lastChunkSet".utf8)
-        let last = try txn.get(meta, key).map { $0.count == 8 ? UInt64(bigEndian: $0.loadUnaligned(as: UInt64.self)) : 0 } ?? 0
-        try txn.put(meta, key, chunkSetKey(last + 1))
+        let last = try metaCounter(txn, Self.lastChunkSetKey)
+        try setMetaCounter(txn, Self.lastChunkSetKey, last + 1)
         return last + 1
+    }
+
+    static let lastChunkSetKey = Array("lastChunkSet".utf8)
+
+    /// A number kept in `meta` (8 bytes, big-endian); 0 when absent.
+    private func metaCounter(_ txn: Transaction, _ key: [UInt8]) throws -> UInt64 {
+        try txn.get(meta, key).map { $0.count == 8 ? UInt64(bigEndian: $0.loadUnaligned(as: UInt64.self)) : 0 } ?? 0
+    }
+
+    private func setMetaCounter(_ txn: Transaction, _ key: [UInt8], _ value: UInt64) throws {
+        try txn.put(meta, key, withUnsafeBytes(of: value.bigEndian) { Array($0) })
     }
 
     private func deleteChunkSet(_ txn: Transaction, _ set: UInt64) throws {

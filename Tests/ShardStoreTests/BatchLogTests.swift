@@ -185,6 +185,32 @@ import Testing
         #expect(try shard.get(key("a6")).value == bytes("v6"))
     }
 
+    /// A logged batch keeps the per-item rules of the direct path: invalid items
+    /// get their error and are skipped, a delete of a missing entry does nothing,
+    /// and the rest survives a reopen.
+    @Test func aLoggedBatchReportsInvalidItemsAndKeepsTheRest() throws {
+        let dir = try TemporaryDirectory("log")
+        var shard: Shard? = try makeShard(dir)
+        _ = try shard!.batchPut([put("z", "first")], clientID: "owner")
+        let statuses = try shard!.batchPut([
+            put("m", "1"),
+            put("bad/key", "2"),
+            EntryWrite(key: bytes("dup"), value: bytes("3"),
+                       indexes: [IndexPair(name: "i", value: "a"), IndexPair(name: "i", value: "b")]),
+            .deletion(of: bytes("never-there")),
+            put("c", "4", indexes: [IndexPair(name: "colour", value: "blue")]),
+        ], clientID: "owner")
+        #expect(try logSize(dir.sub("shard-7")) > 0)  // this batch took the log
+        #expect(statuses.map { $0 == nil } == [true, false, false, true, true])
+        #expect(throws: ShardError.fenced(owner: "owner", client: "intruder")) {
+            _ = try shard!.batchPut([put("a", "x")], clientID: "intruder")
+        }
+        shard = nil
+        shard = try Shard.open(at: dir.sub("shard-7"))
+        #expect(try shard!.list().map(\.key.description) == ["c", "m", "z"])
+        #expect(try shard!.find(indexName: "colour", value: bytes("blue")) == [key("c")])
+    }
+
     @Test func visitingEntriesSeesLoggedBatches() throws {
         let dir = try TemporaryDirectory("log")
         let shard = try makeShard(dir)
