@@ -35,11 +35,10 @@ final class RequestExecutor: Sendable {
 
     func runSync(_ works: [Work], resume cursors: [StreamCursor] = []) -> Outcome {
         var outcome = Outcome()
-        let local = ShardLookup(shards.localShards())
         var i = 0
         while i < works.count {
             let work = works[i]
-            guard let id = work.request.dataShard, let shard = local[id] else {
+            guard let id = work.request.dataShard, let shard = shards.localShard(id) else {
                 outcome.deferred.append(work)
                 i += 1
                 continue
@@ -55,7 +54,7 @@ final class RequestExecutor: Sendable {
             i = end
         }
         for cursor in cursors {
-            if let shard = local[cursor.shard] {
+            if let shard = shards.localShard(cursor.shard) {
                 stream(cursor, shard, &outcome)
             } else {
                 finishStream(cursor, Status(.shardNotFound, "shard \(cursor.shard) went away during the stream"), &outcome)
@@ -296,20 +295,5 @@ final class RequestExecutor: Sendable {
                   figures: listing.stats.map {
                       ShardFigures(entries: UInt64($0.entries), usedBytes: UInt64($0.usedBytes), limitBytes: UInt64($0.limitBytes))
                   })
-    }
-}
-
-/// The loaded shards by ID, looked up by binary search (the manager hands them sorted).
-struct ShardLookup {
-    let sorted: [Shard]
-    init(_ sorted: [Shard]) { self.sorted = sorted }
-
-    subscript(id: UInt64) -> Shard? {
-        var lo = 0, hi = sorted.count
-        while lo < hi {
-            let mid = (lo + hi) / 2
-            if sorted[mid].id < id { lo = mid + 1 } else { hi = mid }
-        }
-        return lo < sorted.count && sorted[lo].id == id ? sorted[lo] : nil
     }
 }

@@ -93,7 +93,10 @@ public final class EmbeddedMetadataStore: MetadataStore, @unchecked Sendable {
         guard !shard.ownerClientID.isEmpty else { throw MetadataError.invalidArgument("a shard needs an owner client ID") }
         try await write { txn in
             let key = Self.shardKey(shard.shardID)
-            if try txn.get(self.shards, key) != nil { throw MetadataError.alreadyExists("shard \(shard.shardID)") }
+            if let existing = try txn.get(self.shards, key) {
+                if (try? JSONDecoder().decode(ShardRecord.self, from: Data(existing))) == shard { return }
+                throw MetadataError.alreadyExists("shard \(shard.shardID)")
+            }
             try txn.put(self.shards, key, try JSONEncoder().encode(shard).bytes)
             // A shard recorded with an ID above the counter moves the counter, so
             // generated IDs never collide with it.
@@ -137,7 +140,8 @@ public final class EmbeddedMetadataStore: MetadataStore, @unchecked Sendable {
     public func registerVolume(_ volume: VolumeRecord) async throws {
         guard !volume.volumeID.isEmpty else { throw MetadataError.invalidArgument("a volume ID must not be empty") }
         try await write { txn in
-            if try txn.get(self.volumes, Array(volume.volumeID.utf8)) != nil {
+            if let existing = try txn.get(self.volumes, Array(volume.volumeID.utf8)) {
+                if (try? JSONDecoder().decode(VolumeRecord.self, from: Data(existing))) == volume { return }
                 throw MetadataError.alreadyExists("volume \(volume.volumeID)")
             }
             try self.store(txn, self.volumes, key: volume.volumeID, volume)

@@ -132,7 +132,8 @@ public protocol MetadataStore: Sendable {
     func claimShardID(_ id: UInt64) async throws
 
     // Shards
-    /// `alreadyExists` if a shard with this ID is recorded.
+    /// `alreadyExists` if another shard with this ID is recorded. The same record
+    /// already there succeeds: a retried create whose first try landed.
     func createShard(_ shard: ShardRecord) async throws
     func getShard(_ shardID: UInt64) async throws -> ShardRecord
     /// Allowed: open → closed, open/closed → deleting, and to the same state.

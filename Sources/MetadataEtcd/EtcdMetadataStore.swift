@@ -100,7 +100,7 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
         let value = try encode(node)
         if let existing = lock.withLock({ leases[node.nodeID] }) {
             do {
-                try await put(nodeKey(node.nodeID), value, lease: existing.leaseID)
+                try await put(nodeKey(node.nodeID), value, lease: lock.withLock { existing.leaseID })
                 lock.withLock { existing.record = node }
                 return
             } catch MetadataError.notFound {
@@ -151,33 +151,32 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
     // MARK: Shard IDs
 
     public func generateShardID() async throws -> UInt64 {
-        var kv = try await get(counterKey)
-        for attempt in 0..<Self.maxCASAttempts {
-            let next = try counterValue(kv) + 1
-            let response = try await txn(
-                compare: [guardRevision(counterKey, kv)],
-                success: [putOp(counterKey, Data(String(next).utf8))],
-                failure: [rangeOp(counterKey)])
-            if response.didSucceed { return next }
-            kv = response.responses?.first?.response_range?.kvs?.first
-            try await backoffAfterLostCAS(attempt)
-        }
-        throw MetadataError.unavailable("the shard ID counter is too contended")
+        try await advanceCounter { $0 + 1 }
     }
 
+    /// Not idempotent under retry: a claim that landed and is retried finds its
+    /// own ID taken (`alreadyExists`), as it would another node's.
     public func claimShardID(_ id: UInt64) async throws {
         guard id > 0 else { throw MetadataError.invalidArgument("shard ID 0 is reserved") }
-        var kv = try await get(counterKey)
-        for attempt in 0..<Self.maxCASAttempts {
-            let highest = try counterValue(kv)
+        _ = try await advanceCounter { highest in
             guard id > highest else {
                 throw MetadataError.alreadyExists("shard ID \(id) is taken (IDs up to \(highest) have been handed out)")
             }
+            return id
+        }
+    }
+
+    /// Moves the shard ID counter from its value to `next(value)` by compare-and-swap,
+    /// retrying when another writer moved it first; returns the new value.
+    private func advanceCounter(_ next: (UInt64) throws -> UInt64) async throws -> UInt64 {
+        var kv = try await get(counterKey)
+        for attempt in 0..<Self.maxCASAttempts {
+            let value = try next(try counterValue(kv))
             let response = try await txn(
                 compare: [guardRevision(counterKey, kv)],
-                success: [putOp(counterKey, Data(String(id).utf8))],
+                success: [putOp(counterKey, Data(String(value).utf8))],
                 failure: [rangeOp(counterKey)])
-            if response.didSucceed { return }
+            if response.didSucceed { return value }
             kv = response.responses?.first?.response_range?.kvs?.first
             try await backoffAfterLostCAS(attempt)
         }
@@ -204,7 +203,9 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
             let response = try await txn(compare: compare, success: success, failure: [rangeOp(key), rangeOp(counterKey)])
             if response.didSucceed { return }
             let answers = response.responses ?? []
-            if answers.first?.response_range?.kvs?.isEmpty == false {
+            if let existing = answers.first?.response_range?.kvs?.first {
+                // A retry of a create whose first try landed finds its own record.
+                if (try? decode(ShardRecord.self, existing)) == shard { return }
                 throw MetadataError.alreadyExists("shard \(shard.shardID)")
             }
             counter = answers.count > 1 ? answers[1].response_range?.kvs?.first : try await get(counterKey)
@@ -241,8 +242,14 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
     public func registerVolume(_ volume: VolumeRecord) async throws {
         guard !volume.volumeID.isEmpty else { throw MetadataError.invalidArgument("a volume ID must not be empty") }
         let key = volumeKey(volume.volumeID)
-        let response = try await txn(compare: [createdAbsent(key)], success: [putOp(key, try encode(volume))], failure: [])
-        guard response.didSucceed else { throw MetadataError.alreadyExists("volume \(volume.volumeID)") }
+        let response = try await txn(compare: [createdAbsent(key)], success: [putOp(key, try encode(volume))],
+                                     failure: [rangeOp(key)])
+        guard response.didSucceed else {
+            // A retry of a register whose first try landed finds its own record.
+            if let existing = response.responses?.first?.response_range?.kvs?.first,
+               (try? decode(VolumeRecord.self, existing)) == volume { return }
+            throw MetadataError.alreadyExists("volume \(volume.volumeID)")
+        }
     }
 
     public func getVolume(_ volumeID: String) async throws -> VolumeRecord {
@@ -381,14 +388,24 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
             let newLease = try await grantLease()
             let record = lock.withLock { () -> NodeRecord? in
                 guard leases[nodeID] === entry, !Task.isCancelled else { return nil }
-                entry.leaseID = newLease
                 return entry.record
             }
             guard let record else {
                 try? await revokeLease(newLease)
                 return
             }
-            try await put(nodeKey(nodeID), try encode(record), lease: newLease)
+            // The key first: if this put fails, the entry keeps the expired lease
+            // and the next tick tries again (not a live lease with no key on it).
+            do { try await put(nodeKey(nodeID), try encode(record), lease: newLease) } catch {
+                try? await revokeLease(newLease)
+                throw error
+            }
+            let adopted = lock.withLock { () -> Bool in
+                guard leases[nodeID] === entry else { return false }
+                entry.leaseID = newLease
+                return true
+            }
+            if !adopted { try? await revokeLease(newLease) }
         } catch {
             if !Task.isCancelled {
                 logger.warning("lease keepalive failed", metadata: ["node": "\(nodeID)", "error": "\(error)"])

@@ -26,7 +26,6 @@ final class EtcdWatch: CurlSink, @unchecked Sendable {
     /// The revision to resume at; nil before the first watch is created.
     private var nextRevision: Int64?
     private var buffer = Data()
-    private var eventsThisConnection = 0
     private var created = false
     /// Why etcd canceled the watch, if it did.
     private var cancelReason: String?
@@ -87,7 +86,6 @@ final class EtcdWatch: CurlSink, @unchecked Sendable {
             created = false
             cancelReason = nil
             compactRevision = nil
-            eventsThisConnection = 0
 
             let problem: String
             var token: String?
@@ -178,7 +176,6 @@ final class EtcdWatch: CurlSink, @unchecked Sendable {
             if let mapped = mapper(kv, event.isDelete) { continuation.yield(mapped) }
         }
         nextRevision = highest + 1
-        eventsThisConnection += events.count
         return true
     }
 }

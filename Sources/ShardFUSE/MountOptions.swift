@@ -54,7 +54,7 @@ public struct MountOptions: Sendable, Equatable {
             case "debug": debug = true
             case "fsname", "subtype": break  // set by the mount itself
             default:
-                if name == "rw" || Self.ignored.contains(name) { continue }
+                if Self.ignored.contains(name) { continue }
                 throw MountOptionError("unknown mount option \"\(option)\"")
             }
         }

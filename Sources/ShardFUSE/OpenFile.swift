@@ -50,6 +50,10 @@ final class OpenFile: @unchecked Sendable {
         }
     }
 
+    /// A taken small value was not committed after all (the check or the put
+    /// failed): the handle holds unwritten changes again.
+    func keepUncommitted() { lock.withLock { if !orphaned { dirty = true } } }
+
     /// The entry was renamed: later commits go to its new key.
     func renamed(to key: EntryKey) { lock.withLock { currentKey = key } }
 

@@ -65,6 +65,7 @@ public final class ShardFileSystem: @unchecked Sendable {
 
     private let lock = NSLock()
     private var files: [UInt64: OpenFile] = [:]
+    private var committedAll = false
     private var directories: [UInt64: DirectoryCursor] = [:]
     private var nextHandle: UInt64 = 1
 
@@ -112,7 +113,7 @@ public final class ShardFileSystem: @unchecked Sendable {
             return (rootAttributes(), options.attributeTimeout)
         case .shard(let id):
             let shard = try localShard(id)
-            return (shardAttributes(shard, ino), timeout(shard))
+            return (shardAttributes(shard, ino), attributeTimeout(shard))
         case .entry(let id, let key):
             let shard = try localShard(id)
             let entryKey = try EntryKey(key)
@@ -126,7 +127,7 @@ public final class ShardFileSystem: @unchecked Sendable {
                 return (fileAttributes(shard, ino, attributes), 0)
             }
             guard let committed else { throw FileSystemError(ENOENT, "entry \(entryKey) is gone") }
-            return (fileAttributes(shard, ino, committed), timeout(shard))
+            return (fileAttributes(shard, ino, committed), attributeTimeout(shard))
         }
     }
 
@@ -258,8 +259,7 @@ public final class ShardFileSystem: @unchecked Sendable {
         let file = OpenFile(shard: shard, key: key, inode: ino, writable: true, truncate: true,
                             clientID: options.clientID, spillDirectory: spillDirectory)
         let handle = register(file)
-        var attributes = EntryAttributes(key: key, size: 0, modificationTime: Self.now(), indexes: [])
-        if let existing = try shard.attributes(key) { attributes.modificationTime = existing.modificationTime }
+        let attributes = EntryAttributes(key: key, size: 0, modificationTime: Self.now(), indexes: [])
         return (EntryReply(inode: ino, attributes: fileAttributes(shard, ino, attributes), timeout: timeout(shard)), handle)
     }
 
@@ -297,10 +297,14 @@ public final class ShardFileSystem: @unchecked Sendable {
         return bytes.count
     }
 
-    /// close(): commits what this handle wrote; its error is close()'s error.
     /// close(): a small file's put is queued (visible at once, durable at fsync or
-    /// within milliseconds); a larger one is committed now. The error is close()'s.
-    func flush(_ handle: UInt64) throws { try commit(try file(handle), behind: true) }
+    /// within milliseconds); a larger one is committed now. The error is close()'s,
+    /// and so is that of an earlier queued batch of the shard that failed.
+    func flush(_ handle: UInt64) throws {
+        let file = try file(handle)
+        try commit(file, behind: true)
+        if let failure = writeBehind.takeFailure(shard: file.shard.id) { throw failure }
+    }
 
     /// fsync(): this file's changes and everything queued before them are durable.
     func fsync(_ handle: UInt64) throws {
@@ -319,22 +323,26 @@ public final class ShardFileSystem: @unchecked Sendable {
     private func commit(_ file: OpenFile, behind: Bool) throws {
         let id = file.shard.id
         if behind, let (value, time) = try file.takeSmallValue(limit: Self.writeBehindLimit) {
-            // Checked now, as a synchronous put would: owner, closed state, room.
-            try writable(file.shard)
-            let room = file.shard.sizeLimit - file.shard.usedBytesUpperBound - writeBehind.queuedBytes(shard: id)
-            if WriteBehind.cost(value.count) + 4096 < room,
-               writeBehind.enqueue(file.shard, clientID: options.clientID, key: file.key.bytes, value: value,
-                                   modificationTime: time ?? Self.now()) {
-                if let failure = writeBehind.takeFailure(shard: id) { throw failure }
-                return
-            }
-            // Near the limit, or the shard is closing: commit now, for an exact answer.
-            writeBehind.flush(shard: id)
-            try own(id, [file.key.bytes]) {
-                try file.shard.put(file.key, size: value.count, indexes: nil, clientID: options.clientID,
-                                   modificationTime: time) { offset, out in
-                    value.withUnsafeBytes { out.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[offset..<(offset + out.count)])) }
+            do {
+                // Checked now, as a synchronous put would: owner, closed state, room.
+                try writable(file.shard)
+                let room = file.shard.sizeLimit - file.shard.usedBytesUpperBound - writeBehind.queuedBytes(shard: id)
+                if WriteBehind.cost(value.count) + 4096 < room,
+                   writeBehind.enqueue(file.shard, clientID: options.clientID, key: file.key.bytes, value: value,
+                                       modificationTime: time ?? Self.now()) {
+                    return
                 }
+                // Near the limit, or the shard is closing: commit now, for an exact answer.
+                writeBehind.flush(shard: id)
+                try own(id, [file.key.bytes]) {
+                    try file.shard.put(file.key, size: value.count, indexes: nil, clientID: options.clientID,
+                                       modificationTime: time) { offset, out in
+                        value.withUnsafeBytes { out.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[offset..<(offset + out.count)])) }
+                    }
+                }
+            } catch {
+                file.keepUncommitted()  // the buffer still holds the value: a later close or release retries
+                throw error
             }
             return
         }
@@ -593,8 +601,10 @@ public final class ShardFileSystem: @unchecked Sendable {
         if !stale.isEmpty { invalidate?(stale) }
     }
 
-    /// Commits every open file (unmount: pending writes first).
+    /// Commits every open file (unmount: pending writes first). Runs once: the
+    /// session loop's end and libfuse's destroy callback both call it.
     func commitAll() {
+        guard lock.withLock({ () -> Bool in defer { committedAll = true }; return !committedAll }) else { return }
         for file in lock.withLock({ Array(files.values) }) {
             do { try commit(file, behind: false) } catch {
                 logger.error("could not commit an open file at unmount", metadata: ["key": "\(file.key)", "error": "\(error)"])
@@ -672,8 +682,14 @@ public final class ShardFileSystem: @unchecked Sendable {
         return String(attribute.dropFirst(Self.indexPrefix.count))
     }
 
+    /// How long the kernel may keep a name (and the attributes a lookup returns).
     private func timeout(_ shard: Shard) -> Double {
         shard.state == .closed ? options.closedTimeout : options.entryTimeout
+    }
+
+    /// How long the kernel may keep attributes that getattr returns.
+    private func attributeTimeout(_ shard: Shard) -> Double {
+        shard.state == .closed ? options.closedTimeout : options.attributeTimeout
     }
 
     private func dot(_ name: String, ino: UInt64, next: Int64) -> DirectoryItem {

@@ -28,6 +28,7 @@ public final class StorageNode: Sendable {
     /// Starts a node: opens the metadata store, registers the node, mounts the
     /// volumes it holds (creating its first ones on a fresh node) and restores its shards.
     /// Only one node runs per data folder: another process waits up to `lockTimeout` for it.
+    /// Also tunes malloc for the whole process (`keepDirtyPagesInTheHeap`).
     public static func start(_ config: Configuration, lockTimeout: Duration = .seconds(30),
                              logger: Logger = Logger(label: "shardfs.node")) async throws -> StorageNode {
         try config.validate()

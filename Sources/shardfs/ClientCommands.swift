@@ -58,6 +58,10 @@ struct ClientPut: AsyncParsableCommand {
     @Option(name: .long) var file: String?
     @Option(name: .long, help: "An index, name=value (repeatable).") var index: [String] = []
 
+    func validate() throws {
+        if value != nil && file != nil { throw ValidationError("give --value or --file, not both") }
+    }
+
     func run() async throws {
         let bytes = try value.map { Array($0.utf8) } ?? readInput(file)
         let indexes = try parseIndexes(index).map { IndexField(name: $0.name, value: $0.value) }

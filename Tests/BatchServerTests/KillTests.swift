@@ -58,7 +58,9 @@ final class ServeProcess: @unchecked Sendable {
                 }
             }
         }
-        while acked.count < 4_000 { try await Task.sleep(for: .milliseconds(20)) }
+        let deadline = ContinuousClock.now + .seconds(120)
+        while acked.count < 4_000 && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
+        try #require(acked.count >= 4_000, "the writers stalled before the kill")
         server.kill9()
         for w in writers { await w.value }
         await c.close()

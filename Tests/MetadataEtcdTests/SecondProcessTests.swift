@@ -52,8 +52,11 @@ import Testing
             await store.close()
             let deadline = clock.now + .seconds(60)
             while worker.isRunning && clock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
-            if worker.isRunning { worker.terminate() }
-            #expect(worker.terminationStatus == 0)
+            if worker.isRunning {
+                worker.terminate()
+                worker.waitUntilExit()
+            }
+            #expect(worker.terminationReason == .exit && worker.terminationStatus == 0)
             let theirs = try String(contentsOfFile: output, encoding: .utf8)
                 .split(separator: "\n").map { $0.split(separator: " ").compactMap { UInt64($0) } }
             #expect(theirs.count == Self.tasks)

@@ -23,7 +23,10 @@ import Testing
         let id = try await store.generateShardID()
         let record = ShardRecord(shardID: id, volumeID: "v1", ownerClientID: "c", sizeLimit: 1 << 20)
         try await store.createShard(record)
-        await #expect(throws: MetadataError.alreadyExists("shard \(id)")) { try await store.createShard(record) }
+        try await store.createShard(record)  // the same record again: a retry that succeeds
+        var other = record
+        other.volumeID = "v2"
+        await #expect(throws: MetadataError.alreadyExists("shard \(id)")) { try await store.createShard(other) }
         #expect(try await store.getShard(id) == record)
         #expect(try await store.updateShardState(id, to: .closed).state == .closed)
         await #expect(throws: MetadataError.self) { _ = try await store.updateShardState(id, to: .open) }
@@ -88,8 +91,9 @@ import Testing
         let dir = try TemporaryDirectory("meta")
         let store = try EmbeddedMetadataStore(path: dir.path)
         try await store.registerVolume(VolumeRecord(volumeID: "v1", primaryNodeID: "n1", mountPath: "/v1"))
+        try await store.registerVolume(VolumeRecord(volumeID: "v1", primaryNodeID: "n1", mountPath: "/v1"))  // a retry
         await #expect(throws: MetadataError.alreadyExists("volume v1")) {
-            try await store.registerVolume(VolumeRecord(volumeID: "v1", primaryNodeID: "n1", mountPath: "/v1"))
+            try await store.registerVolume(VolumeRecord(volumeID: "v1", primaryNodeID: "n2", mountPath: "/v1"))
         }
         try await store.addBackup(volumeID: "v1", nodeID: "n2")
         try await store.addBackup(volumeID: "v1", nodeID: "n2")

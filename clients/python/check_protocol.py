@@ -1,4 +1,4 @@
-"""Exercises every operation and status code of a running server through
+"""Exercises every operation, and the status codes a client can provoke, of a running server through
 shardfs_client.py. Exits non-zero on the first failure.
 
     python3 check_protocol.py --socket PATH [--tcp HOST:PORT --token T]

@@ -1,6 +1,6 @@
 """A small client of the ShardFS batch protocol, written from docs/PROTOCOL.md.
 
-Synchronous; requests may be pipelined with send()/receive() and matched by ID.
+Synchronous; requests may be pipelined with send()/frame() and matched by ID.
 """
 import socket
 import struct
