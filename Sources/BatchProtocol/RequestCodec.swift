@@ -82,14 +82,14 @@ public enum RequestCodec {
             request = .delete(client: try b.readStr("client ID"), shard: try b.readU64("shard"), key: try b.readKey())
         case .batchPut:
             let client = try b.readStr("client ID"), shard = try b.readU64("shard")
-            let n = try count(&b, minimumItemSize: 8)
+            let n = try b.readCount(minimumItemSize: 8)
             var items: [PutItem] = []
             items.reserveCapacity(n)
             for _ in 0..<n { items.append(try readItem(&b)) }
             request = .batchPut(client: client, shard: shard, items: items)
         case .batchGet:
             let shard = try b.readU64("shard")
-            let n = try count(&b, minimumItemSize: 2)
+            let n = try b.readCount(minimumItemSize: 2)
             var keys: [[UInt8]] = []
             keys.reserveCapacity(n)
             for _ in 0..<n { keys.append(try b.readKey()) }
@@ -113,12 +113,5 @@ public enum RequestCodec {
 
     private static func readItem(_ b: inout ByteBuffer) throws -> PutItem {
         PutItem(key: try b.readKey(), value: try b.readBlob("value"), indexes: try b.readIndexes())
-    }
-
-    /// A count that the remaining bytes can hold: a lying count must not make us reserve gigabytes.
-    private static func count(_ b: inout ByteBuffer, minimumItemSize: Int) throws -> Int {
-        let n = Int(try b.readU32("count"))
-        guard n <= b.readableBytes / minimumItemSize else { throw ProtocolError.malformed("count \(n) exceeds the frame") }
-        return n
     }
 }

@@ -189,12 +189,6 @@ public enum ResponseCodec {
         return ShardInfo(id: id, owner: owner, closed: state == 1, volumeID: volume, primaryNodeID: primary, figures: figures)
     }
 
-    private static func readCount(_ b: inout ByteBuffer, minimumItemSize: Int) throws -> Int {
-        let n = Int(try b.readU32("count"))
-        guard n <= b.readableBytes / minimumItemSize else { throw ProtocolError.malformed("count \(n) exceeds the frame") }
-        return n
-    }
-
     private static func readPayload(_ op: Opcode, _ b: inout ByteBuffer) throws -> ResponsePayload {
         switch op {
         case .hello:
@@ -203,22 +197,22 @@ public enum ResponseCodec {
         case .put, .delete, .closeShard, .deleteShard: return .none
         case .get: return .entry(try readEntry(&b))
         case .batchPut:
-            let n = try readCount(&b, minimumItemSize: 4)
+            let n = try b.readCount(minimumItemSize: 4)
             return .itemStatuses(try (0..<n).map { _ in try b.readStatus() })
         case .batchGet: return .itemCount(try b.readU32("count"))
         case .list:
-            let n = try readCount(&b, minimumItemSize: 18)
+            let n = try b.readCount(minimumItemSize: 18)
             let rows = try (0..<n).map { _ in
                 ListRow(key: try b.readKey(), size: try b.readU64("size"), modificationTime: try b.readI64("mtime"))
             }
             return .listPage(rows: rows, more: try b.readBool("more"))
         case .findByIndex:
-            let n = try readCount(&b, minimumItemSize: 2)
+            let n = try b.readCount(minimumItemSize: 2)
             let keys = try (0..<n).map { _ in try b.readKey() }
             return .keys(keys, more: try b.readBool("more"))
         case .newShard: return .shardID(try b.readU64("shard"))
         case .listShards:
-            let n = try readCount(&b, minimumItemSize: 15)
+            let n = try b.readCount(minimumItemSize: 15)
             return .shards(try (0..<n).map { _ in try readShard(&b) })
         case .stat: return .shard(try readShard(&b))
         }

@@ -22,6 +22,13 @@ extension ByteBuffer {
         return v
     }
 
+    /// A count that the remaining bytes can hold: a lying count must not make us reserve gigabytes.
+    mutating func readCount(minimumItemSize: Int) throws -> Int {
+        let n = Int(try readU32("count"))
+        guard n <= readableBytes / minimumItemSize else { throw ProtocolError.malformed("count \(n) exceeds the frame") }
+        return n
+    }
+
     mutating func readU32(_ field: String) throws -> UInt32 {
         guard let v = readInteger(endianness: .big, as: UInt32.self) else { throw ProtocolError.malformed("\(field) is cut short") }
         return v

@@ -134,8 +134,6 @@ public final class BatchServer: Sendable {
         logger.info("batch service stopped")
     }
 
-    /// Open connections right now.
-    public var connectionCount: Int { connections.count }
 }
 
 /// The open connections, for the connection limit and for shutdown.

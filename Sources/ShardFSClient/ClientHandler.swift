@@ -12,7 +12,6 @@ public struct BatchGetItem: Sendable, Hashable {
     /// own key's storage until `key` is read (a retain per item of scattered
     /// key arrays cost a cache miss each).
     private let keys: [[UInt8]]
-    private var keyOverride: [UInt8]?
 
     init(position: Int, keys: [[UInt8]], status: Status, entry: EntryPayload?) {
         self.position = position
@@ -22,10 +21,7 @@ public struct BatchGetItem: Sendable, Hashable {
     }
 
     /// The key this item answers.
-    public var key: [UInt8] {
-        get { keyOverride ?? keys[position] }
-        set { keyOverride = newValue }
-    }
+    public var key: [UInt8] { keys[position] }
 
     public static func == (a: BatchGetItem, b: BatchGetItem) -> Bool {
         a.position == b.position && a.status == b.status && a.entry == b.entry && a.key == b.key

@@ -45,7 +45,6 @@ public final class ShardFSClient: Sendable {
             throw ClientError.protocolViolation("the server answered Hello with \(hello)")
         }
         let client = ShardFSClient(endpoint: endpoint, channel: channel, handler: handler, server: info)
-        client.ids.skip()
         return client
     }
 
@@ -217,5 +216,4 @@ final class IDCounter: @unchecked Sendable {
     private var value: UInt32 = 0
 
     func next() -> UInt32 { lock.withLock { value &+= 1; return value } }
-    func skip() { _ = next() }
 }

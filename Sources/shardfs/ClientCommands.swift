@@ -15,14 +15,20 @@ struct ClientCommand: AsyncParsableCommand {
 
 /// Where the node is: --socket, --address (+ --token), or ./data/shardfs.sock.
 struct ConnectOptions: ParsableArguments {
-    @Option(name: .long, help: "Unix socket of the node.") var socket: String?
+    @Option(name: .long, help: "Unix socket of the node (default: SHARDFS_UNIX_SOCKET, else <SHARDFS_DATA_DIR or ./data>/shardfs.sock, as serve uses).") var socket: String?
     @Option(name: .long, help: "TCP address host:port of the node.") var address: String?
     @Option(name: .long, help: "Token for TCP. Also SHARDFS_SERVER_TOKEN.") var token: String?
 
     func connect() async throws -> ShardFSClient {
         let endpoint: Endpoint
-        if let address { endpoint = try Endpoint.tcp(address) } else { endpoint = .unix(path: socket ?? "./data/shardfs.sock") }
-        let token = self.token ?? ProcessInfo.processInfo.environment["SHARDFS_SERVER_TOKEN"] ?? ""
+        let environment = ProcessInfo.processInfo.environment
+        if let address {
+            endpoint = try Endpoint.tcp(address)
+        } else {
+            let fromEnvironment = environment["SHARDFS_UNIX_SOCKET"].flatMap { $0.isEmpty ? nil : $0 }
+            endpoint = .unix(path: socket ?? fromEnvironment ?? (environment["SHARDFS_DATA_DIR"] ?? "./data") + "/shardfs.sock")
+        }
+        let token = self.token ?? environment["SHARDFS_SERVER_TOKEN"] ?? ""
         return try await ShardFSClient.connect(to: endpoint, token: token)
     }
 }
