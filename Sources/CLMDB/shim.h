@@ -9,11 +9,11 @@
    one block each (a 128 KiB chunk: 33 pages), and frees them at commit. With
    glibc's defaults such a block either gets an mmap of its own or is trimmed
    back to the kernel when freed, so every chunk written faults its pages in
-   afresh. Keeps blocks up to 32 MiB in the heap, and up to 64 MiB of free heap
+   afresh. Keeps blocks up to 32 MiB in the heap, and up to 32 MiB of free heap
    for reuse. Process-wide: call once, in a process that writes large values. */
 static inline void shardfs_keep_dirty_pages_in_heap(void) {
     mallopt(M_MMAP_THRESHOLD, 32 << 20);
-    mallopt(M_TRIM_THRESHOLD, 64 << 20);
+    mallopt(M_TRIM_THRESHOLD, 32 << 20);
 }
 
 /* A hint to start loading memory that will be read soon (listing scans touch

@@ -276,7 +276,7 @@ import Testing
 
     /// A 1 GiB file through the mount: written, read back with cmp, and the
     /// daemon's own (anonymous) memory sampled throughout stays under 160 MiB.
-    /// Writes spill to a file past 8 MiB and are committed 32 MiB per transaction;
+    /// Past 8 MiB a file written in order is staged 16 MiB per transaction;
     /// reads copy one request's bytes. (The shard's mapped pages are page cache.)
     @Test func aOneGiBFileKeepsTheDaemonsMemoryBounded() async throws {
         try await withMount { m in
