@@ -98,7 +98,7 @@ struct MountCommand: AsyncParsableCommand {
         defer { posix_spawnattr_destroy(&attributes) }
         posix_spawnattr_setflags(&attributes, posixSpawnSetsid)  // its own session: the shell's signals stay away
 
-        let arguments = [CommandLine.arguments[0]] + Array(CommandLine.arguments.dropFirst()) + ["--foreground"]
+        let arguments = CommandLine.arguments + ["--foreground"]
         var environment = ProcessInfo.processInfo.environment
         environment[readyVariable] = String(childFD)
         let argv = arguments.map { strdup($0) } + [nil]

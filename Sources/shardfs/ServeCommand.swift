@@ -47,7 +47,7 @@ struct ServeCommand: AsyncParsableCommand {
         let tcpHost: String
     }
 
-    /// Everything `serve` starts, in one place (the FUSE mount joins here later).
+    /// The node and the socket service `serve` starts (the mount, if any, is added by `run`).
     static func startNode(_ node: NodeOptions, _ service: ServiceOptions) async throws -> Running {
         let storage = try await node.startNode()
         let config = try service.serverConfiguration(storage.configuration)

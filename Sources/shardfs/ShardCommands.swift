@@ -78,7 +78,7 @@ struct ShardCommand: AsyncParsableCommand {
             let node = try await node.startNode()
             let record = try await node.metadata.getShard(shardID)
             let stats = try await node.shards.stats(shardID)
-            let primary = (try? await node.metadata.getVolume(record.volumeID).primaryNodeID) ?? "-"
+            let primary = (try? await node.metadata.getVolume(record.volumeID).primaryNodeID).flatMap { $0.isEmpty ? nil : $0 } ?? "-"
             emit("""
                 shard:   \(stats.id)
                 state:   \(stats.state.rawValue)
