@@ -149,16 +149,16 @@ public struct BatchBenchmark {
                         for (workload, batches) in [(Workload.putIncreasing, inputs.increasing), (.putRandom, inputs.random)] {
                             progress("round \(round): \(system), \(workload.rawValue), \(n) connection(s)")
                             let shard = try await clients[0].newShard(owner: "bench")
+                            let before = (server: CPUUse(pid: node.child.pid), client: CPUUse(pid: getpid()))
                             record(system, workload, n, try await shardFSPut(Array(clients.prefix(n)), shard, batches))
+                            progress(Self.cpuLine(server: CPUUse(pid: node.child.pid) - before.server, client: CPUUse(pid: getpid()) - before.client,
+                                                  entries: entries, requests: batches.count))
                             if workload == .putRandom, n == connections.last {
                                 for g in connections {
                                     let before = (server: CPUUse(pid: node.child.pid), client: CPUUse(pid: getpid()))
                                     record(system, .getRandom, g, try await shardFSGet(Array(clients.prefix(g)), shard, inputs.getKeys))
-                                    let server = CPUUse(pid: node.child.pid) - before.server, client = CPUUse(pid: getpid()) - before.client
-                                    let read = Double(entries * getRepeat), requests = Double(getCount)
-                                    progress("    CPU per entry: server \(Int(server.seconds * 1e9 / read)) ns, client \(Int(client.seconds * 1e9 / read)) ns; "
-                                             + "context switches per request: server \(String(format: "%.1f", Double(server.switches) / requests)), "
-                                             + "client \(String(format: "%.1f", Double(client.switches) / requests))")
+                                    progress(Self.cpuLine(server: CPUUse(pid: node.child.pid) - before.server, client: CPUUse(pid: getpid()) - before.client,
+                                                          entries: entries * getRepeat, requests: getCount))
                                 }
                             }
                             try? await clients[0].closeShard(shard)
@@ -185,6 +185,14 @@ public struct BatchBenchmark {
             }
         }
         return figures
+    }
+
+    /// Where the time of one measurement went: CPU per entry and thread switches per request, server and client.
+    private static func cpuLine(server: CPUUse, client: CPUUse, entries: Int, requests: Int) -> String {
+        let n = Double(entries), r = Double(requests)
+        return "    CPU per entry: server \(Int(server.seconds * 1e9 / n)) ns, client \(Int(client.seconds * 1e9 / n)) ns; "
+                 + "context switches per request: server \(String(format: "%.1f", Double(server.switches) / r)), "
+            + "client \(String(format: "%.1f", Double(client.switches) / r))"
     }
 
     // MARK: ShardFS through the Swift client
