@@ -58,6 +58,7 @@ let package = Package(
         ]),
         .target(name: "BatchServer", dependencies: [
             "BatchProtocol", "ShardNode", "ShardStore", "Metadata",
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),

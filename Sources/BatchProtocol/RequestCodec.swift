@@ -83,16 +83,22 @@ public enum RequestCodec {
         case .batchPut:
             let client = try b.readStr("client ID"), shard = try b.readU64("shard")
             let n = try b.readCount(minimumItemSize: 8)
-            var items: [PutItem] = []
-            items.reserveCapacity(n)
-            for _ in 0..<n { items.append(try readItem(&b)) }
+            let items = try b.readRaw { r in
+                var items: [PutItem] = []
+                items.reserveCapacity(n)
+                for _ in 0..<n { items.append(PutItem(key: try r.key(), value: try r.blob("value"), indexes: try r.indexes())) }
+                return items
+            }
             request = .batchPut(client: client, shard: shard, items: items)
         case .batchGet:
             let shard = try b.readU64("shard")
             let n = try b.readCount(minimumItemSize: 2)
-            var keys: [[UInt8]] = []
-            keys.reserveCapacity(n)
-            for _ in 0..<n { keys.append(try b.readKey()) }
+            let keys = try b.readRaw { r in
+                var keys: [[UInt8]] = []
+                keys.reserveCapacity(n)
+                for _ in 0..<n { keys.append(try r.key()) }
+                return keys
+            }
             request = .batchGet(shard: shard, keys: keys)
         case .list:
             request = .list(shard: try b.readU64("shard"), after: try b.readAfterKey(), limit: try b.readU32("limit"))

@@ -105,6 +105,7 @@ public enum ResponseCodec {
             b.writeU32(h.maxInFlight)
         case .entry(let e): writeEntry(e, &b)
         case .itemStatuses(let statuses):
+            b.reserveCapacity(minimumWritableBytes: 4 + 4 * statuses.count)
             b.writeU32(UInt32(statuses.count))
             for s in statuses { b.writeStatus(s) }
         case .itemCount(let n): b.writeU32(n)
@@ -159,17 +160,8 @@ public enum ResponseCodec {
             let status = messageLength == 0 ? Status(code) : Status(code, String(decoding: try r.take(messageLength, "status message"), as: UTF8.self))
             var entry: EntryPayload?
             if status.isOK {
-                let value = Array(try r.take(Int(try r.u32("value")), "value"))
-                let count = Int(try r.u16("index count"))
-                var indexes: [IndexField] = []
-                if count > 0 {
-                    indexes.reserveCapacity(count)
-                    for _ in 0..<count {
-                        let name = String(decoding: try r.take(Int(try r.u16("index name")), "index name"), as: UTF8.self)
-                        indexes.append(IndexField(name: name, value: Array(try r.take(Int(try r.u32("index value")), "index value"))))
-                    }
-                }
-                entry = EntryPayload(value: value, indexes: indexes, modificationTime: Int64(bitPattern: try r.u64("mtime")))
+                let value = try r.blob("value")
+                entry = EntryPayload(value: value, indexes: try r.indexes(), modificationTime: Int64(bitPattern: try r.u64("mtime")))
             }
             guard r.remaining == 0 else { throw ProtocolError.malformed("\(r.remaining) bytes after a response body") }
             return (position, status, entry)
@@ -217,24 +209,4 @@ public enum ResponseCodec {
         case .stat: return .shard(try readShard(&b))
         }
     }
-}
-
-/// Big-endian fields from raw bytes, for hot decoders; throws like the `ByteBuffer` readers.
-struct RawReader {
-    let bytes: UnsafeRawBufferPointer
-    var offset = 0
-
-    init(_ bytes: UnsafeRawBufferPointer) { self.bytes = bytes }
-
-    var remaining: Int { bytes.count - offset }
-
-    mutating func take(_ n: Int, _ field: StaticString) throws -> UnsafeRawBufferPointer {
-        guard n <= remaining else { throw ProtocolError.malformed("\(field) is cut short") }
-        defer { offset += n }
-        return UnsafeRawBufferPointer(rebasing: bytes[offset..<(offset + n)])
-    }
-
-    mutating func u16(_ field: StaticString) throws -> UInt16 { UInt16(bigEndian: try take(2, field).loadUnaligned(as: UInt16.self)) }
-    mutating func u32(_ field: StaticString) throws -> UInt32 { UInt32(bigEndian: try take(4, field).loadUnaligned(as: UInt32.self)) }
-    mutating func u64(_ field: StaticString) throws -> UInt64 { UInt64(bigEndian: try take(8, field).loadUnaligned(as: UInt64.self)) }
 }

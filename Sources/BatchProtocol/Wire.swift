@@ -111,6 +111,8 @@ extension ByteBuffer {
     }
 
     mutating func writeStatus(_ s: Status) {
+        // Most statuses are a bare OK: code and empty message in one write.
+        guard !s.message.isEmpty else { return writeU32(UInt32(s.code.rawValue) << 16) }
         writeU16(s.code.rawValue)
         writeStr(s.message)
     }
@@ -128,5 +130,54 @@ extension ByteBuffer {
         writeU32(requestID)
         body(&self)
         setInteger(UInt32(writerIndex - start - 4), at: start, endianness: .big)
+    }
+}
+
+/// Big-endian fields from raw bytes, for hot decoders (items of a BatchPut or a
+/// BatchGet, one item frame of a stream); throws like the `ByteBuffer` readers.
+struct RawReader {
+    let bytes: UnsafeRawBufferPointer
+    var offset = 0
+
+    init(_ bytes: UnsafeRawBufferPointer) { self.bytes = bytes }
+
+    var remaining: Int { bytes.count - offset }
+
+    mutating func take(_ n: Int, _ field: StaticString) throws -> UnsafeRawBufferPointer {
+        guard n <= remaining else { throw ProtocolError.malformed("\(field) is cut short") }
+        defer { offset += n }
+        return UnsafeRawBufferPointer(rebasing: bytes[offset..<(offset + n)])
+    }
+
+    mutating func u16(_ field: StaticString) throws -> UInt16 { UInt16(bigEndian: try take(2, field).loadUnaligned(as: UInt16.self)) }
+    mutating func u32(_ field: StaticString) throws -> UInt32 { UInt32(bigEndian: try take(4, field).loadUnaligned(as: UInt32.self)) }
+    mutating func u64(_ field: StaticString) throws -> UInt64 { UInt64(bigEndian: try take(8, field).loadUnaligned(as: UInt64.self)) }
+
+    mutating func key(_ field: StaticString = "key") throws -> [UInt8] { Array(try take(Int(try u16(field)), field)) }
+    mutating func blob(_ field: StaticString) throws -> [UInt8] { Array(try take(Int(try u32(field)), field)) }
+
+    mutating func indexes() throws -> [IndexField] {
+        let count = Int(try u16("index count"))
+        guard count > 0 else { return [] }
+        var out: [IndexField] = []
+        out.reserveCapacity(count)
+        for _ in 0..<count {
+            let name = String(decoding: try take(Int(try u16("index name")), "index name"), as: UTF8.self)
+            out.append(IndexField(name: name, value: try blob("index value")))
+        }
+        return out
+    }
+}
+
+extension ByteBuffer {
+    /// Runs `body` over the readable bytes and moves past what it read.
+    mutating func readRaw<T>(_ body: (inout RawReader) throws -> T) rethrows -> T {
+        let (value, used) = try withUnsafeReadableBytes { bytes in
+            var reader = RawReader(bytes)
+            let value = try body(&reader)
+            return (value, reader.offset)
+        }
+        moveReaderIndex(forwardBy: used)
+        return value
     }
 }

@@ -1,5 +1,6 @@
 import BatchProtocol
 import NIOCore
+import NIOConcurrencyHelpers
 import NIOPosix
 
 /// Asks a connection to drain and close (graceful shutdown).
@@ -17,6 +18,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private let pool: NIOThreadPool
     private var readingStopped = false
     private var readPending = false
+    /// Each shard's writes from this connection, in arrival order.
+    private var lanes: [UInt64: WriteLane] = [:]
 
     init(limits: ConnectionLimits, executor: RequestExecutor, pool: NIOThreadPool) {
         machine = ConnectionStateMachine(limits: limits)
@@ -90,8 +93,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
         }
     }
 
-    /// Reads go together in one job; writes go in one job per shard (in order), so
-    /// an fsync does not hold up reads, and different shards commit in parallel.
+    /// Reads go together in one job; writes go to their shard's lane (in order),
+    /// so an fsync does not hold up reads, and different shards commit in parallel.
     private func dispatch(_ works: [Work], _ context: ChannelHandlerContext) {
         var reads: [Work] = []
         var writes: [UInt64: [Work]] = [:]
@@ -105,7 +108,38 @@ final class ConnectionHandler: ChannelDuplexHandler {
             }
         }
         if !reads.isEmpty { submit(works: reads, resume: [], context) }
-        for shard in shardOrder { submit(works: writes[shard]!, resume: [], context) }
+        for shard in shardOrder {
+            let lane = lanes[shard] ?? WriteLane()
+            lanes[shard] = lane
+            if lane.enqueue(writes[shard]!) { drain(lane, context) }
+        }
+    }
+
+    /// Runs a lane's writes on one engine thread until the lane is empty. Writes
+    /// that arrive meanwhile join the lane without waking a thread, and each round
+    /// takes all of them (one transaction); its answers go back in one hop.
+    private func drain(_ lane: WriteLane, _ context: ChannelHandlerContext) {
+        let executor = self.executor
+        let loop = context.eventLoop
+        let bound = NIOLoopBound((self, context), eventLoop: loop)
+        pool.submit { state in
+            guard case .active = state else {
+                loop.execute {
+                    // The pool is shutting down: nothing more will be answered.
+                    let (handler, context) = bound.value
+                    handler.machine.closed()
+                    context.close(promise: nil)
+                }
+                return
+            }
+            while let works = lane.take() {
+                let outcome = executor.runSync(works)
+                loop.execute {
+                    let (handler, context) = bound.value
+                    handler.finish(outcome, context)
+                }
+            }
+        }
     }
 
     private func submit(works: [Work], resume: [StreamCursor], _ context: ChannelHandlerContext) {
@@ -165,4 +199,34 @@ final class RejectHandler: ChannelInboundHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
+}
+
+/// One connection's writes to one shard, queued in order for at most one engine
+/// job at a time. The event loop enqueues; the job takes.
+final class WriteLane: @unchecked Sendable {
+    private let lock = NIOLock()
+    private var queue: [Work] = []
+    private var running = false
+
+    /// Queues writes; true when no job is running, so the caller must start one.
+    func enqueue(_ works: [Work]) -> Bool {
+        lock.withLock {
+            queue += works
+            if running { return false }
+            running = true
+            return true
+        }
+    }
+
+    /// Everything queued, or nil (and the job ends) when the lane is empty.
+    func take() -> [Work]? {
+        lock.withLock {
+            guard !queue.isEmpty else {
+                running = false
+                return nil
+            }
+            defer { queue.removeAll(keepingCapacity: true) }
+            return queue
+        }
+    }
 }

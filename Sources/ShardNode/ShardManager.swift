@@ -59,14 +59,34 @@ public final class ShardManager: @unchecked Sendable {
     /// (whatever path wrote them), so views like the FUSE mount can drop caches.
     public var entriesChanged: (@Sendable (UInt64, [[UInt8]]) -> Void)? {
         get { lock.withLock { changeListener } }
-        set { lock.withLock { changeListener = newValue } }
+        set {
+            lock.withLock {
+                changeListener = newValue
+                for entry in shards.values { forwardCommits(entry.shard, newValue != nil) }
+            }
+        }
     }
 
     /// Holds a loaded shard and forwards its commits to `entriesChanged`.
     private func adopt(_ shard: Shard, volumeID: String) {
+        lock.withLock {
+            shards[shard.id] = (shard, volumeID)
+            forwardCommits(shard, changeListener != nil)
+        }
+    }
+
+    /// With no listener a shard does not collect the keys each commit changed.
+    /// Called under `lock`.
+    private func forwardCommits(_ shard: Shard, _ on: Bool) {
+        guard on else {
+            shard.onCommit = nil
+            return
+        }
         let id = shard.id
-        shard.onCommit = { [weak self] keys in self?.entriesChanged?(id, keys) }
-        lock.withLock { shards[id] = (shard, volumeID) }
+        shard.onCommit = { [weak self] (keys: [[UInt8]]) -> Void in
+            guard let self, let listener = self.entriesChanged else { return }
+            listener(id, keys)
+        }
     }
 
     public init(nodeID: String, metadata: any MetadataStore, volumes: any VolumeManager, defaultSizeLimit: Int,

@@ -47,15 +47,33 @@ extension Shard {
     public func visitEntries<Keys: Collection>(
         _ keys: Keys, _ body: (Keys.Index, Result<BorrowedEntry, ShardError>) throws -> Void
     ) throws where Keys.Element == [UInt8] {
-        // Logged batches first, but only if one of these keys is in them.
-        try applyLog(touchingKeyBytes: keys)
+        // Acknowledged batches not yet in LMDB answer for their keys.
+        let pending = try pendingLookups(keys)
         try readTransaction(applyingLog: false) { txn in
             var i = keys.startIndex
+            var n = 0
             while i != keys.endIndex {
                 let key = keys[i]
                 let result: Result<BorrowedEntry, ShardError>
                 if let problem = EntryKey.problem(with: key) {
                     result = .failure(.invalidKey(problem))
+                } else if case .put(let item)? = pending?[n] {
+                    // The record LMDB will hold, built here for the length of the callback.
+                    var record = [UInt8](repeating: 0, count: recordHeadSize(chunked: false, indexes: item.indexes) + item.value.count)
+                    try record.withUnsafeMutableBytes { out in
+                        let offset = encodeRecordHead(into: out, chunkSet: nil, modificationTime: item.modificationTime ?? 0,
+                                                      size: item.value.count, indexes: item.indexes)
+                        item.value.withUnsafeBytes { v in
+                            if let base = v.baseAddress { out.baseAddress!.advanced(by: offset).copyMemory(from: base, byteCount: v.count) }
+                        }
+                        let entry = BorrowedEntry(txn: txn, chunks: chunks, key: key, view: try RecordView(UnsafeRawBufferPointer(out)))
+                        try body(i, .success(entry))
+                    }
+                    keys.formIndex(after: &i)
+                    n += 1
+                    continue
+                } else if case .deleted? = pending?[n] {
+                    result = .failure(.entryNotFound(EntryKey(trusted: key)))
                 } else {
                     do {
                         if let raw = try txn.get(entries, key) {
@@ -71,6 +89,7 @@ extension Shard {
                 }
                 try body(i, result)
                 keys.formIndex(after: &i)
+                n += 1
             }
         }
     }

@@ -19,6 +19,14 @@ public struct Entry: Sendable, Equatable {
     public var modificationTime: Int64
 }
 
+extension Entry {
+    /// A logged put not yet applied to LMDB (its key was checked when it was logged).
+    init(pending item: EntryWrite) {
+        self.init(key: EntryKey(trusted: item.key), value: item.value, indexes: item.indexes,
+                  modificationTime: item.modificationTime ?? 0)
+    }
+}
+
 /// What a file view needs of an entry, without its value.
 public struct EntryAttributes: Sendable, Equatable {
     public var key: EntryKey
@@ -175,9 +183,9 @@ public final class Shard: @unchecked Sendable {
     private var pendingBytes = 0
     private var pendingCost = 0
     /// For point reads: a hash of each key written by a pending batch → the last
-    /// such batch's sequence. A key is pending while that is past `appliedSequence`;
-    /// a hash collision only makes a read apply the log when it need not.
-    private var pendingKeys: [UInt64: UInt64] = [:]
+    /// item that wrote it. A key is pending while that item's batch is past
+    /// `appliedSequence`; on a hash collision a read applies the log first.
+    private var pendingKeys: [UInt64: PendingKey] = [:]
     private var pendingItems = 0
     private var appliedSequence: UInt64 = 0
     /// Why the last attempt to apply pending batches failed (nil once one succeeds).
@@ -195,6 +203,11 @@ public final class Shard: @unchecked Sendable {
         let items: [EntryWrite]
         let bytes: Int
         let cost: Int
+    }
+
+    struct PendingKey {
+        let sequence: UInt64
+        let item: Int
     }
 
     struct LogGroup {
@@ -480,10 +493,11 @@ public final class Shard: @unchecked Sendable {
         }
         if invalid == items.count { return statuses }
         let now = Shard.now()
-        // A batch that starts past every key commits directly, appending (LMDB's
-        // best case); the batch log is for scattered keys.
-        let appending = try startsPastLastKey(items, statuses)
-        if !appending, try logBatch(items, statuses: statuses, now: now, clientID: clientID) { return statuses }
+        // Keys that land together in the B-tree commit directly (appending past
+        // the last key is LMDB's best case); the batch log is for scattered keys.
+        let route = try route(items, statuses)
+        if route == .log, try logBatch(items, statuses: statuses, now: now, clientID: clientID) { return statuses }
+        let appending = route == .append
         try write(clientID: clientID) { [statuses] ctx in
             for i in items.indices where statuses[i] == nil {
                 try self.applyItem(ctx.txn, items[i], defaultTime: now, appending: appending)
@@ -567,7 +581,11 @@ public final class Shard: @unchecked Sendable {
     // MARK: Reads
 
     public func get(_ key: EntryKey) throws -> Entry {
-        try applyLog(touching: CollectionOfOne(key))
+        switch try pendingLookup(key) {
+        case .put(let item): return Entry(pending: item)
+        case .deleted: throw ShardError.entryNotFound(key)
+        case .notPending: break
+        }
         return try readTransaction(applyingLog: false) { txn in
             guard let raw = try txn.get(entries, key.bytes) else { throw ShardError.entryNotFound(key) }
             let view = try RecordView(raw)
@@ -578,9 +596,15 @@ public final class Shard: @unchecked Sendable {
 
     /// Gets many entries from one snapshot; a missing entry is reported at its position.
     public func batchGet(_ keys: [EntryKey]) throws -> [Result<Entry, ShardError>] {
-        try applyLog(touching: keys)
+        let pending = try pendingLookups(keys.lazy.map(\.bytes))
         return try readTransaction(applyingLog: false) { txn in
-            keys.map { key in
+            keys.indices.map { i in
+                let key = keys[i]
+                switch pending?[i] {
+                case .put(let item)?: return .success(Entry(pending: item))
+                case .deleted?: return .failure(.entryNotFound(key))
+                case .notPending?, nil: break
+                }
                 do {
                     guard let raw = try txn.get(entries, key.bytes) else { return .failure(.entryNotFound(key)) }
                     let view = try RecordView(raw)
@@ -597,7 +621,13 @@ public final class Shard: @unchecked Sendable {
 
     /// Size, modification time and indexes of an entry, or nil if there is none.
     public func attributes(_ key: EntryKey) throws -> EntryAttributes? {
-        try applyLog(touching: CollectionOfOne(key))
+        switch try pendingLookup(key) {
+        case .put(let item):
+            return EntryAttributes(key: key, size: item.value.count, modificationTime: item.modificationTime ?? 0,
+                                   indexes: item.indexes)
+        case .deleted: return nil
+        case .notPending: break
+        }
         return try readTransaction(applyingLog: false) { txn in
             guard let raw = try txn.get(entries, key.bytes) else { return nil }
             let view = try RecordView(raw)
@@ -609,7 +639,13 @@ public final class Shard: @unchecked Sendable {
     /// Up to `count` bytes of the value from `offset`, touching only the chunks needed.
     public func read(_ key: EntryKey, offset: Int, count: Int) throws -> [UInt8] {
         guard offset >= 0, count >= 0 else { throw ShardError.invalidArgument("negative offset or count") }
-        try applyLog(touching: CollectionOfOne(key))
+        switch try pendingLookup(key) {
+        case .put(let item):
+            let end = min(item.value.count, offset &+ count)
+            return offset < end ? Array(item.value[offset..<end]) : []
+        case .deleted: throw ShardError.entryNotFound(key)
+        case .notPending: break
+        }
         return try readTransaction(applyingLog: false) { txn in
             guard let raw = try txn.get(entries, key.bytes) else { throw ShardError.entryNotFound(key) }
             let view = try RecordView(raw)
@@ -803,18 +839,43 @@ public final class Shard: @unchecked Sendable {
         return true
     }
 
-    /// Whether a batch appends: it starts past every key in the shard, with
-    /// nothing pending. That is LMDB's best case (new pages, filled in order), so
-    /// such a batch commits directly; the log pays off for scattered keys. (A
-    /// heuristic: only the first key is checked. Either path is correct.)
-    private func startsPastLastKey(_ items: [EntryWrite], _ statuses: [ShardError?]) throws -> Bool {
-        guard !hasPendingBatches, let i = statuses.firstIndex(where: { $0 == nil }), !items[i].isDeletion else { return false }
-        let first = items[i].key
+    enum BatchRoute { case append, direct, log }
+
+    /// Pending log memory up to which a batch whose keys land together still
+    /// commits directly (the committer applies what is pending first): past it,
+    /// the shard stays with the log rather than stall on a large apply.
+    static let directRoutePendingLimit = 4 << 20
+
+    /// Which path a batch takes. A durable LMDB commit rewrites every leaf page
+    /// the batch touches, so a batch whose keys span a narrow part of the key
+    /// space, with few existing keys between its lowest and highest (entry IDs
+    /// counting up, a loader's sorted runs), touches few pages and commits
+    /// directly; one whose keys all lie past every key appends. Scattered keys
+    /// touch a page each: they go to the log. A heuristic, reading at most about
+    /// as many keys as the batch has; either path is correct.
+    private func route(_ items: [EntryWrite], _ statuses: [ShardError?]) throws -> BatchRoute {
+        var lowest: Int?, highest: Int?
+        for i in items.indices where statuses[i] == nil {
+            if lowest.map({ compareKeys(items[i].key, items[$0].key) < 0 }) ?? true { lowest = i }
+            if highest.map({ compareKeys(items[i].key, items[$0].key) > 0 }) ?? true { highest = i }
+        }
+        guard let lowest, let highest else { return .log }
+        if logLock.withLock({ pendingBytes }) > Self.directRoutePendingLimit { return .log }
+        let first = items[lowest].key, last = items[highest].key
         let entries = self.entries
+        let budget = items.count + 64
         return try readTransaction(applyingLog: false) { txn in
             try txn.withCursor(entries) { cursor in
-                guard let last = try cursor.last() else { return true }
-                return first.withUnsafeBytes { compareKeys(last.key, $0) } < 0
+                // Existing keys between the lowest and the highest: each may mean another page.
+                var existing = try first.withUnsafeBytes { try cursor.seek(atLeast: $0) }
+                if existing == nil { return .append }
+                var between = 0
+                while let pair = existing, last.withUnsafeBytes({ compareKeys(pair.key, $0) }) <= 0 {
+                    between += 1
+                    if between > budget { return .log }
+                    existing = try cursor.next()
+                }
+                return .direct
             }
         }
     }
@@ -869,7 +930,7 @@ public final class Shard: @unchecked Sendable {
             pendingBytes += bytes
             pendingCost += ctx.cost
             for batch in ctx.batches {
-                for item in batch.items { pendingKeys[keyHash(item.key)] = batch.sequence }
+                for (i, item) in batch.items.enumerated() { pendingKeys[keyHash(item.key)] = PendingKey(sequence: batch.sequence, item: i) }
                 pendingItems += batch.items.count
             }
             lastLogTime = .now
@@ -888,18 +949,56 @@ public final class Shard: @unchecked Sendable {
 
     var hasPendingBatches: Bool { logLock.withLock { !pendingBatches.isEmpty } }
 
-    /// For point reads: applies the log only when one of `keys` has a pending
-    /// write (a lookup of a name that is being created must not wait for a commit).
-    func applyLog<Keys: Collection<EntryKey>>(touching keys: Keys) throws {
-        try applyLog(touchingKeyBytes: keys.lazy.map(\.bytes))
+    /// What a point read of one key finds in the pending logged batches.
+    enum PendingLookup {
+        /// Nothing pending for the key: LMDB has it (or not).
+        case notPending
+        /// The last pending put of the key (its value is inline: logged values are).
+        case put(EntryWrite)
+        case deleted
     }
 
-    func applyLog<Keys: Collection<[UInt8]>>(touchingKeyBytes keys: Keys) throws {
-        guard log != nil else { return }
-        let touched = logLock.withLock {
-            !pendingBatches.isEmpty && keys.contains { (pendingKeys[keyHash($0)] ?? 0) > appliedSequence }
+    /// For point reads: what pending logged batches hold for each of `keys`, so a
+    /// read sees every acknowledged put without waiting for the log to be applied
+    /// (a lookup of a name being created must not wait for a commit either).
+    /// Returns nil when nothing is pending for them; applies the log first, and
+    /// returns nil, when the map cannot tell (a hash collision, or a put that
+    /// keeps the indexes LMDB holds). Read LMDB after this returns: what it does
+    /// not answer is applied by then.
+    func pendingLookups<Keys: Collection<[UInt8]>>(_ keys: Keys) throws -> [PendingLookup]? {
+        guard log != nil else { return nil }
+        let answer: PendingAnswer = logLock.withLock {
+            guard let base = pendingBatches.first?.sequence else { return .none }
+            var lookups: [PendingLookup] = []
+            var any = false
+            for key in keys {
+                guard let found = pendingKeys[keyHash(key)], found.sequence > appliedSequence else {
+                    lookups.append(.notPending)
+                    continue
+                }
+                let at = Int(found.sequence - base)
+                guard at < pendingBatches.count, pendingBatches[at].sequence == found.sequence else { return .unknown }
+                let item = pendingBatches[at].items[found.item]
+                guard item.key == key, !item.keepsIndexes else { return .unknown }
+                lookups.append(item.isDeletion ? .deleted : .put(item))
+                any = true
+            }
+            return any ? .lookups(lookups) : .none
         }
-        if touched { try applyLog() }
+        switch answer {
+        case .none: return nil
+        case .lookups(let lookups): return lookups
+        case .unknown:
+            try applyLog()
+            return nil
+        }
+    }
+
+    private enum PendingAnswer { case none, lookups([PendingLookup]), unknown }
+
+    /// `pendingLookups` for one key.
+    func pendingLookup(_ key: EntryKey) throws -> PendingLookup {
+        try pendingLookups(CollectionOfOne(key.bytes))?[0] ?? .notPending
     }
 
     /// Applies the pending batches in one durable transaction that also records
@@ -954,7 +1053,7 @@ public final class Shard: @unchecked Sendable {
                 // Under steady load the map would keep every key ever written.
                 pendingKeys.removeAll(keepingCapacity: true)
                 for batch in pendingBatches {
-                    for item in batch.items { pendingKeys[keyHash(item.key)] = batch.sequence }
+                    for (i, item) in batch.items.enumerated() { pendingKeys[keyHash(item.key)] = PendingKey(sequence: batch.sequence, item: i) }
                 }
             }
         }
@@ -1367,3 +1466,4 @@ final class PendingTotal: @unchecked Sendable {
     var value: Int { lock.withLock { total } }
     func add(_ bytes: Int) { lock.withLock { total += bytes } }
 }
+

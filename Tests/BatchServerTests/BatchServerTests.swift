@@ -131,6 +131,50 @@ private func responses(_ raw: [UInt8]) -> [Response] {
         }
     }
 
+    /// Writes to one shard from one connection go through that shard's lane:
+    /// those that arrive while it commits go in together after, so they land in
+    /// the order they were sent even when an earlier one is much larger.
+    @Test func pipelinedWritesOfOneConnectionLandInTheOrderSent() async throws {
+        try await withServer { fx in
+            let c = try await fx.client()
+            defer { Task { await c.close() } }
+            let shard = try await c.newShard(owner: "o"), other = try await c.newShard(owner: "o")
+            let path = fx.socket
+            for round in 0..<5 {
+                let frames = try await Task.detached { () -> [Frame] in
+                    let socket = try RawSocket(unixPath: path)
+                    socket.send(hello())
+                    // A large batch, then small ones while it is being committed.
+                    var b = ByteBufferAllocator().buffer(capacity: 1 << 20)
+                    let large = [PutItem(key: bytes("same"), value: bytes("large"))]
+                        + (0..<20_000).map { PutItem(key: bytes("r\(round)-\($0)"), value: [UInt8](repeating: 1, count: 20)) }
+                    RequestCodec.encode(.batchPut(client: "o", shard: shard, items: large), requestID: 1, into: &b)
+                    socket.send(Array(b.readableBytesView))
+                    usleep(500)
+                    for n in 0..<20 {
+                        b.clear()
+                        let items = [PutItem(key: bytes("same"), value: bytes("v\(n)"))]
+                        RequestCodec.encode(.batchPut(client: "o", shard: n % 3 == 0 ? other : shard, items: items),
+                                            requestID: UInt32(n + 2), into: &b)
+                        socket.send(Array(b.readableBytesView))
+                    }
+                    return socket.readFrames(22)
+                }.value
+                let answers = frames.dropFirst().compactMap { try? ResponseCodec.decode($0) }
+                #expect(answers.count == 21)
+                for answer in answers {
+                    guard case .reply(.batchPut, _, let status, .itemStatuses(let statuses)) = answer else {
+                        Issue.record("unexpected answer \(answer)")
+                        continue
+                    }
+                    #expect(status.isOK && statuses.allSatisfy(\.isOK))
+                }
+                #expect(try await c.get(shard: shard, key: bytes("same")).value == bytes("v19"))
+                #expect(try await c.get(shard: other, key: bytes("same")).value == bytes("v18"))
+            }
+        }
+    }
+
     @Test func batchGetStreamsEveryItemInOrderAndMissingOnesDoNotAbort() async throws {
         try await withServer { fx in
             let c = try await fx.client()

@@ -1,3 +1,4 @@
+import BatchProtocol
 import BatchServer
 import Foundation
 import NIOCore
@@ -90,6 +91,21 @@ final class RawSocket {
             if n <= 0 { return out }
             out += buf[0..<n]
         }
+    }
+
+    /// Reads until `count` frames have come (or the server closes, or the timeout).
+    func readFrames(_ count: Int) -> [Frame] {
+        var decoder = FrameDecoder(maxFrameLength: Int(UInt32.max))
+        var frames: [Frame] = []
+        var buf = [UInt8](repeating: 0, count: 65_536)
+        while frames.count < count {
+            while frames.count < count, let frame = try? decoder.next() { frames.append(frame) }
+            if frames.count == count { break }
+            let n = buf.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if n <= 0 { break }
+            decoder.append(ByteBuffer(bytes: buf[0..<n]))
+        }
+        return frames
     }
 
     deinit { Glibc.close(fd) }

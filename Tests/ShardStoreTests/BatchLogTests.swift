@@ -20,6 +20,15 @@ import Testing
         EntryWrite(key: bytes(key), value: bytes(value), indexes: indexes, modificationTime: 1_000)
     }
 
+    /// Puts 200 keys `k0000`…`k0199` (appending: straight to LMDB). A batch whose
+    /// keys lie among them has many existing keys between its lowest and highest
+    /// key, so it takes the log.
+    func seed(_ shard: Shard) throws {
+        _ = try shard.batchPut((0..<200).map { put(seeded($0), "seed") }, clientID: "owner")
+    }
+
+    func seeded(_ n: Int) -> String { String(format: "k%04d", n) }
+
     func logSize(_ dir: String) throws -> Int {
         (try FileManager.default.attributesOfItem(atPath: dir + "/" + BatchLog.fileName)[.size] as? Int) ?? -1
     }
@@ -155,34 +164,49 @@ import Testing
         let shard = try Shard.open(at: dir.sub("shard-7"), options: options)
         let path = dir.sub("shard-7")
         var largest = 0
+        try seed(shard)
         for b in 0..<200 {
-            // Each batch starts below the keys already there, so it is logged.
-            _ = try shard.batchPut((0..<10).map { put("b\(999 - b)-\($0)", String(repeating: "v", count: 200)) }, clientID: "owner")
+            // Each batch spreads over the seeded keys, so it is logged.
+            _ = try shard.batchPut((0..<10).map { put(seeded(20 * $0) + "-\(b)", String(repeating: "v", count: 200)) }, clientID: "owner")
             largest = max(largest, try logSize(path))
         }
         #expect(largest > 0)
         #expect(largest <= (64 << 10) + 8 * 2_500)
-        #expect(try shard.stats().entries == 2_000)
+        #expect(try shard.stats().entries == 2_200)
     }
 
-    @Test func batchesThatOnlyAppendCommitStraightToLMDB() throws {
+    /// A durable LMDB commit rewrites every page a batch touches: batches whose
+    /// keys land together (past the end, or in a narrow range) commit directly,
+    /// batches spread over many existing keys are logged.
+    @Test func batchesWhoseKeysLandTogetherCommitStraightToLMDB() throws {
         let dir = try TemporaryDirectory("log")
         let shard = try makeShard(dir)
         let path = dir.sub("shard-7")
         _ = try shard.batchPut([put("a1", "v"), put("a2", "v")], clientID: "owner")
         _ = try shard.batchPut([put("a3", "v"), put("a4", "v")], clientID: "owner")
+        _ = try shard.batchPut([put("a5", "v"), put("a0", "v")], clientID: "owner")  // four keys between
         #expect(try logSize(path) == 0)
-        _ = try shard.batchPut([put("a0", "v"), put("a5", "v")], clientID: "owner")
-        #expect(try logSize(path) > 0)
         #expect(try shard.list().map(\.key.description) == ["a0", "a1", "a2", "a3", "a4", "a5"])
-
-        // Starts past the end, then goes back: appended where it can, looked up
-        // (and overwritten) where it cannot.
+        try seed(shard)
+        // Into the middle, but next to each other (entry IDs counting up): direct.
+        _ = try shard.batchPut((0..<50).map { put(seeded(100) + String(format: "-%02d", $0), "v") }, clientID: "owner")
+        #expect(try logSize(path) == 0)
+        #expect(!shard.hasPendingBatches)
+        // Spread over the 200 seeded keys: logged, and read back before it is applied.
+        _ = try shard.batchPut([put(seeded(10) + "x", "low"), put(seeded(190) + "x", "high")], clientID: "owner")
+        #expect(try logSize(path) > 0)
+        #expect(try shard.get(key(seeded(190) + "x")).value == bytes("high"))
         try shard.applyLog()
-        _ = try shard.batchPut([put("a7", "v7"), put("a6", "v6"), put("a1", "new"), put("a8", "v8")], clientID: "owner")
-        #expect(try shard.list().map(\.key.description) == ["a0", "a1", "a2", "a3", "a4", "a5", "a6", "a7", "a8"])
-        #expect(try shard.get(key("a1")).value == bytes("new"))
-        #expect(try shard.get(key("a6")).value == bytes("v6"))
+        #expect(try shard.stats().entries == 6 + 200 + 50 + 2)
+
+        // Past the end, then back: appended where it can, looked up (and
+        // overwritten) where it cannot.
+        let before = try logSize(path)
+        _ = try shard.batchPut([put("z7", "v7"), put("z6", "v6"), put("z7", "again"), put("z8", "v8")], clientID: "owner")
+        #expect(try logSize(path) == before)
+        #expect(try shard.list().map(\.key.description).filter { $0.hasPrefix("z") } == ["z6", "z7", "z8"])
+        #expect(try shard.get(key("z7")).value == bytes("again"))
+        #expect(try shard.get(key("z6")).value == bytes("v6"))
     }
 
     /// A logged batch keeps the per-item rules of the direct path: invalid items
@@ -192,6 +216,7 @@ import Testing
         let dir = try TemporaryDirectory("log")
         var shard: Shard? = try makeShard(dir)
         _ = try shard!.batchPut([put("z", "first")], clientID: "owner")
+        try seed(shard!)
         let statuses = try shard!.batchPut([
             put("m", "1"),
             put("bad/key", "2"),
@@ -207,7 +232,7 @@ import Testing
         }
         shard = nil
         shard = try Shard.open(at: dir.sub("shard-7"))
-        #expect(try shard!.list().map(\.key.description) == ["c", "m", "z"])
+        #expect(try shard!.list().map(\.key.description).filter { !$0.hasPrefix("k0") } == ["c", "m", "z"])
         #expect(try shard!.find(indexName: "colour", value: bytes("blue")) == [key("c")])
     }
 
@@ -224,6 +249,49 @@ import Testing
         }
         #expect(seen.prefix(2) == ["1", "2"])
         #expect(seen.count == 3)
+    }
+
+    /// Point reads answer from pending batches without applying them (a lookup
+    /// must not wait for a commit), except where the log cannot tell alone.
+    @Test func pointReadsOfPendingKeysDoNotApplyTheLog() throws {
+        let dir = try TemporaryDirectory("log")
+        let shard = try makeShard(dir)
+        try seed(shard)
+        _ = try shard.batchPut([put(seeded(0) + "x", "gone"), put(seeded(199) + "x", "1", indexes: [IndexPair(name: "n", value: "one")])],
+                               clientID: "owner")
+        _ = try shard.batchPut([.deletion(of: bytes(seeded(0) + "x")), .deletion(of: bytes(seeded(150)))], clientID: "owner")
+        #expect(shard.hasPendingBatches)
+
+        let entry = try shard.get(key(seeded(199) + "x"))
+        #expect(entry.value == bytes("1") && entry.indexes == [IndexPair(name: "n", value: "one")] && entry.modificationTime == 1_000)
+        #expect(try shard.attributes(key(seeded(199) + "x"))?.size == 1)
+        #expect(try shard.read(key(seeded(199) + "x"), offset: 0, count: 10) == bytes("1"))
+        #expect(throws: ShardError.entryNotFound(key(seeded(0) + "x"))) { _ = try shard.get(key(seeded(0) + "x")) }
+        #expect(try shard.attributes(key(seeded(150))) == nil)
+        #expect(try shard.get(key(seeded(3))).value == bytes("seed"))  // not pending: LMDB
+        var seen: [String] = []
+        try shard.visitEntries([bytes(seeded(199) + "x"), bytes(seeded(150)), bytes(seeded(4))]) { _, result in
+            switch result {
+            case .success(let entry):
+                try entry.forEachValuePiece { seen.append(String(decoding: $0, as: UTF8.self)) }
+                entry.forEachIndex { name, value in seen.append(String(decoding: name, as: UTF8.self) + "=" + String(decoding: value, as: UTF8.self)) }
+            case .failure(let error): seen.append("\(error)")
+            }
+        }
+        #expect(seen == ["1", "n=one", "\(ShardError.entryNotFound(key(seeded(150))))", "seed"])
+        let results = try shard.batchGet([key(seeded(199) + "x"), key(seeded(0) + "x")])
+        #expect((try? results[0].get().value) == bytes("1"))
+        #expect(throws: ShardError.entryNotFound(key(seeded(0) + "x"))) { _ = try results[1].get() }
+        #expect(shard.hasPendingBatches)
+
+        // A put keeping the indexes LMDB holds cannot be read from the log alone.
+        var keep = put(seeded(199) + "x", "2")
+        keep.keepsIndexes = true
+        _ = try shard.batchPut([keep, put(seeded(0) + "y", "y")], clientID: "owner")
+        #expect(shard.hasPendingBatches)
+        let kept = try shard.get(key(seeded(199) + "x"))
+        #expect(kept.value == bytes("2") && kept.indexes == [IndexPair(name: "n", value: "one")])
+        #expect(!shard.hasPendingBatches)
     }
 
     @Test func aSecondWritableInstanceIsRefused() throws {
@@ -246,14 +314,15 @@ import Testing
         let dir = try TemporaryDirectory("log")
         let shard = try makeShard(dir)
         shard.applyFault = { throw ShardError.storage("injected: disk failing") }
-        // A batch that starts past every key commits directly; this one is logged.
-        _ = try shard.batchPut([put("z", "first")], clientID: "owner")
-        _ = try shard.batchPut([put("other", "x"), put("k", "logged")], clientID: "owner")
+        try seed(shard)
+        _ = try shard.batchPut([put("k", "logged"), put("other", "x")], clientID: "owner")
+        #expect(shard.hasPendingBatches)
 
         #expect(throws: ShardError.self) { try shard.put(key("k"), value: bytes("direct"), clientID: "owner") }
         #expect(throws: ShardError.self) { try shard.close() }
         #expect(shard.state == .open)
-        #expect(throws: ShardError.self) { _ = try shard.get(key("k")) }
+        // Point reads are answered from the log; scans need it applied.
+        #expect(try shard.get(key("k")).value == bytes("logged"))
         #expect(throws: ShardError.self) { _ = try shard.list() }
 
         shard.applyFault = nil
