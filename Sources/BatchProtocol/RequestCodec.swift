@@ -21,18 +21,26 @@ public enum RequestCodec {
                 b.writeU64(shard)
                 b.writeKey(key)
             case .batchPut(let client, let shard, let items):
-                // One allocation for the whole frame, not a doubling per overflow.
-                b.reserveCapacity(minimumWritableBytes: items.reduce(64 + client.utf8.count) {
-                    $0 + 8 + $1.key.count + $1.value.count + $1.indexes.reduce(0) { $0 + 6 + $1.name.utf8.count + $1.value.count }
-                })
                 b.writeStr(client)
                 b.writeU64(shard)
                 b.writeU32(UInt32(items.count))
-                for item in items { writeItem(item, &b) }
+                // Sized once, written in one pass.
+                let size = items.reduce(0) {
+                    $0 + RawWriter.keySize($1.key) + 4 + $1.value.count + ($1.indexes.isEmpty ? 2 : RawWriter.indexesSize($1.indexes))
+                }
+                b.writeRaw(size: size) { w in
+                    for item in items {
+                        w.key(item.key)
+                        w.blob(item.value)
+                        if item.indexes.isEmpty { w.u16(0) } else { w.indexes(item.indexes) }
+                    }
+                }
             case .batchGet(let shard, let keys):
                 b.writeU64(shard)
                 b.writeU32(UInt32(keys.count))
-                for key in keys { b.writeKey(key) }
+                b.writeRaw(size: keys.reduce(0) { $0 + RawWriter.keySize($1) }) { w in
+                    for key in keys { w.key(key) }
+                }
             case .list(let shard, let after, let limit):
                 b.writeU64(shard)
                 b.writeAfterKey(after)

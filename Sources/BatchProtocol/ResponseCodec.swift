@@ -155,9 +155,7 @@ public enum ResponseCodec {
         try frame.body.withUnsafeReadableBytes { bytes in
             var r = RawReader(bytes)
             let position = try r.u32("position")
-            let code = StatusCode(rawValue: try r.u16("status"))
-            let messageLength = Int(try r.u16("status message"))
-            let status = messageLength == 0 ? Status(code) : Status(code, String(decoding: try r.take(messageLength, "status message"), as: UTF8.self))
+            let status = try r.status()
             var entry: EntryPayload?
             if status.isOK {
                 let value = try r.blob("value")
@@ -190,7 +188,7 @@ public enum ResponseCodec {
         case .get: return .entry(try readEntry(&b))
         case .batchPut:
             let n = try b.readCount(minimumItemSize: 4)
-            return .itemStatuses(try (0..<n).map { _ in try b.readStatus() })
+            return .itemStatuses(try b.readRaw { r in try (0..<n).map { _ in try r.status() } })
         case .batchGet: return .itemCount(try b.readU32("count"))
         case .list:
             let n = try b.readCount(minimumItemSize: 18)

@@ -92,9 +92,11 @@ extension ByteBuffer {
         writeBytes(utf8)
     }
 
+    /// At most 65,535 bytes, and the length says how many (longer keys are invalid anyway).
     mutating func writeKey(_ k: [UInt8]) {
-        writeU16(UInt16(truncatingIfNeeded: k.count))
-        writeBytes(k.prefix(Int(UInt16.max)))
+        let n = min(k.count, Int(UInt16.max))
+        writeU16(UInt16(n))
+        writeBytes(k.prefix(n))
     }
 
     mutating func writeBlob(_ b: [UInt8]) {
@@ -156,6 +158,12 @@ struct RawReader {
     mutating func key(_ field: StaticString = "key") throws -> [UInt8] { Array(try take(Int(try u16(field)), field)) }
     mutating func blob(_ field: StaticString) throws -> [UInt8] { Array(try take(Int(try u32(field)), field)) }
 
+    mutating func status() throws -> Status {
+        let code = StatusCode(rawValue: try u16("status"))
+        let length = Int(try u16("status message"))
+        return length == 0 ? Status(code) : Status(code, String(decoding: try take(length, "status message"), as: UTF8.self))
+    }
+
     mutating func indexes() throws -> [IndexField] {
         let count = Int(try u16("index count"))
         guard count > 0 else { return [] }
@@ -179,5 +187,67 @@ extension ByteBuffer {
         }
         moveReaderIndex(forwardBy: used)
         return value
+    }
+}
+
+/// Big-endian fields into raw bytes, for hot encoders (the items of a BatchPut or
+/// a BatchGet); writes what the `ByteBuffer` writers write. `size` functions say
+/// how many bytes each write takes, so a frame is sized once.
+struct RawWriter {
+    var at: UnsafeMutableRawPointer
+
+    mutating func u16(_ v: UInt16) { put(v) }
+    mutating func u32(_ v: UInt32) { put(v) }
+
+    private mutating func put<T: FixedWidthInteger>(_ v: T) {
+        at.storeBytes(of: v.bigEndian, as: T.self)
+        at += MemoryLayout<T>.size
+    }
+
+    mutating func bytes(_ b: UnsafeRawBufferPointer) {
+        if let base = b.baseAddress { at.copyMemory(from: base, byteCount: b.count) }
+        at += b.count
+    }
+
+    /// A u16 length and at most 65,535 bytes (keys; names).
+    mutating func short(_ b: UnsafeRawBufferPointer) {
+        let n = min(b.count, Int(UInt16.max))
+        u16(UInt16(n))
+        bytes(UnsafeRawBufferPointer(rebasing: b[0..<n]))
+    }
+
+    mutating func key(_ k: [UInt8]) { k.withUnsafeBytes { short($0) } }
+
+    mutating func blob(_ b: [UInt8]) {
+        u32(UInt32(truncatingIfNeeded: b.count))
+        b.withUnsafeBytes { bytes($0) }
+    }
+
+    mutating func indexes(_ indexes: [IndexField]) {
+        let n = min(indexes.count, Int(UInt16.max))
+        u16(UInt16(n))
+        for index in indexes.prefix(n) {
+            var name = index.name
+            name.withUTF8 { short(UnsafeRawBufferPointer($0)) }
+            blob(index.value)
+        }
+    }
+
+    static func keySize(_ k: [UInt8]) -> Int { 2 + min(k.count, Int(UInt16.max)) }
+
+    static func indexesSize(_ indexes: [IndexField]) -> Int {
+        indexes.prefix(Int(UInt16.max)).reduce(2) { $0 + 2 + min($1.name.utf8.count, Int(UInt16.max)) + 4 + $1.value.count }
+    }
+}
+
+extension ByteBuffer {
+    /// Writes exactly `size` bytes with `body`.
+    mutating func writeRaw(size: Int, _ body: (inout RawWriter) -> Void) {
+        writeWithUnsafeMutableBytes(minimumWritableBytes: size) { out in
+            var writer = RawWriter(at: out.baseAddress!)
+            body(&writer)
+            precondition(writer.at - out.baseAddress! == size, "RawWriter wrote other than its size")
+            return size
+        }
     }
 }

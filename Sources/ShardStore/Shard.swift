@@ -1467,3 +1467,4 @@ final class PendingTotal: @unchecked Sendable {
     func add(_ bytes: Int) { lock.withLock { total += bytes } }
 }
 
+
