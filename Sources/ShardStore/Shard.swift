@@ -493,11 +493,9 @@ public final class Shard: @unchecked Sendable {
         }
         if invalid == items.count { return statuses }
         let now = Shard.now()
-        // Keys that land together in the B-tree commit directly (appending past
-        // the last key is LMDB's best case); the batch log is for scattered keys.
-        let route = try route(items, statuses)
-        if route == .log, try logBatch(items, statuses: statuses, now: now, clientID: clientID) { return statuses }
-        let appending = route == .append
+        // A batch that appends commits directly (LMDB's best case); others are logged.
+        let appending = try appendsPastLastKey(items, statuses)
+        if !appending, try logBatch(items, statuses: statuses, now: now, clientID: clientID) { return statuses }
         try write(clientID: clientID) { [statuses] ctx in
             for i in items.indices where statuses[i] == nil {
                 try self.applyItem(ctx.txn, items[i], defaultTime: now, appending: appending)
@@ -839,43 +837,26 @@ public final class Shard: @unchecked Sendable {
         return true
     }
 
-    enum BatchRoute { case append, direct, log }
-
-    /// Pending log memory up to which a batch whose keys land together still
-    /// commits directly (the committer applies what is pending first): past it,
-    /// the shard stays with the log rather than stall on a large apply.
-    static let directRoutePendingLimit = 4 << 20
-
-    /// Which path a batch takes. A durable LMDB commit rewrites every leaf page
-    /// the batch touches, so a batch whose keys span a narrow part of the key
-    /// space, with few existing keys between its lowest and highest (entry IDs
-    /// counting up, a loader's sorted runs), touches few pages and commits
-    /// directly; one whose keys all lie past every key appends. Scattered keys
-    /// touch a page each: they go to the log. A heuristic, reading at most about
-    /// as many keys as the batch has; either path is correct.
-    private func route(_ items: [EntryWrite], _ statuses: [ShardError?]) throws -> BatchRoute {
-        var lowest: Int?, highest: Int?
+    /// Whether a batch commits straight to LMDB, appending: every key lies past
+    /// the last key in the shard, and nothing is pending. That is LMDB's best case
+    /// (new pages, filled in order, MDB_APPEND). Any other batch is logged: its
+    /// acknowledgment waits for one log fsync instead of a commit's two, and the
+    /// applier puts many batches into LMDB together, in key order, where entries
+    /// share pages (measured: faster for scattered keys by far, and for keys
+    /// counting up in the middle of the tree too). Either path is correct.
+    private func appendsPastLastKey(_ items: [EntryWrite], _ statuses: [ShardError?]) throws -> Bool {
+        guard !hasPendingBatches else { return false }
+        var lowest: Int?
         for i in items.indices where statuses[i] == nil {
             if lowest.map({ compareKeys(items[i].key, items[$0].key) < 0 }) ?? true { lowest = i }
-            if highest.map({ compareKeys(items[i].key, items[$0].key) > 0 }) ?? true { highest = i }
         }
-        guard let lowest, let highest else { return .log }
-        if logLock.withLock({ pendingBytes }) > Self.directRoutePendingLimit { return .log }
-        let first = items[lowest].key, last = items[highest].key
+        guard let lowest else { return false }
+        let first = items[lowest].key
         let entries = self.entries
-        let budget = items.count + 64
         return try readTransaction(applyingLog: false) { txn in
             try txn.withCursor(entries) { cursor in
-                // Existing keys between the lowest and the highest: each may mean another page.
-                var existing = try first.withUnsafeBytes { try cursor.seek(atLeast: $0) }
-                if existing == nil { return .append }
-                var between = 0
-                while let pair = existing, last.withUnsafeBytes({ compareKeys(pair.key, $0) }) <= 0 {
-                    between += 1
-                    if between > budget { return .log }
-                    existing = try cursor.next()
-                }
-                return .direct
+                guard let last = try cursor.last() else { return true }
+                return first.withUnsafeBytes { compareKeys(last.key, $0) } < 0
             }
         }
     }
