@@ -12,8 +12,8 @@ import Glibc
 /// crash. Use `withEtcd`, which always destroys the server.
 final class EtcdServer: @unchecked Sendable {
     let directory: URL
-    let clientPort: Int
-    let peerPort: Int
+    private(set) var clientPort: Int
+    private(set) var peerPort: Int
     let extraArguments: [String]
     /// With TLS: the CA, server and client files (clients must present a certificate).
     let tls: TLSFiles?
@@ -110,6 +110,23 @@ final class EtcdServer: @unchecked Sendable {
 
     /// SIGKILL, like a crash.
     func kill9() async { await signalAndWait(SIGKILL) }
+
+    /// The first start. The free ports were picked before etcd binds them, so
+    /// another test may take one meanwhile: then etcd exits at once, and it is
+    /// started again on newly picked ports.
+    func startOnFreePorts() async throws {
+        for attempt in 1...3 {
+            do {
+                try await start()
+                return
+            } catch let error as EtcdTestError where attempt < 3 && error.description.contains("exited at start") {
+                clientPort = try Self.freePort()
+                peerPort = try Self.freePort()
+                try? FileManager.default.removeItem(atPath: dataDir)
+                try? FileManager.default.removeItem(at: directory.appendingPathComponent("etcd.log"))
+            }
+        }
+    }
 
     func restart() async throws {
         await stop()
@@ -208,7 +225,7 @@ struct EtcdTestError: Error, CustomStringConvertible {
 func withEtcd<T>(extraArguments: [String] = [], tls: Bool = false, _ body: (EtcdServer) async throws -> T) async throws -> T {
     let server = try EtcdServer(extraArguments: extraArguments, tls: tls)
     do {
-        try await server.start()
+        try await server.startOnFreePorts()
         let result = try await body(server)
         await server.destroy()
         return result
