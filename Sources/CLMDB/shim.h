@@ -2,7 +2,6 @@
 #define SHARDFS_CLMDB_SHIM_H
 #include <lmdb.h>
 #include <malloc.h>
-#include <unistd.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -10,16 +9,15 @@
    one block each (a 128 KiB chunk: 33 pages), and frees them at commit. With
    glibc's defaults such a block either gets an mmap of its own or is trimmed
    back to the kernel when freed, so every chunk written faults its pages in
-   afresh. Keeps blocks up to 32 MiB in the heap, and up to 32 MiB of free heap
-   for reuse. That much may stay in each malloc arena, and glibc makes up to
-   eight per CPU (a thread takes one of its own when the others are busy): one
-   arena per CPU bounds what the process keeps. Process-wide: call once, in a
-   process that writes large values. */
+   afresh. Keeps blocks under 4 MiB in the heap (LMDB's largest, its dirty-page
+   list, is 2 MiB), and up to 32 MiB of free heap for reuse. Larger blocks (a
+   file's staging buffers) still get an mmap of their own: freed, they go back
+   to the kernel at once instead of staying in whichever of glibc's per-thread
+   arenas took them. Process-wide: call once, in a process that writes large
+   values. */
 static inline void shardfs_keep_dirty_pages_in_heap(void) {
-    mallopt(M_MMAP_THRESHOLD, 32 << 20);
+    mallopt(M_MMAP_THRESHOLD, 4 << 20);
     mallopt(M_TRIM_THRESHOLD, 32 << 20);
-    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-    mallopt(M_ARENA_MAX, cpus > 1 ? (int)cpus : 1);
 }
 
 /* A hint to start loading memory that will be read soon (listing scans touch
