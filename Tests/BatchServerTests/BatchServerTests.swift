@@ -175,6 +175,44 @@ private func responses(_ raw: [UInt8]) -> [Response] {
         }
     }
 
+    /// Pipelined BatchPuts that share a transaction but do not fit in the shard
+    /// together are tried one by one: those that fit land, the rest get SHARD_FULL.
+    /// After a close, a BatchPut gets SHARD_CLOSED and nothing of it lands.
+    @Test func batchPutsThatDoNotFitTogetherAreTriedAloneAndClosedShardsRefuseThem() async throws {
+        try await withServer { fx in
+            let c = try await fx.client()
+            defer { Task { await c.close() } }
+            let shard = try await c.newShard(owner: "f", sizeLimit: 256 << 10)
+            let path = fx.socket
+            let frames = try await Task.detached { () -> [Frame] in
+                let socket = try RawSocket(unixPath: path)
+                var b = ByteBufferAllocator().buffer(capacity: 1 << 20)
+                b.writeBytes(hello())
+                for n in 0..<3 {
+                    let items = [PutItem(key: bytes("v\(n)"), value: [UInt8](repeating: UInt8(n), count: 80 << 10))]
+                    RequestCodec.encode(.batchPut(client: "f", shard: shard, items: items), requestID: UInt32(n + 1), into: &b)
+                }
+                socket.send(Array(b.readableBytesView))  // one burst: one lane round
+                return socket.readFrames(4)
+            }.value
+            var codes: [UInt32: StatusCode] = [:]
+            for answer in frames.dropFirst().compactMap({ try? ResponseCodec.decode($0) }) {
+                guard case .reply(.batchPut, let id, let status, let payload) = answer else { continue }
+                if case .itemStatuses(let statuses) = payload, status.isOK { codes[id] = statuses[0].code } else { codes[id] = status.code }
+            }
+            #expect(codes.count == 3)
+            #expect(codes[1] == .ok && codes[2] == .ok && codes[3] == .shardFull, "\(codes)")
+            #expect(try await c.get(shard: shard, key: bytes("v1")).value.count == 80 << 10)
+            #expect(await statusCode { _ = try await c.get(shard: shard, key: bytes("v2")) } == .entryNotFound)
+
+            try await c.closeShard(shard)
+            #expect(await statusCode {
+                _ = try await c.batchPut(client: "f", shard: shard, items: [PutItem(key: bytes("late"), value: bytes("x"))])
+            } == .shardClosed)
+            #expect(try await c.list(shard: shard).rows.map(\.key) == [bytes("v0"), bytes("v1")])
+        }
+    }
+
     @Test func batchGetStreamsEveryItemInOrderAndMissingOnesDoNotAbort() async throws {
         try await withServer { fx in
             let c = try await fx.client()
