@@ -105,7 +105,7 @@ extension ByteBuffer {
     }
 
     mutating func writeIndexes(_ indexes: [IndexField]) {
-        writeU16(UInt16(truncatingIfNeeded: indexes.count))
+        writeU16(UInt16(min(indexes.count, Int(UInt16.max))))
         for i in indexes.prefix(Int(UInt16.max)) {
             writeStr(i.name)
             writeBlob(i.value)
@@ -168,7 +168,7 @@ struct RawReader {
         let count = Int(try u16("index count"))
         guard count > 0 else { return [] }
         var out: [IndexField] = []
-        out.reserveCapacity(count)
+        out.reserveCapacity(min(count, remaining / 6))  // each takes at least 6 bytes: a lying count reserves little
         for _ in 0..<count {
             let name = String(decoding: try take(Int(try u16("index name")), "index name"), as: UTF8.self)
             out.append(IndexField(name: name, value: try blob("index value")))

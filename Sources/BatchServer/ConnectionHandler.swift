@@ -111,18 +111,21 @@ final class ConnectionHandler: ChannelDuplexHandler {
         for shard in shardOrder {
             let lane = lanes[shard] ?? WriteLane()
             lanes[shard] = lane
-            if lane.enqueue(writes[shard]!) { drain(lane, context) }
+            if lane.enqueue(writes[shard]!) { drain(lane, shard: shard, context) }
         }
     }
 
-    /// Runs a lane's writes on one engine thread until the lane is empty. Writes
+    /// Runs a lane's writes on an engine thread until the lane is empty. Writes
     /// that arrive meanwhile join the lane without waking a thread, and each round
-    /// takes all of them (one transaction); its answers go back in one hop.
-    private func drain(_ lane: WriteLane, _ context: ChannelHandlerContext) {
+    /// takes all of them (one transaction); its answers go back in one hop. After
+    /// `roundsPerJob` rounds the job goes to the back of the pool's queue, so a
+    /// client that keeps a lane busy does not keep an engine thread from others.
+    private func drain(_ lane: WriteLane, shard: UInt64, _ context: ChannelHandlerContext) {
         let executor = self.executor
         let loop = context.eventLoop
+        let pool = self.pool
         let bound = NIOLoopBound((self, context), eventLoop: loop)
-        pool.submit { state in
+        @Sendable func job(_ state: NIOThreadPool.WorkItemState) {
             guard case .active = state else {
                 loop.execute {
                     // The pool is shutting down: nothing more will be answered.
@@ -132,14 +135,31 @@ final class ConnectionHandler: ChannelDuplexHandler {
                 }
                 return
             }
-            while let works = lane.take() {
+            for _ in 0..<Self.roundsPerJob {
+                guard let works = lane.take() else {
+                    loop.execute {
+                        let (handler, _) = bound.value
+                        handler.dropIfIdle(lane, shard: shard)
+                    }
+                    return
+                }
                 let outcome = executor.runSync(works)
                 loop.execute {
                     let (handler, context) = bound.value
                     handler.finish(outcome, context)
                 }
             }
+            pool.submit(job)
         }
+        pool.submit(job)
+    }
+
+    static let roundsPerJob = 8
+
+    /// Forgets a lane with nothing queued or running (a connection may write to
+    /// many shards over its life).
+    private func dropIfIdle(_ lane: WriteLane, shard: UInt64) {
+        if lanes[shard] === lane, lane.isIdle { lanes[shard] = nil }
     }
 
     private func submit(works: [Work], resume: [StreamCursor], _ context: ChannelHandlerContext) {
@@ -225,8 +245,12 @@ final class WriteLane: @unchecked Sendable {
                 running = false
                 return nil
             }
-            defer { queue.removeAll(keepingCapacity: true) }
-            return queue
+            let works = queue
+            queue = []
+            return works
         }
     }
+
+    /// Nothing queued and no job running.
+    var isIdle: Bool { lock.withLock { !running && queue.isEmpty } }
 }

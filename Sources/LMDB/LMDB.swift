@@ -154,6 +154,23 @@ public final class Environment: @unchecked Sendable {
         return try body(Transaction(txn: txn!))
     }
 
+    /// Like `read`, but the snapshot begins inside `prepare`, when it calls the
+    /// `begin` it is given (exactly once): so a caller can take its snapshot and
+    /// look at state of its own in one step, under a lock of its own.
+    public func read<P, R>(prepare: (_ begin: () throws -> Void) throws -> P, _ body: (P, Transaction) throws -> R) throws -> R {
+        var txn: OpaquePointer?
+        let prepared: P
+        do {
+            prepared = try prepare { try check(mdb_txn_begin(env, nil, UInt32(MDB_RDONLY), &txn)) }
+        } catch {
+            if let txn { mdb_txn_abort(txn) }
+            throw error
+        }
+        guard let txn else { preconditionFailure("read(prepare:) needs prepare to call begin") }
+        defer { mdb_txn_abort(txn) }
+        return try body(prepared, Transaction(txn: txn))
+    }
+
     /// Runs `body` in a write transaction on the calling thread and commits it if
     /// `body` returns; aborts it if `body` throws. Blocks while another writer is active.
     /// With the default options the commit is durable when this returns.

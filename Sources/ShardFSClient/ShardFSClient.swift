@@ -56,7 +56,20 @@ public final class ShardFSClient: Sendable {
 
     /// Puts one entry; returns once it is durable.
     public func put(client: String, shard: UInt64, key: [UInt8], value: [UInt8], indexes: [IndexField] = []) async throws {
-        _ = try await call(.put(client: client, shard: shard, item: PutItem(key: key, value: value, indexes: indexes)))
+        let item = PutItem(key: key, value: value, indexes: indexes)
+        try Self.checkEncodable([item])
+        _ = try await call(.put(client: client, shard: shard, item: item))
+    }
+
+    /// What the wire's length fields cannot carry is refused here, not cut short
+    /// (the server refuses keys and names long before these bounds).
+    static func checkEncodable(_ items: [PutItem]) throws {
+        for item in items {
+            if item.key.count > Int(UInt16.max) || item.value.count > Int(UInt32.max) || item.indexes.count > Int(UInt16.max)
+                || item.indexes.contains(where: { $0.name.utf8.count > Int(UInt16.max) || $0.value.count > Int(UInt32.max) }) {
+                throw ClientError.invalidArgument("an item's key, value, index count or index exceeds what the protocol can carry")
+            }
+        }
     }
 
     public func get(shard: UInt64, key: [UInt8]) async throws -> EntryPayload {
@@ -70,6 +83,7 @@ public final class ShardFSClient: Sendable {
 
     /// Puts many entries in one durable transaction; one status per item, in order.
     public func batchPut(client: String, shard: UInt64, items: [PutItem]) async throws -> [Status] {
+        try Self.checkEncodable(items)
         guard case .itemStatuses(let statuses) = try await call(.batchPut(client: client, shard: shard, items: items)) else {
             throw unexpected()
         }

@@ -48,8 +48,7 @@ extension Shard {
         _ keys: Keys, _ body: (Keys.Index, Result<BorrowedEntry, ShardError>) throws -> Void
     ) throws where Keys.Element == [UInt8] {
         // Acknowledged batches not yet in LMDB answer for their keys.
-        let pending = try pendingLookups(keys)
-        try readTransaction(applyingLog: false) { txn in
+        try readSeeingPending(keys) { pending, txn in
             var i = keys.startIndex
             var n = 0
             while i != keys.endIndex {

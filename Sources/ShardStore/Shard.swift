@@ -579,12 +579,12 @@ public final class Shard: @unchecked Sendable {
     // MARK: Reads
 
     public func get(_ key: EntryKey) throws -> Entry {
-        switch try pendingLookup(key) {
-        case .put(let item): return Entry(pending: item)
-        case .deleted: throw ShardError.entryNotFound(key)
-        case .notPending: break
-        }
-        return try readTransaction(applyingLog: false) { txn in
+        try readSeeingPending(CollectionOfOne(key.bytes)) { pending, txn in
+            switch pending?[0] {
+            case .put(let item)?: return Entry(pending: item)
+            case .deleted?: throw ShardError.entryNotFound(key)
+            case .notPending?, nil: break
+            }
             guard let raw = try txn.get(entries, key.bytes) else { throw ShardError.entryNotFound(key) }
             let view = try RecordView(raw)
             return Entry(key: key, value: try value(txn, key.bytes, view), indexes: view.indexes(),
@@ -594,8 +594,7 @@ public final class Shard: @unchecked Sendable {
 
     /// Gets many entries from one snapshot; a missing entry is reported at its position.
     public func batchGet(_ keys: [EntryKey]) throws -> [Result<Entry, ShardError>] {
-        let pending = try pendingLookups(keys.lazy.map(\.bytes))
-        return try readTransaction(applyingLog: false) { txn in
+        try readSeeingPending(keys.lazy.map(\.bytes)) { pending, txn in
             keys.indices.map { i in
                 let key = keys[i]
                 switch pending?[i] {
@@ -619,14 +618,14 @@ public final class Shard: @unchecked Sendable {
 
     /// Size, modification time and indexes of an entry, or nil if there is none.
     public func attributes(_ key: EntryKey) throws -> EntryAttributes? {
-        switch try pendingLookup(key) {
-        case .put(let item):
-            return EntryAttributes(key: key, size: item.value.count, modificationTime: item.modificationTime ?? 0,
-                                   indexes: item.indexes)
-        case .deleted: return nil
-        case .notPending: break
-        }
-        return try readTransaction(applyingLog: false) { txn in
+        try readSeeingPending(CollectionOfOne(key.bytes)) { pending, txn in
+            switch pending?[0] {
+            case .put(let item)?:
+                return EntryAttributes(key: key, size: item.value.count, modificationTime: item.modificationTime ?? 0,
+                                       indexes: item.indexes)
+            case .deleted?: return nil
+            case .notPending?, nil: break
+            }
             guard let raw = try txn.get(entries, key.bytes) else { return nil }
             let view = try RecordView(raw)
             return EntryAttributes(key: key, size: view.size, modificationTime: view.modificationTime,
@@ -637,14 +636,14 @@ public final class Shard: @unchecked Sendable {
     /// Up to `count` bytes of the value from `offset`, touching only the chunks needed.
     public func read(_ key: EntryKey, offset: Int, count: Int) throws -> [UInt8] {
         guard offset >= 0, count >= 0 else { throw ShardError.invalidArgument("negative offset or count") }
-        switch try pendingLookup(key) {
-        case .put(let item):
-            let end = min(item.value.count, offset &+ count)
-            return offset < end ? Array(item.value[offset..<end]) : []
-        case .deleted: throw ShardError.entryNotFound(key)
-        case .notPending: break
-        }
-        return try readTransaction(applyingLog: false) { txn in
+        return try readSeeingPending(CollectionOfOne(key.bytes)) { pending, txn in
+            switch pending?[0] {
+            case .put(let item)?:
+                let end = min(item.value.count, offset &+ count)
+                return offset < end ? Array(item.value[offset..<end]) : []
+            case .deleted?: throw ShardError.entryNotFound(key)
+            case .notPending?, nil: break
+            }
             guard let raw = try txn.get(entries, key.bytes) else { throw ShardError.entryNotFound(key) }
             let view = try RecordView(raw)
             let end = min(view.size, offset &+ count)
@@ -923,7 +922,7 @@ public final class Shard: @unchecked Sendable {
     /// and read-only views, catch up within milliseconds of the last put).
     func logIsWorthApplying() -> Bool {
         logLock.withLock {
-            !pendingBatches.isEmpty
+            !holdingBackgroundApply && !pendingBatches.isEmpty
                 && (pendingBytes >= Self.applyThreshold || ContinuousClock.now - lastLogTime >= LogApplier.idleDelay)
         }
     }
@@ -939,48 +938,65 @@ public final class Shard: @unchecked Sendable {
         case deleted
     }
 
-    /// For point reads: what pending logged batches hold for each of `keys`, so a
-    /// read sees every acknowledged put without waiting for the log to be applied
-    /// (a lookup of a name being created must not wait for a commit either).
-    /// Returns nil when nothing is pending for them; applies the log first, and
-    /// returns nil, when the map cannot tell (a hash collision, or a put that
-    /// keeps the indexes LMDB holds). Read LMDB after this returns: what it does
-    /// not answer is applied by then.
-    func pendingLookups<Keys: Collection<[UInt8]>>(_ keys: Keys) throws -> [PendingLookup]? {
-        guard log != nil else { return nil }
-        let answer: PendingAnswer = logLock.withLock {
-            guard let base = pendingBatches.first?.sequence else { return .none }
-            var lookups: [PendingLookup] = []
-            var any = false
-            for key in keys {
-                guard let found = pendingKeys[keyHash(key)], found.sequence > appliedSequence else {
-                    lookups.append(.notPending)
-                    continue
+    /// Runs `body` in a read snapshot, with what pending logged batches hold for
+    /// each of `keys` (nil when nothing is pending for them), so a point read sees
+    /// every acknowledged put without waiting for the log to be applied (a lookup
+    /// of a name being created must not wait for a commit either). The lookups
+    /// and the snapshot's start are taken together under `logLock` (an apply
+    /// takes its batches off the pending list under it, after its commit), so
+    /// they agree: no write lands between them. When the pending map cannot tell
+    /// (a hash collision, or a put that keeps the indexes LMDB holds), the log is
+    /// applied first and the lookup is made again.
+    func readSeeingPending<Keys: Collection<[UInt8]>, R>(_ keys: Keys, _ body: ([PendingLookup]?, Transaction) throws -> R) throws -> R {
+        let hashes = log == nil ? [] : keys.map(keyHash)
+        while true {
+            let outcome: R?
+            do {
+                outcome = try env.read(prepare: { begin in
+                    try logLock.withLock {
+                        let answer = hashes.isEmpty ? PendingAnswer.none : pendingAnswer(keys, hashes)
+                        try begin()
+                        return answer
+                    }
+                }) { answer, txn -> R? in
+                    switch answer {
+                    case .unknown: return nil
+                    case .none: return try body(nil, txn)
+                    case .lookups(let lookups): return try body(lookups, txn)
+                    }
                 }
-                let at = Int(found.sequence - base)
-                guard at < pendingBatches.count, pendingBatches[at].sequence == found.sequence else { return .unknown }
-                let item = pendingBatches[at].items[found.item]
-                guard item.key == key, !item.keepsIndexes else { return .unknown }
-                lookups.append(item.isDeletion ? .deleted : .put(item))
-                any = true
+            } catch let error as ShardError {
+                throw error
+            } catch {
+                throw ShardError.from(error, limit: sizeLimit)
             }
-            return any ? .lookups(lookups) : .none
-        }
-        switch answer {
-        case .none: return nil
-        case .lookups(let lookups): return lookups
-        case .unknown:
+            if let outcome { return outcome }
             try applyLog()
-            return nil
         }
+    }
+
+    /// What the pending map says about `keys` (whose hashes are `hashes`). Under `logLock`.
+    private func pendingAnswer<Keys: Collection<[UInt8]>>(_ keys: Keys, _ hashes: [UInt64]) -> PendingAnswer {
+        guard let base = pendingBatches.first?.sequence else { return .none }
+        var lookups: [PendingLookup] = []
+        var any = false
+        for (key, hash) in zip(keys, hashes) {
+            guard let found = pendingKeys[hash], found.sequence > appliedSequence else {
+                lookups.append(.notPending)
+                continue
+            }
+            guard found.sequence >= base else { return .unknown }
+            let at = Int(found.sequence - base)
+            guard at < pendingBatches.count, pendingBatches[at].sequence == found.sequence else { return .unknown }
+            let item = pendingBatches[at].items[found.item]
+            guard item.key == key, !item.keepsIndexes else { return .unknown }
+            lookups.append(item.isDeletion ? .deleted : .put(item))
+            any = true
+        }
+        return any ? .lookups(lookups) : .none
     }
 
     private enum PendingAnswer { case none, lookups([PendingLookup]), unknown }
-
-    /// `pendingLookups` for one key.
-    func pendingLookup(_ key: EntryKey) throws -> PendingLookup {
-        try pendingLookups(CollectionOfOne(key.bytes))?[0] ?? .notPending
-    }
 
     /// Applies the pending batches in one durable transaction that also records
     /// the last applied sequence (so a restart replays exactly the rest), or, if
@@ -1005,6 +1021,14 @@ public final class Shard: @unchecked Sendable {
         logLock.withLock { logFailure = nil }
         return nil
     }
+
+    /// Tests only: keeps the background applier away from this shard, so what is
+    /// pending stays pending until a write, a scan or `applyLog()` applies it.
+    var backgroundApplyHeld: Bool {
+        get { logLock.withLock { holdingBackgroundApply } }
+        set { logLock.withLock { holdingBackgroundApply = newValue } }
+    }
+    private var holdingBackgroundApply = false
 
     /// Tests only: an error to fail the next applies with (a full or failing disk).
     var applyFault: (@Sendable () throws -> Void)? {
@@ -1447,5 +1471,3 @@ final class PendingTotal: @unchecked Sendable {
     var value: Int { lock.withLock { total } }
     func add(_ bytes: Int) { lock.withLock { total += bytes } }
 }
-
-

@@ -175,9 +175,11 @@ private func responses(_ raw: [UInt8]) -> [Response] {
         }
     }
 
-    /// Pipelined BatchPuts that share a transaction but do not fit in the shard
-    /// together are tried one by one: those that fit land, the rest get SHARD_FULL.
-    /// After a close, a BatchPut gets SHARD_CLOSED and nothing of it lands.
+    /// Pipelined BatchPuts into a shard with room for two of them: the first two
+    /// land and the third gets SHARD_FULL, whether they share a lane round (the
+    /// round's transaction fails as full and each is tried alone) or arrive in
+    /// separate reads. After a close, a BatchPut gets SHARD_CLOSED and nothing of
+    /// it lands.
     @Test func batchPutsThatDoNotFitTogetherAreTriedAloneAndClosedShardsRefuseThem() async throws {
         try await withServer { fx in
             let c = try await fx.client()
@@ -192,7 +194,7 @@ private func responses(_ raw: [UInt8]) -> [Response] {
                     let items = [PutItem(key: bytes("v\(n)"), value: [UInt8](repeating: UInt8(n), count: 80 << 10))]
                     RequestCodec.encode(.batchPut(client: "f", shard: shard, items: items), requestID: UInt32(n + 1), into: &b)
                 }
-                socket.send(Array(b.readableBytesView))  // one burst: one lane round
+                socket.send(Array(b.readableBytesView))
                 return socket.readFrames(4)
             }.value
             var codes: [UInt32: StatusCode] = [:]

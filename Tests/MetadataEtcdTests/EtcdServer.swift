@@ -93,6 +93,8 @@ final class EtcdServer: @unchecked Sendable {
         while true {
             do {
                 let _: WireRangeResponse = try await client.post("/v3/kv/range", ["key": Wire.b64("health")])
+                // An answer from another test's etcd on a port taken meanwhile does not count.
+                if kill(etcdPID, 0) != 0 { throw EtcdTestError("etcd exited at start: \(log)") }
                 return
             } catch {
                 if case MetadataError.unauthorized = error { return }  // auth is on: etcd is up
@@ -120,6 +122,7 @@ final class EtcdServer: @unchecked Sendable {
                 try await start()
                 return
             } catch let error as EtcdTestError where attempt < 3 && error.description.contains("exited at start") {
+                await signalAndWait(SIGKILL)  // forgets the dead etcd and its watchdog
                 clientPort = try Self.freePort()
                 peerPort = try Self.freePort()
                 try? FileManager.default.removeItem(atPath: dataDir)
