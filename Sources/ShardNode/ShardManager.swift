@@ -62,7 +62,7 @@ public final class ShardManager: @unchecked Sendable {
         set {
             lock.withLock {
                 changeListener = newValue
-                for entry in shards.values { forwardCommits(entry.shard, newValue != nil) }
+                for entry in shards.values { forwardCommits(entry.shard, newValue) }
             }
         }
     }
@@ -71,22 +71,20 @@ public final class ShardManager: @unchecked Sendable {
     private func adopt(_ shard: Shard, volumeID: String) {
         lock.withLock {
             shards[shard.id] = (shard, volumeID)
-            forwardCommits(shard, changeListener != nil)
+            forwardCommits(shard, changeListener)
         }
     }
 
-    /// With no listener a shard does not collect the keys each commit changed.
-    /// Called under `lock`.
-    private func forwardCommits(_ shard: Shard, _ on: Bool) {
-        guard on else {
+    /// Hands `listener` to the shard's commits (called again whenever the
+    /// listener changes); with none, the shard does not collect the keys each
+    /// commit changed. Called under `lock`.
+    private func forwardCommits(_ shard: Shard, _ listener: (@Sendable (UInt64, [[UInt8]]) -> Void)?) {
+        guard let listener else {
             shard.onCommit = nil
             return
         }
         let id = shard.id
-        shard.onCommit = { [weak self] (keys: [[UInt8]]) -> Void in
-            guard let self, let listener = self.entriesChanged else { return }
-            listener(id, keys)
-        }
+        shard.onCommit = { keys in listener(id, keys) }
     }
 
     public init(nodeID: String, metadata: any MetadataStore, volumes: any VolumeManager, defaultSizeLimit: Int,

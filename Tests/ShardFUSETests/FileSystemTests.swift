@@ -99,8 +99,7 @@ import Testing
     }
 
     @Test func chmodAMinusWClosesAShardForever() async throws {
-        let fixture = try MountFixture(options: "client_id=tester")
-        do {
+        try await withFixture { fixture in
             try await fixture.mount()
             try await fixture.ok("mkdir shard-4 && echo data > shard-4/f && chmod a-w shard-4")
             #expect(try await fixture.ok("stat -c %A shard-4") == "dr-xr-xr-x\n")
@@ -116,16 +115,11 @@ import Testing
             // rmdir deletes a closed shard with its entries.
             try await fixture.ok("rmdir shard-4")
             #expect(try await fixture.ok("ls") == "")
-        } catch {
-            await fixture.unmount()
-            throw error
         }
-        await fixture.unmount()
     }
 
     @Test func aMountWritesOnlyShardsItsClientOwns() async throws {
-        let fixture = try MountFixture(options: "client_id=alice")
-        do {
+        try await withFixture("client_id=alice") { fixture in
             try await fixture.mount()
             try await fixture.ok("mkdir shard-5 && echo a > shard-5/f")
             await fixture.unmount()
@@ -133,16 +127,11 @@ import Testing
             #expect(try await fixture.ok("cat shard-5/f") == "a\n")
             #expect(try await fixture.errnoOf("open('shard-5/g', 'w')") == "EACCES")
             #expect(try await fixture.errnoOf("os.unlink('shard-5/f')") == "EACCES")
-        } catch {
-            await fixture.unmount()
-            throw error
         }
-        await fixture.unmount()
     }
 
     @Test func readOnlyMountRefusesEveryChange() async throws {
-        let fixture = try MountFixture(options: "client_id=tester")
-        do {
+        try await withFixture { fixture in
             try await fixture.mount()
             try await fixture.ok("mkdir shard-6 && echo a > shard-6/f")
             await fixture.unmount()
@@ -153,11 +142,7 @@ import Testing
                          "os.truncate('shard-6/f', 0)"] {
                 #expect(try await fixture.errnoOf(call) == "EROFS", "\(call)")
             }
-        } catch {
-            await fixture.unmount()
-            throw error
         }
-        await fixture.unmount()
     }
 
     @Test func rsyncTarFindAndDuWorkBothWays() async throws {
@@ -199,8 +184,7 @@ import Testing
     }
 
     @Test func killDashNineLosesNoClosedFileAndRemountWorks() async throws {
-        let fixture = try MountFixture(options: "client_id=tester")
-        do {
+        try await withFixture { fixture in
             try await fixture.mount()
             try await fixture.ok("mkdir shard-1 && for i in $(seq 1 50); do echo value-$i > shard-1/e$i; done && sync shard-1/e50")
             guard let pid = fixture.daemonPID else { throw FixtureError("no daemon pid") }
@@ -211,39 +195,28 @@ import Testing
             try await fixture.mount()
             for i in [1, 25, 50] { #expect(try await fixture.ok("cat shard-1/e\(i)") == "value-\(i)\n") }
             #expect(try await fixture.ok("ls shard-1 | wc -l") == "50\n")
-        } catch {
-            await fixture.unmount()
-            throw error
         }
-        await fixture.unmount()
     }
 
     @Test func aFullShardFailsCloseWithENOSPCAndStaysUsable() async throws {
-        let fixture = try MountFixture(options: "client_id=tester")
-        do {
-            _ = try await shell("mkdir -p '\(fixture.data)' && printf 'shard:\\n  size_limit: 1MiB\\n' > '\(fixture.dir.sub("small.yaml"))'")
-            try await fixture.mount("config=\(fixture.dir.sub("small.yaml"))")
+        try await withFixture { fixture in
+            try await fixture.mount(try fixture.sizeLimitOption("1MiB"))
             try await fixture.ok("mkdir shard-1 && echo small > shard-1/ok")
             let result = try await fixture.sh("head -c 3000000 /dev/zero > shard-1/big")
             #expect(result.status != 0 && result.stderr.contains("No space left on device"), "\(result.stderr)")
             #expect(try await fixture.ok("cat shard-1/ok") == "small\n")
             try await fixture.ok("echo still-writable > shard-1/next")
             #expect(try await fixture.ok("cat shard-1/next") == "still-writable\n")
-        } catch {
-            await fixture.unmount()
-            throw error
         }
-        await fixture.unmount()
     }
 
     /// Filling a small shard with queued closes: every file whose close()
     /// succeeded is there after a remount (the room check before queueing must
     /// never let a queued put fail), and the first refusal is ENOSPC.
     @Test func everyClosedFileSurvivesFillingTheShard() async throws {
-        let fixture = try MountFixture(options: "client_id=tester")
-        do {
-            _ = try await shell("mkdir -p '\(fixture.data)' && printf 'shard:\\n  size_limit: 1MiB\\n' > '\(fixture.dir.sub("small.yaml"))'")
-            try await fixture.mount("config=\(fixture.dir.sub("small.yaml"))")
+        try await withFixture { fixture in
+            let limited = try fixture.sizeLimitOption("1MiB")
+            try await fixture.mount(limited)
             try await fixture.ok("mkdir shard-1")
             let script = """
             import errno, os
@@ -263,15 +236,11 @@ import Testing
             let written = out.split(separator: "\n").last!.split(separator: " ").compactMap { Int($0) }
             #expect(written.count > 3)
             _ = try await shell("fusermount3 -u '\(fixture.mnt)' || fusermount3 -uz '\(fixture.mnt)'")
-            try await fixture.mount("config=\(fixture.dir.sub("small.yaml"))")
+            try await fixture.mount(limited)
             for i in written {
                 #expect(try await fixture.ok("stat -c %s shard-1/f" + String(format: "%03d", i)) == "100000\n", "file \(i)")
             }
-        } catch {
-            await fixture.unmount()
-            throw error
         }
-        await fixture.unmount()
     }
 
     /// A 1 GiB file through the mount: written, read back with cmp, and the
@@ -326,42 +295,27 @@ import Testing
     }
 
     @Test func theHelperAcceptsMountsArgvAndGenericOptions() async throws {
-        let fixture = try MountFixture(options: "")
-        do {
+        try await withFixture("") { fixture in
             try await check(fixture, start: "\(Self.repository)/mount-helpers/mount.shardfs \(fixture.data) \(fixture.mnt) -n -o rw,_netdev,nofail,dev,suid,defaults,client_id=app")
-        } catch {
-            await fixture.unmount()
-            throw error
         }
-        await fixture.unmount()
     }
 
     @Test func mountFuse3RunsShardfsWithTheBareForm() async throws {
-        let fixture = try MountFixture(options: "")
-        do {
+        try await withFixture("") { fixture in
             // What `mount -t fuse.shardfs` and fstab do without our helper installed.
             try await check(fixture, start: "mount.fuse3 \(fixture.data) \(fixture.mnt) -t shardfs -o client_id=app,_netdev,nofail")
-        } catch {
-            await fixture.unmount()
-            throw error
         }
-        await fixture.unmount()
     }
 
     @Test func aReadOnlyHelperMountRefusesWrites() async throws {
-        let fixture = try MountFixture(options: "")
-        do {
+        try await withFixture("") { fixture in
             _ = try await shell("mkdir -p \(fixture.data)")
             let result = try await shell("\(Self.repository)/mount-helpers/mount.shardfs \(fixture.data) \(fixture.mnt) -r -o client_id=app",
                                          environment: ["SHARDFS_BIN": shardfs])
             #expect(result.status == 0, "\(result.stderr)")
             #expect(try await fixture.errnoOf("os.mkdir('shard-1')") == "EROFS")
             #expect(try await fixture.errnoOf("open('top', 'w')") == "EROFS")
-        } catch {
-            await fixture.unmount()
-            throw error
         }
-        await fixture.unmount()
     }
 }
 
@@ -369,8 +323,7 @@ import Testing
     /// 100,000 entries: `ls -l` lists them all, paged from a cursor with
     /// readdirplus, and the daemon's own memory does not grow with the listing.
     @Test func lsOfAHundredThousandEntries() async throws {
-        let fixture = try MountFixture(options: "client_id=tester")
-        do {
+        try await withFixture { fixture in
             // Fill the shard through the engine before mounting (fast), then list through the mount.
             let created = try await runAsync(shardfs, ["shard", "new", "--client", "tester", "--data-dir", fixture.data, "--log-level", "error"])
             #expect(created.stdout == "1\n", "\(created.stderr)")
@@ -391,10 +344,6 @@ import Testing
             // Inodes of listed entries stay until the kernel forgets them (a few
             // hundred bytes each); the listing itself is paged.
             #expect(after - before < 64 * 1024, "anonymous memory grew from \(before) to \(after) KiB")
-        } catch {
-            await fixture.unmount()
-            throw error
         }
-        await fixture.unmount()
     }
 }

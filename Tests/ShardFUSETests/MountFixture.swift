@@ -25,6 +25,15 @@ final class MountFixture: @unchecked Sendable {
         guard result.status == 0 else { throw FixtureError("mount failed: \(result.stderr)") }
     }
 
+    /// Writes a config file that gives new shards `limit` (as "1MiB") and
+    /// returns the mount option that names it.
+    func sizeLimitOption(_ limit: String) throws -> String {
+        try FileManager.default.createDirectory(atPath: data, withIntermediateDirectories: true)
+        let path = dir.sub("small.yaml")
+        try "shard:\n  size_limit: \(limit)\n".write(toFile: path, atomically: true, encoding: .utf8)
+        return "config=" + path
+    }
+
     /// The daemon's pid, from the node lock it holds.
     var daemonPID: Int32? {
         (try? String(contentsOfFile: data + "/node.lock", encoding: .utf8))
@@ -82,9 +91,19 @@ struct FixtureError: Error, CustomStringConvertible {
 
 /// Mounts, runs `body`, and always tears down.
 func withMount(_ options: String = "client_id=tester", _ body: (MountFixture) async throws -> Void) async throws {
+    try await withFixture(options) { fixture in
+        try await fixture.mount()
+        try await body(fixture)
+    }
+}
+
+/// Runs `body` with a fixture it mounts (and remounts) itself; unmounts
+/// afterwards even if `body` fails. Returns the fixture, unmounted, for checks
+/// of the data folder.
+@discardableResult
+func withFixture(_ options: String = "client_id=tester", _ body: (MountFixture) async throws -> Void) async throws -> MountFixture {
     let fixture = try MountFixture(options: options)
     do {
-        try await fixture.mount()
         try await body(fixture)
     } catch {
         await fixture.unmount()
@@ -92,4 +111,5 @@ func withMount(_ options: String = "client_id=tester", _ body: (MountFixture) as
     }
     await fixture.unmount()
     #expect(!fixture.isMounted)
+    return fixture
 }

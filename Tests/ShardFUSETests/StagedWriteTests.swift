@@ -75,10 +75,8 @@ import Testing
     }
 
     @Test func aLargeWriteOverTheLimitFailsWithENOSPCAndLeavesNothingStaged() async throws {
-        let fixture = try MountFixture(options: "client_id=tester")
-        do {
-            _ = try await shell("mkdir -p '\(fixture.data)' && printf 'shard:\\n  size_limit: 24MiB\\n' > '\(fixture.dir.sub("small.yaml"))'")
-            try await fixture.mount("config=\(fixture.dir.sub("small.yaml"))")
+        let unmounted = try await withFixture { fixture in
+            try await fixture.mount(try fixture.sizeLimitOption("24MiB"))
             try await fixture.ok("mkdir shard-1 && echo small > shard-1/ok")
             let result = try await fixture.sh("dd if=/dev/zero of=shard-1/big bs=1M count=40 status=none")
             #expect(result.status != 0 && result.stderr.contains("No space left on device"), "\(result.stderr)")
@@ -88,17 +86,12 @@ import Testing
             try await Self.dropCaches()
             try await fixture.ok("cmp '\(fixture.dir.sub("mid"))' shard-1/mid")
             #expect(try await Self.stagedSets(fixture) == [])
-        } catch {
-            await fixture.unmount()
-            throw error
         }
-        await fixture.unmount()
-        #expect(!fixture.isMounted)
         // Nothing of the big value was committed (dd's first close, after its
         // dup2, commits the created file empty, as on any filesystem).
         var options = ShardOptions()
         options.readOnly = true
-        let shard = try Shard.open(at: try await Self.shardPath(fixture), options: options)
+        let shard = try Shard.open(at: try await Self.shardPath(unmounted), options: options)
         #expect(try shard.attributes(try EntryKey(Array("big".utf8)))?.size ?? 0 == 0)
         #expect(try shard.get(try EntryKey(Array("ok".utf8))).value == Array("small\n".utf8))
     }
