@@ -71,10 +71,9 @@ final class WriteBehind: @unchecked Sendable {
         condition.withLock {
             guard !closing.contains(shard.id) else { return false }
             let wasIdle = queues.isEmpty
-            var queue = queues[shard.id] ?? (shard, clientID, [:])
-            let previous = queue.puts[key]?.value.count ?? 0
-            queue.puts[key] = Pending(value: value, modificationTime: modificationTime, deleted: deleted)
-            queues[shard.id] = queue
+            // Changed in place: a copy of the queue would copy its whole table per put.
+            let pending = Pending(value: value, modificationTime: modificationTime, deleted: deleted)
+            let previous = queues[shard.id, default: (shard, clientID, [:])].puts.updateValue(pending, forKey: key)?.value.count ?? 0
             queuedBytes += value.count - previous
             shardBytes[shard.id, default: 0] += Self.cost(value.count) - Self.cost(previous)
             if wasIdle || queuedBytes >= Self.maxQueuedBytes { condition.broadcast() }
