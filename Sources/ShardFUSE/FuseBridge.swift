@@ -27,7 +27,7 @@ private func entryParameters(_ reply: EntryReply) -> fuse_entry_param {
     parameters.ino = reply.inode
     parameters.generation = 1
     parameters.attr = reply.attributes
-    parameters.attr_timeout = reply.timeout
+    parameters.attr_timeout = reply.attributeTimeout
     parameters.entry_timeout = reply.timeout
     return parameters
 }

@@ -10,6 +10,15 @@ struct EntryReply {
     var inode: UInt64
     var attributes: stat
     var timeout: Double
+    /// How long the attributes may be cached: `timeout`, or 0 for a writer's view.
+    var attributeTimeout: Double
+
+    init(inode: UInt64, attributes: stat, timeout: Double, attributeTimeout: Double? = nil) {
+        self.inode = inode
+        self.attributes = attributes
+        self.timeout = timeout
+        self.attributeTimeout = attributeTimeout ?? timeout
+    }
 }
 
 /// One row of a directory listing.
@@ -65,6 +74,8 @@ public final class ShardFileSystem: @unchecked Sendable {
 
     private let lock = NSLock()
     private var files: [UInt64: OpenFile] = [:]
+    /// The handles open on each inode, so finding a key's open files costs no scan.
+    private var handlesByInode: [UInt64: Set<UInt64>] = [:]
     private var committedAll = false
     private var directories: [UInt64: DirectoryCursor] = [:]
     private var nextHandle: UInt64 = 1
@@ -93,13 +104,13 @@ public final class ShardFileSystem: @unchecked Sendable {
             let shard = try localShard(id)
             let key = try entryKey(name)
             // A file created and still open exists too (for its writer's stat, rename…).
-            let writer = openFiles(shard: id, key: key).first { $0.pendingSize != nil }
-            let attributes = try currentAttributes(shard, key) ?? writer.map {
-                EntryAttributes(key: key, size: $0.pendingSize ?? 0, modificationTime: Self.now(), indexes: [])
+            let known = inodes.existingInode(for: .entry(shard: id, key: key.bytes))
+            guard let view = try entryView(shard, key, inode: known) else {
+                throw FileSystemError(ENOENT, "no entry \(key) in shard \(id)")
             }
-            guard let attributes else { throw FileSystemError(ENOENT, "no entry \(key) in shard \(id)") }
             let ino = inodes.inode(for: .entry(shard: id, key: key.bytes), lookup: true)
-            return EntryReply(inode: ino, attributes: fileAttributes(shard, ino, attributes), timeout: timeout(shard))
+            return EntryReply(inode: ino, attributes: fileAttributes(shard, ino, view.attributes), timeout: timeout(shard),
+                              attributeTimeout: view.ofWriter ? 0 : timeout(shard))
         case .entry:
             throw FileSystemError(ENOTDIR, "entries are files")
         }
@@ -117,17 +128,10 @@ public final class ShardFileSystem: @unchecked Sendable {
         case .entry(let id, let key):
             let shard = try localShard(id)
             let entryKey = try EntryKey(key)
-            let committed = try currentAttributes(shard, entryKey)
-            // A file being written (perhaps created and not yet committed) shows
-            // its writer's view: fstat on a new file must work.
-            if let writer = openWriter(ino), let pending = writer.pendingSize {
-                let attributes = EntryAttributes(key: entryKey, size: pending,
-                                                 modificationTime: writer.pendingModificationTime ?? committed?.modificationTime ?? Self.now(),
-                                                 indexes: [])
-                return (fileAttributes(shard, ino, attributes), 0)
+            guard let view = try entryView(shard, entryKey, inode: ino) else {
+                throw FileSystemError(ENOENT, "entry \(entryKey) is gone")
             }
-            guard let committed else { throw FileSystemError(ENOENT, "entry \(entryKey) is gone") }
-            return (fileAttributes(shard, ino, committed), attributeTimeout(shard))
+            return (fileAttributes(shard, ino, view.attributes), view.ofWriter ? 0 : attributeTimeout(shard))
         }
     }
 
@@ -315,7 +319,7 @@ public final class ShardFileSystem: @unchecked Sendable {
     }
 
     func release(_ handle: UInt64) throws {
-        guard let file = lock.withLock({ files.removeValue(forKey: handle) }) else { return }
+        guard let file = lock.withLock({ unregister(handle) }) else { return }
         defer { file.abandon() }  // a staged value that was not committed is removed
         try commit(file, behind: true)
     }
@@ -352,6 +356,20 @@ public final class ShardFileSystem: @unchecked Sendable {
     }
 
     /// An entry's attributes as the mount shows them: a queued put wins.
+    /// What lookup and getattr show of an entry. A file being written (perhaps
+    /// created and not committed yet) shows its writer's view, never cached by the
+    /// kernel (`ofWriter`): fstat on a new file must work. Otherwise the queued or
+    /// committed entry; nil if there is none.
+    private func entryView(_ shard: Shard, _ key: EntryKey, inode: UInt64?) throws
+        -> (attributes: EntryAttributes, ofWriter: Bool)? {
+        let current = try currentAttributes(shard, key)
+        if let inode, let writer = openWriter(inode), let size = writer.pendingSize {
+            let time = writer.pendingModificationTime ?? current?.modificationTime ?? Self.now()
+            return (EntryAttributes(key: key, size: size, modificationTime: time, indexes: []), true)
+        }
+        return current.map { ($0, false) }
+    }
+
     private func currentAttributes(_ shard: Shard, _ key: EntryKey) throws -> EntryAttributes? {
         if let pending = writeBehind.pending(shard: shard.id, key: key.bytes) {
             if pending.deleted { return nil }
@@ -441,7 +459,7 @@ public final class ShardFileSystem: @unchecked Sendable {
         case .root:
             let shards = node.shards.localShards()
             for (i, shard) in shards.enumerated() where Int64(i) + 3 > offset && items.count < limit {
-                let ino = inodes.inode(for: .shard(shard.id), lookup: plus)
+                let ino = listedInode(.shard(shard.id), plus: plus)
                 items.append(DirectoryItem(name: Array(ShardManager.directoryName(shard.id).utf8), inode: ino,
                                            attributes: shardAttributes(shard, ino), timeout: timeout(shard),
                                            nextOffset: Int64(i) + 3, kind: .shard(shard.id)))
@@ -470,7 +488,7 @@ public final class ShardFileSystem: @unchecked Sendable {
             let rows = try shard.list(after: after, limit: max(0, limit - items.count))
             for row in rows {
                 position += 1
-                let ino = inodes.inode(for: .entry(shard: id, key: row.key.bytes), lookup: plus)
+                let ino = listedInode(.entry(shard: id, key: row.key.bytes), plus: plus)
                 let attributes = EntryAttributes(key: row.key, size: row.size, modificationTime: row.modificationTime, indexes: [])
                 items.append(DirectoryItem(name: row.key.bytes, inode: ino, attributes: fileAttributes(shard, ino, attributes),
                                            timeout: timeout(shard), nextOffset: position,
@@ -480,6 +498,17 @@ public final class ShardFileSystem: @unchecked Sendable {
             throw FileSystemError(ENOTDIR, "entries are files")
         }
         return items
+    }
+
+    /// What a plain readdir gives as an item's inode when the kernel holds none:
+    /// libfuse's FUSE_UNKNOWN_INO. The kernel looks the name up before using it.
+    static let unknownInode: UInt64 = 0xffff_ffff
+
+    /// An item's inode: readdirplus hands the kernel a lookup on it; a plain
+    /// readdir makes none (nothing would ever forget it), so it only reports one
+    /// the kernel already holds.
+    private func listedInode(_ kind: NodeKind, plus: Bool) -> UInt64 {
+        plus ? inodes.inode(for: kind, lookup: true) : inodes.existingInode(for: kind) ?? Self.unknownInode
     }
 
     /// The bridge packed the first `packed` items into the reply: remember where
@@ -639,9 +668,16 @@ public final class ShardFileSystem: @unchecked Sendable {
         return file
     }
 
+    /// The open files of an entry. An open file keeps its inode known (the kernel
+    /// holds a lookup on it), and a rename moves the inode with its handles.
     private func openFiles(shard: UInt64, key: EntryKey) -> [OpenFile] {
-        let all = lock.withLock { Array(files.values) }
-        return all.filter { $0.shard.id == shard && $0.key == key }  // file locks taken outside `lock`
+        guard let ino = inodes.existingInode(for: .entry(shard: shard, key: key.bytes)) else { return [] }
+        return openFiles(inode: ino).filter { $0.shard.id == shard && $0.key == key }
+    }
+
+    /// File locks are taken only after `lock` is released (see `openWriter`).
+    private func openFiles(inode: UInt64) -> [OpenFile] {
+        lock.withLock { handlesByInode[inode].map { $0.compactMap { files[$0] } } ?? [] }
     }
 
     private func register(_ file: OpenFile) -> UInt64 {
@@ -649,16 +685,24 @@ public final class ShardFileSystem: @unchecked Sendable {
             let handle = nextHandle
             nextHandle += 1
             files[handle] = file
+            handlesByInode[file.inode, default: []].insert(handle)
             return handle
         }
+    }
+
+    /// Removes a handle (lock held).
+    private func unregister(_ handle: UInt64) -> OpenFile? {
+        guard let file = files.removeValue(forKey: handle) else { return nil }
+        handlesByInode[file.inode]?.remove(handle)
+        if handlesByInode[file.inode]?.isEmpty == true { handlesByInode.removeValue(forKey: file.inode) }
+        return file
     }
 
     /// A handle with unwritten changes to `ino`. The file's own lock is taken
     /// only after `lock` is released: a commit holds the file's lock while its
     /// commit hook needs other locks, so nesting them here could deadlock.
     private func openWriter(_ ino: UInt64) -> OpenFile? {
-        let candidates = lock.withLock { files.values.filter { $0.inode == ino } }
-        return candidates.first { $0.pendingSize != nil }
+        openFiles(inode: ino).first { $0.pendingSize != nil }
     }
 
     /// Writes need a writable mount, an open shard and the mount's client as owner.

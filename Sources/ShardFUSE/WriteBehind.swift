@@ -24,7 +24,8 @@ final class WriteBehind: @unchecked Sendable {
         var deleted = false
     }
 
-    static let interval = 0.005
+    /// How long a batch gathers before the committer takes it (seconds).
+    let interval: Double
     static let maxQueuedBytes = 32 << 20
 
     private let condition = NSCondition()
@@ -47,8 +48,10 @@ final class WriteBehind: @unchecked Sendable {
     /// Runs a commit as the mount's own write (see `ShardFileSystem.own`).
     private let asOwnWrite: (UInt64, [[UInt8]], () throws -> Void) throws -> Void
 
-    init(logger: Logger, asOwnWrite: @escaping (UInt64, [[UInt8]], () throws -> Void) throws -> Void) {
+    init(logger: Logger, interval: Double = 0.005,
+         asOwnWrite: @escaping (UInt64, [[UInt8]], () throws -> Void) throws -> Void) {
         self.logger = logger
+        self.interval = interval
         self.asOwnWrite = asOwnWrite
         let thread = Thread { [unowned self] in self.committerLoop() }
         thread.name = "shardfs.write-behind"
@@ -73,9 +76,9 @@ final class WriteBehind: @unchecked Sendable {
             let wasIdle = queues.isEmpty
             // Changed in place: a copy of the queue would copy its whole table per put.
             let pending = Pending(value: value, modificationTime: modificationTime, deleted: deleted)
-            let previous = queues[shard.id, default: (shard, clientID, [:])].puts.updateValue(pending, forKey: key)?.value.count ?? 0
-            queuedBytes += value.count - previous
-            shardBytes[shard.id, default: 0] += Self.cost(value.count) - Self.cost(previous)
+            let previous = queues[shard.id, default: (shard, clientID, [:])].puts.updateValue(pending, forKey: key)?.value.count
+            queuedBytes += value.count - (previous ?? 0)
+            shardBytes[shard.id, default: 0] += Self.cost(value.count) - (previous.map(Self.cost) ?? 0)
             if wasIdle || queuedBytes >= Self.maxQueuedBytes { condition.broadcast() }
             return true
         }
@@ -175,7 +178,7 @@ final class WriteBehind: @unchecked Sendable {
                 // for `interval` (unless it is already large or we are stopping).
                 while queues.isEmpty && !stopped { condition.wait() }
                 if !stopped && queuedBytes < Self.maxQueuedBytes {
-                    _ = condition.wait(until: Date(timeIntervalSinceNow: Self.interval))
+                    _ = condition.wait(until: Date(timeIntervalSinceNow: interval))
                 }
                 // Shards being flushed right now are left for the next round.
                 let ids = queues.keys.filter { !committing.contains($0) }

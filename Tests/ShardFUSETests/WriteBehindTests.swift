@@ -7,11 +7,12 @@ import Testing
 
 /// The write-behind queue on a real shard, without a mount: its failure paths.
 @Suite struct WriteBehindTests {
-    func make(_ dir: TemporaryDirectory, limit: Int = 2 << 30) throws -> (Shard, WriteBehind) {
+    /// `interval`: a long one leaves every commit to the test's own flush.
+    func make(_ dir: TemporaryDirectory, limit: Int = 2 << 30, interval: Double = 0.005) throws -> (Shard, WriteBehind) {
         var options = ShardOptions()
         options.sizeLimit = limit
         let shard = try Shard.create(at: dir.sub("shard-1"), id: 1, owner: "c", options: options)
-        let queue = WriteBehind(logger: Logger(label: "test")) { _, _, body in try body() }
+        let queue = WriteBehind(logger: Logger(label: "test"), interval: interval) { _, _, body in try body() }
         return (shard, queue)
     }
 
@@ -30,6 +31,22 @@ import Testing
         queue.flush(shard: 1)
         #expect(try shard.attributes(EntryKey("a")) == nil)
         #expect(queue.takeFailure(shard: 1) == nil)
+    }
+
+    @Test func aSecondPutOfAKeyReplacesTheFirstAndItsCost() throws {
+        let dir = try TemporaryDirectory("wb")
+        let (shard, queue) = try make(dir, interval: 3600)
+        defer { queue.stop() }
+        #expect(queue.enqueue(shard, clientID: "c", key: Array("a".utf8), value: [1, 2, 3], modificationTime: 5))
+        #expect(queue.enqueue(shard, clientID: "c", key: Array("b".utf8), value: [4], modificationTime: 5))
+        #expect(queue.enqueue(shard, clientID: "c", key: Array("a".utf8), value: [9], modificationTime: 6))
+        #expect(queue.pending(shard: 1, key: Array("a".utf8))?.value == [9])
+        #expect(queue.pending(shard: 1, key: Array("b".utf8))?.value == [4])
+        #expect(queue.queuedBytes(shard: 1) == 2 * WriteBehind.cost(1))
+        queue.flush(shard: 1)
+        #expect(try shard.get(EntryKey("a")).value == [9])
+        #expect(try shard.get(EntryKey("b")).value == [4])
+        #expect(queue.queuedBytes(shard: 1) == 0)
     }
 
     @Test func aBatchTheShardRefusesIsReportedOnce() throws {

@@ -1,0 +1,64 @@
+import Foundation
+@testable import ShardFUSE
+import ShardNode
+import ShardStore
+import TestSupport
+import Testing
+
+/// The typed layer on a real node, without a mount: what the kernel is handed.
+@Suite struct TypedLayerTests {
+    func withFileSystem(_ body: (ShardFileSystem, _ shardInode: UInt64, _ shard: Shard) throws -> Void) async throws {
+        let dir = try TemporaryDirectory("typed")
+        var config = Configuration()
+        try config.set("node.data_dir", dir.path)
+        let node = try await StorageNode.start(config)
+        let shard = try await node.shards.newShard(owner: "c")
+        var options = MountOptions()
+        options.clientID = "c"
+        let fs = ShardFileSystem(node: node, options: options)
+        defer { fs.commitAll() }
+        let shardInode = try fs.lookup(InodeTable.rootInode, Array(ShardManager.directoryName(shard.id).utf8)).inode
+        try body(fs, shardInode, shard)
+    }
+
+    @Test func aPlainListingMakesNoInodesAndAListingPlusOnePerItem() async throws {
+        try await withFileSystem { fs, shardInode, shard in
+            for i in 0..<50 { try shard.put(try EntryKey("k\(i)"), value: [1], clientID: "c") }
+            let handle = try fs.opendir(shardInode)
+            let plain = try fs.readdir(shardInode, handle: handle, offset: 0, limit: 100, plus: false)
+            #expect(plain.count == 52)  // with . and ..
+            #expect(plain.dropFirst(2).allSatisfy { $0.inode == ShardFileSystem.unknownInode })
+            #expect(fs.inodes.inodes(ofShard: shard.id) == [shardInode], "a plain listing left inodes behind")
+            let plus = try fs.readdir(shardInode, handle: handle, offset: 0, limit: 100, plus: true)
+            fs.listed(plus, packed: plus.count, handle: handle, plus: true)
+            #expect(Set(plus.dropFirst(2).map(\.inode)).count == 50)
+            #expect(fs.inodes.inodes(ofShard: shard.id).count == 51)
+            // A plain listing now reports the inodes the kernel holds.
+            let again = try fs.readdir(shardInode, handle: handle, offset: 0, limit: 100, plus: false)
+            #expect(again.dropFirst(2).map(\.inode) == plus.dropFirst(2).map(\.inode))
+            fs.releasedir(handle)
+        }
+    }
+
+    @Test func lookupAndGetattrShowAWritersViewUncachedThenTheCommittedOne() async throws {
+        try await withFileSystem { fs, shardInode, shard in
+            let name = Array("new".utf8)
+            let (created, handle) = try fs.create(shardInode, name, flags: O_WRONLY | O_CREAT)
+            _ = try [UInt8](repeating: 7, count: 3).withUnsafeBytes { try fs.write(handle, $0, offset: 0) }
+            let during = try fs.lookup(shardInode, name)
+            #expect(during.inode == created.inode)
+            #expect(during.attributes.st_size == 3)
+            #expect(during.attributeTimeout == 0)
+            #expect(during.timeout > 0)
+            let (attributes, timeout) = try fs.getattr(created.inode)
+            #expect(attributes.st_size == 3 && timeout == 0)
+            try fs.flush(handle)
+            try fs.release(handle)
+            let after = try fs.lookup(shardInode, name)
+            #expect(after.attributes.st_size == 3)
+            #expect(after.attributeTimeout == after.timeout && after.timeout > 0)
+            try fs.unlink(shardInode, name)
+            #expect(throws: FileSystemError.self) { try fs.lookup(shardInode, name) }
+        }
+    }
+}
