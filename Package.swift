@@ -4,6 +4,7 @@ import PackageDescription
 // One module per layer; the folder list under Sources/ is the architecture:
 //   CLMDB, CFuse3, CCurl - system libraries (pkg-config)
 //   CChecksum     - CRC-32C for the shards' batch logs
+//   CFuseRing     - FUSE over io_uring for libfuse 3.14 (per-CPU request queues)
 //   LMDB          - a thin, safe Swift wrapper over the LMDB C API
 //   ShardStore    - the shard engine: one LMDB environment per shard
 //   Metadata      - the metadata interface, the embedded store, the retry wrapper
@@ -35,6 +36,7 @@ let package = Package(
 
         .target(name: "LMDB", dependencies: ["CLMDB"]),
         .target(name: "CChecksum"),
+        .target(name: "CFuseRing", dependencies: ["CFuse3"]),
         .target(name: "ShardStore", dependencies: ["LMDB", "CChecksum"]),
         .target(name: "Metadata", dependencies: [
             "LMDB",
@@ -70,7 +72,7 @@ let package = Package(
         ]),
         // The FUSE filesystem: a raw bridge to libfuse's low-level API and the shard node layer.
         .target(name: "ShardFUSE", dependencies: [
-            "CFuse3", "ShardNode", "ShardStore", "Metadata",
+            "CFuse3", "CFuseRing", "ShardNode", "ShardStore", "Metadata",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "Benchmarks", dependencies: ["ShardStore", "LMDB", "CLMDB", "BatchProtocol", "ShardFSClient"]),

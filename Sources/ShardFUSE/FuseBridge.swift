@@ -1,16 +1,24 @@
 // The raw bridge to libfuse's low-level API. Every callback is a global
 // function (never a closure of main.swift's top-level code: those are
 // main-actor isolated and crash on libfuse's threads). State comes through
-// `fuse_req_userdata`. Arguments are copied before use, each request gets
-// exactly one reply, and errors become errno in `errnoValue(of:)`.
+// `fuse_req_userdata` (a `shardfs_fuse_context`). Arguments are copied before
+// use, each request gets exactly one reply, on the thread that received it
+// (FUSE over io_uring relies on that), and errors become errno in
+// `errnoValue(of:)`.
 import CFuse3
+import CFuseRing
 import Foundation
 import Glibc
+import Logging
 
 @inline(__always)
-private func fileSystem(_ req: fuse_req_t?) -> ShardFileSystem {
-    Unmanaged<ShardFileSystem>.fromOpaque(fuse_req_userdata(req)!).takeUnretainedValue()
+private func fileSystem(_ userdata: UnsafeMutableRawPointer) -> ShardFileSystem {
+    let context = userdata.assumingMemoryBound(to: shardfs_fuse_context.self)
+    return Unmanaged<ShardFileSystem>.fromOpaque(context.pointee.filesystem!).takeUnretainedValue()
 }
+
+@inline(__always)
+private func fileSystem(_ req: fuse_req_t?) -> ShardFileSystem { fileSystem(fuse_req_userdata(req)!) }
 
 @inline(__always)
 private func bytes(_ name: UnsafePointer<CChar>?) -> [UInt8] {
@@ -35,14 +43,14 @@ private func entryParameters(_ reply: EntryReply) -> fuse_entry_param {
 private func opInit(_ userdata: UnsafeMutableRawPointer?, _ conn: UnsafeMutablePointer<fuse_conn_info>?) {
     guard let conn else { return }
     // Big writes in one request; readdirplus so `ls -l` needs no lookup per file.
-    conn.pointee.max_write = 1 << 20
+    conn.pointee.max_write = FuseSession.maxWrite
     conn.pointee.want |= UInt32(FUSE_CAP_READDIRPLUS)
     conn.pointee.want &= ~UInt32(FUSE_CAP_READDIRPLUS_AUTO)
 }
 
 private func opDestroy(_ userdata: UnsafeMutableRawPointer?) {
     guard let userdata else { return }
-    Unmanaged<ShardFileSystem>.fromOpaque(userdata).takeUnretainedValue().commitAll()
+    fileSystem(userdata).commitAll()
 }
 
 private func opLookup(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePointer<CChar>?) {
@@ -367,8 +375,13 @@ public final class FuseSession: @unchecked Sendable {
     private let fileSystem: ShardFileSystem
     private var arguments = fuse_args()
     public let mountpoint: String
+    /// The largest write the kernel sends in one request (and so the size of
+    /// each io_uring entry's payload buffer).
+    static let maxWrite: UInt32 = 1 << 20
 
     private let handlesSignals: Bool
+    /// What libfuse hands every callback: the filesystem, and the io_uring rings.
+    private let context: UnsafeMutablePointer<shardfs_fuse_context>
     /// Kernel cache invalidations run here, never in a request handler.
     private let invalidations = DispatchQueue(label: "shardfs.fuse.invalidate")
     private var sessionHandle: SessionHandle?
@@ -391,8 +404,10 @@ public final class FuseSession: @unchecked Sendable {
             fuse_opt_add_arg(&arguments, argument)
         }
         var ops = makeOperations()
-        guard let session = fuse_session_new(&arguments, &ops, MemoryLayout<fuse_lowlevel_ops>.size,
-                                             Unmanaged.passUnretained(fileSystem).toOpaque()) else {
+        context = .allocate(capacity: 1)
+        context.initialize(to: shardfs_fuse_context(filesystem: Unmanaged.passUnretained(fileSystem).toOpaque(), ring: nil))
+        guard let session = fuse_session_new(&arguments, &ops, MemoryLayout<fuse_lowlevel_ops>.size, context) else {
+            context.deallocate()
             fuse_opt_free_args(&arguments)
             throw MountError(description: "cannot start a FUSE session (is /dev/fuse available?)")
         }
@@ -400,7 +415,17 @@ public final class FuseSession: @unchecked Sendable {
         guard fuse_session_mount(session, mountpoint) == 0 else {
             fuse_session_destroy(session)
             fuse_opt_free_args(&arguments)
+            context.deallocate()
             throw MountError(description: "cannot mount at \(mountpoint): see the message above (is it an empty directory? not already mounted?)")
+        }
+        if fileSystem.options.uring {
+            // Two threads per CPU queue, so one request that blocks (an fsync,
+            // a shard's creation) does not hold up the others of its CPU.
+            let rc = shardfs_ring_prepare(session, context, 2, 4, Int(Self.maxWrite))
+            if rc != 0 {
+                fileSystem.logger.info("FUSE over io_uring is not available here; requests go through /dev/fuse",
+                                       metadata: ["error": "\(String(cString: strerror(-rc)))"])
+            }
         }
         // SIGTERM, SIGINT and SIGHUP end the loop; `run` then unmounts.
         if handleSignals { fuse_set_signal_handlers(session) }
@@ -432,6 +457,11 @@ public final class FuseSession: @unchecked Sendable {
         fuse_loop_cfg_set_max_threads(config, UInt32(fileSystem.options.maxThreads))
         let rc = fuse_session_loop_mt(session, config)
         fuse_loop_cfg_destroy(config)
+        // The rings stop serving before open files are committed, as the loop has.
+        if let ring = context.pointee.ring {
+            fileSystem.logger.info("FUSE over io_uring served \(shardfs_ring_requests(ring)) requests")
+            shardfs_ring_stop(ring)
+        }
         fileSystem.node.shards.entriesChanged = nil
         fileSystem.invalidate = nil
         fileSystem.invalidateName = nil
@@ -443,6 +473,7 @@ public final class FuseSession: @unchecked Sendable {
         fuse_session_unmount(session)
         fuse_session_destroy(session)
         fuse_opt_free_args(&arguments)
+        context.deallocate()
         return rc
     }
 

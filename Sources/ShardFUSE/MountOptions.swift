@@ -15,6 +15,9 @@ public struct MountOptions: Sendable, Equatable {
     /// A configuration file for the node (`-o config=FILE`).
     public var configFile: String?
     public var maxThreads = 16
+    /// Serve requests over io_uring (per-CPU queues) when the kernel allows it
+    /// (`nouring` keeps /dev/fuse). See CFuseRing.
+    public var uring = true
     public var debug = false
 
     public init() {}
@@ -52,6 +55,8 @@ public struct MountOptions: Sendable, Equatable {
                 guard let v = value.flatMap(Int.init), v >= 1 else { throw MountOptionError("option max_threads needs a count") }
                 maxThreads = v
             case "debug": debug = true
+            case "uring": uring = true
+            case "nouring": uring = false
             case "fsname", "subtype": break  // set by the mount itself
             default:
                 if Self.ignored.contains(name) { continue }

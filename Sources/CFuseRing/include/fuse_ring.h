@@ -1,0 +1,59 @@
+#ifndef SHARDFS_FUSE_RING_H
+#define SHARDFS_FUSE_RING_H
+// FUSE over io_uring (Linux 6.14+, fs/fuse/dev_uring.c) for libfuse 3.14, which
+// does not speak it itself.
+//
+// Why: every FUSE request is a synchronous round trip. Over /dev/fuse, the
+// daemon thread that takes a request may run on another CPU than the caller,
+// and on a virtual machine whose idle vCPUs halt, waking across vCPUs costs
+// more than the request's work. Over io_uring the kernel keeps one queue per
+// CPU: a request goes to the queue of the caller's CPU, served by threads
+// pinned to that CPU, so caller and daemon take turns on one CPU.
+//
+// How, in libfuse terms: the session gets a custom I/O (fuse_session_custom_io)
+// that reads and writes /dev/fuse as usual, but (1) answers FUSE_INIT with
+// FUSE_OVER_IO_URING when the kernel offers it, (2) then starts the ring
+// threads, which register their entries and hand each request to
+// fuse_session_process_buf, and (3) sends a reply that belongs to a ring
+// request back through its ring entry instead of /dev/fuse. Requests the kernel
+// still sends over /dev/fuse (FORGET, INTERRUPT) and notifications keep using
+// the descriptor, served by libfuse's own loop.
+//
+// Rules the code relies on:
+// - Every request taken from a ring is answered on the thread that processes
+//   it, before fuse_session_process_buf returns (the bridge answers every
+//   operation on the calling thread).
+// - shardfs_ring_stop must run before fuse_session_unmount/destroy.
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct fuse_session;
+struct shardfs_ring;
+
+/// What libfuse hands callbacks as userdata: the filesystem and the ring.
+struct shardfs_fuse_context {
+    void *filesystem;
+    struct shardfs_ring *ring;
+};
+
+/// Prepares FUSE over io_uring for a mounted session: one queue per possible
+/// CPU, `threads_per_queue` threads per queue (a request that blocks holds only
+/// its thread), `entries_per_thread` requests in flight per thread, payload
+/// buffers of `payload_size` bytes (at least the session's max_write). Installs
+/// the custom I/O on the session and sets `context->ring`. Returns 0, or a
+/// negative errno when io_uring cannot be set up here (the session then keeps
+/// plain /dev/fuse I/O). The kernel decides at FUSE_INIT whether the ring is
+/// used: only if its enable_uring parameter is on.
+int shardfs_ring_prepare(struct fuse_session *session, struct shardfs_fuse_context *context,
+                         unsigned threads_per_queue, unsigned entries_per_thread, size_t payload_size);
+
+/// Requests answered through the rings so far (0 while, or when, the kernel
+/// does not use them).
+uint64_t shardfs_ring_requests(const struct shardfs_ring *ring);
+
+/// Stops and joins the ring threads and frees the ring. Requests the kernel
+/// queued on the ring afterwards wait until the unmount fails them.
+void shardfs_ring_stop(struct shardfs_ring *ring);
+
+#endif
