@@ -4,6 +4,7 @@
 #include "fuse_ring.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <fuse3/fuse_lowlevel.h>
 #include <linux/fuse.h>
 #include <linux/io_uring.h>
@@ -16,6 +17,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -97,17 +99,32 @@ struct ring_thread {
     struct ring_entry *entries;
 };
 
+/// Where the session's FUSE_INIT stands, as the custom I/O sees it.
+enum init_state {
+    INIT_WAITING,  // not read yet
+    INIT_OFFERED,  // read, and the kernel offered io_uring: its answer takes the rings
+    INIT_DONE,     // answered (rings taken or not), or io_uring was not offered
+};
+
+/// What the ring threads do before their first registration.
+enum start_state { START_WAIT, START_GO, START_STOP };
+
 struct shardfs_ring {
     struct fuse_session *session;
     struct shardfs_fuse_context *context;
     int fuse_fd;
     unsigned queues, threads_per_queue, thread_count;
     struct ring_thread *threads;
-    pthread_mutex_t lock;
-    uint64_t init_unique;  // the FUSE_INIT request, if it offered io_uring
-    int init_seen;
-    int started;
+    atomic_int init_state;
+    uint64_t init_unique;  // written before init_state becomes INIT_OFFERED
+    pthread_mutex_t lock;  // guards start and its condition
+    pthread_cond_t start_changed;
+    enum start_state start;
     atomic_uint_fast64_t requests;
+    atomic_int failed;
+    long fail_after;  // tests: fail the ring after this many requests (-1: never)
+    char abort_path[64];  // /sys/fs/fuse/connections/N/abort, "" if unknown
+    char mountpoint[4096];
     struct fuse_custom_io io;
 };
 
@@ -239,6 +256,7 @@ static void process(struct ring_thread *t, struct ring_entry *e) {
     e->commit_id = e->header->ent.commit_id;
     e->unique = in.unique;
     e->replied = 0;
+    if (e->commit_id == 0) return;  // the kernel could not match an answer: the caller sees ring_failed
     if (in.len < sizeof in + payload || in.len - sizeof in - payload > RING_OP_IN_OUT_SIZE || payload > e->payload_size) {
         fprintf(stderr, "shardfs: malformed FUSE ring request (opcode %u, length %u, payload %u)\n", in.opcode, in.len, payload);
         answer_error(e, EIO);
@@ -286,8 +304,33 @@ static ssize_t answer_through_ring(struct ring_entry *e, const struct iovec *iov
     return (ssize_t)total;
 }
 
+/// Something the kernel waits on cannot go on (a command refused, io_uring
+/// failing): end the mount rather than leave requests of this CPU hanging.
+/// Aborting the connection fails them at once (ECONNABORTED); the session loop
+/// then returns, and the daemon commits what it holds and unmounts. The abort
+/// goes through the FUSE control filesystem when it is mounted, else through a
+/// forced unmount of this mount (which aborts it; both need the mount's owner
+/// or root).
+static void ring_failed(struct ring_thread *t, const char *what, int error) {
+    struct shardfs_ring *ring = t->ring;
+    fprintf(stderr, "shardfs: FUSE ring of CPU %u: %s: %s; ending the mount\n", t->qid, what, strerror(error));
+    if (atomic_exchange(&ring->failed, 1)) return;
+    fuse_session_exit(ring->session);
+    int fd = ring->abort_path[0] ? open(ring->abort_path, O_WRONLY | O_CLOEXEC) : -1;
+    int aborted = fd >= 0 && write(fd, "1", 1) == 1;
+    if (fd >= 0) close(fd);
+    if (!aborted && umount2(ring->mountpoint, MNT_FORCE) != 0 && errno != EBUSY)
+        perror("shardfs: aborting the FUSE connection");
+}
+
+/// Whether a command's error only says the connection is gone (unmount, abort).
+static int connection_gone(int error) {
+    return error == ENOTCONN || error == ECANCELED || error == ECONNABORTED || error == ENODEV;
+}
+
 static void *ring_thread_main(void *argument) {
     struct ring_thread *t = argument;
+    struct shardfs_ring *ring = t->ring;
     char name[16];
     snprintf(name, sizeof name, "shardfs-ring-%u", t->qid);
     pthread_setname_np(pthread_self(), name);
@@ -299,10 +342,17 @@ static void *ring_thread_main(void *argument) {
     // commits the answer). A CPU running only SCHED_IDLE threads counts as idle
     // when the scheduler places a woken task, so the caller comes back to this
     // CPU instead of being moved to another one; its next request then lands on
-    // this CPU's queue again. Measured under three CPU hogs on two CPUs, the
-    // ring still answered as fast as /dev/fuse (docs/PERFORMANCE.md).
+    // this CPU's queue again. Measured with CPU hogs on the caller's own CPU,
+    // the ring still answered faster than /dev/fuse (docs/PERFORMANCE.md).
     struct sched_param idle = { .sched_priority = 0 };
     (void)pthread_setschedparam(pthread_self(), SCHED_IDLE, &idle);
+
+    // Registration waits for FUSE_INIT's answer (the kernel refuses it before).
+    pthread_mutex_lock(&ring->lock);
+    while (ring->start == START_WAIT) pthread_cond_wait(&ring->start_changed, &ring->lock);
+    int go = ring->start == START_GO;
+    pthread_mutex_unlock(&ring->lock);
+    if (!go) return NULL;
 
     for (unsigned i = 0; i < t->count; i++) prepare_command(t, &t->entries[i], RING_CMD_REGISTER);
     struct io_uring_sqe *poll = uring_sqe(&t->uring);
@@ -314,7 +364,11 @@ static void *ring_thread_main(void *argument) {
 
     unsigned live = t->count;  // entries the kernel still holds for us
     while (live > 0) {
-        if (uring_submit_and_wait(&t->uring) != 0) break;
+        int rc = uring_submit_and_wait(&t->uring);
+        if (rc != 0) {
+            ring_failed(t, "io_uring_enter", -rc);
+            break;
+        }
         unsigned head = *t->uring.cq_head;
         unsigned tail = __atomic_load_n(t->uring.cq_tail, __ATOMIC_ACQUIRE);
         int stop = 0;
@@ -322,21 +376,45 @@ static void *ring_thread_main(void *argument) {
             struct io_uring_cqe *cqe = &t->uring.cqes[head & *t->uring.cq_mask];
             if (cqe->user_data == EVENTFD_TAG) { stop = 1; continue; }
             struct ring_entry *e = (struct ring_entry *)(uintptr_t)cqe->user_data;
-            if (cqe->res == -EAGAIN || cqe->res == -EINTR) {  // not ready yet: send it again
+            int error = cqe->res < 0 ? -cqe->res : 0;
+            if (error == EAGAIN || error == EINTR) {  // not ready yet: send it again
                 prepare_command(t, e, e->last_cmd);
                 continue;
             }
-            if (cqe->res < 0) {  // the connection is gone (ENOTCONN) or the entry was refused
-                if (cqe->res != -ENOTCONN && cqe->res != -ECANCELED)
-                    fprintf(stderr, "shardfs: FUSE ring %u: %s\n", t->qid, strerror(-cqe->res));
+            if (error) {
                 live--;
+                if (connection_gone(error)) continue;
+                if (e->last_cmd == RING_CMD_REGISTER) {
+                    // The kernel fell back to /dev/fuse for the whole mount when
+                    // it refused a registration (fuse_uring_cmd clears io_uring).
+                    fprintf(stderr, "shardfs: FUSE ring of CPU %u not registered (%s); requests use /dev/fuse\n",
+                            t->qid, strerror(error));
+                } else {
+                    ring_failed(t, "committing an answer", error);
+                }
                 continue;
             }
             process(t, e);
+            if (ring->fail_after >= 0 && (long)atomic_load(&ring->requests) >= ring->fail_after) {
+                // As if the kernel had refused this answer: the entry is lost.
+                ring_failed(t, "failure injected (SHARDFS_TEST_RING_FAIL_AFTER)", EIO);
+                live--;
+                continue;
+            }
+            if (e->commit_id == 0) {
+                ring_failed(t, "a request without a commit id", EPROTO);
+                live--;
+                continue;
+            }
             prepare_command(t, e, RING_CMD_COMMIT_AND_FETCH);
         }
         __atomic_store_n(t->uring.cq_head, head, __ATOMIC_RELEASE);
-        if (stop) break;
+        if (stop) {
+            // Answers prepared in this round still go to their callers.
+            if (t->uring.unsubmitted > 0)
+                (void)syscall(__NR_io_uring_enter, t->uring.fd, t->uring.unsubmitted, 0, 0, NULL, 0);
+            break;
+        }
     }
     return NULL;
 }
@@ -346,61 +424,129 @@ static void *ring_thread_main(void *argument) {
 static ssize_t io_read(int fd, void *buf, size_t length, void *userdata) {
     struct shardfs_fuse_context *context = userdata;
     ssize_t n = read(fd, buf, length);
-    struct shardfs_ring *ring = context->ring;
-    if (ring && n >= (ssize_t)(sizeof(struct fuse_in_header) + offsetof(struct fuse_init_in, unused))) {
+    struct shardfs_ring *ring = __atomic_load_n(&context->ring, __ATOMIC_ACQUIRE);
+    if (!ring || atomic_load_explicit(&ring->init_state, memory_order_acquire) != INIT_WAITING) return n;
+    if (n >= (ssize_t)(sizeof(struct fuse_in_header) + offsetof(struct fuse_init_in, unused))) {
         const struct fuse_in_header *in = buf;
         if (in->opcode == FUSE_INIT) {
             const struct fuse_init_in *init = (const void *)(in + 1);
             uint64_t flags = init->flags;
             if (flags & FUSE_INIT_EXT) flags |= (uint64_t)init->flags2 << 32;
-            pthread_mutex_lock(&ring->lock);
-            ring->init_seen = (flags & RING_FUSE_OVER_IO_URING) != 0;
             ring->init_unique = in->unique;
-            pthread_mutex_unlock(&ring->lock);
+            atomic_store_explicit(&ring->init_state, (flags & RING_FUSE_OVER_IO_URING) ? INIT_OFFERED : INIT_DONE,
+                                  memory_order_release);
         }
     }
     return n;
 }
 
-static void start_threads(struct shardfs_ring *ring) {
-    for (unsigned i = 0; i < ring->thread_count; i++) {
-        struct ring_thread *t = &ring->threads[i];
-        t->running = pthread_create(&t->tid, NULL, ring_thread_main, t) == 0;
-    }
-    ring->started = 1;
+static void set_start(struct shardfs_ring *ring, enum start_state start) {
+    pthread_mutex_lock(&ring->lock);
+    if (ring->start == START_WAIT) ring->start = start;
+    pthread_cond_broadcast(&ring->start_changed);
+    pthread_mutex_unlock(&ring->lock);
 }
 
 static ssize_t io_writev(int fd, struct iovec *iov, int count, void *userdata) {
-    struct shardfs_fuse_context *context = userdata;
     const struct fuse_out_header *out = iov[0].iov_base;
     struct ring_entry *e = current_entry;
     if (e && out->unique == e->unique) return answer_through_ring(e, iov, count);
-    struct shardfs_ring *ring = context->ring;
-    int answersInit = 0;
-    if (ring && out->unique != 0) {
-        pthread_mutex_lock(&ring->lock);
-        answersInit = ring->init_seen && !ring->started && out->unique == ring->init_unique && out->error == 0 &&
-                      count >= 2 && iov[1].iov_len >= offsetof(struct fuse_init_out, unused);
-        pthread_mutex_unlock(&ring->lock);
+    if (out->unique == 0) return writev(fd, iov, count);  // a notification
+    struct shardfs_fuse_context *context = userdata;
+    struct shardfs_ring *ring = __atomic_load_n(&context->ring, __ATOMIC_ACQUIRE);
+    if (!ring || atomic_load_explicit(&ring->init_state, memory_order_acquire) != INIT_OFFERED ||
+        out->unique != ring->init_unique)
+        return writev(fd, iov, count);
+    // FUSE_INIT's answer. Taking the rings: from here the kernel queues requests
+    // for them and waits until every CPU's queue is registered.
+    int take = out->error == 0 && count >= 2 && iov[1].iov_len >= offsetof(struct fuse_init_out, unused);
+    if (take) {
+        struct fuse_init_out *init = iov[1].iov_base;
+        init->flags |= FUSE_INIT_EXT;
+        init->flags2 |= (uint32_t)(RING_FUSE_OVER_IO_URING >> 32);
     }
-    if (!answersInit) return writev(fd, iov, count);
-    // Take FUSE over io_uring: from here the kernel queues requests for the
-    // rings and waits for them to be registered.
-    struct fuse_init_out *init = iov[1].iov_base;
-    init->flags |= FUSE_INIT_EXT;
-    init->flags2 |= (uint32_t)(RING_FUSE_OVER_IO_URING >> 32);
     ssize_t n = writev(fd, iov, count);
-    if (n >= 0) {
-        pthread_mutex_lock(&ring->lock);
-        start_threads(ring);
-        pthread_mutex_unlock(&ring->lock);
-    }
+    atomic_store_explicit(&ring->init_state, INIT_DONE, memory_order_release);
+    set_start(ring, take && n >= 0 ? START_GO : START_STOP);
     return n;
 }
 
 // MARK: Setup and teardown
 
-static void free_ring(struct shardfs_ring *ring) {
+/// The kernel keeps a queue per *possible* CPU (a VM may have more possible
+/// CPUs than present ones), and waits for all of them to be registered.
+static unsigned possible_cpus(void) {
+    FILE *f = fopen("/sys/devices/system/cpu/possible", "re");
+    unsigned highest = 0;
+    int found = 0;
+    if (f) {
+        char text[256];
+        if (fgets(text, sizeof text, f)) {
+            for (char *p = text; *p;) {  // "0-3,5": the largest number is the last CPU
+                if (*p >= '0' && *p <= '9') {
+                    unsigned long v = strtoul(p, &p, 10);
+                    if (v >= highest) highest = (unsigned)v;
+                    found = 1;
+                } else {
+                    p++;
+                }
+            }
+        }
+        fclose(f);
+    }
+    if (found) return highest + 1;
+    long n = sysconf(_SC_NPROCESSORS_CONF);
+    return n > 0 ? (unsigned)n : 1;
+}
+
+/// The FUSE connection's abort file: the mount's device minor number names it.
+static void find_abort_path(const char *mountpoint, char *path, size_t size) {
+    path[0] = 0;
+    FILE *f = fopen("/proc/self/mountinfo", "re");
+    if (!f) return;
+    char *line = NULL;
+    size_t capacity = 0;
+    while (getline(&line, &capacity, f) > 0) {
+        unsigned major, minor;
+        char point[4096];
+        // "36 25 0:45 / /mount/point rw,... - fuse.shardfs ...": octal escapes in the point
+        if (sscanf(line, "%*u %*u %u:%u %*s %4095s", &major, &minor, point) != 3) continue;
+        char plain[4096];
+        size_t j = 0;
+        for (size_t i = 0; point[i] && j + 1 < sizeof plain; j++) {
+            if (point[i] == '\\' && point[i + 1] && point[i + 2] && point[i + 3]) {
+                plain[j] = (char)(((point[i + 1] - '0') << 6) | ((point[i + 2] - '0') << 3) | (point[i + 3] - '0'));
+                i += 4;
+            } else {
+                plain[j] = point[i++];
+            }
+        }
+        plain[j] = 0;
+        if (strcmp(plain, mountpoint) == 0) snprintf(path, size, "/sys/fs/fuse/connections/%u/abort", minor);
+    }
+    free(line);
+    fclose(f);
+}
+
+static int kernel_allows_rings(void) {
+    FILE *f = fopen("/sys/module/fuse/parameters/enable_uring", "re");
+    if (!f) return 0;
+    int c = fgetc(f);
+    fclose(f);
+    return c == 'Y';
+}
+
+/// Stops the threads (waiting ones and serving ones) and frees everything.
+static void stop_and_free(struct shardfs_ring *ring) {
+    set_start(ring, START_STOP);
+    for (unsigned i = 0; i < ring->thread_count; i++) {
+        struct ring_thread *t = &ring->threads[i];
+        if (!t->running) continue;
+        uint64_t one = 1;
+        if (write(t->eventfd, &one, sizeof one) != sizeof one) perror("shardfs: waking a FUSE ring thread");
+        pthread_join(t->tid, NULL);
+        t->running = 0;
+    }
     for (unsigned i = 0; i < ring->thread_count; i++) {
         struct ring_thread *t = &ring->threads[i];
         for (unsigned j = 0; t->entries && j < t->count; j++) {
@@ -413,32 +559,44 @@ static void free_ring(struct shardfs_ring *ring) {
         if (t->eventfd >= 0) close(t->eventfd);
     }
     free(ring->threads);
+    pthread_cond_destroy(&ring->start_changed);
     pthread_mutex_destroy(&ring->lock);
     free(ring);
 }
 
-int shardfs_ring_prepare(struct fuse_session *session, struct shardfs_fuse_context *context,
+int shardfs_ring_prepare(struct fuse_session *session, struct shardfs_fuse_context *context, const char *mountpoint,
                          unsigned threads_per_queue, unsigned entries_per_thread, size_t payload_size) {
-    long cpus = sysconf(_SC_NPROCESSORS_CONF);  // the kernel keeps a queue per possible CPU
-    if (cpus < 1 || threads_per_queue < 1 || entries_per_thread < 1) return -EINVAL;
+    if (threads_per_queue < 1 || entries_per_thread < 1) return -EINVAL;
+    if (!kernel_allows_rings()) return -EOPNOTSUPP;
     struct shardfs_ring *ring = calloc(1, sizeof *ring);
     if (!ring) return -ENOMEM;
     pthread_mutex_init(&ring->lock, NULL);
+    pthread_cond_init(&ring->start_changed, NULL);
+    ring->start = START_WAIT;
+    const char *fail_after = getenv("SHARDFS_TEST_RING_FAIL_AFTER");
+    ring->fail_after = fail_after ? atol(fail_after) : -1;
     ring->session = session;
     ring->context = context;
     ring->fuse_fd = fuse_session_fd(session);
-    ring->queues = (unsigned)cpus;
+    ring->queues = possible_cpus();
     ring->threads_per_queue = threads_per_queue;
     ring->thread_count = ring->queues * threads_per_queue;
+    find_abort_path(mountpoint, ring->abort_path, sizeof ring->abort_path);
+    snprintf(ring->mountpoint, sizeof ring->mountpoint, "%s", mountpoint);
     ring->threads = calloc(ring->thread_count, sizeof *ring->threads);
-    if (!ring->threads) { free(ring); return -ENOMEM; }
+    if (!ring->threads) {
+        pthread_cond_destroy(&ring->start_changed);
+        pthread_mutex_destroy(&ring->lock);
+        free(ring);
+        return -ENOMEM;
+    }
     for (unsigned i = 0; i < ring->thread_count; i++) {
         ring->threads[i].eventfd = -1;
         ring->threads[i].uring.fd = -1;
     }
     int rc = 0;
-    // Everything that can fail is done now, before FUSE_INIT is answered: once
-    // the kernel is told to use the rings, it waits for them.
+    // Everything that can fail is done now, threads included, before FUSE_INIT
+    // is answered: once the kernel is told to use the rings, it waits for them.
     for (unsigned i = 0; i < ring->thread_count && rc == 0; i++) {
         struct ring_thread *t = &ring->threads[i];
         t->ring = ring;
@@ -464,6 +622,10 @@ int shardfs_ring_prepare(struct fuse_session *session, struct shardfs_fuse_conte
             e->iov[1].iov_base = e->payload;
             e->iov[1].iov_len = payload_size;
         }
+        if (rc == 0) {
+            rc = -pthread_create(&t->tid, NULL, ring_thread_main, t);
+            t->running = rc == 0;
+        }
     }
     if (rc == 0) {
         ring->io.read = io_read;
@@ -471,10 +633,10 @@ int shardfs_ring_prepare(struct fuse_session *session, struct shardfs_fuse_conte
         rc = fuse_session_custom_io(session, &ring->io, ring->fuse_fd);
     }
     if (rc != 0) {
-        free_ring(ring);
+        stop_and_free(ring);
         return rc;
     }
-    context->ring = ring;
+    __atomic_store_n(&context->ring, ring, __ATOMIC_RELEASE);
     return 0;
 }
 
@@ -484,20 +646,6 @@ uint64_t shardfs_ring_requests(const struct shardfs_ring *ring) {
 
 void shardfs_ring_stop(struct shardfs_ring *ring) {
     if (!ring) return;
-    pthread_mutex_lock(&ring->lock);
-    int started = ring->started;
-    ring->started = 1;  // no late start from a racing FUSE_INIT answer
-    pthread_mutex_unlock(&ring->lock);
-    if (started) {
-        for (unsigned i = 0; i < ring->thread_count; i++) {
-            struct ring_thread *t = &ring->threads[i];
-            if (!t->running) continue;
-            uint64_t one = 1;
-            if (write(t->eventfd, &one, sizeof one) != sizeof one) perror("shardfs: waking a FUSE ring thread");
-            pthread_join(t->tid, NULL);
-            t->running = 0;
-        }
-    }
-    ring->context->ring = NULL;
-    free_ring(ring);
+    __atomic_store_n(&ring->context->ring, NULL, __ATOMIC_RELEASE);
+    stop_and_free(ring);
 }

@@ -375,6 +375,8 @@ public final class FuseSession: @unchecked Sendable {
     private let fileSystem: ShardFileSystem
     private var arguments = fuse_args()
     public let mountpoint: String
+    /// `mountpoint` as the mount table spells it.
+    private let resolvedMountpoint: String
     /// The largest write the kernel sends in one request (and so the size of
     /// each io_uring entry's payload buffer).
     static let maxWrite: UInt32 = 1 << 20
@@ -412,6 +414,14 @@ public final class FuseSession: @unchecked Sendable {
             throw MountError(description: "cannot start a FUSE session (is /dev/fuse available?)")
         }
         self.session = session
+        // Resolved before mounting: afterwards, looking at the path would wait for
+        // this very session to answer.
+        if let resolved = realpath(mountpoint, nil) {
+            resolvedMountpoint = String(cString: resolved)
+            free(resolved)
+        } else {
+            resolvedMountpoint = mountpoint
+        }
         guard fuse_session_mount(session, mountpoint) == 0 else {
             fuse_session_destroy(session)
             fuse_opt_free_args(&arguments)
@@ -419,12 +429,15 @@ public final class FuseSession: @unchecked Sendable {
             throw MountError(description: "cannot mount at \(mountpoint): see the message above (is it an empty directory? not already mounted?)")
         }
         if fileSystem.options.uring {
-            // Two threads per CPU queue, so one request that blocks (an fsync,
-            // a shard's creation) does not hold up the others of its CPU.
-            let rc = shardfs_ring_prepare(session, context, 2, 4, Int(Self.maxWrite))
-            if rc != 0 {
-                fileSystem.logger.info("FUSE over io_uring is not available here; requests go through /dev/fuse",
-                                       metadata: ["error": "\(String(cString: strerror(-rc)))"])
+            // Four threads per CPU queue, one entry each, so a request that
+            // blocks (an fsync, a shard's creation) holds up no other: the
+            // kernel gives a thread a request only when it is waiting for one.
+            let rc = shardfs_ring_prepare(session, context, resolvedMountpoint, 4, 1, Int(Self.maxWrite))
+            if rc == -EOPNOTSUPP {
+                fileSystem.logger.info("FUSE requests go through /dev/fuse: the fuse module's enable_uring is off")
+            } else if rc != 0 {
+                fileSystem.logger.warning("FUSE over io_uring could not be set up; requests go through /dev/fuse",
+                                          metadata: ["error": "\(String(cString: strerror(-rc)))"])
             }
         }
         // SIGTERM, SIGINT and SIGHUP end the loop; `run` then unmounts.
@@ -471,6 +484,7 @@ public final class FuseSession: @unchecked Sendable {
         fileSystem.commitAll()
         if handlesSignals { fuse_remove_signal_handlers(session) }
         fuse_session_unmount(session)
+        if stillMounted { lazyUnmount() }  // the connection was aborted (a ring failed)
         fuse_session_destroy(session)
         fuse_opt_free_args(&arguments)
         context.deallocate()
@@ -482,10 +496,24 @@ public final class FuseSession: @unchecked Sendable {
     /// are committed first, in `run`).
     public func stop() {
         fuse_session_exit(session)
+        lazyUnmount()
+    }
+
+    private func lazyUnmount() {
         let unmount = Process()
         unmount.executableURL = URL(fileURLWithPath: "/bin/fusermount3")
         unmount.arguments = ["-u", "-z", mountpoint]
         try? unmount.run()
         unmount.waitUntilExit()
+    }
+
+    /// Whether the mount table still has this mount (libfuse leaves an aborted
+    /// connection's mount behind: it takes the abort for an unmount).
+    private var stillMounted: Bool {
+        let table = (try? String(contentsOfFile: "/proc/self/mounts", encoding: .utf8)) ?? ""
+        return table.split(separator: "\n").contains { line in
+            let fields = line.split(separator: " ")
+            return fields.count > 2 && fields[1] == resolvedMountpoint && fields[2] == "fuse.shardfs"
+        }
     }
 }

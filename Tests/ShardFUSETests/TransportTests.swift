@@ -36,14 +36,44 @@ import Testing
             #expect(try await fixture.ok(work) == "7\n")
             let after = ringThreads(pid)
             if Self.kernelAllowsRings {
-                // Two threads per possible CPU, each woken for the requests it took.
-                #expect(after.count == 2 * ProcessInfo.processInfo.processorCount)
+                // Four threads per possible CPU, each woken for the requests it took.
+                #expect(after.count == 4 * ProcessInfo.processInfo.processorCount)
                 let wakeups = after.reduce(0) { $0 + $1.value - (before[$1.key] ?? 0) }
                 #expect(wakeups >= 300, "the ring threads were woken \(wakeups) times for 300 files")
             } else {
                 #expect(after.isEmpty, "ring threads without the kernel's io_uring")
             }
             #expect(try await fixture.ok("ls shard-1 | wc -l") == "299\n")
+        }
+    }
+
+    // Needs the rings (scripts/test turns enable_uring on); without them there
+    // is no ring to fail.
+    @Test(.enabled(if: TransportTests.kernelAllowsRings))
+    func aRingThatFailsEndsTheMountAndLosesNoClosedFile() async throws {
+        try await withFixture { fixture in
+            try await fixture.mount(environment: ["SHARDFS_TEST_RING_FAIL_AFTER": "400"])
+            let pid = try #require(fixture.daemonPID)
+            // Requests fail (ECONNABORTED) once the ring fails: nothing hangs.
+            let result = try await fixture.sh("""
+                mkdir shard-1 || exit 2
+                for i in $(seq 1 500); do
+                  timeout 20 sh -c "echo $i > shard-1/f$i" 2>/dev/null || { echo $i; exit 0; }
+                done
+                echo none
+                """)
+            let failedAt = try #require(Int(result.stdout.trimmingCharacters(in: .whitespacesAndNewlines)),
+                                        "no request failed: \(result.stdout) \(result.stderr)")
+            #expect(failedAt > 20)
+            // The daemon commits what it holds, unmounts and exits.
+            for _ in 0..<200 where kill(pid, 0) == 0 || fixture.isMounted { try await Task.sleep(for: .milliseconds(50)) }
+            #expect(kill(pid, 0) != 0, "the daemon is still running")
+            #expect(!fixture.isMounted)
+            // Every file whose close() succeeded is there, over /dev/fuse this time.
+            try await fixture.mount("nouring")
+            for i in 1..<failedAt {
+                #expect(try await fixture.ok("cat shard-1/f\(i)") == "\(i)\n")
+            }
         }
     }
 

@@ -37,15 +37,22 @@ struct shardfs_fuse_context {
     struct shardfs_ring *ring;
 };
 
-/// Prepares FUSE over io_uring for a mounted session: one queue per possible
-/// CPU, `threads_per_queue` threads per queue (a request that blocks holds only
-/// its thread), `entries_per_thread` requests in flight per thread, payload
-/// buffers of `payload_size` bytes (at least the session's max_write). Installs
-/// the custom I/O on the session and sets `context->ring`. Returns 0, or a
-/// negative errno when io_uring cannot be set up here (the session then keeps
-/// plain /dev/fuse I/O). The kernel decides at FUSE_INIT whether the ring is
-/// used: only if its enable_uring parameter is on.
-int shardfs_ring_prepare(struct fuse_session *session, struct shardfs_fuse_context *context,
+/// Prepares FUSE over io_uring for a session just mounted at `mountpoint`
+/// (before its loop runs): one queue per possible CPU, `threads_per_queue`
+/// threads per queue, `entries_per_thread` requests in flight per thread (1: a
+/// thread is given a request only when it waits for one, so a request that
+/// blocks holds up no other), payload buffers of `payload_size` bytes (the
+/// session's max_write). Installs the custom I/O on the session and sets
+/// `context->ring`. Returns 0, or a negative errno when the rings cannot be
+/// used (-EOPNOTSUPP: the fuse module's enable_uring is off); the session then
+/// keeps plain /dev/fuse I/O. The kernel still decides at FUSE_INIT.
+///
+/// Should a ring fail after the kernel took the rings (a command refused,
+/// io_uring failing), the connection is aborted and the session told to exit:
+/// requests fail with ECONNABORTED instead of hanging, and the daemon unmounts.
+/// (Tests make that happen with SHARDFS_TEST_RING_FAIL_AFTER=N in the daemon's
+/// environment: the ring fails after N requests.)
+int shardfs_ring_prepare(struct fuse_session *session, struct shardfs_fuse_context *context, const char *mountpoint,
                          unsigned threads_per_queue, unsigned entries_per_thread, size_t payload_size);
 
 /// Requests answered through the rings so far (0 while, or when, the kernel
