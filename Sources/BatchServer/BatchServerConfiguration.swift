@@ -43,15 +43,12 @@ public struct BatchServerError: Error, CustomStringConvertible, Sendable {
     init(_ description: String) { self.description = description }
 }
 
-/// "host:port" (IPv6 as "[::1]:port") into its parts.
+/// "host:port" (IPv6 as "[::1]:port") into its parts; port 0 picks a free port.
 func parseAddress(_ address: String) throws -> (host: String, port: Int) {
-    guard let colon = address.lastIndex(of: ":"), let port = Int(address[address.index(after: colon)...]),
-          (0...65535).contains(port) else {
+    guard let parts = splitHostPort(address, allowingPortZero: true) else {
         throw BatchServerError("server address \"\(address)\" is not host:port")
     }
-    var host = String(address[..<colon])
-    if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
-    return (host.isEmpty ? "127.0.0.1" : host, port)
+    return parts
 }
 
 func isLoopback(_ host: String) -> Bool {

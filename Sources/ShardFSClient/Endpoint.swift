@@ -7,13 +7,10 @@ public enum Endpoint: Sendable, Hashable, CustomStringConvertible {
 
     /// "host:port" (IPv6 as "[::1]:port").
     public static func tcp(_ address: String) throws -> Endpoint {
-        guard let colon = address.lastIndex(of: ":"), let port = Int(address[address.index(after: colon)...]),
-              (1...65535).contains(port) else {
+        guard let (host, port) = splitHostPort(address) else {
             throw ClientError.invalidArgument("\"\(address)\" is not host:port")
         }
-        var host = String(address[..<colon])
-        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
-        return .tcp(host: host.isEmpty ? "127.0.0.1" : host, port: port)
+        return .tcp(host: host, port: port)
     }
 
     public var description: String {
