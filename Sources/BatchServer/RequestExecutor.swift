@@ -274,10 +274,7 @@ final class RequestExecutor: Sendable {
             case .listShards:
                 reply(work, .ok, .shards(try await shards.listShards().map(Self.info)), &outcome)
             case .stat(let id):
-                _ = try await shards.shard(id)  // not found / not local, as for any request
-                guard let listing = try await shards.listShards().first(where: { $0.record.shardID == id }),
-                      listing.stats != nil else { throw ShardManagerError.shardNotFound(id) }
-                reply(work, .ok, .shard(Self.info(listing)), &outcome)
+                reply(work, .ok, .shard(Self.info(try await shards.listing(id))), &outcome)
             default:
                 // A data request whose shard is not loaded: the manager says why.
                 if let id = request.dataShard { _ = try await shards.shard(id) }

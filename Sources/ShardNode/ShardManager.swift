@@ -203,6 +203,15 @@ public final class ShardManager: @unchecked Sendable {
         }
     }
 
+    /// One shard on this node as `listShards` lists it (not found / not local
+    /// errors as for `shard(_:)`), without listing the others.
+    public func listing(_ id: UInt64) async throws -> ShardListing {
+        let shard = try await self.shard(id)
+        let record = try await metadata.getShard(id)
+        let primary = (try? await metadata.getVolume(record.volumeID))?.primaryNodeID ?? ""
+        return ShardListing(record: record, primaryNodeID: primary, stats: try shard.stats())
+    }
+
     public func stats(_ id: UInt64) async throws -> ShardStats {
         try await shard(id).stats()
     }

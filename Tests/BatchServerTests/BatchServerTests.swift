@@ -81,7 +81,9 @@ private func batchPutCodes(_ frames: [Frame]) -> [UInt32: [StatusCode]] {
 
             let info = try await c.stat(shard)
             #expect(info.owner == "sw" && info.figures?.entries == 2 && !info.closed)
-            #expect(try await c.listShards().contains { $0.id == shard })
+            let listed = try #require(try await c.listShards().first { $0.id == shard })
+            #expect(info.volumeID == listed.volumeID && !info.volumeID.isEmpty)
+            #expect(info.primaryNodeID == listed.primaryNodeID && !info.primaryNodeID.isEmpty)
 
             try await c.closeShard(shard)
             #expect(await statusCode { try await c.put(client: "sw", shard: shard, key: bytes("4"), value: []) } == .shardClosed)
