@@ -113,7 +113,7 @@ struct shardfs_ring {
     struct fuse_session *session;
     struct shardfs_fuse_context *context;
     int fuse_fd;
-    unsigned queues, threads_per_queue, thread_count;
+    unsigned queues, thread_count;
     struct ring_thread *threads;
     atomic_int init_state;
     uint64_t init_unique;  // written before init_state becomes INIT_OFFERED
@@ -307,10 +307,10 @@ static ssize_t answer_through_ring(struct ring_entry *e, const struct iovec *iov
 /// Something the kernel waits on cannot go on (a command refused, io_uring
 /// failing): end the mount rather than leave requests of this CPU hanging.
 /// Aborting the connection fails them at once (ECONNABORTED); the session loop
-/// then returns, and the daemon commits what it holds and unmounts. The abort
-/// goes through the FUSE control filesystem when it is mounted, else through a
-/// forced unmount of this mount (which aborts it; both need the mount's owner
-/// or root).
+/// then returns, and the daemon commits what it holds, unmounts and exits with
+/// an error. The abort goes through the FUSE control filesystem when it is
+/// mounted (the mount's owner may write it), else through a forced unmount of
+/// this mount, which aborts it too (that needs CAP_SYS_ADMIN).
 static void ring_failed(struct ring_thread *t, const char *what, int error) {
     struct shardfs_ring *ring = t->ring;
     fprintf(stderr, "shardfs: FUSE ring of CPU %u: %s: %s; ending the mount\n", t->qid, what, strerror(error));
@@ -344,8 +344,10 @@ static void *ring_thread_main(void *argument) {
     // CPU instead of being moved to another one; its next request then lands on
     // this CPU's queue again. Measured with CPU hogs on the caller's own CPU,
     // the ring still answered faster than /dev/fuse (docs/PERFORMANCE.md).
-    struct sched_param idle = { .sched_priority = 0 };
-    (void)pthread_setschedparam(pthread_self(), SCHED_IDLE, &idle);
+    // The work itself runs in the normal class (it may hold locks and LMDB's
+    // writer that other threads wait for): only the waits are SCHED_IDLE.
+    struct sched_param no_priority = { .sched_priority = 0 };
+    (void)pthread_setschedparam(pthread_self(), SCHED_IDLE, &no_priority);
 
     // Registration waits for FUSE_INIT's answer (the kernel refuses it before).
     pthread_mutex_lock(&ring->lock);
@@ -394,7 +396,9 @@ static void *ring_thread_main(void *argument) {
                 }
                 continue;
             }
+            (void)pthread_setschedparam(pthread_self(), SCHED_OTHER, &no_priority);
             process(t, e);
+            (void)pthread_setschedparam(pthread_self(), SCHED_IDLE, &no_priority);
             if (ring->fail_after >= 0 && (long)atomic_load(&ring->requests) >= ring->fail_after) {
                 // As if the kernel had refused this answer: the entry is lost.
                 ring_failed(t, "failure injected (SHARDFS_TEST_RING_FAIL_AFTER)", EIO);
@@ -475,7 +479,7 @@ static ssize_t io_writev(int fd, struct iovec *iov, int count, void *userdata) {
 
 /// The kernel keeps a queue per *possible* CPU (a VM may have more possible
 /// CPUs than present ones), and waits for all of them to be registered.
-static unsigned possible_cpus(void) {
+unsigned shardfs_possible_cpus(void) {
     FILE *f = fopen("/sys/devices/system/cpu/possible", "re");
     unsigned highest = 0;
     int found = 0;
@@ -499,18 +503,42 @@ static unsigned possible_cpus(void) {
     return n > 0 ? (unsigned)n : 1;
 }
 
-/// The FUSE connection's abort file: the mount's device minor number names it.
-static void find_abort_path(const char *mountpoint, char *path, size_t size) {
-    path[0] = 0;
+/// Whether a CPU is there and online (a possible CPU may be neither).
+static int cpu_online(unsigned cpu) {
+    char path[96];
+    snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu%u", cpu);
+    if (access(path, F_OK) != 0) return 0;
+    snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu%u/online", cpu);
+    FILE *f = fopen(path, "re");
+    if (!f) return 1;  // no switch: always online (CPU 0)
+    int c = fgetc(f);
+    fclose(f);
+    return c == '1';
+}
+
+int shardfs_kernel_allows_rings(void) {
+    FILE *f = fopen("/sys/module/fuse/parameters/enable_uring", "re");
+    if (!f) return -1;
+    int c = fgetc(f);
+    fclose(f);
+    return c == 'Y';
+}
+
+/// Finds a FUSE mount in /proc/self/mountinfo; returns its device minor number
+/// (which names its FUSE connection), or -1.
+static long find_mount(const char *mountpoint) {
     FILE *f = fopen("/proc/self/mountinfo", "re");
-    if (!f) return;
+    if (!f) return -1;
     char *line = NULL;
     size_t capacity = 0;
+    long found = -1;
     while (getline(&line, &capacity, f) > 0) {
         unsigned major, minor;
         char point[4096];
         // "36 25 0:45 / /mount/point rw,... - fuse.shardfs ...": octal escapes in the point
         if (sscanf(line, "%*u %*u %u:%u %*s %4095s", &major, &minor, point) != 3) continue;
+        const char *separator = strstr(line, " - ");
+        if (!separator || strncmp(separator + 3, "fuse", 4) != 0) continue;  // FUSE mounts only
         char plain[4096];
         size_t j = 0;
         for (size_t i = 0; point[i] && j + 1 < sizeof plain; j++) {
@@ -522,19 +550,14 @@ static void find_abort_path(const char *mountpoint, char *path, size_t size) {
             }
         }
         plain[j] = 0;
-        if (strcmp(plain, mountpoint) == 0) snprintf(path, size, "/sys/fs/fuse/connections/%u/abort", minor);
+        if (strcmp(plain, mountpoint) == 0) found = minor;
     }
     free(line);
     fclose(f);
+    return found;
 }
 
-static int kernel_allows_rings(void) {
-    FILE *f = fopen("/sys/module/fuse/parameters/enable_uring", "re");
-    if (!f) return 0;
-    int c = fgetc(f);
-    fclose(f);
-    return c == 'Y';
-}
+int shardfs_is_mounted(const char *mountpoint) { return find_mount(mountpoint) >= 0; }
 
 /// Stops the threads (waiting ones and serving ones) and frees everything.
 static void stop_and_free(struct shardfs_ring *ring) {
@@ -567,7 +590,8 @@ static void stop_and_free(struct shardfs_ring *ring) {
 int shardfs_ring_prepare(struct fuse_session *session, struct shardfs_fuse_context *context, const char *mountpoint,
                          unsigned threads_per_queue, unsigned entries_per_thread, size_t payload_size) {
     if (threads_per_queue < 1 || entries_per_thread < 1) return -EINVAL;
-    if (!kernel_allows_rings()) return -EOPNOTSUPP;
+    int allowed = shardfs_kernel_allows_rings();
+    if (allowed <= 0) return allowed < 0 ? -ENOSYS : -EOPNOTSUPP;
     struct shardfs_ring *ring = calloc(1, sizeof *ring);
     if (!ring) return -ENOMEM;
     pthread_mutex_init(&ring->lock, NULL);
@@ -578,12 +602,30 @@ int shardfs_ring_prepare(struct fuse_session *session, struct shardfs_fuse_conte
     ring->session = session;
     ring->context = context;
     ring->fuse_fd = fuse_session_fd(session);
-    ring->queues = possible_cpus();
-    ring->threads_per_queue = threads_per_queue;
-    ring->thread_count = ring->queues * threads_per_queue;
-    find_abort_path(mountpoint, ring->abort_path, sizeof ring->abort_path);
+    ring->queues = shardfs_possible_cpus();
+    // A possible CPU that is not online sends no requests: one thread registers
+    // its queue (the kernel needs every queue), the others serve.
+    unsigned *threads_of = calloc(ring->queues, sizeof *threads_of);
+    if (!threads_of) {
+        pthread_cond_destroy(&ring->start_changed);
+        pthread_mutex_destroy(&ring->lock);
+        free(ring);
+        return -ENOMEM;
+    }
+    for (unsigned q = 0; q < ring->queues; q++) {
+        threads_of[q] = cpu_online(q) ? threads_per_queue : 1;
+        ring->thread_count += threads_of[q];
+    }
+    long connection = find_mount(mountpoint);
+    if (connection >= 0)
+        snprintf(ring->abort_path, sizeof ring->abort_path, "/sys/fs/fuse/connections/%ld/abort", connection);
     snprintf(ring->mountpoint, sizeof ring->mountpoint, "%s", mountpoint);
     ring->threads = calloc(ring->thread_count, sizeof *ring->threads);
+    if (ring->threads) {
+        for (unsigned q = 0, i = 0; q < ring->queues; q++)
+            for (unsigned k = 0; k < threads_of[q]; k++) ring->threads[i++].qid = q;
+    }
+    free(threads_of);
     if (!ring->threads) {
         pthread_cond_destroy(&ring->start_changed);
         pthread_mutex_destroy(&ring->lock);
@@ -600,7 +642,6 @@ int shardfs_ring_prepare(struct fuse_session *session, struct shardfs_fuse_conte
     for (unsigned i = 0; i < ring->thread_count && rc == 0; i++) {
         struct ring_thread *t = &ring->threads[i];
         t->ring = ring;
-        t->qid = i / threads_per_queue;
         t->count = entries_per_thread;
         t->eventfd = eventfd(0, EFD_CLOEXEC);
         if (t->eventfd < 0) { rc = -errno; break; }
@@ -638,6 +679,10 @@ int shardfs_ring_prepare(struct fuse_session *session, struct shardfs_fuse_conte
     }
     __atomic_store_n(&context->ring, ring, __ATOMIC_RELEASE);
     return 0;
+}
+
+int shardfs_ring_failed(const struct shardfs_ring *ring) {
+    return ring ? atomic_load(&((struct shardfs_ring *)ring)->failed) : 0;
 }
 
 uint64_t shardfs_ring_requests(const struct shardfs_ring *ring) {

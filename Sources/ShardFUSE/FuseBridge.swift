@@ -433,9 +433,13 @@ public final class FuseSession: @unchecked Sendable {
             // blocks (an fsync, a shard's creation) holds up no other: the
             // kernel gives a thread a request only when it is waiting for one.
             let rc = shardfs_ring_prepare(session, context, resolvedMountpoint, 4, 1, Int(Self.maxWrite))
-            if rc == -EOPNOTSUPP {
+            if rc == 0 {
+                fileSystem.logger.info("FUSE requests go over io_uring once the kernel takes it at FUSE_INIT (one queue per CPU)")
+            } else if rc == -EOPNOTSUPP {
                 fileSystem.logger.info("FUSE requests go through /dev/fuse: the fuse module's enable_uring is off")
-            } else if rc != 0 {
+            } else if rc == -ENOSYS {
+                fileSystem.logger.info("FUSE requests go through /dev/fuse: this kernel has no FUSE over io_uring")
+            } else {
                 fileSystem.logger.warning("FUSE over io_uring could not be set up; requests go through /dev/fuse",
                                           metadata: ["error": "\(String(cString: strerror(-rc)))"])
             }
@@ -471,7 +475,9 @@ public final class FuseSession: @unchecked Sendable {
         let rc = fuse_session_loop_mt(session, config)
         fuse_loop_cfg_destroy(config)
         // The rings stop serving before open files are committed, as the loop has.
+        var ringFailed = false
         if let ring = context.pointee.ring {
+            ringFailed = shardfs_ring_failed(ring) != 0
             fileSystem.logger.info("FUSE over io_uring served \(shardfs_ring_requests(ring)) requests")
             shardfs_ring_stop(ring)
         }
@@ -484,10 +490,15 @@ public final class FuseSession: @unchecked Sendable {
         fileSystem.commitAll()
         if handlesSignals { fuse_remove_signal_handlers(session) }
         fuse_session_unmount(session)
-        if stillMounted { lazyUnmount() }  // the connection was aborted (a ring failed)
+        // libfuse takes an aborted connection for an unmount and leaves the mount.
+        if shardfs_is_mounted(resolvedMountpoint) != 0 { lazyUnmount() }
         fuse_session_destroy(session)
         fuse_opt_free_args(&arguments)
         context.deallocate()
+        if ringFailed {
+            fileSystem.logger.error("the mount ended because a FUSE ring failed (see above); open files were committed")
+            return rc != 0 ? rc : -EIO
+        }
         return rc
     }
 
@@ -507,13 +518,4 @@ public final class FuseSession: @unchecked Sendable {
         unmount.waitUntilExit()
     }
 
-    /// Whether the mount table still has this mount (libfuse leaves an aborted
-    /// connection's mount behind: it takes the abort for an unmount).
-    private var stillMounted: Bool {
-        let table = (try? String(contentsOfFile: "/proc/self/mounts", encoding: .utf8)) ?? ""
-        return table.split(separator: "\n").contains { line in
-            let fields = line.split(separator: " ")
-            return fields.count > 2 && fields[1] == resolvedMountpoint && fields[2] == "fuse.shardfs"
-        }
-    }
 }

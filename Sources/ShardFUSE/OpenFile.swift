@@ -59,6 +59,7 @@ final class OpenFile: @unchecked Sendable {
 
     /// The entry was unlinked (or replaced by a rename): drop unwritten changes.
     func orphan() { lock.withLock { orphaned = true } }
+    var isOrphaned: Bool { lock.withLock { orphaned } }
 
     /// Size as this handle sees it, if it holds unwritten changes.
     var pendingSize: Int? { lock.withLock { dirty ? buffer?.size : nil } }

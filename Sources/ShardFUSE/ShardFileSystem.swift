@@ -105,7 +105,7 @@ public final class ShardFileSystem: @unchecked Sendable {
             let key = try entryKey(name)
             // A file created and still open exists too (for its writer's stat, rename…).
             let known = inodes.existingInode(for: .entry(shard: id, key: key.bytes))
-            guard let view = try entryView(shard, key, inode: known) else {
+            guard let view = try entryView(shard, key, inode: known, byName: true) else {
                 throw FileSystemError(ENOENT, "no entry \(key) in shard \(id)")
             }
             let ino = inodes.inode(for: .entry(shard: id, key: key.bytes), lookup: true)
@@ -128,7 +128,7 @@ public final class ShardFileSystem: @unchecked Sendable {
         case .entry(let id, let key):
             let shard = try localShard(id)
             let entryKey = try EntryKey(key)
-            guard let view = try entryView(shard, entryKey, inode: ino) else {
+            guard let view = try entryView(shard, entryKey, inode: ino, byName: false) else {
                 throw FileSystemError(ENOENT, "entry \(entryKey) is gone")
             }
             return (fileAttributes(shard, ino, view.attributes), view.ofWriter ? 0 : attributeTimeout(shard))
@@ -355,21 +355,23 @@ public final class ShardFileSystem: @unchecked Sendable {
         try own(id, [file.key.bytes]) { try file.commit() }
     }
 
-    /// An entry's attributes as the mount shows them: a queued put wins.
     /// What lookup and getattr show of an entry. A file being written (perhaps
     /// created and not committed yet) shows its writer's view, never cached by the
     /// kernel (`ofWriter`): fstat on a new file must work. Otherwise the queued or
-    /// committed entry; nil if there is none.
-    private func entryView(_ shard: Shard, _ key: EntryKey, inode: UInt64?) throws
+    /// committed entry; nil if there is none. By name (lookup), an unlinked file
+    /// still open for writing is gone; by inode (fstat on its handle) it is not.
+    private func entryView(_ shard: Shard, _ key: EntryKey, inode: UInt64?, byName: Bool) throws
         -> (attributes: EntryAttributes, ofWriter: Bool)? {
         let current = try currentAttributes(shard, key)
-        if let inode, let writer = openWriter(inode), let size = writer.pendingSize {
+        let writer = inode.flatMap { ino in openFiles(inode: ino).first { $0.pendingSize != nil && !(byName && $0.isOrphaned) } }
+        if let writer, let size = writer.pendingSize {
             let time = writer.pendingModificationTime ?? current?.modificationTime ?? Self.now()
             return (EntryAttributes(key: key, size: size, modificationTime: time, indexes: []), true)
         }
         return current.map { ($0, false) }
     }
 
+    /// An entry's attributes as the mount shows them: a queued put wins.
     private func currentAttributes(_ shard: Shard, _ key: EntryKey) throws -> EntryAttributes? {
         if let pending = writeBehind.pending(shard: shard.id, key: key.bytes) {
             if pending.deleted { return nil }

@@ -32,13 +32,16 @@ struct ServeCommand: AsyncParsableCommand {
             fuse = (session, Task.detached { await runOnOwnThread { session.run() } })
         }
         emit("ready tcp=\(running.server.tcpPort.map { "\(running.tcpHost):\($0)" } ?? "-") unix=\(running.server.unixSocketPath ?? "-") mount=\(mount ?? "-")")
-        await waitForTerminationSignal()
+        // A mount that ends on its own (its FUSE connection failed) ends the node
+        // too, with an error, so that a supervisor restarts it.
+        let signalled = await waitForTerminationSignal(orEndOf: fuse?.done)
         await running.server.shutdown()
         if let fuse {
-            fuse.session.stop()
+            if signalled { fuse.session.stop() }
             _ = await fuse.done.value
         }
         running.node.shards.applyLogs()
+        if !signalled { throw MountError(description: "the mount at \(mount ?? "") ended on its own; see the log") }
     }
 
     struct Running {
@@ -79,8 +82,11 @@ struct ServiceOptions: ParsableArguments {
 }
 
 /// Returns when SIGTERM or SIGINT arrives.
-func waitForTerminationSignal() async {
+/// Waits for SIGTERM or SIGINT; true if one came, false if `task` ended first.
+@discardableResult
+func waitForTerminationSignal(orEndOf task: Task<Int32, Never>? = nil) async -> Bool {
     let (stream, continuation) = AsyncStream<Int32>.makeStream()
+    if let task { Task { _ = await task.value; continuation.yield(0) } }
     var sources: [DispatchSourceSignal] = []
     for sig in [SIGTERM, SIGINT] {
         signal(sig, SIG_IGN)
@@ -89,6 +95,8 @@ func waitForTerminationSignal() async {
         source.resume()
         sources.append(source)
     }
-    for await _ in stream { break }
+    var received: Int32 = 0
+    for await sig in stream { received = sig; break }
     for source in sources { source.cancel() }
+    return received != 0
 }

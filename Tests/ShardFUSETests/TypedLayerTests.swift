@@ -61,4 +61,17 @@ import Testing
             #expect(throws: FileSystemError.self) { try fs.lookup(shardInode, name) }
         }
     }
+
+    @Test func anUnlinkedFileStillBeingWrittenIsGoneByNameNotByHandle() async throws {
+        try await withFileSystem { fs, shardInode, _ in
+            let name = Array("doomed".utf8)
+            let (created, handle) = try fs.create(shardInode, name, flags: O_WRONLY | O_CREAT)
+            _ = try [UInt8](repeating: 1, count: 5).withUnsafeBytes { try fs.write(handle, $0, offset: 0) }
+            try fs.unlink(shardInode, name)
+            #expect(throws: FileSystemError.self) { try fs.lookup(shardInode, name) }
+            #expect(try fs.getattr(created.inode).0.st_size == 5)  // fstat on the open handle
+            try fs.release(handle)
+            #expect(throws: FileSystemError.self) { try fs.lookup(shardInode, name) }  // the close brought nothing back
+        }
+    }
 }

@@ -12,10 +12,11 @@
 //
 // How, in libfuse terms: the session gets a custom I/O (fuse_session_custom_io)
 // that reads and writes /dev/fuse as usual, but (1) answers FUSE_INIT with
-// FUSE_OVER_IO_URING when the kernel offers it, (2) then starts the ring
-// threads, which register their entries and hand each request to
-// fuse_session_process_buf, and (3) sends a reply that belongs to a ring
-// request back through its ring entry instead of /dev/fuse. Requests the kernel
+// FUSE_OVER_IO_URING when the kernel offers it, (2) then releases the ring
+// threads (started, with their buffers, before that answer), which register
+// their entries and hand each request to fuse_session_process_buf, and (3)
+// sends a reply that belongs to a ring request back through its ring entry
+// instead of /dev/fuse. Requests the kernel
 // still sends over /dev/fuse (FORGET, INTERRUPT) and notifications keep using
 // the descriptor, served by libfuse's own loop.
 //
@@ -44,16 +45,31 @@ struct shardfs_fuse_context {
 /// blocks holds up no other), payload buffers of `payload_size` bytes (the
 /// session's max_write). Installs the custom I/O on the session and sets
 /// `context->ring`. Returns 0, or a negative errno when the rings cannot be
-/// used (-EOPNOTSUPP: the fuse module's enable_uring is off); the session then
-/// keeps plain /dev/fuse I/O. The kernel still decides at FUSE_INIT.
+/// used (-EOPNOTSUPP: the fuse module's enable_uring is off; -ENOSYS: the
+/// kernel has no FUSE over io_uring); the session then keeps plain /dev/fuse
+/// I/O. The kernel still decides at FUSE_INIT.
 ///
 /// Should a ring fail after the kernel took the rings (a command refused,
 /// io_uring failing), the connection is aborted and the session told to exit:
-/// requests fail with ECONNABORTED instead of hanging, and the daemon unmounts.
+/// requests fail (ENOTCONN) instead of hanging, and `shardfs_ring_failed` says
+/// so, for the daemon to unmount and exit with an error.
 /// (Tests make that happen with SHARDFS_TEST_RING_FAIL_AFTER=N in the daemon's
 /// environment: the ring fails after N requests.)
 int shardfs_ring_prepare(struct fuse_session *session, struct shardfs_fuse_context *context, const char *mountpoint,
                          unsigned threads_per_queue, unsigned entries_per_thread, size_t payload_size);
+
+/// Whether a ring failed and aborted the connection (see above).
+int shardfs_ring_failed(const struct shardfs_ring *ring);
+
+/// The kernel's queue count: one per possible CPU.
+unsigned shardfs_possible_cpus(void);
+
+/// 1 if the fuse module's enable_uring is on, 0 if off, -1 if the kernel has
+/// no such switch.
+int shardfs_kernel_allows_rings(void);
+
+/// Whether the mount table (/proc/self/mountinfo) has a FUSE mount at `mountpoint`.
+int shardfs_is_mounted(const char *mountpoint);
 
 /// Requests answered through the rings so far (0 while, or when, the kernel
 /// does not use them).
