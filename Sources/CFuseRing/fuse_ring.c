@@ -344,8 +344,10 @@ static void *ring_thread_main(void *argument) {
     // CPU instead of being moved to another one; its next request then lands on
     // this CPU's queue again. Measured with CPU hogs on the caller's own CPU,
     // the ring still answered faster than /dev/fuse (docs/PERFORMANCE.md).
-    // The work itself runs in the normal class (it may hold locks and LMDB's
-    // writer that other threads wait for): only the waits are SCHED_IDLE.
+    // The cost: with CPU-bound tasks on the same CPU, a ring thread runs only
+    // when their slice ends (a few ms), and a lock it holds waits as long.
+    // Switching to the normal class around each request would avoid that, but
+    // the two system calls halved the create rate (measured).
     struct sched_param no_priority = { .sched_priority = 0 };
     (void)pthread_setschedparam(pthread_self(), SCHED_IDLE, &no_priority);
 
@@ -396,9 +398,7 @@ static void *ring_thread_main(void *argument) {
                 }
                 continue;
             }
-            (void)pthread_setschedparam(pthread_self(), SCHED_OTHER, &no_priority);
             process(t, e);
-            (void)pthread_setschedparam(pthread_self(), SCHED_IDLE, &no_priority);
             if (ring->fail_after >= 0 && (long)atomic_load(&ring->requests) >= ring->fail_after) {
                 // As if the kernel had refused this answer: the entry is lost.
                 ring_failed(t, "failure injected (SHARDFS_TEST_RING_FAIL_AFTER)", EIO);
