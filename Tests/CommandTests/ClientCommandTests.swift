@@ -1,0 +1,61 @@
+import Foundation
+import TestSupport
+import Testing
+
+/// `shardfs client …` against a running `shardfs serve` (Unix socket only).
+@Suite struct ClientCommandTests {
+    @Test func everyClientCommandAgainstARunningNode() async throws {
+        let dir = try TemporaryDirectory("client")
+        let data = dir.sub("data")
+        let server = Process()
+        server.executableURL = URL(fileURLWithPath: shardfs)
+        server.arguments = ["serve", "--data-dir", data, "--no-tcp", "--log-level", "warning"]
+        let out = Pipe()
+        server.standardOutput = out
+        server.standardError = FileHandle.nullDevice
+        try server.run()
+        defer {
+            if server.isRunning { kill(server.processIdentifier, SIGTERM) }
+            server.waitUntilExit()
+        }
+        var line = Data()
+        while !line.contains(0x0A) {
+            let chunk = out.fileHandleForReading.availableData
+            try #require(!chunk.isEmpty, "serve exited before it was ready")
+            line.append(chunk)
+        }
+        let socket = ["--socket", data + "/shardfs.sock"]
+        func client(_ arguments: [String], input: String = "") async throws -> ProcessResult {
+            try await runAsync(shardfs, ["client"] + arguments + socket, input: input)
+        }
+        func ok(_ arguments: [String], input: String = "", sourceLocation: SourceLocation = #_sourceLocation) async throws -> String {
+            let result = try await client(arguments, input: input)
+            #expect(result.status == 0, "\(arguments): \(result.stderr)", sourceLocation: sourceLocation)
+            return result.stdout
+        }
+
+        let id = try await ok(["new-shard", "--client", "alice"]).trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(id == "1")
+        #expect(try await ok(["new-shard", "--client", "alice", "--id", "7"]) == "7\n")
+        _ = try await ok(["put", id, "k1", "--value", "one", "--client", "alice"])
+        _ = try await ok(["put", id, "k2", "--client", "alice"], input: "two from stdin")
+        #expect(try await ok(["get", id, "k2"]) == "two from stdin")
+        #expect(try await ok(["batch-put", id, "--client", "alice"], input: "a\tA\nb\tB\n") == "2 put, 0 failed\n")
+        let got = try await client(["batch-get", id, "a", "missing", "k1"])
+        #expect(got.status == 1)  // one key is missing
+        #expect(got.stdout == "a\tA\nmissing\t!ENTRY_NOT_FOUND\nk1\tone\n")
+        _ = try await ok(["delete", id, "b", "--client", "alice"])
+        #expect(try await ok(["ls", id]) == "1\ta\n3\tk1\n14\tk2\n")
+        // Another client may not write alice's shard.
+        let fenced = try await client(["put", id, "x", "--value", "no", "--client", "bob"])
+        #expect(fenced.status != 0)
+        let stat = try await ok(["stat", id])
+        #expect(stat.contains("owner alice") && stat.contains("state open") && stat.contains("entries 3"), "\(stat)")
+        _ = try await ok(["close-shard", id])
+        #expect(try await client(["put", id, "z", "--value", "late", "--client", "alice"]).status != 0)
+        #expect(try await ok(["list-shards"]) == "1\talice\tclosed\t3\n7\talice\topen\t0\n")
+        _ = try await ok(["delete-shard", "7"])
+        #expect(try await ok(["list-shards"]) == "1\talice\tclosed\t3\n")
+        #expect(try await client(["get", "7", "k1"]).status != 0)
+    }
+}
