@@ -250,6 +250,30 @@ import Testing
         }
     }
 
+    @Test func aRevokedLeaseIsReplacedAndTheNodeRegisteredAgain() async throws {
+        try await withEtcd { server in
+            let node = try makeStore(server, leaseTTL: 2)
+            let observer = try makeStore(server)
+            try await node.registerNode(NodeRecord(nodeID: "n1", address: "10.0.0.1:7070"))
+            let listed = try server.etcdctl(["lease", "list"])
+            let leaseID = try #require(listed.split(separator: "\n").dropFirst().first.map(String.init), "\(listed)")
+            // Someone revokes the node's lease: etcd deletes its key with it. The
+            // next keepalive finds the lease gone and registers the node on a new one.
+            _ = try server.etcdctl(["lease", "revoke", leaseID])
+            var leases = "", back: NodeRecord?
+            for _ in 0..<50 {
+                try await Task.sleep(for: .milliseconds(100))
+                leases = try server.etcdctl(["lease", "list"])
+                back = try? await observer.getNode("n1")  // the key is put after the new lease is granted
+                if back != nil && leases.contains("found 1 leases") && !leases.contains(leaseID) { break }
+            }
+            #expect(leases.contains("found 1 leases") && !leases.contains(leaseID), "\(leases)")
+            #expect(back?.address == "10.0.0.1:7070")
+            await node.close()
+            await observer.close()
+        }
+    }
+
     @Test func lapsedLeaseRemovesTheNode() async throws {
         try await withEtcd { server in
             let dying = try makeStore(server, leaseTTL: 2)
