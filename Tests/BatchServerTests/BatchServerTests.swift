@@ -3,6 +3,7 @@ import BatchServer
 import Foundation
 import NIOCore
 import ShardFSClient
+import ShardStore
 import Testing
 import TestSupport
 
@@ -425,4 +426,42 @@ final class OrderLog: @unchecked Sendable {
     private var entries: [String] = []
     func append(_ s: String) { lock.withLock { entries.append(s) } }
     func take() -> [String] { lock.withLock { defer { entries = [] }; return entries } }
+}
+
+/// Shutdown through the socket: what was acknowledged is in the shard.
+@Suite struct ShutdownTests {
+    @Test func shutdownWithPutsInFlightLosesNoAcknowledgedPut() async throws {
+        let fixture = try await ServerFixture.start()
+        let c = try await fixture.client()
+        let shard = try await c.newShard(owner: "g")
+        let outcomes = await withTaskGroup(of: (Int, Bool)?.self) { group -> [(Int, Bool)] in
+            for i in 0..<500 {
+                group.addTask {
+                    do {
+                        try await c.put(client: "g", shard: shard, key: bytes("k\(i)"), value: bytes("v\(i)"))
+                        return (i, true)
+                    } catch {
+                        return (i, false)
+                    }
+                }
+            }
+            group.addTask {
+                try? await Task.sleep(for: .milliseconds(3))
+                await fixture.stop()  // while puts are in flight
+                return nil
+            }
+            var all: [(Int, Bool)] = []
+            for await outcome in group { if let outcome { all.append(outcome) } }
+            return all
+        }
+        #expect(outcomes.count == 500)  // every put got an answer or an error: none hangs
+        let acknowledged = outcomes.filter(\.1).map(\.0)
+        let stored = try await fixture.node.shards.shard(shard)
+        for i in acknowledged {
+            #expect(try stored.get(EntryKey("k\(i)")).value == bytes("v\(i)"), "acknowledged put k\(i) is missing")
+        }
+        // The socket is gone: nobody new gets in.
+        await #expect(throws: (any Error).self) { _ = try await fixture.client() }
+        await c.close()
+    }
 }
