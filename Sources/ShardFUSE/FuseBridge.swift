@@ -355,11 +355,18 @@ private func makeOperations() -> fuse_lowlevel_ops {
     return ops
 }
 
-/// The session pointer for the invalidation queue. `alive` is read and written
-/// only on that queue: once the session is destroyed, late blocks do nothing.
+/// The session pointer for the invalidation queue. Once `alive` is false, blocks
+/// send nothing more; the session is destroyed only after the queue drained.
+/// (Not set on the queue itself: a block may be stuck in the kernel, waiting
+/// for a page a read request of the stopped session holds, until the unmount.)
 private final class SessionHandle: @unchecked Sendable {
     let session: OpaquePointer
-    var alive = true
+    private let lock = NSLock()
+    private var isAlive = true
+    var alive: Bool {
+        get { lock.withLock { isAlive } }
+        set { lock.withLock { isAlive = newValue } }
+    }
     init(_ session: OpaquePointer) { self.session = session }
 }
 
@@ -451,8 +458,7 @@ public final class FuseSession: @unchecked Sendable {
         sessionHandle = handle
         fileSystem.invalidate = { inodes in
             queue.async {
-                guard handle.alive else { return }
-                for ino in inodes { fuse_lowlevel_notify_inval_inode(handle.session, ino, 0, 0) }
+                for ino in inodes where handle.alive { fuse_lowlevel_notify_inval_inode(handle.session, ino, 0, 0) }
             }
         }
         fileSystem.invalidateName = { parent, name in
@@ -484,14 +490,15 @@ public final class FuseSession: @unchecked Sendable {
         fileSystem.node.shards.entriesChanged = nil
         fileSystem.invalidate = nil
         fileSystem.invalidateName = nil
-        // Blocks queued before (or racing with) the lines above must not touch
-        // the session once it is destroyed.
-        invalidations.sync { sessionHandle?.alive = false }
+        sessionHandle?.alive = false  // queued invalidations send nothing more
         fileSystem.commitAll()
         if handlesSignals { fuse_remove_signal_handlers(session) }
         fuse_session_unmount(session)
         // libfuse takes an aborted connection for an unmount and leaves the mount.
         if shardfs_is_mounted(resolvedMountpoint) != 0 { lazyUnmount() }
+        // An invalidation still in the kernel returns once the mount is gone;
+        // none may touch the session after it is destroyed.
+        invalidations.sync {}
         fuse_session_destroy(session)
         fuse_opt_free_args(&arguments)
         context.deallocate()
