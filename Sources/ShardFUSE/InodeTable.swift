@@ -4,6 +4,7 @@ import Foundation
 enum NodeKind: Hashable, Sendable {
     case root
     case shard(UInt64)
+    /// `key`: the bytes of a valid `EntryKey` (checked once, when the inode is made).
     case entry(shard: UInt64, key: [UInt8])
 }
 

@@ -127,7 +127,7 @@ public final class ShardFileSystem: @unchecked Sendable {
             return (shardAttributes(shard, ino), attributeTimeout(shard))
         case .entry(let id, let key):
             let shard = try localShard(id)
-            let entryKey = try EntryKey(key)
+            let entryKey = EntryKey(trusted: key)  // validated when its inode was made
             guard let view = try entryView(shard, entryKey, inode: ino, byName: false) else {
                 throw FileSystemError(ENOENT, "entry \(entryKey) is gone")
             }
@@ -167,7 +167,7 @@ public final class ShardFileSystem: @unchecked Sendable {
             }
         case .entry(let id, let key):
             let shard = try localShard(id)
-            let entryKey = try EntryKey(key)
+            let entryKey = EntryKey(trusted: key)  // validated when its inode was made
             let file = handle.flatMap { h in lock.withLock { files[h] } }
             if !toSet.isDisjoint(with: [.size, .modificationTime, .modificationTimeNow]) { writeBehind.flush(shard: id) }
             if toSet.contains(.size) {
@@ -270,7 +270,7 @@ public final class ShardFileSystem: @unchecked Sendable {
     func open(_ ino: UInt64, flags: Int32) throws -> (handle: UInt64, keepCache: Bool) {
         guard case .entry(let id, let key) = try kind(ino) else { throw FileSystemError(EISDIR, "a directory") }
         let shard = try localShard(id)
-        let entryKey = try EntryKey(key)
+        let entryKey = EntryKey(trusted: key)  // validated when its inode was made
         let wantsWrite = flags & O_ACCMODE != O_RDONLY
         if wantsWrite {
             try writable(shard)
@@ -662,7 +662,7 @@ public final class ShardFileSystem: @unchecked Sendable {
         guard case .entry(let id, let key) = try kind(ino) else {
             throw FileSystemError(ENOTSUP, "indexes are attributes of entries, not of directories")
         }
-        return (try localShard(id), try EntryKey(key))
+        return (try localShard(id), EntryKey(trusted: key))
     }
 
     private func file(_ handle: UInt64) throws -> OpenFile {
