@@ -320,8 +320,7 @@ func split(_ count: Int, _ parts: Int) -> [Range<Int>] {
 }
 
 private func seconds(since start: ContinuousClock.Instant) -> Double {
-    let elapsed = ContinuousClock.now - start
-    return Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+    (ContinuousClock.now - start).inSeconds
 }
 
 /// Holds a value used from threads that the benchmark coordinates itself.

@@ -132,9 +132,11 @@ struct BenchmarkError: Error, CustomStringConvertible {
 
 /// Seconds taken by `body`.
 func time(_ body: () throws -> Void) throws -> Double {
-    let clock = ContinuousClock()
-    let elapsed = try clock.measure(body)
-    return Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+    try ContinuousClock().measure(body).inSeconds
+}
+
+extension Duration {
+    var inSeconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
 }
 
 func median(_ values: [Double]) -> Double {
