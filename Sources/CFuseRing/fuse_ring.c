@@ -76,7 +76,6 @@ struct uring {
 };
 
 struct ring_entry {
-    struct ring_thread *thread;
     struct ring_req_header *header;  // page-aligned
     char *region;                    // PREFACE bytes, then the payload
     char *payload;
@@ -651,7 +650,6 @@ int shardfs_ring_prepare(struct fuse_session *session, struct shardfs_fuse_conte
         if (!t->entries) { rc = -ENOMEM; break; }
         for (unsigned j = 0; j < t->count; j++) {
             struct ring_entry *e = &t->entries[j];
-            e->thread = t;
             e->payload_size = payload_size;
             e->header = mmap(NULL, PREFACE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
             if (e->header == MAP_FAILED) { e->header = NULL; rc = -errno; break; }

@@ -363,8 +363,7 @@ public final class ShardFileSystem: @unchecked Sendable {
     private func entryView(_ shard: Shard, _ key: EntryKey, inode: UInt64?, byName: Bool) throws
         -> (attributes: EntryAttributes, ofWriter: Bool)? {
         let current = try currentAttributes(shard, key)
-        let writer = inode.flatMap { ino in openFiles(inode: ino).first { $0.pendingSize != nil && !(byName && $0.isOrphaned) } }
-        if let writer, let size = writer.pendingSize {
+        if let writer = inode.flatMap({ openWriter($0, includingUnlinked: !byName) }), let size = writer.pendingSize {
             let time = writer.pendingModificationTime ?? current?.modificationTime ?? Self.now()
             return (EntryAttributes(key: key, size: size, modificationTime: time, indexes: []), true)
         }
@@ -700,11 +699,12 @@ public final class ShardFileSystem: @unchecked Sendable {
         return file
     }
 
-    /// A handle with unwritten changes to `ino`. The file's own lock is taken
-    /// only after `lock` is released: a commit holds the file's lock while its
-    /// commit hook needs other locks, so nesting them here could deadlock.
-    private func openWriter(_ ino: UInt64) -> OpenFile? {
-        openFiles(inode: ino).first { $0.pendingSize != nil }
+    /// A handle with unwritten changes to `ino` (one whose entry was unlinked
+    /// only if `includingUnlinked`). The file's own lock is taken only after
+    /// `lock` is released: a commit holds the file's lock while its commit hook
+    /// needs other locks, so nesting them here could deadlock.
+    private func openWriter(_ ino: UInt64, includingUnlinked: Bool = true) -> OpenFile? {
+        openFiles(inode: ino).first { $0.pendingSize != nil && (includingUnlinked || !$0.isOrphaned) }
     }
 
     /// Writes need a writable mount, an open shard and the mount's client as owner.

@@ -81,7 +81,6 @@ struct ServiceOptions: ParsableArguments {
     }
 }
 
-/// Returns when SIGTERM or SIGINT arrives.
 /// Waits for SIGTERM or SIGINT; true if one came, false if `task` ended first.
 @discardableResult
 func waitForTerminationSignal(orEndOf task: Task<Int32, Never>? = nil) async -> Bool {

@@ -7,23 +7,8 @@ import Testing
     @Test func everyClientCommandAgainstARunningNode() async throws {
         let dir = try TemporaryDirectory("client")
         let data = dir.sub("data")
-        let server = Process()
-        server.executableURL = URL(fileURLWithPath: shardfs)
-        server.arguments = ["serve", "--data-dir", data, "--no-tcp", "--log-level", "warning"]
-        let out = Pipe()
-        server.standardOutput = out
-        server.standardError = FileHandle.nullDevice
-        try server.run()
-        defer {
-            if server.isRunning { kill(server.processIdentifier, SIGTERM) }
-            server.waitUntilExit()
-        }
-        var line = Data()
-        while !line.contains(0x0A) {
-            let chunk = out.fileHandleForReading.availableData
-            try #require(!chunk.isEmpty, "serve exited before it was ready")
-            line.append(chunk)
-        }
+        let server = try ServeProcess(["--data-dir", data, "--no-tcp", "--log-level", "warning"])
+        defer { server.stop() }
         let socket = ["--socket", data + "/shardfs.sock"]
         func client(_ arguments: [String], input: String = "") async throws -> ProcessResult {
             try await runAsync(shardfs, ["client"] + arguments + socket, input: input)

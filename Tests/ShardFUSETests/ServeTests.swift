@@ -8,28 +8,12 @@ import Testing
         let dir = try TemporaryDirectory("serve")
         let mnt = dir.sub("mnt"), data = dir.sub("data")
         try FileManager.default.createDirectory(atPath: mnt, withIntermediateDirectories: true)
-        let server = Process()
-        server.executableURL = URL(fileURLWithPath: shardfs)
-        server.arguments = ["serve", "--data-dir", data, "--no-tcp", "--mount", mnt, "-o", "client_id=c", "--log-level", "warning"]
-        let out = Pipe()
-        server.standardOutput = out
-        server.standardError = FileHandle.nullDevice
-        try server.run()
+        let server = try ServeProcess(["--data-dir", data, "--no-tcp", "--mount", mnt, "-o", "client_id=c", "--log-level", "warning"])
         defer {
-            if server.isRunning { kill(server.processIdentifier, SIGTERM) }
-            server.waitUntilExit()
-            if ((try? String(contentsOfFile: "/proc/mounts", encoding: .utf8)) ?? "").contains(" \(mnt) ") {
-                _ = try? run("/bin/fusermount3", ["-uz", mnt])
-            }
+            server.stop()
+            if isMounted(mnt) { _ = try? run("/bin/fusermount3", ["-uz", mnt]) }
         }
-        // Wait for the "ready" line.
-        var line = Data()
-        while !line.contains(0x0A) {
-            let chunk = out.fileHandleForReading.availableData
-            if chunk.isEmpty { throw FixtureError("serve exited before it was ready") }
-            line.append(chunk)
-        }
-        #expect(String(decoding: line, as: UTF8.self).hasPrefix("ready "))
+        #expect(server.readyLine.hasPrefix("ready "))
         let socket = ["--socket", data + "/shardfs.sock"]
         func client(_ arguments: [String]) async throws -> ProcessResult {
             try await runAsync(shardfs, ["client"] + arguments.prefix(1) + socket + arguments.dropFirst())
@@ -42,8 +26,38 @@ import Testing
         #expect(try await client(["delete", "3", "b", "--client", "c"]).status == 0)
         #expect(try await shell("ls \(mnt)/shard-3").stdout == "a\n")
         // SIGTERM unmounts cleanly.
-        kill(server.processIdentifier, SIGTERM)
-        server.waitUntilExit()
-        #expect(!((try String(contentsOfFile: "/proc/mounts", encoding: .utf8)).contains(" \(mnt) ")))
+        #expect(server.stop() == 0)
+        #expect(!isMounted(mnt))
+    }
+
+    // A mount whose FUSE ring fails ends the node with an error, for a
+    // supervisor to restart it (needs the rings: scripts/test turns them on).
+    @Test(.enabled(if: TransportTests.kernelAllowsRings))
+    func serveExitsWithAnErrorWhenItsMountEndsOnItsOwn() async throws {
+        let dir = try TemporaryDirectory("serve")
+        let mnt = dir.sub("mnt"), data = dir.sub("data")
+        try FileManager.default.createDirectory(atPath: mnt, withIntermediateDirectories: true)
+        let server = try ServeProcess(["--data-dir", data, "--no-tcp", "--mount", mnt, "-o", "client_id=c", "--log-level", "warning"],
+                                      environment: ["SHARDFS_TEST_RING_FAIL_AFTER": "100"])
+        defer {
+            server.stop()
+            if isMounted(mnt) { _ = try? run("/bin/fusermount3", ["-uz", mnt]) }
+        }
+        // Requests until the ring fails; every file whose close() succeeded is kept.
+        let result = try await shell("""
+            cd '\(mnt)' && mkdir shard-1 || exit 2
+            for i in $(seq 1 300); do timeout 20 sh -c "echo $i > shard-1/f$i" 2>/dev/null || { echo $i; exit 0; }; done
+            """)
+        let failedAt = try #require(Int(result.stdout.trimmingCharacters(in: .whitespacesAndNewlines)), "\(result.stdout)")
+        let status = server.exitStatus(within: 15)
+        #expect(status != nil && status != 0, "serve: \(String(describing: status))")
+        #expect(!isMounted(mnt))
+        // The node's data: the files closed before the failure are there.
+        let listing = try run(shardfs, ["ls", "1", "--data-dir", data, "--log-level", "error"])
+        #expect(listing.stdout.split(separator: "\n").count >= failedAt - 1, "\(listing.stdout)")
+    }
+
+    private func isMounted(_ mnt: String) -> Bool {
+        ((try? String(contentsOfFile: "/proc/mounts", encoding: .utf8)) ?? "").contains(" \(mnt) ")
     }
 }

@@ -78,3 +78,49 @@ public func runAsync(_ executable: String, _ arguments: [String], input: String 
 public func shell(_ command: String, environment: [String: String] = [:]) async throws -> ProcessResult {
     try await runAsync("/bin/bash", ["-c", command], environment: environment)
 }
+
+/// A `shardfs serve …` child, returned once it printed its "ready …" line.
+public final class ServeProcess: @unchecked Sendable {
+    public let process = Process()
+    public let readyLine: String
+
+    public struct NotReady: Error, CustomStringConvertible {
+        public let description = "shardfs serve exited before it was ready"
+    }
+
+    /// `arguments` follow `serve`; `environment` adds to this process's.
+    public init(_ arguments: [String], environment: [String: String] = [:]) throws {
+        process.executableURL = productsDirectory().appendingPathComponent("shardfs")
+        process.arguments = ["serve"] + arguments
+        process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+        let out = Pipe()
+        process.standardOutput = out
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        var line = Data()
+        while !line.contains(0x0A) {
+            let chunk = out.fileHandleForReading.availableData
+            if chunk.isEmpty {
+                process.waitUntilExit()
+                throw NotReady()
+            }
+            line.append(chunk)
+        }
+        readyLine = String(decoding: line, as: UTF8.self)
+    }
+
+    /// SIGTERM if it still runs, then its exit status.
+    @discardableResult
+    public func stop() -> Int32 {
+        if process.isRunning { kill(process.processIdentifier, SIGTERM) }
+        process.waitUntilExit()
+        return process.terminationStatus
+    }
+
+    /// Its exit status once it exits by itself within `seconds`, else nil.
+    public func exitStatus(within seconds: Double) -> Int32? {
+        let deadline = Date(timeIntervalSinceNow: seconds)
+        while process.isRunning && Date() < deadline { usleep(50_000) }
+        return process.isRunning ? nil : process.terminationStatus
+    }
+}
