@@ -58,6 +58,6 @@ import Testing
     }
 
     private func isMounted(_ mnt: String) -> Bool {
-        ((try? String(contentsOfFile: "/proc/mounts", encoding: .utf8)) ?? "").contains(" \(mnt) ")
+        isMountPoint(mnt)
     }
 }
