@@ -78,6 +78,12 @@ final class InodeTable: @unchecked Sendable {
         }
     }
 
+    /// The entry was unlinked while open: its inode lives on for the open
+    /// handles (fstat), and the name is free for a new inode.
+    func unlink(_ kind: NodeKind) {
+        lock.withLock { _ = byKind.removeValue(forKey: kind) }
+    }
+
     /// The inodes the kernel may hold for a shard: its directory and its entries.
     func inodes(ofShard id: UInt64) -> [UInt64] {
         lock.withLock {

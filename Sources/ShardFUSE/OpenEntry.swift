@@ -2,80 +2,119 @@ import Foundation
 import Glibc
 import ShardStore
 
-/// An open file: the entry it names and, once written, the new value being built.
-/// The value is put (committed) by `commit`, which `flush` (close), `fsync` and
-/// `release` call; until then other readers see the entry's previous value.
-final class OpenFile: @unchecked Sendable {
+/// What the mount holds of an entry while any handle has it open: one per
+/// inode, shared by every handle on it, as a page cache is shared by every
+/// descriptor of a file. Writes from any handle go into one buffer, so appends
+/// from several descriptors and processes interleave whole, and every reader on
+/// the mount sees every write at once (docs/SEMANTICS.md, "Visibility").
+///
+/// The buffer becomes the entry's value when it is committed (`commit`, or
+/// `takeSmallValue` for the write-behind queue), which a flush of any of its
+/// handles (close), `fsync` and the last release do. Each commit puts the whole
+/// buffer as it stands, in one transaction.
+final class OpenEntry: @unchecked Sendable {
     let shard: Shard
-    /// The entry this handle writes; follows renames (`renamed`), and an unlinked
-    /// entry's handle commits nothing (`orphaned`).
-    var key: EntryKey { lock.withLock { currentKey } }
-    private var currentKey: EntryKey
-    private var orphaned = false
+    /// The kernel's node ID for the entry (its handles are registered under it).
     let inode: UInt64
-    let writable: Bool
     let clientID: String
     private let spillDirectory: String
+
+    /// Held across taking the value and queueing or putting it (`ShardFileSystem.commit`),
+    /// so two handles' commits land in the order they took the value. Taken before `lock`.
+    let commitLock = NSLock()
     private let lock = NSLock()
+    // Guarded by lock:
+    /// The entry this state belongs to; follows renames (`renamed`).
+    private var currentKey: EntryKey
+    /// The entry was unlinked (or replaced by a rename): nothing is committed.
+    private var orphaned = false
+    /// The value being built; nil until the first write or truncation.
     private var buffer: WriteBuffer?
+    /// The buffer holds changes not committed yet.
     private var dirty = false
     private var modificationTime: Int64?
+    /// Indexes set (setxattr) before the entry's first commit, committed with
+    /// its value; nil: the commit keeps the indexes the entry has.
+    private var indexes: [IndexPair]?
+    /// The entry's number, mode and access time: those it has in the shard, or
+    /// for a new file the number its first commit gives it.
+    private var entryMetadata: EntryMetadata
 
-    init(shard: Shard, key: EntryKey, inode: UInt64, writable: Bool, truncate: Bool, clientID: String, spillDirectory: String) {
+    init(shard: Shard, key: EntryKey, inode: UInt64, metadata: EntryMetadata, clientID: String, spillDirectory: String) {
         self.shard = shard
         self.currentKey = key
         self.inode = inode
-        self.writable = writable
+        self.entryMetadata = metadata
         self.clientID = clientID
         self.spillDirectory = spillDirectory
-        if truncate {
-            buffer = newBuffer()
-            dirty = true
-        }
     }
 
+    var metadata: EntryMetadata {
+        get { lock.withLock { entryMetadata } }
+        set { lock.withLock { entryMetadata = newValue } }
+    }
+
+    var key: EntryKey { lock.withLock { currentKey } }
     var hasBuffer: Bool { lock.withLock { buffer != nil } }
     var hasChanges: Bool { lock.withLock { dirty } }
+    var isOrphaned: Bool { lock.withLock { orphaned } }
 
-    /// The new value and its time if it changed, lives in memory and is at most
-    /// `limit` bytes; the handle then counts as committed (the caller queues it).
-    func takeSmallValue(limit: Int) throws -> ([UInt8], Int64?)? {
+    /// Size as the mount's readers see it, while there are uncommitted changes.
+    var pendingSize: Int? { lock.withLock { dirty ? buffer?.size : nil } }
+
+    /// A time set (utimens) on the uncommitted changes, if any.
+    var pendingModificationTime: Int64? { lock.withLock { dirty ? modificationTime : nil } }
+
+    /// The indexes that will be committed with the value, if set before its first commit.
+    var pendingIndexes: [IndexPair]? { lock.withLock { indexes } }
+
+    /// The new value, its time and indexes, if it changed, lives in memory and
+    /// is at most `limit` bytes; the entry then counts as committed (the caller
+    /// queues it, and calls `keepUncommitted` if that fails).
+    func takeSmallValue(limit: Int) throws -> (value: [UInt8], time: Int64?, indexes: [IndexPair]?)? {
         try lock.withLock {
             if orphaned { dirty = false }
             guard dirty, let buffer, buffer.size <= limit else { return nil }
             var value = [UInt8](repeating: 0, count: buffer.size)
             try value.withUnsafeMutableBytes { try buffer.read(at: 0, into: $0) }
             dirty = false
-            return (value, modificationTime)
+            defer { indexes = nil }
+            return (value, modificationTime, indexes)
         }
     }
 
     /// A taken small value was not committed after all (the check or the put
-    /// failed): the handle holds unwritten changes again.
-    func keepUncommitted() { lock.withLock { if !orphaned { dirty = true } } }
+    /// failed): the entry holds uncommitted changes again.
+    func keepUncommitted(indexes taken: [IndexPair]?) {
+        lock.withLock {
+            guard !orphaned else { return }
+            dirty = true
+            if indexes == nil { indexes = taken }
+        }
+    }
 
     /// The entry was renamed: later commits go to its new key.
     func renamed(to key: EntryKey) { lock.withLock { currentKey = key } }
 
-    /// The entry was unlinked (or replaced by a rename): drop unwritten changes.
+    /// The entry was unlinked (or replaced by a rename): drop uncommitted changes.
     func orphan() { lock.withLock { orphaned = true } }
-    var isOrphaned: Bool { lock.withLock { orphaned } }
 
-    /// Size as this handle sees it, if it holds unwritten changes.
-    var pendingSize: Int? { lock.withLock { dirty ? buffer?.size : nil } }
-
-    /// A time set (utimens) on the unwritten changes, if any.
-    var pendingModificationTime: Int64? { lock.withLock { dirty ? modificationTime : nil } }
-
-    func write(_ bytes: UnsafeRawBufferPointer, at offset: Int) throws {
-        guard writable else { throw FileSystemError(EBADF, "file not open for writing") }
+    /// Writes at `offset`, or at the end with `append` (O_APPEND: where the
+    /// value ends now, whatever offset the kernel computed). Returns whether the
+    /// bytes landed elsewhere than `offset` (the kernel's cached pages and size
+    /// are then wrong and must be dropped).
+    func write(_ bytes: UnsafeRawBufferPointer, at offset: Int, append: Bool) throws -> Bool {
         try lock.withLock {
-            try loadedBuffer().write(bytes, at: offset)
+            let buffer = try loadedBuffer()
+            let position = append ? buffer.size : offset
+            try buffer.write(bytes, at: position)
             dirty = true
             modificationTime = nil
+            return position != offset
         }
     }
 
+    /// Bytes from the uncommitted value, or from the shard when there is none.
     func read(at offset: Int, count: Int) throws -> [UInt8] {
         try lock.withLock {
             guard let buffer else { return try shard.read(currentKey, offset: offset, count: count) }
@@ -88,13 +127,31 @@ final class OpenFile: @unchecked Sendable {
 
     func truncate(to size: Int) throws {
         try lock.withLock {
-            try loadedBuffer().truncate(to: size)
+            if size == 0, buffer == nil {
+                buffer = newBuffer()  // no need to load what is cut away
+            } else {
+                try loadedBuffer().truncate(to: size)
+            }
             dirty = true
         }
     }
 
     func setModificationTime(_ time: Int64) {
         lock.withLock { modificationTime = time }
+    }
+
+    /// Changes the indexes that will be committed with the value. Only before
+    /// the entry's first commit (`startIfUncommitted`: the entry has no value in
+    /// the shard yet); false if the entry's indexes live in the shard instead.
+    func changeIndexes(startIfUncommitted: Bool, _ change: ([IndexPair]) throws -> [IndexPair]) throws -> Bool {
+        try lock.withLock {
+            if indexes == nil {
+                guard startIfUncommitted, dirty, !orphaned else { return false }
+                indexes = []
+            }
+            indexes = try change(indexes!)
+            return true
+        }
     }
 
     /// Puts the buffered value if it changed. Errors (shard full, closed, fenced)
@@ -109,21 +166,22 @@ final class OpenFile: @unchecked Sendable {
             if buffer.isStaged {
                 // The chunks are in the shard already: write the tail and switch.
                 // The set is the entry's value now; later writes start from it.
-                try buffer.commitStaged(currentKey, modificationTime: modificationTime)
+                try buffer.commitStaged(currentKey, modificationTime: modificationTime, indexes: indexes,
+                                        entryNumber: entryMetadata.number)
                 self.buffer = nil
-                dirty = false
-                return
-            }
-            try shard.put(currentKey, size: buffer.size, indexes: nil, clientID: clientID,
-                          modificationTime: modificationTime) { offset, out in
-                try buffer.read(at: offset, into: out)
+            } else {
+                try shard.put(currentKey, size: buffer.size, indexes: indexes, clientID: clientID,
+                              modificationTime: modificationTime, entryNumber: entryMetadata.number) { offset, out in
+                    try buffer.read(at: offset, into: out)
+                }
             }
             dirty = false
+            indexes = nil
         }
     }
 
-    /// The handle is done with (released, or unmounting after its commit): a
-    /// staged set that was not committed is removed.
+    /// The last handle is gone (or the mount stops): a staged set that was not
+    /// committed is removed, and uncommitted changes are dropped.
     func abandon() {
         lock.withLock {
             buffer?.discardStaging()
@@ -132,11 +190,16 @@ final class OpenFile: @unchecked Sendable {
         }
     }
 
-    private func newBuffer() -> WriteBuffer {
-        WriteBuffer(spillDirectory: spillDirectory, shard: writable ? shard : nil, clientID: clientID)
+    /// The entry changed through another path: a committed buffer is stale.
+    func dropCommittedBuffer() {
+        lock.withLock { if !dirty, buffer?.isStaged != true { buffer = nil } }
     }
 
-    /// The buffer, filled with the entry's current value the first time.
+    private func newBuffer() -> WriteBuffer {
+        WriteBuffer(spillDirectory: spillDirectory, shard: shard, clientID: clientID)
+    }
+
+    /// The buffer, filled with the entry's current value the first time (lock held).
     private func loadedBuffer() throws -> WriteBuffer {
         if let buffer { return buffer }
         let fresh = newBuffer()

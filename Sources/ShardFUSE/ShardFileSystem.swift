@@ -42,7 +42,7 @@ public final class ShardFileSystem: @unchecked Sendable {
     let inodes = InodeTable()
     let logger: Logger
     private let uid = getuid(), gid = getgid()
-    private let mountTime = timespec(tv_sec: time(nil), tv_nsec: 0)
+    private let attributes: Attributes
     private let spillDirectory: String
 
     /// Tells the kernel to forget cached attributes and pages of inodes. Set by the
@@ -72,10 +72,22 @@ public final class ShardFileSystem: @unchecked Sendable {
     /// Files up to this size are committed behind `close()`; larger ones at once.
     static let writeBehindLimit = 1 << 20
 
+    /// Times of shard directories: they change as entries are made and removed
+    /// through the mount (and with utimensat); stored in the shard at unmount
+    /// and when set. A lock of its own: requests of any kind touch it.
+    private let timesLock = NSLock()
+    private var directoryTimes: [UInt64: DirectoryTimes] = [:]
+    private struct DirectoryTimes {
+        var modification: Int64
+        var change: Int64
+        /// Changed since it was stored.
+        var unstored = false
+    }
+
     private let lock = NSLock()
-    private var files: [UInt64: OpenFile] = [:]
-    /// The handles open on each inode, so finding a key's open files costs no scan.
-    private var handlesByInode: [UInt64: Set<UInt64>] = [:]
+    private var files: [UInt64: FileHandle] = [:]
+    /// The state every handle of an inode shares, and how many handles hold it.
+    private var openEntries: [UInt64: (entry: OpenEntry, handles: Int)] = [:]
     private var committedAll = false
     private var directories: [UInt64: DirectoryCursor] = [:]
     private var nextHandle: UInt64 = 1
@@ -84,6 +96,7 @@ public final class ShardFileSystem: @unchecked Sendable {
         self.node = node
         self.options = options
         self.logger = logger
+        attributes = Attributes(uid: uid, gid: gid, mountTime: Int64(time(nil)) * 1_000_000_000)
         spillDirectory = node.configuration.node.dataDir
         writeBehind = WriteBehind(logger: logger) { [unowned self] shard, keys, body in
             try self.own(shard, keys, body)
@@ -147,6 +160,13 @@ public final class ShardFileSystem: @unchecked Sendable {
             if toSet.contains(.size) { throw FileSystemError(EISDIR, "the root is a directory") }
         case .shard(let id):
             if toSet.contains(.size) { throw FileSystemError(EISDIR, "a shard is a directory") }
+            if !toSet.isDisjoint(with: [.modificationTime, .modificationTimeNow]) {
+                let shard = try localShard(id)
+                try writable(shard)
+                let time = toSet.contains(.modificationTimeNow) ? Self.now() : Attributes.nanoseconds(attr.st_mtim)
+                try shard.setDirectoryTime(time, clientID: options.clientID)
+                setDirectoryTime(shard, modification: time)
+            }
             if toSet.contains(.mode) {
                 let shard = try localShard(id)
                 // Queued puts land before the shard closes; none are queued after.
@@ -158,6 +178,7 @@ public final class ShardFileSystem: @unchecked Sendable {
                     if shard.state == .open {
                         try writable(shard)
                         try wait { try await self.node.shards.closeShard(id) }
+                        setDirectoryTime(shard, modification: nil)
                         // Cached modes of its files still show write bits: drop them.
                         invalidate?(inodes.inodes(ofShard: id))
                     }
@@ -174,29 +195,48 @@ public final class ShardFileSystem: @unchecked Sendable {
                 try writable(shard)
                 guard attr.st_size >= 0 else { throw FileSystemError(EINVAL, "negative size") }
                 if let file, file.writable {
-                    try file.truncate(to: Int(attr.st_size))
+                    loadable(file.entry)
+                    try file.entry.truncate(to: Int(attr.st_size))
+                } else if let open = openEntry(ino) {
+                    // truncate(2) on a path of an open file: its shared state, committed now.
+                    loadable(open)
+                    try open.truncate(to: Int(attr.st_size))
+                    try commit(open, behind: false)
                 } else {
                     // truncate(2) on a path: rewrite the value now.
-                    let temporary = OpenFile(shard: shard, key: entryKey, inode: ino, writable: true, truncate: false,
-                                             clientID: options.clientID, spillDirectory: spillDirectory)
+                    let temporary = OpenEntry(shard: shard, key: entryKey, inode: ino, metadata: EntryMetadata(),
+                                              clientID: options.clientID, spillDirectory: spillDirectory)
                     defer { temporary.abandon() }
                     try temporary.truncate(to: Int(attr.st_size))
                     try commit(temporary, behind: false)
                 }
             }
-            if !toSet.isDisjoint(with: [.modificationTime, .modificationTimeNow]) {
+            let now = Self.now()
+            let modification: Int64? = toSet.contains(.modificationTimeNow) ? now
+                : toSet.contains(.modificationTime) ? Attributes.nanoseconds(attr.st_mtim) : nil
+            let access: Int64? = toSet.contains(.accessTimeNow) ? now
+                : toSet.contains(.accessTime) ? Attributes.nanoseconds(attr.st_atim) : nil
+            let mode: UInt32? = toSet.contains(.mode) ? UInt32(attr.st_mode & 0o7777) : nil
+            if modification != nil || access != nil || mode != nil {
                 try writable(shard)
-                let time = toSet.contains(.modificationTimeNow)
-                    ? Self.now() : Int64(attr.st_mtim.tv_sec) * 1_000_000_000 + Int64(attr.st_mtim.tv_nsec)
-                let writer = file ?? openWriter(ino)
-                if let writer, writer.pendingSize != nil {
-                    writer.setModificationTime(time)
+                let writer = openEntry(ino)
+                if let writer, writer.pendingSize != nil, let modification, access == nil, mode == nil {
+                    writer.setModificationTime(modification)  // kept with the value being written
                 } else {
-                    try own(id, [key]) { try shard.setModificationTime(entryKey, time, clientID: options.clientID) }
+                    // Mode and access time live in the entry: a file being written is committed first.
+                    if let writer, writer.hasChanges { try commit(writer, behind: false) }
+                    writeBehind.flush(shard: id)
+                    try own(id, [key]) {
+                        try shard.updateEntry(entryKey, clientID: options.clientID) { entry in
+                            if let modification { entry.modificationTime = modification }
+                            if let access { entry.metadata.accessTime = access }
+                            if let mode { entry.metadata.mode = mode }
+                            entry.metadata.changeTime = now
+                        }
+                    }
+                    if let writer, let mode { writer.metadata.mode = mode }
                 }
             }
-            // A file's mode is fixed (0644, or 0444 when it cannot be written): chmod
-            // is accepted and changes nothing, so tools like `rsync -a` and `tar` work.
         }
         return try getattr(ino)
     }
@@ -260,11 +300,29 @@ public final class ShardFileSystem: @unchecked Sendable {
         try writable(shard)
         let key = try entryKey(name)
         let ino = inodes.inode(for: .entry(shard: id, key: key.bytes), lookup: true)
-        let file = OpenFile(shard: shard, key: key, inode: ino, writable: true, truncate: true,
-                            clientID: options.clientID, spillDirectory: spillDirectory)
-        let handle = register(file)
-        let attributes = EntryAttributes(key: key, size: 0, modificationTime: Self.now(), indexes: [])
-        return (EntryReply(inode: ino, attributes: fileAttributes(shard, ino, attributes), timeout: timeout(shard)), handle)
+        let existing = try currentAttributes(shard, key)
+        let metadata = existing?.metadata ?? EntryMetadata(number: shard.newEntryNumber())
+        let (handle, entry, _) = register(ino, shard, key, metadata: metadata, writable: true, append: flags & O_APPEND != 0)
+        do {
+            // The kernel creates when it has no name cached, so the entry may
+            // exist (in the shard, or open and uncommitted): then this is an
+            // open(O_CREAT) of it, which truncates only with O_TRUNC. A new file
+            // is empty, and committed empty unless written.
+            let exists = entry.pendingSize != nil || existing != nil
+            if exists && flags & O_EXCL != 0 { throw FileSystemError(EEXIST, "\(key) exists") }
+            if !exists || flags & O_TRUNC != 0 {
+                try entry.truncate(to: 0)
+            }
+            if !exists { touchDirectory(shard) }
+            guard let view = try entryView(shard, key, inode: ino, byName: false) else {
+                throw FileSystemError(ENOENT, "entry \(key) is gone")
+            }
+            return (EntryReply(inode: ino, attributes: fileAttributes(shard, ino, view.attributes), timeout: timeout(shard),
+                               attributeTimeout: view.ofWriter ? 0 : timeout(shard)), handle)
+        } catch {
+            _ = try? release(handle)
+            throw error
+        }
     }
 
     func open(_ ino: UInt64, flags: Int32) throws -> (handle: UInt64, keepCache: Bool) {
@@ -276,28 +334,43 @@ public final class ShardFileSystem: @unchecked Sendable {
             try writable(shard)
             writeBehind.flush(shard: id)  // the handle builds on the latest value
         }
-        guard try currentAttributes(shard, entryKey) != nil else { throw FileSystemError(ENOENT, "entry \(entryKey) is gone") }
-        let file = OpenFile(shard: shard, key: entryKey, inode: ino, writable: wantsWrite, truncate: flags & O_TRUNC != 0,
-                            clientID: options.clientID, spillDirectory: spillDirectory)
+        let current = try currentAttributes(shard, entryKey)
+        let (handle, entry, _) = register(ino, shard, entryKey, metadata: current?.metadata ?? EntryMetadata(),
+                                          writable: wantsWrite, append: flags & O_APPEND != 0)
+        do {
+            // A file the mount holds open and has not committed yet exists too.
+            let exists = entry.pendingSize != nil || current != nil
+            guard exists else {
+                throw FileSystemError(ENOENT, "entry \(entryKey) is gone")
+            }
+            if wantsWrite && flags & O_TRUNC != 0 { try entry.truncate(to: 0) }
+        } catch {
+            _ = try? release(handle)
+            throw error
+        }
         // The kernel may keep a file's pages across opens: the mount's own writes
         // go through them, and changes made elsewhere (the socket service)
         // invalidate them (entriesChanged).
-        return (register(file), true)
+        return (handle, true)
     }
 
     func read(_ handle: UInt64, offset: Int, count: Int) throws -> [UInt8] {
-        let file = try self.file(handle)
-        if !file.hasBuffer, let pending = writeBehind.pending(shard: file.shard.id, key: file.key.bytes), !pending.deleted {
+        let entry = try self.file(handle).entry
+        if !entry.hasBuffer, let pending = writeBehind.pending(shard: entry.shard.id, key: entry.key.bytes), !pending.deleted {
             guard offset < pending.value.count else { return [] }
             return Array(pending.value[offset..<min(pending.value.count, offset + count)])
         }
-        return try file.read(at: offset, count: count)
+        return try entry.read(at: offset, count: count)
     }
 
     func write(_ handle: UInt64, _ bytes: UnsafeRawBufferPointer, offset: Int) throws -> Int {
         let file = try self.file(handle)
-        try writable(file.shard)
-        try file.write(bytes, at: offset)
+        guard file.writable else { throw FileSystemError(EBADF, "file not open for writing") }
+        try writable(file.entry.shard)
+        loadable(file.entry)
+        if try file.entry.write(bytes, at: offset, append: file.append) {
+            invalidate?([file.entry.inode])  // the kernel put the bytes at the old end
+        }
         return bytes.count
     }
 
@@ -305,47 +378,70 @@ public final class ShardFileSystem: @unchecked Sendable {
     /// within milliseconds); a larger one is committed now. The error is close()'s,
     /// and so is that of an earlier queued batch of the shard that failed.
     func flush(_ handle: UInt64) throws {
-        let file = try file(handle)
-        try commit(file, behind: true)
-        if let failure = writeBehind.takeFailure(shard: file.shard.id) { throw failure }
+        let entry = try file(handle).entry
+        try commit(entry, behind: true)
+        if let failure = writeBehind.takeFailure(shard: entry.shard.id) { throw failure }
     }
 
     /// fsync(): this file's changes and everything queued before them are durable.
     func fsync(_ handle: UInt64) throws {
-        let file = try self.file(handle)
-        try commit(file, behind: false)
-        writeBehind.flush(shard: file.shard.id)
-        if let failure = writeBehind.takeFailure(shard: file.shard.id) { throw failure }
+        let entry = try self.file(handle).entry
+        try commit(entry, behind: false)
+        writeBehind.flush(shard: entry.shard.id)
+        if let failure = writeBehind.takeFailure(shard: entry.shard.id) { throw failure }
     }
 
+    /// The last release of an entry commits what its handles left uncommitted
+    /// (a close that failed is retried once). If that fails too, those changes
+    /// are lost: readers see the last committed value again.
     func release(_ handle: UInt64) throws {
-        guard let file = lock.withLock({ unregister(handle) }) else { return }
-        defer { file.abandon() }  // a staged value that was not committed is removed
-        try commit(file, behind: true)
+        guard let entry = lock.withLock({ unregister(handle) }) else { return }
+        var failure: Error?
+        do { try commit(entry, behind: true) } catch { failure = error }
+        // Still registered during the commit, so an open racing it shares the
+        // entry; it goes once no handle came back meanwhile.
+        let last = lock.withLock { () -> Bool in
+            guard let open = openEntries[entry.inode], open.entry === entry, open.handles == 0 else { return false }
+            openEntries.removeValue(forKey: entry.inode)
+            return true
+        }
+        if last {
+            entry.abandon()  // a staged value that was not committed is removed
+            if let failure {
+                logger.error("changes of a file could not be committed at its last close and are lost",
+                             metadata: ["shard": "\(entry.shard.id)", "key": "\(entry.key)", "error": "\(failure)"])
+                invalidate?([entry.inode])
+            }
+        }
+        if let failure { throw failure }
     }
 
-    private func commit(_ file: OpenFile, behind: Bool) throws {
+    private func commit(_ file: OpenEntry, behind: Bool) throws {
+        try file.commitLock.withLock { try commitLocked(file, behind: behind) }
+    }
+
+    private func commitLocked(_ file: OpenEntry, behind: Bool) throws {
         let id = file.shard.id
-        if behind, let (value, time) = try file.takeSmallValue(limit: Self.writeBehindLimit) {
+        if behind, let (value, time, indexes) = try file.takeSmallValue(limit: Self.writeBehindLimit) {
             do {
                 // Checked now, as a synchronous put would: owner, closed state, room.
                 try writable(file.shard)
                 let room = file.shard.sizeLimit - file.shard.usedBytesUpperBound - writeBehind.queuedBytes(shard: id)
                 if WriteBehind.cost(value.count) + 4096 < room,
                    writeBehind.enqueue(file.shard, clientID: options.clientID, key: file.key.bytes, value: value,
-                                       modificationTime: time ?? Self.now()) {
+                                       indexes: indexes, metadata: file.metadata, modificationTime: time ?? Self.now()) {
                     return
                 }
                 // Near the limit, or the shard is closing: commit now, for an exact answer.
                 writeBehind.flush(shard: id)
                 try own(id, [file.key.bytes]) {
-                    try file.shard.put(file.key, size: value.count, indexes: nil, clientID: options.clientID,
-                                       modificationTime: time) { offset, out in
+                    try file.shard.put(file.key, size: value.count, indexes: indexes, clientID: options.clientID,
+                                       modificationTime: time, entryNumber: file.metadata.number) { offset, out in
                         value.withUnsafeBytes { out.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[offset..<(offset + out.count)])) }
                     }
                 }
             } catch {
-                file.keepUncommitted()  // the buffer still holds the value: a later close or release retries
+                file.keepUncommitted(indexes: indexes)  // the buffer still holds the value: a later close or release retries
                 throw error
             }
             return
@@ -364,8 +460,8 @@ public final class ShardFileSystem: @unchecked Sendable {
         -> (attributes: EntryAttributes, ofWriter: Bool)? {
         let current = try currentAttributes(shard, key)
         if let writer = inode.flatMap({ openWriter($0, includingUnlinked: !byName) }), let size = writer.pendingSize {
-            let time = writer.pendingModificationTime ?? current?.modificationTime ?? Self.now()
-            return (EntryAttributes(key: key, size: size, modificationTime: time, indexes: []), true)
+            let time = writer.pendingModificationTime ?? Self.now()
+            return (EntryAttributes(key: key, size: size, modificationTime: time, indexes: [], metadata: writer.metadata), true)
         }
         return current.map { ($0, false) }
     }
@@ -374,7 +470,8 @@ public final class ShardFileSystem: @unchecked Sendable {
     private func currentAttributes(_ shard: Shard, _ key: EntryKey) throws -> EntryAttributes? {
         if let pending = writeBehind.pending(shard: shard.id, key: key.bytes) {
             if pending.deleted { return nil }
-            return EntryAttributes(key: key, size: pending.value.count, modificationTime: pending.modificationTime, indexes: [])
+            return EntryAttributes(key: key, size: pending.value.count, modificationTime: pending.modificationTime, indexes: [],
+                                   metadata: pending.metadata)
         }
         return try shard.attributes(key)
     }
@@ -386,18 +483,23 @@ public final class ShardFileSystem: @unchecked Sendable {
         let shard = try localShard(id)
         try writable(shard)
         let key = try entryKey(name)
-        let open = openFiles(shard: id, key: key)
+        let open = openEntry(shard: id, key: key)
         // Queued like a put: gone for readers of the mount at once, durable at the
         // next fsync or within milliseconds. Created-and-still-open files have
         // nothing committed, and unlinking them is dropping them.
         if try currentAttributes(shard, key) == nil {
-            guard !open.isEmpty else { throw FileSystemError(ENOENT, "no entry \(key) in shard \(id)") }
+            guard open != nil else { throw FileSystemError(ENOENT, "no entry \(key) in shard \(id)") }
         } else if !writeBehind.enqueue(shard, clientID: options.clientID, key: key.bytes, value: [],
                                        modificationTime: 0, deleted: true) {
             writeBehind.flush(shard: id)  // the shard is closing: commit now, for an exact answer
             try own(id, [key.bytes]) { try shard.delete(key, clientID: options.clientID) }
         }
-        for file in open { file.orphan() }  // a writer's close must not bring it back
+        touchDirectory(shard)
+        if let open {
+            open.orphan()  // a writer's close must not bring it back
+            // The open file keeps its inode (fstat works); the name is free for a new one.
+            inodes.unlink(.entry(shard: id, key: key.bytes))
+        }
     }
 
     func rename(_ parent: UInt64, _ name: [UInt8], _ newParent: UInt64, _ newName: [UInt8], flags: UInt32) throws {
@@ -414,10 +516,10 @@ public final class ShardFileSystem: @unchecked Sendable {
         if flags & Self.renameNoReplace != 0, try shard.attributes(target) != nil {
             throw FileSystemError(EEXIST, "\(target) exists")
         }
-        let openSource = openFiles(shard: id, key: source)
+        let openSource = openEntry(shard: id, key: source)
         do {
             try own(id, [source.bytes, target.bytes]) { try shard.rename(source, to: target, clientID: options.clientID) }
-        } catch ShardError.entryNotFound where !openSource.isEmpty {
+        } catch ShardError.entryNotFound where openSource?.pendingSize != nil {
             // Created and still open, never committed: the target is replaced now,
             // and the writer's close puts the value under the new name.
             if source != target, try shard.attributes(target) != nil {
@@ -425,9 +527,9 @@ public final class ShardFileSystem: @unchecked Sendable {
             }
         }
         // Open handles follow the entry; handles of a replaced target are orphans.
-        let displaced = openFiles(shard: id, key: target), moved = openSource
-        for file in displaced where source != target { file.orphan() }
-        for file in moved { file.renamed(to: target) }
+        if source != target { openEntry(shard: id, key: target)?.orphan() }
+        openSource?.renamed(to: target)
+        touchDirectory(shard)
         inodes.rename(.entry(shard: id, key: source.bytes), to: .entry(shard: id, key: target.bytes))
     }
 
@@ -490,8 +592,9 @@ public final class ShardFileSystem: @unchecked Sendable {
             for row in rows {
                 position += 1
                 let ino = listedInode(.entry(shard: id, key: row.key.bytes), plus: plus)
-                let attributes = EntryAttributes(key: row.key, size: row.size, modificationTime: row.modificationTime, indexes: [])
-                items.append(DirectoryItem(name: row.key.bytes, inode: ino, attributes: fileAttributes(shard, ino, attributes),
+                let entry = EntryAttributes(key: row.key, size: row.size, modificationTime: row.modificationTime, indexes: [],
+                                            metadata: row.metadata)
+                items.append(DirectoryItem(name: row.key.bytes, inode: ino, attributes: fileAttributes(shard, ino, entry),
                                            timeout: timeout(shard), nextOffset: position,
                                            kind: .entry(shard: id, key: row.key.bytes)))
             }
@@ -556,25 +659,45 @@ public final class ShardFileSystem: @unchecked Sendable {
     static let indexPrefix = "user."
 
     func setxattr(_ ino: UInt64, name: String, value: [UInt8], flags: Int32) throws {
-        let (shard, key) = try entry(ino)
         let index = try indexName(name)
-        try writable(shard)
-        writeBehind.flush(shard: shard.id)
-        try own(shard.id, [key.bytes]) { try shard.updateIndexes(key, clientID: options.clientID) { current in
+        try changeIndexes(ino) { current in
             let exists = current.contains { $0.name == index }
             if flags & Self.xattrCreate != 0 && exists { throw FileSystemError(EEXIST, "index \(index) exists") }
             if flags & Self.xattrReplace != 0 && !exists { throw FileSystemError(ENODATA, "no index \(index)") }
             var updated = current.filter { $0.name != index }
             updated.append(IndexPair(name: index, value: value))
+            try IndexPair.validate(updated)
             return updated
-        } }
+        }
+    }
+
+    /// Changes an entry's indexes: in the shard (after what is queued), or, for
+    /// a file created and not committed yet, with its value at its commit.
+    private func changeIndexes(_ ino: UInt64, _ change: @escaping ([IndexPair]) throws -> [IndexPair]) throws {
+        let (shard, key) = try entry(ino)
+        try writable(shard)
+        if let open = openEntry(ino) {
+            let uncommitted = try currentAttributes(shard, key) == nil
+            if try open.changeIndexes(startIfUncommitted: uncommitted, change) { return }
+        }
+        writeBehind.flush(shard: shard.id)
+        try own(shard.id, [key.bytes]) { try shard.updateIndexes(key, clientID: options.clientID, change) }
+    }
+
+    /// An entry's indexes as the mount shows them: those waiting for its first commit win.
+    private func currentIndexes(_ ino: UInt64) throws -> [IndexPair] {
+        let (shard, key) = try entry(ino)
+        if let pending = openEntry(ino)?.pendingIndexes { return pending }
+        if let queued = writeBehind.pending(shard: shard.id, key: key.bytes), !queued.deleted, let indexes = queued.indexes {
+            return indexes
+        }
+        return try shard.attributes(key)?.indexes ?? []
     }
 
     func getxattr(_ ino: UInt64, name: String) throws -> [UInt8] {
         guard name.hasPrefix(Self.indexPrefix) else { throw FileSystemError(ENODATA, "only user.* attributes exist") }
-        let (shard, key) = try entry(ino)
         let index = String(name.dropFirst(Self.indexPrefix.count))
-        guard let pair = try shard.attributes(key)?.indexes.first(where: { $0.name == index }) else {
+        guard let pair = try currentIndexes(ino).first(where: { $0.name == index }) else {
             throw FileSystemError(ENODATA, "no index \(index)")
         }
         return pair.value
@@ -582,23 +705,19 @@ public final class ShardFileSystem: @unchecked Sendable {
 
     func listxattr(_ ino: UInt64) throws -> [UInt8] {
         guard case .entry = try kind(ino) else { return [] }
-        let (shard, key) = try entry(ino)
         var out: [UInt8] = []
-        for index in try shard.attributes(key)?.indexes ?? [] {
+        for index in try currentIndexes(ino) {
             out += Array((Self.indexPrefix + index.name).utf8) + [0]
         }
         return out
     }
 
     func removexattr(_ ino: UInt64, name: String) throws {
-        let (shard, key) = try entry(ino)
         let index = try indexName(name)
-        try writable(shard)
-        writeBehind.flush(shard: shard.id)
-        try own(shard.id, [key.bytes]) { try shard.updateIndexes(key, clientID: options.clientID) { current in
+        try changeIndexes(ino) { current in
             guard current.contains(where: { $0.name == index }) else { throw FileSystemError(ENODATA, "no index \(index)") }
             return current.filter { $0.name != index }
-        } }
+        }
     }
 
     /// Runs a write of this mount's own, so that its commit is not mistaken for a
@@ -626,7 +745,10 @@ public final class ShardFileSystem: @unchecked Sendable {
         var stale: [UInt64] = []
         for key in foreign {
             invalidateName?(parent, key)
-            if let ino = inodes.existingInode(for: .entry(shard: id, key: key)) { stale.append(ino) }
+            if let ino = inodes.existingInode(for: .entry(shard: id, key: key)) {
+                stale.append(ino)
+                openEntry(ino)?.dropCommittedBuffer()
+            }
         }
         if !stale.isEmpty { invalidate?(stale) }
     }
@@ -635,13 +757,14 @@ public final class ShardFileSystem: @unchecked Sendable {
     /// session loop's end and libfuse's destroy callback both call it.
     func commitAll() {
         guard lock.withLock({ () -> Bool in defer { committedAll = true }; return !committedAll }) else { return }
-        for file in lock.withLock({ Array(files.values) }) {
-            do { try commit(file, behind: false) } catch {
-                logger.error("could not commit an open file at unmount", metadata: ["key": "\(file.key)", "error": "\(error)"])
+        for entry in lock.withLock({ openEntries.values.map(\.entry) }) {
+            do { try commit(entry, behind: false) } catch {
+                logger.error("could not commit an open file at unmount", metadata: ["key": "\(entry.key)", "error": "\(error)"])
             }
-            file.abandon()
+            entry.abandon()
         }
         writeBehind.stop()
+        storeDirectoryTimes()
         node.shards.applyLogs()
     }
 
@@ -664,47 +787,60 @@ public final class ShardFileSystem: @unchecked Sendable {
         return (try localShard(id), EntryKey(trusted: key))
     }
 
-    private func file(_ handle: UInt64) throws -> OpenFile {
+    private func file(_ handle: UInt64) throws -> FileHandle {
         guard let file = lock.withLock({ files[handle] }) else { throw FileSystemError(EBADF, "unknown file handle") }
         return file
     }
 
-    /// The open files of an entry. An open file keeps its inode known (the kernel
+    /// The shared state of an open inode. Its own lock is taken only after
+    /// `lock` is released: a commit holds the entry's lock while its commit hook
+    /// needs other locks, so nesting them could deadlock.
+    private func openEntry(_ ino: UInt64) -> OpenEntry? {
+        lock.withLock { openEntries[ino]?.entry }
+    }
+
+    /// The open state of a name. An open file keeps its inode known (the kernel
     /// holds a lookup on it), and a rename moves the inode with its handles.
-    private func openFiles(shard: UInt64, key: EntryKey) -> [OpenFile] {
-        guard let ino = inodes.existingInode(for: .entry(shard: shard, key: key.bytes)) else { return [] }
-        return openFiles(inode: ino).filter { $0.shard.id == shard && $0.key == key }
+    private func openEntry(shard: UInt64, key: EntryKey) -> OpenEntry? {
+        guard let ino = inodes.existingInode(for: .entry(shard: shard, key: key.bytes)) else { return nil }
+        return openEntry(ino)
     }
 
-    /// File locks are taken only after `lock` is released (see `openWriter`).
-    private func openFiles(inode: UInt64) -> [OpenFile] {
-        lock.withLock { handlesByInode[inode].map { $0.compactMap { files[$0] } } ?? [] }
-    }
-
-    private func register(_ file: OpenFile) -> UInt64 {
+    /// A new handle on `ino`, sharing the inode's open state (made if it has
+    /// none: `shared` false).
+    private func register(_ ino: UInt64, _ shard: Shard, _ key: EntryKey, metadata: EntryMetadata, writable: Bool, append: Bool)
+        -> (handle: UInt64, entry: OpenEntry, shared: Bool) {
         lock.withLock {
             let handle = nextHandle
             nextHandle += 1
-            files[handle] = file
-            handlesByInode[file.inode, default: []].insert(handle)
-            return handle
+            let existing = openEntries[ino]?.entry
+            let entry = existing ?? OpenEntry(shard: shard, key: key, inode: ino, metadata: metadata, clientID: options.clientID,
+                                              spillDirectory: spillDirectory)
+            openEntries[ino] = (entry, (openEntries[ino]?.handles ?? 0) + 1)
+            files[handle] = FileHandle(entry: entry, writable: writable, append: append)
+            return (handle, entry, existing != nil)
         }
     }
 
-    /// Removes a handle (lock held).
-    private func unregister(_ handle: UInt64) -> OpenFile? {
+    /// Removes a handle (lock held); its entry stays registered until `release` lets it go.
+    private func unregister(_ handle: UInt64) -> OpenEntry? {
         guard let file = files.removeValue(forKey: handle) else { return nil }
-        handlesByInode[file.inode]?.remove(handle)
-        if handlesByInode[file.inode]?.isEmpty == true { handlesByInode.removeValue(forKey: file.inode) }
-        return file
+        openEntries[file.entry.inode]?.handles -= 1
+        return file.entry
     }
 
-    /// A handle with unwritten changes to `ino` (one whose entry was unlinked
-    /// only if `includingUnlinked`). The file's own lock is taken only after
-    /// `lock` is released: a commit holds the file's lock while its commit hook
-    /// needs other locks, so nesting them here could deadlock.
-    private func openWriter(_ ino: UInt64, includingUnlinked: Bool = true) -> OpenFile? {
-        openFiles(inode: ino).first { $0.pendingSize != nil && (includingUnlinked || !$0.isOrphaned) }
+    /// Before an entry's buffer is first filled from the shard: what earlier
+    /// handles of the entry queued must be in the shard (an entry is made anew
+    /// once its last handle is released, after that handle's put was queued).
+    private func loadable(_ entry: OpenEntry) {
+        if !entry.hasBuffer { writeBehind.flush(shard: entry.shard.id) }
+    }
+
+    /// The open state of `ino` while it holds uncommitted changes (one whose
+    /// entry was unlinked only if `includingUnlinked`).
+    private func openWriter(_ ino: UInt64, includingUnlinked: Bool = true) -> OpenEntry? {
+        guard let entry = openEntry(ino), entry.pendingSize != nil, includingUnlinked || !entry.isOrphaned else { return nil }
+        return entry
     }
 
     /// Writes need a writable mount, an open shard and the mount's client as owner.
@@ -742,46 +878,58 @@ public final class ShardFileSystem: @unchecked Sendable {
         DirectoryItem(name: Array(name.utf8), inode: ino, attributes: rootAttributes(), timeout: 0, nextOffset: next, kind: nil)
     }
 
-    private func baseAttributes(_ ino: UInt64) -> stat {
-        var st = stat()
-        st.st_ino = UInt(ino)
-        st.st_uid = uid
-        st.st_gid = gid
-        st.st_blksize = 4096
-        st.st_atim = mountTime
-        st.st_mtim = mountTime
-        st.st_ctim = mountTime
-        return st
-    }
+    private func rootAttributes() -> stat { attributes.root(readOnly: options.readOnly) }
 
-    private func rootAttributes() -> stat {
-        var st = baseAttributes(InodeTable.rootInode)
-        st.st_mode = S_IFDIR | (options.readOnly ? 0o555 : 0o755)
-        st.st_nlink = 2
-        return st
+    private func isWritable(_ shard: Shard) -> Bool {
+        shard.state == .open && !options.readOnly && !shard.isReadOnlyView
     }
 
     private func shardAttributes(_ shard: Shard, _ ino: UInt64) -> stat {
-        var st = baseAttributes(ino)
-        let writable = shard.state == .open && !options.readOnly && !shard.isReadOnlyView
-        st.st_mode = S_IFDIR | (writable ? 0o755 : 0o555)
-        st.st_nlink = 2
-        return st
+        let times = directoryTimes(shard)
+        return attributes.shard(shard.id, writable: isWritable(shard), modificationTime: times.modification, changeTime: times.change)
     }
 
-    private func fileAttributes(_ shard: Shard, _ ino: UInt64, _ attributes: EntryAttributes) -> stat {
-        var st = baseAttributes(ino)
-        let writable = shard.state == .open && !options.readOnly && !shard.isReadOnlyView
-        st.st_mode = S_IFREG | (writable ? 0o644 : 0o444)
-        st.st_nlink = 1
-        st.st_size = off_t(attributes.size)
-        st.st_blocks = blkcnt_t((attributes.size + 511) / 512)
-        let time = timespec(tv_sec: Int(attributes.modificationTime / 1_000_000_000),
-                            tv_nsec: Int(attributes.modificationTime % 1_000_000_000))
-        st.st_mtim = time
-        st.st_ctim = time
-        st.st_atim = time
-        return st
+    private func fileAttributes(_ shard: Shard, _ ino: UInt64, _ entry: EntryAttributes) -> stat {
+        attributes.file(shard: shard.id, entry, writable: isWritable(shard))
+    }
+
+    /// A shard directory's times: kept in memory once read (the stored time, or the mount's start).
+    private func directoryTimes(_ shard: Shard) -> DirectoryTimes {
+        if let times = timesLock.withLock({ directoryTimes[shard.id] }) { return times }
+        let stored = (try? shard.directoryTime()) ?? nil
+        let time = stored ?? attributes.mountTime
+        return timesLock.withLock {
+            if let times = directoryTimes[shard.id] { return times }
+            let times = DirectoryTimes(modification: time, change: time)
+            directoryTimes[shard.id] = times
+            return times
+        }
+    }
+
+    /// An entry was made or removed: the directory's modification and change time are now.
+    private func touchDirectory(_ shard: Shard) {
+        _ = directoryTimes(shard)
+        let now = Self.now()
+        timesLock.withLock { directoryTimes[shard.id] = DirectoryTimes(modification: now, change: now, unstored: true) }
+    }
+
+    /// utimensat of a shard directory (stored already), or a change of its mode (`modification` nil).
+    private func setDirectoryTime(_ shard: Shard, modification: Int64?) {
+        let times = directoryTimes(shard)
+        let now = Self.now()
+        timesLock.withLock {
+            directoryTimes[shard.id] = DirectoryTimes(modification: modification ?? times.modification, change: now,
+                                                      unstored: modification == nil && times.unstored)
+        }
+    }
+
+    /// At unmount: directory times changed through the mount are kept for the next one.
+    private func storeDirectoryTimes() {
+        let unstored = timesLock.withLock { directoryTimes.filter(\.value.unstored) }
+        for (id, times) in unstored {
+            guard let shard = node.shards.localShard(id), isWritable(shard), shard.owner == options.clientID else { continue }
+            try? shard.setDirectoryTime(times.modification, clientID: options.clientID)
+        }
     }
 
     /// `shard-<N>` with N canonical decimal above 0.
@@ -830,6 +978,15 @@ struct AttributeChanges: OptionSet {
     static let modificationTime = AttributeChanges(rawValue: 1 << 5)
     static let accessTimeNow = AttributeChanges(rawValue: 1 << 7)
     static let modificationTimeNow = AttributeChanges(rawValue: 1 << 8)
+}
+
+/// One open(2) of an entry: the state it shares with the entry's other handles,
+/// and how it was opened.
+struct FileHandle {
+    let entry: OpenEntry
+    let writable: Bool
+    /// O_APPEND: every write lands at the end of the value.
+    let append: Bool
 }
 
 /// Where a directory listing stands.

@@ -19,6 +19,11 @@ import ShardStore
 final class WriteBehind: @unchecked Sendable {
     struct Pending {
         var value: [UInt8]
+        /// The entry's indexes from this put on; nil keeps those it has.
+        var indexes: [IndexPair]?
+        /// What the entry has beside its value (its number is the one the put
+        /// gives it if it creates it; mode and times are kept by the shard).
+        var metadata = EntryMetadata()
         var modificationTime: Int64
         /// An unlink: the entry is gone for readers of the mount.
         var deleted = false
@@ -69,13 +74,13 @@ final class WriteBehind: @unchecked Sendable {
 
     /// Queues a put (the caller checked that it may write); false if the shard is
     /// closing, and the caller must commit the put itself.
-    func enqueue(_ shard: Shard, clientID: String, key: [UInt8], value: [UInt8], modificationTime: Int64,
-                 deleted: Bool = false) -> Bool {
+    func enqueue(_ shard: Shard, clientID: String, key: [UInt8], value: [UInt8], indexes: [IndexPair]? = nil,
+                 metadata: EntryMetadata = EntryMetadata(), modificationTime: Int64, deleted: Bool = false) -> Bool {
         condition.withLock {
             guard !closing.contains(shard.id) else { return false }
             let wasIdle = queues.isEmpty
             // Changed in place: a copy of the queue would copy its whole table per put.
-            let pending = Pending(value: value, modificationTime: modificationTime, deleted: deleted)
+            let pending = Pending(value: value, indexes: indexes, metadata: metadata, modificationTime: modificationTime, deleted: deleted)
             let previous = queues[shard.id, default: (shard, clientID, [:])].puts.updateValue(pending, forKey: key)?.value.count
             queuedBytes += value.count - (previous ?? 0)
             shardBytes[shard.id, default: 0] += Self.cost(value.count) - (previous.map(Self.cost) ?? 0)
@@ -145,8 +150,11 @@ final class WriteBehind: @unchecked Sendable {
 
     private func commit(_ queue: Queue) throws {
         let items = queue.puts.map { key, pending in
-            pending.deleted ? EntryWrite.deletion(of: key)
-                : EntryWrite(key: key, value: pending.value, modificationTime: pending.modificationTime, keepsIndexes: true)
+            guard !pending.deleted else { return EntryWrite.deletion(of: key) }
+            var item = EntryWrite(key: key, value: pending.value, indexes: pending.indexes ?? [],
+                                  modificationTime: pending.modificationTime, keepsIndexes: pending.indexes == nil)
+            if pending.metadata.number > 0 { item.entryNumber = pending.metadata.number }
+            return item
         }
         do {
             try asOwnWrite(queue.shard.id, Array(queue.puts.keys)) {

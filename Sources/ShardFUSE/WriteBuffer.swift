@@ -16,7 +16,7 @@ import ShardStore
 /// A write before the staged part (a seek back), or a failed staging
 /// transaction, moves the bytes to an unlinked temporary file (**spilled**) and
 /// drops the staged set: the value is then put from that file at commit, as
-/// before. Not thread-safe: the owning `OpenFile` serialises calls.
+/// before. Not thread-safe: the owning `OpenEntry` serialises calls.
 final class WriteBuffer {
     static let spillThreshold = 8 << 20
     /// Whole chunks staged per transaction (the memory a staged file holds).
@@ -170,12 +170,12 @@ final class WriteBuffer {
     /// Makes the staged value `key`'s value (the tail and the switch, in one
     /// transaction). Afterwards the buffer is spent: the caller drops it. On
     /// failure the buffer is unchanged (a later call may retry).
-    func commitStaged(_ key: EntryKey, modificationTime: Int64?) throws {
+    func commitStaged(_ key: EntryKey, modificationTime: Int64?, indexes: [IndexPair]?, entryNumber: UInt64) throws {
         try settle()
         guard let set = stagedSet, let shard else { return }
         try memory.withUnsafeBytes { tail in
-            try shard.commitStaged(key, set: set, size: size, firstChunk: stagedChunks, tail: tail, indexes: nil,
-                                   clientID: clientID, modificationTime: modificationTime)
+            try shard.commitStaged(key, set: set, size: size, firstChunk: stagedChunks, tail: tail, indexes: indexes,
+                                   clientID: clientID, modificationTime: modificationTime, entryNumber: entryNumber)
         }
         stagedSet = nil
         stagedChunks = 0

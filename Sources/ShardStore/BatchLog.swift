@@ -17,7 +17,9 @@ import Glibc
 ///
 /// (integers little-endian). The payload is a u32 item count, then per item:
 ///
-///     u8 kind (0 put, 1 put keeping the entry's indexes, 2 delete)
+///     u8 kind (0 put, 1 put keeping the entry's indexes, 2 delete; plus 0x80
+///        when an entry number follows: a u64, the number a put gives the key if
+///        it creates it)
 ///     u16 key length, key | i64 modification time (ns) | u32 value length, value
 ///     u16 index count, then per index: u16 name length, name | u32 value length, value
 ///
@@ -139,7 +141,9 @@ final class BatchLog {
             w.put(sequence)
             w.put(UInt32(items.count))
             for item in items {
-                w.put(UInt8(item.isDeletion ? 2 : item.keepsIndexes ? 1 : 0))
+                let numbered = !item.isDeletion && item.entryNumber != nil
+                w.put(UInt8(item.isDeletion ? 2 : item.keepsIndexes ? 1 : 0) | (numbered ? 0x80 : 0))
+                if numbered { w.put(item.entryNumber!) }
                 w.put(UInt16(item.key.count))
                 w.put(item.key)
                 w.put(UInt64(bitPattern: item.modificationTime ?? 0))
@@ -165,7 +169,7 @@ final class BatchLog {
     /// The exact bytes `encode` writes for a batch.
     static func encodedSize(_ items: [EntryWrite]) -> Int {
         items.reduce(recordHeaderSize + 4) { sum, item in
-            sum + 17 + item.key.count + item.value.count
+            sum + 17 + (!item.isDeletion && item.entryNumber != nil ? 8 : 0) + item.key.count + item.value.count
                 + loggedIndexes(item).reduce(0) { $0 + 6 + $1.name.utf8.count + $1.value.count }
         }
     }
@@ -206,9 +210,14 @@ final class BatchLog {
         var items: [EntryWrite] = []
         items.reserveCapacity(min(count, (end - start) / 17))
         for _ in 0..<count {
-            guard let kindAt = take(1), let keyLength = take(2) else { return nil }
-            let kind = bytes[kindAt.lowerBound]
-            guard kind <= 2, let key = take(Int(bytes.readLE(UInt16.self, at: keyLength.lowerBound))),
+            guard let kindAt = take(1) else { return nil }
+            let kind = bytes[kindAt.lowerBound] & 0x7F
+            var number: UInt64?
+            if bytes[kindAt.lowerBound] & 0x80 != 0 {
+                guard let numberAt = take(8) else { return nil }
+                number = bytes.readLE(UInt64.self, at: numberAt.lowerBound)
+            }
+            guard kind <= 2, let keyLength = take(2), let key = take(Int(bytes.readLE(UInt16.self, at: keyLength.lowerBound))),
                   let time = take(8), let valueLength = take(4),
                   let value = take(Int(bytes.readLE(UInt32.self, at: valueLength.lowerBound))),
                   let indexCount = take(2) else { return nil }
@@ -223,6 +232,7 @@ final class BatchLog {
                                   modificationTime: Int64(bitPattern: bytes.readLE(UInt64.self, at: time.lowerBound)),
                                   keepsIndexes: kind == 1)
             item.isDeletion = kind == 2
+            item.entryNumber = number
             items.append(item)
         }
         return at == end ? items : nil

@@ -68,7 +68,7 @@ public struct IndexPair: Hashable, Sendable {
 
     public init(name: String, value: String) { self.init(name: name, value: Array(value.utf8)) }
 
-    static func validate(_ indexes: [IndexPair]) throws {
+    public static func validate(_ indexes: [IndexPair]) throws {
         var seen = Set<String>()
         for index in indexes {
             let n = index.name.utf8.count

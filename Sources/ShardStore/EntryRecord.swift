@@ -12,14 +12,19 @@
 //   meta     shard descriptor: id, owner, state, size limit, format; the last chunk set ID.
 //
 // Record layout (little-endian), kept small because it is paid on every entry:
-//   0      u8   bits 0–3: format version (1); bit 4: value is chunked; bit 5: has indexes
+//   0      u8   bits 0–3: format version (1); bit 4: value is chunked; bit 5: has indexes;
+//               bit 6: has the metadata extension
 //   1..8   i64  modification time, nanoseconds since 1970
+//   if extended:     u8 length of the extension, then the extension (`EntryMetadata`):
+//                    u8 fields (bit 1 mode, bit 2 change time, bit 3 access time),
+//                    the entry number (LEB128), then u32 mode, i64 change time,
+//                    i64 access time, each only if its bit is set
 //   if chunked:      u64 value size, u64 chunk set
 //   if has indexes:  u32 length of the index section, then the section:
 //                    per index: u8 name length, name, u32 value length, value
 //   then the value itself when not chunked (its size is what remains).
-// A plain entry thus costs 9 bytes over its value, and its size is known from
-// the record's length without reading past the first bytes.
+// An entry written since numbers exist thus costs 12–14 bytes over its value
+// (9 before), and its size is known from the record's length and first bytes.
 
 @usableFromInline let recordFormatVersion: UInt8 = 1
 @usableFromInline let recordFixedSize = 9
@@ -33,6 +38,119 @@ struct RecordFlags: OptionSet, Sendable {
     @usableFromInline init(rawValue: UInt8) { self.rawValue = rawValue }
     @usableFromInline static let chunked = RecordFlags(rawValue: 1 << 4)
     @usableFromInline static let hasIndexes = RecordFlags(rawValue: 1 << 5)
+    @usableFromInline static let extended = RecordFlags(rawValue: 1 << 6)
+}
+
+/// What an entry carries beside its value, time and indexes (the record's extension).
+public struct EntryMetadata: Sendable, Equatable {
+    /// The entry's number in its shard: given when its key is created, kept by
+    /// rewrites and renames, never given again (the mount's inode numbers come
+    /// from it). 0: written before entries had numbers.
+    public var number: UInt64
+    /// Permission bits set with chmod; nil: derived from the shard's state.
+    public var mode: UInt32?
+    /// The last change of the entry's metadata, when later than its modification time.
+    public var changeTime: Int64?
+    /// The access time, when one was set apart from the modification time.
+    public var accessTime: Int64?
+
+    public init(number: UInt64 = 0, mode: UInt32? = nil, changeTime: Int64? = nil, accessTime: Int64? = nil) {
+        self.number = number
+        self.mode = mode
+        self.changeTime = changeTime
+        self.accessTime = accessTime
+    }
+
+    var isEmpty: Bool { self == EntryMetadata() }
+
+    /// Bytes of the extension after its length byte.
+    var encodedSize: Int {
+        1 + leb128Size(number) + (mode == nil ? 0 : 4) + (changeTime == nil ? 0 : 8) + (accessTime == nil ? 0 : 8)
+    }
+
+    func encode(into out: UnsafeMutableRawBufferPointer, at start: Int) -> Int {
+        var offset = start
+        out[offset] = UInt8(encodedSize)
+        out[offset + 1] = (mode == nil ? 0 : 2) | (changeTime == nil ? 0 : 4) | (accessTime == nil ? 0 : 8)
+        offset += 2
+        var n = number
+        repeat {
+            out[offset] = UInt8(n & 0x7F) | (n >= 0x80 ? 0x80 : 0)
+            n >>= 7
+            offset += 1
+        } while n > 0
+        if let mode { out.storeLE(mode, at: offset); offset += 4 }
+        if let changeTime { out.storeLE(UInt64(bitPattern: changeTime), at: offset); offset += 8 }
+        if let accessTime { out.storeLE(UInt64(bitPattern: accessTime), at: offset); offset += 8 }
+        return offset
+    }
+
+    /// Decodes an extension (the bytes after its length byte); nil if malformed.
+    init?(decoding ext: UnsafeRawBufferPointer) {
+        guard let first = ext.first else { return nil }
+        var offset = 1
+        guard let (number, used) = decodeLEB128(ext, at: offset) else { return nil }
+        offset += used
+        self.init(number: number)
+        if first & 2 != 0 {
+            guard offset + 4 <= ext.count else { return nil }
+            mode = ext.loadLE(UInt32.self, at: offset)
+            offset += 4
+        }
+        if first & 4 != 0 {
+            guard offset + 8 <= ext.count else { return nil }
+            changeTime = Int64(bitPattern: ext.loadLE(UInt64.self, at: offset))
+            offset += 8
+        }
+        if first & 8 != 0 {
+            guard offset + 8 <= ext.count else { return nil }
+            accessTime = Int64(bitPattern: ext.loadLE(UInt64.self, at: offset))
+            offset += 8
+        }
+        guard offset == ext.count else { return nil }
+    }
+}
+
+func leb128Size(_ value: UInt64) -> Int {
+    var n = value, size = 1
+    while n >= 0x80 { n >>= 7; size += 1 }
+    return size
+}
+
+/// A LEB128 number at `offset` and the bytes it took; nil if cut short or too long.
+@usableFromInline
+func decodeLEB128(_ bytes: UnsafeRawBufferPointer, at offset: Int) -> (UInt64, Int)? {
+    var value: UInt64 = 0
+    var shift: UInt64 = 0
+    var at = offset
+    while at < bytes.count, shift < 64 {
+        let byte = bytes[at]
+        value |= UInt64(byte & 0x7F) << shift
+        at += 1
+        if byte & 0x80 == 0 { return (value, at - offset) }
+        shift += 7
+    }
+    return nil
+}
+
+/// The metadata of a record whose head is sane (empty if it has none or it is unreadable).
+func recordMetadata(_ raw: UnsafeRawBufferPointer) -> EntryMetadata {
+    guard raw[0] & RecordFlags.extended.rawValue != 0 else { return EntryMetadata() }
+    let end = recordFixedSize + 1 + Int(raw[recordFixedSize])
+    return EntryMetadata(decoding: UnsafeRawBufferPointer(rebasing: raw[(recordFixedSize + 1)..<end])) ?? EntryMetadata()
+}
+
+/// Where the fields after the fixed header (and the extension) start.
+@inlinable @inline(__always)
+func recordBodyStart(_ raw: UnsafeRawBufferPointer) -> Int {
+    raw[0] & RecordFlags.extended.rawValue != 0 ? recordFixedSize + 1 + Int(raw[recordFixedSize]) : recordFixedSize
+}
+
+/// The entry number of a record (0 when it has none), for listings. The record's head must be sane.
+@inlinable @inline(__always)
+func recordEntryNumber(_ raw: UnsafeRawBufferPointer) -> UInt64 {
+    guard raw[0] & RecordFlags.extended.rawValue != 0 else { return 0 }
+    return decodeLEB128(raw, at: recordFixedSize + 2)?.0 ?? 0
 }
 
 /// Whether the fixed fields `recordValueSize` reads are within the record: a
@@ -41,9 +159,13 @@ struct RecordFlags: OptionSet, Sendable {
 func recordHeadIsSane(_ raw: UnsafeRawBufferPointer) -> Bool {
     guard raw.count >= recordFixedSize, raw[0] & 0x0F == recordFormatVersion else { return false }
     let flags = RecordFlags(rawValue: raw[0] & 0xF0)
-    if flags.contains(.chunked) { return raw.count >= recordFixedSize + 16 }
+    if flags.contains(.extended) {
+        guard raw.count > recordFixedSize + 2, raw.count >= recordFixedSize + 1 + Int(raw[recordFixedSize]) else { return false }
+    }
+    let body = recordBodyStart(raw)
+    if flags.contains(.chunked) { return raw.count >= body + 16 }
     if flags.contains(.hasIndexes) {
-        return raw.count >= recordFixedSize + 4 && Int(raw.loadLE(UInt32.self, at: recordFixedSize)) <= raw.count - recordFixedSize - 4
+        return raw.count >= body + 4 && Int(raw.loadLE(UInt32.self, at: body)) <= raw.count - body - 4
     }
     return true
 }
@@ -52,9 +174,10 @@ func recordHeadIsSane(_ raw: UnsafeRawBufferPointer) -> Bool {
 @inlinable @inline(__always)
 func recordValueSize(_ raw: UnsafeRawBufferPointer) -> Int {
     let flags = RecordFlags(rawValue: raw[0] & 0xF0)
-    if flags.contains(.chunked) { return Int(raw.loadLE(UInt64.self, at: recordFixedSize)) }
-    if flags.contains(.hasIndexes) { return raw.count - recordFixedSize - 4 - Int(raw.loadLE(UInt32.self, at: recordFixedSize)) }
-    return raw.count - recordFixedSize
+    let body = recordBodyStart(raw)
+    if flags.contains(.chunked) { return Int(raw.loadLE(UInt64.self, at: body)) }
+    if flags.contains(.hasIndexes) { return raw.count - body - 4 - Int(raw.loadLE(UInt32.self, at: body)) }
+    return raw.count - body
 }
 
 @inlinable @inline(__always)
@@ -66,6 +189,7 @@ func recordModificationTime(_ raw: UnsafeRawBufferPointer) -> Int64 {
 struct RecordView {
     var flags: RecordFlags
     var modificationTime: Int64
+    var metadata = EntryMetadata()
     var size: Int
     /// Where a chunked value's chunks are (0 when inline).
     var chunkSet: UInt64 = 0
@@ -81,6 +205,13 @@ struct RecordView {
         flags = RecordFlags(rawValue: raw[0] & 0xF0)
         modificationTime = recordModificationTime(raw)
         var offset = recordFixedSize
+        if flags.contains(.extended) {
+            guard raw.count > offset, raw.count >= offset + 1 + Int(raw[offset]),
+                  let metadata = EntryMetadata(decoding: UnsafeRawBufferPointer(rebasing: raw[(offset + 1)..<(offset + 1 + Int(raw[offset]))]))
+            else { throw ShardError.corrupt("unreadable record extension") }
+            self.metadata = metadata
+            offset += 1 + Int(raw[offset])
+        }
         var chunkedSize = 0
         if flags.contains(.chunked) {
             guard raw.count >= offset + 16 else { throw ShardError.corrupt("truncated record header") }
@@ -148,20 +279,23 @@ func encodedIndexSize(_ indexes: [IndexPair]) -> Int {
 }
 
 /// Bytes of a record before its inline value.
-func recordHeadSize(chunked: Bool, indexes: [IndexPair]) -> Int {
-    recordFixedSize + (chunked ? 16 : 0) + (indexes.isEmpty ? 0 : 4 + encodedIndexSize(indexes))
+func recordHeadSize(chunked: Bool, indexes: [IndexPair], metadata: EntryMetadata) -> Int {
+    recordFixedSize + (metadata.isEmpty ? 0 : 1 + metadata.encodedSize) + (chunked ? 16 : 0)
+        + (indexes.isEmpty ? 0 : 4 + encodedIndexSize(indexes))
 }
 
 /// Writes a record's head into `out`; returns the offset where the inline value goes.
 func encodeRecordHead(into out: UnsafeMutableRawBufferPointer, chunkSet: UInt64?, modificationTime: Int64,
-                      size: Int, indexes: [IndexPair]) -> Int {
+                      size: Int, indexes: [IndexPair], metadata: EntryMetadata) -> Int {
     let chunked = chunkSet != nil
     var flags: RecordFlags = []
     if chunked { flags.insert(.chunked) }
     if !indexes.isEmpty { flags.insert(.hasIndexes) }
+    if !metadata.isEmpty { flags.insert(.extended) }
     out[0] = recordFormatVersion | flags.rawValue
     out.storeLE(UInt64(bitPattern: modificationTime), at: 1)
     var offset = recordFixedSize
+    if !metadata.isEmpty { offset = metadata.encode(into: out, at: offset) }
     if let chunkSet {
         out.storeLE(UInt64(size), at: offset)
         out.storeLE(chunkSet, at: offset + 8)

@@ -44,7 +44,8 @@ extension Shard {
     /// extended attributes). On failure the set stays staged (a retry may follow);
     /// `discardStaging` removes it.
     public func commitStaged(_ key: EntryKey, set: UInt64, size: Int, firstChunk: Int, tail: UnsafeRawBufferPointer,
-                             indexes: [IndexPair]? = nil, clientID: String, modificationTime: Int64? = nil) throws {
+                             indexes: [IndexPair]? = nil, clientID: String, modificationTime: Int64? = nil,
+                             entryNumber: UInt64? = nil) throws {
         guard firstChunk >= 0, firstChunk * chunkSize + tail.count == size, size > chunkSize else {
             throw ShardError.invalidArgument("a staged value is its staged chunks and its tail, over one chunk")
         }
@@ -57,7 +58,7 @@ extension Shard {
                 let kept = try indexes ?? ctx.txn.get(self.entries, key.bytes).map { try RecordView($0).indexes() } ?? []
                 try self.writeChunks(ctx.txn, set: set, firstChunk: firstChunk, tail)
                 try self.writeEntry(ctx.txn, key: key.bytes, size: size, indexes: kept, modificationTime: mtime,
-                                    stagedChunkSet: set) { _, _ in }
+                                    stagedChunkSet: set, entryNumber: entryNumber) { _, _ in }
                 _ = try ctx.txn.delete(self.staging, chunkSetKey(set))
                 ctx.changed(key.bytes)
             }

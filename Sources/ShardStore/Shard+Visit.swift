@@ -58,10 +58,11 @@ extension Shard {
                     result = .failure(.invalidKey(problem))
                 } else if case .put(let item)? = pending?[n] {
                     // The record LMDB will hold, built here for the length of the callback.
-                    var record = [UInt8](repeating: 0, count: recordHeadSize(chunked: false, indexes: item.indexes) + item.value.count)
+                    let metadata = EntryMetadata(number: item.entryNumber ?? 0)
+                    var record = [UInt8](repeating: 0, count: recordHeadSize(chunked: false, indexes: item.indexes, metadata: metadata) + item.value.count)
                     try record.withUnsafeMutableBytes { out in
                         let offset = encodeRecordHead(into: out, chunkSet: nil, modificationTime: item.modificationTime ?? 0,
-                                                      size: item.value.count, indexes: item.indexes)
+                                                      size: item.value.count, indexes: item.indexes, metadata: metadata)
                         item.value.withUnsafeBytes { v in
                             if let base = v.baseAddress { out.baseAddress!.advanced(by: offset).copyMemory(from: base, byteCount: v.count) }
                         }

@@ -33,12 +33,14 @@ public struct EntryAttributes: Sendable, Equatable {
     public var size: Int
     public var modificationTime: Int64
     public var indexes: [IndexPair]
+    public var metadata: EntryMetadata
 
-    public init(key: EntryKey, size: Int, modificationTime: Int64, indexes: [IndexPair]) {
+    public init(key: EntryKey, size: Int, modificationTime: Int64, indexes: [IndexPair], metadata: EntryMetadata = EntryMetadata()) {
         self.key = key
         self.size = size
         self.modificationTime = modificationTime
         self.indexes = indexes
+        self.metadata = metadata
     }
 }
 
@@ -47,6 +49,14 @@ public struct EntrySummary: Sendable, Equatable {
     public var key: EntryKey
     public var size: Int
     public var modificationTime: Int64
+    public var metadata: EntryMetadata = EntryMetadata()
+}
+
+/// What `updateEntry` may change of an entry, leaving its value as it is.
+public struct EntryChange: Sendable {
+    public var indexes: [IndexPair]
+    public var modificationTime: Int64
+    public var metadata: EntryMetadata
 }
 
 /// A listing row borrowed from the map; valid only inside the `forEachEntry` callback.
@@ -63,6 +73,10 @@ public struct EntryView {
 
     @inlinable public var size: Int { recordValueSize(record) }
     @inlinable public var modificationTime: Int64 { recordModificationTime(record) }
+    /// The entry's number (0: none), read from the record's extension.
+    @inlinable public var entryNumber: UInt64 { recordEntryNumber(record) }
+    /// Its metadata (mode, times), decoded from the record.
+    public var metadata: EntryMetadata { recordMetadata(record) }
 }
 
 /// One item of a batch put. The key is validated by the shard (per-item status).
@@ -77,6 +91,9 @@ public struct EntryWrite: Sendable {
     public var keepsIndexes = false
     /// Delete the entry instead (nothing happens if it does not exist).
     public var isDeletion = false
+    /// The number the entry gets if this put creates its key (an existing entry
+    /// keeps its own); nil: the shard gives one. Logged puts carry theirs.
+    public var entryNumber: UInt64?
 
     /// An item of a batch that deletes `key`.
     public static func deletion(of key: [UInt8]) -> EntryWrite {
@@ -234,6 +251,15 @@ public final class Shard: @unchecked Sendable {
     private let batchLogLimit: Int
     static let logAppliedKey = Array("logApplied".utf8)
 
+    // Entry numbers (see EntryMetadata.number). Handed out by `newEntryNumber`
+    // to direct writes, logged puts and the mount's new files; every commit that
+    // may hold one stores the last handed out in `meta` (`storeEntryNumbers`),
+    // and the batch log keeps those of logged puts, so none is given twice.
+    private let numberLock = NSLock()
+    private var lastEntryNumber: UInt64 = 0
+    private var storedEntryNumber: UInt64 = 0
+    static let lastEntryNumberKey = Array("lastEntryNumber".utf8)
+
     private let observerLock = NSLock()
     private var commitObserver: (@Sendable ([[UInt8]]) -> Void)?
 
@@ -342,6 +368,9 @@ public final class Shard: @unchecked Sendable {
             // Reader slots of processes killed mid-read would pin old pages forever.
             env.clearStaleReaders()
         }
+        let meta = self.meta
+        let storedNumber = try env.read { txn in try Self.metaCounter(txn, meta, Self.lastEntryNumberKey) }
+        (lastEntryNumber, storedEntryNumber) = (storedNumber, storedNumber)
         try replayLog()
         // Staged chunks a crash left are garbage: remove them, but a failure here
         // (say, a full shard) must not keep the shard from opening.
@@ -377,7 +406,9 @@ public final class Shard: @unchecked Sendable {
     /// `indexes` nil keeps the indexes the entry has at commit time (a file
     /// rewritten through the mount keeps its extended attributes).
     /// `source` must not throw `ShardError`.
+    /// `entryNumber`: the number the entry gets if this put creates it (see `newEntryNumber`).
     public func put(_ key: EntryKey, size: Int, indexes: [IndexPair]? = [], clientID: String, modificationTime: Int64? = nil,
+                    entryNumber: UInt64? = nil,
                     source: @escaping (_ offset: Int, _ buffer: UnsafeMutableRawBufferPointer) throws -> Void) throws {
         guard size >= 0 else { throw ShardError.invalidArgument("negative size") }
         if let indexes { try IndexPair.validate(indexes) }
@@ -391,7 +422,7 @@ public final class Shard: @unchecked Sendable {
             try write(clientID: clientID) { [staged] ctx in
                 let kept = try indexes ?? ctx.txn.get(self.entries, key.bytes).map { try RecordView($0).indexes() } ?? []
                 try self.writeEntry(ctx.txn, key: key.bytes, size: size, indexes: kept, modificationTime: mtime,
-                                    stagedChunkSet: staged, source: source)
+                                    stagedChunkSet: staged, entryNumber: entryNumber, source: source)
                 if let staged { try ctx.txn.delete(self.staging, chunkSetKey(staged)) }
                 ctx.changed(key.bytes)
             }
@@ -448,29 +479,47 @@ public final class Shard: @unchecked Sendable {
     /// Replaces an entry's indexes, leaving its value and time untouched; `change`
     /// gets the current indexes. Atomic with respect to every other write.
     public func updateIndexes(_ key: EntryKey, clientID: String, _ change: @escaping ([IndexPair]) throws -> [IndexPair]) throws {
+        let now = Shard.now()
+        try updateEntry(key, clientID: clientID) { entry in
+            entry.indexes = try change(entry.indexes)
+            entry.metadata.changeTime = now
+        }
+    }
+
+    /// Changes an entry's indexes, modification time or metadata (mode, times),
+    /// leaving its value as it is; `change` gets the current ones (it must not
+    /// change the number). Atomic with respect to every other write.
+    public func updateEntry(_ key: EntryKey, clientID: String, _ change: @escaping (inout EntryChange) throws -> Void) throws {
         try write(clientID: clientID) { ctx in
             let txn = ctx.txn
             guard let raw = try txn.get(self.entries, key.bytes) else { throw ShardError.entryNotFound(key) }
             let view = try RecordView(raw)
-            let newIndexes = try change(view.indexes())
-            try IndexPair.validate(newIndexes)
-            let mtime = view.modificationTime, size = view.size
+            let oldIndexes = view.indexes()
+            var entry = EntryChange(indexes: oldIndexes, modificationTime: view.modificationTime, metadata: view.metadata)
+            try change(&entry)
+            try IndexPair.validate(entry.indexes)
+            entry.metadata.number = view.metadata.number
+            let size = view.size
             let chunkSet: UInt64? = view.flags.contains(.chunked) ? view.chunkSet : nil
             let inline = Array(view.inlineValue)
             let old = try self.oldEntry(raw)
+            let indexesChanged = entry.indexes != oldIndexes
             // From here on only LMDB can fail (the group rule: no ShardError after a change).
-            for index in old.indexes {
-                _ = try index.reverseKey.withUnsafeBytes { k in try key.bytes.withUnsafeBytes { try txn.delete(self.indexes, k, value: $0) } }
+            if indexesChanged {
+                for index in old.indexes {
+                    _ = try index.reverseKey.withUnsafeBytes { k in try key.bytes.withUnsafeBytes { try txn.delete(self.indexes, k, value: $0) } }
+                }
             }
-            let count = recordHeadSize(chunked: chunkSet != nil, indexes: newIndexes) + inline.count
+            let count = recordHeadSize(chunked: chunkSet != nil, indexes: entry.indexes, metadata: entry.metadata) + inline.count
             try key.bytes.withUnsafeBytes { k in
                 let out = try txn.reserve(self.entries, k, count: count)
-                let offset = encodeRecordHead(into: out, chunkSet: chunkSet, modificationTime: mtime, size: size, indexes: newIndexes)
+                let offset = encodeRecordHead(into: out, chunkSet: chunkSet, modificationTime: entry.modificationTime, size: size,
+                                              indexes: entry.indexes, metadata: entry.metadata)
                 inline.withUnsafeBytes { v in
                     if let base = v.baseAddress { out.baseAddress!.advanced(by: offset).copyMemory(from: base, byteCount: v.count) }
                 }
             }
-            try self.addReverseIndexes(txn, key: key.bytes, newIndexes)
+            if indexesChanged { try self.addReverseIndexes(txn, key: key.bytes, entry.indexes) }
             ctx.changed(key.bytes)
         }
     }
@@ -541,12 +590,10 @@ public final class Shard: @unchecked Sendable {
 
     /// Sets an entry's modification time (nanoseconds since 1970), e.g. for `touch` or `rsync -a`.
     public func setModificationTime(_ key: EntryKey, _ time: Int64, clientID: String) throws {
-        try write(clientID: clientID) { ctx in
-            guard let raw = try ctx.txn.get(self.entries, key.bytes) else { throw ShardError.entryNotFound(key) }
-            var record = Array(raw)
-            record.withUnsafeMutableBytes { $0.storeLE(UInt64(bitPattern: time), at: 1) }
-            try ctx.txn.put(self.entries, key.bytes, record)
-            ctx.changed(key.bytes)
+        let now = Shard.now()
+        try updateEntry(key, clientID: clientID) { entry in
+            entry.modificationTime = time
+            entry.metadata.changeTime = now
         }
     }
 
@@ -619,17 +666,22 @@ public final class Shard: @unchecked Sendable {
     /// Size, modification time and indexes of an entry, or nil if there is none.
     public func attributes(_ key: EntryKey) throws -> EntryAttributes? {
         try readSeeingPending(CollectionOfOne(key.bytes)) { pending, txn in
+            let stored = try txn.get(entries, key.bytes).map { try RecordView($0) }
             switch pending?[0] {
             case .put(let item)?:
+                // The entry keeps what it has beside its value (a deletion pending
+                // before this put may yet drop it: then the put's number holds).
+                var metadata = stored?.metadata ?? EntryMetadata(number: item.entryNumber ?? 0)
+                metadata.changeTime = nil
+                if metadata.number == 0 { metadata.number = item.entryNumber ?? 0 }
                 return EntryAttributes(key: key, size: item.value.count, modificationTime: item.modificationTime ?? 0,
-                                       indexes: item.indexes)
+                                       indexes: item.indexes, metadata: metadata)
             case .deleted?: return nil
             case .notPending?, nil: break
             }
-            guard let raw = try txn.get(entries, key.bytes) else { return nil }
-            let view = try RecordView(raw)
+            guard let view = stored else { return nil }
             return EntryAttributes(key: key, size: view.size, modificationTime: view.modificationTime,
-                                   indexes: view.indexes())
+                                   indexes: view.indexes(), metadata: view.metadata)
         }
     }
 
@@ -670,7 +722,7 @@ public final class Shard: @unchecked Sendable {
         try forEachEntry(after: after) { view in
             guard rows.count < limit else { return false }
             rows.append(EntrySummary(key: EntryKey(trusted: Array(view.key)), size: view.size,
-                                     modificationTime: view.modificationTime))
+                                     modificationTime: view.modificationTime, metadata: view.metadata))
             return rows.count < limit
         }
         return rows
@@ -798,6 +850,9 @@ public final class Shard: @unchecked Sendable {
             // Chunked values, and more indexes than the log's count field holds, go direct.
             if item.value.count > chunkSize || item.indexes.count > Int(UInt16.max) { return false }
             if item.modificationTime == nil { item.modificationTime = now }
+            // A point read of a pending put that creates its key must show the
+            // number the entry will have: it is fixed now.
+            if !item.isDeletion && item.entryNumber == nil { item.entryNumber = newEntryNumber() }
             // What is logged is what is applied, in memory now or replayed later.
             if item.keepsIndexes || item.isDeletion { item.indexes = [] }
             valid.append(item)
@@ -1039,10 +1094,13 @@ public final class Shard: @unchecked Sendable {
 
     private func applyBatches(_ batches: [PendingBatch]) throws {
         if let fault = applyFault { try fault() }
+        var numbers: UInt64?
         try env.write { txn in
             try applyInKeyOrder(txn, batches.map(\.items))
             try setMetaCounter(txn, Self.logAppliedKey, batches.last!.sequence)
+            numbers = try storeEntryNumbers(txn)
         }
+        entryNumbersStored(numbers)
         let bytes = batches.reduce(0) { $0 + $1.bytes }
         let cost = batches.reduce(0) { $0 + $1.cost }
         Self.processPending.add(-bytes)
@@ -1119,12 +1177,18 @@ public final class Shard: @unchecked Sendable {
         guard let log else { return }
         let applied = try env.read { txn in try metaCounter(txn, Self.logAppliedKey) }
         let records = try log.records().filter { $0.sequence > applied }
+        // Numbers the log's puts carry were handed out before the crash.
+        let logged = records.lazy.flatMap(\.items).compactMap(\.entryNumber).max() ?? 0
+        numberLock.withLock { lastEntryNumber = max(lastEntryNumber, logged) }
         if let last = records.last {
             let apply = {
+                var numbers: UInt64?
                 try self.env.write { txn in
                     try self.applyInKeyOrder(txn, records.map(\.items))
                     try self.setMetaCounter(txn, Self.logAppliedKey, last.sequence)
+                    numbers = try self.storeEntryNumbers(txn)
                 }
+                self.entryNumbersStored(numbers)
             }
             do {
                 do { try apply() } catch let error as LMDBError where error == .mapFull {
@@ -1172,6 +1236,7 @@ public final class Shard: @unchecked Sendable {
             var state = self.state
             do {
                 var changed: [[UInt8]] = []
+                var numbers: UInt64?
                 try env.write { txn in
                     var ctx = WriteContext(txn: txn, state: state, observed: observed)
                     for member in group {
@@ -1179,7 +1244,9 @@ public final class Shard: @unchecked Sendable {
                     }
                     state = ctx.state
                     changed = ctx.changed
+                    numbers = try storeEntryNumbers(txn)
                 }
+                entryNumbersStored(numbers)
                 stateLock.withLock { committedState = state }
                 if !changed.isEmpty { onCommit?(changed) }
                 return
@@ -1191,12 +1258,15 @@ public final class Shard: @unchecked Sendable {
             do {
                 var state = self.state
                 var changed: [[UInt8]] = []
+                var numbers: UInt64?
                 try env.write { txn in
                     var ctx = WriteContext(txn: txn, state: state, observed: observed)
                     try member.body(&ctx)
                     state = ctx.state
                     changed = ctx.changed
+                    numbers = try storeEntryNumbers(txn)
                 }
+                entryNumbersStored(numbers)
                 stateLock.withLock { committedState = state }
                 if !changed.isEmpty { onCommit?(changed) }
             } catch {
@@ -1268,7 +1338,7 @@ public final class Shard: @unchecked Sendable {
         }
         try item.value.withUnsafeBytes { v in
             try writeEntry(txn, key: item.key, size: v.count, indexes: indexes, appending: appending,
-                           modificationTime: item.modificationTime ?? defaultTime) { offset, out in
+                           modificationTime: item.modificationTime ?? defaultTime, entryNumber: item.entryNumber) { offset, out in
                 out.copyMemory(from: UnsafeRawBufferPointer(rebasing: v[offset..<(offset + out.count)]))
             }
         }
@@ -1277,12 +1347,18 @@ public final class Shard: @unchecked Sendable {
     /// Writes a record (and chunks and index rows) whose value `source` provides
     /// piecewise, into the record itself or into reserved chunk space: no extra copy.
     /// `stagedChunkSet`: the value's chunks are already written there.
+    /// A new key gets `entryNumber` (or a new one); an existing entry keeps its
+    /// number, mode and access time (a rewrite is a change of its value).
     func writeEntry(_ txn: Transaction, key: [UInt8], size: Int, indexes newIndexes: [IndexPair],
                             appending: Bool = false, modificationTime: Int64, stagedChunkSet: UInt64? = nil,
+                            entryNumber: UInt64? = nil,
                             source: (Int, UnsafeMutableRawBufferPointer) throws -> Void) throws {
         let chunked = size > chunkSize
         let chunkSet: UInt64? = chunked ? try stagedChunkSet ?? newChunkSet(txn) : nil
-        let count = recordHeadSize(chunked: chunked, indexes: newIndexes) + (chunked ? 0 : size)
+        // Sized for a new key first; the number is taken only once the key proves new.
+        var metadata = EntryMetadata(number: entryNumber ?? numberLock.withLock { lastEntryNumber + 1 })
+        let valueBytes = chunked ? 0 : size
+        let count = recordHeadSize(chunked: chunked, indexes: newIndexes, metadata: metadata) + valueBytes
         try key.withUnsafeBytes { k in
             // One lookup for a new key (the append workload); an existing key is
             // cleaned of its chunks and index rows, then overwritten.
@@ -1290,15 +1366,23 @@ public final class Shard: @unchecked Sendable {
             switch try txn.reserveIfAbsent(entries, k, count: count, appending: appending) {
             case .reserved(let buffer):
                 out = buffer
+                if entryNumber == nil {
+                    metadata.number = newEntryNumber()
+                    let exact = recordHeadSize(chunked: chunked, indexes: newIndexes, metadata: metadata) + valueBytes
+                    if exact != count { out = try txn.reserve(entries, k, count: exact) }
+                }
             case .existing(let raw):
                 // Earlier items of the group may have changed the transaction: an
                 // unreadable old record must abort it, not fail as a ShardError.
-                guard let old = try? oldEntry(raw) else { throw LMDBError.corrupted }
+                guard let view = try? RecordView(raw), let old = try? oldEntry(raw) else { throw LMDBError.corrupted }
+                metadata = view.metadata
+                metadata.changeTime = nil
+                if metadata.number == 0 { metadata.number = entryNumber ?? newEntryNumber() }
                 if old.chunkSet != nil || !old.indexes.isEmpty { try removeSideData(txn, key: key, old: old) }
-                out = try txn.reserve(entries, k, count: count)
+                out = try txn.reserve(entries, k, count: recordHeadSize(chunked: chunked, indexes: newIndexes, metadata: metadata) + valueBytes)
             }
             let offset = encodeRecordHead(into: out, chunkSet: chunkSet, modificationTime: modificationTime,
-                                          size: size, indexes: newIndexes)
+                                          size: size, indexes: newIndexes, metadata: metadata)
             if !chunked, size > 0 {
                 try source(0, UnsafeMutableRawBufferPointer(rebasing: out[offset...]))
             }
@@ -1326,7 +1410,32 @@ public final class Shard: @unchecked Sendable {
 
     /// A number kept in `meta` (8 bytes, big-endian); 0 when absent.
     private func metaCounter(_ txn: Transaction, _ key: [UInt8]) throws -> UInt64 {
+        try Self.metaCounter(txn, meta, key)
+    }
+
+    private static func metaCounter(_ txn: Transaction, _ meta: Database, _ key: [UInt8]) throws -> UInt64 {
         try txn.get(meta, key).map { $0.count == 8 ? UInt64(bigEndian: $0.loadUnaligned(as: UInt64.self)) : 0 } ?? 0
+    }
+
+    /// A number no entry of this shard had or will have (see `EntryMetadata.number`).
+    public func newEntryNumber() -> UInt64 {
+        numberLock.withLock {
+            lastEntryNumber += 1
+            return lastEntryNumber
+        }
+    }
+
+    /// Inside a write transaction: records the last entry number handed out, if a
+    /// commit has not yet; returns it, for `entryNumbersStored` once committed.
+    private func storeEntryNumbers(_ txn: Transaction) throws -> UInt64? {
+        guard let last = numberLock.withLock({ lastEntryNumber > storedEntryNumber ? lastEntryNumber : nil }) else { return nil }
+        try setMetaCounter(txn, Self.lastEntryNumberKey, last)
+        return last
+    }
+
+    private func entryNumbersStored(_ last: UInt64?) {
+        guard let last else { return }
+        numberLock.withLock { storedEntryNumber = max(storedEntryNumber, last) }
     }
 
     private func setMetaCounter(_ txn: Transaction, _ key: [UInt8], _ value: UInt64) throws {

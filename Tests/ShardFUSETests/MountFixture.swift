@@ -42,7 +42,7 @@ final class MountFixture: @unchecked Sendable {
     }
 
     var isMounted: Bool {
-        ((try? String(contentsOfFile: "/proc/mounts", encoding: .utf8)) ?? "").contains(" \(mnt) ")
+        isMountPoint(mnt)
     }
 
     func unmount() async {
@@ -68,6 +68,15 @@ final class MountFixture: @unchecked Sendable {
         let result = try await sh(command)
         #expect(result.status == 0, "\(command): \(result.stderr)", sourceLocation: sourceLocation)
         return result.stdout
+    }
+
+    /// Runs a Python script in the mount point (from a file: no shell quoting);
+    /// returns its standard output, expecting it to succeed.
+    @discardableResult
+    func python(_ script: String, sourceLocation: SourceLocation = #_sourceLocation) async throws -> String {
+        let path = dir.sub("script-\(UUID().uuidString).py")
+        try script.write(toFile: path, atomically: true, encoding: .utf8)
+        return try await ok("python3 '\(path)'", sourceLocation: sourceLocation)
     }
 
     /// The errno name a Python os call fails with, or "OK".
