@@ -450,6 +450,8 @@ public final class FuseSession: @unchecked Sendable {
                 fileSystem.logger.warning("FUSE over io_uring could not be set up; requests go through /dev/fuse",
                                           metadata: ["error": "\(String(cString: strerror(-rc)))"])
             }
+        } else {
+            fileSystem.logger.info("FUSE requests go through /dev/fuse (-o nouring)")
         }
         // SIGTERM, SIGINT and SIGHUP end the loop; `run` then unmounts.
         if handleSignals { fuse_set_signal_handlers(session) }

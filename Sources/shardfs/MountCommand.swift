@@ -14,7 +14,9 @@ struct MountCommand: AsyncParsableCommand {
         discussion: """
             DATA_DIR is the node's data folder; an empty or missing one is initialised on \
             embedded defaults. Options (-o, comma-separated): ro, allow_other, client_id=ID, \
-            entry_timeout=S, attr_timeout=S, closed_timeout=S, config=FILE, max_threads=N, debug; \
+            entry_timeout=S, attr_timeout=S, closed_timeout=S, config=FILE, max_threads=N, \
+            uring (the default: FUSE over io_uring when the kernel's fuse module allows it) or \
+            nouring (always /dev/fuse), debug; \
             generic mount options (dev, suid, _netdev, nofail, ...) are ignored. Unmount with \
             `fusermount3 -u MOUNTPOINT`, `umount`, or SIGTERM/SIGINT to the daemon. See docs/SEMANTICS.md.
             """)

@@ -19,9 +19,9 @@ final class MountFixture: @unchecked Sendable {
         try FileManager.default.createDirectory(atPath: dir.sub("mnt"), withIntermediateDirectories: true)
     }
 
-    func mount(_ extra: String = "", environment: [String: String] = [:]) async throws {
+    func mount(_ extra: String = "", logLevel: String = "warning", environment: [String: String] = [:]) async throws {
         let all = [options, extra].filter { !$0.isEmpty }.joined(separator: ",")
-        let result = try await runAsync(shardfs, ["mount", data, mnt, "--log-level", "warning"] + (all.isEmpty ? [] : ["-o", all]),
+        let result = try await runAsync(shardfs, ["mount", data, mnt, "--log-level", logLevel] + (all.isEmpty ? [] : ["-o", all]),
                                         environment: environment)
         guard result.status == 0 else { throw FixtureError("mount failed: \(result.stderr)") }
     }

@@ -81,11 +81,17 @@ import Testing
     }
 
     @Test func nouringServesEverythingThroughDevFuse() async throws {
-        try await withMount("client_id=tester,nouring") { fixture in
+        try await withFixture("client_id=tester,nouring") { fixture in
+            try await fixture.mount(logLevel: "info")
             let pid = try #require(fixture.daemonPID)
             #expect(try await fixture.ok(work) == "7\n")
             #expect(ringThreads(pid).isEmpty)
             #expect(try await fixture.ok("ls shard-1 | wc -l") == "299\n")
+            // The log says which transport the mount uses, and why.
+            let log = (try? String(contentsOfFile: fixture.data + "/shardfs-mount.log", encoding: .utf8)) ?? ""
+            #expect(log.contains("FUSE requests go through /dev/fuse (-o nouring)"), "\(log)")
         }
+        let help = try await runAsync(shardfs, ["mount", "--help"])
+        #expect(help.stdout.contains("nouring") && help.stdout.contains("uring (the default"), "\(help.stdout)")
     }
 }
