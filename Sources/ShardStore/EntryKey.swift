@@ -1,3 +1,4 @@
+import Foundation
 /// The key of an entry: a byte string that is also a valid file name, so every
 /// entry can be shown as a file. 1–255 bytes, no `/`, no NUL, not `.` or `..`.
 /// The original API's 32-bit entry ID N is the key `String(N)` (decimal, no leading zeros).
@@ -83,5 +84,46 @@ public struct IndexPair: Hashable, Sendable {
                 throw ShardError.invalidIndex("index \"\(index.name)\" is given twice")
             }
         }
+    }
+}
+
+// MARK: Key bytes
+
+/// LMDB's default key order (bytes, then length): negative, zero or positive.
+func compareKeys(_ a: UnsafeRawBufferPointer, _ b: UnsafeRawBufferPointer) -> Int32 {
+    let n = a.count == 0 || b.count == 0 ? 0 : memcmp(a.baseAddress!, b.baseAddress!, min(a.count, b.count))
+    return n != 0 ? n : Int32(a.count) - Int32(b.count)
+}
+
+func compareKeys(_ a: [UInt8], _ b: [UInt8]) -> Int32 {
+    a.withUnsafeBytes { a in b.withUnsafeBytes { b in compareKeys(a, b) } }
+}
+
+/// A key's first 8 bytes as a big-endian integer (zero-padded): ordering by it
+/// agrees with `compareKeys` wherever two prefixes differ.
+func keyPrefix(_ key: [UInt8]) -> UInt64 {
+    var prefix: UInt64 = 0
+    for i in 0..<8 { prefix = prefix << 8 | UInt64(i < key.count ? key[i] : 0) }
+    return prefix
+}
+
+/// A fast 64-bit hash of a key's bytes (for the pending-key filter, where a
+/// collision costs only an unneeded apply).
+func keyHash(_ key: [UInt8]) -> UInt64 {
+    key.withUnsafeBytes { bytes in
+        var h: UInt64 = 0x9E37_79B9_7F4A_7C15 ^ UInt64(bytes.count)
+        var i = 0
+        while i + 8 <= bytes.count {
+            h = (h ^ bytes.loadUnaligned(fromByteOffset: i, as: UInt64.self)) &* 0xFF51_AFD7_ED55_8CCD
+            h ^= h >> 32
+            i += 8
+        }
+        while i < bytes.count {
+            h = (h ^ UInt64(bytes[i])) &* 0x0100_0000_01B3
+            i += 1
+        }
+        h ^= h >> 33
+        h = h &* 0xC4CE_B9FE_1A85_EC53
+        return h ^ (h >> 33)
     }
 }

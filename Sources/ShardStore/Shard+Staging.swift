@@ -122,6 +122,50 @@ extension Shard {
             n += 1
         }
     }
+
+    /// Writes the chunks of a value into a new chunk set, `stagingThreshold` bytes
+    /// per transaction; the set is listed in `staging` until a record uses it.
+    func stageChunks(size: Int, clientID: String,
+                             source: @escaping (Int, UnsafeMutableRawBufferPointer) throws -> Void) throws -> UInt64 {
+        var set: UInt64 = 0
+        try write(clientID: clientID) { ctx in
+            set = try self.newChunkSet(ctx.txn)
+            try ctx.txn.put(self.staging, chunkSetKey(set), [])
+        }
+        let total = (size + chunkSize - 1) / chunkSize, perTransaction = Self.stagingThreshold / chunkSize
+        do {
+            var first = 0
+            while first < total {
+                let range = first..<min(total, first + perTransaction)
+                try write(clientID: clientID) { [set] ctx in
+                    for n in range {
+                        let out = try chunkKey(set, n).withUnsafeBytes {
+                            try ctx.txn.reserve(self.chunks, $0, count: min(chunkSize, size - n * chunkSize))
+                        }
+                        try source(n * chunkSize, out)
+                    }
+                }
+                first = range.upperBound
+            }
+        } catch {
+            try? discardStaged(set)
+            throw error
+        }
+        return set
+    }
+
+    /// Removes a staged chunk set (a put that failed or was interrupted).
+    func discardStaged(_ set: UInt64) throws {
+        try committer.submit { ctx in
+            try self.deleteChunkSet(ctx.txn, set)
+            try ctx.txn.delete(self.staging, chunkSetKey(set))
+        }
+    }
+
+    /// At open: chunk sets a crash left half-written are garbage.
+    func discardStagedChunks() throws {
+        for set in try stagedSets() { try discardStaged(set) }
+    }
 }
 
 private final class StagedSetBox: @unchecked Sendable {

@@ -1,0 +1,387 @@
+import Foundation
+import LMDB
+
+// The batch log's side of a shard (see BatchLog for the file, ARCHITECTURE.md "A
+// batch put" for the rules): which batches are logged, the log's group commit,
+// point reads that see pending batches, and applying them to LMDB. The pending
+// state is guarded by `logLock`.
+
+extension Shard {
+    // MARK: The batch log
+
+    /// Whether batch puts go through the batch log (see `log`).
+    var usesBatchLog: Bool { log != nil }
+
+    /// Applies every logged batch to LMDB now. Reads call this first, so they see
+    /// every acknowledged put; the background applier and clean shutdowns call it too.
+    public func applyLog() throws {
+        guard log != nil, hasPendingBatches else { return }
+        // An LMDB writer applies pending batches before its group, or fails the
+        // group with the reason.
+        try committer.submit { _ in }
+    }
+
+    /// Logs a batch of valid items instead of committing it to LMDB, when it may
+    /// be: the shard has a log and room to spare, and no value needs chunks.
+    /// Returns false when the batch must take the direct path.
+    func logBatch(_ items: [EntryWrite], statuses: [ShardError?], now: Int64, clientID: String) throws -> Bool {
+        guard log != nil else { return false }
+        guard !clientID.isEmpty else { throw ShardError.clientIDRequired }
+        guard clientID == owner else { throw ShardError.fenced(owner: owner, client: clientID) }
+        var valid: [EntryWrite] = []
+        valid.reserveCapacity(items.count)
+        for i in items.indices where statuses[i] == nil {
+            var item = items[i]
+            // Chunked values, and more indexes than the log's count field holds, go direct.
+            if item.value.count > chunkSize || item.indexes.count > Int(UInt16.max) { return false }
+            if item.modificationTime == nil { item.modificationTime = now }
+            // A point read of a pending put that creates its key must show the
+            // number the entry will have: it is fixed now.
+            if !item.isDeletion && item.entryNumber == nil { item.entryNumber = newEntryNumber() }
+            // What is logged is what is applied, in memory now or replayed later.
+            if item.keepsIndexes || item.isDeletion { item.indexes = [] }
+            valid.append(item)
+        }
+        let size = BatchLog.encodedSize(valid)
+        guard size <= Int(UInt32.max) else { return false }
+        let cost = Self.applyCost(valid)
+        let memory = Self.memorySize(valid)
+        let (pending, failing) = logLock.withLock { (pendingBytes, logFailure != nil) }
+        // Back-pressure, and a retry of a failed apply before more is acknowledged.
+        if failing || pending + memory > Self.pendingLimit
+            || Self.processPending.value + memory > Self.processPendingLimit {
+            try applyLog()
+        }
+        var logged = false
+        do {
+            try logCommitter.submit { group in
+                // Checked in log order: `close()` stops appends before it commits,
+                // and room is reserved against everything logged before.
+                let (closing, broken, pendingCost) = self.logLock.withLock { (self.logClosing, self.logBroken, self.pendingCost) }
+                guard !closing, !broken, self.state == .open,
+                      2 * self.env.info.usedBytes + pendingCost + group.cost + cost + Self.logRoomMargin <= self.sizeLimit
+                else { return }
+                BatchLog.encode(sequence: group.next, items: valid, into: &group.bytes)
+                group.batches.append(PendingBatch(sequence: group.next, items: valid, bytes: memory, cost: cost))
+                group.next += 1
+                group.cost += cost
+                logged = true
+            }
+        } catch where !logged {
+            return false  // another member's failure: this batch was not written; go direct
+        }
+        guard logged else { return false }
+        if let observer = onCommit { observer(valid.map(\.key)) }
+        LogApplier.shared.wake(self)
+        return true
+    }
+
+    /// Whether a batch commits straight to LMDB, appending: every key lies past
+    /// the last key in the shard, and nothing is pending. That is LMDB's best case
+    /// (new pages, filled in order, MDB_APPEND). Any other batch is logged: its
+    /// acknowledgment waits for one log fsync instead of a commit's two, and the
+    /// applier puts many batches into LMDB together, in key order, where entries
+    /// share pages (measured: faster for scattered keys by far, and for keys
+    /// counting up in the middle of the tree too). Either path is correct.
+    func appendsPastLastKey(_ items: [EntryWrite], _ statuses: [ShardError?]) throws -> Bool {
+        guard !hasPendingBatches else { return false }
+        var lowest: Int?
+        for i in items.indices where statuses[i] == nil {
+            if lowest.map({ compareKeys(items[i].key, items[$0].key) < 0 }) ?? true { lowest = i }
+        }
+        guard let lowest else { return false }
+        let first = items[lowest].key
+        let entries = self.entries
+        return try readTransaction(applyingLog: false) { txn in
+            try txn.withCursor(entries) { cursor in
+                guard let last = try cursor.last() else { return true }
+                return first.withUnsafeBytes { compareKeys(last.key, $0) } < 0
+            }
+        }
+    }
+
+    /// The memory pending items hold: their bytes and the arrays around them.
+    static func memorySize(_ items: [EntryWrite]) -> Int {
+        items.reduce(0) { sum, item in
+            sum + 128 + item.key.count + item.value.count
+                + item.indexes.reduce(0) { $0 + 80 + $1.name.utf8.count + $1.value.count }
+        }
+    }
+
+    /// What applying these items may take in LMDB, generously: the records, one
+    /// reverse-index row per index (which holds the entry's key again), and twice
+    /// that for half-full pages after splits. With twice the pages in use (a
+    /// transaction may copy every one), this is what the room check adds up, so an
+    /// acknowledged batch never meets the size limit when it is applied.
+    static func applyCost(_ items: [EntryWrite]) -> Int {
+        items.reduce(0) { sum, item in
+            let indexes = item.indexes.reduce(0) { $0 + 48 + 2 * ($1.name.utf8.count + $1.value.count) + item.key.count }
+            return sum + 2 * (64 + item.key.count + item.value.count + indexes)
+        }
+    }
+
+    /// Appends a group of batches to the log with one fdatasync (the log
+    /// committer's leader runs this, one group at a time).
+    func runLogGroup(_ group: [GroupCommitter<LogGroup>.Pending]) {
+        guard let log else { return }
+        var ctx = LogGroup(next: lastLogged + 1)
+        for member in group {
+            do { try member.body(&ctx) } catch { member.error = error }
+        }
+        guard !ctx.batches.isEmpty else { return }
+        do {
+            // Under steady load something is always pending: past its size bound the
+            // file is emptied anyway, once what it holds is applied.
+            if log.end > batchLogLimit { try applyLog() }
+            // Nothing pending: every record in the file is applied, so start afresh.
+            if log.end > 0, !hasPendingBatches { try log.reset() }
+            try log.append(ctx.bytes)
+        } catch {
+            if let logError = error as? BatchLogError, logError.broken { logLock.withLock { logBroken = true } }
+            let failure = error as? ShardError ?? ShardError.storage("\(error)")
+            for member in group { member.error = failure }
+            return
+        }
+        lastLogged = ctx.next - 1
+        let bytes = ctx.batches.reduce(0) { $0 + $1.bytes }
+        Self.processPending.add(bytes)
+        logLock.withLock {
+            pendingBatches += ctx.batches
+            pendingBytes += bytes
+            pendingCost += ctx.cost
+            for batch in ctx.batches {
+                for (i, item) in batch.items.enumerated() { pendingKeys[keyHash(item.key)] = PendingKey(sequence: batch.sequence, item: i) }
+                pendingItems += batch.items.count
+            }
+            lastLogTime = .now
+        }
+    }
+
+    /// Whether the background applier should apply now: enough is pending for a
+    /// transaction where entries share pages, or the writers have paused (so LMDB,
+    /// and read-only views, catch up within milliseconds of the last put).
+    func logIsWorthApplying() -> Bool {
+        logLock.withLock {
+            !holdingBackgroundApply && !pendingBatches.isEmpty
+                && (pendingBytes >= Self.applyThreshold || ContinuousClock.now - lastLogTime >= LogApplier.idleDelay)
+        }
+    }
+
+    var hasPendingBatches: Bool { logLock.withLock { !pendingBatches.isEmpty } }
+
+    /// What a point read of one key finds in the pending logged batches.
+    enum PendingLookup {
+        /// Nothing pending for the key: LMDB has it (or not).
+        case notPending
+        /// The last pending put of the key (its value is inline: logged values are).
+        case put(EntryWrite)
+        case deleted
+    }
+
+    /// Runs `body` in a read snapshot, with what pending logged batches hold for
+    /// each of `keys` (nil when nothing is pending for them), so a point read sees
+    /// every acknowledged put without waiting for the log to be applied (a lookup
+    /// of a name being created must not wait for a commit either). The lookups
+    /// and the snapshot's start are taken together under `logLock` (an apply
+    /// takes its batches off the pending list under it, after its commit), so
+    /// they agree: no write lands between them. When the pending map cannot tell
+    /// (a hash collision, or a put that keeps the indexes LMDB holds), the log is
+    /// applied first and the lookup is made again.
+    func readSeeingPending<Keys: Collection<[UInt8]>, R>(_ keys: Keys, _ body: ([PendingLookup]?, Transaction) throws -> R) throws -> R {
+        let hashes = log == nil ? [] : keys.map(keyHash)
+        while true {
+            let outcome: R?
+            do {
+                outcome = try env.read(prepare: { begin in
+                    try logLock.withLock {
+                        let answer = hashes.isEmpty ? PendingAnswer.none : pendingAnswer(keys, hashes)
+                        try begin()
+                        return answer
+                    }
+                }) { answer, txn -> R? in
+                    switch answer {
+                    case .unknown: return nil
+                    case .none: return try body(nil, txn)
+                    case .lookups(let lookups): return try body(lookups, txn)
+                    }
+                }
+            } catch let error as ShardError {
+                throw error
+            } catch {
+                throw ShardError.from(error, limit: sizeLimit)
+            }
+            if let outcome { return outcome }
+            try applyLog()
+        }
+    }
+
+    /// What the pending map says about `keys` (whose hashes are `hashes`). Under `logLock`.
+    func pendingAnswer<Keys: Collection<[UInt8]>>(_ keys: Keys, _ hashes: [UInt64]) -> PendingAnswer {
+        guard let base = pendingBatches.first?.sequence else { return .none }
+        var lookups: [PendingLookup] = []
+        var any = false
+        for (key, hash) in zip(keys, hashes) {
+            guard let found = pendingKeys[hash], found.sequence > appliedSequence else {
+                lookups.append(.notPending)
+                continue
+            }
+            guard found.sequence >= base else { return .unknown }
+            let at = Int(found.sequence - base)
+            guard at < pendingBatches.count, pendingBatches[at].sequence == found.sequence else { return .unknown }
+            let item = pendingBatches[at].items[found.item]
+            guard item.key == key, !item.keepsIndexes else { return .unknown }
+            lookups.append(item.isDeletion ? .deleted : .put(item))
+            any = true
+        }
+        return any ? .lookups(lookups) : .none
+    }
+
+    enum PendingAnswer { case none, lookups([PendingLookup]), unknown }
+
+    /// Applies the pending batches in one durable transaction that also records
+    /// the last applied sequence (so a restart replays exactly the rest), or, if
+    /// that fails, batch by batch. Runs in the LMDB committer's leader, before its
+    /// group; returns why pending batches could not all be applied.
+    func applyPendingBatches() -> ShardError? {
+        let batches = logLock.withLock { pendingBatches }
+        guard !batches.isEmpty else { return nil }
+        do {
+            try applyBatches(batches)
+        } catch {
+            // A large group may not fit where its batches one by one do.
+            for batch in batches {
+                do { try applyBatches([batch]) } catch {
+                    let failure = ShardError.storage(
+                        "acknowledged batches cannot be applied yet (\(ShardError.from(error, limit: sizeLimit))); they are kept in the batch log and retried")
+                    logLock.withLock { logFailure = failure }
+                    return failure
+                }
+            }
+        }
+        logLock.withLock { logFailure = nil }
+        return nil
+    }
+
+    func applyBatches(_ batches: [PendingBatch]) throws {
+        if let fault = applyFault { try fault() }
+        var numbers: UInt64?
+        try env.write { txn in
+            try applyInKeyOrder(txn, batches.map(\.items))
+            try setMetaCounter(txn, Self.logAppliedKey, batches.last!.sequence)
+            numbers = try storeEntryNumbers(txn)
+        }
+        entryNumbersStored(numbers)
+        let bytes = batches.reduce(0) { $0 + $1.bytes }
+        let cost = batches.reduce(0) { $0 + $1.cost }
+        Self.processPending.add(-bytes)
+        logLock.withLock {
+            pendingBatches.removeFirst(batches.count)
+            pendingBytes -= bytes
+            pendingCost -= cost
+            appliedSequence = batches.last!.sequence
+            pendingItems -= batches.reduce(0) { $0 + $1.items.count }
+            if pendingBatches.isEmpty {
+                pendingKeys.removeAll(keepingCapacity: true)
+            } else if pendingKeys.count > 2 * pendingItems + 65_536 {
+                // Under steady load the map would keep every key ever written.
+                pendingKeys.removeAll(keepingCapacity: true)
+                for batch in pendingBatches {
+                    for (i, item) in batch.items.enumerated() { pendingKeys[keyHash(item.key)] = PendingKey(sequence: batch.sequence, item: i) }
+                }
+            }
+        }
+    }
+
+    /// Applies the items of many batches in key order: inserts that follow the
+    /// B-tree's order touch each page once, with its path still in cache, where
+    /// random keys would jump between pages. Items of one key keep their log
+    /// order, so the last one wins, as it would applied batch by batch.
+    func applyInKeyOrder(_ txn: Transaction, _ batches: [[EntryWrite]]) throws {
+        let items = batches.count == 1 ? batches[0] : Array(batches.joined())
+        // The keys go into one buffer, so the sort compares bytes without touching
+        // (and retaining) the items; it orders by the first 8 bytes as an integer,
+        // then by whole keys, then by log order (the items' order).
+        typealias Position = (prefix: UInt64, offset: UInt32, length: UInt32, index: UInt32)
+        var keys: [UInt8] = []
+        keys.reserveCapacity(items.reduce(0) { $0 + $1.key.count })
+        var order: [Position] = []
+        order.reserveCapacity(items.count)
+        for (i, item) in items.enumerated() {
+            order.append((keyPrefix(item.key), UInt32(keys.count), UInt32(item.key.count), UInt32(i)))
+            keys.append(contentsOf: item.key)
+        }
+        keys.withUnsafeBytes { keys in
+            func precedes(_ x: Position, _ y: Position) -> Bool {
+                if x.prefix != y.prefix { return x.prefix < y.prefix }
+                let c = compareKeys(UnsafeRawBufferPointer(rebasing: keys[Int(x.offset)..<Int(x.offset + x.length)]),
+                                    UnsafeRawBufferPointer(rebasing: keys[Int(y.offset)..<Int(y.offset + y.length)]))
+                return c != 0 ? c < 0 : x.index < y.index
+            }
+            // Appends (keys already increasing) need no sort.
+            if !order.indices.dropFirst().allSatisfy({ precedes(order[$0 - 1], order[$0]) }) {
+                order.sort(by: precedes)
+            }
+        }
+        for position in order {
+            try applyItem(txn, items[Int(position.index)], defaultTime: Shard.now())
+        }
+    }
+
+    /// One item of a batch: a put, or a delete (nothing happens if the entry is
+    /// absent). Mid-batch, an unreadable old record aborts the whole transaction.
+    func applyItem(_ txn: Transaction, _ item: EntryWrite, defaultTime: Int64, appending: Bool = false) throws {
+        guard item.isDeletion else {
+            return try writeEntry(txn, item, defaultTime: defaultTime, appending: appending)
+        }
+        if let raw = try txn.get(entries, item.key) {
+            guard let old = try? oldEntry(raw) else { throw LMDBError.corrupted }
+            try removeEntry(txn, key: item.key, old: old)
+        }
+    }
+
+    /// At open: applies what the log holds beyond the last applied sequence (batches
+    /// acknowledged before a crash), then empties it. Acknowledged data must get
+    /// in: if it does not fit under the size limit, the map grows to take it (the
+    /// shard is then full for new writes).
+    func replayLog() throws {
+        guard let log else { return }
+        let applied = try env.read { txn in try metaCounter(txn, Self.logAppliedKey) }
+        let records = try log.records().filter { $0.sequence > applied }
+        // Numbers the log's puts carry were handed out before the crash.
+        let logged = records.lazy.flatMap(\.items).compactMap(\.entryNumber).max() ?? 0
+        numberLock.withLock { lastEntryNumber = max(lastEntryNumber, logged) }
+        if let last = records.last {
+            let apply = {
+                var numbers: UInt64?
+                try self.env.write { txn in
+                    try self.applyInKeyOrder(txn, records.map(\.items))
+                    try self.setMetaCounter(txn, Self.logAppliedKey, last.sequence)
+                    numbers = try self.storeEntryNumbers(txn)
+                }
+                self.entryNumbersStored(numbers)
+            }
+            do {
+                do { try apply() } catch let error as LMDBError where error == .mapFull {
+                    // No transaction is open on this new environment, so the map may grow.
+                    let needed = Self.applyCost(records.flatMap(\.items))
+                    try env.setMapSize(env.info.mapSize + 2 * env.info.usedBytes + needed + Self.logRoomMargin)
+                    try apply()
+                    try env.setMapSize(sizeLimit)  // LMDB keeps at least what is in use
+                }
+            } catch {
+                throw ShardError.storage("cannot apply the batch log of \(path): \(ShardError.from(error, limit: sizeLimit))")
+            }
+        }
+        lastLogged = max(applied, records.last?.sequence ?? 0)
+        appliedSequence = lastLogged
+        if log.end > 0 { try log.reset() }
+    }
+}
+
+/// A byte count shared by all shards of the process.
+final class PendingTotal: @unchecked Sendable {
+    private let lock = NSLock()
+    private var total = 0
+    var value: Int { lock.withLock { total } }
+    func add(_ bytes: Int) { lock.withLock { total += bytes } }
+}

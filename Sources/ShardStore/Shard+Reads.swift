@@ -1,0 +1,227 @@
+import Foundation
+import LMDB
+
+// Reads: point reads (which see pending logged batches), listings, the reverse
+// index and statistics. Reads never wait for writers.
+
+extension Shard {
+    // MARK: Reads
+
+    public func get(_ key: EntryKey) throws -> Entry {
+        try readSeeingPending(CollectionOfOne(key.bytes)) { pending, txn in
+            switch pending?[0] {
+            case .put(let item)?: return Entry(pending: item)
+            case .deleted?: throw ShardError.entryNotFound(key)
+            case .notPending?, nil: break
+            }
+            guard let raw = try txn.get(entries, key.bytes) else { throw ShardError.entryNotFound(key) }
+            let view = try RecordView(raw)
+            return Entry(key: key, value: try value(txn, key.bytes, view), indexes: view.indexes(),
+                         modificationTime: view.modificationTime)
+        }
+    }
+
+    /// Gets many entries from one snapshot; a missing entry is reported at its position.
+    public func batchGet(_ keys: [EntryKey]) throws -> [Result<Entry, ShardError>] {
+        try readSeeingPending(keys.lazy.map(\.bytes)) { pending, txn in
+            keys.indices.map { i in
+                let key = keys[i]
+                switch pending?[i] {
+                case .put(let item)?: return .success(Entry(pending: item))
+                case .deleted?: return .failure(.entryNotFound(key))
+                case .notPending?, nil: break
+                }
+                do {
+                    guard let raw = try txn.get(entries, key.bytes) else { return .failure(.entryNotFound(key)) }
+                    let view = try RecordView(raw)
+                    return .success(Entry(key: key, value: try value(txn, key.bytes, view), indexes: view.indexes(),
+                                          modificationTime: view.modificationTime))
+                } catch let error as ShardError {
+                    return .failure(error)
+                } catch {
+                    return .failure(.storage("\(error)"))
+                }
+            }
+        }
+    }
+
+    /// Size, modification time and indexes of an entry, or nil if there is none.
+    public func attributes(_ key: EntryKey) throws -> EntryAttributes? {
+        try readSeeingPending(CollectionOfOne(key.bytes)) { pending, txn in
+            let stored = try txn.get(entries, key.bytes).map { try RecordView($0) }
+            switch pending?[0] {
+            case .put(let item)?:
+                // The entry keeps what it has beside its value (a deletion pending
+                // before this put may yet drop it: then the put's number holds).
+                var metadata = stored?.metadata ?? EntryMetadata(number: item.entryNumber ?? 0)
+                metadata.changeTime = nil
+                if metadata.number == 0 { metadata.number = item.entryNumber ?? 0 }
+                return EntryAttributes(key: key, size: item.value.count, modificationTime: item.modificationTime ?? 0,
+                                       indexes: item.indexes, metadata: metadata)
+            case .deleted?: return nil
+            case .notPending?, nil: break
+            }
+            guard let view = stored else { return nil }
+            return EntryAttributes(key: key, size: view.size, modificationTime: view.modificationTime,
+                                   indexes: view.indexes(), metadata: view.metadata)
+        }
+    }
+
+    /// Up to `count` bytes of the value from `offset`, touching only the chunks needed.
+    public func read(_ key: EntryKey, offset: Int, count: Int) throws -> [UInt8] {
+        guard offset >= 0, count >= 0 else { throw ShardError.invalidArgument("negative offset or count") }
+        return try readSeeingPending(CollectionOfOne(key.bytes)) { pending, txn in
+            switch pending?[0] {
+            case .put(let item)?:
+                let end = min(item.value.count, offset &+ count)
+                return offset < end ? Array(item.value[offset..<end]) : []
+            case .deleted?: throw ShardError.entryNotFound(key)
+            case .notPending?, nil: break
+            }
+            guard let raw = try txn.get(entries, key.bytes) else { throw ShardError.entryNotFound(key) }
+            let view = try RecordView(raw)
+            let end = min(view.size, offset &+ count)
+            guard offset < end else { return [] }
+            if !view.flags.contains(.chunked) { return Array(view.inlineValue[offset..<end]) }
+            var out: [UInt8] = []
+            out.reserveCapacity(end - offset)
+            var position = offset
+            while position < end {
+                let n = position / chunkSize
+                let chunk = try self.chunk(txn, key.bytes, n, view)
+                let start = position - n * chunkSize
+                let stop = min(chunk.count, end - n * chunkSize)
+                out.append(contentsOf: chunk[start..<stop])
+                position = n * chunkSize + stop
+            }
+            return out
+        }
+    }
+
+    /// Entries in key order, starting after `after` (or at the first), at most `limit` of them.
+    public func list(after: EntryKey? = nil, limit: Int = .max) throws -> [EntrySummary] {
+        var rows: [EntrySummary] = []
+        try forEachEntry(after: after) { view in
+            guard rows.count < limit else { return false }
+            rows.append(EntrySummary(key: EntryKey(trusted: Array(view.key)), size: view.size,
+                                     modificationTime: view.modificationTime, metadata: view.metadata))
+            return rows.count < limit
+        }
+        return rows
+    }
+
+    /// Visits entries in key order from one snapshot until `body` returns false.
+    /// The view is valid only during the call. Inlinable: listings are hot, and
+    /// specialising the caller's closure into the loop matters.
+    @inlinable
+    public func forEachEntry(after: EntryKey? = nil, _ body: (EntryView) throws -> Bool) throws {
+        try readTransaction { txn in
+            try txn.withCursor(entries) { cursor in
+                var pair: Cursor.Pair?
+                if let after {
+                    pair = try after.bytes.withUnsafeBytes { try cursor.seek(atLeast: $0) }
+                    if let p = pair, p.key.elementsEqual(after.bytes) { pair = try cursor.next() }
+                } else {
+                    pair = try cursor.first()
+                }
+                // Cache misses bound a scan, so it overlaps them: on reaching a
+                // leaf page it asks for all of that page's nodes at once, and it
+                // gathers entries in blocks, prefetching each record, before
+                // handing them to `body`. Pages stay mapped for the whole read
+                // transaction, so held pointers stay valid.
+                var pages = LeafPagePrefetcher(env)
+                try withUnsafeTemporaryAllocation(of: Cursor.Pair.self, capacity: Shard.scanBlock) { block in
+                    while pair != nil {
+                        var count = 0
+                        while let p = pair, count < Shard.scanBlock {
+                            pages.visit(key: p.key.baseAddress)
+                            prefetch(p.value.baseAddress)
+                            block.initializeElement(at: count, to: p)
+                            count += 1
+                            pair = try cursor.next()
+                        }
+                        for i in 0..<count {
+                            let (key, raw) = block[i]
+                            guard recordHeadIsSane(raw) else {
+                                throw ShardError.corrupt("unreadable record for key \(String(decoding: key, as: UTF8.self))")
+                            }
+                            guard try body(EntryView(key: key, record: raw)) else { return }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Entries a scan gathers before handing them on (a few pages' worth).
+    @usableFromInline static let scanBlock = 64
+
+    /// Keys of the entries whose index `name` has exactly `value`, in key order.
+    public func find(indexName name: String, value: [UInt8], after: EntryKey? = nil, limit: Int = .max) throws -> [EntryKey] {
+        let nameBytes = Array(name.utf8)
+        guard !nameBytes.isEmpty, nameBytes.count <= IndexPair.maxNameLength else {
+            throw ShardError.invalidIndex("an index name is 1–\(IndexPair.maxNameLength) bytes")
+        }
+        let rk = nameBytes.withUnsafeBytes { n in value.withUnsafeBytes { reverseIndexKey(name: n, value: $0) } }
+        let hashed = reverseIndexKeyIsHashed(value.count)
+        return try readTransaction { txn in
+            var keys: [EntryKey] = []
+            try txn.withCursor(indexes) { cursor in
+                var pair: Cursor.Pair? = try rk.withUnsafeBytes { k in
+                    if let after {
+                        var p = try after.bytes.withUnsafeBytes { try cursor.seek(key: k, atLeastValue: $0) }
+                        if let found = p, found.value.elementsEqual(after.bytes) { p = try cursor.nextDuplicate() }
+                        return p
+                    }
+                    return try cursor.seek(exactly: k)
+                }
+                while let p = pair, keys.count < limit {
+                    let key = Array(p.value)
+                    let matches = try !hashed || entryHasIndex(txn, key, name: nameBytes, value: value)
+                    if matches {
+                        keys.append(EntryKey(trusted: key))
+                    }
+                    pair = try cursor.nextDuplicate()
+                }
+            }
+            return keys
+        }
+    }
+
+    /// An upper bound of the bytes in use, without reading the free list (cheap:
+    /// for checks on hot paths; `stats()` gives the exact figure).
+    public var usedBytesUpperBound: Int { env.info.usedBytes + logLock.withLock { pendingCost } }
+
+    public func stats() throws -> ShardStats {
+        let (count, free) = try readTransaction { txn in (try txn.count(entries), try txn.freePageCount()) }
+        let info = env.info
+        let used = max(0, info.lastPage + 1 - free) * info.pageSize
+        return ShardStats(id: id, owner: owner, state: state, entries: count, usedBytes: used, limitBytes: sizeLimit)
+    }
+
+    func chunk(_ txn: Transaction, _ key: [UInt8], _ n: Int, _ view: RecordView) throws -> UnsafeRawBufferPointer {
+        guard let chunk = try txn.get(chunks, chunkKey(view.chunkSet, n)) else {
+            throw ShardError.corrupt("chunk \(n) of \(EntryKey(trusted: key)) is missing")
+        }
+        let expected = min(chunkSize, view.size - n * chunkSize)
+        guard chunk.count == expected else { throw ShardError.corrupt("chunk \(n) has \(chunk.count) bytes, not \(expected)") }
+        return chunk
+    }
+
+    func value(_ txn: Transaction, _ key: [UInt8], _ view: RecordView) throws -> [UInt8] {
+        guard view.flags.contains(.chunked) else { return Array(view.inlineValue) }
+        var out: [UInt8] = []
+        out.reserveCapacity(view.size)
+        for n in 0..<view.chunkCount { out.append(contentsOf: try chunk(txn, key, n, view)) }
+        return out
+    }
+
+    func entryHasIndex(_ txn: Transaction, _ key: [UInt8], name: [UInt8], value: [UInt8]) throws -> Bool {
+        guard let raw = try txn.get(entries, key) else { return false }
+        var found = false
+        try RecordView(raw).forEachIndex { n, v in
+            if n.elementsEqual(name) && v.elementsEqual(value) { found = true }
+        }
+        return found
+    }
+}

@@ -1,0 +1,44 @@
+import Foundation
+import Glibc
+import LMDB
+
+/// fsyncs a directory, making renames and creations in it durable.
+public func syncDirectory(_ path: String) throws {
+    let fd = Glibc.open(path, O_RDONLY | O_DIRECTORY)
+    guard fd >= 0 else { throw ShardError.storage("cannot open \(path): \(String(cString: strerror(errno)))") }
+    defer { Glibc.close(fd) }
+    guard fsync(fd) == 0 else { throw ShardError.storage("cannot fsync \(path): \(String(cString: strerror(errno)))") }
+}
+
+/// The shard's own description, kept in its `meta` database so that a shard's
+/// directory describes itself (owner, state, limit) even without metadata.
+struct Descriptor {
+    var id: UInt64
+    var owner: String
+    var state: ShardState
+    var sizeLimit: Int
+
+    static let formatVersion = "2"
+
+    func store(_ txn: Transaction, _ db: Database) throws {
+        for (k, v) in [("format", Descriptor.formatVersion), ("id", String(id)), ("owner", owner),
+                       ("state", state.rawValue), ("sizeLimit", String(sizeLimit))] {
+            try txn.put(db, Array(k.utf8), Array(v.utf8))
+        }
+    }
+
+    static func load(_ txn: Transaction, _ db: Database, path: String) throws -> Descriptor {
+        func field(_ name: String) throws -> String {
+            guard let raw = try txn.get(db, Array(name.utf8)) else {
+                throw ShardError.notAShard("\(path) has no \(name) in its shard descriptor")
+            }
+            return String(decoding: raw, as: UTF8.self)
+        }
+        guard try field("format") == formatVersion else { throw ShardError.corrupt("unknown shard format at \(path)") }
+        guard let id = UInt64(try field("id")), let limit = Int(try field("sizeLimit")),
+              let state = ShardState(rawValue: try field("state")) else {
+            throw ShardError.corrupt("unreadable shard descriptor at \(path)")
+        }
+        return Descriptor(id: id, owner: try field("owner"), state: state, sizeLimit: limit)
+    }
+}

@@ -1,0 +1,144 @@
+import Foundation
+
+/// Whether a shard takes writes. Closed is forever.
+public enum ShardState: String, Codable, Sendable {
+    case open
+    case closed
+}
+
+/// An entry as read back.
+public struct Entry: Sendable, Equatable {
+    public var key: EntryKey
+    public var value: [UInt8]
+    public var indexes: [IndexPair]
+    /// Nanoseconds since 1970.
+    public var modificationTime: Int64
+}
+
+extension Entry {
+    /// A logged put not yet applied to LMDB (its key was checked when it was logged).
+    init(pending item: EntryWrite) {
+        self.init(key: EntryKey(trusted: item.key), value: item.value, indexes: item.indexes,
+                  modificationTime: item.modificationTime ?? 0)
+    }
+}
+
+/// What a file view needs of an entry, without its value.
+public struct EntryAttributes: Sendable, Equatable {
+    public var key: EntryKey
+    public var size: Int
+    public var modificationTime: Int64
+    public var indexes: [IndexPair]
+    public var metadata: EntryMetadata
+
+    public init(key: EntryKey, size: Int, modificationTime: Int64, indexes: [IndexPair], metadata: EntryMetadata = EntryMetadata()) {
+        self.key = key
+        self.size = size
+        self.modificationTime = modificationTime
+        self.indexes = indexes
+        self.metadata = metadata
+    }
+}
+
+/// One row of a listing.
+public struct EntrySummary: Sendable, Equatable {
+    public var key: EntryKey
+    public var size: Int
+    public var modificationTime: Int64
+    public var metadata: EntryMetadata = EntryMetadata()
+}
+
+/// What `updateEntry` may change of an entry, leaving its value as it is.
+public struct EntryChange: Sendable {
+    public var indexes: [IndexPair]
+    public var modificationTime: Int64
+    public var metadata: EntryMetadata
+}
+
+/// A listing row borrowed from the map; valid only inside the `forEachEntry` callback.
+/// Size and time are read from the record only when asked for, so a listing of
+/// names alone touches no record.
+public struct EntryView {
+    public let key: UnsafeRawBufferPointer
+    @usableFromInline let record: UnsafeRawBufferPointer
+
+    @usableFromInline init(key: UnsafeRawBufferPointer, record: UnsafeRawBufferPointer) {
+        self.key = key
+        self.record = record
+    }
+
+    @inlinable public var size: Int { recordValueSize(record) }
+    @inlinable public var modificationTime: Int64 { recordModificationTime(record) }
+    /// The entry's number (0: none), read from the record's extension.
+    @inlinable public var entryNumber: UInt64 { recordEntryNumber(record) }
+    /// Its metadata (mode, times), decoded from the record.
+    public var metadata: EntryMetadata { recordMetadata(record) }
+}
+
+/// One item of a batch put. The key is validated by the shard (per-item status).
+public struct EntryWrite: Sendable {
+    public var key: [UInt8]
+    public var value: [UInt8]
+    public var indexes: [IndexPair]
+    /// Nanoseconds since 1970; nil means now.
+    public var modificationTime: Int64?
+    /// Keep the indexes the entry has when the batch commits (`indexes` is ignored):
+    /// a file rewritten through the mount keeps its extended attributes.
+    public var keepsIndexes = false
+    /// Delete the entry instead (nothing happens if it does not exist).
+    public var isDeletion = false
+    /// The number the entry gets if this put creates its key (an existing entry
+    /// keeps its own); nil: the shard gives one. Logged puts carry theirs.
+    public var entryNumber: UInt64?
+
+    /// An item of a batch that deletes `key`.
+    public static func deletion(of key: [UInt8]) -> EntryWrite {
+        var item = EntryWrite(key: key, value: [])
+        item.isDeletion = true
+        return item
+    }
+
+    public init(key: [UInt8], value: [UInt8], indexes: [IndexPair] = [], modificationTime: Int64? = nil,
+                keepsIndexes: Bool = false) {
+        self.key = key
+        self.value = value
+        self.indexes = indexes
+        self.modificationTime = modificationTime
+        self.keepsIndexes = keepsIndexes
+    }
+
+    public init(key: EntryKey, value: [UInt8], indexes: [IndexPair] = [], modificationTime: Int64? = nil) {
+        self.init(key: key.bytes, value: value, indexes: indexes, modificationTime: modificationTime)
+    }
+}
+
+public struct ShardStats: Sendable, Equatable {
+    public var id: UInt64
+    public var owner: String
+    public var state: ShardState
+    public var entries: Int
+    /// Bytes of the data file holding live data (LMDB pages in use, not free-listed).
+    public var usedBytes: Int
+    /// The size limit: writes that would grow the shard past it fail as `full`.
+    public var limitBytes: Int
+}
+
+/// How to open or create a shard.
+public struct ShardOptions: Sendable {
+    public static let defaultSizeLimit = 2 << 30  // 2 GiB
+    public static let minimumSizeLimit = 256 << 10
+
+    /// Size limit for a new shard (an existing shard keeps the one it was created with).
+    public var sizeLimit = ShardOptions.defaultSizeLimit
+    /// Open as a read-only view (backup nodes, read-only mounts): every write fails with `readOnlyView`.
+    public var readOnly = false
+    /// Commit with fsync (the default): a write is durable when it returns. When false,
+    /// commits are atomic but only made durable by `sync()`.
+    public var durableCommits = true
+    /// Batch log size past which an append first applies everything and empties it.
+    var batchLogLimit = 256 << 20
+    /// How long a writable open waits for another instance to let go of the shard.
+    var writerWait = Duration.seconds(2)
+
+    public init() {}
+}
