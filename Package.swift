@@ -13,13 +13,15 @@ import PackageDescription
 //   ShardNode     - the shard manager, configuration, the node composing the layers
 //   ShardFUSE     - the FUSE filesystem (libfuse low-level API)
 //   BatchProtocol, BatchServer, ShardFSClient - the batch socket service
-//   Benchmarks    - the benchmarks `shardfs bench` runs
+//   Benchmarks    - the benchmarks `shardfs-bench` runs
 //   shardfs       - the command-line executable
+//   ShardFSBench  - the `shardfs-bench` executable (kept out of the binary users run)
 let package = Package(
     name: "ShardFS",
     platforms: [.macOS(.v14)],
     products: [
         .executable(name: "shardfs", targets: ["shardfs"]),
+        .executable(name: "shardfs-bench", targets: ["ShardFSBench"]),
         .library(name: "ShardStore", targets: ["ShardStore"]),
         .library(name: "ShardNode", targets: ["ShardNode"]),
     ],
@@ -77,9 +79,13 @@ let package = Package(
         ]),
         .target(name: "Benchmarks", dependencies: ["ShardStore", "LMDB", "CLMDB", "BatchProtocol", "ShardFSClient"]),
         .executableTarget(name: "shardfs", dependencies: [
-            "ShardNode", "Benchmarks", "BatchServer", "ShardFSClient", "ShardFUSE",
+            "ShardNode", "BatchServer", "ShardFSClient", "ShardFUSE",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
+        ]),
+        .executableTarget(name: "ShardFSBench", dependencies: [
+            "Benchmarks",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 
         // Temporary folders and child processes for the tests.
@@ -98,7 +104,7 @@ let package = Package(
             "shardfs", "ShardFUSE", "ShardStore", "TestSupport",
             .product(name: "Logging", package: "swift-log"),
         ]),
-        .testTarget(name: "CommandTests", dependencies: ["shardfs", "ShardStore", "TestSupport"]),
+        .testTarget(name: "CommandTests", dependencies: ["shardfs", "ShardFSBench", "ShardStore", "TestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )
