@@ -6,6 +6,7 @@ import PackageDescription
 //   CChecksum     - CRC-32C for the shards' batch logs
 //   CFuseRing     - FUSE over io_uring for libfuse 3.14 (per-CPU request queues)
 //   LMDB          - a thin, safe Swift wrapper over the LMDB C API
+//   CMallocTuning, NodeSupport - process-wide helpers: blockingWork, the malloc tuning
 //   ShardStore    - the shard engine: one LMDB environment per shard
 //   Metadata      - the metadata interface, the embedded store, the retry wrapper
 //   MetadataEtcd  - the metadata store on etcd (v3 JSON gateway over libcurl)
@@ -37,11 +38,13 @@ let package = Package(
         .systemLibrary(name: "CCurl", pkgConfig: "libcurl", providers: [.apt(["libcurl4-openssl-dev"])]),
 
         .target(name: "LMDB", dependencies: ["CLMDB"]),
+        .target(name: "CMallocTuning"),
+        .target(name: "NodeSupport", dependencies: ["CMallocTuning"]),
         .target(name: "CChecksum"),
         .target(name: "CFuseRing", dependencies: ["CFuse3"]),
         .target(name: "ShardStore", dependencies: ["LMDB", "CChecksum"]),
         .target(name: "Metadata", dependencies: [
-            "LMDB",
+            "LMDB", "NodeSupport",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "MetadataEtcd", dependencies: [
@@ -52,7 +55,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "ShardNode", dependencies: [
-            "LMDB", "ShardStore", "Metadata", "MetadataEtcd", "Volumes",
+            "NodeSupport", "ShardStore", "Metadata", "MetadataEtcd", "Volumes",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Yams", package: "Yams"),
         ]),
