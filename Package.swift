@@ -93,10 +93,14 @@ let package = Package(
 
         // Temporary folders and child processes for the tests.
         .target(name: "TestSupport", path: "Tests/TestSupport"),
+        // The contract every MetadataStore keeps, run by each store's tests.
+        .target(name: "MetadataConformance", dependencies: ["Metadata"], path: "Tests/MetadataConformance"),
         .testTarget(name: "LMDBTests", dependencies: ["LMDB", "TestSupport"]),
         .testTarget(name: "ShardStoreTests", dependencies: ["ShardStore", "TestSupport"]),
-        .testTarget(name: "MetadataTests", dependencies: ["Metadata", "TestSupport"]),
-        .testTarget(name: "MetadataEtcdTests", dependencies: ["MetadataEtcd", "ShardNode", "ShardStore", "TestSupport"]),
+        .testTarget(name: "MetadataTests", dependencies: ["Metadata", "MetadataConformance", "TestSupport"]),
+        .testTarget(name: "MetadataEtcdTests", dependencies: [
+            "MetadataEtcd", "MetadataConformance", "ShardNode", "ShardStore", "TestSupport",
+        ]),
         .testTarget(name: "VolumesTests", dependencies: ["Volumes", "TestSupport"]),
         .testTarget(name: "ShardNodeTests", dependencies: ["ShardNode", "TestSupport"]),
         .testTarget(name: "BatchProtocolTests", dependencies: ["BatchProtocol", "TestSupport"]),
