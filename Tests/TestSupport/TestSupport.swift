@@ -109,12 +109,24 @@ public final class ServeProcess: @unchecked Sendable {
         readyLine = String(decoding: line, as: UTF8.self)
     }
 
+    /// The Unix socket it serves, from the ready line's `unix=PATH`; nil if none.
+    public var unixSocket: String? {
+        let path = readyLine.split(whereSeparator: \.isWhitespace).first { $0.hasPrefix("unix=") }?.dropFirst("unix=".count)
+        return path.flatMap { $0 == "-" ? nil : String($0) }
+    }
+
     /// SIGTERM if it still runs, then its exit status.
     @discardableResult
     public func stop() -> Int32 {
         if process.isRunning { kill(process.processIdentifier, SIGTERM) }
         process.waitUntilExit()
         return process.terminationStatus
+    }
+
+    /// SIGKILL if it still runs (a crash: no clean shutdown), then waits for it to exit.
+    public func kill9() {
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
     }
 
     /// Its exit status once it exits by itself within `seconds`, else nil.
