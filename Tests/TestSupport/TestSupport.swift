@@ -109,6 +109,14 @@ public final class ServeProcess: @unchecked Sendable {
         readyLine = String(decoding: line, as: UTF8.self)
     }
 
+    /// `init` on a thread of its own, so that waiting for the ready line does not
+    /// hold one of Swift's few cooperative threads (which other tests need).
+    public static func start(_ arguments: [String], environment: [String: String] = [:]) async throws -> ServeProcess {
+        try await withCheckedThrowingContinuation { continuation in
+            Thread { continuation.resume(with: Result { try ServeProcess(arguments, environment: environment) }) }.start()
+        }
+    }
+
     /// The Unix socket it serves, from the ready line's `unix=PATH`; nil if none.
     public var unixSocket: String? {
         let path = readyLine.split(whereSeparator: \.isWhitespace).first { $0.hasPrefix("unix=") }?.dropFirst("unix=".count)
