@@ -6,6 +6,7 @@ import PackageDescription
 //   CChecksum     - CRC-32C for the shards' batch logs
 //   CFuseRing     - FUSE over io_uring for libfuse 3.14 (per-CPU request queues)
 //   LMDB          - a thin, safe Swift wrapper over the LMDB C API
+//   CMallocTuning, NodeSupport - process-wide helpers: blockingWork, the malloc tuning
 //   ShardStore    - the shard engine: one LMDB environment per shard
 //   Metadata      - the metadata interface, the embedded store, the retry wrapper
 //   MetadataEtcd  - the metadata store on etcd (v3 JSON gateway over libcurl)
@@ -13,13 +14,15 @@ import PackageDescription
 //   ShardNode     - the shard manager, configuration, the node composing the layers
 //   ShardFUSE     - the FUSE filesystem (libfuse low-level API)
 //   BatchProtocol, BatchServer, ShardFSClient - the batch socket service
-//   Benchmarks    - the benchmarks `shardfs bench` runs
+//   Benchmarks    - the benchmarks `shardfs-bench` runs
 //   shardfs       - the command-line executable
+//   ShardFSBench  - the `shardfs-bench` executable (kept out of the binary users run)
 let package = Package(
     name: "ShardFS",
     platforms: [.macOS(.v14)],
     products: [
         .executable(name: "shardfs", targets: ["shardfs"]),
+        .executable(name: "shardfs-bench", targets: ["ShardFSBench"]),
         .library(name: "ShardStore", targets: ["ShardStore"]),
         .library(name: "ShardNode", targets: ["ShardNode"]),
     ],
@@ -35,11 +38,13 @@ let package = Package(
         .systemLibrary(name: "CCurl", pkgConfig: "libcurl", providers: [.apt(["libcurl4-openssl-dev"])]),
 
         .target(name: "LMDB", dependencies: ["CLMDB"]),
+        .target(name: "CMallocTuning"),
+        .target(name: "NodeSupport", dependencies: ["CMallocTuning"]),
         .target(name: "CChecksum"),
         .target(name: "CFuseRing", dependencies: ["CFuse3"]),
         .target(name: "ShardStore", dependencies: ["LMDB", "CChecksum"]),
         .target(name: "Metadata", dependencies: [
-            "LMDB",
+            "LMDB", "NodeSupport",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "MetadataEtcd", dependencies: [
@@ -50,7 +55,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "ShardNode", dependencies: [
-            "LMDB", "ShardStore", "Metadata", "MetadataEtcd", "Volumes",
+            "NodeSupport", "ShardStore", "Metadata", "MetadataEtcd", "Volumes",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Yams", package: "Yams"),
         ]),
@@ -77,17 +82,25 @@ let package = Package(
         ]),
         .target(name: "Benchmarks", dependencies: ["ShardStore", "LMDB", "CLMDB", "BatchProtocol", "ShardFSClient"]),
         .executableTarget(name: "shardfs", dependencies: [
-            "ShardNode", "Benchmarks", "BatchServer", "ShardFSClient", "ShardFUSE",
+            "ShardNode", "BatchServer", "ShardFSClient", "ShardFUSE",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
+        ]),
+        .executableTarget(name: "ShardFSBench", dependencies: [
+            "Benchmarks",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 
         // Temporary folders and child processes for the tests.
         .target(name: "TestSupport", path: "Tests/TestSupport"),
+        // The contract every MetadataStore keeps, run by each store's tests.
+        .target(name: "MetadataConformance", dependencies: ["Metadata"], path: "Tests/MetadataConformance"),
         .testTarget(name: "LMDBTests", dependencies: ["LMDB", "TestSupport"]),
         .testTarget(name: "ShardStoreTests", dependencies: ["ShardStore", "TestSupport"]),
-        .testTarget(name: "MetadataTests", dependencies: ["Metadata", "TestSupport"]),
-        .testTarget(name: "MetadataEtcdTests", dependencies: ["MetadataEtcd", "ShardNode", "ShardStore", "TestSupport"]),
+        .testTarget(name: "MetadataTests", dependencies: ["Metadata", "MetadataConformance", "TestSupport"]),
+        .testTarget(name: "MetadataEtcdTests", dependencies: [
+            "MetadataEtcd", "MetadataConformance", "ShardNode", "ShardStore", "TestSupport",
+        ]),
         .testTarget(name: "VolumesTests", dependencies: ["Volumes", "TestSupport"]),
         .testTarget(name: "ShardNodeTests", dependencies: ["ShardNode", "TestSupport"]),
         .testTarget(name: "BatchProtocolTests", dependencies: ["BatchProtocol", "TestSupport"]),
@@ -98,7 +111,7 @@ let package = Package(
             "shardfs", "ShardFUSE", "ShardStore", "TestSupport",
             .product(name: "Logging", package: "swift-log"),
         ]),
-        .testTarget(name: "CommandTests", dependencies: ["shardfs", "ShardStore", "TestSupport"]),
+        .testTarget(name: "CommandTests", dependencies: ["shardfs", "ShardFSBench", "ShardStore", "TestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

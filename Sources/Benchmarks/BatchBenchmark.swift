@@ -69,7 +69,8 @@ public struct BatchBenchmark {
         try FileManager.default.createDirectory(atPath: scratch, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: scratch) }
         ChildProcess.installSignalCleanup()
-        let redisPath = try RedisServer.locateOrInstall(progress: progress)
+        // Found before any measurement, so a missing Redis fails the run at once.
+        let redisPath = systems.contains("redis") || systems.contains("redis-durable") ? try RedisServer.locate() : ""
 
         var samples: [String: [Double]] = [:]
         let getCount = inputs.getKeys.count * getRepeat
@@ -453,28 +454,12 @@ struct RedisServer {
     let child: ChildProcess
     let port: Int
 
-    /// Finds `redis-server`; installs Debian's package when running as root.
-    static func locateOrInstall(progress: (String) -> Void) throws -> String {
-        if let path = which("redis-server") { return path }
-        guard getuid() == 0 else {
-            throw BenchmarkError("redis-server is not installed: run `apt-get install -y redis-server` as root, then try again")
+    /// Finds `redis-server`. The benchmark never installs it: scripts/bench-batch does.
+    static func locate() throws -> String {
+        guard let path = which("redis-server") else {
+            throw BenchmarkError("redis-server is not installed: scripts/bench-batch installs it (as root), "
+                                 + "or leave Redis out with --systems lmdb,shardfs")
         }
-        progress("redis-server is missing: apt-get install -y redis-server")
-        let pidFile = "/run/redis/redis-server.pid"
-        let hadDaemon = FileManager.default.fileExists(atPath: pidFile)
-        if run("/usr/bin/apt-get", ["install", "-y", "redis-server"]) != 0 {
-            _ = run("/usr/bin/apt-get", ["update"])
-            guard run("/usr/bin/apt-get", ["install", "-y", "redis-server"]) == 0 else {
-                throw BenchmarkError("apt-get install -y redis-server failed")
-            }
-        }
-        // The package's init script may have started the system daemon: stop the one it started.
-        if !hadDaemon, let text = try? String(contentsOfFile: pidFile, encoding: .utf8),
-           let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 1 {
-            progress("stopping the redis-server daemon the package started (PID \(pid))")
-            kill(pid, SIGTERM)
-        }
-        guard let path = which("redis-server") else { throw BenchmarkError("redis-server is still missing after apt-get install") }
         return path
     }
 
@@ -512,19 +497,6 @@ private func which(_ name: String) -> String? {
         if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
     }
     return nil
-}
-
-private func run(_ executable: String, _ arguments: [String]) -> Int32 {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: executable)
-    process.arguments = arguments
-    var environment = ProcessInfo.processInfo.environment
-    environment["DEBIAN_FRONTEND"] = "noninteractive"
-    process.environment = environment
-    process.standardOutput = FileHandle.standardError
-    do { try process.run() } catch { return -1 }
-    process.waitUntilExit()
-    return process.terminationStatus
 }
 
 /// A `shardfs serve` child on a temporary data folder, with TCP on a free loopback port and a Unix socket.

@@ -401,14 +401,6 @@ extension MDB_val {
     }
 }
 
-/// Keeps LMDB's dirty pages (and other blocks under 4 MiB) in the malloc heap
-/// instead of fresh mmaps: see `shardfs_keep_dirty_pages_in_heap` in the shim.
-/// Measured: a 1 GiB file written through the mount took about 280,000 page
-/// faults in the daemon without it, 19,000–21,000 with it. Process-wide.
-public func keepDirtyPagesInTheHeap() {
-    shardfs_keep_dirty_pages_in_heap()
-}
-
 /// Hints the CPU to load `address` soon (a cache-miss overlap for scans).
 @inlinable @inline(__always)
 public func prefetch(_ address: UnsafeRawPointer?) {

@@ -1,5 +1,6 @@
 import Foundation
 import LMDB
+import NodeSupport
 
 /// The metadata store for a single node: an LMDB environment in a folder of the
 /// node's data directory. Every change is one durable transaction. LMDB's writer

@@ -1,7 +1,7 @@
 import Foundation
-import LMDB
 import Logging
 import Metadata
+import NodeSupport
 import ShardStore
 import Volumes
 

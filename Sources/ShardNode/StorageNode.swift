@@ -1,8 +1,8 @@
 import Foundation
-import LMDB
 import Logging
 import Metadata
 import MetadataEtcd
+import NodeSupport
 import ShardStore
 import Volumes
 

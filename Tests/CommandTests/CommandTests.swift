@@ -4,6 +4,7 @@ import TestSupport
 import Testing
 
 let shardfs = productsDirectory().appendingPathComponent("shardfs").path
+let shardfsBench = productsDirectory().appendingPathComponent("shardfs-bench").path
 
 func shardfsRun(_ arguments: [String], input: String = "", environment: [String: String] = [:]) throws -> ProcessResult {
     try run(shardfs, arguments, input: input, environment: environment)
@@ -12,11 +13,45 @@ func shardfsRun(_ arguments: [String], input: String = "", environment: [String:
 @Suite struct CommandTests {
     @Test func helpWorksEverywhere() throws {
         for command in [[], ["demo"], ["shard"], ["shard", "new"], ["shard", "list"], ["put"], ["get"], ["ls"], ["rm"],
-                        ["mv"], ["find"], ["batch-put"], ["bench"]] {
+                        ["mv"], ["find"], ["batch-put"]] {
             let result = try shardfsRun(command + ["--help"])
             #expect(result.status == 0, "\(command) --help: \(result.stderr)")
             #expect(result.stdout.contains("USAGE"), "\(command)")
         }
+        for command in [[], ["bench"], ["bench-batch"]] {
+            let result = try run(shardfsBench, command + ["--help"])
+            #expect(result.status == 0, "shardfs-bench \(command) --help: \(result.stderr)")
+            #expect(result.stdout.contains("USAGE"), "shardfs-bench \(command)")
+        }
+    }
+
+    /// The binary users run carries no benchmarks: they live in shardfs-bench.
+    @Test func benchmarksAreNotInTheShardfsBinary() throws {
+        let help = try shardfsRun(["--help"])
+        #expect(help.status == 0)
+        #expect(!help.stdout.contains("bench"), "\(help.stdout)")
+    }
+
+    @Test func engineBenchmarkRuns() throws {
+        let dir = try TemporaryDirectory("bench")
+        let result = try run(shardfsBench, ["bench", "--entries", "2000", "--batch", "100", "--dir", dir.path])
+        #expect(result.status == 0, "\(result.stderr)")
+        #expect(result.stdout.contains("random get"), "\(result.stdout)")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir.path).isEmpty)
+    }
+
+    /// Without Redis, against the shardfs built beside shardfs-bench (its default server).
+    @Test func batchBenchmarkRunsWithoutRedis() throws {
+        // A short folder: the node's socket path, several levels below it, must fit in sun_path.
+        var template = Array("/tmp/sfb-XXXXXX".utf8CString)
+        let dir = try #require(mkdtemp(&template).map { String(cString: $0) })
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let result = try run(shardfsBench, ["bench-batch", "--entries", "2000", "--batch", "100", "--connections", "1",
+                                            "--transports", "unix", "--systems", "lmdb,shardfs", "--dir", dir])
+        #expect(result.status == 0, "\(result.stderr)")
+        #expect(result.stdout.contains("ShardFS (unix)") && result.stdout.contains("raw LMDB"), "\(result.stdout)")
+        #expect(!result.stdout.contains("Redis"), "\(result.stdout)")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir).isEmpty)
     }
 
     @Test func lifecycleThroughTheCommand() throws {

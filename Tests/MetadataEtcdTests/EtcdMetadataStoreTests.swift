@@ -1,5 +1,6 @@
 import Foundation
 import Metadata
+import MetadataConformance
 import Testing
 @testable import MetadataEtcd
 
@@ -7,89 +8,23 @@ import Testing
 /// Serialized: the machine has 2 cores and several tests measure time.
 @Suite(.serialized) struct EtcdMetadataStoreTests {
 
-    @Test func everyOperation() async throws {
+    /// The metadata contract (Tests/MetadataConformance), each check on a fresh etcd.
+    @Test(arguments: MetadataContract.checks)
+    func contract(_ check: MetadataContract.Check) async throws {
+        try await withEtcd { server in
+            try await check.run(on: MetadataBackend(open: { try makeStore(server) },
+                                                    close: { await ($0 as! EtcdMetadataStore).close() }))
+        }
+    }
+
+    /// The keys are the documented layout, under the namespace.
+    @Test func keyLayoutUnderTheNamespace() async throws {
         try await withEtcd { server in
             let store = try makeStore(server)
-
-            // Nodes
             try await store.registerNode(NodeRecord(nodeID: "n1", address: "10.0.0.1:7000"))
-            try await store.registerNode(NodeRecord(nodeID: "n2", address: ""))
-            try await store.registerNode(NodeRecord(nodeID: "n1", address: "10.0.0.1:7001"))  // re-register updates
-            #expect(try await store.getNode("n1") == NodeRecord(nodeID: "n1", address: "10.0.0.1:7001"))
-            #expect(try await store.listNodes().map(\.nodeID) == ["n1", "n2"])
-            try await store.unregisterNode("n2")
-            await #expect(throws: MetadataError.notFound("node n2")) { try await store.getNode("n2") }
-            await #expect(throws: MetadataError.notFound("node n2")) { try await store.unregisterNode("n2") }
-            await #expect(throws: MetadataError.self) { try await store.registerNode(NodeRecord(nodeID: "", address: "")) }
-
-            // Shard IDs and shards
-            #expect(try await store.generateShardID() == 1)
-            #expect(try await store.generateShardID() == 2)
-            try await store.claimShardID(10)
-            #expect(try await store.generateShardID() == 11)
-            await #expect(throws: MetadataError.invalidArgument("shard ID 0 is reserved")) { try await store.claimShardID(0) }
-
-            let a = ShardRecord(shardID: 11, volumeID: "v1", ownerClientID: "c1", sizeLimit: 1 << 20)
-            let b = ShardRecord(shardID: 3, volumeID: "v2", ownerClientID: "c1", sizeLimit: 1 << 20)
-            try await store.createShard(a)
-            try await store.createShard(b)
-            // The same record again is a retry whose first try landed: it succeeds.
-            try await store.createShard(a)
-            var other = a
-            other.ownerClientID = "someone-else"
-            await #expect(throws: MetadataError.alreadyExists("shard 11")) { try await store.createShard(other) }
-            // Above the counter: moves it, so the next generated ID is past it.
+            _ = try await store.generateShardID()
             try await store.createShard(ShardRecord(shardID: 100, volumeID: "v1", ownerClientID: "c2", sizeLimit: 1))
-            #expect(try await store.generateShardID() == 101)
-            await #expect(throws: MetadataError.alreadyExists("shard ID 100 is taken (IDs up to 101 have been handed out)")) {
-                try await store.claimShardID(100)
-            }
-            #expect(try await store.getShard(11) == a)
-            #expect(try await store.listShards(volumeID: nil).map(\.shardID) == [3, 11, 100])  // numeric order
-            #expect(try await store.listShards(volumeID: "v1").map(\.shardID) == [11, 100])
-            #expect(try await store.updateShardState(11, to: .closed).state == .closed)
-            #expect(try await store.updateShardState(11, to: .closed).state == .closed)
-            await #expect(throws: MetadataError.conflict("shard 11 cannot go from closed to open")) {
-                try await store.updateShardState(11, to: .open)
-            }
-            #expect(try await store.updateShardState(11, to: .deleting).state == .deleting)
-            await #expect(throws: MetadataError.self) { try await store.updateShardState(11, to: .closed) }
-            await #expect(throws: MetadataError.notFound("shard 12")) { try await store.updateShardState(12, to: .closed) }
-            try await store.deleteShard(11)
-            await #expect(throws: MetadataError.notFound("shard 11")) { try await store.getShard(11) }
-            await #expect(throws: MetadataError.notFound("shard 11")) { try await store.deleteShard(11) }
-            await #expect(throws: MetadataError.alreadyExists("shard ID 11 is taken (IDs up to 101 have been handed out)")) {
-                try await store.claimShardID(11)  // deleted IDs are never reused
-            }
-
-            // Volumes
-            let v1 = VolumeRecord(volumeID: "v1", primaryNodeID: "n1", mountPath: "/vol/v1")
-            try await store.registerVolume(v1)
-            try await store.registerVolume(VolumeRecord(volumeID: "v2", primaryNodeID: "n3", backupNodeIDs: ["n1"], mountPath: "/vol/v2"))
-            try await store.registerVolume(v1)  // a retry of the same registration
-            var otherVolume = v1
-            otherVolume.mountPath = "/elsewhere"
-            await #expect(throws: MetadataError.alreadyExists("volume v1")) { try await store.registerVolume(otherVolume) }
-            #expect(try await store.getVolume("v1") == v1)
-            try await store.addBackup(volumeID: "v1", nodeID: "n2")
-            try await store.addBackup(volumeID: "v1", nodeID: "n2")
-            #expect(try await store.getVolume("v1").backupNodeIDs == ["n2"])
-            #expect(try await store.listVolumes(nodeID: nil).map(\.volumeID) == ["v1", "v2"])
-            #expect(try await store.listVolumes(nodeID: "n1").map(\.volumeID) == ["v1", "v2"])
-            #expect(try await store.listVolumes(nodeID: "n2").map(\.volumeID) == ["v1"])
-            let moved = try await store.updatePrimary(volumeID: "v1", nodeID: "n2", expectedEpoch: 1)
-            #expect(moved == VolumeRecord(volumeID: "v1", primaryNodeID: "n2", backupNodeIDs: [], mountPath: "/vol/v1", epoch: 2))
-            await #expect(throws: MetadataError.conflict("volume v1 is at epoch 2, not 1")) {
-                try await store.updatePrimary(volumeID: "v1", nodeID: "n1", expectedEpoch: 1)
-            }
-            try await store.removeBackup(volumeID: "v2", nodeID: "n1")
-            #expect(try await store.getVolume("v2").backupNodeIDs == [])
-            try await store.unregisterVolume("v2")
-            await #expect(throws: MetadataError.notFound("volume v2")) { try await store.getVolume("v2") }
-            await #expect(throws: MetadataError.notFound("volume v2")) { try await store.unregisterVolume("v2") }
-            await #expect(throws: MetadataError.notFound("volume v9")) { try await store.addBackup(volumeID: "v9", nodeID: "n1") }
-
-            // The layout is the documented one, under the namespace.
+            try await store.registerVolume(VolumeRecord(volumeID: "v1", primaryNodeID: "n1", mountPath: "/vol/v1"))
             let keys = try server.etcdctl(["get", "/test/", "--prefix", "--keys-only"])
             #expect(keys.contains("/test/shards/00000000000000000100"))
             #expect(keys.contains("/test/counters/shard-id"))
@@ -109,39 +44,6 @@ import Testing
             #expect(try await two.listVolumes(nodeID: nil).isEmpty)
             await one.close()
             await two.close()
-        }
-    }
-
-    @Test func changesSeeEveryKindOfEvent() async throws {
-        try await withEtcd { server in
-            let store = try makeStore(server)
-            _ = try await store.listNodes()  // a revision to start after
-            let events = EventCollector(store.changes())
-            let shard = ShardRecord(shardID: 5, volumeID: "v", ownerClientID: "c", sizeLimit: 9)
-            let node = NodeRecord(nodeID: "n", address: "a:1")
-            try await store.registerNode(node)
-            try await store.createShard(shard)
-            var closed = shard
-            closed.state = .closed
-            _ = try await store.updateShardState(5, to: .closed)
-            try await store.deleteShard(5)
-            let volume = VolumeRecord(volumeID: "v", primaryNodeID: "n", mountPath: "/m")
-            try await store.registerVolume(volume)
-            let moved = try await store.updatePrimary(volumeID: "v", nodeID: "m", expectedEpoch: 1)
-            try await store.unregisterVolume("v")
-            try await store.unregisterNode("n")
-            _ = try await store.generateShardID()  // the counter is not an event
-            let expected: [MetadataEvent] = [
-                .nodeRegistered(node), .shardCreated(shard), .shardUpdated(closed), .shardDeleted(shardID: 5),
-                .volumeRegistered(volume), .volumeUpdated(moved), .volumeUnregistered(volumeID: "v"),
-                .nodeUnregistered(nodeID: "n"),
-            ]
-            let seen = await events.wait(for: expected.count)
-            try await Task.sleep(for: .milliseconds(200))  // nothing more arrives
-            #expect(events.all == expected)
-            #expect(seen == expected)
-            await store.close()
-            events.cancel()
         }
     }
 

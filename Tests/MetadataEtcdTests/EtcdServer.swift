@@ -245,35 +245,3 @@ func makeStore(_ server: EtcdServer, namespace: String = "/test", callTimeout: D
         endpoints: [server.endpoint], namespace: namespace, username: username, password: password,
         callTimeout: callTimeout, leaseTTL: leaseTTL))
 }
-
-/// Collects events from a stream in the background.
-final class EventCollector: @unchecked Sendable {
-    private let lock = NSLock()
-    private var events: [MetadataEvent] = []
-    private var task: Task<Void, Never>?
-
-    init(_ stream: AsyncStream<MetadataEvent>) {
-        task = Task { [weak self] in
-            for await event in stream { self?.lock.withLock { self?.events.append(event) } }
-        }
-    }
-
-    var all: [MetadataEvent] { lock.withLock { events } }
-
-    /// Waits until `count` events arrived (or the timeout passed) and returns them.
-    func wait(for count: Int, timeout: Duration = .seconds(10)) async -> [MetadataEvent] {
-        let clock = ContinuousClock()
-        let deadline = clock.now + timeout
-        while all.count < count && clock.now < deadline { try? await Task.sleep(for: .milliseconds(20)) }
-        return all
-    }
-
-    func wait(until predicate: ([MetadataEvent]) -> Bool, timeout: Duration = .seconds(10)) async -> [MetadataEvent] {
-        let clock = ContinuousClock()
-        let deadline = clock.now + timeout
-        while !predicate(all) && clock.now < deadline { try? await Task.sleep(for: .milliseconds(20)) }
-        return all
-    }
-
-    func cancel() { task?.cancel() }
-}

@@ -109,12 +109,32 @@ public final class ServeProcess: @unchecked Sendable {
         readyLine = String(decoding: line, as: UTF8.self)
     }
 
+    /// `init` on a thread of its own, so that waiting for the ready line does not
+    /// hold one of Swift's few cooperative threads (which other tests need).
+    public static func start(_ arguments: [String], environment: [String: String] = [:]) async throws -> ServeProcess {
+        try await withCheckedThrowingContinuation { continuation in
+            Thread { continuation.resume(with: Result { try ServeProcess(arguments, environment: environment) }) }.start()
+        }
+    }
+
+    /// The Unix socket it serves, from the ready line's `unix=PATH`; nil if none.
+    public var unixSocket: String? {
+        let path = readyLine.split(whereSeparator: \.isWhitespace).first { $0.hasPrefix("unix=") }?.dropFirst("unix=".count)
+        return path.flatMap { $0 == "-" ? nil : String($0) }
+    }
+
     /// SIGTERM if it still runs, then its exit status.
     @discardableResult
     public func stop() -> Int32 {
         if process.isRunning { kill(process.processIdentifier, SIGTERM) }
         process.waitUntilExit()
         return process.terminationStatus
+    }
+
+    /// SIGKILL if it still runs (a crash: no clean shutdown), then waits for it to exit.
+    public func kill9() {
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
     }
 
     /// Its exit status once it exits by itself within `seconds`, else nil.

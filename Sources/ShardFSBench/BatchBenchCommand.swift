@@ -9,7 +9,7 @@ struct BatchBenchCommand: AsyncParsableCommand {
         discussion: """
             Starts a `shardfs serve` node and `redis-server` (no persistence, then appendonly yes + \
             appendfsync always) as child processes on loopback and stops them after; raw LMDB runs \
-            in-process. Installs redis-server with apt-get when it is missing and running as root. \
+            in-process. redis-server must be installed: scripts/bench-batch installs it and runs this. \
             Prints ops/s, every ratio and whether each target is met. Build with -c release.
             """)
 
@@ -26,7 +26,7 @@ struct BatchBenchCommand: AsyncParsableCommand {
     @Option(name: .customLong("get-repeat"), help: "Each BatchGet measurement reads every key this many times.")
     var getRepeat = 1
     @Option(name: .long, help: "Folder for the benchmark's files.") var dir = NSTemporaryDirectory()
-    @Option(name: .long, help: "The shardfs executable to run `serve` with (default: this one).") var server: String?
+    @Option(name: .long, help: "The shardfs executable to run `serve` with (default: the shardfs beside this executable).") var server: String?
 
     private var connectionCounts: [Int] { connections.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) } }
     private var systemList: [String] { systems.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } }
@@ -59,7 +59,7 @@ struct BatchBenchCommand: AsyncParsableCommand {
         bench.getAPI = getAPI
         bench.getRepeat = getRepeat
         bench.directory = dir
-        bench.serverExecutable = server ?? Self.ownExecutable()
+        bench.serverExecutable = server ?? Self.shardfsBesideThisExecutable()
         emit("Batch service: \(entries) entries, \(bench.valueSize)-byte values, \(batch) per batch, connections \(connections), "
              + "\(depth) in flight per connection, \(rounds) round(s); durable = fsync'ed before the answer")
         let figures = try await bench.run { FileHandle.standardError.write(Data(("  " + $0 + "\n").utf8)) }
@@ -118,7 +118,9 @@ struct BatchBenchCommand: AsyncParsableCommand {
         return ratio >= goal ? 0 : 1
     }
 
-    private static func ownExecutable() -> String {
-        (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+    /// SwiftPM builds both executables into one folder.
+    private static func shardfsBesideThisExecutable() -> String {
+        let own = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        return URL(fileURLWithPath: own).deletingLastPathComponent().appendingPathComponent("shardfs").path
     }
 }
