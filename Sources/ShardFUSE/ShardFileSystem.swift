@@ -108,7 +108,7 @@ public final class ShardFileSystem: @unchecked Sendable {
     func lookup(_ parent: UInt64, _ name: [UInt8]) throws -> EntryReply {
         switch try kind(parent) {
         case .root:
-            guard let id = Self.shardID(name), let shard = node.shards.localShard(id) else {
+            guard let id = ShardDirectoryName.id(name), let shard = node.shards.localShard(id) else {
                 throw FileSystemError(ENOENT, "no shard \(String(decoding: name, as: UTF8.self))")
             }
             let ino = inodes.inode(for: .shard(id), lookup: true)
@@ -259,7 +259,7 @@ public final class ShardFileSystem: @unchecked Sendable {
     func mkdir(_ parent: UInt64, _ name: [UInt8]) throws -> EntryReply {
         switch try kind(parent) {
         case .root:
-            guard let id = Self.shardID(name) else {
+            guard let id = ShardDirectoryName.id(name) else {
                 throw FileSystemError(EINVAL, "a directory at the root is a shard: its name is shard-<ID>")
             }
             if options.readOnly { throw FileSystemError(EROFS, "read-only mount") }
@@ -277,7 +277,7 @@ public final class ShardFileSystem: @unchecked Sendable {
     func rmdir(_ parent: UInt64, _ name: [UInt8]) throws {
         switch try kind(parent) {
         case .root:
-            guard let id = Self.shardID(name), node.shards.localShard(id) != nil else {
+            guard let id = ShardDirectoryName.id(name), node.shards.localShard(id) != nil else {
                 throw FileSystemError(ENOENT, "no shard \(String(decoding: name, as: UTF8.self))")
             }
             if options.readOnly { throw FileSystemError(EROFS, "read-only mount") }
@@ -563,7 +563,7 @@ public final class ShardFileSystem: @unchecked Sendable {
             let shards = node.shards.localShards()
             for (i, shard) in shards.enumerated() where Int64(i) + 3 > offset && items.count < limit {
                 let ino = listedInode(.shard(shard.id), plus: plus)
-                items.append(DirectoryItem(name: Array(ShardManager.directoryName(shard.id).utf8), inode: ino,
+                items.append(DirectoryItem(name: Array(ShardDirectoryName.of(shard.id).utf8), inode: ino,
                                            attributes: shardAttributes(shard, ino), timeout: timeout(shard),
                                            nextOffset: Int64(i) + 3, kind: .shard(shard.id)))
             }
@@ -930,16 +930,6 @@ public final class ShardFileSystem: @unchecked Sendable {
             guard let shard = node.shards.localShard(id), isWritable(shard), shard.owner == options.clientID else { continue }
             try? shard.setDirectoryTime(times.modification, clientID: options.clientID)
         }
-    }
-
-    /// `shard-<N>` with N canonical decimal above 0.
-    static func shardID(_ name: [UInt8]) -> UInt64? {
-        let prefix = Array("shard-".utf8)
-        guard name.count > prefix.count, name.starts(with: prefix) else { return nil }
-        let digits = name[prefix.count...]
-        guard digits.first != 0x30, digits.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }),
-              let id = UInt64(String(decoding: digits, as: UTF8.self)), id > 0 else { return nil }
-        return id
     }
 
     static func now() -> Int64 {

@@ -96,7 +96,7 @@ public final class ShardManager: @unchecked Sendable {
         self.logger = logger
     }
 
-    public static func directoryName(_ id: UInt64) -> String { "shard-\(id)" }
+    public static func directoryName(_ id: UInt64) -> String { ShardDirectoryName.of(id) }
 
     func path(_ id: UInt64, on volume: MountedVolume) -> String { volume.mountPath + "/" + Self.directoryName(id) }
 
@@ -240,21 +240,19 @@ public final class ShardManager: @unchecked Sendable {
         let writable = !volume.readOnly
 
         for name in names.sorted() {
-            guard name.hasPrefix("shard-") else { continue }
-            let rest = name.dropFirst("shard-".count)
-            if rest.hasSuffix(".creating") {
+            if name.hasSuffix(".creating"), ShardDirectoryName.id(name.utf8.dropLast(".creating".count)) != nil {
                 // A create that crashed before its rename: never acknowledged, never used.
                 if writable { try? FileManager.default.removeItem(atPath: volume.mountPath + "/" + name) }
                 continue
             }
-            if rest.hasSuffix(".deleting") {
+            if name.hasSuffix(".deleting"), ShardDirectoryName.id(name.utf8.dropLast(".deleting".count)) != nil {
                 if writable {
                     logger.notice("finishing an interrupted delete", metadata: ["dir": "\(name)"])
                     try? FileManager.default.removeItem(atPath: volume.mountPath + "/" + name)
                 }
                 continue
             }
-            guard let id = UInt64(rest), Self.directoryName(id) == name else { continue }
+            guard let id = ShardDirectoryName.id(name.utf8) else { continue }
             let record = byID.removeValue(forKey: id)
             if let record, record.state == .deleting {
                 if writable { try await finishDelete(id, on: volume) }

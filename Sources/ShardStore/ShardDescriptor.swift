@@ -42,3 +42,21 @@ struct Descriptor {
         return Descriptor(id: id, owner: try field("owner"), state: state, sizeLimit: limit)
     }
 }
+
+/// A shard's directory name, `shard-<ID>`, on its volume and in the mount: the
+/// ID in canonical decimal (no sign, no leading zero), above 0. The one place
+/// that writes and reads it.
+public enum ShardDirectoryName {
+    static let prefix = Array("shard-".utf8)
+
+    public static func of(_ id: UInt64) -> String { "shard-\(id)" }
+
+    /// The ID a name stands for, or nil if it is not exactly such a name.
+    public static func id<Name: Collection>(_ name: Name) -> UInt64? where Name.Element == UInt8 {
+        guard name.count > prefix.count, name.starts(with: prefix) else { return nil }
+        let digits = name.dropFirst(prefix.count)
+        guard digits.first != 0x30, digits.count <= 20, digits.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }),
+              let id = UInt64(String(decoding: digits, as: UTF8.self)), id > 0 else { return nil }
+        return id
+    }
+}
