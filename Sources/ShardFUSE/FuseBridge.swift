@@ -394,6 +394,8 @@ public final class FuseSession: @unchecked Sendable {
     /// Kernel cache invalidations run here, never in a request handler.
     private let invalidations = DispatchQueue(label: "shardfs.fuse.invalidate")
     private var sessionHandle: SessionHandle?
+    /// This mount's change listener on the shard manager (see `ShardManager.addChangeListener`).
+    private var changeListener: UInt64?
 
     /// `handleSignals`: SIGTERM, SIGINT and SIGHUP end the loop (a process that
     /// only mounts); a process with other services stops the session itself.
@@ -470,7 +472,7 @@ public final class FuseSession: @unchecked Sendable {
                 fuse_lowlevel_notify_inval_entry(handle.session, parent, &cName, name.count)
             }
         }
-        fileSystem.node.shards.entriesChanged = { [weak fileSystem] shard, keys in
+        changeListener = fileSystem.node.shards.addChangeListener { [weak fileSystem] shard, keys in
             fileSystem?.entriesChanged(shard: shard, keys: keys)
         }
     }
@@ -489,7 +491,7 @@ public final class FuseSession: @unchecked Sendable {
             fileSystem.logger.info("FUSE over io_uring served \(shardfs_ring_requests(ring)) requests")
             shardfs_ring_stop(ring)
         }
-        fileSystem.node.shards.entriesChanged = nil
+        if let changeListener { fileSystem.node.shards.removeChangeListener(changeListener) }
         fileSystem.invalidate = nil
         fileSystem.invalidateName = nil
         sessionHandle?.alive = false  // queued invalidations send nothing more

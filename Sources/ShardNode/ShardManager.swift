@@ -53,38 +53,52 @@ public final class ShardManager: @unchecked Sendable {
     private let logger: Logger
     private let lock = NSLock()
     private var shards: [UInt64: (shard: Shard, volumeID: String)] = [:]
-    private var changeListener: (@Sendable (UInt64, [[UInt8]]) -> Void)?
+    private var changeListeners: [UInt64: ChangeListener] = [:]
+    private var nextListener: UInt64 = 1
 
-    /// Told, after each commit to any shard of this node, which entries changed
-    /// (whatever path wrote them), so views like the FUSE mount can drop caches.
-    public var entriesChanged: (@Sendable (UInt64, [[UInt8]]) -> Void)? {
-        get { lock.withLock { changeListener } }
-        set {
-            lock.withLock {
-                changeListener = newValue
-                for entry in shards.values { forwardCommits(entry.shard, newValue) }
-            }
+    /// Told, after a commit to a shard of this node, which entries changed.
+    public typealias ChangeListener = @Sendable (_ shard: UInt64, _ keys: [[UInt8]]) -> Void
+
+    /// Adds a listener told after each commit to any shard of this node which
+    /// entries changed (whatever path wrote them), so views like a FUSE mount can
+    /// drop caches. It runs on the committing thread, after the commit: keep it
+    /// short, take no lock a writer may hold. Returns what `removeChangeListener` takes.
+    public func addChangeListener(_ listener: @escaping ChangeListener) -> UInt64 {
+        lock.withLock {
+            let id = nextListener
+            nextListener += 1
+            changeListeners[id] = listener
+            for entry in shards.values { forwardCommits(entry.shard) }
+            return id
         }
     }
 
-    /// Holds a loaded shard and forwards its commits to `entriesChanged`.
+    public func removeChangeListener(_ id: UInt64) {
+        lock.withLock {
+            changeListeners.removeValue(forKey: id)
+            for entry in shards.values { forwardCommits(entry.shard) }
+        }
+    }
+
+    /// Holds a loaded shard and forwards its commits to the change listeners.
     private func adopt(_ shard: Shard, volumeID: String) {
         lock.withLock {
             shards[shard.id] = (shard, volumeID)
-            forwardCommits(shard, changeListener)
+            forwardCommits(shard)
         }
     }
 
-    /// Hands `listener` to the shard's commits (called again whenever the
-    /// listener changes); with none, the shard does not collect the keys each
-    /// commit changed. Called under `lock`.
-    private func forwardCommits(_ shard: Shard, _ listener: (@Sendable (UInt64, [[UInt8]]) -> Void)?) {
-        guard let listener else {
+    /// Hands the listeners as they are now to the shard's commits (called again
+    /// whenever they change, so a commit takes no lock to find them); with none,
+    /// the shard does not collect the keys each commit changed. Called under `lock`.
+    private func forwardCommits(_ shard: Shard) {
+        let listeners = Array(changeListeners.values)
+        guard !listeners.isEmpty else {
             shard.onCommit = nil
             return
         }
         let id = shard.id
-        shard.onCommit = { keys in listener(id, keys) }
+        shard.onCommit = { keys in for listener in listeners { listener(id, keys) } }
     }
 
     public init(nodeID: String, metadata: any MetadataStore, volumes: any VolumeManager, defaultSizeLimit: Int,

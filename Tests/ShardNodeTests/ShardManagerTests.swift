@@ -21,6 +21,19 @@ let key1 = try! EntryKey("1")
 // environment twice in a process).
 
 @Suite struct ShardManagerTests {
+    @Test func everyChangeListenerHearsEachCommitUntilRemoved() async throws {
+        let dir = try TemporaryDirectory("node")
+        let node = try await StorageNode.start(try testConfig(dir))
+        let heard = Heard()
+        let first = node.shards.addChangeListener { shard, keys in heard.add("first", shard, keys) }
+        let shard = try await node.shards.newShard(owner: "c")
+        _ = node.shards.addChangeListener { shard, keys in heard.add("second", shard, keys) }
+        try shard.put(key1, value: [1], clientID: "c")
+        #expect(heard.take() == ["first \(shard.id) 1", "second \(shard.id) 1"])
+        node.shards.removeChangeListener(first)
+        try shard.delete(key1, clientID: "c")
+        #expect(heard.take() == ["second \(shard.id) 1"])
+    }
     @Test func restartKeepsOpenShardsWritableAndClosedShardsClosed() async throws {
         let dir = try TemporaryDirectory("node")
         let config = try testConfig(dir)
@@ -221,4 +234,14 @@ let key1 = try! EntryKey("1")
             #expect(listed.isEmpty)
         }
     }
+}
+
+/// What change listeners were told, in order.
+final class Heard: @unchecked Sendable {
+    private let lock = NSLock()
+    private var lines: [String] = []
+    func add(_ who: String, _ shard: UInt64, _ keys: [[UInt8]]) {
+        lock.withLock { lines.append("\(who) \(shard) " + keys.map { String(decoding: $0, as: UTF8.self) }.joined(separator: ",")) }
+    }
+    func take() -> [String] { lock.withLock { defer { lines = [] }; return lines.sorted() } }
 }
