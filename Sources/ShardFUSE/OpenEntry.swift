@@ -105,6 +105,7 @@ final class OpenEntry: @unchecked Sendable {
     /// are then wrong and must be dropped).
     func write(_ bytes: UnsafeRawBufferPointer, at offset: Int, append: Bool) throws -> Bool {
         try lock.withLock {
+            dropStaleBuffer()
             let buffer = try loadedBuffer()
             let position = append ? buffer.size : offset
             try buffer.write(bytes, at: position)
@@ -117,6 +118,7 @@ final class OpenEntry: @unchecked Sendable {
     /// Bytes from the uncommitted value, or from the shard when there is none.
     func read(at offset: Int, count: Int) throws -> [UInt8] {
         try lock.withLock {
+            dropStaleBuffer()
             guard let buffer else { return try shard.read(currentKey, offset: offset, count: count) }
             let n = max(0, min(count, buffer.size - offset))
             var out = [UInt8](repeating: 0, count: n)
@@ -127,6 +129,7 @@ final class OpenEntry: @unchecked Sendable {
 
     func truncate(to size: Int) throws {
         try lock.withLock {
+            dropStaleBuffer()
             if size == 0, buffer == nil {
                 buffer = newBuffer()  // no need to load what is cut away
             } else {
@@ -190,9 +193,19 @@ final class OpenEntry: @unchecked Sendable {
         }
     }
 
-    /// The entry changed through another path: a committed buffer is stale.
-    func dropCommittedBuffer() {
-        lock.withLock { if !dirty, buffer?.isStaged != true { buffer = nil } }
+    /// The entry changed through another path: a committed buffer is stale and
+    /// goes the next time the entry is used. Takes only a leaf lock: the commit
+    /// hook calls this, and the entry's own lock may be held by a thread waiting
+    /// for that very commit.
+    func changedElsewhere() { staleLock.withLock { stale = true } }
+
+    private let staleLock = NSLock()
+    private var stale = false
+
+    /// Drops a committed buffer made stale by a change elsewhere (lock held).
+    private func dropStaleBuffer() {
+        guard staleLock.withLock({ defer { stale = false }; return stale }) else { return }
+        if !dirty, buffer?.isStaged != true { buffer = nil }
     }
 
     private func newBuffer() -> WriteBuffer {

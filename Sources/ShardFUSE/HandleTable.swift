@@ -1,0 +1,91 @@
+import Foundation
+import ShardStore
+
+/// One open(2) of an entry: the state it shares with the entry's other handles,
+/// and how it was opened.
+struct FileHandle {
+    let entry: OpenEntry
+    let writable: Bool
+    /// O_APPEND: every write lands at the end of the value.
+    let append: Bool
+}
+
+/// Where a directory listing stands.
+struct DirectoryCursor {
+    var lastKey: EntryKey?
+    var lastOffset: Int64 = 0
+}
+
+/// The mount's file and directory handles (`fuse_file_info.fh`), and the open
+/// state each inode's handles share, which lives from the inode's first open to
+/// its last release (`retire`). Like `InodeTable`: one leaf lock; an entry's
+/// own lock is taken only after this one is released.
+final class HandleTable: @unchecked Sendable {
+    private let lock = NSLock()
+    private var files: [UInt64: FileHandle] = [:]
+    private var entries: [UInt64: (entry: OpenEntry, handles: Int)] = [:]
+    private var directories: [UInt64: DirectoryCursor] = [:]
+    private var next: UInt64 = 1
+
+    /// A new handle on `ino`, sharing the inode's open state, or one `make`
+    /// makes when it has none (`shared` false).
+    func open(_ ino: UInt64, writable: Bool, append: Bool, make: () -> OpenEntry)
+        -> (handle: UInt64, entry: OpenEntry, shared: Bool) {
+        lock.withLock {
+            let handle = newHandle()
+            let existing = entries[ino]?.entry
+            let entry = existing ?? make()
+            entries[ino] = (entry, (entries[ino]?.handles ?? 0) + 1)
+            files[handle] = FileHandle(entry: entry, writable: writable, append: append)
+            return (handle, entry, existing != nil)
+        }
+    }
+
+    func file(_ handle: UInt64) -> FileHandle? { lock.withLock { files[handle] } }
+
+    /// The open state of `ino`, if any handle holds it.
+    func entry(_ ino: UInt64) -> OpenEntry? { lock.withLock { entries[ino]?.entry } }
+
+    var allEntries: [OpenEntry] { lock.withLock { entries.values.map(\.entry) } }
+
+    /// Removes a handle; its entry stays until `retire` lets it go.
+    func close(_ handle: UInt64) -> OpenEntry? {
+        lock.withLock {
+            guard let file = files.removeValue(forKey: handle) else { return nil }
+            entries[file.entry.inode]?.handles -= 1
+            return file.entry
+        }
+    }
+
+    /// Lets an entry go once no handle holds it (none came back since its last
+    /// `close`); true if it went.
+    func retire(_ entry: OpenEntry) -> Bool {
+        lock.withLock {
+            guard let open = entries[entry.inode], open.entry === entry, open.handles == 0 else { return false }
+            entries.removeValue(forKey: entry.inode)
+            return true
+        }
+    }
+
+    func openDirectory() -> UInt64 {
+        lock.withLock {
+            let handle = newHandle()
+            directories[handle] = DirectoryCursor()
+            return handle
+        }
+    }
+
+    func cursor(_ handle: UInt64) -> DirectoryCursor? { lock.withLock { directories[handle] } }
+
+    func setCursor(_ handle: UInt64, _ cursor: DirectoryCursor) {
+        lock.withLock { if directories[handle] != nil { directories[handle] = cursor } }
+    }
+
+    func closeDirectory(_ handle: UInt64) { lock.withLock { _ = directories.removeValue(forKey: handle) } }
+
+    /// Lock held.
+    private func newHandle() -> UInt64 {
+        defer { next += 1 }
+        return next
+    }
+}

@@ -1,0 +1,247 @@
+import Foundation
+import Glibc
+import ShardNode
+import ShardStore
+
+// Entries as files: create, open, read, write, close (commit), unlink, rename.
+// All handles of an inode share its OpenEntry (see HandleTable).
+
+extension ShardFileSystem {
+    // MARK: Entries as files
+
+    func create(_ parent: UInt64, _ name: [UInt8], flags: Int32) throws -> (EntryReply, UInt64) {
+        guard case .shard(let id) = try kind(parent) else {
+            throw FileSystemError(EPERM, "files live inside shard directories")
+        }
+        let shard = try localShard(id)
+        try writable(shard)
+        let key = try entryKey(name)
+        let ino = inodes.inode(for: .entry(shard: id, key: key.bytes), lookup: true)
+        let existing = try currentAttributes(shard, key)
+        let metadata = existing?.metadata ?? EntryMetadata(number: shard.newEntryNumber())
+        let (handle, entry, _) = register(ino, shard, key, metadata: metadata, writable: true, append: flags & O_APPEND != 0)
+        do {
+            // The kernel creates when it has no name cached, so the entry may
+            // exist (in the shard, or open and uncommitted): then this is an
+            // open(O_CREAT) of it, which truncates only with O_TRUNC. A new file
+            // is empty, and committed empty unless written.
+            let exists = entry.pendingSize != nil || existing != nil
+            if exists && flags & O_EXCL != 0 { throw FileSystemError(EEXIST, "\(key) exists") }
+            if !exists || flags & O_TRUNC != 0 {
+                try entry.truncate(to: 0)
+            }
+            if !exists { touchDirectory(shard) }
+            guard let view = try entryView(shard, key, inode: ino, byName: false) else {
+                throw FileSystemError(ENOENT, "entry \(key) is gone")
+            }
+            return (EntryReply(inode: ino, attributes: fileAttributes(shard, ino, view.attributes), timeout: timeout(shard),
+                               attributeTimeout: view.ofWriter ? 0 : timeout(shard)), handle)
+        } catch {
+            _ = try? release(handle)
+            throw error
+        }
+    }
+
+    func open(_ ino: UInt64, flags: Int32) throws -> (handle: UInt64, keepCache: Bool) {
+        guard case .entry(let id, let key) = try kind(ino) else { throw FileSystemError(EISDIR, "a directory") }
+        let shard = try localShard(id)
+        let entryKey = EntryKey(trusted: key)  // validated when its inode was made
+        let wantsWrite = flags & O_ACCMODE != O_RDONLY
+        if wantsWrite {
+            try writable(shard)
+            writeBehind.flush(shard: id)  // the handle builds on the latest value
+        }
+        let current = try currentAttributes(shard, entryKey)
+        let (handle, entry, _) = register(ino, shard, entryKey, metadata: current?.metadata ?? EntryMetadata(),
+                                          writable: wantsWrite, append: flags & O_APPEND != 0)
+        do {
+            // A file the mount holds open and has not committed yet exists too.
+            let exists = entry.pendingSize != nil || current != nil
+            guard exists else {
+                throw FileSystemError(ENOENT, "entry \(entryKey) is gone")
+            }
+            if wantsWrite && flags & O_TRUNC != 0 { try entry.truncate(to: 0) }
+        } catch {
+            _ = try? release(handle)
+            throw error
+        }
+        // The kernel may keep a file's pages across opens: the mount's own writes
+        // go through them, and changes made elsewhere (the socket service)
+        // invalidate them (entriesChanged).
+        return (handle, true)
+    }
+
+    func read(_ handle: UInt64, offset: Int, count: Int) throws -> [UInt8] {
+        let entry = try self.file(handle).entry
+        if !entry.hasBuffer, let pending = writeBehind.pending(shard: entry.shard.id, key: entry.key.bytes), !pending.deleted {
+            guard offset < pending.value.count else { return [] }
+            return Array(pending.value[offset..<min(pending.value.count, offset + count)])
+        }
+        return try entry.read(at: offset, count: count)
+    }
+
+    func write(_ handle: UInt64, _ bytes: UnsafeRawBufferPointer, offset: Int) throws -> Int {
+        let file = try self.file(handle)
+        guard file.writable else { throw FileSystemError(EBADF, "file not open for writing") }
+        try writable(file.entry.shard)
+        loadable(file.entry)
+        if try file.entry.write(bytes, at: offset, append: file.append) {
+            kernelCache.invalidate?([file.entry.inode])  // the kernel put the bytes at the old end
+        }
+        return bytes.count
+    }
+
+    /// close(): a small file's put is queued (visible at once, durable at fsync or
+    /// within milliseconds); a larger one is committed now. The error is close()'s,
+    /// and so is that of an earlier queued batch of the shard that failed.
+    func flush(_ handle: UInt64) throws {
+        let entry = try file(handle).entry
+        try commit(entry, behind: true)
+        if let failure = writeBehind.takeFailure(shard: entry.shard.id) { throw failure }
+    }
+
+    /// fsync(): this file's changes and everything queued before them are durable.
+    func fsync(_ handle: UInt64) throws {
+        let entry = try self.file(handle).entry
+        try commit(entry, behind: false)
+        writeBehind.flush(shard: entry.shard.id)
+        if let failure = writeBehind.takeFailure(shard: entry.shard.id) { throw failure }
+    }
+
+    /// The last release of an entry commits what its handles left uncommitted
+    /// (a close that failed is retried once). If that fails too, those changes
+    /// are lost: readers see the last committed value again.
+    func release(_ handle: UInt64) throws {
+        guard let entry = handles.close(handle) else { return }
+        var failure: Error?
+        do { try commit(entry, behind: true) } catch { failure = error }
+        // Still registered during the commit, so an open racing it shares the
+        // entry; it goes once no handle came back meanwhile.
+        if handles.retire(entry) {
+            entry.abandon()  // a staged value that was not committed is removed
+            if let failure {
+                logger.error("changes of a file could not be committed at its last close and are lost",
+                             metadata: ["shard": "\(entry.shard.id)", "key": "\(entry.key)", "error": "\(failure)"])
+                kernelCache.invalidate?([entry.inode])
+            }
+        }
+        if let failure { throw failure }
+    }
+
+    func commit(_ file: OpenEntry, behind: Bool) throws {
+        try file.commitLock.withLock { try commitLocked(file, behind: behind) }
+    }
+
+    func commitLocked(_ file: OpenEntry, behind: Bool) throws {
+        let id = file.shard.id
+        if behind, let (value, time, indexes) = try file.takeSmallValue(limit: Self.writeBehindLimit) {
+            do {
+                // Checked now, as a synchronous put would: owner, closed state, room.
+                try writable(file.shard)
+                let room = file.shard.sizeLimit - file.shard.usedBytesUpperBound - writeBehind.queuedBytes(shard: id)
+                if WriteBehind.cost(value.count) + 4096 < room,
+                   writeBehind.enqueue(file.shard, clientID: options.clientID, key: file.key.bytes, value: value,
+                                       indexes: indexes, metadata: file.metadata, modificationTime: time ?? Self.now()) {
+                    return
+                }
+                // Near the limit, or the shard is closing: commit now, for an exact answer.
+                writeBehind.flush(shard: id)
+                try own(id, [file.key.bytes]) {
+                    try file.shard.put(file.key, size: value.count, indexes: indexes, clientID: options.clientID,
+                                       modificationTime: time, entryNumber: file.metadata.number) { offset, out in
+                        value.withUnsafeBytes { out.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[offset..<(offset + out.count)])) }
+                    }
+                }
+            } catch {
+                file.keepUncommitted(indexes: indexes)  // the buffer still holds the value: a later close or release retries
+                throw error
+            }
+            return
+        }
+        guard file.hasChanges else { return }
+        writeBehind.flush(shard: id)
+        try own(id, [file.key.bytes]) { try file.commit() }
+    }
+
+    /// What lookup and getattr show of an entry. A file being written (perhaps
+    /// created and not committed yet) shows its writer's view, never cached by the
+    /// kernel (`ofWriter`): fstat on a new file must work. Otherwise the queued or
+    /// committed entry; nil if there is none. By name (lookup), an unlinked file
+    /// still open for writing is gone; by inode (fstat on its handle) it is not.
+    func entryView(_ shard: Shard, _ key: EntryKey, inode: UInt64?, byName: Bool) throws
+        -> (attributes: EntryAttributes, ofWriter: Bool)? {
+        let current = try currentAttributes(shard, key)
+        if let writer = inode.flatMap({ openWriter($0, includingUnlinked: !byName) }), let size = writer.pendingSize {
+            let time = writer.pendingModificationTime ?? Self.now()
+            return (EntryAttributes(key: key, size: size, modificationTime: time, indexes: [], metadata: writer.metadata), true)
+        }
+        return current.map { ($0, false) }
+    }
+
+    /// An entry's attributes as the mount shows them: a queued put wins.
+    func currentAttributes(_ shard: Shard, _ key: EntryKey) throws -> EntryAttributes? {
+        if let pending = writeBehind.pending(shard: shard.id, key: key.bytes) {
+            if pending.deleted { return nil }
+            return EntryAttributes(key: key, size: pending.value.count, modificationTime: pending.modificationTime, indexes: [],
+                                   metadata: pending.metadata)
+        }
+        return try shard.attributes(key)
+    }
+
+    func unlink(_ parent: UInt64, _ name: [UInt8]) throws {
+        guard case .shard(let id) = try kind(parent) else {
+            throw FileSystemError(EISDIR, "shards are removed with rmdir")
+        }
+        let shard = try localShard(id)
+        try writable(shard)
+        let key = try entryKey(name)
+        let open = openEntry(shard: id, key: key)
+        // Queued like a put: gone for readers of the mount at once, durable at the
+        // next fsync or within milliseconds. Created-and-still-open files have
+        // nothing committed, and unlinking them is dropping them.
+        if try currentAttributes(shard, key) == nil {
+            guard open != nil else { throw FileSystemError(ENOENT, "no entry \(key) in shard \(id)") }
+        } else if !writeBehind.enqueue(shard, clientID: options.clientID, key: key.bytes, value: [],
+                                       modificationTime: 0, deleted: true) {
+            writeBehind.flush(shard: id)  // the shard is closing: commit now, for an exact answer
+            try own(id, [key.bytes]) { try shard.delete(key, clientID: options.clientID) }
+        }
+        touchDirectory(shard)
+        if let open {
+            open.orphan()  // a writer's close must not bring it back
+            // The open file keeps its inode (fstat works); the name is free for a new one.
+            inodes.unlink(.entry(shard: id, key: key.bytes))
+        }
+    }
+
+    func rename(_ parent: UInt64, _ name: [UInt8], _ newParent: UInt64, _ newName: [UInt8], flags: UInt32) throws {
+        let from = try kind(parent), to = try kind(newParent)
+        guard case .shard(let id) = from, case .shard(let targetID) = to else {
+            throw FileSystemError(EPERM, "shard directories cannot be renamed")
+        }
+        guard id == targetID else { throw FileSystemError(EXDEV, "entries cannot move between shards") }
+        if flags & Self.renameExchange != 0 { throw FileSystemError(EINVAL, "RENAME_EXCHANGE is not supported") }
+        let shard = try localShard(id)
+        try writable(shard)
+        let source = try entryKey(name), target = try entryKey(newName)
+        writeBehind.flush(shard: id)
+        if flags & Self.renameNoReplace != 0, try shard.attributes(target) != nil {
+            throw FileSystemError(EEXIST, "\(target) exists")
+        }
+        let openSource = openEntry(shard: id, key: source)
+        do {
+            try own(id, [source.bytes, target.bytes]) { try shard.rename(source, to: target, clientID: options.clientID) }
+        } catch ShardError.entryNotFound where openSource?.pendingSize != nil {
+            // Created and still open, never committed: the target is replaced now,
+            // and the writer's close puts the value under the new name.
+            if source != target, try shard.attributes(target) != nil {
+                try own(id, [target.bytes]) { try shard.delete(target, clientID: options.clientID) }
+            }
+        }
+        // Open handles follow the entry; handles of a replaced target are orphans.
+        if source != target { openEntry(shard: id, key: target)?.orphan() }
+        openSource?.renamed(to: target)
+        touchDirectory(shard)
+        inodes.rename(.entry(shard: id, key: source.bytes), to: .entry(shard: id, key: target.bytes))
+    }
+}

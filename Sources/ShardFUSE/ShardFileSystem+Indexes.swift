@@ -1,0 +1,74 @@
+import Foundation
+import Glibc
+import ShardNode
+import ShardStore
+
+// Indexes as extended attributes: user.NAME is index NAME of the entry.
+
+extension ShardFileSystem {
+    // MARK: Indexes as extended attributes
+
+    static let indexPrefix = "user."
+
+    func setxattr(_ ino: UInt64, name: String, value: [UInt8], flags: Int32) throws {
+        let index = try indexName(name)
+        try changeIndexes(ino) { current in
+            let exists = current.contains { $0.name == index }
+            if flags & Self.xattrCreate != 0 && exists { throw FileSystemError(EEXIST, "index \(index) exists") }
+            if flags & Self.xattrReplace != 0 && !exists { throw FileSystemError(ENODATA, "no index \(index)") }
+            var updated = current.filter { $0.name != index }
+            updated.append(IndexPair(name: index, value: value))
+            try IndexPair.validate(updated)
+            return updated
+        }
+    }
+
+    /// Changes an entry's indexes: in the shard (after what is queued), or, for
+    /// a file created and not committed yet, with its value at its commit.
+    func changeIndexes(_ ino: UInt64, _ change: @escaping ([IndexPair]) throws -> [IndexPair]) throws {
+        let (shard, key) = try entry(ino)
+        try writable(shard)
+        if let open = openEntry(ino) {
+            let uncommitted = try currentAttributes(shard, key) == nil
+            if try open.changeIndexes(startIfUncommitted: uncommitted, change) { return }
+        }
+        writeBehind.flush(shard: shard.id)
+        try own(shard.id, [key.bytes]) { try shard.updateIndexes(key, clientID: options.clientID, change) }
+    }
+
+    /// An entry's indexes as the mount shows them: those waiting for its first commit win.
+    func currentIndexes(_ ino: UInt64) throws -> [IndexPair] {
+        let (shard, key) = try entry(ino)
+        if let pending = openEntry(ino)?.pendingIndexes { return pending }
+        if let queued = writeBehind.pending(shard: shard.id, key: key.bytes), !queued.deleted, let indexes = queued.indexes {
+            return indexes
+        }
+        return try shard.attributes(key)?.indexes ?? []
+    }
+
+    func getxattr(_ ino: UInt64, name: String) throws -> [UInt8] {
+        guard name.hasPrefix(Self.indexPrefix) else { throw FileSystemError(ENODATA, "only user.* attributes exist") }
+        let index = String(name.dropFirst(Self.indexPrefix.count))
+        guard let pair = try currentIndexes(ino).first(where: { $0.name == index }) else {
+            throw FileSystemError(ENODATA, "no index \(index)")
+        }
+        return pair.value
+    }
+
+    func listxattr(_ ino: UInt64) throws -> [UInt8] {
+        guard case .entry = try kind(ino) else { return [] }
+        var out: [UInt8] = []
+        for index in try currentIndexes(ino) {
+            out += Array((Self.indexPrefix + index.name).utf8) + [0]
+        }
+        return out
+    }
+
+    func removexattr(_ ino: UInt64, name: String) throws {
+        let index = try indexName(name)
+        try changeIndexes(ino) { current in
+            guard current.contains(where: { $0.name == index }) else { throw FileSystemError(ENODATA, "no index \(index)") }
+            return current.filter { $0.name != index }
+        }
+    }
+}
