@@ -22,16 +22,25 @@ final class WriteBuffer {
     /// Whole chunks staged per transaction (the memory a staged file holds).
     static let stageBytes = 16 << 20
 
-    /// Memory mode: the whole value. Staged mode: the bytes from `base` on.
+    /// Where the value is.
+    private enum Mode {
+        /// All of it in `memory`.
+        case memory
+        /// Its first `stagedChunks` whole chunks (and those of the transaction in
+        /// flight) in the shard, the bytes from `base` on in `memory`.
+        case staged(StagedValue)
+        /// All of it in an unlinked temporary file.
+        case spilled(fd: Int32)
+    }
+
+    private var mode = Mode.memory
     private var memory: [UInt8] = []
-    private var fd: Int32 = -1
     private(set) var size = 0
     private let spillDirectory: String
     /// Where staged chunks go; nil: never staged (spill instead).
     private let shard: Shard?
     private let clientID: String
-    /// The staged chunk set, and how many whole chunks of the value it holds.
-    private var stagedSet: UInt64?
+    /// How many whole chunks of the value are staged (in `.staged`).
     private var stagedChunks = 0
     /// The staging transaction running now: the chunks after `stagedChunks`.
     private var inFlight: StagingTransaction?
@@ -50,31 +59,41 @@ final class WriteBuffer {
     }
 
     deinit {
-        if fd >= 0 { close(fd) }
+        if let fd = spillFile { close(fd) }
         discardStaging()
     }
 
     /// Whether the value is being staged into the shard (see `commitStaged`).
-    var isStaged: Bool { stagedSet != nil }
+    var isStaged: Bool { staged != nil }
+
+    private var staged: StagedValue? {
+        if case .staged(let value) = mode { return value }
+        return nil
+    }
+
+    private var spillFile: Int32? {
+        if case .spilled(let fd) = mode { return fd }
+        return nil
+    }
 
     func write(_ bytes: UnsafeRawBufferPointer, at offset: Int) throws {
         let end = offset + bytes.count
-        if stagedSet != nil && (offset < base || end - base > 4 * Self.stageBytes) {
+        if isStaged && (offset < base || end - base > 4 * Self.stageBytes) {
             // A seek back into the staged chunks, or a tail that cannot be staged
             // (writes far behind its end): the bytes go to a spill file instead.
             try unstage()
         }
-        if fd < 0 && stagedSet == nil && end > Self.spillThreshold {
+        if case .memory = mode, end > Self.spillThreshold {
             if shard != nil && offset >= (size / chunkSize) * chunkSize {
                 try startStaging()
             } else {
                 try spill()
             }
         }
-        if fd >= 0 {
-            try pwriteAll(bytes, at: offset)
+        if let fd = spillFile {
+            try Self.pwriteAll(fd, bytes, at: offset)
         } else {
-            if stagedSet != nil { try stageWholeChunks(before: offset) }
+            if isStaged { try stageWholeChunks(before: offset) }
             let local = offset - base
             if local == memory.count {
                 memory.append(contentsOf: bytes)
@@ -93,7 +112,7 @@ final class WriteBuffer {
     /// Copies `buffer.count` bytes from `offset` into `buffer` (zeros past the end).
     func read(at offset: Int, into buffer: UnsafeMutableRawBufferPointer) throws {
         let available = max(0, min(buffer.count, size - offset))
-        if fd >= 0 {
+        if let fd = spillFile {
             var done = 0
             while done < available {
                 let n = pread(fd, buffer.baseAddress! + done, available - done, off_t(offset + done))
@@ -103,9 +122,9 @@ final class WriteBuffer {
         } else if available > 0 {
             var done = 0
             let committed = stagedChunks * chunkSize
-            if let set = stagedSet, let shard, offset < committed {
+            if let staged, offset < committed {
                 done = min(available, committed - offset)
-                try shard.readStaged(set: set, offset: offset, into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<done]))
+                try staged.read(offset: offset, into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<done]))
             }
             if let inFlight, done < available, offset + done < base {
                 let from = offset + done - committed, count = min(available - done, base - offset - done)
@@ -129,12 +148,12 @@ final class WriteBuffer {
     }
 
     func truncate(to newSize: Int) throws {
-        if stagedSet != nil {
+        if isStaged {
             // A failed staging transaction has moved the bytes to a spill file:
             // the truncation applies there (close() reports what does not fit).
             _ = try? settle()
         }
-        if stagedSet != nil {
+        if isStaged {
             if newSize >= base && newSize - base <= 2 * Self.stageBytes {
                 if newSize - base < memory.count {
                     memory.removeSubrange((newSize - base)...)
@@ -154,10 +173,10 @@ final class WriteBuffer {
             }
             try unstage()
         }
-        if fd >= 0 {
+        if let fd = spillFile {
             guard ftruncate(fd, off_t(newSize)) == 0 else { throw FileSystemError(errno, "cannot truncate the spill file") }
         } else if newSize > Self.spillThreshold {
-            try spill()
+            let fd = try spill()
             guard ftruncate(fd, off_t(newSize)) == 0 else { throw FileSystemError(errno, "cannot truncate the spill file") }
         } else if newSize < memory.count {
             memory.removeSubrange(newSize...)
@@ -172,12 +191,12 @@ final class WriteBuffer {
     /// failure the buffer is unchanged (a later call may retry).
     func commitStaged(_ key: EntryKey, modificationTime: Int64?, indexes: [IndexPair]?, entryNumber: UInt64) throws {
         try settle()
-        guard let set = stagedSet, let shard else { return }
+        guard let staged else { return }
         try memory.withUnsafeBytes { tail in
-            try shard.commitStaged(key, set: set, size: size, firstChunk: stagedChunks, tail: tail, indexes: indexes,
-                                   clientID: clientID, modificationTime: modificationTime, entryNumber: entryNumber)
+            try staged.commit(as: key, size: size, firstChunk: stagedChunks, tail: tail, indexes: indexes,
+                              modificationTime: modificationTime, entryNumber: entryNumber)
         }
-        stagedSet = nil
+        mode = .memory
         stagedChunks = 0
         memory = []
         size = 0
@@ -195,25 +214,22 @@ final class WriteBuffer {
         }
         stager?.stop()
         stager = nil
-        guard let set = stagedSet, let shard else { return }
-        stagedSet = nil
+        guard let staged else { return }
+        mode = .memory
         stagedChunks = 0
-        // Failing here leaves garbage the next open of the shard removes.
-        try? shard.discardStaging(set)
+        staged.discard()  // what fails to go, the shard's next open removes
     }
 
     // MARK: Staging
 
     private func startStaging() throws {
         guard let shard else { return }
-        let set: UInt64
         do {
-            set = try shard.beginStaging(clientID: clientID)
+            mode = .staged(try shard.beginStaging(clientID: clientID))
         } catch {
             try spill()  // as before: the commit reports what is wrong
             return
         }
-        stagedSet = set
         stagedChunks = 0
         memory.reserveCapacity(Self.stageBytes + (2 << 20))
         try stageWholeChunks(before: size, force: true)
@@ -226,9 +242,9 @@ final class WriteBuffer {
     /// then throws: this write fails (`ENOSPC` when the shard is full) and no
     /// earlier write is lost.
     private func stageWholeChunks(before offset: Int, force: Bool = false) throws {
-        guard stagedSet != nil, force || memory.count >= Self.stageBytes else { return }
+        guard isStaged, force || memory.count >= Self.stageBytes else { return }
         try settle()
-        guard let set = stagedSet, let shard else { return }
+        guard let staged else { return }
         let count = (min(memory.count, max(0, offset - base)) / chunkSize) * chunkSize
         guard count > 0 else { return }
         // The tail's memory goes to the transaction; the tail goes on in the spare.
@@ -240,12 +256,12 @@ final class WriteBuffer {
         memory.removeSubrange(count...)
         let transaction = StagingTransaction(bytes: memory)
         memory = next
-        let first = stagedChunks, clientID = self.clientID
+        let first = stagedChunks
         inFlight = transaction
         if stager == nil { stager = Stager() }
         stager!.run {
             transaction.finish {
-                try transaction.bytes.withUnsafeBytes { try shard.stage($0, set: set, firstChunk: first, clientID: clientID) }
+                try transaction.bytes.withUnsafeBytes { try staged.stage($0, firstChunk: first) }
             }
         }
     }
@@ -278,7 +294,7 @@ final class WriteBuffer {
             }
             inFlight = nil
         }
-        guard let set = stagedSet, let shard else { return }
+        guard let staged else { return }
         let fd = try makeSpillFile()
         do {
             var piece = [UInt8](repeating: 0, count: 1 << 20)
@@ -287,7 +303,7 @@ final class WriteBuffer {
                 let count = min(piece.count, base - offset)
                 try piece.withUnsafeMutableBytes { p in
                     let out = UnsafeMutableRawBufferPointer(rebasing: p[0..<count])
-                    try shard.readStaged(set: set, offset: offset, into: out)
+                    try staged.read(offset: offset, into: out)
                     try Self.pwriteAll(fd, UnsafeRawBufferPointer(out), at: offset)
                 }
                 offset += count
@@ -297,14 +313,16 @@ final class WriteBuffer {
             close(fd)
             throw error
         }
-        self.fd = fd
         memory = []
         discardStaging()
+        mode = .spilled(fd: fd)
     }
 
     // MARK: Spilling
 
-    private func spill() throws {
+    /// Memory → spilled; returns the spill file.
+    @discardableResult
+    private func spill() throws -> Int32 {
         let fd = try makeSpillFile()
         do {
             try memory.withUnsafeBytes { try Self.pwriteAll(fd, $0, at: 0) }
@@ -312,8 +330,9 @@ final class WriteBuffer {
             close(fd)
             throw error
         }
-        self.fd = fd
+        mode = .spilled(fd: fd)
         memory = []
+        return fd
     }
 
     private func makeSpillFile() throws -> Int32 {
@@ -324,9 +343,6 @@ final class WriteBuffer {
         return fd
     }
 
-    private func pwriteAll(_ bytes: UnsafeRawBufferPointer, at offset: Int) throws {
-        try Self.pwriteAll(fd, bytes, at: offset)
-    }
 
     private static func pwriteAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, at offset: Int) throws {
         var done = 0

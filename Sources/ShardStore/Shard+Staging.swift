@@ -1,26 +1,79 @@
 import LMDB
 
-/// Staging a large value piece by piece, as it arrives (a file written through
-/// the mount): whole chunks go into a fresh chunk set, listed in `staging`, in
-/// transactions of the caller's size; a last transaction writes the remaining
-/// bytes and switches the entry to the set. Readers see the old value or the new
-/// one, never a mix. A set that is never switched to is removed by
-/// `discardStaging`, or, after a crash, when the shard opens.
+/// A large value being staged: written piece by piece, as it arrives (a file
+/// written through the mount), into a fresh chunk set of its shard, listed in
+/// `staging`, in transactions of the caller's size; a last transaction writes
+/// the remaining bytes and switches the entry to the set. Readers see the old
+/// value or the new one, never a mix.
+///
+/// The handle owns its set: `commit` makes it an entry's value and uses it up;
+/// `discard`, or dropping the handle unused, removes it; after a crash, the
+/// shard removes it when it next opens. Not thread-safe: one staging
+/// transaction at a time (the caller orders them).
+public final class StagedValue: @unchecked Sendable {
+    public let shard: Shard
+    /// The chunk set (its chunks are `chunkKey(set, n)`).
+    public let set: UInt64
+    let clientID: String
+    private var finished = false
+
+    init(shard: Shard, set: UInt64, clientID: String) {
+        self.shard = shard
+        self.set = set
+        self.clientID = clientID
+    }
+
+    deinit { if !finished { try? shard.removeStagedSet(set) } }
+
+    /// Writes whole chunks `firstChunk…` from `bytes` (a multiple of `chunkSize`)
+    /// in one durable transaction.
+    public func stage(_ bytes: UnsafeRawBufferPointer, firstChunk: Int) throws {
+        try shard.stage(bytes, set: set, firstChunk: firstChunk, clientID: clientID)
+    }
+
+    /// Copies staged bytes from `offset` into `buffer`; the chunks up to there must be staged whole.
+    public func read(offset: Int, into buffer: UnsafeMutableRawBufferPointer) throws {
+        try shard.readStaged(set: set, offset: offset, into: buffer)
+    }
+
+    /// Makes the value `key`'s: the first `firstChunk` chunks are staged, `tail`
+    /// holds the rest of its `size` bytes (see `Shard.commitStaged`). Uses the
+    /// handle up; on failure the set stays staged, for a retry or `discard`.
+    public func commit(as key: EntryKey, size: Int, firstChunk: Int, tail: UnsafeRawBufferPointer,
+                       indexes: [IndexPair]? = nil, modificationTime: Int64? = nil, entryNumber: UInt64? = nil) throws {
+        precondition(!finished, "a staged value is committed or discarded once")
+        try shard.commitStaged(key, set: set, size: size, firstChunk: firstChunk, tail: tail, indexes: indexes,
+                               clientID: clientID, modificationTime: modificationTime, entryNumber: entryNumber)
+        finished = true
+    }
+
+    /// Lets the handle go and leaves the set, as a crash would: the shard's next
+    /// open removes it (tests).
+    func leaveBehind() { finished = true }
+
+    /// Removes the set (best effort: what is left, the shard's next open removes).
+    public func discard() {
+        guard !finished else { return }
+        finished = true
+        try? shard.removeStagedSet(set)
+    }
+}
+
 extension Shard {
-    /// A new, empty chunk set listed in `staging` (one durable transaction).
-    public func beginStaging(clientID: String) throws -> UInt64 {
+    /// A new, empty staged value (its set listed in `staging`, in one durable transaction).
+    public func beginStaging(clientID: String) throws -> StagedValue {
         let box = StagedSetBox()
         try write(clientID: clientID) { ctx in
             box.set = try self.newChunkSet(ctx.txn)
             try ctx.txn.put(self.staging, chunkSetKey(box.set), [])
         }
-        return box.set
+        return StagedValue(shard: self, set: box.set, clientID: clientID)
     }
 
     /// Writes whole chunks `firstChunk…` of staged set `set` from `bytes` (a
     /// multiple of `chunkSize`) in one durable transaction. Fails with `full` at
     /// once if the value would already be larger than the shard's whole limit.
-    public func stage(_ bytes: UnsafeRawBufferPointer, set: UInt64, firstChunk: Int, clientID: String) throws {
+    func stage(_ bytes: UnsafeRawBufferPointer, set: UInt64, firstChunk: Int, clientID: String) throws {
         guard bytes.count % chunkSize == 0, firstChunk >= 0 else {
             throw ShardError.invalidArgument("staged bytes are whole chunks")
         }
@@ -42,8 +95,8 @@ extension Shard {
     /// writes the tail's chunks and the record and takes the set out of `staging`.
     /// `indexes` nil keeps the entry's indexes (a rewritten file keeps its
     /// extended attributes). On failure the set stays staged (a retry may follow);
-    /// `discardStaging` removes it.
-    public func commitStaged(_ key: EntryKey, set: UInt64, size: Int, firstChunk: Int, tail: UnsafeRawBufferPointer,
+    /// `StagedValue.discard` removes it.
+    func commitStaged(_ key: EntryKey, set: UInt64, size: Int, firstChunk: Int, tail: UnsafeRawBufferPointer,
                              indexes: [IndexPair]? = nil, clientID: String, modificationTime: Int64? = nil,
                              entryNumber: UInt64? = nil) throws {
         guard firstChunk >= 0, firstChunk * chunkSize + tail.count == size, size > chunkSize else {
@@ -71,7 +124,7 @@ extension Shard {
 
     /// Copies bytes of a staged set from `offset` into `buffer`; the set's chunks
     /// up to there must be staged whole.
-    public func readStaged(set: UInt64, offset: Int, into buffer: UnsafeMutableRawBufferPointer) throws {
+    func readStaged(set: UInt64, offset: Int, into buffer: UnsafeMutableRawBufferPointer) throws {
         // Staged chunks are not entries: logged batches do not touch them.
         try readTransaction(applyingLog: false) { txn in
             var done = 0
@@ -86,13 +139,6 @@ extension Shard {
                     .copyMemory(from: UnsafeRawBufferPointer(rebasing: chunk[start..<(start + length)]))
                 done += length
             }
-        }
-    }
-
-    /// Removes a staged set that will not be switched to (a failed or abandoned write).
-    public func discardStaging(_ set: UInt64) throws {
-        do { try discardStaged(set) } catch let error as ShardError { throw error } catch {
-            throw ShardError.from(error, limit: sizeLimit)
         }
     }
 
@@ -148,23 +194,27 @@ extension Shard {
                 first = range.upperBound
             }
         } catch {
-            try? discardStaged(set)
+            try? removeStagedSet(set)
             throw error
         }
         return set
     }
 
-    /// Removes a staged chunk set (a put that failed or was interrupted).
-    func discardStaged(_ set: UInt64) throws {
-        try committer.submit { ctx in
-            try self.deleteChunkSet(ctx.txn, set)
-            try ctx.txn.delete(self.staging, chunkSetKey(set))
+    /// Removes a staged set that will not be switched to (a failed or abandoned write).
+    func removeStagedSet(_ set: UInt64) throws {
+        do {
+            try committer.submit { ctx in
+                try self.deleteChunkSet(ctx.txn, set)
+                try ctx.txn.delete(self.staging, chunkSetKey(set))
+            }
+        } catch let error as ShardError { throw error } catch {
+            throw ShardError.from(error, limit: sizeLimit)
         }
     }
 
     /// At open: chunk sets a crash left half-written are garbage.
-    func discardStagedChunks() throws {
-        for set in try stagedSets() { try discardStaged(set) }
+    func removeLeftoverStagedSets() throws {
+        for set in try stagedSets() { try removeStagedSet(set) }
     }
 }
 

@@ -53,7 +53,7 @@ extension Shard {
                 ctx.changed(key.bytes)
             }
         } catch {
-            if let staged { try? discardStaged(staged) }
+            if let staged { try? removeStagedSet(staged) }
             throw error
         }
     }

@@ -239,7 +239,7 @@ public final class Shard: @unchecked Sendable {
         // Staged chunks a crash left are garbage: remove them, but a failure here
         // (say, a full shard) must not keep the shard from opening.
         if !options.readOnly {
-            try? discardStagedChunks()
+            try? removeLeftoverStagedSets()
         }
     }
 

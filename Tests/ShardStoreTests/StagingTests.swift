@@ -12,19 +12,19 @@ import Testing
         let shard = try makeShard(dir)
         try shard.put(key("v"), value: bytes("old"), indexes: [IndexPair(name: "kind", value: "log")], clientID: "owner")
         let value = pattern(3 * chunkSize + 1234, seed: 7)
-        let set = try shard.beginStaging(clientID: "owner")
-        #expect(try shard.stagedSets() == [set])
+        let staged = try shard.beginStaging(clientID: "owner")
+        #expect(try shard.stagedSets() == [staged.set])
         try value.withUnsafeBytes { v in
-            try shard.stage(UnsafeRawBufferPointer(rebasing: v[0..<(2 * chunkSize)]), set: set, firstChunk: 0, clientID: "owner")
+            try staged.stage(UnsafeRawBufferPointer(rebasing: v[0..<(2 * chunkSize)]), firstChunk: 0)
         }
         // Readers still see the old value; the writer reads its staged bytes back.
         #expect(try shard.get(key("v")).value == bytes("old"))
         var back = [UInt8](repeating: 0, count: 1000)
-        try back.withUnsafeMutableBytes { try shard.readStaged(set: set, offset: chunkSize - 500, into: $0) }
+        try back.withUnsafeMutableBytes { try staged.read(offset: chunkSize - 500, into: $0) }
         #expect(back == Array(value[(chunkSize - 500)..<(chunkSize + 500)]))
         try value.withUnsafeBytes { v in
-            try shard.commitStaged(key("v"), set: set, size: value.count, firstChunk: 2,
-                                   tail: UnsafeRawBufferPointer(rebasing: v[(2 * chunkSize)...]), clientID: "owner")
+            try staged.commit(as: key("v"), size: value.count, firstChunk: 2,
+                              tail: UnsafeRawBufferPointer(rebasing: v[(2 * chunkSize)...]))
         }
         let entry = try shard.get(key("v"))
         #expect(entry.value == value)
@@ -37,13 +37,25 @@ import Testing
         let dir = try TemporaryDirectory("shard")
         var shard: Shard? = try makeShard(dir)
         let value = pattern(2 * chunkSize, seed: 3)
-        let discarded = try shard!.beginStaging(clientID: "owner")
-        try value.withUnsafeBytes { try shard!.stage($0, set: discarded, firstChunk: 0, clientID: "owner") }
-        try shard!.discardStaging(discarded)
+        do {
+            let discarded = try shard!.beginStaging(clientID: "owner")
+            try value.withUnsafeBytes { try discarded.stage($0, firstChunk: 0) }
+            discarded.discard()
+        }
+        #expect(try shard!.stagedSets() == [])
+        // A handle dropped unused removes its set.
+        do {
+            let dropped = try shard!.beginStaging(clientID: "owner")
+            try value.withUnsafeBytes { try dropped.stage($0, firstChunk: 0) }
+        }
         #expect(try shard!.stagedSets() == [])
         // A set left behind (a crash) is removed when the shard opens again.
-        let left = try shard!.beginStaging(clientID: "owner")
-        try value.withUnsafeBytes { try shard!.stage($0, set: left, firstChunk: 0, clientID: "owner") }
+        do {
+            let left = try shard!.beginStaging(clientID: "owner")
+            try value.withUnsafeBytes { try left.stage($0, firstChunk: 0) }
+            left.leaveBehind()
+        }
+        #expect(try shard!.stagedSets().count == 1)
         shard = nil
         let reopened = try Shard.open(at: dir.sub("shard-7"))
         #expect(try reopened.stagedSets() == [])
@@ -53,18 +65,18 @@ import Testing
     @Test func stagingPastTheLimitIsFullAndTheShardStaysUsable() throws {
         let dir = try TemporaryDirectory("shard")
         let shard = try makeShard(dir, limit: 4 << 20)
-        let set = try shard.beginStaging(clientID: "owner")
+        let staged = try shard.beginStaging(clientID: "owner")
         let piece = pattern(8 * chunkSize, seed: 1)  // 1 MiB
         var failure: Error?
         var first = 0
         do {
             while true {
-                try piece.withUnsafeBytes { try shard.stage($0, set: set, firstChunk: first, clientID: "owner") }
+                try piece.withUnsafeBytes { try staged.stage($0, firstChunk: first) }
                 first += 8
             }
         } catch { failure = error }
         #expect(failure as? ShardError == .full(limit: 4 << 20))
-        try shard.discardStaging(set)
+        staged.discard()
         #expect(try shard.stagedSets() == [])
         try shard.put(key("after"), value: pattern(2 * chunkSize, seed: 9), clientID: "owner")
         #expect(try shard.get(key("after")).value == pattern(2 * chunkSize, seed: 9))
