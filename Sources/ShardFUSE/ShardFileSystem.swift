@@ -66,10 +66,15 @@ public final class ShardFileSystem: @unchecked Sendable {
         attributes = Attributes(uid: uid, gid: gid, mountTime: Int64(time(nil)) * 1_000_000_000)
         directoryTimes = DirectoryTimes(mountTime: attributes.mountTime)
         spillDirectory = node.configuration.node.dataDir
-        writeBehind = WriteBehind(logger: logger) { [unowned self] shard, keys, body in
+        writeBehind = WriteBehind(logger: logger) { [weak self] shard, keys, body in
+            guard let self else { return try body() }
             try self.own(shard, keys, body)
         }
     }
+
+    /// A mount that never started (or whose session ended without `commitAll`)
+    /// still stops its committer thread, which holds nothing queued then.
+    deinit { writeBehind.stop() }
 
     // MARK: Names and attributes
 

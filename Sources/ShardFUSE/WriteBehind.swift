@@ -58,7 +58,9 @@ final class WriteBehind: @unchecked Sendable {
         self.logger = logger
         self.interval = interval
         self.asOwnWrite = asOwnWrite
-        let thread = Thread { [unowned self] in self.committerLoop() }
+        // The thread keeps the queue alive until `stop()` ends it (the owner's
+        // deinit at the latest): it must never outlive what it reads.
+        let thread = Thread { [self] in self.committerLoop() }
         thread.name = "shardfs.write-behind"
         self.thread = thread
         thread.start()
@@ -141,10 +143,14 @@ final class WriteBehind: @unchecked Sendable {
 
     /// Commits everything (unmount) and stops the committer.
     func stop() {
-        condition.withLock {
+        let committer = condition.withLock { () -> Thread? in
             stopped = true
             condition.broadcast()
+            return thread
         }
+        // Called on the committer itself (its owner's last reference went there):
+        // it ends once this returns; waiting for it would wait forever.
+        if let committer, committer === Thread.current { return }
         condition.withLock { while thread != nil { condition.wait() } }
     }
 

@@ -4,6 +4,19 @@ import Testing
 
 /// `shardfs serve --mount`: the socket service and the mount on one node.
 @Suite struct ServeTests {
+    /// A mount that fails leaves nothing running behind the node that reads
+    /// freed memory (the write-behind committer outlived its file system).
+    @Test func aMountThatFailsEndsServeWithAnErrorNotACrash() async throws {
+        let dir = try TemporaryDirectory("serve")
+        for attempt in 0..<5 {
+            let data = dir.sub("data\(attempt)")
+            let result = try await runAsync(shardfs, ["serve", "--data-dir", data, "--no-tcp", "--mount", dir.sub("missing"),
+                                                      "--log-level", "error"])
+            #expect(result.status == 1, "\(result.stderr)")
+            #expect(result.stderr.contains("cannot mount") && !result.stderr.contains("Fatal error"), "\(result.stderr)")
+        }
+    }
+
     @Test func aPutThroughTheSocketIsSeenByTheMountAtOnce() async throws {
         let dir = try TemporaryDirectory("serve")
         let mnt = dir.sub("mnt"), data = dir.sub("data")
