@@ -40,6 +40,10 @@ public final class FuseSession: @unchecked Sendable {
     /// each io_uring entry's payload buffer).
     static let maxWrite: UInt32 = 1 << 20
 
+    /// What the mount shows as its source: the node's data folder.
+    private let source: String
+    /// The kernel's ID of this mount (mountinfo), once mounted.
+    private var mountID: Int?
     private let handlesSignals: Bool
     /// What libfuse hands every callback: the filesystem, and the io_uring rings.
     private let context: UnsafeMutablePointer<shardfs_fuse_context>
@@ -55,7 +59,17 @@ public final class FuseSession: @unchecked Sendable {
         self.handlesSignals = handleSignals
         self.fileSystem = fileSystem
         self.mountpoint = mountpoint
-        var mountOptions = ["fsname=shardfs", "subtype=shardfs"]
+        // Resolved before mounting: afterwards, looking at the path would wait for
+        // this very session to answer.
+        guard let resolved = realpath(mountpoint, nil) else {
+            throw MountError(description: "mount point \(mountpoint) does not exist: create the directory first (mkdir -p \(mountpoint))")
+        }
+        resolvedMountpoint = String(cString: resolved)
+        free(resolved)
+        try Self.checkMountpoint(mountpoint, resolved: resolvedMountpoint, allowNonEmpty: fileSystem.options.allowNonEmpty)
+        // `mount`, `df` and `mount -a` show (and recognise) the node's data folder.
+        source = URL(fileURLWithPath: fileSystem.node.configuration.node.dataDir).standardizedFileURL.path
+        var mountOptions = ["fsname=" + MountTable.fuseOptionValue(source), "subtype=shardfs"]
         if fileSystem.options.readOnly { mountOptions.append("ro") }
         // With other users, the kernel checks modes (default_permissions). Without
         // them only the daemon's user reaches the mount, and it owns every file:
@@ -75,20 +89,14 @@ public final class FuseSession: @unchecked Sendable {
             throw MountError(description: "cannot start a FUSE session (is /dev/fuse available?)")
         }
         self.session = session
-        // Resolved before mounting: afterwards, looking at the path would wait for
-        // this very session to answer.
-        if let resolved = realpath(mountpoint, nil) {
-            resolvedMountpoint = String(cString: resolved)
-            free(resolved)
-        } else {
-            resolvedMountpoint = mountpoint
-        }
         guard fuse_session_mount(session, mountpoint) == 0 else {
             fuse_session_destroy(session)
             fuse_opt_free_args(&arguments)
             context.deallocate()
-            throw MountError(description: "cannot mount at \(mountpoint): see the message above (is it an empty directory? not already mounted?)")
+            throw MountError(description: "cannot mount at \(mountpoint): see the message above")
         }
+        // What `run` and `stop` unmount: this mount, never one stacked on it later.
+        mountID = MountTable().mounts(at: resolvedMountpoint).last { $0.fileSystemType == "fuse.shardfs" && $0.source == source }?.id
         if fileSystem.options.uring {
             // Four threads per CPU queue, one entry each, so a request that
             // blocks (an fsync, a shard's creation) holds up no other: the
@@ -149,9 +157,11 @@ public final class FuseSession: @unchecked Sendable {
         sessionHandle?.alive = false  // queued invalidations send nothing more
         fileSystem.commitAll()
         if handlesSignals { fuse_remove_signal_handlers(session) }
-        fuse_session_unmount(session)
-        // libfuse takes an aborted connection for an unmount and leaves the mount.
-        if shardfs_is_mounted(resolvedMountpoint) != 0 { lazyUnmount() }
+        if ownsTopMount() {
+            fuse_session_unmount(session)
+            // libfuse takes an aborted connection for an unmount and leaves the mount.
+            if shardfs_is_mounted(resolvedMountpoint) != 0 && ownsTopMount() { lazyUnmount() }
+        }
         // An invalidation still in the kernel returns once the mount is gone;
         // none may touch the session after it is destroyed.
         invalidations.sync {}
@@ -170,7 +180,38 @@ public final class FuseSession: @unchecked Sendable {
     /// are committed first, in `run`).
     public func stop() {
         fuse_session_exit(session)
-        lazyUnmount()
+        if ownsTopMount() { lazyUnmount() }
+    }
+
+    /// Refuses a mount point that is already one (mounting would stack on it, and
+    /// an unmount by path would then take the wrong one), and one that holds
+    /// files (hidden while mounted) unless `-o nonempty`.
+    static func checkMountpoint(_ mountpoint: String, resolved: String, allowNonEmpty: Bool) throws {
+        var info = stat()
+        guard stat(resolved, &info) == 0, info.st_mode & S_IFMT == S_IFDIR else {
+            throw MountError(description: "mount point \(mountpoint) is not a directory")
+        }
+        if let top = MountTable().mounts(at: resolved).last {
+            throw MountError(description: "\(mountpoint) is already a mount point (\(top.fileSystemType) of \(top.source)): "
+                                + "unmount it first, or mount on an empty directory")
+        }
+        if !allowNonEmpty, let names = try? FileManager.default.contentsOfDirectory(atPath: resolved), !names.isEmpty {
+            throw MountError(description: "\(mountpoint) is not empty: its files would be hidden while ShardFS is mounted "
+                                + "(mount on an empty directory, or add -o nonempty)")
+        }
+    }
+
+    /// Whether what the mount point shows is this session's mount. Another
+    /// mounted over it afterwards is not unmounted in its place: the unmount
+    /// is left for whoever removes that one (logged).
+    private func ownsTopMount() -> Bool {
+        guard let top = MountTable().mounts(at: resolvedMountpoint).last else { return false }
+        if let mountID, top.id != mountID {
+            fileSystem.logger.error("another filesystem is mounted over this mount; leaving both in place",
+                                    metadata: ["mountpoint": "\(resolvedMountpoint)", "over": "\(top.fileSystemType) \(top.source)"])
+            return false
+        }
+        return true
     }
 
     private func lazyUnmount() {

@@ -3,7 +3,7 @@ import ShardStore
 
 /// One open(2) of an entry: the state it shares with the entry's other handles,
 /// and how it was opened.
-struct FileHandle {
+struct OpenFile {
     let entry: OpenEntry
     let writable: Bool
     /// O_APPEND: every write lands at the end of the value.
@@ -22,7 +22,7 @@ struct DirectoryCursor {
 /// own lock is taken only after this one is released.
 final class HandleTable: @unchecked Sendable {
     private let lock = NSLock()
-    private var files: [UInt64: FileHandle] = [:]
+    private var files: [UInt64: OpenFile] = [:]
     private var entries: [UInt64: (entry: OpenEntry, handles: Int)] = [:]
     private var directories: [UInt64: DirectoryCursor] = [:]
     private var next: UInt64 = 1
@@ -36,12 +36,12 @@ final class HandleTable: @unchecked Sendable {
             let existing = entries[ino]?.entry
             let entry = existing ?? make()
             entries[ino] = (entry, (entries[ino]?.handles ?? 0) + 1)
-            files[handle] = FileHandle(entry: entry, writable: writable, append: append)
+            files[handle] = OpenFile(entry: entry, writable: writable, append: append)
             return (handle, entry, existing != nil)
         }
     }
 
-    func file(_ handle: UInt64) -> FileHandle? { lock.withLock { files[handle] } }
+    func file(_ handle: UInt64) -> OpenFile? { lock.withLock { files[handle] } }
 
     /// The open state of `ino`, if any handle holds it.
     func entry(_ ino: UInt64) -> OpenEntry? { lock.withLock { entries[ino]?.entry } }

@@ -19,6 +19,8 @@ public struct MountOptions: Sendable, Equatable {
     /// (`nouring` keeps /dev/fuse). See CFuseRing.
     public var uring = true
     public var debug = false
+    /// Mount over a directory that holds files (hidden while mounted); refused otherwise.
+    public var allowNonEmpty = false
 
     public init() {}
 
@@ -57,6 +59,7 @@ public struct MountOptions: Sendable, Equatable {
             case "debug": debug = true
             case "uring": uring = true
             case "nouring": uring = false
+            case "nonempty", "allow_non_empty": allowNonEmpty = true
             case "fsname", "subtype": break  // set by the mount itself
             default:
                 if Self.ignored.contains(name) { continue }

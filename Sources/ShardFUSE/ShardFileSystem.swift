@@ -318,7 +318,7 @@ public final class ShardFileSystem: @unchecked Sendable {
         return (try localShard(id), EntryKey(trusted: key))
     }
 
-    func file(_ handle: UInt64) throws -> FileHandle {
+    func file(_ handle: UInt64) throws -> OpenFile {
         guard let file = handles.file(handle) else { throw FileSystemError(EBADF, "unknown file handle") }
         return file
     }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import Glibc
 import Logging
 import ShardNode
 
@@ -9,8 +10,16 @@ struct ShardFS: AsyncParsableCommand {
     /// fstab line run) calls `shardfs SRC MNT -o …`: that form means `mount`.
     static func main() async {
         var arguments = Array(CommandLine.arguments.dropFirst())
-        let names = Set(configuration.subcommands.compactMap { $0.configuration.commandName } + ["help"])
-        if let first = arguments.first, !first.hasPrefix("-"), !names.contains(first), arguments.count >= 2 {
+        let names = configuration.subcommands.compactMap { $0.configuration.commandName } + ["help"]
+        if let first = arguments.first, !first.hasPrefix("-"), !names.contains(first) {
+            // Only a DATA MNT pair of paths is a mount: a mistyped command must
+            // never mount anything.
+            guard arguments.count >= 2, looksLikePath(first), looksLikePath(arguments[1]) else {
+                let guess = names.min { editDistance($0, first) < editDistance($1, first) }
+                let hint = guess.map { editDistance($0, first) <= 2 ? " Did you mean '\($0)'?" : "" } ?? ""
+                FileHandle.standardError.write(Data("Error: unknown command '\(first)'.\(hint) See 'shardfs --help'.\n".utf8))
+                Glibc.exit(64)  // EX_USAGE
+            }
             arguments.insert("mount", at: 0)
         }
         do {
@@ -125,4 +134,26 @@ enum Log {
 /// Writes to standard output without buffering surprises.
 func emit(_ text: String) {
     FileHandle.standardOutput.write(Data((text + "\n").utf8))
+}
+
+/// A path as mount.fuse3 passes one: with a slash, or an existing directory.
+private func looksLikePath(_ argument: String) -> Bool {
+    var isDirectory: ObjCBool = false
+    return argument.contains("/") || (FileManager.default.fileExists(atPath: argument, isDirectory: &isDirectory) && isDirectory.boolValue)
+}
+
+/// Levenshtein distance, for suggesting the command meant.
+private func editDistance(_ a: String, _ b: String) -> Int {
+    let a = Array(a), b = Array(b)
+    var row = Array(0...b.count)
+    for i in 1...max(1, a.count) where !a.isEmpty {
+        var previous = row[0]
+        row[0] = i
+        for j in 1...max(1, b.count) where !b.isEmpty {
+            let current = row[j]
+            row[j] = min(row[j] + 1, row[j - 1] + 1, previous + (a[i - 1] == b[j - 1] ? 0 : 1))
+            previous = current
+        }
+    }
+    return row[b.count]
 }

@@ -1,0 +1,46 @@
+import Foundation
+import TestSupport
+import Testing
+
+/// Mounting never hides or takes down something else, and a mistyped command never mounts.
+@Suite struct SafeMountTests {
+    @Test func aMountPointThatIsAlreadyAMountOrHoldsFilesIsRefused() async throws {
+        try await withMount { m in
+            try await m.ok("mkdir shard-1 && echo v > shard-1/f")
+            // The mount shows the node's data folder as its source.
+            #expect(mountTable().contains("\(m.data) \(m.mnt) fuse.shardfs "), "\(mountTable())")
+            let stacked = try await runAsync(shardfs, ["mount", m.dir.sub("other"), m.mnt, "-o", "client_id=x"])
+            #expect(stacked.status != 0 && stacked.stderr.contains("is already a mount point"), "\(stacked.stderr)")
+            #expect(try await m.ok("cat shard-1/f") == "v\n")  // the first one is untouched
+            let full = m.dir.sub("full")
+            try FileManager.default.createDirectory(atPath: full, withIntermediateDirectories: true)
+            try "x".write(toFile: full + "/keep", atomically: true, encoding: .utf8)
+            let hidden = try await runAsync(shardfs, ["mount", m.dir.sub("other"), full])
+            #expect(hidden.status != 0 && hidden.stderr.contains("is not empty") && hidden.stderr.contains("nonempty"),
+                    "\(hidden.stderr)")
+            #expect(!isMountPoint(full))
+            let missing = try await runAsync(shardfs, ["mount", m.dir.sub("other"), m.dir.sub("missing")])
+            #expect(missing.status != 0 && missing.stderr.contains("no such directory") && !missing.stderr.contains("Usage"),
+                    "\(missing.stderr)")
+            // With -o nonempty the files are hidden while mounted, and back afterwards.
+            let over = try await runAsync(shardfs, ["mount", m.dir.sub("other"), full, "-o", "nonempty,client_id=x"])
+            #expect(over.status == 0, "\(over.stderr)")
+            #expect(isMountPoint(full))
+            _ = try await shell("fusermount3 -u '\(full)'")
+            for _ in 0..<100 where isMountPoint(full) { try await Task.sleep(for: .milliseconds(20)) }
+            #expect(FileManager.default.fileExists(atPath: full + "/keep"))
+        }
+    }
+
+    @Test func aMistypedCommandIsAnErrorNeverAMount() async throws {
+        let dir = try TemporaryDirectory("cli")
+        try FileManager.default.createDirectory(atPath: dir.sub("list"), withIntermediateDirectories: true)
+        let result = try await shell("cd '\(dir.path)' && '\(shardfs)' shards list")
+        #expect(result.status == 64 && result.stderr.contains("unknown command 'shards'") && result.stderr.contains("'shard'"),
+                "\(result.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: dir.sub("shards")))
+        #expect(!isMountPoint(dir.sub("list")))
+        let stat = try await shell("cd '\(dir.path)' && '\(shardfs)' stat 1")
+        #expect(stat.status == 64 && stat.stderr.contains("unknown command 'stat'"), "\(stat.stderr)")
+    }
+}
