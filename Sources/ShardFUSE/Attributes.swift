@@ -62,11 +62,12 @@ struct Attributes {
     /// An entry: its mode as set with chmod (default `0644`) without write bits
     /// when it cannot be written; change and access time are the modification
     /// time unless set apart (chmod, xattr changes; utimensat of the access time).
-    func file(shard: UInt64, _ entry: EntryAttributes, writable: Bool) -> stat {
+    /// `linked` false: unlinked while open (nlink 0).
+    func file(shard: UInt64, _ entry: EntryAttributes, writable: Bool, linked: Bool = true) -> stat {
         var st = base(Self.inodeNumber(shard: shard, entry: entry.metadata.number, key: entry.key.bytes))
         let mode = mode_t(entry.metadata.mode ?? 0o644) & 0o7777
         st.st_mode = S_IFREG | (writable ? mode : mode & ~0o222)
-        st.st_nlink = 1
+        st.st_nlink = linked ? 1 : 0
         st.st_size = off_t(entry.size)
         st.st_blocks = blkcnt_t((entry.size + 511) / 512)
         let modification = entry.modificationTime

@@ -141,7 +141,7 @@ private func opCreate(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePo
                       _ fi: UnsafeMutablePointer<fuse_file_info>?) {
     guard let fi else { fuse_reply_err(req, EINVAL); return }
     do {
-        let (reply, handle) = try fileSystem(req).create(parent, bytes(name), flags: fi.pointee.flags)
+        let (reply, handle) = try fileSystem(req).create(parent, bytes(name), flags: fi.pointee.flags, mode: mode)
         var parameters = entryParameters(reply)
         fi.pointee.fh = handle
         fuse_reply_create(req, &parameters, fi)

@@ -84,6 +84,14 @@ final class InodeTable: @unchecked Sendable {
         lock.withLock { _ = byKind.removeValue(forKey: kind) }
     }
 
+    /// Whether `ino` still has its name (false once unlinked or replaced while open).
+    func isLinked(_ ino: UInt64) -> Bool {
+        lock.withLock {
+            guard let kind = slots[ino]?.kind ?? nil else { return false }
+            return byKind[kind] == ino
+        }
+    }
+
     /// The inodes the kernel may hold for a shard: its directory and its entries.
     func inodes(ofShard id: UInt64) -> [UInt64] {
         lock.withLock {

@@ -36,6 +36,8 @@ final class OpenEntry: @unchecked Sendable {
     /// Indexes set (setxattr) before the entry's first commit, committed with
     /// its value; nil: the commit keeps the indexes the entry has.
     private var indexes: [IndexPair]?
+    /// The entry's attributes when it was unlinked while open.
+    private var unlinked: EntryAttributes?
     /// The entry's number, mode and access time: those it has in the shard, or
     /// for a new file the number its first commit gives it.
     private var entryMetadata: EntryMetadata
@@ -98,6 +100,33 @@ final class OpenEntry: @unchecked Sendable {
 
     /// The entry was unlinked (or replaced by a rename): drop uncommitted changes.
     func orphan() { lock.withLock { orphaned = true } }
+
+    /// Values up to this size stay readable through open descriptors after an
+    /// unlink (copied out of the shard first; past 8 MiB into a temporary file).
+    static let keptAfterUnlink = 64 << 20
+
+    /// Before an unlink: keeps the entry's value for its open descriptors (if
+    /// small enough) and what fstat shows of it from then on.
+    func keepAfterUnlink(_ attributes: EntryAttributes) throws {
+        try lock.withLock {
+            if buffer == nil && attributes.size <= Self.keptAfterUnlink {
+                let kept = WriteBuffer(spillDirectory: spillDirectory)
+                try fill(kept)
+                buffer = kept
+            }
+            unlinked = attributes
+        }
+    }
+
+    /// What fstat shows of an unlinked file still open (nil while linked).
+    var unlinkedView: EntryAttributes? {
+        lock.withLock {
+            guard var view = unlinked else { return nil }
+            if let size = buffer?.size { view.size = size }
+            if dirty, let modificationTime { view.modificationTime = modificationTime }
+            return view
+        }
+    }
 
     /// Writes at `offset`, or at the end with `append` (O_APPEND: where the
     /// value ends now, whatever offset the kernel computed). Returns whether the
@@ -170,11 +199,12 @@ final class OpenEntry: @unchecked Sendable {
                 // The chunks are in the shard already: write the tail and switch.
                 // The set is the entry's value now; later writes start from it.
                 try buffer.commitStaged(currentKey, modificationTime: modificationTime, indexes: indexes,
-                                        entryNumber: entryMetadata.number)
+                                        entryNumber: entryMetadata.number, creationMode: entryMetadata.mode)
                 self.buffer = nil
             } else {
                 try shard.put(currentKey, size: buffer.size, indexes: indexes, clientID: clientID,
-                              modificationTime: modificationTime, entryNumber: entryMetadata.number) { offset, out in
+                              modificationTime: modificationTime, entryNumber: entryMetadata.number,
+                              creationMode: entryMetadata.mode) { offset, out in
                     try buffer.read(at: offset, into: out)
                 }
             }
@@ -216,16 +246,20 @@ final class OpenEntry: @unchecked Sendable {
     private func loadedBuffer() throws -> WriteBuffer {
         if let buffer { return buffer }
         let fresh = newBuffer()
-        if let attributes = try shard.attributes(currentKey) {
-            var offset = 0
-            while offset < attributes.size {
-                let piece = try shard.read(currentKey, offset: offset, count: chunkSize)
-                if piece.isEmpty { break }
-                try piece.withUnsafeBytes { try fresh.write($0, at: offset) }
-                offset += piece.count
-            }
-        }
+        try fill(fresh)
         buffer = fresh
         return fresh
+    }
+
+    /// Copies the entry's committed value into `buffer` (lock held).
+    private func fill(_ buffer: WriteBuffer) throws {
+        guard let attributes = try shard.attributes(currentKey) else { return }
+        var offset = 0
+        while offset < attributes.size {
+            let piece = try shard.read(currentKey, offset: offset, count: chunkSize)
+            if piece.isEmpty { break }
+            try piece.withUnsafeBytes { try buffer.write($0, at: offset) }
+            offset += piece.count
+        }
     }
 }

@@ -9,7 +9,8 @@ import ShardStore
 extension ShardFileSystem {
     // MARK: Entries as files
 
-    func create(_ parent: UInt64, _ name: [UInt8], flags: Int32) throws -> (EntryReply, UInt64) {
+    /// `mode`: the new file's mode, the caller's umask applied by the kernel.
+    func create(_ parent: UInt64, _ name: [UInt8], flags: Int32, mode: mode_t = 0o644) throws -> (EntryReply, UInt64) {
         guard case .shard(let id) = try kind(parent) else {
             throw FileSystemError(EPERM, "files live inside shard directories")
         }
@@ -18,7 +19,9 @@ extension ShardFileSystem {
         let key = try entryKey(name)
         let ino = inodes.inode(for: .entry(shard: id, key: key.bytes), lookup: true)
         let existing = try currentAttributes(shard, key)
-        let metadata = existing?.metadata ?? EntryMetadata(number: shard.newEntryNumber())
+        // 0644 is what an entry without a stored mode shows.
+        let modeBits = UInt32(mode & 0o7777)
+        let metadata = existing?.metadata ?? EntryMetadata(number: shard.newEntryNumber(), mode: modeBits == 0o644 ? nil : modeBits)
         let (handle, entry, _) = register(ino, shard, key, metadata: metadata, writable: true, append: flags & O_APPEND != 0)
         do {
             // The kernel creates when it has no name cached, so the entry may
@@ -148,7 +151,8 @@ extension ShardFileSystem {
                 writeBehind.flush(shard: id)
                 try own(id, [file.key.bytes]) {
                     try file.shard.put(file.key, size: value.count, indexes: indexes, clientID: options.clientID,
-                                       modificationTime: time, entryNumber: file.metadata.number) { offset, out in
+                                       modificationTime: time, entryNumber: file.metadata.number,
+                                       creationMode: file.metadata.mode) { offset, out in
                         value.withUnsafeBytes { out.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[offset..<(offset + out.count)])) }
                     }
                 }
@@ -170,6 +174,9 @@ extension ShardFileSystem {
     /// still open for writing is gone; by inode (fstat on its handle) it is not.
     func entryView(_ shard: Shard, _ key: EntryKey, inode: UInt64?, byName: Bool) throws
         -> (attributes: EntryAttributes, ofWriter: Bool)? {
+        if !byName, let inode, let unlinked = openEntry(inode)?.unlinkedView {
+            return (unlinked, true)  // fstat on a descriptor of an unlinked file
+        }
         let current = try currentAttributes(shard, key)
         if let writer = inode.flatMap({ openWriter($0, includingUnlinked: !byName) }), let size = writer.pendingSize {
             let time = writer.pendingModificationTime ?? Self.now()
@@ -196,10 +203,16 @@ extension ShardFileSystem {
         try writable(shard)
         let key = try entryKey(name)
         let open = openEntry(shard: id, key: key)
+        let current = try currentAttributes(shard, key)
+        if let open, let current {
+            // Its descriptors keep reading it, as on a local filesystem.
+            loadable(open)
+            try open.keepAfterUnlink(current)
+        }
         // Queued like a put: gone for readers of the mount at once, durable at the
         // next fsync or within milliseconds. Created-and-still-open files have
         // nothing committed, and unlinking them is dropping them.
-        if try currentAttributes(shard, key) == nil {
+        if current == nil {
             guard open != nil else { throw FileSystemError(ENOENT, "no entry \(key) in shard \(id)") }
         } else if !writeBehind.enqueue(shard, clientID: options.clientID, key: key.bytes, value: [],
                                        modificationTime: 0, deleted: true) {

@@ -407,7 +407,7 @@ public final class ShardFileSystem: @unchecked Sendable {
     }
 
     func fileAttributes(_ shard: Shard, _ ino: UInt64, _ entry: EntryAttributes) -> stat {
-        attributes.file(shard: shard.id, entry, writable: isWritable(shard))
+        attributes.file(shard: shard.id, entry, writable: isWritable(shard), linked: ino == Self.unknownInode || inodes.isLinked(ino))
     }
 
     /// An entry was made, removed or renamed.

@@ -160,6 +160,7 @@ final class WriteBehind: @unchecked Sendable {
             var item = EntryWrite(key: key, value: pending.value, indexes: pending.indexes ?? [],
                                   modificationTime: pending.modificationTime, keepsIndexes: pending.indexes == nil)
             if pending.metadata.number > 0 { item.entryNumber = pending.metadata.number }
+            item.creationMode = pending.metadata.mode
             return item
         }
         do {

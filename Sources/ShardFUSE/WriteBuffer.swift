@@ -84,7 +84,10 @@ final class WriteBuffer {
             try unstage()
         }
         if case .memory = mode, end > Self.spillThreshold {
-            if shard != nil && offset >= (size / chunkSize) * chunkSize {
+            // In order: staged. A write far past the end (a hole of zeros) or
+            // before the last whole chunk: spilled, where a hole costs nothing
+            // (the file is sparse) instead of memory.
+            if shard != nil && offset >= (size / chunkSize) * chunkSize && offset - size <= Self.stageBytes {
                 try startStaging()
             } else {
                 try spill()
@@ -189,12 +192,13 @@ final class WriteBuffer {
     /// Makes the staged value `key`'s value (the tail and the switch, in one
     /// transaction). Afterwards the buffer is spent: the caller drops it. On
     /// failure the buffer is unchanged (a later call may retry).
-    func commitStaged(_ key: EntryKey, modificationTime: Int64?, indexes: [IndexPair]?, entryNumber: UInt64) throws {
+    func commitStaged(_ key: EntryKey, modificationTime: Int64?, indexes: [IndexPair]?, entryNumber: UInt64,
+                      creationMode: UInt32?) throws {
         try settle()
         guard let staged else { return }
         try memory.withUnsafeBytes { tail in
             try staged.commit(as: key, size: size, firstChunk: stagedChunks, tail: tail, indexes: indexes,
-                              modificationTime: modificationTime, entryNumber: entryNumber)
+                              modificationTime: modificationTime, entryNumber: entryNumber, creationMode: creationMode)
         }
         mode = .memory
         stagedChunks = 0

@@ -19,7 +19,7 @@ import Glibc
 ///
 ///     u8 kind (0 put, 1 put keeping the entry's indexes, 2 delete; plus 0x80
 ///        when an entry number follows: a u64, the number a put gives the key if
-///        it creates it)
+///        it creates it; plus 0x40 when a u32 mode follows, the mode it gives it)
 ///     u16 key length, key | i64 modification time (ns) | u32 value length, value
 ///     u16 index count, then per index: u16 name length, name | u32 value length, value
 ///
@@ -142,8 +142,10 @@ final class BatchLog {
             w.put(UInt32(items.count))
             for item in items {
                 let numbered = !item.isDeletion && item.entryNumber != nil
-                w.put(UInt8(item.isDeletion ? 2 : item.keepsIndexes ? 1 : 0) | (numbered ? 0x80 : 0))
+                let moded = !item.isDeletion && item.creationMode != nil
+                w.put(UInt8(item.isDeletion ? 2 : item.keepsIndexes ? 1 : 0) | (numbered ? 0x80 : 0) | (moded ? 0x40 : 0))
                 if numbered { w.put(item.entryNumber!) }
+                if moded { w.put(item.creationMode!) }
                 w.put(UInt16(item.key.count))
                 w.put(item.key)
                 w.put(UInt64(bitPattern: item.modificationTime ?? 0))
@@ -169,7 +171,8 @@ final class BatchLog {
     /// The exact bytes `encode` writes for a batch.
     static func encodedSize(_ items: [EntryWrite]) -> Int {
         items.reduce(recordHeaderSize + 4) { sum, item in
-            sum + 17 + (!item.isDeletion && item.entryNumber != nil ? 8 : 0) + item.key.count + item.value.count
+            sum + 17 + (!item.isDeletion && item.entryNumber != nil ? 8 : 0) + (!item.isDeletion && item.creationMode != nil ? 4 : 0)
+                + item.key.count + item.value.count
                 + loggedIndexes(item).reduce(0) { $0 + 6 + $1.name.utf8.count + $1.value.count }
         }
     }
@@ -211,11 +214,16 @@ final class BatchLog {
         items.reserveCapacity(min(count, (end - start) / 17))
         for _ in 0..<count {
             guard let kindAt = take(1) else { return nil }
-            let kind = bytes[kindAt.lowerBound] & 0x7F
+            let kind = bytes[kindAt.lowerBound] & 0x3F
             var number: UInt64?
             if bytes[kindAt.lowerBound] & 0x80 != 0 {
                 guard let numberAt = take(8) else { return nil }
                 number = bytes.readLE(UInt64.self, at: numberAt.lowerBound)
+            }
+            var mode: UInt32?
+            if bytes[kindAt.lowerBound] & 0x40 != 0 {
+                guard let modeAt = take(4) else { return nil }
+                mode = bytes.readLE(UInt32.self, at: modeAt.lowerBound)
             }
             guard kind <= 2, let keyLength = take(2), let key = take(Int(bytes.readLE(UInt16.self, at: keyLength.lowerBound))),
                   let time = take(8), let valueLength = take(4),
@@ -233,6 +241,7 @@ final class BatchLog {
                                   keepsIndexes: kind == 1)
             item.isDeletion = kind == 2
             item.entryNumber = number
+            item.creationMode = mode
             items.append(item)
         }
         return at == end ? items : nil

@@ -53,7 +53,7 @@ extension Shard {
             case .put(let item)?:
                 // The entry keeps what it has beside its value (a deletion pending
                 // before this put may yet drop it: then the put's number holds).
-                var metadata = stored?.metadata ?? EntryMetadata(number: item.entryNumber ?? 0)
+                var metadata = stored?.metadata ?? EntryMetadata(number: item.entryNumber ?? 0, mode: item.creationMode)
                 metadata.changeTime = nil
                 if metadata.number == 0 { metadata.number = item.entryNumber ?? 0 }
                 return EntryAttributes(key: key, size: item.value.count, modificationTime: item.modificationTime ?? 0,

@@ -40,10 +40,12 @@ public final class StagedValue: @unchecked Sendable {
     /// holds the rest of its `size` bytes (see `Shard.commitStaged`). Uses the
     /// handle up; on failure the set stays staged, for a retry or `discard`.
     public func commit(as key: EntryKey, size: Int, firstChunk: Int, tail: UnsafeRawBufferPointer,
-                       indexes: [IndexPair]? = nil, modificationTime: Int64? = nil, entryNumber: UInt64? = nil) throws {
+                       indexes: [IndexPair]? = nil, modificationTime: Int64? = nil, entryNumber: UInt64? = nil,
+                       creationMode: UInt32? = nil) throws {
         precondition(!finished, "a staged value is committed or discarded once")
         try shard.commitStaged(key, set: set, size: size, firstChunk: firstChunk, tail: tail, indexes: indexes,
-                               clientID: clientID, modificationTime: modificationTime, entryNumber: entryNumber)
+                               clientID: clientID, modificationTime: modificationTime, entryNumber: entryNumber,
+                               creationMode: creationMode)
         finished = true
     }
 
@@ -98,7 +100,7 @@ extension Shard {
     /// `StagedValue.discard` removes it.
     func commitStaged(_ key: EntryKey, set: UInt64, size: Int, firstChunk: Int, tail: UnsafeRawBufferPointer,
                              indexes: [IndexPair]? = nil, clientID: String, modificationTime: Int64? = nil,
-                             entryNumber: UInt64? = nil) throws {
+                             entryNumber: UInt64? = nil, creationMode: UInt32? = nil) throws {
         guard firstChunk >= 0, firstChunk * chunkSize + tail.count == size, size > chunkSize else {
             throw ShardError.invalidArgument("a staged value is its staged chunks and its tail, over one chunk")
         }
@@ -111,7 +113,7 @@ extension Shard {
                 let kept = try indexes ?? ctx.txn.get(self.entries, key.bytes).map { try RecordView($0).indexes() } ?? []
                 try self.writeChunks(ctx.txn, set: set, firstChunk: firstChunk, tail)
                 try self.writeEntry(ctx.txn, key: key.bytes, size: size, indexes: kept, modificationTime: mtime,
-                                    stagedChunkSet: set, entryNumber: entryNumber) { _, _ in }
+                                    stagedChunkSet: set, entryNumber: entryNumber, creationMode: creationMode) { _, _ in }
                 _ = try ctx.txn.delete(self.staging, chunkSetKey(set))
                 ctx.changed(key.bytes)
             }

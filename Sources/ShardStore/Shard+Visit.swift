@@ -58,7 +58,7 @@ extension Shard {
                     result = .failure(.invalidKey(problem))
                 } else if case .put(let item)? = pending?[n] {
                     // The record LMDB will hold, built here for the length of the callback.
-                    let metadata = EntryMetadata(number: item.entryNumber ?? 0)
+                    let metadata = EntryMetadata(number: item.entryNumber ?? 0, mode: item.creationMode)
                     var record = [UInt8](repeating: 0, count: recordHeadSize(chunked: false, indexes: item.indexes, metadata: metadata) + item.value.count)
                     try record.withUnsafeMutableBytes { out in
                         let offset = encodeRecordHead(into: out, chunkSet: nil, modificationTime: item.modificationTime ?? 0,

@@ -32,9 +32,9 @@ extension Shard {
     /// `indexes` nil keeps the indexes the entry has at commit time (a file
     /// rewritten through the mount keeps its extended attributes).
     /// `source` must not throw `ShardError`.
-    /// `entryNumber`: the number the entry gets if this put creates it (see `newEntryNumber`).
+    /// `entryNumber`, `creationMode`: the number (see `newEntryNumber`) and mode the entry gets if this put creates it.
     public func put(_ key: EntryKey, size: Int, indexes: [IndexPair]? = [], clientID: String, modificationTime: Int64? = nil,
-                    entryNumber: UInt64? = nil,
+                    entryNumber: UInt64? = nil, creationMode: UInt32? = nil,
                     source: @escaping (_ offset: Int, _ buffer: UnsafeMutableRawBufferPointer) throws -> Void) throws {
         guard size >= 0 else { throw ShardError.invalidArgument("negative size") }
         if let indexes { try IndexPair.validate(indexes) }
@@ -48,7 +48,7 @@ extension Shard {
             try write(clientID: clientID) { [staged] ctx in
                 let kept = try indexes ?? ctx.txn.get(self.entries, key.bytes).map { try RecordView($0).indexes() } ?? []
                 try self.writeEntry(ctx.txn, key: key.bytes, size: size, indexes: kept, modificationTime: mtime,
-                                    stagedChunkSet: staged, entryNumber: entryNumber, source: source)
+                                    stagedChunkSet: staged, entryNumber: entryNumber, creationMode: creationMode, source: source)
                 if let staged { try ctx.txn.delete(self.staging, chunkSetKey(staged)) }
                 ctx.changed(key.bytes)
             }
@@ -230,7 +230,8 @@ extension Shard {
         }
         try item.value.withUnsafeBytes { v in
             try writeEntry(txn, key: item.key, size: v.count, indexes: indexes, appending: appending,
-                           modificationTime: item.modificationTime ?? defaultTime, entryNumber: item.entryNumber) { offset, out in
+                           modificationTime: item.modificationTime ?? defaultTime, entryNumber: item.entryNumber,
+                           creationMode: item.creationMode) { offset, out in
                 out.copyMemory(from: UnsafeRawBufferPointer(rebasing: v[offset..<(offset + out.count)]))
             }
         }
@@ -239,16 +240,16 @@ extension Shard {
     /// Writes a record (and chunks and index rows) whose value `source` provides
     /// piecewise, into the record itself or into reserved chunk space: no extra copy.
     /// `stagedChunkSet`: the value's chunks are already written there.
-    /// A new key gets `entryNumber` (or a new one); an existing entry keeps its
+    /// A new key gets `entryNumber` (or a new one) and `creationMode`; an existing entry keeps its
     /// number, mode and access time (a rewrite is a change of its value).
     func writeEntry(_ txn: Transaction, key: [UInt8], size: Int, indexes newIndexes: [IndexPair],
                             appending: Bool = false, modificationTime: Int64, stagedChunkSet: UInt64? = nil,
-                            entryNumber: UInt64? = nil,
+                            entryNumber: UInt64? = nil, creationMode: UInt32? = nil,
                             source: (Int, UnsafeMutableRawBufferPointer) throws -> Void) throws {
         let chunked = size > chunkSize
         let chunkSet: UInt64? = chunked ? try stagedChunkSet ?? newChunkSet(txn) : nil
         // Sized for a new key first; the number is taken only once the key proves new.
-        var metadata = EntryMetadata(number: entryNumber ?? numberLock.withLock { lastEntryNumber + 1 })
+        var metadata = EntryMetadata(number: entryNumber ?? numberLock.withLock { lastEntryNumber + 1 }, mode: creationMode)
         let valueBytes = chunked ? 0 : size
         let count = recordHeadSize(chunked: chunked, indexes: newIndexes, metadata: metadata) + valueBytes
         try key.withUnsafeBytes { k in

@@ -90,6 +90,8 @@ public struct EntryWrite: Sendable {
     /// The number the entry gets if this put creates its key (an existing entry
     /// keeps its own); nil: the shard gives one. Logged puts carry theirs.
     public var entryNumber: UInt64?
+    /// The mode the entry gets if this put creates its key (nil: the default).
+    public var creationMode: UInt32?
 
     /// An item of a batch that deletes `key`.
     public static func deletion(of key: [UInt8]) -> EntryWrite {

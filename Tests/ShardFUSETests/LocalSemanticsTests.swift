@@ -213,4 +213,58 @@ import Testing
             #expect(try await m.ok("getfattr --only-values -n user.topic shard-1/file6") == "logs")
         }
     }
+
+    @Test func newFilesTakeTheModeAndUmaskTheyAreCreatedWith() async throws {
+        try await withMount { m in
+            try await m.ok("mkdir shard-1")
+            let out = try await m.python("""
+                import os
+                os.umask(0o077)
+                os.close(os.open('shard-1/script', os.O_CREAT | os.O_WRONLY, 0o755))
+                os.umask(0o022)
+                fd = os.open('shard-1/secret', os.O_CREAT | os.O_WRONLY, 0o600)
+                before = oct(os.fstat(fd).st_mode & 0o7777)
+                os.write(fd, b's'); os.close(fd)
+                os.close(os.open('shard-1/plain', os.O_CREAT | os.O_WRONLY, 0o666))
+                print(before, *[oct(os.stat('shard-1/' + n).st_mode & 0o7777) for n in ('script', 'secret', 'plain')])
+                """)
+            #expect(out == "0o600 0o700 0o600 0o644\n")
+            await m.unmount()
+            try await m.mount()
+            #expect(try await m.ok("stat -c %a shard-1/script shard-1/secret shard-1/plain") == "700\n600\n644\n")
+        }
+    }
+
+    @Test func descriptorsOfAnUnlinkedFileStillReadAndStatIt() async throws {
+        try await withMount { m in
+            try await m.ok("mkdir shard-1 && printf 'kept value' > shard-1/f")
+            let out = try await m.python("""
+                import os
+                r = os.open('shard-1/f', os.O_RDONLY)
+                os.unlink('shard-1/f')
+                st = os.fstat(r)
+                print(st.st_nlink, st.st_size, os.pread(r, 100, 0), os.path.exists('shard-1/f'))
+                os.close(r)
+                """)
+            #expect(out == "0 10 b'kept value' False\n")
+        }
+    }
+
+    @Test func aWriteFarPastTheEndMakesAHoleNotMemory() async throws {
+        try await withMount { m in
+            try await m.ok("mkdir shard-1")
+            let pid = try #require(m.daemonPID)
+            let out = try await m.python("""
+                import os
+                fd = os.open('shard-1/sparse', os.O_CREAT | os.O_WRONLY, 0o644)
+                os.pwrite(fd, b'x', 256 * 1024 * 1024 + 1)
+                rss = [l for l in open('/proc/\(pid)/status') if l.startswith('VmRSS')][0].split()[1]
+                os.close(fd)
+                r = os.open('shard-1/sparse', os.O_RDONLY)
+                print(os.fstat(r).st_size, os.pread(r, 4, 256 * 1024 * 1024 - 1), os.pread(r, 2, 1000), int(rss) < 200 * 1024)
+                """)
+            #expect(out == "268435458 b'\\x00\\x00x' b'\\x00\\x00' True\n")
+        }
+    }
 }
+
