@@ -93,6 +93,8 @@ let package = Package(
         .testTarget(name: "MetadataEtcdTests", dependencies: ["MetadataEtcd", "ShardNode", "ShardStore", "TestSupport"]),
         // fixtures/: the fake cloud servers (Python) the tests start.
         .testTarget(name: "VolumesTests", dependencies: ["Volumes", "TestSupport"], exclude: ["fixtures"]),
+        // Volume providers wired into a node and `shardfs volume` (root: loop devices).
+        .testTarget(name: "NodeVolumesTests", dependencies: ["shardfs", "TestSupport"]),
         .testTarget(name: "ShardNodeTests", dependencies: ["ShardNode", "TestSupport"]),
         .testTarget(name: "BatchProtocolTests", dependencies: ["BatchProtocol", "TestSupport"]),
         .testTarget(name: "BatchServerTests", dependencies: [

@@ -36,7 +36,7 @@ struct ShardFS: AsyncParsableCommand {
         subcommands: [
             DemoCommand.self, ShardCommand.self,
             PutCommand.self, BatchPutCommand.self, GetCommand.self, ListCommand.self, RemoveCommand.self, MoveCommand.self, FindCommand.self,
-            MountCommand.self, BenchCommand.self, BatchBenchCommand.self, ServeCommand.self, ClientCommand.self,
+            MountCommand.self, BenchCommand.self, BatchBenchCommand.self, ServeCommand.self, ClientCommand.self, VolumeCommand.self,
         ]
     )
 }
