@@ -140,6 +140,16 @@ public struct LoopCloudProvider: CloudProvider {
                 throw VolumeError.failed("cannot detach \(volumeID) from \(instanceID): losetup -d \(mine.device): "
                                          + out.stderr.trimmingCharacters(in: .whitespacesAndNewlines))
             }
+            // While something still holds the device open (a just-finished unmount,
+            // a udev probe) the kernel only marks it for autoclear: wait it out.
+            let deadline = Date(timeIntervalSinceNow: 10)
+            while isLoop(mine.device, backing: imagePath(volumeID)) {
+                guard Date() < deadline else {
+                    throw VolumeError.failed("loop device \(mine.device) of volume \(volumeID) is still open after losetup -d; "
+                                             + "find who holds it (fuser \(mine.device)) and detach again")
+                }
+                usleep(20_000)
+            }
             record.attachments = live
             try save(record)
         }

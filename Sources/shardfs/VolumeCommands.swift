@@ -4,9 +4,10 @@ import Metadata
 import ShardNode
 import Volumes
 
-/// `shardfs volume …`: the node's volumes through its configured provider
-/// (cloud.provider) and the metadata. Each command starts the node, as the shard
-/// commands do, so the volumes it holds are attached and mounted first.
+/// `shardfs volume …`: volumes through the configured provider (cloud.provider).
+/// create, list and delete start the node, as the shard commands do (they need
+/// the metadata); attach and detach use only the provider and the volume
+/// manager, so a node's open shards never keep the volume busy here.
 struct VolumeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "volume",
@@ -74,8 +75,8 @@ struct VolumeCommand: AsyncParsableCommand {
         @Flag(name: .long, help: "Attach and mount read-only (as a backup does).") var readOnly = false
 
         func run() async throws {
-            let node = try await node.startNode()
-            emit(try await node.volumes.mount(volumeID, readOnly: readOnly).mountPath)
+            let volumes = try await VolumeCommand.manager(node)
+            emit(try await volumes.mount(volumeID, readOnly: readOnly).mountPath)
         }
     }
 
@@ -85,8 +86,7 @@ struct VolumeCommand: AsyncParsableCommand {
         @Argument(help: "Volume ID.") var volumeID: String
 
         func run() async throws {
-            let node = try await node.startNode()
-            try await detach(volumeID, from: node)
+            try await VolumeCommand.detach(volumeID, from: try await VolumeCommand.manager(node))
         }
     }
 
@@ -103,17 +103,23 @@ struct VolumeCommand: AsyncParsableCommand {
                 throw ValidationError("volume \(volumeID) holds \(shards.count) shard(s) (\(shards.prefix(5).map { String($0.shardID) }.joined(separator: ", "))); "
                                       + "delete them first")
             }
-            try await detach(volumeID, from: node)
+            try await VolumeCommand.detach(volumeID, from: node.volumes)
             try await node.volumes.provider.deleteVolume(volumeID)
             if (try? await node.metadata.getVolume(volumeID)) != nil { try await node.metadata.unregisterVolume(volumeID) }
         }
     }
 
-    static func detach(_ volumeID: String, from node: StorageNode) async throws {
-        if let block = node.volumes as? BlockVolumeManager {
+    /// The configured provider's volume manager, without starting the node.
+    static func manager(_ options: NodeOptions) async throws -> any VolumeManager {
+        let config = try options.configuration()
+        return try await StorageNode.volumeManager(config, provider: try StorageNode.cloudProvider(config))
+    }
+
+    static func detach(_ volumeID: String, from volumes: any VolumeManager) async throws {
+        if let block = volumes as? BlockVolumeManager {
             try await block.detach(volumeID)
-        } else if node.volumes.mountedVolumes().contains(where: { $0.volumeID == volumeID }) {
-            try await node.volumes.unmount(volumeID)
+        } else if volumes.mountedVolumes().contains(where: { $0.volumeID == volumeID }) {
+            try await volumes.unmount(volumeID)
         }
     }
 }

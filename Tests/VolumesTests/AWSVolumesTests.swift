@@ -20,7 +20,7 @@ import Testing
     }
 
     @Test func multiAttachLifecycle() async throws {
-        let fake = try ServerProcess(fixture: "fake_ec2.py", ["--attach-polls", "2"])
+        let fake = try await ServerProcess.start(fixture: "fake_ec2.py", ["--attach-polls", "2"])
         defer { fake.stop() }
         let aws = provider(fake)
         let spec = VolumeSpec(sizeBytes: 10 << 30, iops: 4000, tags: ["shardfs": "yes", "owner": "a b"], idempotencyToken: "create-1")
@@ -65,7 +65,7 @@ import Testing
     }
 
     @Test func describePagesWithNextToken() async throws {
-        let fake = try ServerProcess(fixture: "fake_ec2.py")
+        let fake = try await ServerProcess.start(fixture: "fake_ec2.py")
         defer { fake.stop() }
         let aws = provider(fake)
         var ids: [String] = []
@@ -77,10 +77,10 @@ import Testing
     }
 
     @Test func throttlingAnd5xxAreRetriedOthersAreNot() async throws {
-        let fake = try ServerProcess(fixture: "fake_ec2.py", ["--throttle", "AttachVolume=2", "--fail5xx", "CreateVolume=1",
+        let fake = try await ServerProcess.start(fixture: "fake_ec2.py", ["--throttle", "AttachVolume=2", "--fail5xx", "CreateVolume=1",
                                                               "--throttle", "DeleteVolume=1000"])
         defer { fake.stop() }
-        let aws = provider(fake, deadline: .seconds(1))
+        let aws = provider(fake, deadline: .seconds(30))
         let retried = LockedList()
         aws.onRetry = { retried.append("\($0)") }
         let volume = try await aws.createVolume(VolumeSpec(sizeBytes: 1 << 30))
@@ -90,7 +90,7 @@ import Testing
         #expect(retried.items.count == 3 && retried.items.filter { $0.contains("RequestLimitExceeded") }.count == 2)
         // Throttled past the deadline: a timeout that says why.
         do {
-            try await aws.deleteVolume(volume.volumeID)
+            try await provider(fake, deadline: .seconds(1)).deleteVolume(volume.volumeID)
             Issue.record("no deadline")
         } catch VolumeError.timedOut(let text) {
             #expect(text.contains("DeleteVolume") && text.contains("RequestLimitExceeded") && text.contains("Request limit exceeded."))
@@ -117,7 +117,7 @@ import Testing
     }
 
     @Test func identityAndCredentialsFromIMDSv2() async throws {
-        let fake = try ServerProcess(fixture: "fake_ec2.py", ["--instance-id", "i-0123imds"])
+        let fake = try await ServerProcess.start(fixture: "fake_ec2.py", ["--instance-id", "i-0123imds"])
         defer { fake.stop() }
         let aws = provider(fake, env: [:]) { $0.availabilityZone = "" }
         #expect(try await aws.region() == "us-east-1")
@@ -152,7 +152,7 @@ final class LockedList: @unchecked Sendable {
 /// The same provider against moto_server (request signing, XML, error paths).
 @Suite struct AWSMotoTests {
     @Test func createAttachDetachDeleteOnMoto() async throws {
-        let moto = try ServerProcess(motoServerAfter: 30)
+        let moto = try await ServerProcess.startMoto()
         defer { moto.stop() }
         var c = AWSConfiguration()
         c.endpoint = moto.url
@@ -195,7 +195,7 @@ struct AWSManagerTests {
     @Test func managerAttachesFindsTheDeviceBySerialFormatsAndMounts() async throws {
         let f = try LoopFixture()
         defer { f.cleanUp() }
-        let fake = try ServerProcess(fixture: "fake_ec2.py", ["--attach-polls", "3"])
+        let fake = try await ServerProcess.start(fixture: "fake_ec2.py", ["--attach-polls", "3"])
         defer { fake.stop() }
         var c = AWSConfiguration()
         c.endpoint = fake.url

@@ -77,7 +77,9 @@ final class ScriptedProvider: CloudProvider, @unchecked Sendable {
     }
 
     @Test func retryRetriesOnlyTransientErrorsUntilTheDeadline() async throws {
-        let policy = CloudRetryPolicy(initialBackoff: .milliseconds(5), multiplier: 2, maxBackoff: .milliseconds(20), deadline: .milliseconds(300))
+        // A deadline far above the three short waits, so a busy machine cannot make it run out.
+        let policy = CloudRetryPolicy(initialBackoff: .milliseconds(5), multiplier: 2, maxBackoff: .milliseconds(20), deadline: .seconds(30))
+        let short = CloudRetryPolicy(initialBackoff: .milliseconds(5), multiplier: 2, maxBackoff: .milliseconds(20), deadline: .milliseconds(300))
         let throttled = VolumeError.cloud(CloudAPIError(provider: "aws", action: "AttachVolume", code: "RequestLimitExceeded", message: "slow down", httpStatus: 503))
         nonisolated(unsafe) var tries = 0
         let value = try await policy.run("attach") { () async throws -> Int in
@@ -93,7 +95,7 @@ final class ScriptedProvider: CloudProvider, @unchecked Sendable {
         #expect(tries == 1)
 
         do {
-            try await policy.run("attach") { throw throttled }
+            try await short.run("attach") { throw throttled }
             Issue.record("no deadline")
         } catch VolumeError.timedOut(let text) {
             #expect(text.contains("RequestLimitExceeded") && text.contains("slow down"))

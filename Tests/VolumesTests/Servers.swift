@@ -83,9 +83,27 @@ final class ServerProcess: @unchecked Sendable {
     }
 }
 
+extension ServerProcess {
+    /// Starting blocks (Python imports, moto's start-up): done on a thread of its
+    /// own, so the tests running meanwhile keep Swift's few cooperative threads.
+    static func start(fixture: String, _ arguments: [String] = []) async throws -> ServerProcess {
+        try await offPool { try ServerProcess(fixture: fixture, arguments) }
+    }
+
+    static func startMoto() async throws -> ServerProcess {
+        try await offPool { try ServerProcess(motoServerAfter: 30) }
+    }
+}
+
+func offPool<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { continuation in
+        Thread { continuation.resume(with: Result { try work() }) }.start()
+    }
+}
+
 /// Runs a Python snippet with `input` as its standard input; its stdout, trimmed.
-func python(_ script: String, input: String = "") throws -> String {
-    let r = try run("/usr/bin/env", ["python3", "-c", script], input: input)
+func python(_ script: String, input: String = "") async throws -> String {
+    let r = try await runAsync("/usr/bin/env", ["python3", "-c", script], input: input)
     guard r.status == 0 else { throw ServerProcess.Failed(description: "python3 failed: \(r.stderr)") }
     return r.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
 }

@@ -45,7 +45,7 @@ import Testing
 
     /// botocore's SigV4Auth signs the same requests; the Authorization headers must match byte for byte.
     @Test(arguments: cases)
-    func matchesBotocore(_ c: Case) throws {
+    func matchesBotocore(_ c: Case) async throws {
         let script = """
         import json, sys, datetime
         import botocore.auth
@@ -62,7 +62,7 @@ import Testing
         SigV4Auth(Credentials(c["key"], c["secret"], c["token"] or None), "ec2", c["region"]).add_auth(r)
         print(r.headers["Authorization"])
         """
-        let expected = try python(script, input: String(decoding: try JSONEncoder().encode(c), as: UTF8.self))
+        let expected = try await python(script, input: String(decoding: try JSONEncoder().encode(c), as: UTF8.self))
         let signed = SigV4Signer(service: "ec2", region: c.region).sign(
             method: c.method, host: c.host, path: c.path, query: c.query,
             headers: [("Content-Type", "application/x-www-form-urlencoded; charset=utf-8")], body: Data(c.body.utf8),
