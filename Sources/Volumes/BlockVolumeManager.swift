@@ -3,7 +3,9 @@ import Foundation
 /// The filesystems a block volume may carry. Both are journaled single-host
 /// filesystems: the primary mounts read-write, a backup read-only with journal
 /// replay switched off (`noload` for ext4, `norecovery` for xfs) — a plain `ro`
-/// mount replays the journal, which writes to a volume the primary owns.
+/// mount replays the journal, which writes to a volume the primary owns. xfs
+/// also needs `nouuid` when one kernel sees the volume twice (two loop devices):
+/// it refuses a second filesystem with the same UUID.
 public enum VolumeFilesystem: String, Sendable, CaseIterable {
     case ext4, xfs
 
@@ -18,7 +20,7 @@ public enum VolumeFilesystem: String, Sendable, CaseIterable {
         guard readOnly else { return "rw" }
         switch self {
         case .ext4: return "ro,noload"
-        case .xfs: return "ro,norecovery"
+        case .xfs: return "ro,norecovery,nouuid"
         }
     }
 }
@@ -64,17 +66,23 @@ public final class BlockVolumeManager: VolumeManager, @unchecked Sendable {
             guard existing.readOnly == readOnly else { throw roleMismatch(volumeID, mountedReadOnly: existing.readOnly) }
             return remember(MountedVolume(volumeID: volumeID, mountPath: target, readOnly: readOnly, device: existing.source))
         }
-        let device = try await attach(volumeID, readOnly: readOnly)
-        if let elsewhere = MountInfo.current(path: mountInfoPath).first(where: { $0.source == device }) {
-            throw VolumeError.failed("device \(device) of volume \(volumeID) is already mounted at \(elsewhere.mountPoint); "
-                                     + "unmount it there first")
+        let (device, attachedNow) = try await attach(volumeID, readOnly: readOnly)
+        do {
+            if let elsewhere = MountInfo.current(path: mountInfoPath).first(where: { $0.source == device }) {
+                throw VolumeError.failed("device \(device) of volume \(volumeID) is already mounted at \(elsewhere.mountPoint); "
+                                         + "unmount it there first")
+            }
+            try await prepareFilesystem(volumeID, device: device, readOnly: readOnly)
+            do { try FileManager.default.createDirectory(atPath: target, withIntermediateDirectories: true) } catch {
+                throw VolumeError.failed("cannot create mount point \(target) for volume \(volumeID): \(error.localizedDescription)")
+            }
+            try await runner.check("mount", ["-t", filesystem.rawValue, "-o", filesystem.mountOptions(readOnly: readOnly), device, target],
+                                   purpose: "cannot mount volume \(volumeID) (\(device)) at \(target)")
+        } catch {
+            // Leave nothing half done: an attachment this call made goes again.
+            if attachedNow { try? await provider.detachVolume(volumeID, instanceID: instanceID) }
+            throw error
         }
-        try await prepareFilesystem(volumeID, device: device, readOnly: readOnly)
-        do { try FileManager.default.createDirectory(atPath: target, withIntermediateDirectories: true) } catch {
-            throw VolumeError.failed("cannot create mount point \(target) for volume \(volumeID): \(error.localizedDescription)")
-        }
-        try await runner.check("mount", ["-t", filesystem.rawValue, "-o", filesystem.mountOptions(readOnly: readOnly), device, target],
-                               purpose: "cannot mount volume \(volumeID) (\(device)) at \(target)")
         return remember(MountedVolume(volumeID: volumeID, mountPath: target, readOnly: readOnly, device: device))
     }
 
@@ -132,12 +140,14 @@ public final class BlockVolumeManager: VolumeManager, @unchecked Sendable {
 
     // MARK: Steps
 
-    /// Attaches (or finds this instance's attachment) and waits for the local device.
-    private func attach(_ volumeID: String, readOnly: Bool) async throws -> String {
+    /// Attaches (or finds this instance's attachment) and waits for the local
+    /// device; also says whether this call made the attachment.
+    private func attach(_ volumeID: String, readOnly: Bool) async throws -> (device: String, attachedNow: Bool) {
         let volume = try await provider.describeVolume(volumeID)
+        var attachedNow = true
         switch volume.attachment(of: instanceID)?.state {
         case .attached?, .attaching?:
-            break
+            attachedNow = false
         case .detaching?:
             try await provider.waitFor(volumeID, .detached(instanceID: instanceID), timeout: attachTimeout, poll: pollInterval)
             _ = try await provider.attachVolume(volumeID, instanceID: instanceID, readOnly: readOnly)
@@ -150,7 +160,8 @@ public final class BlockVolumeManager: VolumeManager, @unchecked Sendable {
             throw VolumeError.timedOut("\(text); the attachment may still complete: mount again later, or detach volume "
                                        + "\(volumeID) from \(instanceID) and retry")
         }
-        return try await provider.waitForDevice(of: volumeID, instanceID: instanceID, timeout: deviceTimeout, poll: pollInterval)
+        let device = try await provider.waitForDevice(of: volumeID, instanceID: instanceID, timeout: deviceTimeout, poll: pollInterval)
+        return (device, attachedNow)
     }
 
     /// Makes the configured filesystem on a blank device (read-write only), and

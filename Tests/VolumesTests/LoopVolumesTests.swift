@@ -82,6 +82,35 @@ struct LoopVolumesTests {
         #expect(f.loopDevices().isEmpty)
     }
 
+    /// xfs: the backup mounts `ro,norecovery,nouuid`. `sync` is not enough for it
+    /// to see the primary's new file (the metadata stays in xfs's log); a freeze
+    /// of the primary (fsfreeze -f, -u) writes it in place.
+    @Test func xfsPrimaryAndReadOnlyBackup() async throws {
+        let f = try LoopFixture()
+        defer { f.cleanUp() }
+        // mkfs.xfs wants at least 300 MiB; the image is sparse.
+        let volume = try await f.provider.createVolume(VolumeSpec(sizeBytes: 320 << 20))
+        let primary = BlockVolumeManager(provider: f.provider, volumeRoot: f.dir.sub("root-a"), instanceID: "i-a", filesystem: .xfs)
+        let backup = BlockVolumeManager(provider: f.provider, volumeRoot: f.dir.sub("root-b"), instanceID: "i-b", filesystem: .xfs)
+        let rw = try await primary.mount(volume.volumeID, readOnly: false)
+        try Data("xfs".utf8).write(to: URL(fileURLWithPath: rw.mountPath + "/f"))
+        for flag in ["-f", "-u"] {
+            #expect(try await CommandRunner().runAsync("fsfreeze", [flag, rw.mountPath]).status == 0)
+        }
+        let ro = try await backup.mount(volume.volumeID, readOnly: true)
+        let info = try #require(f.mounts().first { $0.mountPoint == ro.mountPath })
+        #expect(info.fsType == "xfs" && info.readOnly && info.superOptions.contains("norecovery") && info.superOptions.contains("nouuid"))
+        #expect(try String(contentsOfFile: ro.mountPath + "/f", encoding: .utf8) == "xfs")
+        // An xfs volume is not taken for ext4.
+        await #expect(throws: VolumeError.self) {
+            _ = try await BlockVolumeManager(provider: f.provider, volumeRoot: f.dir.sub("root-c"), instanceID: "i-c")
+                .mount(volume.volumeID, readOnly: true)
+        }
+        try await backup.detach(volume.volumeID)
+        try await primary.detach(volume.volumeID)
+        #expect(f.loopDevices().isEmpty && f.mounts().isEmpty)
+    }
+
     @Test func aBlankVolumeIsNotFormattedReadOnly() async throws {
         let f = try LoopFixture()
         defer { f.cleanUp() }
@@ -94,7 +123,9 @@ struct LoopVolumesTests {
         }
         let probe = try CommandRunner().run("blkid", ["-p", f.provider.imagePath(volume.volumeID)])
         #expect(probe.status == 2)  // still nothing on it
-        #expect(f.mounts().isEmpty)
+        // The failed mount took back the attachment it made.
+        #expect(f.mounts().isEmpty && f.loopDevices().isEmpty)
+        #expect(try await f.provider.describeVolume(volume.volumeID).attachments.isEmpty)
     }
 
     @Test func anotherFilesystemIsNeverReformatted() async throws {
@@ -111,6 +142,7 @@ struct LoopVolumesTests {
         }
         let probe = try CommandRunner().run("blkid", ["-p", "-o", "value", "-s", "TYPE", f.provider.imagePath(volume.volumeID)])
         #expect(probe.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "ext2")
+        #expect(f.loopDevices().isEmpty)
     }
 
     @Test func aRestartAdoptsMountsAndLoopDevices() async throws {
