@@ -198,7 +198,7 @@ public final class EBSCloudProvider: CloudProvider, @unchecked Sendable {
     // MARK: Wire
 
     /// One EC2 action: a signed form POST; retried while transient.
-    func call(_ action: String, _ parameters: [(String, String)]) async throws -> XMLElement2 {
+    func call(_ action: String, _ parameters: [(String, String)]) async throws -> XMLTree {
         let region = try await region()
         let endpoint = configuration.endpoint.isEmpty ? "https://ec2.\(region).amazonaws.com" : configuration.endpoint
         guard let url = URL(string: endpoint), let host = url.host else {
@@ -213,7 +213,7 @@ public final class EBSCloudProvider: CloudProvider, @unchecked Sendable {
                 headers: [("Content-Type", "application/x-www-form-urlencoded; charset=utf-8")],
                 body: body, credentials: credentials, date: Date())
             let response = try await http.send(HTTPRequest(method: "POST", url: endpoint, headers: signed.headers, body: body))
-            let xml = XMLElement2.parse(response.body)
+            let xml = XMLTree.parse(response.body)
             guard response.status == 200 else {
                 throw VolumeError.cloud(CloudAPIError(
                     provider: name, action: action,
@@ -227,7 +227,7 @@ public final class EBSCloudProvider: CloudProvider, @unchecked Sendable {
         }
     }
 
-    static func volume(_ e: XMLElement2) -> CloudVolume {
+    static func volume(_ e: XMLTree) -> CloudVolume {
         CloudVolume(
             volumeID: e["volumeId"], sizeBytes: (Int(e["size"]) ?? 0) << 30, type: e["volumeType"],
             iops: Int(e["iops"]), throughputMiBps: Int(e["throughput"]), multiAttach: e["multiAttachEnabled"] == "true",

@@ -77,16 +77,19 @@ public struct HTTPClient: Sendable {
         let sink = BodySink()
         _ = shardfs_curl_setopt_write_callback(h, bodyWriteCallback)
         _ = shardfs_curl_setopt_pointer(h, CURLOPT_WRITEDATA, Unmanaged.passUnretained(sink).toOpaque())
+        // POSTFIELDS is not copied: the bytes must live until curl_easy_perform returns.
+        var body = [UInt8](request.body)
+        if body.isEmpty { body = [0] }  // a valid pointer; the size below says 0 bytes
         let code: CURLcode = withExtendedLifetime(sink) {
-            request.body.withUnsafeBytes { raw in
+            body.withUnsafeMutableBytes { raw in
                 switch request.method {
                 case "GET":
                     _ = shardfs_curl_setopt_long(h, CURLOPT_HTTPGET, 1)
                 default:
-                    // POSTFIELDS with an explicit size sends the body (also an empty one) for POST and PUT alike.
+                    // An explicit size sends the body (an empty one too) for POST and PUT alike.
                     _ = shardfs_curl_setopt_long(h, CURLOPT_POST, 1)
-                    _ = shardfs_curl_setopt_off(h, CURLOPT_POSTFIELDSIZE_LARGE, curl_off_t(raw.count))
-                    _ = shardfs_curl_setopt_pointer(h, CURLOPT_POSTFIELDS, UnsafeMutableRawPointer(mutating: raw.baseAddress ?? UnsafeRawPointer(bitPattern: 1)!))
+                    _ = shardfs_curl_setopt_off(h, CURLOPT_POSTFIELDSIZE_LARGE, curl_off_t(request.body.count))
+                    _ = shardfs_curl_setopt_pointer(h, CURLOPT_POSTFIELDS, raw.baseAddress)
                     if request.method != "POST" { _ = shardfs_curl_setopt_string(h, CURLOPT_CUSTOMREQUEST, request.method) }
                 }
                 return curl_easy_perform(h)

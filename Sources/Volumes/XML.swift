@@ -4,18 +4,18 @@ import FoundationXML
 #endif
 
 /// An element of a small XML document (EC2 answers), namespaces dropped.
-struct XMLElement2: Sendable {
+struct XMLTree: Sendable {
     var name: String
     var text: String = ""
-    var children: [XMLElement2] = []
+    var children: [XMLTree] = []
 
-    func child(_ name: String) -> XMLElement2? { children.first { $0.name == name } }
+    func child(_ name: String) -> XMLTree? { children.first { $0.name == name } }
     /// The text of the first child called `name` ("" if none).
     subscript(_ name: String) -> String { child(name)?.text ?? "" }
     /// The `item` children of the child called `name` (EC2's list shape).
-    func items(_ name: String) -> [XMLElement2] { child(name)?.children.filter { $0.name == "item" } ?? [] }
+    func items(_ name: String) -> [XMLTree] { child(name)?.children.filter { $0.name == "item" } ?? [] }
     /// The first element called `name` anywhere below (depth first).
-    func find(_ name: String) -> XMLElement2? {
+    func find(_ name: String) -> XMLTree? {
         for c in children {
             if c.name == name { return c }
             if let found = c.find(name) { return found }
@@ -23,7 +23,7 @@ struct XMLElement2: Sendable {
         return nil
     }
 
-    static func parse(_ data: Data) -> XMLElement2? {
+    static func parse(_ data: Data) -> XMLTree? {
         let parser = XMLParser(data: data)
         let builder = Builder()
         parser.delegate = builder
@@ -32,13 +32,13 @@ struct XMLElement2: Sendable {
     }
 
     private final class Builder: NSObject, XMLParserDelegate {
-        var stack: [XMLElement2] = []
-        var root: XMLElement2?
+        var stack: [XMLTree] = []
+        var root: XMLTree?
 
         func parser(_ parser: XMLParser, didStartElement elementName: String, namespaceURI: String?,
                     qualifiedName qName: String?, attributes attributeDict: [String: String] = [:]) {
             let local = elementName.split(separator: ":").last.map(String.init) ?? elementName
-            stack.append(XMLElement2(name: local))
+            stack.append(XMLTree(name: local))
         }
 
         func parser(_ parser: XMLParser, foundCharacters string: String) {

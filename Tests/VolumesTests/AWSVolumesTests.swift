@@ -205,7 +205,7 @@ struct AWSManagerTests {
         let volume = try await aws.createVolume(VolumeSpec(sizeBytes: 1 << 30))
 
         // The block device the "cloud" will present.
-        FileManager.default.createFile(atPath: f.dir.sub("disk.img"), contents: nil)
+        _ = FileManager.default.createFile(atPath: f.dir.sub("disk.img"), contents: nil)
         #expect(truncate(f.dir.sub("disk.img"), 64 << 20) == 0)
         let device = try CommandRunner().run("losetup", ["-f", "--show", f.dir.sub("disk.img")]).stdout
             .trimmingCharacters(in: .whitespacesAndNewlines)

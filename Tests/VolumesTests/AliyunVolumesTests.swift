@@ -129,6 +129,6 @@ import Testing
             #expect(e.code == "InvalidRegionId.NotFound" && e.message.contains("xx-nowhere-1"))
         }
         let none = provider(fake, env: [:])
-        await #expect(throws: VolumeError.self) { _ = try none.credentials() }
+        #expect(throws: VolumeError.self) { _ = try none.credentials() }
     }
 }

@@ -117,8 +117,8 @@ final class ScriptedProvider: CloudProvider, @unchecked Sendable {
     @Test func ebsAndAliyunDevicesAreFoundByTheirUdevLinks() throws {
         let dir = try TemporaryDirectory("byid")
         try FileManager.default.createDirectory(atPath: dir.sub("by-id"), withIntermediateDirectories: true)
-        FileManager.default.createFile(atPath: dir.sub("nvme3n1"), contents: Data())
-        FileManager.default.createFile(atPath: dir.sub("vdc"), contents: Data())
+        _ = FileManager.default.createFile(atPath: dir.sub("nvme3n1"), contents: Data())
+        _ = FileManager.default.createFile(atPath: dir.sub("vdc"), contents: Data())
         try FileManager.default.createSymbolicLink(atPath: dir.sub("by-id/nvme-Amazon_Elastic_Block_Store_vol0123456789abcdef0"),
                                                    withDestinationPath: "../nvme3n1")
         try FileManager.default.createSymbolicLink(atPath: dir.sub("by-id/virtio-bp1abcdefghijklmnopq"), withDestinationPath: "../vdc")
