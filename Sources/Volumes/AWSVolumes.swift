@@ -121,21 +121,8 @@ public final class EBSCloudProvider: CloudProvider, @unchecked Sendable {
 
     /// GETs a metadata path with an IMDSv2 session token.
     func imds(_ path: String) async throws -> String {
-        try await configuration.retry.run("instance metadata \(path)", onRetry: onRetry) {
-            let token = try await http.send(HTTPRequest(method: "PUT", url: configuration.imdsEndpoint + "/latest/api/token",
-                                                        headers: [("X-aws-ec2-metadata-token-ttl-seconds", "300")]))
-            guard token.status == 200 else { throw imdsError(path, token) }
-            let answer = try await http.send(HTTPRequest(method: "GET", url: configuration.imdsEndpoint + path,
-                                                         headers: [("X-aws-ec2-metadata-token", token.text)]))
-            guard answer.status == 200 else { throw imdsError(path, answer) }
-            return answer.text.trimmingCharacters(in: .whitespacesAndNewlines)
-        }
-    }
-
-    private func imdsError(_ path: String, _ response: HTTPResponse) -> VolumeError {
-        let e = CloudAPIError(provider: name, action: "instance metadata \(path)", code: "HTTP \(response.status)",
-                              message: response.text.prefix(200).description, httpStatus: response.status)
-        return .cloud(e)
+        try await MetadataService(provider: name, endpoint: configuration.imdsEndpoint, ttlHeader: "X-aws-ec2-metadata-token-ttl-seconds",
+                                  tokenHeader: "X-aws-ec2-metadata-token", retry: configuration.retry).get(path, onRetry: onRetry)
     }
 
     // MARK: CloudProvider

@@ -41,6 +41,7 @@ public final class ECSCloudProvider: CloudProvider, @unchecked Sendable {
     private var cachedRegion: String?
     private var cachedInstanceID: String?
     private var cachedZone: String?
+    private var cachedCredentials: (AliyunCredentials, expires: Date)?
     public var onRetry: @Sendable (VolumeError) -> Void = { _ in }
 
     static let apiVersion = "2014-05-26"
@@ -74,36 +75,50 @@ public final class ECSCloudProvider: CloudProvider, @unchecked Sendable {
         return v
     }
 
-    /// ALIBABA_CLOUD_ACCESS_KEY_ID/_SECRET (and _SECURITY_TOKEN), else the configuration.
-    public func credentials() throws -> AliyunCredentials {
+    /// ALIBABA_CLOUD_ACCESS_KEY_ID/_SECRET (and _SECURITY_TOKEN), else the
+    /// configuration, else the instance's RAM role's temporary keys from the
+    /// metadata service (cached until five minutes before they expire).
+    public func credentials() async throws -> AliyunCredentials {
         if let id = environment["ALIBABA_CLOUD_ACCESS_KEY_ID"], let secret = environment["ALIBABA_CLOUD_ACCESS_KEY_SECRET"],
            !id.isEmpty, !secret.isEmpty {
             return AliyunCredentials(accessKeyID: id, accessKeySecret: secret, securityToken: environment["ALIBABA_CLOUD_SECURITY_TOKEN"] ?? "")
         }
-        guard !configuration.accessKeyID.isEmpty, !configuration.accessKeySecret.isEmpty else {
-            throw VolumeError.credentials("no Aliyun credentials: set ALIBABA_CLOUD_ACCESS_KEY_ID and ALIBABA_CLOUD_ACCESS_KEY_SECRET, "
-                                          + "or configure both keys")
+        if !configuration.accessKeyID.isEmpty {
+            guard !configuration.accessKeySecret.isEmpty else {
+                throw VolumeError.credentials("an Aliyun AccessKey ID is configured without its secret")
+            }
+            return AliyunCredentials(accessKeyID: configuration.accessKeyID, accessKeySecret: configuration.accessKeySecret,
+                                     securityToken: configuration.securityToken)
         }
-        return AliyunCredentials(accessKeyID: configuration.accessKeyID, accessKeySecret: configuration.accessKeySecret,
-                                 securityToken: configuration.securityToken)
+        if let (c, expires) = lock.withLock({ cachedCredentials }), expires.timeIntervalSinceNow > 300 { return c }
+        let role: String
+        do {
+            role = try await metadata("/latest/meta-data/ram/security-credentials/").split(separator: "\n").first.map(String.init) ?? ""
+        } catch {
+            throw VolumeError.credentials("no Aliyun credentials: set ALIBABA_CLOUD_ACCESS_KEY_ID and ALIBABA_CLOUD_ACCESS_KEY_SECRET, "
+                                          + "configure both keys, or give the instance a RAM role (metadata service: \(error))")
+        }
+        guard !role.isEmpty else { throw VolumeError.credentials("the instance has no RAM role and no Aliyun keys are set") }
+        struct Wire: Decodable {
+            var AccessKeyId: String
+            var AccessKeySecret: String
+            var SecurityToken: String
+            var Expiration: String
+        }
+        let raw = try await metadata("/latest/meta-data/ram/security-credentials/" + role)
+        guard let wire = try? JSONDecoder().decode(Wire.self, from: Data(raw.utf8)) else {
+            throw VolumeError.credentials("the metadata service sent credentials of RAM role \(role) that do not decode")
+        }
+        let c = AliyunCredentials(accessKeyID: wire.AccessKeyId, accessKeySecret: wire.AccessKeySecret, securityToken: wire.SecurityToken)
+        let expires = ISO8601DateFormatter().date(from: wire.Expiration) ?? Date(timeIntervalSinceNow: 600)
+        lock.withLock { cachedCredentials = (c, expires) }
+        return c
     }
 
     /// A metadata path, with the metadata service's session token (hardened mode).
     func metadata(_ path: String) async throws -> String {
-        try await configuration.retry.run("ECS metadata \(path)", onRetry: onRetry) {
-            let token = try await http.send(HTTPRequest(method: "PUT", url: configuration.metadataEndpoint + "/latest/api/token",
-                                                        headers: [("X-aliyun-ecs-metadata-token-ttl-seconds", "300")]))
-            guard token.status == 200 else { throw metadataError(path, token) }
-            let answer = try await http.send(HTTPRequest(method: "GET", url: configuration.metadataEndpoint + path,
-                                                         headers: [("X-aliyun-ecs-metadata-token", token.text)]))
-            guard answer.status == 200 else { throw metadataError(path, answer) }
-            return answer.text.trimmingCharacters(in: .whitespacesAndNewlines)
-        }
-    }
-
-    private func metadataError(_ path: String, _ response: HTTPResponse) -> VolumeError {
-        .cloud(CloudAPIError(provider: name, action: "metadata \(path)", code: "HTTP \(response.status)",
-                             message: String(response.text.prefix(200)), httpStatus: response.status))
+        try await MetadataService(provider: name, endpoint: configuration.metadataEndpoint, ttlHeader: "X-aliyun-ecs-metadata-token-ttl-seconds",
+                                  tokenHeader: "X-aliyun-ecs-metadata-token", retry: configuration.retry).get(path, onRetry: onRetry)
     }
 
     // MARK: CloudProvider
@@ -179,7 +194,7 @@ public final class ECSCloudProvider: CloudProvider, @unchecked Sendable {
         let query = ACS3Signer.canonicalQuery(parameters)
         let raw = try await configuration.retry.run("ECS \(action)", onRetry: onRetry) { () async throws -> Data in
             let signed = ACS3Signer().sign(method: "POST", host: hostHeader, path: path, query: parameters, action: action,
-                                           version: Self.apiVersion, body: Data(), credentials: try credentials(), date: Date(),
+                                           version: Self.apiVersion, body: Data(), credentials: try await credentials(), date: Date(),
                                            nonce: UUID().uuidString)
             let response = try await http.send(HTTPRequest(method: "POST", url: endpoint + (url.path.isEmpty ? "/" : "") + "?" + query,
                                                            headers: signed.headers))

@@ -128,7 +128,24 @@ import Testing
         } catch VolumeError.cloud(let e) {
             #expect(e.code == "InvalidRegionId.NotFound" && e.message.contains("xx-nowhere-1"))
         }
+        // No keys and no RAM role: a credentials error, not a call.
         let none = provider(fake, env: [:])
-        #expect(throws: VolumeError.self) { _ = try none.credentials() }
+        do {
+            _ = try await none.credentials()
+            Issue.record("credentials without keys or a role")
+        } catch VolumeError.credentials(let text) {
+            #expect(text.contains("ALIBABA_CLOUD_ACCESS_KEY_ID"))
+        }
+    }
+
+    @Test func ramRoleCredentialsFromTheMetadataService() async throws {
+        let fake = try await ServerProcess.start(fixture: "fake_ecs.py", ["--ram-role", "shardfs-role"])
+        defer { fake.stop() }
+        let ecs = provider(fake, env: [:])
+        let credentials = try await ecs.credentials()
+        #expect(credentials.accessKeyID == "STS.FAKEROLEKEY" && credentials.securityToken == "role-security-token")
+        // The role's keys and token sign calls the fake verifies with the SDK.
+        let disk = try await ecs.createVolume(VolumeSpec(sizeBytes: 20 << 30))
+        #expect(try await ecs.describeVolume(disk.volumeID).sizeBytes == 20 << 30)
     }
 }
