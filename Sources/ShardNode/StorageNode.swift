@@ -143,7 +143,7 @@ public final class StorageNode: Sendable {
     }
 
     /// The manager of this node's volumes: folders, or block volumes attached to
-    /// this instance (after adopting the mounts a previous run left under the volume root).
+    /// this instance. Its `mount` adopts a mount a previous run left at the volume's path.
     public static func volumeManager(_ config: Configuration, provider: any CloudProvider) async throws -> any VolumeManager {
         var instanceID = config.node.instanceID
         if instanceID.isEmpty {
@@ -160,7 +160,6 @@ public final class StorageNode: Sendable {
                                          filesystem: VolumeFilesystem(rawValue: config.cloud.filesystem) ?? .ext4)
         manager.attachTimeout = .seconds(config.cloud.attachTimeoutSeconds)
         manager.deviceTimeout = .seconds(config.cloud.deviceTimeoutSeconds)
-        manager.adoptMounts()
         return manager
     }
 }

@@ -110,19 +110,17 @@ public final class BlockVolumeManager: VolumeManager, @unchecked Sendable {
         try await provider.waitFor(volumeID, .detached(instanceID: instanceID), timeout: attachTimeout, poll: pollInterval)
     }
 
-    /// Registers the volumes already mounted under the volume root (after a
-    /// restart) and returns them.
+    /// Registers those of `volumeIDs` already mounted at their paths (after a
+    /// restart) and returns them. Only named volumes: with the volume root "/",
+    /// /boot or /home must never pass for volumes.
     @discardableResult
-    public func adoptMounts() -> [MountedVolume] {
-        let prefix = volumeRoot == "/" ? "/" : volumeRoot + "/"
-        let found = MountInfo.current(path: mountInfoPath).compactMap { info -> MountedVolume? in
-            guard info.mountPoint.hasPrefix(prefix) else { return nil }
-            let id = String(info.mountPoint.dropFirst(prefix.count))
-            guard !id.contains("/"), FolderCloudProvider.problem(with: id) == nil,
-                  VolumeFilesystem(rawValue: info.fsType) != nil else { return nil }
-            return MountedVolume(volumeID: id, mountPath: info.mountPoint, readOnly: info.readOnly, device: info.source)
+    public func adoptMounts(of volumeIDs: [String]) -> [MountedVolume] {
+        let table = MountInfo.current(path: mountInfoPath)
+        return volumeIDs.sorted().compactMap { id -> MountedVolume? in
+            guard FolderCloudProvider.problem(with: id) == nil,
+                  let info = table.last(where: { $0.mountPoint == mountPath(id) }) else { return nil }
+            return remember(MountedVolume(volumeID: id, mountPath: info.mountPoint, readOnly: info.readOnly, device: info.source))
         }
-        return found.map(remember)
     }
 
     public func mountedVolumes() -> [MountedVolume] {

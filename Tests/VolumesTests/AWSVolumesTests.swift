@@ -148,17 +148,14 @@ import Testing
     @Test func anUnreachableMetadataServiceSaysWhatToConfigure() async throws {
         var c = AWSConfiguration()
         c.imdsEndpoint = "http://127.0.0.1:\(ServerProcess.freePort())"
-        c.retry = CloudRetryPolicy(initialBackoff: .milliseconds(20), deadline: .milliseconds(500))
+        c.retry = CloudRetryPolicy(initialBackoff: .milliseconds(20), deadline: .seconds(2))
         let aws = EBSCloudProvider(configuration: c, environment: [:])
-        let retried = LockedList()
-        aws.onRetry = { retried.append("\($0)") }
         do {
             _ = try await aws.region()
             Issue.record("a region without a metadata service")
         } catch VolumeError.timedOut(let text) {
-            #expect(text.contains("placement/region") && text.contains("configure the region"))
+            #expect(text.contains("placement/region") && text.contains("unreachable") && text.contains("configure the region"))
         }
-        #expect(!retried.items.isEmpty && retried.items.allSatisfy { $0.contains("unreachable") })
     }
 }
 

@@ -154,7 +154,8 @@ struct LoopVolumesTests {
 
         // "Crash": a new manager for the same instance and root, the mount still there.
         let restarted = f.manager("i-a")
-        #expect(restarted.adoptMounts() == [first])
+        #expect(restarted.adoptMounts(of: [volume.volumeID, "vol-not-mounted"]) == [first])
+        #expect(restarted.mountedVolumes() == [first])
         #expect(try await restarted.mount(volume.volumeID, readOnly: false) == first)
         // A role that does not match what is mounted is an error, not a second mount.
         await #expect(throws: VolumeError.self) { _ = try await f.manager("i-a").mount(volume.volumeID, readOnly: true) }
