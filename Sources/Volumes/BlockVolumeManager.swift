@@ -150,7 +150,14 @@ public final class BlockVolumeManager: VolumeManager, @unchecked Sendable {
             try await provider.waitFor(volumeID, .detached(instanceID: instanceID), timeout: attachTimeout, poll: pollInterval)
             _ = try await provider.attachVolume(volumeID, instanceID: instanceID, readOnly: readOnly)
         default:
-            _ = try await provider.attachVolume(volumeID, instanceID: instanceID, readOnly: readOnly)
+            do {
+                _ = try await provider.attachVolume(volumeID, instanceID: instanceID, readOnly: readOnly)
+            } catch let error as VolumeError {
+                // A retried attach whose lost first try did land is refused ("in use"):
+                // the cloud's own view decides.
+                guard case .cloud = error, let now = try? await provider.describeVolume(volumeID),
+                      let mine = now.attachment(of: instanceID), [.attached, .attaching].contains(mine.state) else { throw error }
+            }
         }
         do {
             try await provider.waitFor(volumeID, .attached(instanceID: instanceID), timeout: attachTimeout, poll: pollInterval)
