@@ -31,6 +31,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
         .package(url: "https://github.com/jpsim/Yams", from: "5.0.1"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
     ],
     targets: [
         .systemLibrary(name: "CLMDB", pkgConfig: "lmdb", providers: [.apt(["liblmdb-dev"])]),
@@ -52,6 +53,8 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "Volumes", dependencies: [
+            "CCurl",
+            .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "ShardNode", dependencies: [
@@ -101,7 +104,10 @@ let package = Package(
         .testTarget(name: "MetadataEtcdTests", dependencies: [
             "MetadataEtcd", "MetadataConformance", "ShardNode", "ShardStore", "TestSupport",
         ]),
-        .testTarget(name: "VolumesTests", dependencies: ["Volumes", "TestSupport"]),
+        // fixtures/: the fake cloud servers (Python) the tests start.
+        .testTarget(name: "VolumesTests", dependencies: ["Volumes", "TestSupport"], exclude: ["fixtures"]),
+        // Volume providers wired into a node and `shardfs volume` (root: loop devices).
+        .testTarget(name: "NodeVolumesTests", dependencies: ["shardfs", "TestSupport"]),
         .testTarget(name: "ShardNodeTests", dependencies: ["ShardNode", "TestSupport"]),
         .testTarget(name: "BatchProtocolTests", dependencies: ["BatchProtocol", "TestSupport"]),
         .testTarget(name: "BatchServerTests", dependencies: [

@@ -33,6 +33,31 @@ public struct Configuration: Sendable, Equatable {
         public var volumeRoot = ""
         /// Volumes a fresh node creates for itself when it holds none.
         public var initialVolumes = 1
+        /// Size of the volumes a node creates (loop, aws, aliyun; clouds round up to GiB).
+        public var volumeSize = 16 << 30
+        /// Volume type of new volumes; empty: the provider's default (io2, cloud_essd).
+        public var volumeType = ""
+        /// Provisioned IOPS of new volumes (io1/io2, cloud_auto); 0: the provider's default.
+        public var iops = 0
+        /// Throughput of new volumes in MiB/s (gp3); 0: none asked for.
+        public var throughputMiBps = 0
+        /// Filesystem made on a blank block volume: ext4 | xfs.
+        public var filesystem = "ext4"
+        /// Folder of the loop provider's image files; empty: `<data_dir>/images`.
+        public var imageDir = ""
+        /// The cloud API endpoint; empty: the region's public one.
+        public var endpoint = ""
+        /// The instance metadata service; empty: the cloud's link-local address.
+        public var metadataEndpoint = ""
+        /// API keys; empty: the environment, then (aws) the instance profile.
+        public var accessKeyID = ""
+        public var secretAccessKey = ""
+        public var sessionToken = ""
+        /// How long an attach may take, and the device to appear after it.
+        public var attachTimeoutSeconds = 120
+        public var deviceTimeoutSeconds = 60
+        /// Transient cloud failures (throttling, 5xx, no connection) are retried until this deadline.
+        public var retryDeadlineSeconds = 60
     }
 
     public struct Metadata: Sendable, Equatable {
@@ -76,6 +101,9 @@ public struct Configuration: Sendable, Equatable {
         cloud.volumeRoot.isEmpty ? node.dataDir + "/volumes" : cloud.volumeRoot
     }
 
+    /// The folder of the loop provider's images.
+    public var resolvedImageDir: String { cloud.imageDir.isEmpty ? node.dataDir + "/images" : cloud.imageDir }
+
     /// The folder of the embedded metadata store.
     public var embeddedMetadataPath: String { node.dataDir + "/metadata" }
 }
@@ -113,6 +141,7 @@ extension Configuration {
         ("SHARDFS_SERVER_TOKEN", "server.token"),
         ("SHARDFS_CLOUD_PROVIDER", "cloud.provider"),
         ("SHARDFS_VOLUME_ROOT", "cloud.volume_root"),
+        ("SHARDFS_CLOUD_ENDPOINT", "cloud.endpoint"),
         ("SHARDFS_METADATA_TYPE", "metadata.type"),
         ("SHARDFS_METADATA_ENDPOINTS", "metadata.endpoints"),
         ("SHARDFS_METADATA_NAMESPACE", "metadata.namespace"),
@@ -164,6 +193,9 @@ extension Configuration {
         "node.node_id", "node.instance_id", "node.data_dir",
         "server.address", "server.unix_socket", "server.token", "server.max_connections",
         "cloud.provider", "cloud.region", "cloud.availability_zone", "cloud.volume_root", "cloud.initial_volumes",
+        "cloud.volume_size", "cloud.volume_type", "cloud.iops", "cloud.throughput", "cloud.filesystem", "cloud.image_dir",
+        "cloud.endpoint", "cloud.metadata_endpoint", "cloud.access_key_id", "cloud.secret_access_key", "cloud.session_token",
+        "cloud.attach_timeout_s", "cloud.device_timeout_s", "cloud.retry_deadline_s",
         "metadata.type", "metadata.endpoints", "metadata.namespace",
         "metadata.options.username", "metadata.options.password",
         "metadata.options.tls.ca_file", "metadata.options.tls.cert_file", "metadata.options.tls.key_file",
@@ -195,6 +227,24 @@ extension Configuration {
         case "cloud.availability_zone": cloud.availabilityZone = value
         case "cloud.volume_root": cloud.volumeRoot = value
         case "cloud.initial_volumes": cloud.initialVolumes = try int()
+        case "cloud.volume_size":
+            guard let bytes = ByteSize.parse(value) else {
+                throw ConfigurationError("\(source): \(key) must be a size like 16GiB, not \"\(value)\"")
+            }
+            cloud.volumeSize = bytes
+        case "cloud.volume_type": cloud.volumeType = value
+        case "cloud.iops": cloud.iops = try int()
+        case "cloud.throughput": cloud.throughputMiBps = try int()
+        case "cloud.filesystem": cloud.filesystem = value
+        case "cloud.image_dir": cloud.imageDir = value
+        case "cloud.endpoint": cloud.endpoint = value
+        case "cloud.metadata_endpoint": cloud.metadataEndpoint = value
+        case "cloud.access_key_id": cloud.accessKeyID = value
+        case "cloud.secret_access_key": cloud.secretAccessKey = value
+        case "cloud.session_token": cloud.sessionToken = value
+        case "cloud.attach_timeout_s": cloud.attachTimeoutSeconds = try int()
+        case "cloud.device_timeout_s": cloud.deviceTimeoutSeconds = try int()
+        case "cloud.retry_deadline_s": cloud.retryDeadlineSeconds = try int()
         case "metadata.type": metadata.type = value
         case "metadata.endpoints":
             metadata.endpoints = value.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
@@ -228,6 +278,12 @@ extension Configuration {
         if node.dataDir.isEmpty { throw ConfigurationError("node.data_dir must not be empty") }
         guard ["folder", "loop", "aws", "aliyun"].contains(cloud.provider) else {
             throw ConfigurationError("cloud.provider must be folder, loop, aws or aliyun, not \"\(cloud.provider)\"")
+        }
+        guard ["ext4", "xfs"].contains(cloud.filesystem) else {
+            throw ConfigurationError("cloud.filesystem must be ext4 or xfs, not \"\(cloud.filesystem)\"")
+        }
+        if cloud.provider != "folder" && cloud.volumeSize < 16 << 20 {
+            throw ConfigurationError("cloud.volume_size must be at least 16MiB")
         }
         guard ["embedded", "etcd"].contains(metadata.type) else {
             throw ConfigurationError("metadata.type must be embedded or etcd, not \"\(metadata.type)\"")

@@ -44,12 +44,11 @@ public final class StorageNode: Sendable {
         try await metadata.registerNode(NodeRecord(nodeID: config.node.nodeID, address: config.server.address))
 
         let provider = try cloudProvider(config)
-        let instanceID = config.node.instanceID.isEmpty ? config.node.nodeID : config.node.instanceID
-        let volumes = LocalVolumeManager(provider: provider, volumeRoot: config.resolvedVolumeRoot, instanceID: instanceID)
+        let volumes = try await volumeManager(config, provider: provider)
         var held = try await metadata.listVolumes(nodeID: config.node.nodeID)
         if !held.contains(where: { $0.primaryNodeID == config.node.nodeID }) {
             for _ in 0..<config.cloud.initialVolumes {
-                let created = try await provider.createVolume(sizeBytes: 0, multiAttach: true)
+                let created = try await provider.createVolume(volumeSpec(config))
                 let record = VolumeRecord(volumeID: created.volumeID, primaryNodeID: config.node.nodeID,
                                           mountPath: config.resolvedVolumeRoot + "/" + created.volumeID)
                 try await metadata.registerVolume(record)
@@ -94,12 +93,73 @@ public final class StorageNode: Sendable {
                     deadline: .milliseconds(config.metadata.retryDeadlineMs))
     }
 
-    static func cloudProvider(_ config: Configuration) throws -> any CloudProvider {
-        switch config.cloud.provider {
+    /// The provider `cloud.provider` names, set up from the configuration.
+    public static func cloudProvider(_ config: Configuration) throws -> any CloudProvider {
+        let c = config.cloud
+        let retry = CloudRetryPolicy(deadline: .seconds(c.retryDeadlineSeconds))
+        switch c.provider {
         case "folder":
             return FolderCloudProvider(volumeRoot: config.resolvedVolumeRoot)
+        case "loop":
+            return LoopCloudProvider(imageDirectory: config.resolvedImageDir)
+        case "aws":
+            var a = AWSConfiguration()
+            a.region = c.region
+            a.instanceID = config.node.instanceID
+            a.availabilityZone = c.availabilityZone
+            a.endpoint = c.endpoint
+            if !c.metadataEndpoint.isEmpty { a.imdsEndpoint = c.metadataEndpoint }
+            a.accessKeyID = c.accessKeyID
+            a.secretAccessKey = c.secretAccessKey
+            a.sessionToken = c.sessionToken
+            if !c.volumeType.isEmpty { a.volumeType = c.volumeType }
+            if c.iops > 0 { a.iops = c.iops }
+            a.retry = retry
+            return EBSCloudProvider(configuration: a)
+        case "aliyun":
+            var a = AliyunConfiguration()
+            a.region = c.region
+            a.instanceID = config.node.instanceID
+            a.zone = c.availabilityZone
+            a.endpoint = c.endpoint
+            if !c.metadataEndpoint.isEmpty { a.metadataEndpoint = c.metadataEndpoint }
+            a.accessKeyID = c.accessKeyID
+            a.accessKeySecret = c.secretAccessKey
+            a.securityToken = c.sessionToken
+            if !c.volumeType.isEmpty { a.diskCategory = c.volumeType }
+            a.retry = retry
+            return ECSCloudProvider(configuration: a)
         default:
-            throw ConfigurationError("cloud.provider \(config.cloud.provider) is not available in this build")
+            throw ConfigurationError("cloud.provider \(c.provider) is not available in this build")
         }
+    }
+
+    /// What a node creates: the configured size, type, IOPS and throughput, multi-attach, tagged with the node.
+    public static func volumeSpec(_ config: Configuration) -> VolumeSpec {
+        let c = config.cloud
+        return VolumeSpec(sizeBytes: c.provider == "folder" ? 0 : c.volumeSize, type: c.volumeType,
+                          iops: c.iops > 0 ? c.iops : nil, throughputMiBps: c.throughputMiBps > 0 ? c.throughputMiBps : nil,
+                          multiAttach: true, availabilityZone: c.availabilityZone, tags: ["shardfs-node": config.node.nodeID])
+    }
+
+    /// The manager of this node's volumes: folders, or block volumes attached to
+    /// this instance. Its `mount` adopts a mount a previous run left at the volume's path.
+    public static func volumeManager(_ config: Configuration, provider: any CloudProvider) async throws -> any VolumeManager {
+        var instanceID = config.node.instanceID
+        if instanceID.isEmpty {
+            switch provider {
+            case let aws as EBSCloudProvider: instanceID = try await aws.instanceID()
+            case let ecs as ECSCloudProvider: instanceID = try await ecs.instanceID()
+            default: instanceID = config.node.nodeID
+            }
+        }
+        guard config.cloud.provider != "folder" else {
+            return LocalVolumeManager(provider: provider, volumeRoot: config.resolvedVolumeRoot, instanceID: instanceID)
+        }
+        let manager = BlockVolumeManager(provider: provider, volumeRoot: config.resolvedVolumeRoot, instanceID: instanceID,
+                                         filesystem: VolumeFilesystem(rawValue: config.cloud.filesystem) ?? .ext4)
+        manager.attachTimeout = .seconds(config.cloud.attachTimeoutSeconds)
+        manager.deviceTimeout = .seconds(config.cloud.deviceTimeoutSeconds)
+        return manager
     }
 }

@@ -9,13 +9,15 @@ public struct FolderCloudProvider: CloudProvider {
 
     public init(volumeRoot: String) { self.volumeRoot = volumeRoot }
 
-    public func createVolume(sizeBytes: Int, multiAttach: Bool) async throws -> CloudVolume {
+    /// A new folder with a random ID. The folder has no size, type or tags of
+    /// its own, so those fields of `spec` are not kept.
+    public func createVolume(_ spec: VolumeSpec) async throws -> CloudVolume {
         var id: String
         repeat {
             id = "vol-" + String(UInt32.random(in: 0...UInt32.max), radix: 16).leftPadded(to: 8)
         } while FileManager.default.fileExists(atPath: path(id))
         try createFolder(id)
-        return CloudVolume(volumeID: id, sizeBytes: sizeBytes, multiAttach: multiAttach)
+        return CloudVolume(volumeID: id, sizeBytes: spec.sizeBytes, type: name, multiAttach: spec.multiAttach)
     }
 
     /// Creates the folder for a volume whose ID the caller chose.
@@ -23,38 +25,57 @@ public struct FolderCloudProvider: CloudProvider {
         try Self.validate(id)
         guard !FileManager.default.fileExists(atPath: path(id)) else { throw VolumeError.alreadyExists(id) }
         try createFolder(id)
-        return CloudVolume(volumeID: id, sizeBytes: 0)
+        return CloudVolume(volumeID: id, sizeBytes: 0, type: name)
     }
 
     public func deleteVolume(_ volumeID: String) async throws {
-        try Self.validate(volumeID)
-        guard FileManager.default.fileExists(atPath: path(volumeID)) else { throw VolumeError.notFound(volumeID) }
+        try requireFolder(volumeID)
         do { try FileManager.default.removeItem(atPath: path(volumeID)) } catch {
             throw VolumeError.failed("cannot remove \(path(volumeID)): \(error.localizedDescription)")
         }
     }
 
-    public func attachVolume(_ volumeID: String, instanceID: String) async throws -> String {
-        try Self.validate(volumeID)
-        var isDirectory: ObjCBool = false
-        guard FileManager.default.fileExists(atPath: path(volumeID), isDirectory: &isDirectory), isDirectory.boolValue else {
-            throw VolumeError.notFound(volumeID)
-        }
-        return path(volumeID)
+    /// Every instance of this host sees the folder: attaching only checks it is there.
+    public func attachVolume(_ volumeID: String, instanceID: String, readOnly: Bool) async throws -> VolumeAttachment {
+        try requireFolder(volumeID)
+        return VolumeAttachment(instanceID: instanceID, state: .attached, device: path(volumeID), readOnly: readOnly)
     }
 
     public func detachVolume(_ volumeID: String, instanceID: String) async throws {
-        _ = try await attachVolume(volumeID, instanceID: instanceID)
+        try requireFolder(volumeID)
     }
 
-    public func describeVolume(_ volumeID: String) async throws -> CloudVolume {
-        _ = try await attachVolume(volumeID, instanceID: "")
-        return CloudVolume(volumeID: volumeID, sizeBytes: 0)
+    /// Folders sorted by ID; the page token is the last ID of the previous page.
+    public func describeVolumes(_ volumeIDs: [String], nextToken: String?, maxResults: Int?) async throws -> VolumePage {
+        var ids: [String]
+        if volumeIDs.isEmpty {
+            let names = (try? FileManager.default.contentsOfDirectory(atPath: volumeRoot)) ?? []
+            ids = names.filter { Self.problem(with: $0) == nil && isFolder($0) }.sorted()
+        } else {
+            for id in volumeIDs { try requireFolder(id) }
+            ids = volumeIDs.sorted()
+        }
+        if let nextToken { ids = ids.filter { $0 > nextToken } }
+        let page = maxResults.map { Array(ids.prefix(max(1, $0))) } ?? ids
+        let more = page.count < ids.count
+        return VolumePage(volumes: page.map { CloudVolume(volumeID: $0, sizeBytes: 0, type: name) },
+                          nextToken: more ? page.last : nil)
     }
 
-    public func listVolumes() async throws -> [CloudVolume] {
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: volumeRoot)) ?? []
-        return names.filter { Self.problem(with: $0) == nil }.sorted().map { CloudVolume(volumeID: $0, sizeBytes: 0) }
+    /// The folder itself is what the manager uses.
+    public func localDevice(of volumeID: String, instanceID: String) async throws -> String? {
+        try Self.validate(volumeID)
+        return isFolder(volumeID) ? path(volumeID) : nil
+    }
+
+    private func isFolder(_ id: String) -> Bool {
+        var isDirectory: ObjCBool = false
+        return FileManager.default.fileExists(atPath: path(id), isDirectory: &isDirectory) && isDirectory.boolValue
+    }
+
+    private func requireFolder(_ id: String) throws {
+        try Self.validate(id)
+        guard isFolder(id) else { throw VolumeError.notFound(id) }
     }
 
     func path(_ id: String) -> String { volumeRoot + "/" + id }
@@ -95,7 +116,10 @@ public final class LocalVolumeManager: VolumeManager, @unchecked Sendable {
 
     public func mount(_ volumeID: String, readOnly: Bool) async throws -> MountedVolume {
         let target = volumeRoot + "/" + volumeID
-        let source = try await provider.attachVolume(volumeID, instanceID: instanceID)
+        _ = try await provider.attachVolume(volumeID, instanceID: instanceID, readOnly: readOnly)
+        guard let source = try await provider.localDevice(of: volumeID, instanceID: instanceID) else {
+            throw VolumeError.failed("provider \(provider.name) attached \(volumeID) but it is not visible on this host")
+        }
         guard URL(fileURLWithPath: source).standardized.path == URL(fileURLWithPath: target).standardized.path else {
             throw VolumeError.failed("provider \(provider.name) attached \(volumeID) as \(source); this manager mounts only folders")
         }

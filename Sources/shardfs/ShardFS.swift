@@ -45,7 +45,7 @@ struct ShardFS: AsyncParsableCommand {
         subcommands: [
             DemoCommand.self, ShardCommand.self,
             PutCommand.self, BatchPutCommand.self, GetCommand.self, ListCommand.self, RemoveCommand.self, MoveCommand.self, FindCommand.self,
-            MountCommand.self, ServeCommand.self, ClientCommand.self,
+            MountCommand.self, ServeCommand.self, ClientCommand.self, VolumeCommand.self,
         ]
     )
 }

@@ -1,0 +1,218 @@
+import Foundation
+
+/// The filesystems a block volume may carry. Both are journaled single-host
+/// filesystems: the primary mounts read-write, a backup read-only with journal
+/// replay switched off (`noload` for ext4, `norecovery` for xfs) — a plain `ro`
+/// mount replays the journal, which writes to a volume the primary owns. xfs
+/// also needs `nouuid` when one kernel sees the volume twice (two loop devices):
+/// it refuses a second filesystem with the same UUID.
+public enum VolumeFilesystem: String, Sendable, CaseIterable {
+    case ext4, xfs
+
+    var mkfs: (tool: String, arguments: [String]) {
+        switch self {
+        case .ext4: return ("mkfs.ext4", ["-q", "-F"])
+        case .xfs: return ("mkfs.xfs", ["-q", "-f"])
+        }
+    }
+
+    func mountOptions(readOnly: Bool) -> String {
+        guard readOnly else { return "rw" }
+        switch self {
+        case .ext4: return "ro,noload"
+        case .xfs: return "ro,norecovery,nouuid"
+        }
+    }
+}
+
+/// Attaches block volumes to this instance, formats a new one on its first
+/// read-write mount, and mounts each at `<volume root>/<volumeID>`. A restart
+/// after a crash adopts what is already there: a mount at the volume's path
+/// (from /proc/self/mountinfo) and an attachment of this instance (the
+/// provider's; the loop provider finds its loop device by backing file).
+public final class BlockVolumeManager: VolumeManager, @unchecked Sendable {
+    public let volumeRoot: String
+    public let provider: any CloudProvider
+    public let instanceID: String
+    public let filesystem: VolumeFilesystem
+    public var attachTimeout: Duration = .seconds(120)
+    public var deviceTimeout: Duration = .seconds(60)
+    public var pollInterval: Duration = .milliseconds(500)
+    let runner = CommandRunner()
+    let mountInfoPath: String
+    private let lock = NSLock()
+    private var mounted: [String: MountedVolume] = [:]
+
+    public init(provider: any CloudProvider, volumeRoot: String, instanceID: String, filesystem: VolumeFilesystem = .ext4,
+                mountInfoPath: String = "/proc/self/mountinfo") {
+        self.provider = provider
+        self.volumeRoot = URL(fileURLWithPath: volumeRoot).standardizedFileURL.path
+        self.instanceID = instanceID
+        self.filesystem = filesystem
+        self.mountInfoPath = mountInfoPath
+    }
+
+    public func mountPath(_ volumeID: String) -> String { (volumeRoot == "/" ? "" : volumeRoot) + "/" + volumeID }
+
+    public func mount(_ volumeID: String, readOnly: Bool) async throws -> MountedVolume {
+        try FolderCloudProvider.validate(volumeID)
+        let target = mountPath(volumeID)
+        if let known = lock.withLock({ mounted[volumeID] }) {
+            guard known.readOnly == readOnly else { throw roleMismatch(volumeID, mountedReadOnly: known.readOnly) }
+            return known
+        }
+        // After a crash the mount may still be there: adopt it.
+        if let existing = mountInfo(at: target) {
+            guard existing.readOnly == readOnly else { throw roleMismatch(volumeID, mountedReadOnly: existing.readOnly) }
+            return remember(MountedVolume(volumeID: volumeID, mountPath: target, readOnly: readOnly, device: existing.source))
+        }
+        let (device, attachedNow) = try await attach(volumeID, readOnly: readOnly)
+        do {
+            if let elsewhere = MountInfo.current(path: mountInfoPath).first(where: { $0.source == device }) {
+                throw VolumeError.failed("device \(device) of volume \(volumeID) is already mounted at \(elsewhere.mountPoint); "
+                                         + "unmount it there first")
+            }
+            try await prepareFilesystem(volumeID, device: device, readOnly: readOnly)
+            do { try FileManager.default.createDirectory(atPath: target, withIntermediateDirectories: true) } catch {
+                throw VolumeError.failed("cannot create mount point \(target) for volume \(volumeID): \(error.localizedDescription)")
+            }
+            try await runner.check("mount", ["-t", filesystem.rawValue, "-o", filesystem.mountOptions(readOnly: readOnly), device, target],
+                                   purpose: "cannot mount volume \(volumeID) (\(device)) at \(target)")
+        } catch {
+            // Leave nothing half done: an attachment this call made goes again.
+            if attachedNow { try? await provider.detachVolume(volumeID, instanceID: instanceID) }
+            throw error
+        }
+        return remember(MountedVolume(volumeID: volumeID, mountPath: target, readOnly: readOnly, device: device))
+    }
+
+    /// Unmounts the volume; it stays attached (`detach` also detaches).
+    public func unmount(_ volumeID: String) async throws {
+        try FolderCloudProvider.validate(volumeID)
+        let target = mountPath(volumeID)
+        let known = lock.withLock { mounted[volumeID] }
+        guard known != nil || mountInfo(at: target) != nil else { throw VolumeError.notMounted(volumeID) }
+        if mountInfo(at: target) != nil {
+            try await runner.check("umount", [target], purpose: "cannot unmount volume \(volumeID) at \(target) "
+                                   + "(a process still using it? see fuser -m \(target))")
+        }
+        lock.withLock { _ = mounted.removeValue(forKey: volumeID) }
+    }
+
+    /// Unmounts (if mounted) and detaches the volume from this instance, waiting until the cloud says it is.
+    public func detach(_ volumeID: String) async throws {
+        if mountInfo(at: mountPath(volumeID)) != nil || lock.withLock({ mounted[volumeID] }) != nil {
+            try await unmount(volumeID)
+        }
+        let volume = try await provider.describeVolume(volumeID)
+        guard volume.attachment(of: instanceID) != nil else { return }
+        try await provider.detachVolume(volumeID, instanceID: instanceID)
+        try await provider.waitFor(volumeID, .detached(instanceID: instanceID), timeout: attachTimeout, poll: pollInterval)
+    }
+
+    /// Registers those of `volumeIDs` already mounted at their paths (after a
+    /// restart) and returns them. Only named volumes: with the volume root "/",
+    /// /boot or /home must never pass for volumes.
+    @discardableResult
+    public func adoptMounts(of volumeIDs: [String]) -> [MountedVolume] {
+        let table = MountInfo.current(path: mountInfoPath)
+        return volumeIDs.sorted().compactMap { id -> MountedVolume? in
+            guard FolderCloudProvider.problem(with: id) == nil,
+                  let info = table.last(where: { $0.mountPoint == mountPath(id) }) else { return nil }
+            return remember(MountedVolume(volumeID: id, mountPath: info.mountPoint, readOnly: info.readOnly, device: info.source))
+        }
+    }
+
+    public func mountedVolumes() -> [MountedVolume] {
+        lock.withLock { mounted.values.sorted { $0.volumeID < $1.volumeID } }
+    }
+
+    public func freeBytes(_ volumeID: String) throws -> Int {
+        guard let volume = lock.withLock({ mounted[volumeID] }) else { throw VolumeError.notMounted(volumeID) }
+        var st = statvfs()
+        guard statvfs(volume.mountPath, &st) == 0 else {
+            throw VolumeError.failed("statvfs \(volume.mountPath): \(errnoText())")
+        }
+        return Int(st.f_bavail) * Int(st.f_frsize)
+    }
+
+    // MARK: Steps
+
+    /// Attaches (or finds this instance's attachment) and waits for the local
+    /// device; also says whether this call made the attachment.
+    private func attach(_ volumeID: String, readOnly: Bool) async throws -> (device: String, attachedNow: Bool) {
+        let volume = try await provider.describeVolume(volumeID)
+        var attachedNow = true
+        switch volume.attachment(of: instanceID)?.state {
+        case .attached?, .attaching?:
+            attachedNow = false
+        case .detaching?:
+            try await provider.waitFor(volumeID, .detached(instanceID: instanceID), timeout: attachTimeout, poll: pollInterval)
+            _ = try await provider.attachVolume(volumeID, instanceID: instanceID, readOnly: readOnly)
+        default:
+            do {
+                _ = try await provider.attachVolume(volumeID, instanceID: instanceID, readOnly: readOnly)
+            } catch let error as VolumeError {
+                // A retried attach whose lost first try did land is refused ("in use"):
+                // the cloud's own view decides.
+                guard case .cloud = error, let now = try? await provider.describeVolume(volumeID),
+                      let mine = now.attachment(of: instanceID), [.attached, .attaching].contains(mine.state) else { throw error }
+            }
+        }
+        do {
+            try await provider.waitFor(volumeID, .attached(instanceID: instanceID), timeout: attachTimeout, poll: pollInterval)
+        } catch VolumeError.timedOut(let text) {
+            throw VolumeError.timedOut("\(text); the attachment may still complete: mount again later, or detach volume "
+                                       + "\(volumeID) from \(instanceID) and retry")
+        }
+        let device = try await provider.waitForDevice(of: volumeID, instanceID: instanceID, timeout: deviceTimeout, poll: pollInterval)
+        return (device, attachedNow)
+    }
+
+    /// Makes the configured filesystem on a blank device (read-write only), and
+    /// refuses a device that holds something else.
+    private func prepareFilesystem(_ volumeID: String, device: String, readOnly: Bool) async throws {
+        // blkid -p probes the device itself (no cache); exit 2 means nothing found.
+        let probe = try await runner.runAsync("blkid", ["-p", "-o", "export", device])
+        let fields = Dictionary(probe.stdout.split(separator: "\n").compactMap { line -> (String, String)? in
+            guard let eq = line.firstIndex(of: "=") else { return nil }
+            return (String(line[..<eq]), String(line[line.index(after: eq)...]))
+        }, uniquingKeysWith: { a, _ in a })
+        switch probe.status {
+        case 0:
+            if let type = fields["TYPE"] {
+                guard type == filesystem.rawValue else {
+                    throw VolumeError.failed("volume \(volumeID) (\(device)) holds a \(type) filesystem, not \(filesystem.rawValue); "
+                                             + "ShardFS does not reformat it: use another volume or set the filesystem to \(type)")
+                }
+                return
+            }
+            throw VolumeError.failed("volume \(volumeID) (\(device)) holds \(fields["PTTYPE"].map { "a \($0) partition table" } ?? "data blkid cannot name"); "
+                                     + "ShardFS uses whole-device filesystems and does not overwrite it")
+        case 2:
+            guard !readOnly else {
+                throw VolumeError.failed("volume \(volumeID) has no filesystem yet; its primary formats it on its first "
+                                         + "read-write mount, mount it read-only after that")
+            }
+            let (tool, arguments) = filesystem.mkfs
+            try await runner.check(tool, arguments + [device], purpose: "cannot make a \(filesystem.rawValue) filesystem on volume \(volumeID) (\(device))")
+        default:
+            throw VolumeError.failed("cannot probe volume \(volumeID) (\(device)): blkid exited with \(probe.status): "
+                                     + probe.stderr.trimmingCharacters(in: .whitespacesAndNewlines))
+        }
+    }
+
+    private func mountInfo(at path: String) -> MountInfo? {
+        MountInfo.current(path: mountInfoPath).last { $0.mountPoint == path }
+    }
+
+    private func remember(_ volume: MountedVolume) -> MountedVolume {
+        lock.withLock { mounted[volume.volumeID] = volume }
+        return volume
+    }
+
+    private func roleMismatch(_ volumeID: String, mountedReadOnly: Bool) -> VolumeError {
+        .failed("volume \(volumeID) is mounted \(mountedReadOnly ? "read-only" : "read-write") at \(mountPath(volumeID)); "
+                + "unmount it before mounting it \(mountedReadOnly ? "read-write" : "read-only")")
+    }
+}

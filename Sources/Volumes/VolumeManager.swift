@@ -1,0 +1,29 @@
+/// A volume usable on this node.
+public struct MountedVolume: Sendable, Equatable {
+    public var volumeID: String
+    /// `<volume root>/<volumeID>`.
+    public var mountPath: String
+    /// Backup nodes mount read-only.
+    public var readOnly: Bool
+    /// The block device mounted there; empty for folder volumes.
+    public var device: String
+
+    public init(volumeID: String, mountPath: String, readOnly: Bool, device: String = "") {
+        self.volumeID = volumeID
+        self.mountPath = mountPath
+        self.readOnly = readOnly
+        self.device = device
+    }
+}
+
+/// Attaches and mounts volumes on this node.
+public protocol VolumeManager: Sendable {
+    var volumeRoot: String { get }
+    var provider: any CloudProvider { get }
+    /// Attaches the volume to this node and mounts it at `<volume root>/<volumeID>`.
+    func mount(_ volumeID: String, readOnly: Bool) async throws -> MountedVolume
+    func unmount(_ volumeID: String) async throws
+    func mountedVolumes() -> [MountedVolume]
+    /// Bytes free for new data on the mounted volume.
+    func freeBytes(_ volumeID: String) throws -> Int
+}

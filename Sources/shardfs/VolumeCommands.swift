@@ -1,0 +1,125 @@
+import ArgumentParser
+import Foundation
+import Metadata
+import ShardNode
+import Volumes
+
+/// `shardfs volume …`: volumes through the configured provider (cloud.provider).
+/// create, list and delete start the node, as the shard commands do (they need
+/// the metadata); attach and detach use only the provider and the volume
+/// manager, so a node's open shards never keep the volume busy here.
+struct VolumeCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "volume",
+        abstract: "Create, list, attach, detach and delete volumes.",
+        subcommands: [Create.self, List.self, Attach.self, Detach.self, Delete.self]
+    )
+
+    struct Create: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Create a volume, register this node as its primary and mount it; prints its ID.")
+        @OptionGroup var node: NodeOptions
+        @Option(name: .long, help: "Size, e.g. 100GiB (default cloud.volume_size).") var size: String?
+        @Option(name: .long, help: "Volume type, e.g. io2 or cloud_essd (default cloud.volume_type).") var type: String?
+        @Option(name: .long, help: "Provisioned IOPS (default cloud.iops).") var iops: Int?
+
+        func run() async throws {
+            let node = try await node.startNode()
+            var spec = StorageNode.volumeSpec(node.configuration)
+            if let size {
+                guard let bytes = ByteSize.parse(size) else { throw ValidationError("--size takes a size like 100GiB, not \(size)") }
+                spec.sizeBytes = bytes
+            }
+            if let type { spec.type = type }
+            if let iops { spec.iops = iops }
+            let created = try await node.volumes.provider.createVolume(spec)
+            let mounted = try await node.volumes.mount(created.volumeID, readOnly: false)
+            try await node.metadata.registerVolume(VolumeRecord(volumeID: created.volumeID, primaryNodeID: node.configuration.node.nodeID,
+                                                                mountPath: mounted.mountPath))
+            emit(created.volumeID)
+        }
+    }
+
+    struct List: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "List the provider's volumes: state, size, type, zone, attachments, where this node mounts them, primary.")
+        @OptionGroup var node: NodeOptions
+
+        func run() async throws {
+            let node = try await node.startNode()
+            let volumes = try await node.volumes.provider.listVolumes()
+            let records = Dictionary(try await node.metadata.listVolumes(nodeID: nil).map { ($0.volumeID, $0) }, uniquingKeysWith: { a, _ in a })
+            let mounted = Dictionary(node.volumes.mountedVolumes().map { ($0.volumeID, $0) }, uniquingKeysWith: { a, _ in a })
+            emit(row("VOLUME", "STATE", "SIZE", "TYPE", "ZONE", "ATTACHMENTS", "MOUNTED", "FREE", "PRIMARY"))
+            for v in volumes {
+                let attachments = v.attachments.map { "\($0.instanceID):\($0.state.rawValue)\($0.readOnly ? ":ro" : "")" + ($0.device.isEmpty ? "" : "@\($0.device)") }
+                let here = mounted[v.volumeID]
+                let free = here.flatMap { try? node.volumes.freeBytes($0.volumeID) }
+                emit(row(v.volumeID, v.state.rawValue, v.sizeBytes > 0 ? ByteSize.format(v.sizeBytes) : "-", v.type.isEmpty ? "-" : v.type,
+                         v.availabilityZone.isEmpty ? "-" : v.availabilityZone, attachments.isEmpty ? "-" : attachments.joined(separator: ","),
+                         here.map { $0.mountPath + ($0.readOnly ? " (ro)" : "") } ?? "-", free.map(ByteSize.format) ?? "-",
+                         records[v.volumeID].map { $0.primaryNodeID.isEmpty ? "-" : $0.primaryNodeID } ?? "(unregistered)"))
+            }
+        }
+
+        func row(_ columns: String...) -> String {
+            zip(columns, [22, 10, 8, 10, 12, 24, 30, 8, 10]).map { $0.padding(toLength: max($1, $0.count), withPad: " ", startingAt: 0) }
+                .joined(separator: " ").trimmingCharacters(in: .whitespaces)
+        }
+    }
+
+    struct Attach: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Attach a volume to this node and mount it; prints the mount path.")
+        @OptionGroup var node: NodeOptions
+        @Argument(help: "Volume ID.") var volumeID: String
+        @Flag(name: .long, help: "Attach and mount read-only (as a backup does).") var readOnly = false
+
+        func run() async throws {
+            let volumes = try await VolumeCommand.manager(node)
+            emit(try await volumes.mount(volumeID, readOnly: readOnly).mountPath)
+        }
+    }
+
+    struct Detach: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Unmount a volume and detach it from this node.")
+        @OptionGroup var node: NodeOptions
+        @Argument(help: "Volume ID.") var volumeID: String
+
+        func run() async throws {
+            try await VolumeCommand.detach(volumeID, from: try await VolumeCommand.manager(node))
+        }
+    }
+
+    struct Delete: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Delete a volume that holds no shards: detach it here, delete it, unregister it.")
+        @OptionGroup var node: NodeOptions
+        @Argument(help: "Volume ID.") var volumeID: String
+
+        func run() async throws {
+            let node = try await node.startNode()
+            let shards = try await node.metadata.listShards(volumeID: volumeID)
+            guard shards.isEmpty else {
+                throw ValidationError("volume \(volumeID) holds \(shards.count) shard(s) (\(shards.prefix(5).map { String($0.shardID) }.joined(separator: ", "))); "
+                                      + "delete them first")
+            }
+            try await VolumeCommand.detach(volumeID, from: node.volumes)
+            try await node.volumes.provider.deleteVolume(volumeID)
+            if (try? await node.metadata.getVolume(volumeID)) != nil { try await node.metadata.unregisterVolume(volumeID) }
+        }
+    }
+
+    /// The configured provider's volume manager, without starting the node.
+    static func manager(_ options: NodeOptions) async throws -> any VolumeManager {
+        let config = try options.configuration()
+        return try await StorageNode.volumeManager(config, provider: try StorageNode.cloudProvider(config))
+    }
+
+    static func detach(_ volumeID: String, from volumes: any VolumeManager) async throws {
+        if let block = volumes as? BlockVolumeManager {
+            try await block.detach(volumeID)
+        } else if volumes.mountedVolumes().contains(where: { $0.volumeID == volumeID }) {
+            try await volumes.unmount(volumeID)
+        }
+    }
+}

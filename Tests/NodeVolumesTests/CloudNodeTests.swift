@@ -1,0 +1,127 @@
+import Foundation
+import TestSupport
+import Testing
+
+/// `cloud.provider: aws` and `aliyun` wired through the configuration: the
+/// endpoint, keys, region and instance come from the YAML file, and
+/// `shardfs volume list` reads the fake cloud's volumes (the fakes check every
+/// signature). No devices: the node holds no volumes and creates none.
+@Suite struct CloudNodeTests {
+    static func fixture(_ name: String) -> String {
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("VolumesTests/fixtures/\(name)").path
+    }
+
+    /// Starts a fake on a thread of its own; returns the process and its port.
+    static func startFake(_ name: String) async throws -> (Process, Int) {
+        try await withCheckedThrowingContinuation { continuation in
+            Thread {
+                continuation.resume(with: Result {
+                    let process = Process()
+                    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+                    process.arguments = ["python3", fixture(name)]
+                    let out = Pipe()
+                    process.standardOutput = out
+                    process.standardError = FileHandle.nullDevice
+                    try process.run()
+                    var line = Data()
+                    while !line.contains(0x0A) {
+                        let chunk = out.fileHandleForReading.availableData
+                        if chunk.isEmpty { break }
+                        line.append(chunk)
+                    }
+                    let text = String(decoding: line, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+                    guard let port = Int(text.split(separator: " ").last ?? "") else {
+                        kill(process.processIdentifier, SIGKILL)
+                        process.waitUntilExit()
+                        throw CocoaError(.fileReadCorruptFile)
+                    }
+                    return (process, port)
+                })
+            }.start()
+        }
+    }
+
+    static func stop(_ process: Process) {
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
+    }
+
+    func listWith(_ cloud: String, dir: TemporaryDirectory) async throws -> ProcessResult {
+        let config = dir.sub("node.yaml")
+        try """
+        node:
+          node_id: n1
+          instance_id: i-node
+          data_dir: \(dir.sub("data"))
+        cloud:
+        \(cloud)
+          initial_volumes: 0
+          retry_deadline_s: 5
+        """.write(toFile: config, atomically: true, encoding: .utf8)
+        // The environment's cloud keys would win over the file's: none here.
+        let shardfs = productsDirectory().appendingPathComponent("shardfs").path
+        return try await runAsync("/usr/bin/env", ["-u", "AWS_ACCESS_KEY_ID", "-u", "AWS_SECRET_ACCESS_KEY", "-u", "AWS_REGION",
+                                                   "-u", "ALIBABA_CLOUD_ACCESS_KEY_ID", "-u", "ALIBABA_CLOUD_ACCESS_KEY_SECRET",
+                                                   shardfs, "volume", "list", "--config", config])
+    }
+
+    @Test func awsFromTheConfiguration() async throws {
+        let dir = try TemporaryDirectory("cloudnode")
+        let (fake, port) = try await Self.startFake("fake_ec2.py")
+        defer { Self.stop(fake) }
+        // A volume made by boto3 (the reference client) in the fake.
+        let made = try await runAsync("/usr/bin/env", ["python3", "-c", """
+            import boto3
+            ec2 = boto3.client("ec2", endpoint_url="http://127.0.0.1:\(port)", region_name="us-east-1",
+                               aws_access_key_id="AKIDFAKE", aws_secret_access_key="fake-secret")
+            print(ec2.create_volume(Size=8, VolumeType="io2", Iops=3000, MultiAttachEnabled=True,
+                                    AvailabilityZone="us-east-1a")["VolumeId"])
+            """])
+        #expect(made.status == 0, "\(made.stderr)")
+        let volume = made.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        let list = try await listWith("""
+              provider: aws
+              region: us-east-1
+              endpoint: http://127.0.0.1:\(port)
+              access_key_id: AKIDFAKE
+              secret_access_key: fake-secret
+            """, dir: dir)
+        #expect(list.status == 0, "\(list.stderr)")
+        let row = try #require(list.stdout.split(separator: "\n").first { $0.hasPrefix(volume) })
+        #expect(row.contains("8GiB") && row.contains("io2") && row.contains("us-east-1a") && row.contains("(unregistered)"))
+
+        // A wrong secret: the command fails with EC2's code.
+        let wrong = try await listWith("""
+              provider: aws
+              region: us-east-1
+              endpoint: http://127.0.0.1:\(port)
+              access_key_id: AKIDFAKE
+              secret_access_key: wrong
+            """, dir: dir)
+        #expect(wrong.status != 0 && wrong.stderr.contains("SignatureDoesNotMatch"))
+    }
+
+    @Test func aliyunFromTheConfiguration() async throws {
+        let dir = try TemporaryDirectory("cloudnode")
+        let (fake, port) = try await Self.startFake("fake_ecs.py")
+        defer { Self.stop(fake) }
+        let list = try await listWith("""
+              provider: aliyun
+              region: cn-hangzhou
+              endpoint: http://127.0.0.1:\(port)
+              access_key_id: LTAIFAKE
+              secret_access_key: fake-secret
+            """, dir: dir)
+        #expect(list.status == 0, "\(list.stderr)")
+        #expect(list.stdout.hasPrefix("VOLUME"))
+        let nowhere = try await listWith("""
+              provider: aliyun
+              region: xx-nowhere-1
+              endpoint: http://127.0.0.1:\(port)
+              access_key_id: LTAIFAKE
+              secret_access_key: fake-secret
+            """, dir: dir)
+        #expect(nowhere.status != 0 && nowhere.stderr.contains("InvalidRegionId.NotFound"))
+    }
+}

@@ -1,0 +1,83 @@
+import Foundation
+import TestSupport
+import Testing
+
+/// `cloud.provider: loop` end to end through the `shardfs` executable: a fresh
+/// node creates, formats and mounts its first loop volume, shards land on it,
+/// and `shardfs volume` lists, creates and deletes volumes. Root only; every
+/// mount and loop device under the test's folder is removed in `defer`.
+@Suite(.serialized, .enabled(if: getuid() == 0, "loop devices and mounts need root"))
+struct LoopNodeTests {
+    let dir: TemporaryDirectory
+    let config: String
+
+    init() throws {
+        dir = try TemporaryDirectory("loopnode")
+        config = dir.sub("shardfs.yaml")
+        try """
+        node:
+          node_id: n1
+          data_dir: \(dir.sub("data"))
+        cloud:
+          provider: loop
+          volume_size: 64MiB
+        """.write(toFile: config, atomically: true, encoding: .utf8)
+    }
+
+    func shardfs(_ arguments: String...) async throws -> ProcessResult {
+        try await runAsync(productsDirectory().appendingPathComponent("shardfs").path, arguments + ["--config", config])
+    }
+
+    func mounts() -> [(source: String, point: String, type: String)] {
+        let text = (try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8)) ?? ""
+        return text.split(separator: "\n").compactMap { line in
+            let f = line.split(separator: " ").map(String.init)
+            guard let dash = f.firstIndex(of: "-"), dash + 2 < f.count, f[4].hasPrefix(dir.path + "/") else { return nil }
+            return (f[dash + 2], f[4], f[dash + 1])
+        }
+    }
+
+    func cleanUp() {
+        for m in mounts().reversed() { _ = try? run("/usr/bin/umount", ["-l", m.point]) }
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: "/sys/block")) ?? []
+        for name in names where name.hasPrefix("loop") {
+            if let backing = try? String(contentsOfFile: "/sys/block/\(name)/loop/backing_file", encoding: .utf8),
+               backing.hasPrefix(dir.path + "/") {
+                _ = try? run("/usr/sbin/losetup", ["-d", "/dev/\(name)"])
+            }
+        }
+        dir.remove()
+    }
+
+    @Test func aFreshNodeGetsALoopVolumeAndTheVolumeCommandsWork() async throws {
+        defer { cleanUp() }
+        let list = try await shardfs("volume", "list")
+        #expect(list.status == 0, "\(list.stderr)")
+        let rows = list.stdout.split(separator: "\n").dropFirst().map { $0.split(separator: " ", omittingEmptySubsequences: true).map(String.init) }
+        #expect(rows.count == 1)
+        let first = try #require(rows.first?.first)
+        #expect(rows.first?.contains("in-use") == true && rows.first?.contains("64MiB") == true && rows.last?.last == "n1")
+        #expect(mounts().contains { $0.point == dir.sub("data/volumes/\(first)") && $0.type == "ext4" && $0.source.hasPrefix("/dev/loop") })
+
+        // A shard lands on the ext4 volume.
+        let new = try await shardfs("shard", "new", "--client", "c1")
+        #expect(new.status == 0, "\(new.stderr)")
+        let shardID = new.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(FileManager.default.fileExists(atPath: dir.sub("data/volumes/\(first)/shard-\(shardID)/data.mdb")))
+
+        // A volume holding shards is not deleted.
+        let refused = try await shardfs("volume", "delete", first)
+        #expect(refused.status != 0 && refused.stderr.contains("holds 1 shard"))
+
+        let created = try await shardfs("volume", "create", "--size", "32MiB")
+        #expect(created.status == 0, "\(created.stderr)")
+        let second = created.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(mounts().contains { $0.point == dir.sub("data/volumes/\(second)") })
+        let deleted = try await shardfs("volume", "delete", second)
+        #expect(deleted.status == 0, "\(deleted.stderr)")
+        #expect(!mounts().contains { $0.point == dir.sub("data/volumes/\(second)") })
+        #expect(!FileManager.default.fileExists(atPath: dir.sub("data/images/\(second).img")))
+        let after = try await shardfs("volume", "list")
+        #expect(after.stdout.contains(first) && !after.stdout.contains(second))
+    }
+}
