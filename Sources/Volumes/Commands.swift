@@ -88,8 +88,13 @@ public struct MountInfo: Sendable, Equatable {
         }
     }
 
+    /// Read to its end: `String(contentsOfFile:)` stops at a procfs file's first
+    /// 4 KiB page, which hid mounts from a node with many (it then mounted a
+    /// volume again over itself).
     public static func current(path: String = "/proc/self/mountinfo") -> [MountInfo] {
-        parse((try? String(contentsOfFile: path, encoding: .utf8)) ?? "")
+        guard let handle = FileHandle(forReadingAtPath: path) else { return [] }
+        defer { try? handle.close() }
+        return parse(String(decoding: (try? handle.readToEnd()) ?? Data(), as: UTF8.self))
     }
 
     static func unescape(_ s: String) -> String {

@@ -29,7 +29,7 @@ struct LoopNodeTests {
     }
 
     func mounts() -> [(source: String, point: String, type: String)] {
-        let text = (try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8)) ?? ""
+        let text = mountInfoText()
         return text.split(separator: "\n").compactMap { line in
             let f = line.split(separator: " ").map(String.init)
             guard let dash = f.firstIndex(of: "-"), dash + 2 < f.count, f[4].hasPrefix(dir.path + "/") else { return nil }

@@ -13,3 +13,10 @@ public func mountTable() -> String {
 public func isMountPoint(_ path: String) -> Bool {
     mountTable().contains(" \(path) ")
 }
+
+/// /proc/self/mountinfo, read to its end (see `mountTable`).
+public func mountInfoText() -> String {
+    guard let handle = FileHandle(forReadingAtPath: "/proc/self/mountinfo") else { return "" }
+    defer { try? handle.close() }
+    return String(decoding: (try? handle.readToEnd()) ?? Data(), as: UTF8.self)
+}

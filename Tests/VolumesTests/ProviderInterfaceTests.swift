@@ -39,7 +39,8 @@ final class ScriptedProvider: CloudProvider, @unchecked Sendable {
             volume(.inUse, [VolumeAttachment(instanceID: "i-a", state: .attached), VolumeAttachment(instanceID: "i-b", state: .attaching)]),
             volume(.inUse, [VolumeAttachment(instanceID: "i-a", state: .attached), VolumeAttachment(instanceID: "i-b", state: .attached)]),
         ])
-        let done = try await provider.waitFor("vol-1", .attached(instanceID: "i-b"), timeout: .seconds(5), poll: .milliseconds(10))
+        // A deadline far above the three polls it takes: a loaded machine delays them.
+        let done = try await provider.waitFor("vol-1", .attached(instanceID: "i-b"), timeout: .seconds(60), poll: .milliseconds(10))
         #expect(done?.attachment(of: "i-b")?.state == .attached)
         #expect(provider.calls == 3)
     }
@@ -49,7 +50,7 @@ final class ScriptedProvider: CloudProvider, @unchecked Sendable {
             volume(.inUse, [VolumeAttachment(instanceID: "i-a", state: .attached), VolumeAttachment(instanceID: "i-b", state: .detaching)]),
             volume(.inUse, [VolumeAttachment(instanceID: "i-a", state: .attached)]),
         ])
-        let done = try await provider.waitFor("vol-1", .detached(instanceID: "i-b"), timeout: .seconds(5), poll: .milliseconds(10))
+        let done = try await provider.waitFor("vol-1", .detached(instanceID: "i-b"), timeout: .seconds(60), poll: .milliseconds(10))
         #expect(done?.attachments.map(\.instanceID) == ["i-a"])
     }
 
