@@ -85,7 +85,7 @@ struct TwoHostTests {
         let volume = String(try #require(volumes.first).dropLast(5))
         #expect(volumes.count == 1)
         // A's mount lives in A's namespace only.
-        let here = try String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8)
+        let here = mountInfoText()
         #expect(!here.contains(dir.sub("a/volumes/\(volume)")))
 
         var shards: [String] = []
