@@ -1,3 +1,6 @@
+// About 700 lines on purpose: one benchmark whose three systems (the batch
+// service, Redis, raw LMDB) must do exactly the same work, kept side by side
+// so that a change to one is seen to apply to all.
 import BatchProtocol
 import Dispatch
 import Foundation

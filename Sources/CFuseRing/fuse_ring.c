@@ -1,4 +1,7 @@
 // FUSE over io_uring for libfuse 3.14: see include/fuse_ring.h for what and why.
+// One file (about 700 lines) on purpose: the kernel ABI structures, the raw
+// io_uring setup, the session I/O hooks and the ring threads share static
+// state and invariants that splitting would have to export.
 #define _GNU_SOURCE
 #define FUSE_USE_VERSION 312
 #include "fuse_ring.h"
