@@ -20,17 +20,7 @@ import Testing
                     let process = Process()
                     process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
                     process.arguments = ["python3", fixture(name)]
-                    let out = Pipe()
-                    process.standardOutput = out
-                    process.standardError = FileHandle.nullDevice
-                    try process.run()
-                    var line = Data()
-                    while !line.contains(0x0A) {
-                        let chunk = out.fileHandleForReading.availableData
-                        if chunk.isEmpty { break }
-                        line.append(chunk)
-                    }
-                    let text = String(decoding: line, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+                    let text = (try runReadingFirstLine(process) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)
                     guard let port = Int(text.split(separator: " ").last ?? "") else {
                         kill(process.processIdentifier, SIGKILL)
                         process.waitUntilExit()

@@ -80,6 +80,22 @@ public func shell(_ command: String, environment: [String: String] = [:]) async 
 }
 
 /// A `shardfs serve …` child, returned once it printed its "ready …" line.
+/// Runs `process` with its standard output piped (standard error discarded) and
+/// returns the first line it prints, or nil if it closes its output first.
+public func runReadingFirstLine(_ process: Process) throws -> String? {
+    let out = Pipe()
+    process.standardOutput = out
+    process.standardError = FileHandle.nullDevice
+    try process.run()
+    var line = Data()
+    while !line.contains(0x0A) {
+        let chunk = out.fileHandleForReading.availableData
+        if chunk.isEmpty { return nil }
+        line.append(chunk)
+    }
+    return String(decoding: line, as: UTF8.self)
+}
+
 public final class ServeProcess: @unchecked Sendable {
     public let process = Process()
     public let readyLine: String
@@ -93,20 +109,11 @@ public final class ServeProcess: @unchecked Sendable {
         process.executableURL = productsDirectory().appendingPathComponent("shardfs")
         process.arguments = ["serve"] + arguments
         process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
-        let out = Pipe()
-        process.standardOutput = out
-        process.standardError = FileHandle.nullDevice
-        try process.run()
-        var line = Data()
-        while !line.contains(0x0A) {
-            let chunk = out.fileHandleForReading.availableData
-            if chunk.isEmpty {
-                process.waitUntilExit()
-                throw NotReady()
-            }
-            line.append(chunk)
+        guard let line = try runReadingFirstLine(process) else {
+            process.waitUntilExit()
+            throw NotReady()
         }
-        readyLine = String(decoding: line, as: UTF8.self)
+        readyLine = line
     }
 
     /// `init` on a thread of its own, so that waiting for the ready line does not

@@ -16,17 +16,10 @@ final class ServerProcess: @unchecked Sendable {
         let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("fixtures/\(fixture)").path
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         process.arguments = ["python3", script] + arguments
-        let out = Pipe()
-        process.standardOutput = out
-        process.standardError = FileHandle.nullDevice
-        try process.run()
-        var line = Data()
-        while !line.contains(0x0A) {
-            let chunk = out.fileHandleForReading.availableData
-            if chunk.isEmpty { process.waitUntilExit(); throw Failed(description: "\(fixture) exited before printing its port") }
-            line.append(chunk)
+        guard let text = try runReadingFirstLine(process) else {
+            process.waitUntilExit()
+            throw Failed(description: "\(fixture) exited before printing its port")
         }
-        let text = String(decoding: line, as: UTF8.self)
         guard let port = Int(text.split(separator: " ").last?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "") else {
             kill(process.processIdentifier, SIGKILL)
             process.waitUntilExit()
