@@ -18,7 +18,7 @@ import Glibc
 /// (integers little-endian). The payload is a u32 item count, then per item:
 ///
 ///     u8 kind (0 put, 1 put keeping the entry's indexes, 2 delete; plus 0x80
-///        when an entry number follows: a u64, the number a put gives the key if
+///        when an entry number follows: LEB128, the number a put gives the key if
 ///        it creates it; plus 0x40 when a u32 mode follows, the mode it gives it)
 ///     u16 key length, key | i64 modification time (ns) | u32 value length, value
 ///     u16 index count, then per index: u16 name length, name | u32 value length, value
@@ -144,7 +144,7 @@ final class BatchLog {
                 let numbered = !item.isDeletion && item.entryNumber != nil
                 let moded = !item.isDeletion && item.creationMode != nil
                 w.put(UInt8(item.isDeletion ? 2 : item.keepsIndexes ? 1 : 0) | (numbered ? 0x80 : 0) | (moded ? 0x40 : 0))
-                if numbered { w.put(item.entryNumber!) }
+                if numbered { w.putLEB128(item.entryNumber!) }
                 if moded { w.put(item.creationMode!) }
                 w.put(UInt16(item.key.count))
                 w.put(item.key)
@@ -171,7 +171,7 @@ final class BatchLog {
     /// The exact bytes `encode` writes for a batch.
     static func encodedSize(_ items: [EntryWrite]) -> Int {
         items.reduce(recordHeaderSize + 4) { sum, item in
-            sum + 17 + (!item.isDeletion && item.entryNumber != nil ? 8 : 0) + (!item.isDeletion && item.creationMode != nil ? 4 : 0)
+            sum + 17 + (!item.isDeletion ? item.entryNumber.map(leb128Size) ?? 0 : 0) + (!item.isDeletion && item.creationMode != nil ? 4 : 0)
                 + item.key.count + item.value.count
                 + loggedIndexes(item).reduce(0) { $0 + 6 + $1.name.utf8.count + $1.value.count }
         }
@@ -189,6 +189,15 @@ final class BatchLog {
         mutating func put<T: FixedWidthInteger>(_ value: T) {
             base.storeBytes(of: value.littleEndian, as: T.self)
             base += MemoryLayout<T>.size
+        }
+
+        mutating func putLEB128(_ value: UInt64) {
+            var n = value
+            repeat {
+                base.storeBytes(of: UInt8(n & 0x7F) | (n >= 0x80 ? 0x80 : 0), as: UInt8.self)
+                base += 1
+                n >>= 7
+            } while n > 0
         }
 
         mutating func put(_ bytes: [UInt8]) {
@@ -217,8 +226,10 @@ final class BatchLog {
             let kind = bytes[kindAt.lowerBound] & 0x3F
             var number: UInt64?
             if bytes[kindAt.lowerBound] & 0x80 != 0 {
-                guard let numberAt = take(8) else { return nil }
-                number = bytes.readLE(UInt64.self, at: numberAt.lowerBound)
+                guard let (value, used) = bytes.withUnsafeBytes({ raw in
+                    decodeLEB128(UnsafeRawBufferPointer(rebasing: raw[..<end]), at: at)
+                }), take(used) != nil else { return nil }
+                number = value
             }
             var mode: UInt32?
             if bytes[kindAt.lowerBound] & 0x40 != 0 {

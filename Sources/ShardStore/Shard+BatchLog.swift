@@ -35,12 +35,19 @@ extension Shard {
             // Chunked values, and more indexes than the log's count field holds, go direct.
             if item.value.count > chunkSize || item.indexes.count > Int(UInt16.max) { return false }
             if item.modificationTime == nil { item.modificationTime = now }
-            // A point read of a pending put that creates its key must show the
-            // number the entry will have: it is fixed now.
-            if !item.isDeletion && item.entryNumber == nil { item.entryNumber = newEntryNumber() }
             // What is logged is what is applied, in memory now or replayed later.
             if item.keepsIndexes || item.isDeletion { item.indexes = [] }
             valid.append(item)
+        }
+        // A point read of a pending put that creates its key must show the number
+        // the entry will have: it is fixed now, for the batch's puts in one go.
+        let unnumbered = valid.indices.filter { !valid[$0].isDeletion && valid[$0].entryNumber == nil }
+        if !unnumbered.isEmpty {
+            var next = newEntryNumbers(unnumbered.count)
+            for i in unnumbered {
+                valid[i].entryNumber = next
+                next += 1
+            }
         }
         let size = BatchLog.encodedSize(valid)
         guard size <= Int(UInt32.max) else { return false }
@@ -349,7 +356,7 @@ extension Shard {
         let records = try log.records().filter { $0.sequence > applied }
         // Numbers the log's puts carry were handed out before the crash.
         let logged = records.lazy.flatMap(\.items).compactMap(\.entryNumber).max() ?? 0
-        numberLock.withLock { lastEntryNumber = max(lastEntryNumber, logged) }
+        if logged > lastEntryNumber.load(ordering: .relaxed) { lastEntryNumber.store(logged, ordering: .relaxed) }
         if let last = records.last {
             let apply = {
                 var numbers: UInt64?

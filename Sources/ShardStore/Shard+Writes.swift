@@ -249,7 +249,7 @@ extension Shard {
         let chunked = size > chunkSize
         let chunkSet: UInt64? = chunked ? try stagedChunkSet ?? newChunkSet(txn) : nil
         // Sized for a new key first; the number is taken only once the key proves new.
-        var metadata = EntryMetadata(number: entryNumber ?? numberLock.withLock { lastEntryNumber + 1 }, mode: creationMode)
+        var metadata = EntryMetadata(number: entryNumber ?? lastEntryNumber.load(ordering: .relaxed) + 1, mode: creationMode)
         let valueBytes = chunked ? 0 : size
         let count = recordHeadSize(chunked: chunked, indexes: newIndexes, metadata: metadata) + valueBytes
         try key.withUnsafeBytes { k in

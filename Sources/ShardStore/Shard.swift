@@ -1,5 +1,6 @@
 import Foundation
 import LMDB
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -119,9 +120,9 @@ public final class Shard: @unchecked Sendable {
     // to direct writes, logged puts and the mount's new files; every commit that
     // may hold one stores the last handed out in `meta` (`storeEntryNumbers`),
     // and the batch log keeps those of logged puts, so none is given twice.
-    let numberLock = NSLock()
-    var lastEntryNumber: UInt64 = 0
-    var storedEntryNumber: UInt64 = 0
+    // Atomics, not a lock: one is taken per new entry, and batches take thousands.
+    let lastEntryNumber = Atomic<UInt64>(0)
+    let storedEntryNumber = Atomic<UInt64>(0)
     static let lastEntryNumberKey = Array("lastEntryNumber".utf8)
 
     let observerLock = NSLock()
@@ -234,7 +235,8 @@ public final class Shard: @unchecked Sendable {
         }
         let meta = self.meta
         let storedNumber = try env.read { txn in try Self.metaCounter(txn, meta, Self.lastEntryNumberKey) }
-        (lastEntryNumber, storedEntryNumber) = (storedNumber, storedNumber)
+        lastEntryNumber.store(storedNumber, ordering: .relaxed)
+        storedEntryNumber.store(storedNumber, ordering: .relaxed)
         try replayLog()
         // Staged chunks a crash left are garbage: remove them, but a failure here
         // (say, a full shard) must not keep the shard from opening.
@@ -389,23 +391,27 @@ public final class Shard: @unchecked Sendable {
 
     /// A number no entry of this shard had or will have (see `EntryMetadata.number`).
     public func newEntryNumber() -> UInt64 {
-        numberLock.withLock {
-            lastEntryNumber += 1
-            return lastEntryNumber
-        }
+        lastEntryNumber.wrappingAdd(1, ordering: .relaxed).newValue
+    }
+
+    /// `count` numbers in a row (for a batch); returns the first.
+    func newEntryNumbers(_ count: Int) -> UInt64 {
+        lastEntryNumber.wrappingAdd(UInt64(count), ordering: .relaxed).newValue - UInt64(count) + 1
     }
 
     /// Inside a write transaction: records the last entry number handed out, if a
     /// commit has not yet; returns it, for `entryNumbersStored` once committed.
     func storeEntryNumbers(_ txn: Transaction) throws -> UInt64? {
-        guard let last = numberLock.withLock({ lastEntryNumber > storedEntryNumber ? lastEntryNumber : nil }) else { return nil }
+        let last = lastEntryNumber.load(ordering: .relaxed)
+        guard last > storedEntryNumber.load(ordering: .relaxed) else { return nil }
         try setMetaCounter(txn, Self.lastEntryNumberKey, last)
         return last
     }
 
     func entryNumbersStored(_ last: UInt64?) {
         guard let last else { return }
-        numberLock.withLock { storedEntryNumber = max(storedEntryNumber, last) }
+        // Only the LMDB writer (one at a time) gets here.
+        storedEntryNumber.store(max(storedEntryNumber.load(ordering: .relaxed), last), ordering: .relaxed)
     }
 
     func setMetaCounter(_ txn: Transaction, _ key: [UInt8], _ value: UInt64) throws {
