@@ -110,7 +110,7 @@ public final class EmbeddedMetadataStore: MetadataStore, @unchecked Sendable {
         try read { txn in try self.shard(txn, shardID) }
     }
 
-    public func updateShardState(_ shardID: UInt64, to state: ShardStatus) async throws -> ShardRecord {
+    public func updateShardState(_ shardID: UInt64, to state: ShardRecordState) async throws -> ShardRecord {
         let updated = try await write { txn in
             var shard = try self.shard(txn, shardID)
             guard shard.state.allows(state) else {

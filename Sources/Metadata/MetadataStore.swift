@@ -17,7 +17,7 @@ public struct NodeRecord: Codable, Sendable, Equatable {
 
 /// The life of a shard as the metadata knows it. `deleting` marks a delete in
 /// progress: its files may be partly gone and it is finished on the next start.
-public enum ShardStatus: String, Codable, Sendable {
+public enum ShardRecordState: String, Codable, Sendable {
     case open
     case closed
     case deleting
@@ -27,10 +27,10 @@ public struct ShardRecord: Codable, Sendable, Equatable {
     public var shardID: UInt64
     public var volumeID: String
     public var ownerClientID: String
-    public var state: ShardStatus
+    public var state: ShardRecordState
     public var sizeLimit: Int
 
-    public init(shardID: UInt64, volumeID: String, ownerClientID: String, state: ShardStatus = .open, sizeLimit: Int) {
+    public init(shardID: UInt64, volumeID: String, ownerClientID: String, state: ShardRecordState = .open, sizeLimit: Int) {
         self.shardID = shardID
         self.volumeID = volumeID
         self.ownerClientID = ownerClientID
@@ -138,7 +138,7 @@ public protocol MetadataStore: Sendable {
     func getShard(_ shardID: UInt64) async throws -> ShardRecord
     /// Allowed: open → closed, open/closed → deleting, and to the same state.
     /// Anything else (closed → open, leaving deleting) fails with `conflict`.
-    func updateShardState(_ shardID: UInt64, to state: ShardStatus) async throws -> ShardRecord
+    func updateShardState(_ shardID: UInt64, to state: ShardRecordState) async throws -> ShardRecord
     func deleteShard(_ shardID: UInt64) async throws
     /// All shards, or those on one volume, by increasing ID.
     func listShards(volumeID: String?) async throws -> [ShardRecord]
@@ -159,9 +159,9 @@ public protocol MetadataStore: Sendable {
     func changes() -> AsyncStream<MetadataEvent>
 }
 
-extension ShardStatus {
+extension ShardRecordState {
     /// Whether a shard may move from `self` to `next`.
-    public func allows(_ next: ShardStatus) -> Bool {
+    public func allows(_ next: ShardRecordState) -> Bool {
         switch (self, next) {
         case (let a, let b) where a == b: return true
         case (.open, .closed), (.open, .deleting), (.closed, .deleting): return true

@@ -66,7 +66,7 @@ public struct RetryingMetadataStore: MetadataStore {
     public func claimShardID(_ id: UInt64) async throws { try await policy.run { try await base.claimShardID(id) } }
     public func createShard(_ shard: ShardRecord) async throws { try await policy.run { try await base.createShard(shard) } }
     public func getShard(_ shardID: UInt64) async throws -> ShardRecord { try await policy.run { try await base.getShard(shardID) } }
-    public func updateShardState(_ shardID: UInt64, to state: ShardStatus) async throws -> ShardRecord {
+    public func updateShardState(_ shardID: UInt64, to state: ShardRecordState) async throws -> ShardRecord {
         try await policy.run { try await base.updateShardState(shardID, to: state) }
     }
     public func deleteShard(_ shardID: UInt64) async throws { try await policy.run { try await base.deleteShard(shardID) } }

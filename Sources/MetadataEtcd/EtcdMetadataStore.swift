@@ -219,7 +219,7 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
         return try decode(ShardRecord.self, kv)
     }
 
-    public func updateShardState(_ shardID: UInt64, to state: ShardStatus) async throws -> ShardRecord {
+    public func updateShardState(_ shardID: UInt64, to state: ShardRecordState) async throws -> ShardRecord {
         try await update(shardKey(shardID), ShardRecord.self, what: "shard \(shardID)") { shard in
             guard shard.state.allows(state) else {
                 throw MetadataError.conflict("shard \(shardID) cannot go from \(shard.state.rawValue) to \(state.rawValue)")

@@ -304,7 +304,7 @@ public final class ShardManager: @unchecked Sendable {
     private func reconcile(_ shard: Shard, record: ShardRecord?, volume: MountedVolume) async throws {
         guard let record else {
             logger.warning("shard files without metadata; registering them", metadata: ["shard": "\(shard.id)"])
-            let state: ShardStatus = shard.state == .closed ? .closed : .open
+            let state: ShardRecordState = shard.state == .closed ? .closed : .open
             do {
                 try await metadata.createShard(ShardRecord(shardID: shard.id, volumeID: volume.volumeID,
                                                            ownerClientID: shard.owner, state: state, sizeLimit: shard.sizeLimit))

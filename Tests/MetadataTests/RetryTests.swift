@@ -28,7 +28,7 @@ final class FlakyStore: MetadataStore, @unchecked Sendable {
     func generateShardID() async throws -> UInt64 { 1 }
     func claimShardID(_ id: UInt64) async throws {}
     func createShard(_ shard: ShardRecord) async throws {}
-    func updateShardState(_ shardID: UInt64, to state: ShardStatus) async throws -> ShardRecord { try await getShard(shardID) }
+    func updateShardState(_ shardID: UInt64, to state: ShardRecordState) async throws -> ShardRecord { try await getShard(shardID) }
     func deleteShard(_ shardID: UInt64) async throws {}
     func listShards(volumeID: String?) async throws -> [ShardRecord] { [] }
     func registerVolume(_ volume: VolumeRecord) async throws {}
