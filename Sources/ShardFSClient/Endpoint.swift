@@ -25,6 +25,8 @@ public enum Endpoint: Sendable, Hashable, CustomStringConvertible {
 public enum ClientError: Error, Hashable, Sendable, CustomStringConvertible {
     /// The server answered with this status.
     case status(Status)
+    /// Nothing accepted the connection there (no node running, a wrong path or port).
+    case unreachable(Endpoint, String)
     /// The connection closed (or the server sent a connection error) before the answer.
     case connectionClosed(String)
     case invalidArgument(String)
@@ -34,6 +36,7 @@ public enum ClientError: Error, Hashable, Sendable, CustomStringConvertible {
     public var description: String {
         switch self {
         case .status(let s): return s.description
+        case .unreachable(let endpoint, let why): return "cannot connect to \(endpoint): \(why)"
         case .connectionClosed(let why): return "connection closed: \(why)"
         case .invalidArgument(let why): return "invalid argument: \(why)"
         case .protocolViolation(let why): return "protocol violation: \(why)"

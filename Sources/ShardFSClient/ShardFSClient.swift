@@ -34,7 +34,7 @@ public final class ShardFSClient: Sendable {
             case .unix(let path): channel = try await bootstrap.connect(unixDomainSocketPath: path).get()
             }
         } catch {
-            throw ClientError.connectionClosed("cannot connect to \(endpoint): \(error)")
+            throw ClientError.unreachable(endpoint, "\(error)")
         }
         let handler = try await channel.eventLoop.submit {
             NIOLoopBound(try channel.pipeline.syncOperations.handler(type: ClientHandler.self), eventLoop: channel.eventLoop)

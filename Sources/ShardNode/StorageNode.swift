@@ -29,17 +29,26 @@ public final class StorageNode: Sendable {
     /// volumes it holds (creating its first ones on a fresh node) and restores its shards.
     /// Only one node runs per data folder: another process waits up to `lockTimeout` for it.
     /// Also tunes malloc for the whole process (`keepDirtyPagesInTheHeap`).
-    public static func start(_ config: Configuration, lockTimeout: Duration = .seconds(30),
+    /// `createDataFolder` false: a missing data folder is an error (commands that
+    /// only read or change what exists must not make an empty node of a typo).
+    public static func start(_ config: Configuration, lockTimeout: Duration = .seconds(30), createDataFolder: Bool = true,
                              logger: Logger = Logger(label: "shardfs.node")) async throws -> StorageNode {
         try config.validate()
         keepDirtyPagesInTheHeap()
+        if !createDataFolder && !FileManager.default.fileExists(atPath: config.node.dataDir) {
+            throw ConfigurationError("there is no data folder \(config.node.dataDir): a node's folder is made by `shardfs serve`, "
+                                     + "`shardfs mount` or `shardfs shard new` (is --data-dir right?)")
+        }
         do {
             try FileManager.default.createDirectory(atPath: config.node.dataDir, withIntermediateDirectories: true)
             try FileManager.default.createDirectory(atPath: config.resolvedVolumeRoot, withIntermediateDirectories: true)
         } catch {
             throw ConfigurationError("cannot create the data folder \(config.node.dataDir): \(error.localizedDescription)")
         }
-        let lock = try DataFolderLock(folder: config.node.dataDir, timeout: lockTimeout)
+        let lock = try DataFolderLock(folder: config.node.dataDir, timeout: lockTimeout) { holder in
+            logger.notice("the data folder is in use by another ShardFS process; waiting for it",
+                           metadata: ["folder": "\(config.node.dataDir)", "pid": "\(holder)", "up to": "\(lockTimeout)"])
+        }
         let metadata = RetryingMetadataStore(try openMetadata(config), policy: retryPolicy(config))
         try await metadata.registerNode(NodeRecord(nodeID: config.node.nodeID, address: config.server.address))
 

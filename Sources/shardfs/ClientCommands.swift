@@ -29,8 +29,24 @@ struct ConnectOptions: ParsableArguments {
             endpoint = .unix(path: socket ?? fromEnvironment ?? (environment["SHARDFS_DATA_DIR"] ?? "./data") + "/shardfs.sock")
         }
         let token = self.token ?? environment["SHARDFS_SERVER_TOKEN"] ?? ""
-        return try await ShardFSClient.connect(to: endpoint, token: token)
+        do {
+            return try await ShardFSClient.connect(to: endpoint, token: token)
+        } catch ClientError.unreachable(_, let why) {
+            // The socket layer's words name system calls, not what to do.
+            switch endpoint {
+            case .unix(let path):
+                throw CommandFailure("no node serves \(path) — is `shardfs serve` running? (--socket or SHARDFS_UNIX_SOCKET name another)")
+            case .tcp(let host, let port):
+                throw CommandFailure("no node answers at \(host):\(port) — is `shardfs serve` running and listening there? (\(why))")
+            }
+        }
     }
+}
+
+/// A command that failed for a reason a person can act on, said as it is.
+struct CommandFailure: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
 }
 
 /// Runs `body` with a connected client and closes it after.

@@ -12,7 +12,7 @@ struct DemoCommand: AsyncParsableCommand {
     @OptionGroup var node: NodeOptions
 
     func run() async throws {
-        let node = try await node.startNode()
+        let node = try await node.startNode(creatingDataFolder: true)
         let config = node.configuration
         emit("node \(config.node.nodeID): data in \(config.node.dataDir), volumes under \(config.resolvedVolumeRoot)")
         for volume in node.volumes.mountedVolumes() {

@@ -39,9 +39,9 @@ struct MountCommand: AsyncParsableCommand {
         guard stat(mountpoint, &info) == 0 else {
             let reason = errno == ENOTCONN ? "a dead ShardFS mount is still there: run fusermount3 -u \(mountpoint)"
                                            : String(cString: strerror(errno))
-            throw MountFailure("mount point \(mountpoint): \(reason == "No such file or directory" ? "no such directory (create it first: mkdir -p \(mountpoint))" : reason)")
+            throw CommandFailure("mount point \(mountpoint): \(reason == "No such file or directory" ? "no such directory (create it first: mkdir -p \(mountpoint))" : reason)")
         }
-        guard info.st_mode & S_IFMT == S_IFDIR else { throw MountFailure("mount point \(mountpoint) is not a directory") }
+        guard info.st_mode & S_IFMT == S_IFDIR else { throw CommandFailure("mount point \(mountpoint) is not a directory") }
         try FileManager.default.createDirectory(atPath: dataDir, withIntermediateDirectories: true)
         if !foreground {
             try Self.daemonize(dataDir: dataDir)
@@ -124,7 +124,7 @@ struct MountCommand: AsyncParsableCommand {
         if text == "ready" { return }
         var status: Int32 = 0
         waitpid(pid, &status, WNOHANG)
-        throw MountFailure(text.isEmpty ? "the mount daemon exited before the mount was live; see \(log)"
+        throw CommandFailure(text.isEmpty ? "the mount daemon exited before the mount was live; see \(log)"
                                            : text.replacingOccurrences(of: "error: ", with: ""))
     }
 }
@@ -136,11 +136,4 @@ func runOnOwnThread(_ body: @escaping @Sendable () -> Int32) async -> Int32 {
         thread.stackSize = 8 << 20
         thread.start()
     }
-}
-
-/// Why a mount did not happen: said as it is, without the usage text a
-/// mistyped command gets.
-struct MountFailure: Error, CustomStringConvertible {
-    let description: String
-    init(_ description: String) { self.description = description }
 }

@@ -52,7 +52,7 @@ struct ServeCommand: AsyncParsableCommand {
 
     /// The node and the socket service `serve` starts (the mount, if any, is added by `run`).
     static func startNode(_ node: NodeOptions, _ service: ServiceOptions) async throws -> Running {
-        let storage = try await node.startNode()
+        let storage = try await node.startNode(creatingDataFolder: true)
         let config = try service.serverConfiguration(storage.configuration)
         let server = try await BatchServer.start(config, shards: storage.shards)
         let host = config.tcpAddress.map { String($0[..<($0.lastIndex(of: ":") ?? $0.endIndex)]) } ?? ""

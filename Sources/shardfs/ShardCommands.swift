@@ -18,7 +18,7 @@ struct ShardCommand: AsyncParsableCommand {
         var id: UInt64?
 
         func run() async throws {
-            let node = try await node.startNode()
+            let node = try await node.startNode(creatingDataFolder: true)
             let shard = try await node.shards.newShard(owner: try client.clientID(), id: id)
             emit(String(shard.id))
         }

@@ -93,10 +93,12 @@ struct NodeOptions: ParsableArguments {
     }
 
     /// Loads the configuration, bootstraps logging and starts the node.
-    func startNode() async throws -> StorageNode {
+    /// `creatingDataFolder`: this command may make a new node's folder (serve,
+    /// shard new, volume create, demo); the others need an existing one.
+    func startNode(creatingDataFolder: Bool = false) async throws -> StorageNode {
         let config = try configuration()
         Log.bootstrap(level: config.logLevel)
-        return try await StorageNode.start(config)
+        return try await StorageNode.start(config, createDataFolder: creatingDataFolder)
     }
 }
 

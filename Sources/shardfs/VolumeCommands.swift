@@ -24,7 +24,7 @@ struct VolumeCommand: AsyncParsableCommand {
         @Option(name: .long, help: "Provisioned IOPS (default cloud.iops).") var iops: Int?
 
         func run() async throws {
-            let node = try await node.startNode()
+            let node = try await node.startNode(creatingDataFolder: true)
             var spec = StorageNode.volumeSpec(node.configuration)
             if let size {
                 guard let bytes = ByteSize.parse(size) else { throw ValidationError("--size takes a size like 100GiB, not \(size)") }

@@ -104,6 +104,37 @@ func shardfsRun(_ arguments: [String], input: String = "", environment: [String:
         #expect(result.stderr.contains(message), "stderr: \(result.stderr)")
     }
 
+    /// A typo in --data-dir is an error naming the folder, never a new empty node.
+    @Test func commandsThatNeedANodeNeverMakeItsFolder() throws {
+        let dir = try TemporaryDirectory("cli")
+        let typo = dir.sub("dtaa")
+        for command in [["ls", "1"], ["get", "1", "k"], ["find", "1", "a=b"], ["shard", "list"], ["shard", "stat", "1"],
+                        ["shard", "close", "1"], ["rm", "1", "k", "--client", "c"]] {
+            let result = try shardfsRun(command + ["--data-dir", typo, "--log-level", "error"])
+            #expect(result.status != 0 && result.stderr.contains("there is no data folder \(typo)"), "\(command): \(result.stderr)")
+            #expect(!FileManager.default.fileExists(atPath: typo), "\(command) made the folder")
+        }
+        #expect(try shardfsRun(["shard", "new", "--client", "c", "--data-dir", typo, "--log-level", "error"]).stdout == "1\n")
+    }
+
+    /// A second process on a busy data folder says at once what it waits for.
+    @Test func waitingForABusyDataFolderIsSaidAtOnce() async throws {
+        let dir = try TemporaryDirectory("cli")
+        let server = try await ServeProcess.start(["--data-dir", dir.path, "--no-tcp", "--log-level", "warning"])
+        defer { server.stop() }
+        let waiting = try await shell("timeout 3 '\(shardfs)' shard list --data-dir '\(dir.path)' 2>&1; true")
+        #expect(waiting.stdout.contains("the data folder is in use by another ShardFS process; waiting for it")
+                && waiting.stdout.contains("pid=\(server.process.processIdentifier)"), "\(waiting.stdout)")
+    }
+
+    /// A client with no node to talk to says which socket and what to check.
+    @Test func aClientWithNoNodeSaysWhereItLooked() throws {
+        let dir = try TemporaryDirectory("cli")
+        let result = try shardfsRun(["client", "list-shards", "--socket", dir.sub("none.sock")])
+        #expect(result.status != 0 && result.stderr.contains("no node serves \(dir.sub("none.sock"))")
+                && result.stderr.contains("shardfs serve") && !result.stderr.contains("descriptor"), "\(result.stderr)")
+    }
+
     @Test func processesCreatingShardsAtOnceGetUniqueIDs() throws {
         let dir = try TemporaryDirectory("cli")
         let data = ["--data-dir", dir.path, "--log-level", "error"]
