@@ -54,9 +54,17 @@ public final class BatchServer: Sendable {
             var port: Int?
             if let tcp {
                 let tokenRequired = !(configuration.token ?? "").isEmpty
-                let channel = try await bootstrap(group, configuration, executor, pool, connections,
+                let channel: Channel
+                do {
+                    channel = try await bootstrap(group, configuration, executor, pool, connections,
                                                   configuration.limits(tokenRequired: tokenRequired))
-                    .bind(host: tcp.host, port: tcp.port).get()
+                        .bind(host: tcp.host, port: tcp.port).get()
+                } catch let error as IOError where error.errnoCode == EADDRINUSE {
+                    throw BatchServerError("\(tcp.host):\(tcp.port) is taken by another process — choose another with --listen "
+                                           + "(server.address), or stop what listens there")
+                } catch let error as IOError {
+                    throw BatchServerError("cannot listen on \(tcp.host):\(tcp.port): \(String(cString: strerror(error.errnoCode)))")
+                }
                 listeners.append(channel)
                 port = channel.localAddress?.port
                 logger.info("batch service listening", metadata: ["tcp": "\(tcp.host):\(port ?? tcp.port)"])

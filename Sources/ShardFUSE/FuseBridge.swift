@@ -27,7 +27,16 @@ private func bytes(_ name: UnsafePointer<CChar>?) -> [UInt8] {
 }
 
 private func fail(_ req: fuse_req_t?, _ error: Error) {
-    fuse_reply_err(req, errnoValue(of: error))
+    let code = errnoValue(of: error)
+    // Refusals (not a closed or full shard's ordinary misses like ENOENT) are
+    // logged with who asked: the errno alone says too little.
+    if [EACCES, EPERM, EROFS, ENOSPC, EFBIG, EEXIST].contains(code), let context = fuse_req_ctx(req) {
+        fileSystem(req).logger.info("refused", metadata: [
+            "errno": "\(String(cString: strerror(code)))", "reason": "\(error)",
+            "uid": "\(context.pointee.uid)", "pid": "\(context.pointee.pid)",
+        ])
+    }
+    fuse_reply_err(req, code)
 }
 
 private func entryParameters(_ reply: EntryReply) -> fuse_entry_param {

@@ -19,7 +19,8 @@ public enum ShardManagerError: Error, Equatable, Sendable, CustomStringConvertib
         switch self {
         case .shardNotFound(let id): return "shard \(id) not found"
         case .shardNotLocal(let id, let volume): return "shard \(id) lives on volume \(volume), which this node has not mounted"
-        case .shardIDTaken(let id): return "shard ID \(id) is taken"
+        case .shardIDTaken(let id):
+            return "shard ID \(id) is taken: IDs are never used twice; ask for a higher one, or let the node choose"
         case .noWritableVolume: return "no writable volume on this node for a new shard"
         case .notPrimary(let id): return "this node is not the primary of shard \(id)'s volume"
         case .invalidArgument(let s): return "invalid argument: \(s)"

@@ -135,6 +135,24 @@ func shardfsRun(_ arguments: [String], input: String = "", environment: [String:
                 && result.stderr.contains("shardfs serve") && !result.stderr.contains("descriptor"), "\(result.stderr)")
     }
 
+    /// A taken port is said with the address and what to do, not as a failed system call.
+    @Test func aTakenPortIsSaidPlainly() async throws {
+        let dir = try TemporaryDirectory("cli")
+        let script = """
+            import socket, subprocess, sys
+            s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(1); port = s.getsockname()[1]
+            r = subprocess.run([sys.argv[1], "serve", "--data-dir", sys.argv[2], "--listen", "127.0.0.1:%d" % port,
+                                "--log-level", "error"], capture_output=True, text=True, timeout=60)
+            print(r.returncode, port, r.stderr.strip())
+            """
+        try script.write(toFile: dir.sub("taken.py"), atomically: true, encoding: .utf8)
+        let result = try await shell("python3 '\(dir.sub("taken.py"))' '\(shardfs)' '\(dir.sub("data"))'")
+        let fields = result.stdout.split(separator: " ", maxSplits: 2).map(String.init)
+        #expect(fields.count == 3 && fields[0] == "1", "\(result.stdout) \(result.stderr)")
+        #expect(fields.count == 3 && fields[2].contains("127.0.0.1:\(fields[1]) is taken") && fields[2].contains("--listen")
+                && !fields[2].contains("descriptor"), "\(result.stdout)")
+    }
+
     @Test func processesCreatingShardsAtOnceGetUniqueIDs() throws {
         let dir = try TemporaryDirectory("cli")
         let data = ["--data-dir", dir.path, "--log-level", "error"]

@@ -43,4 +43,19 @@ import Testing
         let stat = try await shell("cd '\(dir.path)' && '\(shardfs)' stat 1")
         #expect(stat.status == 64 && stat.stderr.contains("unknown command 'stat'"), "\(stat.stderr)")
     }
+
+    /// A refused operation is in the log with its reason and who asked.
+    @Test func refusalsAreLoggedWithTheReason() async throws {
+        try await withFixture { m in
+            try await m.mount(logLevel: "info")
+            try await m.ok("mkdir shard-1 && rmdir shard-1")
+            #expect(try await m.errnoOf("os.mkdir('shard-1')") == "EEXIST")
+            try await m.ok("mkdir shard-2 && echo v > shard-2/f && chmod a-w shard-2")
+            #expect(try await m.errnoOf("open('shard-2/f', 'w')") == "EROFS")
+            let log = (try? String(contentsOfFile: m.data + "/shardfs-mount.log", encoding: .utf8)) ?? ""
+            #expect(log.contains("refused") && log.contains("shard ID 1 is taken: IDs are never used twice"), "\(log)")
+            #expect(log.contains("shard 2 is closed") && log.contains("uid=0"), "\(log)")
+        }
+    }
 }
+
