@@ -85,7 +85,7 @@ let package = Package(
         ]),
         .target(name: "Benchmarks", dependencies: ["ShardStore", "LMDB", "CLMDB", "BatchProtocol", "ShardFSClient"]),
         .executableTarget(name: "shardfs", dependencies: [
-            "ShardNode", "BatchServer", "ShardFSClient", "ShardFUSE",
+            "ShardNode", "BatchServer", "ShardFSClient", "ShardFUSE", "NodeSupport",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),

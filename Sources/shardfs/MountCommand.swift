@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import NodeSupport
 import Glibc
 import ShardFUSE
 import ShardNode
@@ -58,6 +59,7 @@ struct MountCommand: AsyncParsableCommand {
             let fileSystem = ShardFileSystem(node: storage, options: mountOptions)
             let session = try FuseSession(fileSystem: fileSystem, mountpoint: mountpoint)
             if let readyFD { Self.report("ready\n", to: readyFD) }
+            ServiceManagerNotify.ready(status: "mounted at \(mountpoint)")  // systemd Type=notify, with -f
             let rc = await runOnOwnThread { session.run() }
             if rc != 0 { throw MountError(description: "the FUSE loop ended with error \(rc)") }
         } catch {

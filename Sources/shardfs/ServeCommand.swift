@@ -2,6 +2,7 @@ import ArgumentParser
 import BatchServer
 import Dispatch
 import Foundation
+import NodeSupport
 import ShardFUSE
 import ShardNode
 
@@ -31,10 +32,13 @@ struct ServeCommand: AsyncParsableCommand {
                                           mountpoint: mount, handleSignals: false)
             fuse = (session, Task.detached { await runOnOwnThread { session.run() } })
         }
-        emit("ready tcp=\(running.server.tcpPort.map { "\(running.tcpHost):\($0)" } ?? "-") unix=\(running.server.unixSocketPath ?? "-") mount=\(mount ?? "-")")
+        let where_ = "tcp=\(running.server.tcpPort.map { "\(running.tcpHost):\($0)" } ?? "-") unix=\(running.server.unixSocketPath ?? "-") mount=\(mount ?? "-")"
+        emit("ready " + where_)
+        ServiceManagerNotify.ready(status: "serving " + where_)  // systemd Type=notify
         // A mount that ends on its own (its FUSE connection failed) ends the node
         // too, with an error, so that a supervisor restarts it.
         let signalled = await waitForTerminationSignal(orEndOf: fuse?.done)
+        ServiceManagerNotify.stopping()
         await running.server.shutdown()
         if let fuse {
             if signalled { fuse.session.stop() }

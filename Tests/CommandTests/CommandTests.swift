@@ -153,6 +153,27 @@ func shardfsRun(_ arguments: [String], input: String = "", environment: [String:
                 && !fields[2].contains("descriptor"), "\(result.stdout)")
     }
 
+    /// systemd's Type=notify: READY=1 once the node serves, STOPPING=1 when it stops,
+    /// on the datagram socket $NOTIFY_SOCKET names (a socket here plays systemd).
+    @Test func serveTellsTheServiceManagerWhenItIsReadyAndStopping() async throws {
+        let dir = try TemporaryDirectory("cli")
+        let script = """
+            import os, signal, socket, subprocess, sys
+            path = sys.argv[3]
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.bind(path); s.settimeout(30)
+            env = dict(os.environ, NOTIFY_SOCKET=path)
+            p = subprocess.Popen([sys.argv[1], "serve", "--data-dir", sys.argv[2], "--no-tcp", "--log-level", "error"],
+                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            ready = s.recv(4096).decode()
+            p.send_signal(signal.SIGTERM)
+            stopping = s.recv(4096).decode()
+            print(p.wait(timeout=30), ready.splitlines()[0], "MAINPID=%d" % p.pid in ready, stopping)
+            """
+        try script.write(toFile: dir.sub("notify.py"), atomically: true, encoding: .utf8)
+        let result = try await shell("python3 '\(dir.sub("notify.py"))' '\(shardfs)' '\(dir.sub("data"))' '\(dir.sub("notify.sock"))'")
+        #expect(result.stdout == "0 READY=1 True STOPPING=1\n", "\(result.stdout) \(result.stderr)")
+    }
+
     @Test func processesCreatingShardsAtOnceGetUniqueIDs() throws {
         let dir = try TemporaryDirectory("cli")
         let data = ["--data-dir", dir.path, "--log-level", "error"]

@@ -49,6 +49,7 @@ import Testing
           initial_volumes: 0
           retry_deadline_s: 5
         """.write(toFile: config, atomically: true, encoding: .utf8)
+        try FileManager.default.createDirectory(atPath: dir.sub("data"), withIntermediateDirectories: true)
         // The environment's cloud keys would win over the file's: none here.
         let shardfs = productsDirectory().appendingPathComponent("shardfs").path
         return try await runAsync("/usr/bin/env", ["-u", "AWS_ACCESS_KEY_ID", "-u", "AWS_SECRET_ACCESS_KEY", "-u", "AWS_REGION",

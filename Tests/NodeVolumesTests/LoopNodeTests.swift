@@ -51,6 +51,9 @@ struct LoopNodeTests {
 
     @Test func aFreshNodeGetsALoopVolumeAndTheVolumeCommandsWork() async throws {
         defer { cleanUp() }
+        // Commands other than serve, mount, shard new and volume create need the
+        // node's folder to exist; an empty one is a fresh node.
+        try FileManager.default.createDirectory(atPath: dir.sub("data"), withIntermediateDirectories: true)
         let list = try await shardfs("volume", "list")
         #expect(list.status == 0, "\(list.stderr)")
         let rows = list.stdout.split(separator: "\n").dropFirst().map { $0.split(separator: " ", omittingEmptySubsequences: true).map(String.init) }
