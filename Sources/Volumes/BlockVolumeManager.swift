@@ -129,11 +129,7 @@ public final class BlockVolumeManager: VolumeManager, @unchecked Sendable {
 
     public func freeBytes(_ volumeID: String) throws -> Int {
         guard let volume = lock.withLock({ mounted[volumeID] }) else { throw VolumeError.notMounted(volumeID) }
-        var st = statvfs()
-        guard statvfs(volume.mountPath, &st) == 0 else {
-            throw VolumeError.failed("statvfs \(volume.mountPath): \(errnoText())")
-        }
-        return Int(st.f_bavail) * Int(st.f_frsize)
+        return try availableBytes(at: volume.mountPath)
     }
 
     // MARK: Steps

@@ -1,3 +1,4 @@
+import Foundation
 /// A volume usable on this node.
 public struct MountedVolume: Sendable, Equatable {
     public var volumeID: String
@@ -26,4 +27,13 @@ public protocol VolumeManager: Sendable {
     func mountedVolumes() -> [MountedVolume]
     /// Bytes free for new data on the mounted volume.
     func freeBytes(_ volumeID: String) throws -> Int
+}
+
+/// Bytes free for an unprivileged writer on the filesystem holding `path`.
+func availableBytes(at path: String) throws -> Int {
+    var st = statvfs()
+    guard statvfs(path, &st) == 0 else {
+        throw VolumeError.failed("statvfs \(path): \(String(cString: strerror(errno)))")
+    }
+    return Int(st.f_bavail) * Int(st.f_frsize)
 }
