@@ -17,8 +17,9 @@ extension ShardFileSystem {
         let shard = try localShard(id)
         try writable(shard)
         let key = try entryKey(name)
-        let ino = inodes.inode(for: .entry(shard: id, key: key.bytes), lookup: true)
         let existing = try currentAttributes(shard, key)
+        // Counted for the kernel from here: a failure below gives the lookup back.
+        let ino = inodes.inode(for: .entry(shard: id, key: key.bytes), lookup: true)
         // 0644 is what an entry without a stored mode shows.
         let modeBits = UInt32(mode & 0o7777)
         let metadata = existing?.metadata ?? EntryMetadata(number: shard.newEntryNumber(), mode: modeBits == 0o644 ? nil : modeBits)
@@ -41,6 +42,7 @@ extension ShardFileSystem {
                                attributeTimeout: view.ofWriter ? 0 : timeout(shard)), handle)
         } catch {
             _ = try? release(handle)
+            inodes.forget(ino, count: 1)  // the kernel gets no entry, so it will not forget it
             throw error
         }
     }
