@@ -23,6 +23,7 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(name: .customShort("o"), help: "Mount options for --mount (see `shardfs mount --help`).") var mountOptions: [String] = []
 
     func run() async throws {
+        let signals = TerminationSignals()
         let running = try await ServeCommand.startNode(node, service)
         var fuse: (session: FuseSession, done: Task<Int32, Never>)?
         if let mount {
@@ -37,7 +38,7 @@ struct ServeCommand: AsyncParsableCommand {
         ServiceManagerNotify.ready(status: "serving " + where_)  // systemd Type=notify
         // A mount that ends on its own (its FUSE connection failed) ends the node
         // too, with an error, so that a supervisor restarts it.
-        let signalled = await waitForTerminationSignal(orEndOf: fuse?.done)
+        let signalled = await signals.wait(orEndOf: fuse?.done)
         ServiceManagerNotify.stopping()
         await running.server.shutdown()
         if let fuse {
@@ -85,21 +86,34 @@ struct ServiceOptions: ParsableArguments {
     }
 }
 
-/// Waits for SIGTERM or SIGINT; true if one came, false if `task` ended first.
-@discardableResult
-func waitForTerminationSignal(orEndOf task: Task<Int32, Never>? = nil) async -> Bool {
-    let (stream, continuation) = AsyncStream<Int32>.makeStream()
-    if let task { Task { _ = await task.value; continuation.yield(0) } }
-    var sources: [DispatchSourceSignal] = []
-    for sig in [SIGTERM, SIGINT] {
-        signal(sig, SIG_IGN)
-        let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-        source.setEventHandler { continuation.yield(sig) }
-        source.resume()
-        sources.append(source)
+/// SIGTERM and SIGINT, caught from the moment this is made: before the service
+/// says it is ready, so that a stop sent right after is not lost (the default
+/// action would end the process with nothing committed or said).
+final class TerminationSignals: @unchecked Sendable {
+    private let stream: AsyncStream<Int32>
+    private var sources: [DispatchSourceSignal] = []
+
+    init() {
+        let (stream, continuation) = AsyncStream<Int32>.makeStream()
+        self.stream = stream
+        self.continuation = continuation
+        for sig in [SIGTERM, SIGINT] {
+            signal(sig, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            source.setEventHandler { continuation.yield(sig) }
+            source.resume()
+            sources.append(source)
+        }
     }
-    var received: Int32 = 0
-    for await sig in stream { received = sig; break }
-    for source in sources { source.cancel() }
-    return received != 0
+
+    private let continuation: AsyncStream<Int32>.Continuation
+
+    /// Waits for a signal; true if one came, false if `task` ended first.
+    func wait(orEndOf task: Task<Int32, Never>? = nil) async -> Bool {
+        if let task { Task { [continuation] in _ = await task.value; continuation.yield(0) } }
+        var received: Int32 = 0
+        for await sig in stream { received = sig; break }
+        for source in sources { source.cancel() }
+        return received != 0
+    }
 }
