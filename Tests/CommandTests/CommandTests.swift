@@ -164,10 +164,13 @@ func shardfsRun(_ arguments: [String], input: String = "", environment: [String:
             env = dict(os.environ, NOTIFY_SOCKET=path)
             p = subprocess.Popen([sys.argv[1], "serve", "--data-dir", sys.argv[2], "--no-tcp", "--log-level", "error"],
                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            ready = s.recv(4096).decode()
-            p.send_signal(signal.SIGTERM)
-            stopping = s.recv(4096).decode()
-            print(p.wait(timeout=30), ready.splitlines()[0], "MAINPID=%d" % p.pid in ready, stopping)
+            try:
+                ready = s.recv(4096).decode()
+                p.send_signal(signal.SIGTERM)
+                stopping = s.recv(4096).decode()
+                print(p.wait(timeout=30), ready.splitlines()[0], "MAINPID=%d" % p.pid in ready, stopping)
+            finally:
+                if p.poll() is None: p.kill(); p.wait()
             """
         try script.write(toFile: dir.sub("notify.py"), atomically: true, encoding: .utf8)
         let result = try await shell("python3 '\(dir.sub("notify.py"))' '\(shardfs)' '\(dir.sub("data"))' '\(dir.sub("notify.sock"))'")
