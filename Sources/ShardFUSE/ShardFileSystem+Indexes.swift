@@ -46,8 +46,15 @@ extension ShardFileSystem {
         return try shard.attributes(key)?.indexes ?? []
     }
 
+    /// A shard directory's one attribute: the client that owns the shard (read-only).
+    static let ownerAttribute = "user.shardfs.owner"
+
     func getxattr(_ ino: UInt64, name: String) throws -> [UInt8] {
         guard name.hasPrefix(Self.indexPrefix) else { throw FileSystemError(ENODATA, "only user.* attributes exist") }
+        if case .shard(let id) = try kind(ino) {
+            guard name == Self.ownerAttribute else { throw FileSystemError(ENODATA, "a shard has only \(Self.ownerAttribute)") }
+            return Array(try localShard(id).owner.utf8)
+        }
         let index = String(name.dropFirst(Self.indexPrefix.count))
         guard let pair = try currentIndexes(ino).first(where: { $0.name == index }) else {
             throw FileSystemError(ENODATA, "no index \(index)")
@@ -56,6 +63,7 @@ extension ShardFileSystem {
     }
 
     func listxattr(_ ino: UInt64) throws -> [UInt8] {
+        if case .shard = try kind(ino) { return Array(Self.ownerAttribute.utf8) + [0] }
         guard case .entry = try kind(ino) else { return [] }
         var out: [UInt8] = []
         for index in try currentIndexes(ino) {

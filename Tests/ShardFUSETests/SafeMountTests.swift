@@ -57,5 +57,15 @@ import Testing
             #expect(log.contains("shard 2 is closed") && log.contains("uid=0"), "\(log)")
         }
     }
+
+    /// The owner client of a shard shows through the mount, read-only.
+    @Test func aShardDirectoryShowsItsOwner() async throws {
+        try await withMount("client_id=alice") { m in
+            try await m.ok("mkdir shard-1")
+            #expect(try await m.ok("getfattr --only-values -n user.shardfs.owner shard-1") == "alice")
+            #expect(try await m.ok("getfattr -d shard-1").contains("user.shardfs.owner=\"alice\""))
+            #expect(try await m.errnoOf("os.setxattr('shard-1', 'user.shardfs.owner', b'mallory')") == "ENOTSUP")
+        }
+    }
 }
 
