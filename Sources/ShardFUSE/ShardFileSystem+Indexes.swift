@@ -63,7 +63,8 @@ extension ShardFileSystem {
     }
 
     func listxattr(_ ino: UInt64) throws -> [UInt8] {
-        if case .shard = try kind(ino) { return Array(Self.ownerAttribute.utf8) + [0] }
+        // The owner attribute is read by name only: listed, `rsync -X` and `cp -a`
+        // would try to copy it onto the directory, and to remove it there.
         guard case .entry = try kind(ino) else { return [] }
         var out: [UInt8] = []
         for index in try currentIndexes(ino) {
