@@ -80,7 +80,7 @@ let package = Package(
         ]),
         // The FUSE filesystem: a raw bridge to libfuse's low-level API and the shard node layer.
         .target(name: "ShardFUSE", dependencies: [
-            "CFuse3", "CFuseRing", "ShardNode", "ShardStore", "Metadata",
+            "CFuse3", "CFuseRing", "ShardNode", "ShardStore", "Metadata", "Volumes",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "Benchmarks", dependencies: ["ShardStore", "LMDB", "CLMDB", "BatchProtocol", "ShardFSClient"]),

@@ -6,6 +6,7 @@ import CFuseRing
 import Foundation
 import Glibc
 import Logging
+import Volumes
 
 /// The session pointer for the invalidation queue. Once `alive` is false, blocks
 /// send nothing more; the session is destroyed only after the queue drained.
@@ -62,14 +63,21 @@ public final class FuseSession: @unchecked Sendable {
         // Resolved before mounting: afterwards, looking at the path would wait for
         // this very session to answer.
         guard let resolved = realpath(mountpoint, nil) else {
-            throw MountError(description: "mount point \(mountpoint) does not exist: create the directory first (mkdir -p \(mountpoint))")
+            switch errno {
+            case ENOENT:
+                throw MountError(description: "mount point \(mountpoint) does not exist: create the directory first (mkdir -p \(mountpoint))")
+            case ENOTCONN:
+                throw MountError(description: "mount point \(mountpoint): a dead ShardFS mount is still there: run fusermount3 -u \(mountpoint)")
+            case let code:
+                throw MountError(description: "mount point \(mountpoint): \(String(cString: strerror(code)))")
+            }
         }
         resolvedMountpoint = String(cString: resolved)
         free(resolved)
         try Self.checkMountpoint(mountpoint, resolved: resolvedMountpoint, allowNonEmpty: fileSystem.options.allowNonEmpty)
         // `mount`, `df` and `mount -a` show (and recognise) the node's data folder.
         source = URL(fileURLWithPath: fileSystem.node.configuration.node.dataDir).standardizedFileURL.path
-        var mountOptions = ["fsname=" + MountTable.fuseOptionValue(source), "subtype=shardfs"]
+        var mountOptions = ["fsname=" + Self.fuseOptionValue(source), "subtype=shardfs"]
         if fileSystem.options.readOnly { mountOptions.append("ro") }
         // With other users, the kernel checks modes (default_permissions). Without
         // them only the daemon's user reaches the mount, and it owns every file:
@@ -96,7 +104,7 @@ public final class FuseSession: @unchecked Sendable {
             throw MountError(description: "cannot mount at \(mountpoint): see the message above")
         }
         // What `run` and `stop` unmount: this mount, never one stacked on it later.
-        mountID = MountTable().mounts(at: resolvedMountpoint).last { $0.fileSystemType == "fuse.shardfs" && $0.source == source }?.id
+        mountID = Self.mounts(at: resolvedMountpoint).last { $0.fsType == "fuse.shardfs" && $0.source == source }?.id
         if fileSystem.options.uring {
             // Four threads per CPU queue, one entry each, so a request that
             // blocks (an fsync, a shard's creation) holds up no other: the
@@ -191,8 +199,8 @@ public final class FuseSession: @unchecked Sendable {
         guard stat(resolved, &info) == 0, info.st_mode & S_IFMT == S_IFDIR else {
             throw MountError(description: "mount point \(mountpoint) is not a directory")
         }
-        if let top = MountTable().mounts(at: resolved).last {
-            throw MountError(description: "\(mountpoint) is already a mount point (\(top.fileSystemType) of \(top.source)): "
+        if let top = Self.mounts(at: resolved).last {
+            throw MountError(description: "\(mountpoint) is already a mount point (\(top.fsType) of \(top.source)): "
                                 + "unmount it first, or mount on an empty directory")
         }
         if !allowNonEmpty, let names = try? FileManager.default.contentsOfDirectory(atPath: resolved), !names.isEmpty {
@@ -205,13 +213,22 @@ public final class FuseSession: @unchecked Sendable {
     /// mounted over it afterwards is not unmounted in its place: the unmount
     /// is left for whoever removes that one (logged).
     private func ownsTopMount() -> Bool {
-        guard let top = MountTable().mounts(at: resolvedMountpoint).last else { return false }
+        guard let top = Self.mounts(at: resolvedMountpoint).last else { return false }
         if let mountID, top.id != mountID {
             fileSystem.logger.error("another filesystem is mounted over this mount; leaving both in place",
-                                    metadata: ["mountpoint": "\(resolvedMountpoint)", "over": "\(top.fileSystemType) \(top.source)"])
+                                    metadata: ["mountpoint": "\(resolvedMountpoint)", "over": "\(top.fsType) \(top.source)"])
             return false
         }
         return true
+    }
+
+    /// Mounts at `path`, bottom first (the last is what the path shows). Reading
+    /// the mount table never reaches a FUSE daemon.
+    private static func mounts(at path: String) -> [MountInfo] { MountInfo.current().filter { $0.mountPoint == path } }
+
+    /// A value as libfuse's option parser wants it (`,` and `\\` escaped).
+    private static func fuseOptionValue(_ value: String) -> String {
+        value.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: ",", with: "\\,")
     }
 
     private func lazyUnmount() {

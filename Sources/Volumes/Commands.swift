@@ -65,6 +65,8 @@ public struct CommandRunner: Sendable {
 
 /// One line of /proc/self/mountinfo.
 public struct MountInfo: Sendable, Equatable {
+    /// The kernel's ID of the mount (unique while it exists).
+    public var id: Int
     public var mountPoint: String
     public var source: String
     public var fsType: String
@@ -81,8 +83,8 @@ public struct MountInfo: Sendable, Equatable {
     public static func parse(_ text: String) -> [MountInfo] {
         text.split(separator: "\n").compactMap { line in
             let fields = line.split(separator: " ", omittingEmptySubsequences: false).map(String.init)
-            guard let dash = fields.firstIndex(of: "-"), dash >= 6, dash + 2 < fields.count else { return nil }
-            return MountInfo(mountPoint: unescape(fields[4]), source: unescape(fields[dash + 2]), fsType: fields[dash + 1],
+            guard let dash = fields.firstIndex(of: "-"), dash >= 6, dash + 2 < fields.count, let id = Int(fields[0]) else { return nil }
+            return MountInfo(id: id, mountPoint: unescape(fields[4]), source: unescape(fields[dash + 2]), fsType: fields[dash + 1],
                              options: fields[5].split(separator: ",").map(String.init),
                              superOptions: dash + 3 < fields.count ? fields[dash + 3].split(separator: ",").map(String.init) : [])
         }

@@ -44,6 +44,35 @@ import Testing
         #expect(!isMounted(mnt))
     }
 
+    /// A descriptor that holds a committed value on the mount sees a put made
+    /// through the socket afterwards, and writes on from it (the commit hook
+    /// marks the entry stale; it never waits for the entry's lock).
+    @Test func anOpenDescriptorSeesAPutMadeThroughTheSocket() async throws {
+        let dir = try TemporaryDirectory("serve")
+        let mnt = dir.sub("mnt"), data = dir.sub("data")
+        try FileManager.default.createDirectory(atPath: mnt, withIntermediateDirectories: true)
+        let server = try ServeProcess(["--data-dir", data, "--no-tcp", "--mount", mnt, "-o", "client_id=c", "--log-level", "warning"])
+        defer {
+            server.stop()
+            if isMounted(mnt) { _ = try? run("/bin/fusermount3", ["-uz", mnt]) }
+        }
+        let script = """
+            import os, subprocess, sys
+            shardfs, socket, mnt = sys.argv[1:4]
+            os.mkdir(mnt + "/shard-1")
+            fd = os.open(mnt + "/shard-1/k", os.O_CREAT | os.O_RDWR, 0o644)
+            os.write(fd, b"local"); os.fsync(fd)
+            subprocess.run([shardfs, "client", "put", "1", "k", "--socket", socket, "--value", "from the socket",
+                            "--client", "c"], check=True)
+            seen = os.pread(fd, 100, 0)
+            os.pwrite(fd, b"+x", len(seen)); os.close(fd)
+            print(seen, open(mnt + "/shard-1/k", "rb").read())
+            """
+        try script.write(toFile: dir.sub("stale.py"), atomically: true, encoding: .utf8)
+        let result = try await shell("python3 '\(dir.sub("stale.py"))' '\(shardfs)' '\(data)/shardfs.sock' '\(mnt)'")
+        #expect(result.stdout == "b'from the socket' b'from the socket+x'\n", "\(result.stdout) \(result.stderr)")
+    }
+
     // A mount whose FUSE ring fails ends the node with an error, for a
     // supervisor to restart it (needs the rings: scripts/test turns them on).
     @Test(.enabled(if: TransportTests.kernelAllowsRings))

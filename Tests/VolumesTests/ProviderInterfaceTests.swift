@@ -149,7 +149,7 @@ final class ScriptedProvider: CloudProvider, @unchecked Sendable {
         """
         let infos = MountInfo.parse(text)
         #expect(infos.count == 2)
-        #expect(infos[1] == MountInfo(mountPoint: "/tmp/a b/vol-1", source: "/dev/loop3", fsType: "ext4",
+        #expect(infos[1] == MountInfo(id: 97, mountPoint: "/tmp/a b/vol-1", source: "/dev/loop3", fsType: "ext4",
                                       options: ["ro", "relatime"], superOptions: ["ro", "norecovery"]))
         #expect(infos[1].readOnly && !infos[0].readOnly)
         #expect(MountInfo.current().contains { $0.mountPoint == "/" })
