@@ -15,6 +15,8 @@ public final class EmbeddedMetadataStore: MetadataStore, @unchecked Sendable {
     private let shards: Database
     private let volumes: Database
     private let counters: Database
+    /// "views/<volume>" → VolumeViews; "acks/<volume>/<node>" → generation (decimal).
+    private let views: Database
     private let broadcaster = ChangeBroadcaster()
 
     private static let shardCounterKey = Array("shardID".utf8)
@@ -24,12 +26,13 @@ public final class EmbeddedMetadataStore: MetadataStore, @unchecked Sendable {
         do {
             try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
             var options = EnvironmentOptions(mapSize: 256 << 20)
-            options.maxDatabases = 4
+            options.maxDatabases = 5
             env = try Environment(path: path, options: options)
             nodes = try env.openDatabase("nodes", flags: .create)
             shards = try env.openDatabase("shards", flags: .create)
             volumes = try env.openDatabase("volumes", flags: .create)
             counters = try env.openDatabase("counters", flags: .create)
+            views = try env.openDatabase("views", flags: .create)
         } catch {
             throw MetadataError.failed("cannot open the embedded metadata store at \(path): \(error)")
         }
@@ -179,6 +182,47 @@ public final class EmbeddedMetadataStore: MetadataStore, @unchecked Sendable {
             guard try txn.delete(self.volumes, Array(volumeID.utf8)) else { throw MetadataError.notFound("volume \(volumeID)") }
         }
         broadcaster.publish(.volumeUnregistered(volumeID: volumeID))
+    }
+
+    // MARK: Views
+
+    public func publishViews(_ published: VolumeViews) async throws {
+        try await write { txn in
+            let volume = try self.volume(txn, published.volumeID)
+            let previous: VolumeViews? = try self.load(txn, self.views, key: "views/" + published.volumeID)
+            try published.check(against: volume, previous: previous)
+            try self.store(txn, self.views, key: "views/" + published.volumeID, published)
+        }
+        broadcaster.publish(.viewsPublished(published))
+    }
+
+    public func getViews(_ volumeID: String) async throws -> VolumeViews? {
+        try read { txn in try self.load(txn, self.views, key: "views/" + volumeID) }
+    }
+
+    public func acknowledgeViews(volumeID: String, nodeID: String, generation: UInt64) async throws {
+        try await write { txn in
+            _ = try self.volume(txn, volumeID)
+            try txn.put(self.views, Array("acks/\(volumeID)/\(nodeID)".utf8), Array(String(generation).utf8))
+        }
+        broadcaster.publish(.viewsAcknowledged(volumeID: volumeID, nodeID: nodeID, generation: generation))
+    }
+
+    public func viewAcknowledgements(_ volumeID: String) async throws -> [String: UInt64] {
+        let prefix = Array("acks/\(volumeID)/".utf8)
+        return try read { txn in
+            try txn.withCursor(self.views) { cursor in
+                var result: [String: UInt64] = [:]
+                var pair = try prefix.withUnsafeBytes { try cursor.seek(atLeast: $0) }
+                while let (key, value) = pair, key.starts(with: prefix) {
+                    if let generation = UInt64(String(decoding: value, as: UTF8.self)) {
+                        result[String(decoding: key.dropFirst(prefix.count), as: UTF8.self)] = generation
+                    }
+                    pair = try cursor.next()
+                }
+                return result
+            }
+        }
     }
 
     public func changes() -> AsyncStream<MetadataEvent> { broadcaster.stream() }

@@ -70,6 +70,9 @@ public enum MetadataEvent: Sendable, Equatable {
     case volumeRegistered(VolumeRecord)
     case volumeUpdated(VolumeRecord)
     case volumeUnregistered(volumeID: String)
+    case viewsPublished(VolumeViews)
+    /// A backup left every generation of the volume's views before `generation`.
+    case viewsAcknowledged(volumeID: String, nodeID: String, generation: UInt64)
 }
 
 /// Why a metadata call failed. Only `isTransient` failures are worth retrying.
@@ -154,6 +157,20 @@ public protocol MetadataStore: Sendable {
     func addBackup(volumeID: String, nodeID: String) async throws
     func removeBackup(volumeID: String, nodeID: String) async throws
     func unregisterVolume(_ volumeID: String) async throws
+
+    // Backup views (docs/BACKUP-VIEWS.md)
+    /// Stores a generation of the volume's views if `views.epoch` is the volume's
+    /// epoch and the generation is past the stored one; else `conflict`.
+    func publishViews(_ views: VolumeViews) async throws
+    /// The newest published views of the volume, nil if none.
+    func getViews(_ volumeID: String) async throws -> VolumeViews?
+    /// Records that backup `nodeID` reads no generation of the volume's views
+    /// before `generation`. The etcd store keeps it on the node's lease (a backup
+    /// whose lease lapsed has no acknowledgement), as long as this store
+    /// registered the node.
+    func acknowledgeViews(volumeID: String, nodeID: String, generation: UInt64) async throws
+    /// Backup node → the generation it acknowledged last, for the volume.
+    func viewAcknowledgements(_ volumeID: String) async throws -> [String: UInt64]
 
     /// The change listener: every change made after the call, in order.
     func changes() -> AsyncStream<MetadataEvent>

@@ -88,5 +88,13 @@ public struct RetryingMetadataStore: MetadataStore {
         try await policy.run { try await base.removeBackup(volumeID: volumeID, nodeID: nodeID) }
     }
     public func unregisterVolume(_ volumeID: String) async throws { try await policy.run { try await base.unregisterVolume(volumeID) } }
+    public func publishViews(_ views: VolumeViews) async throws { try await policy.run { try await base.publishViews(views) } }
+    public func getViews(_ volumeID: String) async throws -> VolumeViews? { try await policy.run { try await base.getViews(volumeID) } }
+    public func acknowledgeViews(volumeID: String, nodeID: String, generation: UInt64) async throws {
+        try await policy.run { try await base.acknowledgeViews(volumeID: volumeID, nodeID: nodeID, generation: generation) }
+    }
+    public func viewAcknowledgements(_ volumeID: String) async throws -> [String: UInt64] {
+        try await policy.run { try await base.viewAcknowledgements(volumeID) }
+    }
     public func changes() -> AsyncStream<MetadataEvent> { base.changes() }
 }

@@ -10,6 +10,8 @@ import Metadata
 ///   <ns>/shards/<20-digit ID>     ShardRecord (zero-padded: key order is ID order)
 ///   <ns>/volumes/<volumeID>       VolumeRecord
 ///   <ns>/counters/shard-id        the highest shard ID handed out, in decimal
+///   <ns>/views/<volumeID>         VolumeViews: the newest generation a primary published
+///   <ns>/view-acks/<volumeID>/<nodeID>  generation a backup acknowledged (decimal), on its lease
 ///
 /// Each call is one attempt with `callTimeout`; wrap the store in
 /// `RetryingMetadataStore` to retry transient failures. Call `close()` when done:
@@ -284,6 +286,49 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
         guard try await deleteKey(volumeKey(volumeID)) else { throw MetadataError.notFound("volume \(volumeID)") }
     }
 
+    // MARK: Views
+
+    private func viewsKey(_ volumeID: String) -> String { namespace + "/views/" + volumeID }
+    private func ackPrefix(_ volumeID: String) -> String { namespace + "/view-acks/" + volumeID + "/" }
+
+    public func publishViews(_ views: VolumeViews) async throws {
+        let vKey = volumeKey(views.volumeID), key = viewsKey(views.volumeID)
+        for attempt in 0..<Self.maxCASAttempts {
+            // The volume's record and the stored views, both unchanged since read:
+            // a primary change landing in between makes the txn fail and the epoch
+            // check run again.
+            guard let volumeKV = try await get(vKey) else { throw MetadataError.notFound("volume \(views.volumeID)") }
+            let previousKV = try await get(key)
+            try views.check(against: try decode(VolumeRecord.self, volumeKV),
+                            previous: try previousKV.map { try decode(VolumeViews.self, $0) })
+            let response = try await txn(compare: [guardRevision(vKey, volumeKV), guardRevision(key, previousKV)],
+                                         success: [putOp(key, try encode(views))], failure: [])
+            if response.didSucceed { return }
+            try await backoffAfterLostCAS(attempt + 1)
+        }
+        throw MetadataError.unavailable("views of volume \(views.volumeID) are too contended")
+    }
+
+    public func getViews(_ volumeID: String) async throws -> VolumeViews? {
+        try await get(viewsKey(volumeID)).map { try decode(VolumeViews.self, $0) }
+    }
+
+    public func acknowledgeViews(volumeID: String, nodeID: String, generation: UInt64) async throws {
+        let lease = lock.withLock { leases[nodeID]?.leaseID }
+        try await put(ackPrefix(volumeID) + nodeID, Data(String(generation).utf8), lease: lease)
+    }
+
+    public func viewAcknowledgements(_ volumeID: String) async throws -> [String: UInt64] {
+        let prefix = ackPrefix(volumeID)
+        var result: [String: UInt64] = [:]
+        for kv in try await list(prefix) {
+            if let generation = UInt64(String(decoding: kv.valueData, as: UTF8.self)) {
+                result[String(kv.keyString.dropFirst(prefix.count))] = generation
+            }
+        }
+        return result
+    }
+
     // MARK: Changes
 
     /// Events from an etcd watch on the namespace. It starts after the highest
@@ -338,6 +383,15 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
             if isDelete { return .volumeUnregistered(volumeID: id) }
             guard let volume = try? decoder.decode(VolumeRecord.self, from: kv.valueData) else { return nil }
             return created ? .volumeRegistered(volume) : .volumeUpdated(volume)
+        case "views":
+            if isDelete { return nil }
+            return (try? decoder.decode(VolumeViews.self, from: kv.valueData)).map { .viewsPublished($0) }
+        case "view-acks":
+            // A lapsed lease deletes the acknowledgement: the backup reads nothing any more.
+            guard let split = id.lastIndex(of: "/") else { return nil }
+            let generation = isDelete ? 0 : UInt64(String(decoding: kv.valueData, as: UTF8.self)) ?? 0
+            return .viewsAcknowledged(volumeID: String(id[..<split]), nodeID: String(id[id.index(after: split)...]),
+                                      generation: generation)
         default:
             return nil
         }

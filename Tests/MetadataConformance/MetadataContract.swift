@@ -59,6 +59,7 @@ public enum MetadataContract {
         Check(name: "shards are listed by increasing ID, all or by volume", body: listShards),
         Check(name: "volumes and the guarded primary change", body: volumes),
         Check(name: "the change listener sees every change in order", body: changes),
+        Check(name: "views: published at the volume's epoch only, generations increase, acknowledgements", body: views),
     ]
 
     static func nodes(_ backend: MetadataBackend) async throws {
@@ -219,6 +220,55 @@ public enum MetadataContract {
                 try await store.updatePrimary(volumeID: "v9", nodeID: "n1", expectedEpoch: 1)
             }
             #expect(try await store.listVolumes(nodeID: nil).map(\.volumeID) == ["v1"])
+        }
+    }
+
+    static func views(_ backend: MetadataBackend) async throws {
+        try await backend.withStore { store in
+            try await store.registerNode(NodeRecord(nodeID: "b", address: ""))
+            try await store.registerVolume(VolumeRecord(volumeID: "v", primaryNodeID: "p", backupNodeIDs: ["b"], mountPath: "/v"))
+            #expect(try await store.getViews("v") == nil)
+            let events = EventCollector(store.changes())
+            defer { events.cancel() }
+            let g1 = VolumeViews(volumeID: "v", epoch: 1, generation: 1, publishedAt: 10,
+                                 shards: [ShardSnapshotRecord(shardID: 3, takenIn: 1, snapshot: Data([1, 2, 250]))])
+            try await store.publishViews(g1)
+            #expect(try await store.getViews("v") == g1)
+            // Generations only move on.
+            await #expect(throws: MetadataError.conflict("views of volume v: generation 1 is not past 1")) {
+                try await store.publishViews(g1)
+            }
+            var g2 = g1
+            g2.generation = 2
+            g2.shards = []
+            try await store.publishViews(g2)
+            // A deposed primary publishes nothing.
+            _ = try await store.updatePrimary(volumeID: "v", nodeID: "b", expectedEpoch: 1)
+            var stale = g2
+            stale.generation = 3
+            await #expect(throws: MetadataError.conflict("views of volume v published at epoch 1; the volume is at 2")) {
+                try await store.publishViews(stale)
+            }
+            #expect(try await store.getViews("v") == g2)
+            // The new primary starts its own generations at any number.
+            let fresh = VolumeViews(volumeID: "v", epoch: 2, generation: 1, publishedAt: 20, shards: [])
+            try await store.publishViews(fresh)
+            await #expect(throws: MetadataError.notFound("volume w")) {
+                try await store.publishViews(VolumeViews(volumeID: "w", epoch: 1, generation: 1, publishedAt: 0, shards: []))
+            }
+
+            try await store.acknowledgeViews(volumeID: "v", nodeID: "b", generation: 2)
+            try await store.acknowledgeViews(volumeID: "v", nodeID: "c", generation: 1)
+            try await store.acknowledgeViews(volumeID: "v", nodeID: "b", generation: 4)
+            #expect(try await store.viewAcknowledgements("v") == ["b": 4, "c": 1])
+            #expect(try await store.viewAcknowledgements("vv").isEmpty)  // a prefix of no other volume's
+            let expected: [MetadataEvent] = [
+                .viewsPublished(g1), .viewsPublished(g2), .volumeUpdated(try await store.getVolume("v")), .viewsPublished(fresh),
+                .viewsAcknowledged(volumeID: "v", nodeID: "b", generation: 2),
+                .viewsAcknowledged(volumeID: "v", nodeID: "c", generation: 1),
+                .viewsAcknowledged(volumeID: "v", nodeID: "b", generation: 4),
+            ]
+            #expect(await events.wait(for: expected.count) == expected)
         }
     }
 

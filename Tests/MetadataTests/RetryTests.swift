@@ -40,6 +40,10 @@ final class FlakyStore: MetadataStore, @unchecked Sendable {
     func addBackup(volumeID: String, nodeID: String) async throws {}
     func removeBackup(volumeID: String, nodeID: String) async throws {}
     func unregisterVolume(_ volumeID: String) async throws {}
+    func publishViews(_ views: VolumeViews) async throws {}
+    func getViews(_ volumeID: String) async throws -> VolumeViews? { nil }
+    func acknowledgeViews(volumeID: String, nodeID: String, generation: UInt64) async throws {}
+    func viewAcknowledgements(_ volumeID: String) async throws -> [String: UInt64] { [:] }
     func changes() -> AsyncStream<MetadataEvent> { AsyncStream { $0.finish() } }
 }
 
