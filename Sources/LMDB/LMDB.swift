@@ -15,6 +15,7 @@
 import CLMDB
 #if canImport(Glibc)
 import Glibc
+import Synchronization
 #endif
 
 /// An error returned by LMDB, with its return code.
@@ -205,6 +206,23 @@ public final class Environment: @unchecked Sendable {
         try check(mdb_env_set_mapsize(env, size))
     }
 
+    /// Pins the newest committed snapshot: begins a read transaction that stays open
+    /// until `PinnedSnapshot.end()` (or deinit), so LMDB reuses none of the pages that
+    /// snapshot reaches. `whileNoCommit` runs with the environment's writer lock held
+    /// (no commit can start), e.g. to read that snapshot's meta page from the file
+    /// before the next commits overwrite it. Blocks while another writer is active.
+    public func pinNewest<R>(_ whileNoCommit: (_ snapshot: PinnedSnapshot, _ fd: Int32) throws -> R) throws -> (PinnedSnapshot, R) {
+        var writer: OpaquePointer?
+        try check(mdb_txn_begin(env, nil, 0, &writer))
+        defer { mdb_txn_abort(writer) }
+        var reader: OpaquePointer?
+        try check(mdb_txn_begin(env, nil, UInt32(MDB_RDONLY), &reader))
+        let pinned = PinnedSnapshot(environment: self, txn: reader!)
+        var fd: Int32 = -1
+        try check(mdb_env_get_fd(env, &fd))
+        return (pinned, try whileNoCommit(pinned, fd))
+    }
+
     /// Reader slots held by dead processes are released (useful after `kill -9` of a reader).
     @discardableResult
     public func clearStaleReaders() -> Int32 {
@@ -212,6 +230,33 @@ public final class Environment: @unchecked Sendable {
         mdb_reader_check(env, &dead)
         return dead
     }
+}
+
+/// A read transaction kept open across calls (see `Environment.pinNewest`). It holds
+/// one reader slot; end it as soon as nobody needs its snapshot (the file cannot
+/// reuse the pages it reaches meanwhile, so it grows instead).
+public final class PinnedSnapshot: @unchecked Sendable {
+    private let environment: Environment  // kept open while the transaction lives
+    private let txn: Mutex<UInt>  // the MDB_txn's address, 0 once ended
+    /// The ID of the snapshot's transaction (LMDB's txnid: the number of its meta page).
+    public let transactionID: UInt64
+
+    init(environment: Environment, txn: OpaquePointer) {
+        self.environment = environment
+        transactionID = UInt64(mdb_txn_id(txn))
+        self.txn = Mutex(UInt(bitPattern: Int(bitPattern: UnsafeRawPointer(txn))))
+    }
+
+    /// Releases the snapshot. Idempotent.
+    public func end() {
+        let ending = txn.withLock { held -> UInt in
+            defer { held = 0 }
+            return held
+        }
+        if let ending = OpaquePointer(bitPattern: ending) { mdb_txn_abort(ending) }
+    }
+
+    deinit { end() }
 }
 
 /// A transaction handed to a closure by `Environment.read` or `write`.

@@ -323,6 +323,36 @@ func encodeRecordHead(into out: UnsafeMutableRawBufferPointer, chunkSet: UInt64?
 
 /// Key of chunk `n` of a chunk set: set and number big-endian, so a set's
 /// chunks are contiguous and in order.
+extension RecordView {
+    /// Chunk `n` of this chunked value as read (nil: not found), checked to be
+    /// there and of the size the record implies.
+    func checkedChunk(_ chunk: UnsafeRawBufferPointer?, _ n: Int, key: [UInt8]) throws -> UnsafeRawBufferPointer {
+        guard let chunk else { throw ShardError.corrupt("chunk \(n) of \(EntryKey(trusted: key)) is missing") }
+        let expected = min(chunkSize, size - n * chunkSize)
+        guard chunk.count == expected else { throw ShardError.corrupt("chunk \(n) has \(chunk.count) bytes, not \(expected)") }
+        return chunk
+    }
+
+    /// Up to `count` bytes of the value from `offset`; `chunk(n)` gives checked chunk n.
+    func slice(offset: Int, count: Int, chunk: (Int) throws -> UnsafeRawBufferPointer) throws -> [UInt8] {
+        let end = min(size, offset &+ count)
+        guard offset < end else { return [] }
+        if !flags.contains(.chunked) { return Array(inlineValue[offset..<end]) }
+        var out: [UInt8] = []
+        out.reserveCapacity(end - offset)
+        var position = offset
+        while position < end {
+            let n = position / chunkSize
+            let piece = try chunk(n)
+            let start = position - n * chunkSize
+            let stop = min(piece.count, end - n * chunkSize)
+            out.append(contentsOf: piece[start..<stop])
+            position = n * chunkSize + stop
+        }
+        return out
+    }
+}
+
 func chunkKey(_ set: UInt64, _ n: Int) -> [UInt8] {
     var k = [UInt8](repeating: 0, count: 12)
     k.withUnsafeMutableBytes {

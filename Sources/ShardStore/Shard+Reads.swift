@@ -80,21 +80,7 @@ extension Shard {
             }
             guard let raw = try txn.get(entries, key.bytes) else { throw ShardError.entryNotFound(key) }
             let view = try RecordView(raw)
-            let end = min(view.size, offset &+ count)
-            guard offset < end else { return [] }
-            if !view.flags.contains(.chunked) { return Array(view.inlineValue[offset..<end]) }
-            var out: [UInt8] = []
-            out.reserveCapacity(end - offset)
-            var position = offset
-            while position < end {
-                let n = position / chunkSize
-                let chunk = try self.chunk(txn, key.bytes, n, view)
-                let start = position - n * chunkSize
-                let stop = min(chunk.count, end - n * chunkSize)
-                out.append(contentsOf: chunk[start..<stop])
-                position = n * chunkSize + stop
-            }
-            return out
+            return try view.slice(offset: offset, count: count) { n in try self.chunk(txn, key.bytes, n, view) }
         }
     }
 
@@ -200,12 +186,7 @@ extension Shard {
     }
 
     func chunk(_ txn: Transaction, _ key: [UInt8], _ n: Int, _ view: RecordView) throws -> UnsafeRawBufferPointer {
-        guard let chunk = try txn.get(chunks, chunkKey(view.chunkSet, n)) else {
-            throw ShardError.corrupt("chunk \(n) of \(EntryKey(trusted: key)) is missing")
-        }
-        let expected = min(chunkSize, view.size - n * chunkSize)
-        guard chunk.count == expected else { throw ShardError.corrupt("chunk \(n) has \(chunk.count) bytes, not \(expected)") }
-        return chunk
+        try view.checkedChunk(try txn.get(chunks, chunkKey(view.chunkSet, n)), n, key: key)
     }
 
     func value(_ txn: Transaction, _ key: [UInt8], _ view: RecordView) throws -> [UInt8] {

@@ -27,12 +27,7 @@ public struct BorrowedEntry {
             return
         }
         for n in 0..<view.chunkCount {
-            guard let chunk = try txn.get(chunks, chunkKey(view.chunkSet, n)) else {
-                throw ShardError.corrupt("chunk \(n) of \(EntryKey(trusted: key)) is missing")
-            }
-            let expected = min(chunkSize, view.size - n * chunkSize)
-            guard chunk.count == expected else { throw ShardError.corrupt("chunk \(n) has \(chunk.count) bytes, not \(expected)") }
-            try body(chunk)
+            try body(try view.checkedChunk(try txn.get(chunks, chunkKey(view.chunkSet, n)), n, key: key))
         }
     }
 }

@@ -28,8 +28,13 @@ struct Descriptor {
     }
 
     static func load(_ txn: Transaction, _ db: Database, path: String) throws -> Descriptor {
+        try load(path: path) { name in try txn.get(db, name) }
+    }
+
+    /// Loads the descriptor with `lookup`, which reads one field of the meta database.
+    static func load(path: String, _ lookup: ([UInt8]) throws -> UnsafeRawBufferPointer?) throws -> Descriptor {
         func field(_ name: String) throws -> String {
-            guard let raw = try txn.get(db, Array(name.utf8)) else {
+            guard let raw = try lookup(Array(name.utf8)) else {
                 throw ShardError.notAShard("\(path) has no \(name) in its shard descriptor")
             }
             return String(decoding: raw, as: UTF8.self)
