@@ -23,6 +23,7 @@ final class ScriptedProvider: CloudProvider, @unchecked Sendable {
     func createVolume(_ spec: VolumeSpec) async throws -> CloudVolume { throw VolumeError.failed("unused") }
     func attachVolume(_ volumeID: String, instanceID: String, readOnly: Bool) async throws -> VolumeAttachment { throw VolumeError.failed("unused") }
     func detachVolume(_ volumeID: String, instanceID: String) async throws {}
+    func forceDetachVolume(_ volumeID: String, instanceID: String) async throws {}
     func deleteVolume(_ volumeID: String) async throws {}
     func localDevice(of volumeID: String, instanceID: String) async throws -> String? { nil }
 }
