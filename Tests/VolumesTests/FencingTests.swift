@@ -170,6 +170,30 @@ struct LoopFencingTests {
         #expect(f.mounts().isEmpty && f.loopDevices().isEmpty)
     }
 
+    /// xfs: the promoted host replays the log (a file the primary only fsynced is
+    /// there) and mounts beside the fenced primary's still-existing mount of the
+    /// same filesystem in this one kernel (`nouuid`); the fenced mount's writes fail.
+    @Test func xfsPromotionReplaysTheLog() async throws {
+        let f = try LoopFixture()
+        defer { f.cleanUp() }
+        let volume = try await f.provider.createVolume(VolumeSpec(sizeBytes: 320 << 20)).volumeID
+        let a = BlockVolumeManager(provider: f.provider, volumeRoot: f.dir.sub("root-a"), instanceID: "i-a", filesystem: .xfs)
+        let b = BlockVolumeManager(provider: f.provider, volumeRoot: f.dir.sub("root-b"), instanceID: "i-b", filesystem: .xfs)
+        let rw = try await a.mount(volume, readOnly: false)
+        let fd = open(rw.mountPath + "/logged", O_CREAT | O_WRONLY, 0o644)
+        #expect(fd >= 0 && write(fd, "in the log", 10) == 10 && fsync(fd) == 0)
+        let promoted = try await b.promote(volume, fencing: "i-a")
+        #expect(try String(contentsOfFile: promoted.mountPath + "/logged", encoding: .utf8) == "in the log")
+        #expect(write(fd, "late", 4) == -1 || fsync(fd) == -1)
+        close(fd)
+        let info = try #require(f.mounts().first { $0.mountPoint == promoted.mountPath })
+        #expect(info.fsType == "xfs" && !info.readOnly)
+        #expect(try CommandRunner().run("umount", [rw.mountPath]).status == 0)
+        try await b.releaseAll()
+        try await waitUntil(timeout: 10) { f.loopDevices().isEmpty }
+        #expect(f.mounts().isEmpty)
+    }
+
     /// A backup can hold the volume attached read-only without a mount and read
     /// the raw device; mounting it later uses that attachment; `releaseAll`
     /// detaches what was only attached.
