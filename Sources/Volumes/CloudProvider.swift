@@ -222,7 +222,8 @@ extension CloudProvider {
     /// Fences `instanceID` off the volume: a forced detach, then a wait until the
     /// cloud no longer lists that instance's attachment (`.detached`). Idempotent:
     /// an instance without an attachment is already fenced, and a forced detach
-    /// refused because the attachment went meanwhile counts as done. Throws
+    /// refused because the attachment went meanwhile, or is being detached, is
+    /// followed by the wait. Throws
     /// `timedOut` when the attachment is still listed at the deadline — the
     /// caller must then not assume the instance is cut off.
     public func fence(_ volumeID: String, instanceID: String, timeout: Duration,
@@ -232,7 +233,11 @@ extension CloudProvider {
         do {
             try await forceDetachVolume(volumeID, instanceID: instanceID)
         } catch let error as VolumeError {
-            guard case .cloud = error, try await describeVolume(volumeID).attachment(of: instanceID) == nil else { throw error }
+            // Refused because the attachment went meanwhile, or is already being
+            // detached (ECS refuses a second DetachDisk then): wait for it.
+            guard case .cloud = error else { throw error }
+            let now = try await describeVolume(volumeID).attachment(of: instanceID)
+            guard now == nil || now?.state == .detaching || now?.state == .detached else { throw error }
         }
         do {
             try await waitFor(volumeID, .detached(instanceID: instanceID), timeout: timeout, poll: poll)
