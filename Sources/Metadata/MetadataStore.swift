@@ -50,13 +50,18 @@ public struct VolumeRecord: Codable, Sendable, Equatable {
     /// Fencing token: increases with every change of primary. A writer carrying an
     /// older epoch than the volume's is stale and must stop.
     public var epoch: UInt64
+    /// Capacity, free space, type, zone and attachments as last seen; nil in
+    /// records written before they were kept, or by a node that had none.
+    public var facts: VolumeFacts?
 
-    public init(volumeID: String, primaryNodeID: String, backupNodeIDs: [String] = [], mountPath: String, epoch: UInt64 = 1) {
+    public init(volumeID: String, primaryNodeID: String, backupNodeIDs: [String] = [], mountPath: String, epoch: UInt64 = 1,
+                facts: VolumeFacts? = nil) {
         self.volumeID = volumeID
         self.primaryNodeID = primaryNodeID
         self.backupNodeIDs = backupNodeIDs
         self.mountPath = mountPath
         self.epoch = epoch
+        self.facts = facts
     }
 }
 

@@ -164,6 +164,13 @@ public final class EBSCloudProvider: CloudProvider, @unchecked Sendable {
         _ = try await call("DetachVolume", [("VolumeId", volumeID), ("InstanceId", instanceID)])
     }
 
+    /// `Force=true`: EBS detaches even while the instance still uses the volume
+    /// (a plain detach of a mounted volume can sit in `busy` for ever); the
+    /// instance's unflushed writes are lost, and its I/O fails from then on.
+    public func forceDetachVolume(_ volumeID: String, instanceID: String) async throws {
+        _ = try await call("DetachVolume", [("VolumeId", volumeID), ("InstanceId", instanceID), ("Force", "true")])
+    }
+
     public func deleteVolume(_ volumeID: String) async throws {
         _ = try await call("DeleteVolume", [("VolumeId", volumeID)])
     }

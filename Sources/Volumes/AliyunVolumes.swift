@@ -153,6 +153,15 @@ public final class ECSCloudProvider: CloudProvider, @unchecked Sendable {
         _ = try await call("DetachDisk", [("InstanceId", instanceID), ("DiskId", volumeID)])
     }
 
+    /// ECS's `DetachDisk` has no forced form (its `DeleteWithInstance` is about
+    /// releasing a disk with its instance, not about forcing): the same call as
+    /// `detachVolume`, which ECS carries out with the instance Running or
+    /// Stopped, whatever the guest does. `fence` then waits until the disk no
+    /// longer lists the instance.
+    public func forceDetachVolume(_ volumeID: String, instanceID: String) async throws {
+        try await detachVolume(volumeID, instanceID: instanceID)
+    }
+
     public func deleteVolume(_ volumeID: String) async throws {
         _ = try await call("DeleteDisk", [("DiskId", volumeID)])
     }

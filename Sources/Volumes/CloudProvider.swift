@@ -141,6 +141,14 @@ public protocol CloudProvider: Sendable {
     func attachVolume(_ volumeID: String, instanceID: String, readOnly: Bool) async throws -> VolumeAttachment
     /// Detaches the volume from this one instance; other attachments stay.
     func detachVolume(_ volumeID: String, instanceID: String) async throws
+    /// Cuts this one instance off the volume now, whatever it is doing (a dead,
+    /// hung or paused primary): EBS `DetachVolume` with `Force=true`; ECS
+    /// `DetachDisk` (ECS has no forced form); loop: the instance's loop device is
+    /// revoked (every later I/O through it fails with EIO), then detached.
+    /// The instance loses what it had not written: use it to fence, not to
+    /// detach. Returns once the cloud took the request; `fence` also waits
+    /// until the cloud shows the attachment gone. Other attachments stay.
+    func forceDetachVolume(_ volumeID: String, instanceID: String) async throws
     /// Deletes a volume that is attached nowhere.
     func deleteVolume(_ volumeID: String) async throws
     /// The named volumes (all when `volumeIDs` is empty), one page at a time.
@@ -208,6 +216,34 @@ extension CloudProvider {
                 throw VolumeError.timedOut("volume \(volumeID) did not become \(condition) within \(timeout) (last seen: \(last))")
             }
             try await Task.sleep(for: poll)
+        }
+    }
+
+    /// Fences `instanceID` off the volume: a forced detach, then a wait until the
+    /// cloud no longer lists that instance's attachment (`.detached`). Idempotent:
+    /// an instance without an attachment is already fenced, and a forced detach
+    /// refused because the attachment went meanwhile, or is being detached, is
+    /// followed by the wait. Throws
+    /// `timedOut` when the attachment is still listed at the deadline — the
+    /// caller must then not assume the instance is cut off.
+    public func fence(_ volumeID: String, instanceID: String, timeout: Duration,
+                      poll: Duration = .milliseconds(500)) async throws {
+        guard let attachment = try await describeVolume(volumeID).attachment(of: instanceID),
+              attachment.state != .detached else { return }
+        do {
+            try await forceDetachVolume(volumeID, instanceID: instanceID)
+        } catch let error as VolumeError {
+            // Refused because the attachment went meanwhile, or is already being
+            // detached (ECS refuses a second DetachDisk then): wait for it.
+            guard case .cloud = error else { throw error }
+            let now = try await describeVolume(volumeID).attachment(of: instanceID)
+            guard now == nil || now?.state == .detaching || now?.state == .detached else { throw error }
+        }
+        do {
+            try await waitFor(volumeID, .detached(instanceID: instanceID), timeout: timeout, poll: poll)
+        } catch VolumeError.timedOut(let text) {
+            throw VolumeError.timedOut("fencing instance \(instanceID) off volume \(volumeID): \(text); "
+                                       + "it may still write to the volume: do not mount it read-write elsewhere")
         }
     }
 

@@ -45,6 +45,13 @@ public struct FolderCloudProvider: CloudProvider {
         try requireFolder(volumeID)
     }
 
+    /// A folder cannot be taken from anyone: every process of the host keeps it.
+    /// Fencing a folder volume's writer is the metadata's epoch check alone.
+    public func forceDetachVolume(_ volumeID: String, instanceID: String) async throws {
+        throw VolumeError.invalidArgument("folder volume \(volumeID) cannot be detached from \(instanceID) by force: "
+                                          + "a folder has no attachment to cut")
+    }
+
     /// Folders sorted by ID; the page token is the last ID of the previous page.
     public func describeVolumes(_ volumeIDs: [String], nextToken: String?, maxResults: Int?) async throws -> VolumePage {
         var ids: [String]
@@ -139,6 +146,11 @@ public final class LocalVolumeManager: VolumeManager, @unchecked Sendable {
     public func freeBytes(_ volumeID: String) throws -> Int {
         guard let volume = lock.withLock({ mounted[volumeID] }) else { throw VolumeError.notMounted(volumeID) }
         return try availableBytes(at: volume.mountPath)
+    }
+
+    /// Folders have nothing to unmount or detach: forgets them.
+    public func releaseAll() async throws {
+        lock.withLock { mounted.removeAll() }
     }
 }
 

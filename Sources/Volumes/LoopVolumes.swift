@@ -10,6 +10,13 @@ import Foundation
 ///
 /// At most one read-write attachment at a time: ext4 and xfs are not cluster
 /// filesystems, and a second writer would corrupt the volume.
+///
+/// A forced detach *revokes* the instance's loop device before detaching it
+/// (`revoke`): its capacity drops to zero, so every later I/O through it fails
+/// with EIO — like an EBS volume force-detached from a hung instance, and unlike
+/// `losetup -d`, which waits for the last user of a busy device. This kernel has
+/// no device-mapper (no dm `error` target to load), so the loop device itself is
+/// what gets cut.
 public struct LoopCloudProvider: CloudProvider {
     public let name = "loop"
     public let imageDirectory: String
@@ -85,6 +92,7 @@ public struct LoopCloudProvider: CloudProvider {
         guard !instanceID.isEmpty else { throw VolumeError.invalidArgument("attaching \(volumeID) needs an instance ID") }
         return try await locked {
             var record = try load(volumeID)
+            removeStaleRevokedDevices(volumeID)
             let live = liveAttachments(record)
             if let mine = live[instanceID] {
                 guard mine.readOnly == readOnly else {
@@ -105,7 +113,9 @@ public struct LoopCloudProvider: CloudProvider {
             // process that died before saving the record: adopt it, not a second one.
             let claimed = Set(live.values.map(\.device))
             let device: String
-            if let orphan = loopDevices(backing: imagePath(volumeID)).first(where: { !claimed.contains($0.device) && $0.readOnly == readOnly }) {
+            if let orphan = loopDevices(backing: imagePath(volumeID)).first(where: {
+                !claimed.contains($0.device) && $0.readOnly == readOnly && !$0.revoked
+            }) {
                 device = orphan.device
             } else {
                 let out = try runner.run("losetup", (readOnly ? ["-r"] : []) + ["-f", "--show", imagePath(volumeID)])
@@ -155,9 +165,36 @@ public struct LoopCloudProvider: CloudProvider {
         }
     }
 
+    /// Revokes the instance's loop device (every later read or write through
+    /// it fails with EIO, whatever its host is doing or will do when it wakes up),
+    /// then detaches it: at once when nothing holds it, else when its last user
+    /// lets go (the kernel's autoclear). A read-write loop device over the image
+    /// that no record claims (an attach that crashed before saving its record)
+    /// is revoked too: it could be the fenced instance's. No attachment of the
+    /// instance is not an error: a retried fence finds its work done.
+    public func forceDetachVolume(_ volumeID: String, instanceID: String) async throws {
+        try await locked {
+            var record = try load(volumeID)
+            let image = imagePath(volumeID)
+            let others = Set(record.attachments.filter { $0.key != instanceID }.map(\.value.device))
+            var victims = loopDevices(backing: image).filter { !$0.revoked && !$0.readOnly && !others.contains($0.device) }.map(\.device)
+            if let mine = record.attachments[instanceID], isLoop(mine.device, backing: image), !victims.contains(mine.device),
+               !isRevoked(mine.device) {
+                victims.append(mine.device)
+            }
+            for device in victims {
+                try Self.revoke(device)
+                // Busy (the old host still has it mounted): the kernel clears it when that mount goes.
+                _ = try? runner.run("losetup", ["-d", device])
+            }
+            if record.attachments.removeValue(forKey: instanceID) != nil { try save(record) }
+        }
+    }
+
     public func deleteVolume(_ volumeID: String) async throws {
         try await locked {
             let record = try load(volumeID)
+            removeStaleRevokedDevices(volumeID)
             let live = liveAttachments(record)
             if let any = live.first {
                 throw VolumeError.failed("volume \(volumeID) is attached to \(any.key) (\(any.value.device)); detach it before deleting")
@@ -187,14 +224,64 @@ public struct LoopCloudProvider: CloudProvider {
     // MARK: Loop devices
 
     /// Loop devices whose backing file is `image`, from sysfs.
-    func loopDevices(backing image: String) -> [(device: String, readOnly: Bool)] {
+    func loopDevices(backing image: String) -> [(device: String, readOnly: Bool, revoked: Bool)] {
         let names = (try? FileManager.default.contentsOfDirectory(atPath: sysBlockDirectory)) ?? []
         return names.filter { $0.hasPrefix("loop") }.sorted().compactMap { name in
             let device = "/dev/" + name
             guard isLoop(device, backing: image) else { return nil }
             let ro = (try? String(contentsOfFile: sysBlockDirectory + "/" + name + "/ro", encoding: .utf8))?
                 .trimmingCharacters(in: .whitespacesAndNewlines) == "1"
-            return (device, ro)
+            return (device, ro, isRevoked(device))
+        }
+    }
+
+    /// The offset `revoke` gives a loop device: past the end of any image, so
+    /// the device shows no byte of it (capacity 0).
+    static let revokedOffset: UInt64 = 1 << 62
+
+    /// Whether `revoke` cut this loop device off its image.
+    func isRevoked(_ device: String) -> Bool {
+        let name = (device as NSString).lastPathComponent
+        guard let text = try? String(contentsOfFile: sysBlockDirectory + "/" + name + "/loop/offset", encoding: .utf8),
+              let offset = UInt64(text.trimmingCharacters(in: .whitespacesAndNewlines)) else { return false }
+        return offset >= Self.revokedOffset
+    }
+
+    /// Cuts a loop device off its image while it stays in use: LOOP_SET_STATUS64
+    /// moves its offset past the image's end, the kernel drains the I/O in flight
+    /// (the loop worker is not paused with a paused process) and sets the
+    /// device's capacity to 0. From then on every bio to it fails (beyond the end
+    /// of the device): the filesystem mounted from it aborts its journal, fsync
+    /// answers EIO, and its dirty pages never reach the image. Pages it wrote
+    /// before the call may have reached the image; none after.
+    static func revoke(_ device: String) throws {
+        let fd = open(device, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw VolumeError.failed("cannot open loop device \(device) to revoke it: \(errnoText())") }
+        defer { close(fd) }
+        // struct loop_info64 (linux/loop.h): 232 bytes; lo_offset at byte 24.
+        let loopGetStatus64: UInt = 0x4C05, loopSetStatus64: UInt = 0x4C04
+        var info = [UInt8](repeating: 0, count: 232)
+        let failed = info.withUnsafeMutableBytes { raw -> String? in
+            guard ioctl(fd, loopGetStatus64, raw.baseAddress!) == 0 else { return "LOOP_GET_STATUS64: \(errnoText())" }
+            raw.storeBytes(of: revokedOffset, toByteOffset: 24, as: UInt64.self)
+            guard ioctl(fd, loopSetStatus64, raw.baseAddress!) == 0 else { return "LOOP_SET_STATUS64: \(errnoText())" }
+            return nil
+        }
+        if let failed { throw VolumeError.failed("cannot revoke loop device \(device): \(failed)") }
+        var size: UInt64 = 0
+        let blkGetSize64: UInt = 0x8008_1272
+        let status = withUnsafeMutablePointer(to: &size) { ioctl(fd, blkGetSize64, $0) }
+        guard status == 0, size == 0 else {
+            throw VolumeError.failed("loop device \(device) still shows \(size) bytes after its revocation")
+        }
+    }
+
+    /// Detaches the revoked loop devices over the volume's image that nothing
+    /// holds any more (their host died or unmounted); a held one keeps its
+    /// autoclear and goes when its holder does.
+    func removeStaleRevokedDevices(_ volumeID: String) {
+        for stale in loopDevices(backing: imagePath(volumeID)) where stale.revoked {
+            _ = try? runner.run("losetup", ["-d", stale.device])
         }
     }
 
@@ -208,10 +295,10 @@ public struct LoopCloudProvider: CloudProvider {
         return backing.trimmingCharacters(in: .newlines) == resolved
     }
 
-    /// The record's attachments whose loop device still backs the image (a reboot,
-    /// or someone's `losetup -d`, ends them).
+    /// The record's attachments whose loop device still backs the image and is
+    /// not revoked (a reboot, someone's `losetup -d` or a forced detach ends them).
     func liveAttachments(_ record: Record) -> [String: Record.Attachment] {
-        record.attachments.filter { isLoop($0.value.device, backing: imagePath(record.volumeID)) }
+        record.attachments.filter { isLoop($0.value.device, backing: imagePath(record.volumeID)) && !isRevoked($0.value.device) }
     }
 
     func volume(_ record: Record) -> CloudVolume {

@@ -17,6 +17,20 @@ public struct MountedVolume: Sendable, Equatable {
     }
 }
 
+/// A volume attached to this node and not mounted: a backup reads its device.
+public struct AttachedVolume: Sendable, Equatable {
+    public var volumeID: String
+    /// The local block device (`/dev/loop3`, `/dev/nvme1n1`).
+    public var device: String
+    public var readOnly: Bool
+
+    public init(volumeID: String, device: String, readOnly: Bool) {
+        self.volumeID = volumeID
+        self.device = device
+        self.readOnly = readOnly
+    }
+}
+
 /// Attaches and mounts volumes on this node.
 public protocol VolumeManager: Sendable {
     var volumeRoot: String { get }
@@ -27,6 +41,9 @@ public protocol VolumeManager: Sendable {
     func mountedVolumes() -> [MountedVolume]
     /// Bytes free for new data on the mounted volume.
     func freeBytes(_ volumeID: String) throws -> Int
+    /// A clean stop: unmounts and detaches (from this instance) every volume
+    /// this manager holds; throws the first failure after trying them all.
+    func releaseAll() async throws
 }
 
 /// Bytes free for an unprivileged writer on the filesystem holding `path`.

@@ -9,6 +9,9 @@ final class ScriptedProvider: CloudProvider, @unchecked Sendable {
     private let lock = NSLock()
     private var answers: [CloudVolume?]
     private(set) var calls = 0
+    private(set) var forcedDetaches = 0
+    /// What `forceDetachVolume` throws, if anything.
+    var forceError: VolumeError?
 
     init(_ answers: [CloudVolume?]) { self.answers = answers }
 
@@ -23,6 +26,10 @@ final class ScriptedProvider: CloudProvider, @unchecked Sendable {
     func createVolume(_ spec: VolumeSpec) async throws -> CloudVolume { throw VolumeError.failed("unused") }
     func attachVolume(_ volumeID: String, instanceID: String, readOnly: Bool) async throws -> VolumeAttachment { throw VolumeError.failed("unused") }
     func detachVolume(_ volumeID: String, instanceID: String) async throws {}
+    func forceDetachVolume(_ volumeID: String, instanceID: String) async throws {
+        lock.withLock { forcedDetaches += 1 }
+        if let forceError { throw forceError }
+    }
     func deleteVolume(_ volumeID: String) async throws {}
     func localDevice(of volumeID: String, instanceID: String) async throws -> String? { nil }
 }
@@ -52,6 +59,36 @@ final class ScriptedProvider: CloudProvider, @unchecked Sendable {
         ])
         let done = try await provider.waitFor("vol-1", .detached(instanceID: "i-b"), timeout: .seconds(60), poll: .milliseconds(10))
         #expect(done?.attachments.map(\.instanceID) == ["i-a"])
+    }
+
+    @Test func fenceWaitsOutADetachInProgressAndRefusesWhenStillAttached() async throws {
+        let refused = VolumeError.cloud(CloudAPIError(provider: "aliyun", action: "DetachDisk", code: "IncorrectDiskStatus",
+                                                      message: "detaching", httpStatus: 403))
+        // A detach already under way: the refusal is waited out.
+        let detaching = ScriptedProvider([
+            volume(.inUse, [VolumeAttachment(instanceID: "i-a", state: .detaching), VolumeAttachment(instanceID: "i-b", state: .attached)]),
+            volume(.inUse, [VolumeAttachment(instanceID: "i-a", state: .detaching), VolumeAttachment(instanceID: "i-b", state: .attached)]),
+            volume(.inUse, [VolumeAttachment(instanceID: "i-b", state: .attached)]),
+        ])
+        detaching.forceError = refused
+        try await detaching.fence("vol-1", instanceID: "i-a", timeout: .seconds(60), poll: .milliseconds(10))
+        #expect(detaching.forcedDetaches == 1)
+        // Refused while the cloud still shows it attached: the fence fails, it does not pretend.
+        let stuck = ScriptedProvider([volume(.inUse, [VolumeAttachment(instanceID: "i-a", state: .attached)])])
+        stuck.forceError = refused
+        await #expect(throws: refused) { try await stuck.fence("vol-1", instanceID: "i-a", timeout: .seconds(60), poll: .milliseconds(10)) }
+        // Nothing attached: nothing to do.
+        let gone = ScriptedProvider([volume(.available, [])])
+        try await gone.fence("vol-1", instanceID: "i-a", timeout: .seconds(1), poll: .milliseconds(10))
+        #expect(gone.forcedDetaches == 0)
+        // Not confirmed in time: timedOut, saying the instance may still write.
+        let slow = ScriptedProvider([volume(.inUse, [VolumeAttachment(instanceID: "i-a", state: .busy)])])
+        do {
+            try await slow.fence("vol-1", instanceID: "i-a", timeout: .milliseconds(100), poll: .milliseconds(20))
+            Issue.record("an unconfirmed fence returned")
+        } catch VolumeError.timedOut(let text) {
+            #expect(text.contains("i-a") && text.contains("may still write"))
+        }
     }
 
     @Test func waitTimesOutNamingTheVolumeAndWhatItSaw() async throws {
