@@ -35,6 +35,7 @@ public enum Request: Hashable, Sendable {
     case deleteShard(UInt64)
     case listShards
     case stat(UInt64)
+    case locate(UInt64)
 
     public var opcode: Opcode {
         switch self {
@@ -51,6 +52,7 @@ public enum Request: Hashable, Sendable {
         case .deleteShard: return .deleteShard
         case .listShards: return .listShards
         case .stat: return .stat
+        case .locate: return .locate
         }
     }
 
@@ -62,6 +64,14 @@ public enum Request: Hashable, Sendable {
             return s
         default:
             return nil
+        }
+    }
+
+    /// The shard a request names, lifecycle and Locate included; nil for Hello, NewShard and ListShards.
+    public var namedShard: UInt64? {
+        switch self {
+        case .closeShard(let s), .deleteShard(let s), .stat(let s), .locate(let s): return s
+        default: return dataShard
         }
     }
 
@@ -126,6 +136,42 @@ public struct ShardInfo: Hashable, Sendable {
     }
 }
 
+/// A node as metadata knows it: its ID and the "host:port" its socket service
+/// registered (empty when it registered none, or its registration lapsed).
+public struct NodeLocation: Hashable, Sendable {
+    public var nodeID: String
+    public var address: String
+    public init(nodeID: String, address: String) {
+        self.nodeID = nodeID
+        self.address = address
+    }
+}
+
+/// The answer to Locate: where a shard is served.
+public struct ShardLocation: Hashable, Sendable {
+    public var shard: UInt64
+    public var volumeID: String
+    /// The volume's epoch (increases with every change of primary).
+    public var epoch: UInt64
+    public var closed: Bool
+    /// The volume's primary; an empty node ID when the volume has none.
+    public var primary: NodeLocation
+    public var backups: [NodeLocation]
+    /// The node that answered (so a client that reached it by a Unix socket
+    /// knows when the primary is the node it is talking to).
+    public var answeredBy: String
+    public init(shard: UInt64, volumeID: String, epoch: UInt64, closed: Bool, primary: NodeLocation,
+                backups: [NodeLocation], answeredBy: String) {
+        self.shard = shard
+        self.volumeID = volumeID
+        self.epoch = epoch
+        self.closed = closed
+        self.primary = primary
+        self.backups = backups
+        self.answeredBy = answeredBy
+    }
+}
+
 public struct HelloInfo: Hashable, Sendable {
     public var version: UInt16
     public var maxFrameLength: UInt32
@@ -137,9 +183,13 @@ public struct HelloInfo: Hashable, Sendable {
     }
 }
 
-/// What follows an OK status in a response.
+/// What follows the status in a response: a payload after OK, the primary's
+/// address after NOT_SHARD_LEADER, nothing after any other status.
 public enum ResponsePayload: Hashable, Sendable {
     case none
+    /// After NOT_SHARD_LEADER: the address ("host:port") of the shard's primary, empty if unknown.
+    case leader(String)
+    case location(ShardLocation)
     case hello(HelloInfo)
     case entry(EntryPayload)
     /// BatchPut: one status per item, in request order.
@@ -155,7 +205,8 @@ public enum ResponsePayload: Hashable, Sendable {
 
 /// A response frame, decoded.
 public enum Response: Hashable, Sendable {
-    /// The answer to a request (its final frame for BatchGet). The payload is `.none` unless the status is OK.
+    /// The answer to a request (its final frame for BatchGet). The payload is `.none`
+    /// unless the status is OK, or `.leader` when it is NOT_SHARD_LEADER.
     case reply(Opcode, requestID: UInt32, Status, ResponsePayload)
     /// One streamed BatchGet item; the entry is present when the status is OK.
     case batchGetItem(requestID: UInt32, position: UInt32, Status, EntryPayload?)

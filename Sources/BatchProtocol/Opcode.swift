@@ -13,6 +13,8 @@ public enum Opcode: UInt8, Sendable, CaseIterable {
     case deleteShard = 0x0B
     case listShards = 0x0C
     case stat = 0x0D
+    /// Which node serves a shard (any node answers, from the metadata).
+    case locate = 0x0E
 
     public static let responseBit: UInt8 = 0x80
     /// One streamed item of a BatchGet answer.

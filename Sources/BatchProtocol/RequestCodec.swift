@@ -55,7 +55,7 @@ public enum RequestCodec {
                 b.writeStr(owner)
                 b.writeU64(requestedID)
                 b.writeU64(sizeLimit)
-            case .closeShard(let id), .deleteShard(let id), .stat(let id):
+            case .closeShard(let id), .deleteShard(let id), .stat(let id), .locate(let id):
                 b.writeU64(id)
             case .listShards:
                 break
@@ -120,6 +120,7 @@ public enum RequestCodec {
         case .deleteShard: request = .deleteShard(try b.readU64("shard"))
         case .listShards: request = .listShards
         case .stat: request = .stat(try b.readU64("shard"))
+        case .locate: request = .locate(try b.readU64("shard"))
         }
         guard b.readableBytes == 0 else { throw ProtocolError.malformed("\(b.readableBytes) bytes after the \(op) body") }
         return request

@@ -7,7 +7,12 @@ public enum ResponseCodec {
         case .reply(let op, let id, let status, let payload):
             out.writeFrame(type: op.responseType, requestID: id) { b in
                 b.writeStatus(status)
-                if status.isOK { writePayload(payload, &b) }
+                if status.isOK {
+                    writePayload(payload, &b)
+                } else if status.code == .notShardLeader {
+                    // Always present after NOT_SHARD_LEADER (empty: the primary is unknown).
+                    if case .leader(let address) = payload { b.writeStr(address) } else { b.writeStr("") }
+                }
             }
         case .batchGetItem(let id, let position, let status, let entry):
             encodeBatchGetItem(requestID: id, position: position, status: status, entry: entry, into: &out)
@@ -126,6 +131,20 @@ public enum ResponseCodec {
             b.writeU32(UInt32(shards.count))
             for s in shards { writeShard(s, &b) }
         case .shard(let s): writeShard(s, &b)
+        case .leader: break  // only after NOT_SHARD_LEADER (see `encode`)
+        case .location(let l):
+            b.writeU64(l.shard)
+            b.writeStr(l.volumeID)
+            b.writeU64(l.epoch)
+            b.writeInteger(UInt8(l.closed ? 1 : 0))
+            b.writeStr(l.primary.nodeID)
+            b.writeStr(l.primary.address)
+            b.writeU16(UInt16(min(l.backups.count, Int(UInt16.max))))
+            for node in l.backups.prefix(Int(UInt16.max)) {
+                b.writeStr(node.nodeID)
+                b.writeStr(node.address)
+            }
+            b.writeStr(l.answeredBy)
         }
     }
 
@@ -140,7 +159,14 @@ public enum ResponseCodec {
             return response
         } else if frame.type & Opcode.responseBit != 0, let op = Opcode(rawValue: frame.type & ~Opcode.responseBit) {
             let status = try b.readStatus()
-            let payload = status.isOK ? try readPayload(op, &b) : .none
+            let payload: ResponsePayload
+            if status.isOK {
+                payload = try readPayload(op, &b)
+            } else if status.code == .notShardLeader {
+                payload = .leader(try b.readStr("leader address"))
+            } else {
+                payload = .none
+            }
             response = .reply(op, requestID: frame.requestID, status, payload)
         } else {
             throw ProtocolError(.invalidRequest, "unknown response type 0x\(String(frame.type, radix: 16))")
@@ -179,6 +205,18 @@ public enum ResponseCodec {
         return ShardInfo(id: id, owner: owner, closed: state == 1, volumeID: volume, primaryNodeID: primary, figures: figures)
     }
 
+    private static func readLocation(_ b: inout ByteBuffer) throws -> ShardLocation {
+        let shard = try b.readU64("shard"), volume = try b.readStr("volume"), epoch = try b.readU64("epoch")
+        let state = try b.readU8("state")
+        guard state <= 1 else { throw ProtocolError.malformed("shard state \(state)") }
+        let primary = NodeLocation(nodeID: try b.readStr("primary"), address: try b.readStr("primary address"))
+        let n = Int(try b.readU16("backup count"))
+        guard n <= b.readableBytes / 4 else { throw ProtocolError.malformed("count \(n) exceeds the frame") }
+        let backups = try (0..<n).map { _ in NodeLocation(nodeID: try b.readStr("backup"), address: try b.readStr("backup address")) }
+        return ShardLocation(shard: shard, volumeID: volume, epoch: epoch, closed: state == 1, primary: primary,
+                             backups: backups, answeredBy: try b.readStr("answering node"))
+    }
+
     private static func readPayload(_ op: Opcode, _ b: inout ByteBuffer) throws -> ResponsePayload {
         switch op {
         case .hello:
@@ -205,6 +243,7 @@ public enum ResponseCodec {
             let n = try b.readCount(minimumItemSize: 15)
             return .shards(try (0..<n).map { _ in try readShard(&b) })
         case .stat: return .shard(try readShard(&b))
+        case .locate: return .location(try readLocation(&b))
         }
     }
 }

@@ -47,7 +47,8 @@ public final class BatchServer: Sendable {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.eventLoopThreads)
         let pool = NIOThreadPool(numberOfThreads: configuration.engineThreads)
         pool.start()
-        let executor = RequestExecutor(shards: shards)
+        let locator = configuration.locator ?? MetadataShardLocator(metadata: shards.metadata, nodeID: shards.nodeID)
+        let executor = RequestExecutor(shards: shards, locator: locator)
         let connections = ConnectionRegistry(limit: configuration.maxConnections)
         var listeners: [Channel] = []
         do {

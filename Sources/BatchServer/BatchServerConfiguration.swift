@@ -25,6 +25,9 @@ public struct BatchServerConfiguration: Sendable {
     public var eventLoopThreads = 1
     /// How long a graceful shutdown waits for in-flight requests.
     public var drainTimeout: TimeAmount = .seconds(30)
+    /// Where shards are served (Locate, and the address a NOT_SHARD_LEADER answer
+    /// carries); nil: `MetadataShardLocator` over the node's metadata.
+    public var locator: (any ShardLocator)?
 
     public init() {}
 

@@ -197,6 +197,17 @@ final class ConnectionHandler: ChannelDuplexHandler {
                 }
             }
         }
+        if !outcome.redirects.isEmpty {
+            let redirects = outcome.redirects
+            let bound = NIOLoopBound((self, context), eventLoop: loop)
+            Task {
+                let answer = await executor.redirect(redirects)
+                loop.execute {
+                    let (handler, context) = bound.value
+                    handler.finish(answer, context)
+                }
+            }
+        }
         if outcome.completed > 0 || !outcome.continuations.isEmpty {
             perform(machine.workFinished(completed: outcome.completed, continuations: outcome.continuations), context)
         }

@@ -12,21 +12,31 @@ struct Outcome: Sendable {
     var continuations: [StreamCursor] = []
     /// Lifecycle requests and requests for shards not loaded here: run with `runAsync`.
     var deferred: [Work] = []
+    /// Requests answered NOT_SHARD_LEADER, not yet sent: the answer carries the
+    /// primary's address, which `redirect` looks up (metadata: not on an engine thread).
+    var redirects: [Redirect] = []
 
     init() { out = ByteBufferAllocator().buffer(capacity: 256) }
+}
+
+struct Redirect: Sendable {
+    var work: Work
+    var status: Status
 }
 
 /// Carries out requests against the shard manager. `runSync` blocks on LMDB and
 /// must run on an engine thread, never on an event loop.
 final class RequestExecutor: Sendable {
     let shards: ShardManager
+    let locator: any ShardLocator
     /// A BatchGet is read and sent in pieces of at most this many keys or bytes,
     /// so a slow reader holds back the stream instead of the server buffering it.
     let streamChunkKeys: Int
     let streamChunkBytes: Int
 
-    init(shards: ShardManager, streamChunkKeys: Int = 2048, streamChunkBytes: Int = 1 << 20) {
+    init(shards: ShardManager, locator: any ShardLocator, streamChunkKeys: Int = 2048, streamChunkBytes: Int = 1 << 20) {
         self.shards = shards
+        self.locator = locator
         self.streamChunkKeys = streamChunkKeys
         self.streamChunkBytes = streamChunkBytes
     }
@@ -74,7 +84,12 @@ final class RequestExecutor: Sendable {
         return x == y
     }
 
+    /// Encodes an answer; a NOT_SHARD_LEADER answer waits in `redirects` for the primary's address.
     private func reply(_ work: Work, _ status: Status, _ payload: ResponsePayload = .none, _ outcome: inout Outcome) {
+        if status.code == .notShardLeader {
+            outcome.redirects.append(Redirect(work: work, status: status))
+            return
+        }
         ResponseCodec.encode(.reply(work.request.opcode, requestID: work.requestID, status, payload), into: &outcome.out)
         outcome.completed += 1
     }
@@ -235,6 +250,11 @@ final class RequestExecutor: Sendable {
     }
 
     private func finishStream(_ cursor: StreamCursor, _ status: Status, _ outcome: inout Outcome) {
+        if status.code == .notShardLeader {
+            let work = Work(requestID: cursor.requestID, request: .batchGet(shard: cursor.shard, keys: []))
+            outcome.redirects.append(Redirect(work: work, status: status))
+            return
+        }
         ResponseCodec.encode(.reply(.batchGet, requestID: cursor.requestID, status, .none), into: &outcome.out)
         outcome.completed += 1
     }
@@ -275,6 +295,8 @@ final class RequestExecutor: Sendable {
                 reply(work, .ok, .shards(try await shards.listShards().map(Self.info)), &outcome)
             case .stat(let id):
                 reply(work, .ok, .shard(Self.info(try await shards.listing(id))), &outcome)
+            case .locate(let id):
+                reply(work, .ok, .location(try await locator.locate(id)), &outcome)
             default:
                 // A data request whose shard is not loaded: the manager says why.
                 if let id = request.dataShard { _ = try await shards.shard(id) }
@@ -283,7 +305,43 @@ final class RequestExecutor: Sendable {
         } catch {
             reply(work, wireStatus(for: error, writing: request.isWrite || request.opcode == .newShard), .none, &outcome)
         }
+        let redirects = outcome.redirects
+        outcome.redirects = []
+        await answer(redirects, &outcome)
         return outcome
+    }
+
+    /// Answers NOT_SHARD_LEADER with the address of the shard's primary.
+    func redirect(_ redirects: [Redirect]) async -> Outcome {
+        var outcome = Outcome()
+        await answer(redirects, &outcome)
+        return outcome
+    }
+
+    private func answer(_ redirects: [Redirect], _ outcome: inout Outcome) async {
+        var addresses: [UInt64: String] = [:]
+        for r in redirects {
+            var leader = ""
+            if let shard = r.work.request.namedShard {
+                if let known = addresses[shard] {
+                    leader = known
+                } else {
+                    leader = await primaryAddress(shard)
+                    addresses[shard] = leader
+                }
+            }
+            ResponseCodec.encode(.reply(r.work.request.opcode, requestID: r.work.requestID, r.status, .leader(leader)),
+                                 into: &outcome.out)
+            outcome.completed += 1
+        }
+    }
+
+    /// The registered address of the shard's primary; empty when unknown, when
+    /// its node is gone, or when it is this node (which cannot serve it: a
+    /// client sent back here would only come round again).
+    private func primaryAddress(_ shard: UInt64) async -> String {
+        guard let location = try? await locator.locate(shard), location.primary.nodeID != shards.nodeID else { return "" }
+        return location.primary.address
     }
 
     static func info(_ listing: ShardListing) -> ShardInfo {
