@@ -70,13 +70,13 @@ final class BatchGetCollector {
         items = []
     }
 
-    func finish(_ status: Status) {
+    func finish(_ status: Status, _ payload: ResponsePayload) {
         switch sink {
         case .chunks(let continuation):
             flush()
-            if status.isOK { continuation.finish() } else { continuation.finish(throwing: ClientError.status(status)) }
+            if status.isOK { continuation.finish() } else { continuation.finish(throwing: ClientError.answer(status, payload)) }
         case .all(let promise):
-            if status.isOK { promise.succeed(items) } else { promise.fail(ClientError.status(status)) }
+            if status.isOK { promise.succeed(items) } else { promise.fail(ClientError.answer(status, payload)) }
             items = []
         }
     }
@@ -178,12 +178,12 @@ final class ClientHandler: ChannelInboundHandler {
             context.close(promise: nil)
         case .batchGetItem:
             break  // handled in channelRead
-        case .reply(_, let id, let status, _):
+        case .reply(_, let id, let status, let payload):
             switch waiters.removeValue(forKey: id) {
             case .reply(let promise):
                 promise.succeed(response)
             case .batchGet(let collector):
-                collector.finish(status)
+                collector.finish(status, payload)
             case nil:
                 break
             }

@@ -25,6 +25,9 @@ public enum Endpoint: Sendable, Hashable, CustomStringConvertible {
 public enum ClientError: Error, Hashable, Sendable, CustomStringConvertible {
     /// The server answered with this status.
     case status(Status)
+    /// The server is not the shard's primary (NOT_SHARD_LEADER); `leader` is the
+    /// primary's "host:port" as the server knows it, empty if unknown.
+    case notShardLeader(Status, leader: String)
     /// Nothing accepted the connection there (no node running, a wrong path or port).
     case unreachable(Endpoint, String)
     /// The connection closed (or the server sent a connection error) before the answer.
@@ -36,10 +39,26 @@ public enum ClientError: Error, Hashable, Sendable, CustomStringConvertible {
     public var description: String {
         switch self {
         case .status(let s): return s.description
+        case .notShardLeader(let s, let leader): return s.description + (leader.isEmpty ? "" : " (the primary is at \(leader))")
         case .unreachable(let endpoint, let why): return "cannot connect to \(endpoint): \(why)"
         case .connectionClosed(let why): return "connection closed: \(why)"
         case .invalidArgument(let why): return "invalid argument: \(why)"
         case .protocolViolation(let why): return "protocol violation: \(why)"
+        }
+    }
+
+    /// The error for a non-OK answer and what followed its status.
+    static func answer(_ status: Status, _ payload: ResponsePayload) -> ClientError {
+        guard status.code == .notShardLeader else { return .status(status) }
+        if case .leader(let address) = payload { return .notShardLeader(status, leader: address) }
+        return .notShardLeader(status, leader: "")
+    }
+
+    /// The server's status, for both `status` and `notShardLeader`.
+    public var serverStatus: Status? {
+        switch self {
+        case .status(let s), .notShardLeader(let s, _): return s
+        default: return nil
         }
     }
 }

@@ -20,9 +20,12 @@ public final class ShardFSClient: Sendable {
     }
 
     /// Connects and shakes hands; `token` is needed for TCP beyond loopback.
-    public static func connect(to endpoint: Endpoint, token: String = "",
+    /// `connectTimeout` bounds the TCP connect (a host that is down answers nothing).
+    public static func connect(to endpoint: Endpoint, token: String = "", connectTimeout: Duration = .seconds(10),
                                group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton) async throws -> ShardFSClient {
-        let bootstrap = ClientBootstrap(group: group).connectTimeout(.seconds(10))
+        let bootstrap = ClientBootstrap(group: group)
+            .connectTimeout(.nanoseconds(Int64(max(1, connectTimeout.components.seconds * 1_000_000_000
+                                                    + connectTimeout.components.attoseconds / 1_000_000_000))))
             .channelOption(.socketOption(.so_keepalive), value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(ClientHandler()) }
@@ -51,6 +54,9 @@ public final class ShardFSClient: Sendable {
     public func close() async {
         try? await channel.close()
     }
+
+    /// False once the connection is closed (by either side): calls would fail at once.
+    public var isActive: Bool { channel.isActive }
 
     // MARK: Entries
 
@@ -170,12 +176,20 @@ public final class ShardFSClient: Sendable {
         return info
     }
 
+    /// Where `id` is served (its primary and backups, with their addresses), as
+    /// the answering node's metadata says. Any node answers.
+    public func locate(_ id: UInt64) async throws -> ShardLocation {
+        guard case .location(let location) = try await call(.locate(id)) else { throw unexpected() }
+        return location
+    }
+
     /// The key of the original API's entry ID.
     public static func key(entryID: UInt32) -> [UInt8] { Array(String(entryID).utf8) }
 
     // MARK: Calls
 
-    /// Sends any request and returns its OK payload; a non-OK status throws `ClientError.status`.
+    /// Sends any request and returns its OK payload; a non-OK status throws
+    /// `ClientError.status` (`ClientError.notShardLeader` for NOT_SHARD_LEADER).
     public func call(_ request: Request) async throws -> ResponsePayload {
         try await Self.call(channel, handler, id: ids.next(), request)
     }
@@ -193,7 +207,7 @@ public final class ShardFSClient: Sendable {
         guard case .reply(_, _, let status, let payload) = try await promise.futureResult.get() else {
             throw ClientError.protocolViolation("a reply was expected")
         }
-        guard status.isOK else { throw ClientError.status(status) }
+        guard status.isOK else { throw ClientError.answer(status, payload) }
         return payload
     }
 
