@@ -10,36 +10,44 @@ struct ClientCommand: AsyncParsableCommand {
         abstract: "Talk to a running node (shardfs serve) over its socket.",
         subcommands: [ClientPut.self, ClientGet.self, ClientDelete.self, ClientBatchPut.self, ClientBatchGet.self,
                       ClientList.self, ClientNewShard.self, ClientCloseShard.self, ClientDeleteShard.self,
-                      ClientListShards.self, ClientStat.self])
+                      ClientListShards.self, ClientStat.self, ClientLocate.self])
 }
 
-/// Where the node is: --socket, --address (+ --token), or ./data/shardfs.sock.
+/// Where the nodes are: --node (several), --socket, --address (+ --token), or ./data/shardfs.sock.
 struct ConnectOptions: ParsableArguments {
+    @Option(name: .long, help: "A node: host:port, or the path of its Unix socket (repeatable, or a comma list). Requests go to each shard's primary; other nodes are tried when one is down.") var node: [String] = []
     @Option(name: .long, help: "Unix socket of the node (default: SHARDFS_UNIX_SOCKET, else <SHARDFS_DATA_DIR or ./data>/shardfs.sock, as serve uses).") var socket: String?
     @Option(name: .long, help: "TCP address host:port of the node.") var address: String?
     @Option(name: .long, help: "Token for TCP. Also SHARDFS_SERVER_TOKEN.") var token: String?
+    @Option(name: .long, help: "Seconds to keep trying other nodes and a primary that moved (default: 30 with several nodes, 0 with one).") var deadline: Double?
 
-    func connect() async throws -> ShardFSClient {
-        let endpoint: Endpoint
-        let environment = ProcessInfo.processInfo.environment
-        if let address {
-            endpoint = try Endpoint.tcp(address)
-        } else {
-            let fromEnvironment = environment["SHARDFS_UNIX_SOCKET"].flatMap { $0.isEmpty ? nil : $0 }
-            endpoint = .unix(path: socket ?? fromEnvironment ?? (environment["SHARDFS_DATA_DIR"] ?? "./data") + "/shardfs.sock")
-        }
-        let token = self.token ?? environment["SHARDFS_SERVER_TOKEN"] ?? ""
-        do {
-            return try await ShardFSClient.connect(to: endpoint, token: token)
-        } catch ClientError.unreachable(_, let why) {
-            // The socket layer's words name system calls, not what to do.
-            switch endpoint {
-            case .unix(let path):
-                throw CommandFailure("no node serves \(path) — is `shardfs serve` running? (--socket or SHARDFS_UNIX_SOCKET name another)")
-            case .tcp(let host, let port):
-                throw CommandFailure("no node answers at \(host):\(port) — is `shardfs serve` running and listening there? (\(why))")
+    /// The nodes in the order given: --node first, then --address and --socket;
+    /// with none of them, the default socket.
+    func endpoints() throws -> [Endpoint] {
+        var out: [Endpoint] = []
+        for list in node {
+            for item in list.split(separator: ",").map({ $0.trimmingCharacters(in: .whitespaces) }) where !item.isEmpty {
+                out.append(item.contains("/") ? .unix(path: item) : try Endpoint.tcp(item))
             }
         }
+        if let address { out.append(try Endpoint.tcp(address)) }
+        if let socket { out.append(.unix(path: socket)) }
+        if out.isEmpty {
+            let environment = ProcessInfo.processInfo.environment
+            let fromEnvironment = environment["SHARDFS_UNIX_SOCKET"].flatMap { $0.isEmpty ? nil : $0 }
+            out.append(.unix(path: fromEnvironment ?? (environment["SHARDFS_DATA_DIR"] ?? "./data") + "/shardfs.sock"))
+        }
+        return out
+    }
+
+    func connect() throws -> ShardFSCluster {
+        let nodes = try endpoints()
+        var options = RoutingOptions()
+        let seconds = deadline ?? (nodes.count > 1 ? 30 : 0)
+        guard seconds >= 0 && seconds.isFinite else { throw ValidationError("--deadline must be zero or more seconds") }
+        options.deadline = .milliseconds(Int64(seconds * 1000))
+        let token = self.token ?? ProcessInfo.processInfo.environment["SHARDFS_SERVER_TOKEN"] ?? ""
+        return try ShardFSCluster(nodes: nodes, token: token, options: options)
     }
 }
 
@@ -49,13 +57,24 @@ struct CommandFailure: Error, CustomStringConvertible {
     init(_ description: String) { self.description = description }
 }
 
-/// Runs `body` with a connected client and closes it after.
-func withClient<T>(_ options: ConnectOptions, _ body: (ShardFSClient) async throws -> T) async throws -> T {
-    let client = try await options.connect()
+/// Runs `body` with a client of the nodes and closes it after. A node that
+/// cannot be reached is named with what to check (the socket layer's words
+/// name system calls, not what to do).
+func withClient<T>(_ options: ConnectOptions, _ body: (ShardFSCluster) async throws -> T) async throws -> T {
+    let client = try options.connect()
     do {
         let result = try await body(client)
         await client.close()
         return result
+    } catch ClientError.unreachable(let endpoint, let why) {
+        await client.close()
+        let others = client.nodes.count > 1 ? " (nor any other node given)" : ""
+        switch endpoint {
+        case .unix(let path):
+            throw CommandFailure("no node serves \(path)\(others) — is `shardfs serve` running? (--socket, --node or SHARDFS_UNIX_SOCKET name another)")
+        case .tcp(let host, let port):
+            throw CommandFailure("no node answers at \(host):\(port)\(others) — is `shardfs serve` running and listening there? (\(why))")
+        }
     } catch {
         await client.close()
         throw error
@@ -240,5 +259,18 @@ struct ClientStat: AsyncParsableCommand {
         let s = try await withClient(connection) { try await $0.stat(shardID) }
         emit("id \(s.id)\nowner \(s.owner)\nstate \(s.closed ? "closed" : "open")\nvolume \(s.volumeID)")
         if let f = s.figures { emit("entries \(f.entries)\nused \(f.usedBytes)\nlimit \(f.limitBytes)") }
+    }
+}
+
+struct ClientLocate: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "locate", abstract: "Where a shard is served: its primary and backups, with their addresses.")
+    @OptionGroup var connection: ConnectOptions
+    @Argument var shardID: UInt64
+
+    func run() async throws {
+        let l = try await withClient(connection) { try await $0.locate(shardID) }
+        func node(_ n: NodeLocation) -> String { n.nodeID.isEmpty ? "-" : "\(n.nodeID) \(n.address.isEmpty ? "-" : n.address)" }
+        emit("shard \(l.shard)\nstate \(l.closed ? "closed" : "open")\nvolume \(l.volumeID)\nepoch \(l.epoch)\nprimary \(node(l.primary))")
+        for backup in l.backups { emit("backup \(node(backup))") }
     }
 }

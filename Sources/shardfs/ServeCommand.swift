@@ -1,7 +1,9 @@
 import ArgumentParser
+import BatchProtocol
 import BatchServer
 import Dispatch
 import Foundation
+import Metadata
 import NodeSupport
 import ShardFUSE
 import ShardNode
@@ -61,6 +63,15 @@ struct ServeCommand: AsyncParsableCommand {
         let config = try service.serverConfiguration(storage.configuration)
         let server = try await BatchServer.start(config, shards: storage.shards)
         let host = config.tcpAddress.map { String($0[..<($0.lastIndex(of: ":") ?? $0.endIndex)]) } ?? ""
+        // The node started registered with the configured address; clients sent
+        // here by Locate or a redirect need the one it can be reached at.
+        do {
+            let address = try service.advertisedAddress(config, boundPort: server.tcpPort)
+            try await storage.metadata.registerNode(NodeRecord(nodeID: storage.configuration.node.nodeID, address: address))
+        } catch {
+            await server.shutdown()
+            throw error
+        }
         return Running(node: storage, server: server, tcpHost: host)
     }
 }
@@ -72,6 +83,25 @@ struct ServiceOptions: ParsableArguments {
     @Option(name: .long, help: "Unix socket path (server.unix_socket; default <data_dir>/shardfs.sock).") var socket: String?
     @Option(name: .long, help: "Shared token TCP clients must present. Also SHARDFS_SERVER_TOKEN.") var token: String?
     @Option(name: .long, help: "Engine threads running LMDB calls.") var engineThreads = 4
+    @Option(name: .long, help: "host:port other nodes' clients reach this node at (registered in the metadata; default: the TCP address, with the bound port, and this host's name for a wildcard address).")
+    var advertise: String?
+
+    /// What the node registers as its address: --advertise, else the TCP address
+    /// it listens on with the port it bound; empty without TCP.
+    func advertisedAddress(_ config: BatchServerConfiguration, boundPort: Int?) throws -> String {
+        if let advertise {
+            guard splitHostPort(advertise) != nil, !advertise.hasPrefix(":") else {
+                throw ValidationError("--advertise \"\(advertise)\" is not host:port")
+            }
+            return advertise
+        }
+        guard let address = config.tcpAddress, let port = boundPort, let parts = splitHostPort(address, allowingPortZero: true) else {
+            return ""
+        }
+        var host = parts.host
+        if host == "0.0.0.0" || host == "::" { host = ProcessInfo.processInfo.hostName }
+        return host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
+    }
 
     func serverConfiguration(_ node: Configuration) throws -> BatchServerConfiguration {
         var config = BatchServerConfiguration()
