@@ -47,10 +47,12 @@ import TestSupport
     }
 
     var shardfs: String { productsDirectory().appendingPathComponent("shardfs").path }
-    var python: String {
+    var pythonDirectory: String {
         URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-            .appendingPathComponent("clients/python/check_routing.py").path
+            .appendingPathComponent("clients/python").path
     }
+    var python: String { pythonDirectory + "/check_routing.py" }
+    var fakeNode: String { pythonDirectory + "/fake_node.py" }
 
     @Test func aNodeRedirectsToThePrimaryAndClientsFollow() async throws {
         try await withTwoNodes { a, b, _ in
@@ -172,6 +174,52 @@ import TestSupport
                                                          "--dead", a.address, "--skip-live"])
             #expect(py.status == 0 && py.stdout.contains("python routing check passed"), "\(py.stdout)\(py.stderr)")
         }
+    }
+
+    /// Against a node that hangs up on every request (clients/python/fake_node.py):
+    /// what is harmless to repeat is sent again until the deadline, the rest once.
+    @Test func onlyRequestsHarmlessToRepeatAreRetriedAfterABrokenConnection() async throws {
+        let dir = try TemporaryDirectory("retries")
+        let log = dir.sub("sent.log")
+        let fake = Process()
+        fake.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        fake.arguments = ["python3", fakeNode, log]
+        let line = try runReadingFirstLine(fake)
+        defer {
+            if fake.isRunning { kill(fake.processIdentifier, SIGKILL) }
+            fake.waitUntilExit()
+        }
+        let port = try #require(line.flatMap { Int($0.dropFirst("ready ".count).trimmingCharacters(in: .whitespacesAndNewlines)) },
+                                "\(line ?? "no line")")
+        func sent(_ op: Opcode) -> Int {
+            let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+            return text.split(separator: "\n").filter { $0 == String(format: "%02x", op.rawValue) }.count
+        }
+        var options = RoutingOptions()
+        options.deadline = .seconds(1)
+        let cluster = try ShardFSCluster(nodes: [.tcp(host: "127.0.0.1", port: port)], options: options)
+        defer { Task { await cluster.close() } }
+        let calls: [(Opcode, Bool, () async throws -> Void)] = [
+            (.put, true, { try await cluster.put(client: "o", shard: 1, key: [0x6B], value: [1]) }),
+            (.batchPut, true, { _ = try await cluster.batchPut(client: "o", shard: 1, items: [PutItem(key: [0x6B], value: [1])]) }),
+            (.get, true, { _ = try await cluster.get(shard: 1, key: [0x6B]) }),
+            (.closeShard, true, { try await cluster.closeShard(1) }),
+            (.delete, false, { try await cluster.delete(client: "o", shard: 1, key: [0x6B]) }),
+            (.deleteShard, false, { try await cluster.deleteShard(1) }),
+            (.newShard, false, { _ = try await cluster.newShard(owner: "o") }),
+        ]
+        for (op, retried, call) in calls {
+            do {
+                try await call()
+                Issue.record("\(op) succeeded against a node that hangs up")
+            } catch ClientError.connectionClosed(let why) {
+                #expect(why.contains("not retried") == !retried, "\(op): \(why)")
+            }
+            if retried { #expect(sent(op) >= 2, "\(op) was sent \(sent(op)) times") } else { #expect(sent(op) == 1, "\(op) was sent \(sent(op)) times") }
+        }
+        let py = try await runAsync("/usr/bin/env", ["python3", pythonDirectory + "/check_retries.py", "--node", "127.0.0.1:\(port)",
+                                                     "--log", log])
+        #expect(py.status == 0 && py.stdout.contains("python retry check passed"), "\(py.stdout)\(py.stderr)")
     }
 
     func quick(_ seconds: Int) -> RoutingOptions {
