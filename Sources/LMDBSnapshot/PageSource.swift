@@ -51,6 +51,19 @@ public final class FilePageSource: PageSource {
         self.pageSize = pageSize
     }
 
+    /// Takes the page size from the file's meta page 0 (which LMDB never changes).
+    public convenience init(path: String) throws {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else {
+            throw SnapshotError.io(page: 0, "open \(path): \(String(cString: strerror(errno)))")
+        }
+        defer { close(fd) }
+        var head = [UInt8](repeating: 0, count: Layout.metaPageBytes)
+        try head.withUnsafeMutableBytes { try preadFully(fd: fd, into: $0, offset: 0, page: 0) }
+        let meta = try head.withUnsafeBytes { try SnapshotRoot.parseMetaPage($0, number: 0) }
+        try self.init(path: path, pageSize: meta.pageSize)
+    }
+
     deinit { close(fd) }
 
     public func read(page: UInt64, count: Int, into buffer: UnsafeMutableRawBufferPointer) throws {

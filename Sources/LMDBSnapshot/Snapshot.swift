@@ -36,7 +36,9 @@
 //   A page rewritten at the same page number with well-formed contents —
 //   what happens when the pin is missing and the writer reuses a page this
 //   snapshot reaches. Such a read may return wrong (but well-formed) answers.
-//   Bytes that are wrong but consistent (no checksums in LMDB 0.9) likewise.
+//   Bytes that are wrong but consistent (no checksums in LMDB 0.9) likewise,
+//   and a damaged tree that reaches one page twice (no cycle deeper than the
+//   tree's depth is possible, but a scan may then see pairs twice).
 //
 // Threads and lifetimes
 //   A `Snapshot` is safe to share; its page cache is bounded (LRU, bytes) and

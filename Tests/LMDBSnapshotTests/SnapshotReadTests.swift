@@ -32,6 +32,7 @@ func onThread(_ body: @escaping @Sendable () throws -> Void) throws {
         #expect(newest.mapSize == UInt64(f.env.info.mapSize))
         #expect(newest.main.entries == UInt64(f.names.count), "the main database holds the named databases' records")
         #expect(try SnapshotRoot.meta(of: newest.txnid, fd: fd) == newest)
+        #expect(try FilePageSource(path: f.dataFile).pageSize == newest.pageSize)
         #expect(throws: SnapshotError.noSuchMeta(txnid: 999_999, found: roots.map(\.txnid))) {
             try SnapshotRoot.meta(of: 999_999, fd: fd)
         }
@@ -91,12 +92,22 @@ func onThread(_ body: @escaping @Sendable () throws -> Void) throws {
     @Test func aPinnedSnapshotOutlivesFiftyCommits() throws {
         let f = try Fixture()
         try f.fill(seed: 3, entries: 6_000)
+        // A few commits before T leave pages on the free list that the commits
+        // after T may reuse (pages freed by T itself stay put while T is pinned).
+        var rng = SeededRandom(seed: 4)
+        let all = try f.env.read { try scan($0, f.dbs["entries"]!) }.map(\.key)
+        for _ in 0 ..< 3 {
+            try f.env.write { txn in
+                for _ in 0 ..< 1_000 { try txn.put(f.dbs["entries"]!, all.randomElement(using: &rng)!, rng.bytes(50)) }
+            }
+        }
         try f.env.read { pin in
             let root = try f.newestRoot()
             var before: [String: [Row]] = [:]
             for name in f.names { before[name] = try scan(pin, f.dbs[name]!) }
             let env = f.env, e = f.dbs["entries"]!, c = f.dbs["chunks"]!, ix = f.dbs["indexes"]!
             let keys = before["entries"]!.map(\.key)
+            let fileBefore = try Data(contentsOf: URL(fileURLWithPath: f.dataFile))
             try onThread {
                 var rng = SeededRandom(seed: 11)
                 for round in 0 ..< 50 {
@@ -113,6 +124,13 @@ func onThread(_ body: @escaping @Sendable () throws -> Void) throws {
             defer { close(fd) }
             #expect(try !SnapshotRoot.readMetaPages(fd: fd).contains { $0.txnid == root.txnid }, "T's meta page is overwritten")
             #expect(throws: SnapshotError.self) { try SnapshotRoot.meta(of: root.txnid, fd: fd) }
+            // Pages inside T's range that T does not reach were freed and rewritten meanwhile.
+            let fileAfter = try Data(contentsOf: URL(fileURLWithPath: f.dataFile))
+            let ps = root.pageSize
+            let rewritten = (2 ... Int(root.lastPage)).filter { p in
+                fileBefore[p * ps ..< (p + 1) * ps] != fileAfter[p * ps ..< (p + 1) * ps]
+            }
+            #expect(rewritten.count > 10, "\(rewritten.count) pages of T's range were rewritten")
             let snapshot = try f.snapshot(root, cacheBytes: 0)
             try snapshot.read { txn in
                 for name in f.names {
