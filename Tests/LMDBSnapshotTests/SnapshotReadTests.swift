@@ -1,6 +1,6 @@
 import Foundation
 import LMDB
-import LMDBSnapshot
+@testable import LMDBSnapshot
 import Testing
 import TestSupport
 
@@ -84,6 +84,26 @@ func onThread(_ body: @escaping @Sendable () throws -> Void) throws {
         let f = try Fixture()
         try f.fill(seed: 5, entries: 200)
         let snapshot = try f.snapshot()
+        // Both forms LMDB keeps duplicates in occur: sub-pages and sub-databases (deep enough to branch).
+        var single = 0, subpages = 0, subdatabases = 0, deepest: UInt16 = 0
+        try snapshot.read { txn in
+            try txn.withCursor(try snapshot.database("indexes")) { cursor in
+                var ok = try cursor.main.first(txn.state)
+                while ok {
+                    let node = cursor.main.node
+                    switch node.flags {
+                    case 0: single += 1
+                    case 0x04: subpages += 1
+                    case 0x06:
+                        subdatabases += 1
+                        deepest = max(deepest, DatabaseRecord(node.data, at: 0).depth)
+                    default: Issue.record("flags \(node.flags)")
+                    }
+                    ok = try cursor.main.next(txn.state)
+                }
+            }
+        }
+        #expect(single > 0 && subpages > 0 && subdatabases > 0 && deepest >= 2, "\(single) \(subpages) \(subdatabases) \(deepest)")
         try f.env.read { ltxn in try expectSameDuplicateSeeks(f, snapshot, ltxn, seed: 6) }
     }
 
