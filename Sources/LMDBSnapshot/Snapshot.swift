@@ -587,8 +587,10 @@ public struct SnapshotTransaction {
 /// A position in a snapshot's database: the read half of `LMDB.Cursor`, with its
 /// semantics (MDB_FIRST, MDB_NEXT, MDB_SET_RANGE, MDB_SET_KEY, MDB_GET_BOTH_RANGE,
 /// MDB_NEXT_DUP). Keys and values stay valid until the `read` closure returns.
-/// After a call that returns nil the cursor is at the end: `next()` returns nil
-/// too (LMDB leaves the position after a failed exact seek unspecified).
+/// After a seek or `next()` that finds nothing the cursor is at the end and
+/// `next()` returns nil (LMDB leaves the position after a failed exact seek
+/// unspecified). After `nextDuplicate()` returns nil the cursor stays on the
+/// key's last duplicate, and `next()` goes on to the next key, as in LMDB.
 public struct SnapshotCursor {
     public typealias Pair = (key: UnsafeRawBufferPointer, value: UnsafeRawBufferPointer)
 
