@@ -6,6 +6,7 @@ import PackageDescription
 //   CChecksum     - CRC-32C for the shards' batch logs
 //   CFuseRing     - FUSE over io_uring for libfuse 3.14 (per-CPU request queues)
 //   LMDB          - a thin, safe Swift wrapper over the LMDB C API
+//   LMDBSnapshot  - reads one published LMDB snapshot by its root, with pread (backup views)
 //   CMallocTuning, NodeSupport - process-wide helpers: blockingWork, the malloc tuning
 //   ShardStore    - the shard engine: one LMDB environment per shard
 //   Metadata      - the metadata interface, the embedded store, the retry wrapper
@@ -39,6 +40,7 @@ let package = Package(
         .systemLibrary(name: "CCurl", pkgConfig: "libcurl", providers: [.apt(["libcurl4-openssl-dev"])]),
 
         .target(name: "LMDB", dependencies: ["CLMDB"]),
+        .target(name: "LMDBSnapshot"),
         .target(name: "CMallocTuning"),
         .target(name: "NodeSupport", dependencies: ["CMallocTuning"]),
         .target(name: "CChecksum"),
@@ -99,6 +101,7 @@ let package = Package(
         // The contract every MetadataStore keeps, run by each store's tests.
         .target(name: "MetadataConformance", dependencies: ["Metadata"], path: "Tests/MetadataConformance"),
         .testTarget(name: "LMDBTests", dependencies: ["LMDB", "TestSupport"]),
+        .testTarget(name: "LMDBSnapshotTests", dependencies: ["LMDBSnapshot", "LMDB", "TestSupport"]),
         .testTarget(name: "ShardStoreTests", dependencies: ["ShardStore", "TestSupport"]),
         .testTarget(name: "MetadataTests", dependencies: ["Metadata", "MetadataConformance", "TestSupport"]),
         .testTarget(name: "MetadataEtcdTests", dependencies: [
