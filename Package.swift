@@ -45,7 +45,7 @@ let package = Package(
         .target(name: "NodeSupport", dependencies: ["CMallocTuning"]),
         .target(name: "CChecksum"),
         .target(name: "CFuseRing", dependencies: ["CFuse3"]),
-        .target(name: "ShardStore", dependencies: ["LMDB", "CChecksum"]),
+        .target(name: "ShardStore", dependencies: ["LMDB", "LMDBSnapshot", "CChecksum"]),
         .target(name: "Metadata", dependencies: [
             "LMDB", "NodeSupport",
             .product(name: "Logging", package: "swift-log"),
@@ -60,7 +60,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "ShardNode", dependencies: [
-            "NodeSupport", "ShardStore", "Metadata", "MetadataEtcd", "Volumes",
+            "NodeSupport", "LMDB", "LMDBSnapshot", "ShardStore", "Metadata", "MetadataEtcd", "Volumes",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Yams", package: "Yams"),
         ]),

@@ -90,6 +90,8 @@ public struct EnvironmentInfo: Sendable {
     public var pageSize: Int
     /// Highest page number in use; (lastPage + 1) * pageSize bytes of the file are in use or free-listed.
     public var lastPage: Int
+    /// The ID of the last committed transaction.
+    public var lastTransactionID: UInt64 = 0
     public var usedBytes: Int { (lastPage + 1) * pageSize }
 }
 
@@ -197,7 +199,8 @@ public final class Environment: @unchecked Sendable {
         mdb_env_info(env, &info)
         var stat = MDB_stat()
         mdb_env_stat(env, &stat)
-        return EnvironmentInfo(mapSize: info.me_mapsize, pageSize: Int(stat.ms_psize), lastPage: info.me_last_pgno)
+        return EnvironmentInfo(mapSize: info.me_mapsize, pageSize: Int(stat.ms_psize), lastPage: info.me_last_pgno,
+                               lastTransactionID: UInt64(info.me_last_txnid))
     }
 
     /// Changes the map size (the size limit). Only while this process has no

@@ -136,6 +136,10 @@ extension Shard {
             do { try member.body(&ctx) } catch { member.error = error }
         }
         guard !ctx.batches.isEmpty else { return }
+        if let refused = writeFence?() {
+            for member in group { member.error = refused }
+            return
+        }
         do {
             // Under steady load something is always pending: past its size bound the
             // file is emptied anyway, once what it holds is applied.
@@ -252,6 +256,8 @@ extension Shard {
     func applyPendingBatches() -> ShardError? {
         let batches = logLock.withLock { pendingBatches }
         guard !batches.isEmpty else { return nil }
+        // A deposed primary leaves its log to the new one, which replays it.
+        if let refused = writeFence?() { return refused }
         do {
             try applyBatches(batches)
         } catch {

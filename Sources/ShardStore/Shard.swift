@@ -135,6 +135,17 @@ public final class Shard: @unchecked Sendable {
         set { observerLock.withLock { commitObserver = newValue } }
     }
 
+    var fenceCheck: (@Sendable () -> ShardError?)?
+
+    /// Asked before every commit and every batch-log append: an error stops the
+    /// write (nothing lands) and is what the writer gets. The node sets it to
+    /// refuse writes once it is no longer the primary of the shard's volume or
+    /// cannot confirm its lease (docs/BACKUP-VIEWS.md, "Promotion").
+    public var writeFence: (@Sendable () -> ShardError?)? {
+        get { observerLock.withLock { fenceCheck } }
+        set { observerLock.withLock { fenceCheck = newValue } }
+    }
+
     public var state: ShardState { stateLock.withLock { committedState } }
 
     // MARK: Opening
@@ -309,6 +320,10 @@ public final class Shard: @unchecked Sendable {
     /// error, or a failed commit, aborts the group and each member is retried
     /// alone, so one write that does not fit cannot fail the others.
     func run(_ group: [GroupCommitter<WriteContext>.Pending]) {
+        if let refused = writeFence?() {
+            for member in group { member.error = refused }
+            return
+        }
         // Logged batches first: every write lands after the batches acknowledged
         // before it, and none lands while they cannot be applied.
         if let failure = applyPendingBatches() {

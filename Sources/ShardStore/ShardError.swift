@@ -14,6 +14,9 @@ public enum ShardError: Error, Equatable, Sendable, CustomStringConvertible {
     case closed
     /// The shard was opened as a read-only view (a backup node or a read-only mount).
     case readOnlyView
+    /// This node is no longer the primary of the shard's volume, or cannot confirm
+    /// that it still is (its write fence said so): nothing was written.
+    case notPrimary(String)
     /// The write does not fit in the shard's size limit; nothing was committed.
     case full(limit: Int)
     /// One transaction cannot hold this much; nothing was committed.
@@ -33,6 +36,7 @@ public enum ShardError: Error, Equatable, Sendable, CustomStringConvertible {
         case .fenced(let owner, let client): return "shard is fenced: it belongs to client \"\(owner)\", not \"\(client)\""
         case .closed: return "shard is closed (read-only forever)"
         case .readOnlyView: return "shard is open read-only on this node"
+        case .notPrimary(let why): return "not the primary: \(why)"
         case .full(let limit): return "shard full: the write does not fit in the shard's size limit of \(limit) bytes"
         case .tooLarge(let why): return "write too large: \(why)"
         case .entryNotFound(let key): return "entry not found: \(key)"

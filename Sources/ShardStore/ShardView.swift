@@ -1,0 +1,249 @@
+import Foundation
+import LMDB
+import LMDBSnapshot
+
+// Backup views (docs/BACKUP-VIEWS.md). The primary pins a snapshot of a shard and
+// publishes where its pages are (`PublishedSnapshot`); a backup reads that snapshot
+// through `ShardView`, without LMDB: from the raw device, by the published root.
+
+/// Where a pinned snapshot's pages are: its root and the data file's extents.
+public struct PublishedSnapshot: Codable, Sendable, Equatable {
+    public var root: SnapshotRoot
+    /// The data file's physical extents when the snapshot was pinned (after fdatasync).
+    public var extents: [FileExtent]
+
+    public init(root: SnapshotRoot, extents: [FileExtent]) {
+        self.root = root
+        self.extents = extents
+    }
+
+    public func encoded() throws -> Data { try JSONEncoder().encode(self) }
+
+    public static func decode(_ data: Data) throws -> PublishedSnapshot {
+        do { return try JSONDecoder().decode(PublishedSnapshot.self, from: data) } catch {
+            throw ShardError.corrupt("unreadable published snapshot: \(error)")
+        }
+    }
+}
+
+extension Shard {
+    /// Pins the newest snapshot for backups: applies acknowledged batches to LMDB
+    /// first (a backup reads LMDB only), then holds a read transaction on the newest
+    /// snapshot, makes the data file durable and maps it. The pin keeps every page
+    /// the snapshot reaches from reuse until `PinnedSnapshot.end()`.
+    public func pinForViews() throws -> (pin: PinnedSnapshot, published: PublishedSnapshot) {
+        if log != nil { try applyLog() }
+        do {
+            let (pin, root) = try env.pinNewest { pinned, fd in
+                // The writer lock is held: the meta page of this snapshot is still on disk.
+                try SnapshotRoot.meta(of: pinned.transactionID, fd: fd)
+            }
+            do {
+                try env.sync(force: true)
+                let extents = try withDataFile { fd in try fileExtents(fd: fd) }
+                return (pin, PublishedSnapshot(root: root, extents: extents))
+            } catch {
+                pin.end()
+                throw error
+            }
+        } catch let error as ShardError {
+            throw error
+        } catch {
+            throw ShardError.storage("cannot pin shard \(id) for views: \(error)")
+        }
+    }
+
+    private func withDataFile<R>(_ body: (Int32) throws -> R) throws -> R {
+        let fd = Glibc.open(path + "/data.mdb", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw ShardError.storage("cannot open \(path)/data.mdb: \(String(cString: strerror(errno)))") }
+        defer { Glibc.close(fd) }
+        return try body(fd)
+    }
+}
+
+/// A read-only view of a shard at one published snapshot, read with `LMDBSnapshot`
+/// (pread by published root, no memory map: a failing read is an error, never
+/// SIGBUS). Every read either answers from that snapshot or throws. Safe to share
+/// between threads.
+public final class ShardView: Sendable {
+    public let id: UInt64
+    public let owner: String
+    public let state: ShardState
+    public let sizeLimit: Int
+    /// The LMDB transaction whose snapshot this is.
+    public let transactionID: UInt64
+    let snapshot: Snapshot
+    let entries: SnapshotDatabase
+    let chunks: SnapshotDatabase
+    let indexes: SnapshotDatabase
+
+    /// Opens the view; reads the shard's own descriptor from the snapshot.
+    public init(snapshot: Snapshot, transactionID: UInt64, path: String) throws {
+        self.snapshot = snapshot
+        self.transactionID = transactionID
+        do {
+            entries = try snapshot.database("entries")
+            chunks = try snapshot.database("chunks")
+            indexes = try snapshot.database("indexes")
+            let meta = try snapshot.database("meta")
+            let descriptor = try snapshot.read { txn in
+                try Descriptor.load(path: path) { name in try name.withUnsafeBytes { try txn.get(meta, $0) } }
+            }
+            id = descriptor.id
+            owner = descriptor.owner
+            state = descriptor.state
+            sizeLimit = descriptor.sizeLimit
+        } catch {
+            throw ShardView.shardError(error)
+        }
+    }
+
+    /// Snapshot errors as shard errors: what the reader refused is `corrupt`, a
+    /// device that failed is `storage`.
+    static func shardError(_ error: any Error) -> ShardError {
+        switch error {
+        case let e as ShardError: return e
+        case let e as SnapshotError: return .corrupt("view: \(e)")
+        default: return .storage("view: \(error)")
+        }
+    }
+
+    private func reading<R>(_ body: (SnapshotTransaction) throws -> R) throws -> R {
+        do { return try snapshot.read(body) } catch { throw ShardView.shardError(error) }
+    }
+
+    public func get(_ key: EntryKey) throws -> Entry {
+        try reading { txn in
+            guard let raw = try key.bytes.withUnsafeBytes({ try txn.get(entries, $0) }) else { throw ShardError.entryNotFound(key) }
+            let view = try RecordView(raw)
+            return Entry(key: key, value: try value(txn, key.bytes, view), indexes: view.indexes(), modificationTime: view.modificationTime)
+        }
+    }
+
+    public func batchGet(_ keys: [EntryKey]) throws -> [Result<Entry, ShardError>] {
+        try reading { txn in
+            keys.map { key in
+                do {
+                    guard let raw = try key.bytes.withUnsafeBytes({ try txn.get(entries, $0) }) else {
+                        return .failure(.entryNotFound(key))
+                    }
+                    let view = try RecordView(raw)
+                    return .success(Entry(key: key, value: try value(txn, key.bytes, view), indexes: view.indexes(),
+                                          modificationTime: view.modificationTime))
+                } catch {
+                    return .failure(ShardView.shardError(error))
+                }
+            }
+        }
+    }
+
+    public func attributes(_ key: EntryKey) throws -> EntryAttributes? {
+        try reading { txn in
+            guard let raw = try key.bytes.withUnsafeBytes({ try txn.get(entries, $0) }) else { return nil }
+            let view = try RecordView(raw)
+            return EntryAttributes(key: key, size: view.size, modificationTime: view.modificationTime,
+                                   indexes: view.indexes(), metadata: view.metadata)
+        }
+    }
+
+    /// Up to `count` bytes of the value from `offset`, touching only the chunks needed.
+    public func read(_ key: EntryKey, offset: Int, count: Int) throws -> [UInt8] {
+        guard offset >= 0, count >= 0 else { throw ShardError.invalidArgument("negative offset or count") }
+        return try reading { txn in
+            guard let raw = try key.bytes.withUnsafeBytes({ try txn.get(entries, $0) }) else { throw ShardError.entryNotFound(key) }
+            let view = try RecordView(raw)
+            return try view.slice(offset: offset, count: count) { n in try chunk(txn, key.bytes, n, view) }
+        }
+    }
+
+    public func list(after: EntryKey? = nil, limit: Int = .max) throws -> [EntrySummary] {
+        try reading { txn in
+            var rows: [EntrySummary] = []
+            try txn.withCursor(entries) { cursor in
+                var pair: SnapshotCursor.Pair?
+                if let after {
+                    pair = try after.bytes.withUnsafeBytes { try cursor.seek(atLeast: $0) }
+                    if let p = pair, p.key.elementsEqual(after.bytes) { pair = try cursor.next() }
+                } else {
+                    pair = try cursor.first()
+                }
+                while let p = pair, rows.count < limit {
+                    guard recordHeadIsSane(p.value) else {
+                        throw ShardError.corrupt("unreadable record for key \(String(decoding: p.key, as: UTF8.self))")
+                    }
+                    let view = EntryView(key: p.key, record: p.value)
+                    rows.append(EntrySummary(key: EntryKey(trusted: Array(p.key)), size: view.size,
+                                             modificationTime: view.modificationTime, metadata: view.metadata))
+                    pair = try cursor.next()
+                }
+            }
+            return rows
+        }
+    }
+
+    public func find(indexName name: String, value: [UInt8], after: EntryKey? = nil, limit: Int = .max) throws -> [EntryKey] {
+        let nameBytes = Array(name.utf8)
+        guard !nameBytes.isEmpty, nameBytes.count <= IndexPair.maxNameLength else {
+            throw ShardError.invalidIndex("an index name is 1–\(IndexPair.maxNameLength) bytes")
+        }
+        let rk = nameBytes.withUnsafeBytes { n in value.withUnsafeBytes { reverseIndexKey(name: n, value: $0) } }
+        let hashed = reverseIndexKeyIsHashed(value.count)
+        return try reading { txn in
+            var keys: [EntryKey] = []
+            try txn.withCursor(indexes) { cursor in
+                var pair: SnapshotCursor.Pair? = try rk.withUnsafeBytes { k in
+                    if let after {
+                        var p = try after.bytes.withUnsafeBytes { try cursor.seek(key: k, atLeastValue: $0) }
+                        if let found = p, found.value.elementsEqual(after.bytes) { p = try cursor.nextDuplicate() }
+                        return p
+                    }
+                    return try cursor.seek(exactly: k)
+                }
+                while let p = pair, keys.count < limit {
+                    let key = Array(p.value)
+                    var matches = true
+                    if hashed {
+                        matches = false
+                        if let raw = try key.withUnsafeBytes({ try txn.get(entries, $0) }) {
+                            try RecordView(raw).forEachIndex { n, v in
+                                if n.elementsEqual(nameBytes) && v.elementsEqual(value) { matches = true }
+                            }
+                        }
+                    }
+                    if matches { keys.append(EntryKey(trusted: key)) }
+                    pair = try cursor.nextDuplicate()
+                }
+            }
+            return keys
+        }
+    }
+
+    /// Entries and an upper bound of the bytes in use (the view does not read the free list).
+    public func stats() throws -> ShardStats {
+        let count = try reading { txn in try txn.count(entries) }
+        let root = snapshot.root
+        return ShardStats(id: id, owner: owner, state: state, entries: count,
+                          usedBytes: Int(root.lastPage + 1) * root.pageSize, limitBytes: sizeLimit)
+    }
+
+    private func chunk(_ txn: SnapshotTransaction, _ key: [UInt8], _ n: Int, _ view: RecordView) throws -> UnsafeRawBufferPointer {
+        let raw = try chunkKey(view.chunkSet, n).withUnsafeBytes { try txn.get(chunks, $0) }
+        return try view.checkedChunk(raw, n, key: key)
+    }
+
+    private func value(_ txn: SnapshotTransaction, _ key: [UInt8], _ view: RecordView) throws -> [UInt8] {
+        guard view.flags.contains(.chunked) else { return Array(view.inlineValue) }
+        var out: [UInt8] = []
+        out.reserveCapacity(view.size)
+        for n in 0..<view.chunkCount { out.append(contentsOf: try chunk(txn, key, n, view)) }
+        return out
+    }
+}
+
+extension Shard {
+    /// Whether anything changed since the snapshot `transactionID` (a commit, or an
+    /// acknowledged batch not yet applied).
+    public func changed(since transactionID: UInt64) -> Bool {
+        env.info.lastTransactionID != transactionID || hasPendingBatches
+    }
+}
