@@ -49,6 +49,16 @@ final class RequestExecutor: Sendable {
         while i < works.count {
             let work = works[i]
             guard let id = work.request.dataShard, let shard = shards.localShard(id) else {
+                // A backup serves reads from its view of the shard; writes go on to be redirected.
+                if let id = work.request.dataShard, !work.request.isWrite, let views = shards.views, views.serves(id) {
+                    do {
+                        if try views.withView(id, { view in runOne(work, view, &outcome) }) == nil { outcome.deferred.append(work) }
+                    } catch {
+                        reply(work, wireStatus(for: error, writing: false), .none, &outcome)
+                    }
+                    i += 1
+                    continue
+                }
                 outcome.deferred.append(work)
                 i += 1
                 continue
@@ -130,6 +140,49 @@ final class RequestExecutor: Sendable {
             }
         } catch {
             reply(work, wireStatus(for: error, writing: request.isWrite), .none, &outcome)
+        }
+    }
+
+    /// A read on a backup's view of the shard (docs/BACKUP-VIEWS.md). A BatchGet
+    /// is answered whole from one snapshot.
+    private func runOne(_ work: Work, _ view: ShardView, _ outcome: inout Outcome) {
+        let request = work.request
+        do {
+            switch request {
+            case .get(_, let key):
+                reply(work, .ok, .entry(Self.payload(try view.get(try EntryKey(key)))), &outcome)
+            case .batchGet(_, let keys):
+                let results = try view.batchGet(keys.map { key in (try? EntryKey(key)) ?? EntryKey(trusted: key) })
+                for (p, result) in results.enumerated() {
+                    let problem = EntryKey.problem(with: keys[p]).map { ShardError.invalidKey($0) }
+                    switch (problem, result) {
+                    case (nil, .success(let entry)):
+                        ResponseCodec.encodeBatchGetItem(requestID: work.requestID, position: UInt32(p), status: .ok,
+                                                         entry: Self.payload(entry), into: &outcome.out)
+                    case (let error?, _), (nil, .failure(let error)):
+                        ResponseCodec.encodeBatchGetItem(requestID: work.requestID, position: UInt32(p),
+                                                         status: wireStatus(for: error, writing: false), entry: nil, into: &outcome.out)
+                    }
+                }
+                reply(work, .ok, .itemCount(UInt32(keys.count)), &outcome)
+            case .list(_, let after, let limit):
+                let n = Self.pageLimit(limit)
+                var rows = try view.list(after: try after.map { try EntryKey($0) }, limit: n + 1)
+                let more = rows.count > n
+                if more { rows.removeLast() }
+                reply(work, .ok, .listPage(rows: rows.map { ListRow(key: $0.key.bytes, size: UInt64($0.size),
+                                                                    modificationTime: $0.modificationTime) }, more: more), &outcome)
+            case .findByIndex(_, let name, let value, let after, let limit):
+                let n = Self.pageLimit(limit)
+                var keys = try view.find(indexName: name, value: value, after: try after.map { try EntryKey($0) }, limit: n + 1)
+                let more = keys.count > n
+                if more { keys.removeLast() }
+                reply(work, .ok, .keys(keys.map(\.bytes), more: more), &outcome)
+            default:
+                outcome.deferred.append(work)
+            }
+        } catch {
+            reply(work, wireStatus(for: error, writing: false), .none, &outcome)
         }
     }
 

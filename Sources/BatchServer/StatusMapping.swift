@@ -17,7 +17,7 @@ func wireStatus(for error: Error, writing: Bool) -> Status {
         case .clientIDRequired: code = .clientIDRequired
         case .fenced: code = .shardFenced
         case .closed: code = .shardClosed
-        case .readOnlyView: code = .notShardLeader
+        case .readOnlyView, .notPrimary: code = .notShardLeader
         case .full: code = .shardFull
         case .tooLarge: code = .writeTooLarge
         case .entryNotFound: code = .entryNotFound

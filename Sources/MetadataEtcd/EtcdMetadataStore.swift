@@ -42,9 +42,13 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
         var leaseID: Int64
         var record: NodeRecord
         var keepalive: Task<Void, Never>?
-        init(leaseID: Int64, record: NodeRecord) {
+        /// The lease surely lives until then: the send time of the last grant or
+        /// keepalive etcd answered, plus the TTL (etcd counts from its receipt, later).
+        var surelyValidUntil: ContinuousClock.Instant
+        init(leaseID: Int64, record: NodeRecord, surelyValidUntil: ContinuousClock.Instant) {
             self.leaseID = leaseID
             self.record = record
+            self.surelyValidUntil = surelyValidUntil
         }
     }
 
@@ -110,6 +114,7 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
                 removeLease(node.nodeID)?.keepalive?.cancel()
             }
         }
+        let sent = ContinuousClock.now
         let leaseID = try await grantLease()
         do {
             try await put(nodeKey(node.nodeID), value, lease: leaseID)
@@ -117,7 +122,7 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
             try? await revokeLease(leaseID)
             throw error
         }
-        let entry = NodeLease(leaseID: leaseID, record: node)
+        let entry = NodeLease(leaseID: leaseID, record: node, surelyValidUntil: sent + .seconds(configuration.leaseTTL))
         let previous = lock.withLock { () -> NodeLease? in
             defer { leases[node.nodeID] = entry }
             return leases[node.nodeID]
@@ -420,6 +425,13 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
 
     /// Renews the lease every third of its TTL. If etcd forgot the lease (an
     /// outage longer than the TTL), the node is registered again on a new lease.
+    /// Until when the lease of a node this store registered surely lives (by this
+    /// host's clock), nil for a node it did not register. A node that holds a role
+    /// acts on it only before this instant (docs/BACKUP-VIEWS.md).
+    public func leaseSurelyValidUntil(_ nodeID: String) -> ContinuousClock.Instant? {
+        lock.withLock { leases[nodeID]?.surelyValidUntil }
+    }
+
     private func startKeepalive(nodeID: String, entry: NodeLease) -> Task<Void, Never> {
         let interval = Duration.milliseconds(max(200, configuration.leaseTTL * 1000 / 3))
         return Task { [weak self] in
@@ -434,9 +446,13 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
     private func keepAlive(nodeID: String, entry: NodeLease) async {
         let leaseID = lock.withLock { entry.leaseID }
         do {
+            let sent = ContinuousClock.now
             let message = try await client.post("/v3/lease/keepalive", ["ID": String(leaseID)], as: WireLeaseKeepAliveMessage.self)
             if let error = message.error { throw EtcdErrors.fromStatus(grpcCode: error.code, message: error.text, endpoint: "keepalive") }
-            if message.result?.TTL.int ?? 0 > 0 { return }
+            if message.result?.TTL.int ?? 0 > 0 {
+                lock.withLock { entry.surelyValidUntil = sent + .seconds(configuration.leaseTTL) }
+                return
+            }
             // No TTL: the lease expired. Register again, unless unregistered meanwhile.
             logger.warning("the lease of a node expired; registering it again", metadata: ["node": "\(nodeID)"])
             let newLease = try await grantLease()

@@ -23,7 +23,7 @@ func errnoValue(of error: Error) -> Int32 {
         switch e {
         case .invalidKey, .invalidIndex, .invalidArgument: return EINVAL
         case .clientIDRequired, .fenced: return EACCES
-        case .closed, .readOnlyView: return EROFS
+        case .closed, .readOnlyView, .notPrimary: return EROFS
         case .full: return ENOSPC
         case .tooLarge: return EFBIG
         case .entryNotFound: return ENOENT

@@ -86,11 +86,23 @@ public struct Configuration: Sendable, Equatable {
         public var sizeLimit = 2 << 30
     }
 
+    /// Backup views and failover (docs/BACKUP-VIEWS.md).
+    public struct Backup: Sendable, Equatable {
+        /// How often a primary publishes fresh views of the volumes it writes that have backups.
+        public var viewIntervalMs = 500
+        /// How long a primary's node record must have been gone (its lease lapsed)
+        /// before a backup promotes itself.
+        public var failoverDelayMs = 2000
+        /// Whether backups promote themselves; `shardfs volume promote` works either way.
+        public var automaticFailover = true
+    }
+
     public var node = Node()
     public var server = Server()
     public var cloud = Cloud()
     public var metadata = Metadata()
     public var shard = Shard()
+    public var backup = Backup()
     /// trace | debug | info | notice | warning | error | critical
     public var logLevel = "info"
 
@@ -203,6 +215,7 @@ extension Configuration {
         "metadata.retry.initial_backoff_ms", "metadata.retry.multiplier", "metadata.retry.max_backoff_ms",
         "metadata.retry.deadline_ms",
         "shard.size_limit",
+        "backup.view_interval_ms", "backup.failover_delay_ms", "backup.automatic_failover",
         "log.level",
     ]
 
@@ -267,6 +280,13 @@ extension Configuration {
                 throw ConfigurationError("\(source): \(key) must be a size like 2GiB, 512MiB or 1048576, not \"\(value)\"")
             }
             shard.sizeLimit = bytes
+        case "backup.view_interval_ms":
+            backup.viewIntervalMs = try int()
+            if backup.viewIntervalMs < 10 { throw ConfigurationError("\(source): backup.view_interval_ms must be at least 10") }
+        case "backup.failover_delay_ms": backup.failoverDelayMs = try int()
+        case "backup.automatic_failover":
+            guard let flag = Bool(value) else { throw ConfigurationError("\(source): \(key) must be true or false, not \"\(value)\"") }
+            backup.automaticFailover = flag
         case "log.level": logLevel = value
         default:
             throw ConfigurationError("\(source): unknown key \"\(key)\"")

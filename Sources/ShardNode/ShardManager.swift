@@ -81,12 +81,75 @@ public final class ShardManager: @unchecked Sendable {
         }
     }
 
-    /// Holds a loaded shard and forwards its commits to the change listeners.
+    /// Holds a loaded shard and forwards its commits to the change listeners. A
+    /// writable shard gets the write fence of its volume.
     private func adopt(_ shard: Shard, volumeID: String) {
+        if !shard.isReadOnlyView {
+            shard.writeFence = { [weak self] in
+                guard let self else { return .notPrimary("the node is stopping") }
+                return self.writeRefusal(volumeID)
+            }
+        }
         lock.withLock {
             shards[shard.id] = (shard, volumeID)
             forwardCommits(shard)
         }
+    }
+
+    // MARK: Roles
+
+    /// The read-only views this node serves as a backup, if it backs any volume.
+    public var views: BackupViews? {
+        get { lock.withLock { backupViews } }
+        set { lock.withLock { backupViews = newValue } }
+    }
+    private var backupViews: BackupViews?
+
+    /// Volumes this node is the primary of, with the epoch it won each at.
+    private var primaryEpochs: [String: UInt64] = [:]
+    /// Whether this node's own lease is fresh (it may still be the primary); set by
+    /// the node from its metadata store. Default: always (the embedded store).
+    public var leaseIsFresh: @Sendable () -> Bool {
+        get { lock.withLock { leaseCheck } }
+        set { lock.withLock { leaseCheck = newValue } }
+    }
+    private var leaseCheck: @Sendable () -> Bool = { true }
+
+    /// Records that this node writes `volumeID` at `epoch`.
+    public func becamePrimary(_ volumeID: String, epoch: UInt64) {
+        lock.withLock { primaryEpochs[volumeID] = epoch }
+    }
+
+    /// The epoch this node writes the volume at, nil if it is not its primary.
+    public func primaryEpoch(_ volumeID: String) -> UInt64? {
+        lock.withLock { primaryEpochs[volumeID] }
+    }
+
+    /// Why a write to a shard on `volumeID` must not land now, or nil. Asked by every
+    /// shard before each commit and batch-log append.
+    func writeRefusal(_ volumeID: String) -> ShardError? {
+        let (epoch, fresh) = lock.withLock { (primaryEpochs[volumeID], leaseCheck) }
+        guard epoch != nil else { return .notPrimary("this node no longer writes volume \(volumeID)") }
+        guard fresh() else { return .notPrimary("this node cannot confirm its lease, so it may no longer be the primary of volume \(volumeID)") }
+        return nil
+    }
+
+    /// Stops writing a volume another node has won (its epoch moved on): every
+    /// write to its shards is refused from now on and they are let go, so requests
+    /// for them are redirected. Returns the shards let go.
+    @discardableResult
+    public func depose(_ volumeID: String) -> [UInt64] {
+        let released = lock.withLock { () -> [UInt64] in
+            primaryEpochs.removeValue(forKey: volumeID)
+            let ids = shards.filter { $0.value.volumeID == volumeID }.map(\.key)
+            for id in ids { shards.removeValue(forKey: id) }
+            return ids
+        }
+        if !released.isEmpty {
+            logger.warning("another node is now the primary of a volume; its shards are no longer written here",
+                           metadata: ["volume": "\(volumeID)", "shards": "\(released.count)"])
+        }
+        return released
     }
 
     /// Hands the listeners as they are now to the shard's commits (called again
@@ -126,6 +189,7 @@ public final class ShardManager: @unchecked Sendable {
             throw ShardManagerError.invalidArgument("a shard's size limit is at least \(ShardOptions.minimumSizeLimit) bytes")
         }
         let volume = try chooseVolume()
+        if let refused = writeRefusal(volume.volumeID) { throw refused }
         let id: UInt64
         if let requested {
             guard requested > 0 else { throw ShardManagerError.invalidArgument("shard ID 0 is reserved") }
@@ -171,6 +235,20 @@ public final class ShardManager: @unchecked Sendable {
         lock.withLock { shards[id]?.shard }
     }
 
+    /// Loaded shards of one volume, by ID.
+    public func localShards(on volumeID: String) -> [Shard] {
+        lock.withLock { shards.values.filter { $0.volumeID == volumeID }.map(\.shard).sorted { $0.id < $1.id } }
+    }
+
+    /// Says, for a volume, whether a deleted shard's files must stay (renamed
+    /// `shard-N.deleting`) for someone else to remove: the view publisher, once no
+    /// backup can read them any more. Default: never.
+    public var keepsDeletedFiles: @Sendable (_ volumeID: String) -> Bool {
+        get { lock.withLock { keepDeleted } }
+        set { lock.withLock { keepDeleted = newValue } }
+    }
+    private var keepDeleted: @Sendable (String) -> Bool = { _ in false }
+
     /// Loaded shards, by ID.
     public func localShards() -> [Shard] {
         lock.withLock { shards.values.map(\.shard).sorted { $0.id < $1.id } }
@@ -200,6 +278,7 @@ public final class ShardManager: @unchecked Sendable {
     public func deleteShard(_ id: UInt64) async throws {
         let shard = try await self.shard(id)
         guard !shard.isReadOnlyView, let volume = volume(of: id) else { throw ShardManagerError.notPrimary(id) }
+        if let refused = writeRefusal(volume.volumeID) { throw refused }
         _ = try await metadata.updateShardState(id, to: .deleting)
         lock.withLock { _ = shards.removeValue(forKey: id) }
         try await finishDelete(id, on: volume)
@@ -241,7 +320,22 @@ public final class ShardManager: @unchecked Sendable {
         }
     }
 
-    private func restore(_ volume: MountedVolume) async throws {
+    /// Opens the shards of one mounted volume (after a promotion, say).
+    public func restore(_ volume: MountedVolume) async throws {
+        // A volume this node backs is never opened with LMDB: the primary writes it
+        // meanwhile, and LMDB over a read-only mount of a live volume reads stale
+        // or reused pages. `BackupViews` serves it (docs/BACKUP-VIEWS.md).
+        guard !volume.readOnly else { return }
+        if !volume.readOnly {
+            // Writable here only as its primary, at the epoch the metadata holds.
+            let record = try await metadata.getVolume(volume.volumeID)
+            guard record.primaryNodeID == nodeID else {
+                logger.error("a volume mounted writable here has another primary; not opening its shards",
+                             metadata: ["volume": "\(volume.volumeID)", "primary": "\(record.primaryNodeID)"])
+                return
+            }
+            becamePrimary(volume.volumeID, epoch: record.epoch)
+        }
         let records = try await metadata.listShards(volumeID: volume.volumeID)
         var byID = Dictionary(uniqueKeysWithValues: records.map { ($0.shardID, $0) })
         // A volume that cannot be listed is skipped, never read as empty: that
@@ -261,7 +355,7 @@ public final class ShardManager: @unchecked Sendable {
                 continue
             }
             if name.hasSuffix(".deleting"), ShardDirectoryName.id(name.utf8.dropLast(".deleting".count)) != nil {
-                if writable {
+                if writable && !keepsDeletedFiles(volume.volumeID) {
                     logger.notice("finishing an interrupted delete", metadata: ["dir": "\(name)"])
                     try? FileManager.default.removeItem(atPath: volume.mountPath + "/" + name)
                 }
@@ -326,6 +420,7 @@ public final class ShardManager: @unchecked Sendable {
         let live = path(id, on: volume)
         let doomed = live + ".deleting"
         let folder = volume.mountPath
+        let keepFiles = keepsDeletedFiles(volume.volumeID)
         try await blockingWork {
             let fm = FileManager.default
             if fm.fileExists(atPath: live) {
@@ -334,7 +429,7 @@ public final class ShardManager: @unchecked Sendable {
                 }
                 try syncDirectory(folder)
             }
-            if fm.fileExists(atPath: doomed) {
+            if !keepFiles, fm.fileExists(atPath: doomed) {
                 do { try fm.removeItem(atPath: doomed) } catch {
                     throw ShardError.storage("cannot remove \(doomed): \(error.localizedDescription)")
                 }
@@ -353,7 +448,8 @@ public final class ShardManager: @unchecked Sendable {
     /// The writable volume with the most free space (compared in whole GiB, since
     /// folders on one filesystem differ by noise), then the fewest open shards.
     func chooseVolume() throws -> MountedVolume {
-        let candidates = volumes.mountedVolumes().filter { !$0.readOnly }
+        let held = lock.withLock { primaryEpochs }
+        let candidates = volumes.mountedVolumes().filter { !$0.readOnly && held[$0.volumeID] != nil }
         let openCounts = lock.withLock {
             shards.values.reduce(into: [String: Int]()) { counts, entry in
                 if entry.shard.state == .open { counts[entry.volumeID, default: 0] += 1 }

@@ -14,15 +14,31 @@ public final class StorageNode: Sendable {
     public let metadata: any MetadataStore
     public let volumes: any VolumeManager
     public let shards: ShardManager
+    /// Backup views and failover: what this node publishes as a primary, serves
+    /// as a backup, and how it changes roles (docs/BACKUP-VIEWS.md).
+    public let publisher: ViewPublisher
+    public let views: BackupViews
+    public let failover: Failover
     private let lock: DataFolderLock
 
     init(configuration: Configuration, lock: DataFolderLock, metadata: any MetadataStore, volumes: any VolumeManager,
-         shards: ShardManager) {
+         shards: ShardManager, publisher: ViewPublisher, views: BackupViews, failover: Failover) {
         self.configuration = configuration
         self.lock = lock
         self.metadata = metadata
         self.volumes = volumes
         self.shards = shards
+        self.publisher = publisher
+        self.views = views
+        self.failover = failover
+    }
+
+    /// Stops publishing and following views and changing roles (a clean stop,
+    /// before the shards' logs are applied).
+    public func stopRoles() async {
+        failover.stop()
+        views.stop()
+        await publisher.stop()
     }
 
     /// Starts a node: opens the metadata store, registers the node, mounts the
@@ -66,15 +82,66 @@ public final class StorageNode: Sendable {
             }
         }
         for volume in held {
-            _ = try await volumes.mount(volume.volumeID, readOnly: volume.primaryNodeID != config.node.nodeID)
+            if volume.primaryNodeID != config.node.nodeID, let block = volumes as? BlockVolumeManager {
+                // A backup reads the raw device (docs/BACKUP-VIEWS.md): attached, not mounted.
+                _ = try await block.attach(volume.volumeID, readOnly: true)
+            } else {
+                _ = try await volumes.mount(volume.volumeID, readOnly: volume.primaryNodeID != config.node.nodeID)
+            }
         }
         let shards = ShardManager(nodeID: config.node.nodeID, metadata: metadata, volumes: volumes,
                                   defaultSizeLimit: config.shard.sizeLimit)
+        let leaseIsFresh = leaseCheck(metadata, nodeID: config.node.nodeID)
+        shards.leaseIsFresh = leaseIsFresh
+        let publisher = ViewPublisher(nodeID: config.node.nodeID, metadata: metadata, shards: shards,
+                                      interval: .milliseconds(config.backup.viewIntervalMs))
+        shards.keepsDeletedFiles = { volumeID in publisher.handlesDeletes(volumeID) }
         try await shards.restore()
-        return StorageNode(configuration: config, lock: lock, metadata: metadata, volumes: volumes, shards: shards)
+        // Views of what there is, before anything is served.
+        await publisher.checkpoint()
+        publisher.start()
+        let views = BackupViews(nodeID: config.node.nodeID, metadata: metadata, volumes: volumes, leaseIsFresh: leaseIsFresh)
+        try await views.start()
+        shards.views = views
+        let failover = Failover(nodeID: config.node.nodeID, metadata: metadata, shards: shards,
+                                failoverDelay: .milliseconds(config.backup.failoverDelayMs),
+                                automatic: config.backup.automaticFailover) { volumeID, oldPrimary in
+            try await takeOver(volumeID, oldPrimary: oldPrimary, volumes: volumes, provider: provider)
+        }
+        try await failover.start()
+        return StorageNode(configuration: config, lock: lock, metadata: metadata, volumes: volumes, shards: shards,
+                           publisher: publisher, views: views, failover: failover)
     }
 
-    static func openMetadata(_ config: Configuration) throws -> any MetadataStore {
+    /// Whether this node's lease surely lives, by this host's clock, with a margin
+    /// (the embedded store has no leases: always).
+    static func leaseCheck(_ metadata: any MetadataStore, nodeID: String) -> @Sendable () -> Bool {
+        let base = (metadata as? RetryingMetadataStore)?.base ?? metadata
+        guard let etcd = base as? EtcdMetadataStore else { return { true } }
+        return {
+            guard let until = etcd.leaseSurelyValidUntil(nodeID) else { return false }
+            return ContinuousClock.now + .milliseconds(500) < until
+        }
+    }
+
+    /// Promotion steps 2–3 in the volume layer: cut the old primary off (the other
+    /// instance holding the volume read-write) and mount the volume read-write here.
+    static func takeOver(_ volumeID: String, oldPrimary: String?, volumes: any VolumeManager,
+                         provider: any CloudProvider) async throws -> MountedVolume {
+        guard let block = volumes as? BlockVolumeManager else {
+            // A folder volume: one host, nothing to fence; remount writable.
+            if volumes.mountedVolumes().contains(where: { $0.volumeID == volumeID }) { try await volumes.unmount(volumeID) }
+            return try await volumes.mount(volumeID, readOnly: false)
+        }
+        // The old primary is a node; what the storage knows is instances: the one
+        // holding the volume read-write that is not this one.
+        let attachments = try await provider.describeVolume(volumeID).attachments
+        let fenced = attachments.first { $0.instanceID != block.instanceID && !$0.readOnly }?.instanceID
+        return try await block.promote(volumeID, fencing: fenced)
+    }
+
+    /// The metadata store the configuration names (without retries).
+    public static func openMetadata(_ config: Configuration) throws -> any MetadataStore {
         switch config.metadata.type {
         case "embedded":
             return try EmbeddedMetadataStore(path: config.embeddedMetadataPath)

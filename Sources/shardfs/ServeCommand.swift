@@ -47,6 +47,7 @@ struct ServeCommand: AsyncParsableCommand {
             if signalled { fuse.session.stop() }
             _ = await fuse.done.value
         }
+        await running.node.stopRoles()
         running.node.shards.applyLogs()
         if !signalled { throw MountError(description: "the mount at \(mount ?? "") ended on its own; see the log") }
     }

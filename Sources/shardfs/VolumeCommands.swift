@@ -12,7 +12,7 @@ struct VolumeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "volume",
         abstract: "Create, list, attach, detach and delete volumes.",
-        subcommands: [Create.self, List.self, Attach.self, Detach.self, Delete.self]
+        subcommands: [Create.self, List.self, Attach.self, Detach.self, Delete.self, AddBackup.self, Promote.self]
     )
 
     struct Create: AsyncParsableCommand {
@@ -125,6 +125,48 @@ struct VolumeCommand: AsyncParsableCommand {
         }
     }
 
+    struct AddBackup: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "add-backup",
+            abstract: "Make a node a backup of a volume: it attaches the volume read-only and serves views of its shards when it (re)starts.")
+        @OptionGroup var node: NodeOptions
+        @Argument(help: "Volume ID.") var volumeID: String
+        @Option(name: .long, help: "The backup node's ID (default: this node's).") var backup: String?
+
+        func run() async throws {
+            let config = try node.configuration()
+            let metadata = try StorageNode.openMetadata(config)
+            let backup = self.backup ?? config.node.nodeID
+            let volume = try await metadata.getVolume(volumeID)
+            guard volume.primaryNodeID != backup else {
+                throw ValidationError("node \(backup) is the primary of volume \(volumeID); a primary cannot also be its backup")
+            }
+            try await metadata.addBackup(volumeID: volumeID, nodeID: backup)
+            emit("volume \(volumeID): primary \(volume.primaryNodeID), backups \((volume.backupNodeIDs + [backup]).uniqued().joined(separator: ", "))")
+        }
+    }
+
+    struct Promote: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Make a backup of a volume its primary now (the node, running, cuts the old primary off the storage and takes over).")
+        @OptionGroup var node: NodeOptions
+        @Argument(help: "Volume ID.") var volumeID: String
+        @Option(name: .long, help: "The backup to promote (default: this node).") var to: String?
+
+        func run() async throws {
+            let config = try node.configuration()
+            let metadata = try StorageNode.openMetadata(config)
+            let target = to ?? config.node.nodeID
+            let volume = try await metadata.getVolume(volumeID)
+            guard volume.backupNodeIDs.contains(target) else {
+                throw ValidationError("node \(target) is not a backup of volume \(volumeID) (backups: "
+                                      + "\(volume.backupNodeIDs.isEmpty ? "none" : volume.backupNodeIDs.joined(separator: ", ")))")
+            }
+            let won = try await metadata.updatePrimary(volumeID: volumeID, nodeID: target, expectedEpoch: volume.epoch)
+            emit("volume \(volumeID): primary \(won.primaryNodeID) at epoch \(won.epoch) (was \(volume.primaryNodeID))")
+        }
+    }
+
     /// The configured provider's volume manager, without starting the node.
     static func manager(_ options: NodeOptions) async throws -> any VolumeManager {
         let config = try options.configuration()
@@ -159,5 +201,13 @@ struct VolumeCommand: AsyncParsableCommand {
         } else if volumes.mountedVolumes().contains(where: { $0.volumeID == volumeID }) {
             try await volumes.unmount(volumeID)
         }
+    }
+}
+
+extension Array where Element: Hashable {
+    /// The elements in order, each once.
+    func uniqued() -> [Element] {
+        var seen = Set<Element>()
+        return filter { seen.insert($0).inserted }
     }
 }

@@ -1,0 +1,164 @@
+import Foundation
+import LMDBSnapshot
+import Logging
+import Metadata
+import NodeSupport
+import ShardStore
+import Volumes
+
+/// The backup's half of backup views (docs/BACKUP-VIEWS.md). For every volume
+/// this node backs it follows the generations the primary publishes: builds a
+/// `ShardView` of each changed shard (read from the volume's block device by the
+/// published extents; from the file itself for a folder volume, which shares this
+/// host's page cache), swaps the generation in, waits until no read uses the one
+/// before, and acknowledges the new one so the primary can end older pins.
+public final class BackupViews: @unchecked Sendable {
+    private let nodeID: String
+    private let metadata: any MetadataStore
+    private let volumes: any VolumeManager
+    private let logger: Logger
+    private let lock = NSLock()
+    /// Newest generation of each volume.
+    private var current: [String: Generation] = [:]
+    /// Shard → its volume, for the newest generations.
+    private var volumeOf: [UInt64: String] = [:]
+    private var leaseCheck: @Sendable () -> Bool
+    private var task: Task<Void, Never>?
+
+    /// A volume's views at one generation, and the reads still using them.
+    final class Generation: @unchecked Sendable {
+        let views: VolumeViews
+        let shards: [UInt64: (takenIn: UInt64, view: ShardView)]
+        private let lock = NSLock()
+        private var readers = 0
+        init(views: VolumeViews, shards: [UInt64: (takenIn: UInt64, view: ShardView)]) {
+            self.views = views
+            self.shards = shards
+        }
+        func enter() { lock.withLock { readers += 1 } }
+        func leave() { lock.withLock { readers -= 1 } }
+        var isIdle: Bool { lock.withLock { readers == 0 } }
+    }
+
+    /// `leaseIsFresh`: whether this node's lease surely still lives; a read that
+    /// ends when it does not is answered with an error, not its bytes.
+    public init(nodeID: String, metadata: any MetadataStore, volumes: any VolumeManager,
+                leaseIsFresh: @escaping @Sendable () -> Bool = { true }, logger: Logger = Logger(label: "shardfs.backup")) {
+        self.nodeID = nodeID
+        self.metadata = metadata
+        self.volumes = volumes
+        self.leaseCheck = leaseIsFresh
+        self.logger = logger
+    }
+
+    /// Loads the newest generation of every volume this node backs, then follows
+    /// new ones through the metadata's change stream.
+    public func start() async throws {
+        let events = metadata.changes()
+        for volume in try await metadata.listVolumes(nodeID: nodeID) where volume.backupNodeIDs.contains(nodeID) {
+            if let views = try await metadata.getViews(volume.volumeID) { await apply(views) }
+        }
+        lock.withLock {
+            task = Task { [weak self] in
+                for await event in events {
+                    guard let self else { return }
+                    if case .viewsPublished(let views) = event { await self.apply(views) }
+                }
+            }
+        }
+    }
+
+    public func stop() {
+        lock.withLock { task?.cancel(); task = nil; current.removeAll(); volumeOf.removeAll() }
+    }
+
+    /// Whether this node serves a view of the shard.
+    public func serves(_ shardID: UInt64) -> Bool { lock.withLock { volumeOf[shardID] != nil } }
+
+    /// The volume of a shard this node serves a view of.
+    public func volume(of shardID: UInt64) -> String? { lock.withLock { volumeOf[shardID] } }
+
+    /// The newest generation applied for a volume, and when the primary published it.
+    public func generation(of volumeID: String) -> (generation: UInt64, publishedAt: Int64)? {
+        lock.withLock { current[volumeID].map { ($0.views.generation, $0.views.publishedAt) } }
+    }
+
+    /// Runs `body` with the newest view of the shard; nil if this node serves none.
+    /// Throws `notPrimary` when this node's lease cannot be confirmed before or
+    /// after the read (then what was read is dropped).
+    public func withView<R>(_ shardID: UInt64, _ body: (ShardView) throws -> R) throws -> R? {
+        let found = lock.withLock { () -> (Generation, ShardView)? in
+            guard let volumeID = volumeOf[shardID], let generation = current[volumeID],
+                  let entry = generation.shards[shardID] else { return nil }
+            generation.enter()
+            return (generation, entry.view)
+        }
+        guard let (generation, view) = found else { return nil }
+        defer { generation.leave() }
+        guard leaseCheck() else { throw ShardError.notPrimary("this backup cannot confirm its lease; its views are not served") }
+        let result = try body(view)
+        guard leaseCheck() else { throw ShardError.notPrimary("this backup's lease lapsed during the read") }
+        return result
+    }
+
+    /// Swaps in a published generation (if newer than the one held) and, once no
+    /// read uses the previous one, acknowledges it.
+    func apply(_ views: VolumeViews) async {
+        let id = views.volumeID
+        guard let mounted = backedVolume(id) else { return }
+        let previous = lock.withLock { current[id] }
+        if let previous, previous.views.epoch == views.epoch, previous.views.generation >= views.generation { return }
+        var built: [UInt64: (takenIn: UInt64, view: ShardView)] = [:]
+        for record in views.shards {
+            if let kept = previous?.shards[record.shardID], kept.takenIn == record.takenIn, previous?.views.epoch == views.epoch {
+                built[record.shardID] = kept
+                continue
+            }
+            do {
+                built[record.shardID] = (record.takenIn, try await blockingWork { try Self.view(record, on: mounted) })
+            } catch {
+                logger.error("cannot open a shard's view; it is not served until the next generation",
+                             metadata: ["shard": "\(record.shardID)", "volume": "\(id)", "error": "\(error)"])
+            }
+        }
+        let generation = Generation(views: views, shards: built)
+        lock.withLock {
+            current[id] = generation
+            volumeOf = volumeOf.filter { $0.value != id }
+            for shardID in built.keys { volumeOf[shardID] = id }
+        }
+        // Reads that began on the previous generation finish first.
+        if let previous {
+            while !previous.isIdle { try? await Task.sleep(for: .milliseconds(2)) }
+        }
+        do {
+            try await metadata.acknowledgeViews(volumeID: id, nodeID: nodeID, generation: views.generation)
+        } catch {
+            logger.warning("cannot acknowledge a generation of views; the primary keeps older snapshots pinned",
+                           metadata: ["volume": "\(id)", "generation": "\(views.generation)", "error": "\(error)"])
+        }
+    }
+
+    /// Where this node reads a volume it backs: the block device it holds attached
+    /// read-only (not mounted), or, for a folder volume, the folder.
+    private func backedVolume(_ volumeID: String) -> MountedVolume? {
+        if let block = volumes as? BlockVolumeManager {
+            guard let attached = block.attachedVolumes().first(where: { $0.volumeID == volumeID && $0.readOnly }) else { return nil }
+            return MountedVolume(volumeID: volumeID, mountPath: block.mountPath(volumeID), readOnly: true, device: attached.device)
+        }
+        return volumes.mountedVolumes().first { $0.volumeID == volumeID && $0.readOnly }
+    }
+
+    static func view(_ record: ShardSnapshotRecord, on volume: MountedVolume) throws -> ShardView {
+        let published = try PublishedSnapshot.decode(record.snapshot)
+        let path = volume.mountPath + "/" + ShardDirectoryName.of(record.shardID)
+        let source: any PageSource
+        if volume.device.isEmpty {
+            // A folder volume: this host's page cache is the primary's.
+            source = try FilePageSource(path: path + "/data.mdb", pageSize: published.root.pageSize)
+        } else {
+            source = try DevicePageSource(device: volume.device, extents: published.extents, pageSize: published.root.pageSize)
+        }
+        return try ShardView(snapshot: try Snapshot(source: source, root: published.root), transactionID: published.root.txnid, path: path)
+    }
+}

@@ -1,0 +1,141 @@
+import Foundation
+import Logging
+import Metadata
+import Volumes
+
+/// Keeps this node's roles in step with the metadata, and promotes it when the
+/// primary of a volume it backs is gone (docs/BACKUP-VIEWS.md, "Promotion"):
+/// - a volume this node writes whose epoch moved on (another node won it) is
+///   deposed at once: its shards take no more writes here;
+/// - a volume that names this node primary at an epoch it does not hold yet (a
+///   promotion by hand, `shardfs volume promote`) is taken over;
+/// - a volume this node backs whose primary's node record has been gone for
+///   `failoverDelay` (its lease lapsed) is won in metadata, then taken over.
+/// Taking over: cut the old primary off the storage and confirm it, mount
+/// read-write, open the shards (which replays their batch logs), start writing.
+public final class Failover: @unchecked Sendable {
+    public let failoverDelay: Duration
+    /// Whether a backup promotes itself when its primary is gone (else only by hand).
+    public let automatic: Bool
+    private let nodeID: String
+    private let metadata: any MetadataStore
+    private let shards: ShardManager
+    /// Cuts the old primary off the volume (`oldPrimary`, or, when nil, whichever
+    /// other instance has it attached read-write) and mounts it read-write here.
+    private let takeOverVolume: @Sendable (_ volumeID: String, _ oldPrimary: String?) async throws -> MountedVolume
+    private let logger: Logger
+    private let lock = NSLock()
+    private var task: Task<Void, Never>?
+    private var watchers: [String: Task<Void, Never>] = [:]
+    private var takingOver: Set<String> = []
+    /// Promotions done, for reports: volume → how long from noticing to serving.
+    public private(set) var promotions: [(volumeID: String, took: Duration)] = []
+
+    public init(nodeID: String, metadata: any MetadataStore, shards: ShardManager, failoverDelay: Duration, automatic: Bool = true,
+                takeOverVolume: @escaping @Sendable (_ volumeID: String, _ oldPrimary: String?) async throws -> MountedVolume,
+                logger: Logger = Logger(label: "shardfs.failover")) {
+        self.nodeID = nodeID
+        self.metadata = metadata
+        self.shards = shards
+        self.failoverDelay = failoverDelay
+        self.automatic = automatic
+        self.takeOverVolume = takeOverVolume
+        self.logger = logger
+    }
+
+    public func start() async throws {
+        let events = metadata.changes()
+        // Primaries already gone when this node starts.
+        let live = Set(try await metadata.listNodes().map(\.nodeID))
+        for volume in try await metadata.listVolumes(nodeID: nodeID) where volume.backupNodeIDs.contains(nodeID) {
+            if !live.contains(volume.primaryNodeID) { watchPrimary(of: volume.volumeID, primary: volume.primaryNodeID) }
+        }
+        lock.withLock {
+            task = Task { [weak self] in
+                for await event in events {
+                    guard let self else { return }
+                    await self.handle(event)
+                }
+            }
+        }
+    }
+
+    public func stop() {
+        lock.withLock {
+            task?.cancel()
+            task = nil
+            for watcher in watchers.values { watcher.cancel() }
+            watchers.removeAll()
+        }
+    }
+
+    func handle(_ event: MetadataEvent) async {
+        switch event {
+        case .volumeUpdated(let volume):
+            let held = shards.primaryEpoch(volume.volumeID)
+            if let held, volume.primaryNodeID != nodeID || volume.epoch != held {
+                shards.depose(volume.volumeID)
+            } else if held == nil, volume.primaryNodeID == nodeID, volume.epoch > 1 {
+                // Won by hand (or by this node's own watcher, which is taking it over).
+                await takeOver(volume.volumeID, epoch: volume.epoch, oldPrimary: nil, noticed: .now)
+            }
+        case .nodeUnregistered(let gone):
+            guard let volumes = try? await metadata.listVolumes(nodeID: nodeID) else { return }
+            for volume in volumes where volume.primaryNodeID == gone && volume.backupNodeIDs.contains(nodeID) {
+                watchPrimary(of: volume.volumeID, primary: gone)
+            }
+        default:
+            break
+        }
+    }
+
+    /// Waits `failoverDelay`; if the primary is still gone, wins the volume and takes it over.
+    private func watchPrimary(of volumeID: String, primary: String) {
+        guard automatic else { return }
+        let noticed = ContinuousClock.now
+        lock.withLock {
+            guard watchers[volumeID] == nil else { return }
+            watchers[volumeID] = Task { [weak self, failoverDelay] in
+                try? await Task.sleep(for: failoverDelay)
+                guard let self, !Task.isCancelled else { return }
+                defer { self.lock.withLock { _ = self.watchers.removeValue(forKey: volumeID) } }
+                do {
+                    let live = Set(try await self.metadata.listNodes().map(\.nodeID))
+                    let volume = try await self.metadata.getVolume(volumeID)
+                    guard volume.primaryNodeID == primary, !live.contains(primary), volume.backupNodeIDs.contains(self.nodeID) else { return }
+                    self.logger.warning("the primary of a volume this node backs is gone; promoting",
+                                        metadata: ["volume": "\(volumeID)", "old primary": "\(primary)", "epoch": "\(volume.epoch)"])
+                    let won = try await self.metadata.updatePrimary(volumeID: volumeID, nodeID: self.nodeID, expectedEpoch: volume.epoch)
+                    await self.takeOver(volumeID, epoch: won.epoch, oldPrimary: primary, noticed: noticed)
+                } catch {
+                    self.logger.error("promotion failed (another backup may have won)",
+                                      metadata: ["volume": "\(volumeID)", "error": "\(error)"])
+                }
+            }
+        }
+    }
+
+    /// Steps 2–4 of a promotion, for a volume this node has won at `epoch`.
+    func takeOver(_ volumeID: String, epoch: UInt64, oldPrimary: String?, noticed: ContinuousClock.Instant) async {
+        guard lock.withLock({ takingOver.insert(volumeID).inserted }) else { return }
+        defer { lock.withLock { _ = takingOver.remove(volumeID) } }
+        if shards.primaryEpoch(volumeID) == epoch { return }
+        do {
+            let mounted = try await takeOverVolume(volumeID, oldPrimary)
+            // Still ours? A later epoch means someone else won meanwhile: do not write.
+            let volume = try await metadata.getVolume(volumeID)
+            guard volume.primaryNodeID == nodeID, volume.epoch == epoch else {
+                logger.error("lost the volume while taking it over; not writing it", metadata: ["volume": "\(volumeID)"])
+                return
+            }
+            try await shards.restore(mounted)
+            let took = ContinuousClock.now - noticed
+            lock.withLock { promotions.append((volumeID, took)) }
+            logger.notice("this node is now the primary of the volume",
+                          metadata: ["volume": "\(volumeID)", "epoch": "\(epoch)", "took": "\(took)"])
+        } catch {
+            logger.error("taking over a volume failed; its shards are not served for writes here",
+                         metadata: ["volume": "\(volumeID)", "error": "\(error)"])
+        }
+    }
+}

@@ -1,0 +1,152 @@
+import Foundation
+import Metadata
+import ShardNode
+import ShardStore
+import TestSupport
+import Synchronization
+import Testing
+
+/// A primary and a backup of one volume, in one process, sharing etcd and a
+/// folder volume (docs/BACKUP-VIEWS.md): the backup serves views that follow the
+/// primary, every value it returns is one the primary committed, deletes wait for
+/// the backup, and a backup whose primary is gone takes the volume over.
+@Suite(.serialized) struct BackupViewTests {
+    static func config(_ dir: TemporaryDirectory, node: String, etcd: EtcdServer, initialVolumes: Int = 1) throws -> Configuration {
+        var config = Configuration()
+        try config.set("node.node_id", node)
+        try config.set("node.data_dir", dir.sub(node))
+        try config.set("cloud.volume_root", dir.sub("volumes"))
+        try config.set("cloud.initial_volumes", String(initialVolumes))
+        try config.set("metadata.type", "etcd")
+        try config.set("metadata.endpoints", etcd.endpoint)
+        try config.set("metadata.namespace", "/backup-views")
+        try config.set("metadata.options.lease_ttl_s", "2")
+        try config.set("metadata.retry.deadline_ms", "3000")
+        try config.set("shard.size_limit", "64MiB")
+        try config.set("backup.view_interval_ms", "50")
+        try config.set("backup.failover_delay_ms", "200")
+        return config
+    }
+
+    /// FNV-1a: enough to tell a torn or foreign value from the one written.
+    static func checksum(_ bytes: [UInt8]) -> UInt32 {
+        var hash: UInt32 = 2_166_136_261
+        for byte in bytes { hash = (hash ^ UInt32(byte)) &* 16_777_619 }
+        return hash
+    }
+
+    /// A value that says which key and version it is and checks itself: key,
+    /// version, filler, then a checksum of everything before it.
+    static func value(key: String, version: Int, size: Int) -> [UInt8] {
+        var bytes = Array("\(key)#\(version)#".utf8)
+        while bytes.count < size - 4 { bytes.append(UInt8(truncatingIfNeeded: bytes.count &* 31 &+ version)) }
+        let crc = checksum(bytes)
+        return bytes + withUnsafeBytes(of: crc.littleEndian) { Array($0) }
+    }
+
+    /// The version a value claims, if it is whole and names `key`.
+    static func check(_ value: [UInt8], key: String) -> Int? {
+        guard value.count >= 8 else { return nil }
+        let body = Array(value.dropLast(4))
+        let stored = value.suffix(4).withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) }.littleEndian
+        guard checksum(body) == stored else { return nil }
+        let parts = String(decoding: body.prefix(64), as: UTF8.self).split(separator: "#")
+        guard parts.count >= 2, parts[0] == key else { return nil }
+        return Int(parts[1])
+    }
+
+    static func waitUntil(_ seconds: Double, _ condition: () async throws -> Bool) async throws -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline {
+            if try await condition() { return true }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        return try await condition()
+    }
+
+    @Test func backupServesViewsThatFollowThePrimaryAndAreNeverWrong() async throws {
+        try await withEtcd { etcd in
+            let dir = try TemporaryDirectory("backup-views")
+            defer { dir.remove() }
+            let a = try await StorageNode.start(try Self.config(dir, node: "node-a", etcd: etcd))
+            guard let volume = a.volumes.mountedVolumes().first?.volumeID else { Issue.record("no volume"); return }
+            let shard = try await a.shards.newShard(owner: "c")
+            let keys = (0..<200).map { "k\($0)" }
+            // Values of several sizes, a few chunked (over 128 KiB): overflow pages and chunk sets.
+            func size(_ i: Int) -> Int { i % 50 == 0 ? 300_000 : 100 + (i * 37) % 3000 }
+            for (i, key) in keys.enumerated() {
+                try shard.put(try EntryKey(key), value: Self.value(key: key, version: 0, size: size(i)), clientID: "c")
+            }
+            try await a.metadata.addBackup(volumeID: volume, nodeID: "node-b")
+            let b = try await StorageNode.start(try Self.config(dir, node: "node-b", etcd: etcd, initialVolumes: 0))
+            #expect(try await Self.waitUntil(5) { b.views.serves(shard.id) })
+
+            // The primary rewrites every key, again and again (LMDB reuses pages all
+            // the while); the backup reads continuously and checks each value.
+            let writing = Atomic<Bool>(true)
+            let writer = Task.detached {
+                defer { writing.store(false, ordering: .releasing) }
+                for version in 1...30 {
+                    for (i, key) in keys.enumerated() {
+                        try shard.put(try EntryKey(key), value: Self.value(key: key, version: version, size: size(i)), clientID: "c")
+                    }
+                }
+            }
+            var reads = 0, wrong = 0, failed = 0
+            var newest = [String: Int]()
+            var lags: [Double] = []
+            while writing.load(ordering: .acquiring) {
+                for key in keys.shuffled().prefix(20) {
+                    do {
+                        guard let entry = try b.views.withView(shard.id, { try $0.get(try EntryKey(key)) }) else { failed += 1; continue }
+                        reads += 1
+                        guard let version = Self.check(entry.value, key: key) else { wrong += 1; continue }
+                        // Versions of one key never go back.
+                        if version < newest[key, default: 0] { wrong += 1 }
+                        newest[key] = max(newest[key, default: 0], version)
+                    } catch {
+                        failed += 1
+                    }
+                }
+                if let (_, publishedAt) = b.views.generation(of: volume) {
+                    lags.append(Date().timeIntervalSince1970 - Double(publishedAt) / 1e9)
+                }
+                try await Task.sleep(for: .milliseconds(1))
+            }
+            try await writer.value
+            // The view catches up with the last version of every key.
+            #expect(try await Self.waitUntil(3) {
+                try keys.allSatisfy { key in
+                    let entry = try b.views.withView(shard.id, { try $0.get(try EntryKey(key)) })
+                    return entry.flatMap { Self.check($0.value, key: key) } == 30
+                }
+            })
+            print("backup views: \(reads) reads, \(wrong) wrong, \(failed) failed; generation age p50 \(Self.percentile(lags, 0.5)) s, max \(lags.max() ?? 0) s")
+            #expect(wrong == 0)
+            #expect(failed == 0)
+            #expect(reads > 100)
+
+            // A closed shard is served as closed.
+            try await a.shards.closeShard(shard.id)
+            #expect(try await Self.waitUntil(3) { (try? b.views.withView(shard.id, { $0.state })) == .closed })
+
+            // A deleted shard stops being served, and its files stay until the backup has left it.
+            let doomed = try await a.shards.newShard(owner: "c")
+            try doomed.put(try EntryKey("x"), value: [1, 2, 3], clientID: "c")
+            #expect(try await Self.waitUntil(3) { b.views.serves(doomed.id) })
+            try await a.shards.deleteShard(doomed.id)
+            #expect(try await Self.waitUntil(3) { !b.views.serves(doomed.id) })
+            let leftovers = dir.sub("volumes") + "/" + volume + "/shard-\(doomed.id).deleting"
+            #expect(try await Self.waitUntil(3) { !FileManager.default.fileExists(atPath: leftovers) })
+
+            await b.stopRoles()
+            await a.stopRoles()
+        }
+    }
+
+    static func percentile(_ values: [Double], _ p: Double) -> Double {
+        guard !values.isEmpty else { return 0 }
+        let sorted = values.sorted()
+        return sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]
+    }
+}
