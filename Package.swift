@@ -111,6 +111,7 @@ let package = Package(
         .testTarget(name: "VolumesTests", dependencies: ["Volumes", "TestSupport"], exclude: ["fixtures"]),
         // Volume providers wired into a node and `shardfs volume` (root: loop devices).
         .testTarget(name: "NodeVolumesTests", dependencies: ["shardfs", "TestSupport"]),
+        .testTarget(name: "FailoverTests", dependencies: ["shardfs", "ShardFSClient", "BatchProtocol", "TestSupport"]),
         .testTarget(name: "ShardNodeTests", dependencies: ["ShardNode", "TestSupport"]),
         .testTarget(name: "BatchProtocolTests", dependencies: ["BatchProtocol", "TestSupport"]),
         .testTarget(name: "BatchServerTests", dependencies: [

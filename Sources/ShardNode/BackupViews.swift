@@ -24,6 +24,10 @@ public final class BackupViews: @unchecked Sendable {
     private var volumeOf: [UInt64: String] = [:]
     private var leaseCheck: @Sendable () -> Bool
     private var task: Task<Void, Never>?
+    /// Volumes being taken over: their views stay dropped.
+    private var takenOver: Set<String> = []
+
+    private func releasedForTakeOver(_ volumeID: String) -> Bool { lock.withLock { takenOver.contains(volumeID) } }
 
     /// A volume's views at one generation, and the reads still using them.
     final class Generation: @unchecked Sendable {
@@ -72,6 +76,20 @@ public final class BackupViews: @unchecked Sendable {
         lock.withLock { task?.cancel(); task = nil; current.removeAll(); volumeOf.removeAll() }
     }
 
+    /// Stops serving views of a volume and lets go of its device (before this node
+    /// takes the volume over: its read-only attachment must be free to detach).
+    /// Returns once no read uses them.
+    public func release(_ volumeID: String) async {
+        let dropped = lock.withLock { () -> Generation? in
+            takenOver.insert(volumeID)
+            volumeOf = volumeOf.filter { $0.value != volumeID }
+            return current.removeValue(forKey: volumeID)
+        }
+        if let dropped {
+            while !dropped.isIdle { try? await Task.sleep(for: .milliseconds(2)) }
+        }
+    }
+
     /// Whether this node serves a view of the shard.
     public func serves(_ shardID: UInt64) -> Bool { lock.withLock { volumeOf[shardID] != nil } }
 
@@ -105,7 +123,7 @@ public final class BackupViews: @unchecked Sendable {
     /// read uses the previous one, acknowledges it.
     func apply(_ views: VolumeViews) async {
         let id = views.volumeID
-        guard let mounted = backedVolume(id) else { return }
+        guard let mounted = backedVolume(id), !releasedForTakeOver(id) else { return }
         let previous = lock.withLock { current[id] }
         if let previous, previous.views.epoch == views.epoch, previous.views.generation >= views.generation { return }
         var built: [UInt64: (takenIn: UInt64, view: ShardView)] = [:]

@@ -106,7 +106,8 @@ public final class StorageNode: Sendable {
         let failover = Failover(nodeID: config.node.nodeID, metadata: metadata, shards: shards,
                                 failoverDelay: .milliseconds(config.backup.failoverDelayMs),
                                 automatic: config.backup.automaticFailover) { volumeID, oldPrimary in
-            try await takeOver(volumeID, oldPrimary: oldPrimary, volumes: volumes, provider: provider)
+            await views.release(volumeID)  // its reads hold the read-only device open
+            return try await takeOver(volumeID, oldPrimary: oldPrimary, volumes: volumes, provider: provider)
         }
         try await failover.start()
         return StorageNode(configuration: config, lock: lock, metadata: metadata, volumes: volumes, shards: shards,
