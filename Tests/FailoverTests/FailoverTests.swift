@@ -268,4 +268,86 @@ struct FailoverTests {
             #expect(lost == 0)
         }
     }
+
+    /// The primary is paused (SIGSTOP) past its lease while a client writes to it;
+    /// the backup promotes itself; the old primary is resumed and keeps being
+    /// asked to write: none of its writes lands after the promotion (counted on the
+    /// new primary), and it acknowledges none.
+    @Test func aPausedPrimaryWritesNothingAfterTheBackupTookOver() async throws {
+        var hosts: [Host] = []
+        defer { cleanUp(hosts) }
+        try await withLocalEtcd { etcd in
+            let (a, b, shard, _) = try await startPair(etcd: etcd)
+            hosts = [a, b]
+            let keys = (0..<20).map { "p\($0)" }
+            // (key → last version acknowledged), and acknowledgements after the pause.
+            let acked = Mutex([String: Int]())
+            let paused = Atomic<Bool>(false)
+            let acksWhilePausedOrAfter = Atomic<Int>(0)
+            let writing = Atomic<Bool>(true)
+            let direct = try await ShardFSClient.connect(to: try a.endpoint)
+            let writer = Task.detached { () -> Int in
+                var version = 0, refused = 0
+                while writing.load(ordering: .acquiring) {
+                    version += 1
+                    for (i, key) in keys.enumerated() where writing.load(ordering: .acquiring) {
+                        let wasPaused = paused.load(ordering: .acquiring)
+                        do {
+                            try await direct.put(client: "writer", shard: shard, key: Array(key.utf8),
+                                                 value: Self.value(key: key, version: version, size: Self.size(i)))
+                            if wasPaused { acksWhilePausedOrAfter.add(1, ordering: .relaxed) } else { acked.withLock { $0[key] = version } }
+                        } catch {
+                            refused += 1
+                            try? await Task.sleep(for: .milliseconds(20))
+                        }
+                    }
+                }
+                return refused
+            }
+            try await Task.sleep(for: .seconds(2))
+            paused.store(true, ordering: .releasing)
+            a.signal(SIGSTOP)
+            let before = acked.withLock { $0 }
+
+            // The backup takes over: a write through it succeeds.
+            let probe = try await ShardFSClient.connect(to: try b.endpoint)
+            var promotedAfter: Double?
+            let stopped = Date()
+            while Date().timeIntervalSince(stopped) < 30 {
+                do {
+                    try await probe.put(client: "writer", shard: shard, key: Array("probe".utf8), value: [1])
+                    promotedAfter = Date().timeIntervalSince(stopped)
+                    break
+                } catch {
+                    try await Task.sleep(for: .milliseconds(100))
+                }
+            }
+            #expect(promotedAfter != nil, "the backup never took over")
+
+            // The old primary wakes up and is asked to write for two more seconds.
+            a.signal(SIGCONT)
+            try await Task.sleep(for: .seconds(2))
+            writing.store(false, ordering: .releasing)
+            let refused = await writer.value
+            await direct.close()
+
+            // On the new primary: nothing newer than what A acknowledged before the
+            // pause, but for the one write in flight when it was paused.
+            var landedAfter = 0, lost = 0
+            for key in keys {
+                let entry = try await probe.get(shard: shard, key: Array(key.utf8))
+                let version = Self.version(entry.value, key: key) ?? -1
+                let acknowledged = before[key] ?? 0
+                if version < acknowledged { lost += 1 }
+                if version > acknowledged + 1 { landedAfter += 1 }
+            }
+            await probe.close()
+            let acksAfter = acksWhilePausedOrAfter.load(ordering: .relaxed)
+            print("paused primary: promoted \(promotedAfter.map { String(format: "%.2f", $0) } ?? "never") s after SIGSTOP; old primary acknowledged \(acksAfter) writes after the pause, refused \(refused); on the new primary \(landedAfter) keys newer than acknowledged, \(lost) lost")
+            #expect(acksAfter == 0)
+            #expect(landedAfter == 0)
+            #expect(lost == 0)
+            #expect(refused > 0)
+        }
+    }
 }
