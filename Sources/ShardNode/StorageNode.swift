@@ -96,6 +96,9 @@ public final class StorageNode: Sendable {
         let publisher = ViewPublisher(nodeID: config.node.nodeID, metadata: metadata, shards: shards,
                                       interval: .milliseconds(config.backup.viewIntervalMs))
         shards.keepsDeletedFiles = { volumeID in publisher.handlesDeletes(volumeID) }
+        // Opening a shard may write (it replays its batch log): first, no backup may
+        // still read a snapshot the previous run pinned.
+        try await publisher.retirePreviousGenerations(timeout: .seconds(config.metadata.leaseTTLSeconds + 5))
         try await shards.restore()
         // Views of what there is, before anything is served.
         await publisher.checkpoint()

@@ -78,6 +78,32 @@ public final class ViewPublisher: @unchecked Sendable {
         }
     }
 
+    /// At start, before any shard is opened for writing: the pins of the process
+    /// before this one died with it, so its published snapshots may no longer hold.
+    /// Publishes, for every volume this node writes that has backups, a generation
+    /// with no shards (backups drop their views) and waits until each live backup
+    /// has acknowledged it, up to `timeout`.
+    public func retirePreviousGenerations(timeout: Duration) async throws {
+        let held = try await metadata.listVolumes(nodeID: nodeID).filter { $0.primaryNodeID == nodeID && !$0.backupNodeIDs.isEmpty }
+        for volume in held {
+            guard let previous = try await metadata.getViews(volume.volumeID), !previous.shards.isEmpty else { continue }
+            let empty = VolumeViews(volumeID: volume.volumeID, epoch: volume.epoch, generation: previous.generation + 1,
+                                    publishedAt: Int64(Date().timeIntervalSince1970 * 1e9), shards: [])
+            try await metadata.publishViews(empty)
+            let deadline = ContinuousClock.now + timeout
+            while ContinuousClock.now < deadline {
+                let live = Set(try await metadata.listNodes().map(\.nodeID))
+                let acks = try await metadata.viewAcknowledgements(volume.volumeID)
+                if volume.backupNodeIDs.filter(live.contains).allSatisfy({ acks[$0, default: 0] >= empty.generation }) { break }
+                try await Task.sleep(for: .milliseconds(50))
+            }
+            if ContinuousClock.now >= deadline {
+                logger.warning("a backup did not leave the views of this node's previous run in time; going on",
+                               metadata: ["volume": "\(volume.volumeID)"])
+            }
+        }
+    }
+
     /// One checkpoint of every volume this node writes that has backups.
     public func checkpoint() async {
         do {
