@@ -34,7 +34,9 @@ public struct BatchBenchmark {
     public var depth = 4
     /// ShardFS transports to measure: "unix", "tcp".
     public var transports = ["unix", "tcp"]
-    /// Systems to measure: "lmdb", "redis" (no persistence), "redis-durable", "shardfs".
+    /// Systems to measure: "lmdb", "redis" (no persistence), "redis-durable", "shardfs";
+    /// and "shardfs-backup": a primary with etcd metadata measured without, then with,
+    /// a backup node following its views (docs/BACKUP-VIEWS.md), puts only, Unix socket.
     public var systems = ["lmdb", "redis", "redis-durable", "shardfs"]
     /// How the ShardFS client reads a BatchGet: "all" (`batchGetAll`, one array per
     /// request), "chunks" (`batchGetChunks`) or "items" (`batchGet`, item by item).
@@ -57,6 +59,8 @@ public struct BatchBenchmark {
     public static let redisVolatile = "Redis, no persistence"
     public static let redisDurable = "Redis, appendfsync always"
     public static func shardFS(_ transport: String) -> String { "ShardFS (\(transport))" }
+    public static let withoutBackup = "ShardFS on etcd, no backup (unix)"
+    public static let withBackup = "ShardFS on etcd, one backup (unix)"
 
     /// One figure: the median over the rounds.
     public struct Figure: Sendable {
@@ -178,10 +182,39 @@ public struct BatchBenchmark {
             node.stop()
         }
 
+        // A primary on etcd alone, then with a backup following its views: what
+        // publishing views costs the primary's writes.
+        for round in 1...rounds where systems.contains("shardfs-backup") {
+            for withBackup in [false, true] {
+                let system = withBackup ? Self.withBackup : Self.withoutBackup
+                progress("round \(round): \(system): starting etcd and the node(s)")
+                let folder = scratch + "/backup-\(round)-\(withBackup)"
+                let pair = try BackupPair.start(executable: serverExecutable, folder: folder, withBackup: withBackup)
+                do {
+                    var clients: [ShardFSClient] = []
+                    for _ in 0..<(connections.max() ?? 1) { clients.append(try await ShardFSClient.connect(to: .unix(path: pair.primary.socketPath))) }
+                    for n in connections {
+                        for (workload, batches) in [(Workload.putIncreasing, inputs.increasing), (.putRandom, inputs.random)] {
+                            progress("round \(round): \(system), \(workload.rawValue), \(n) connection(s)")
+                            let shard = try await clients[0].newShard(owner: "bench")
+                            record(system, workload, n, try await shardFSPut(Array(clients.prefix(n)), shard, batches))
+                            try? await clients[0].closeShard(shard)
+                            try? await clients[0].deleteShard(shard)
+                        }
+                    }
+                    for client in clients { await client.close() }
+                } catch {
+                    pair.stop()
+                    throw error
+                }
+                pair.stop()
+            }
+        }
+
         var figures: [Figure] = []
         for workload in Workload.allCases {
             for n in connections {
-                for system in [Self.rawLMDB, Self.redisVolatile, Self.redisDurable] + transports.map(Self.shardFS) {
+                for system in [Self.rawLMDB, Self.redisVolatile, Self.redisDurable] + transports.map(Self.shardFS) + [Self.withoutBackup, Self.withBackup] {
                     if let s = samples["\(system)|\(workload.rawValue)|\(n)"] {
                         figures.append(Figure(system: system, workload: workload, connections: n, opsPerSecond: median(s)))
                     }
@@ -508,7 +541,7 @@ struct ShardFSNode {
     let tcpPort: Int
     let socketPath: String
 
-    static func start(executable: String, folder: String) throws -> ShardFSNode {
+    static func start(executable: String, folder: String, extraArguments: [String] = []) throws -> ShardFSNode {
         guard FileManager.default.isExecutableFile(atPath: executable) else {
             throw BenchmarkError("cannot run the shardfs executable \(executable)")
         }
@@ -516,7 +549,7 @@ struct ShardFSNode {
         let pipe = Pipe()
         let child = try ChildProcess(name: "shardfs serve", executable: executable,
                                      arguments: ["serve", "--data-dir", folder + "/data", "--listen", "127.0.0.1:0",
-                                                 "--socket", folder + "/shardfs.sock", "--log-level", "warning"],
+                                                 "--socket", folder + "/shardfs.sock", "--log-level", "warning"] + extraArguments,
                                      stdout: pipe, stderrPath: folder + "/serve.log")
         try? pipe.fileHandleForWriting.close()
         // A node that never says "ready" is stopped, which ends the read below.
@@ -717,5 +750,84 @@ final class RESPConnection {
             if b == 13 { _ = try byte(); return String(decoding: bytes, as: UTF8.self) }
             bytes.append(b)
         }
+    }
+}
+
+/// A primary on etcd (a child etcd on free ports) and, optionally, a backup of its
+/// volume serving views; folder volumes under one shared root.
+struct BackupPair {
+    let etcd: ChildProcess
+    let primary: ShardFSNode
+    let backup: ShardFSNode?
+
+    static func start(executable: String, folder: String, withBackup: Bool) throws -> BackupPair {
+        try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+        let client = try freePort(), peer = try freePort()
+        let etcd = try ChildProcess(name: "etcd", executable: "/usr/bin/etcd", arguments: [
+            "--data-dir", folder + "/etcd", "--listen-client-urls", "http://127.0.0.1:\(client)",
+            "--advertise-client-urls", "http://127.0.0.1:\(client)", "--listen-peer-urls", "http://127.0.0.1:\(peer)",
+            "--initial-advertise-peer-urls", "http://127.0.0.1:\(peer)", "--initial-cluster", "default=http://127.0.0.1:\(peer)",
+        ], stdout: nil, stderrPath: folder + "/etcd.log")
+        func config(_ node: String, volumes: Int) throws -> String {
+            let path = folder + "/\(node).yaml"
+            try """
+            node:
+              node_id: \(node)
+            cloud:
+              volume_root: \(folder)/volumes
+              initial_volumes: \(volumes)
+            metadata:
+              type: etcd
+              endpoints: http://127.0.0.1:\(client)
+              retry:
+                deadline_ms: 20000
+            """.write(toFile: path, atomically: true, encoding: .utf8)
+            return path
+        }
+        let configA = try config("a", volumes: 1), configB = try config("b", volumes: 0)
+        let primary: ShardFSNode
+        do { primary = try ShardFSNode.start(executable: executable, folder: folder + "/a", extraArguments: ["--config", configA]) } catch {
+            etcd.stop()
+            throw error
+        }
+        guard withBackup else { return BackupPair(etcd: etcd, primary: primary, backup: nil) }
+        do {
+            let volumes = try FileManager.default.contentsOfDirectory(atPath: folder + "/volumes")
+            guard let volume = volumes.first else { throw BenchmarkError("the primary made no volume") }
+            let add = Process()
+            add.executableURL = URL(fileURLWithPath: executable)
+            add.arguments = ["volume", "add-backup", volume, "--backup", "b", "--config", configA]
+            try add.run()
+            add.waitUntilExit()
+            guard add.terminationStatus == 0 else { throw BenchmarkError("shardfs volume add-backup failed") }
+            let backup = try ShardFSNode.start(executable: executable, folder: folder + "/b", extraArguments: ["--config", configB])
+            return BackupPair(etcd: etcd, primary: primary, backup: backup)
+        } catch {
+            primary.stop()
+            etcd.stop()
+            throw error
+        }
+    }
+
+    func stop() {
+        backup?.stop()
+        primary.stop()
+        etcd.stop()
+    }
+
+    static func freePort() throws -> Int {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw BenchmarkError("socket: \(errno)") }
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        address.sin_port = 0
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafeMutablePointer(to: &address) { pointer in
+            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
+        }
+        guard bound else { throw BenchmarkError("cannot find a free port") }
+        return Int(UInt16(bigEndian: address.sin_port))
     }
 }

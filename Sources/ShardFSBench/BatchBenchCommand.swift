@@ -41,8 +41,8 @@ struct BatchBenchCommand: AsyncParsableCommand {
         guard !transportList.isEmpty, transportList.allSatisfy({ $0 == "unix" || $0 == "tcp" }) else {
             throw ValidationError("--transports takes unix and/or tcp")
         }
-        guard !systemList.isEmpty, systemList.allSatisfy(["lmdb", "redis", "redis-durable", "shardfs"].contains) else {
-            throw ValidationError("--systems takes lmdb, redis, redis-durable and/or shardfs")
+        guard !systemList.isEmpty, systemList.allSatisfy(["lmdb", "redis", "redis-durable", "shardfs", "shardfs-backup"].contains) else {
+            throw ValidationError("--systems takes lmdb, redis, redis-durable, shardfs and/or shardfs-backup")
         }
         guard ["all", "chunks", "items"].contains(getAPI) else { throw ValidationError("--get-api takes all, chunks or items") }
     }
@@ -74,7 +74,7 @@ struct BatchBenchCommand: AsyncParsableCommand {
              + "system".padding(toLength: 28, withPad: " ", startingAt: 0) + "ops/s".leftPad(11))
         for workload in BatchBenchmark.Workload.allCases {
             for n in connectionCounts {
-                for system in others + shardFS {
+                for system in others + shardFS + [BatchBenchmark.withoutBackup, BatchBenchmark.withBackup] {
                     guard let ops = figure(system, workload, n) else { continue }
                     emit(workload.rawValue.padding(toLength: 26, withPad: " ", startingAt: 0) + String(n).leftPad(5) + "  "
                          + system.padding(toLength: 28, withPad: " ", startingAt: 0) + String(Int(ops)).leftPad(11))
@@ -107,6 +107,14 @@ struct BatchBenchCommand: AsyncParsableCommand {
                 if let a = figure(mine, .getRandom, n), let b = figure(BatchBenchmark.redisVolatile, .getRandom, n) {
                     missed += target("\(mine) BatchGet, \(n) conn ≥ \(String(format: "%.1f", goal))× Redis MGET (no persistence)", a / b, goal)
                 }
+            }
+        }
+        // Publishing views costs the primary at most 10% (docs/BACKUP-VIEWS.md).
+        for n in connectionCounts {
+            for workload in [BatchBenchmark.Workload.putIncreasing, .putRandom] {
+                guard let with = figure(BatchBenchmark.withBackup, workload, n),
+                      let without = figure(BatchBenchmark.withoutBackup, workload, n) else { continue }
+                missed += target("durable \(workload.rawValue), \(n) conn, with a backup ≥ 0.9× without", with / without, 0.9)
             }
         }
         emit(missed == 0 ? "all targets met" : "\(missed) target(s) missed")
