@@ -66,7 +66,11 @@ public final class BackupViews: @unchecked Sendable {
             task = Task { [weak self] in
                 for await event in events {
                     guard let self else { return }
-                    if case .viewsPublished(let views) = event { await self.apply(views) }
+                    switch event {
+                    case .viewsPublished(let views): await self.apply(views)
+                    case .volumeUpdated(let volume): await self.follow(volume)
+                    default: break
+                    }
                 }
             }
         }
@@ -74,6 +78,25 @@ public final class BackupViews: @unchecked Sendable {
 
     public func stop() {
         lock.withLock { task?.cancel(); task = nil; current.removeAll(); volumeOf.removeAll() }
+    }
+
+    /// A volume this node was just made a backup of (while running): attach it
+    /// read-only and serve its newest views.
+    func follow(_ volume: VolumeRecord) async {
+        guard volume.backupNodeIDs.contains(nodeID), volume.primaryNodeID != nodeID,
+              backedVolume(volume.volumeID) == nil, !releasedForTakeOver(volume.volumeID) else { return }
+        do {
+            if let block = volumes as? BlockVolumeManager {
+                _ = try await block.attach(volume.volumeID, readOnly: true)
+            } else {
+                _ = try await volumes.mount(volume.volumeID, readOnly: true)
+            }
+            logger.notice("this node is now a backup of the volume", metadata: ["volume": "\(volume.volumeID)"])
+            if let views = try await metadata.getViews(volume.volumeID) { await apply(views) }
+        } catch {
+            logger.error("cannot attach a volume this node was made a backup of; restart the node to retry",
+                         metadata: ["volume": "\(volume.volumeID)", "error": "\(error)"])
+        }
     }
 
     /// Stops serving views of a volume and lets go of its device (before this node

@@ -128,7 +128,7 @@ struct VolumeCommand: AsyncParsableCommand {
     struct AddBackup: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "add-backup",
-            abstract: "Make a node a backup of a volume: it attaches the volume read-only and serves views of its shards when it (re)starts.")
+            abstract: "Make a node a backup of a volume: it attaches the volume read-only and serves views of its shards (at once if it runs).")
         @OptionGroup var node: NodeOptions
         @Argument(help: "Volume ID.") var volumeID: String
         @Option(name: .long, help: "The backup node's ID (default: this node's).") var backup: String?

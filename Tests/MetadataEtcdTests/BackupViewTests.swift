@@ -77,8 +77,10 @@ import Testing
             for (i, key) in keys.enumerated() {
                 try shard.put(try EntryKey(key), value: Self.value(key: key, version: 0, size: size(i)), clientID: "c")
             }
-            try await a.metadata.addBackup(volumeID: volume, nodeID: "node-b")
+            // B runs before it is made a backup: it follows without a restart.
             let b = try await StorageNode.start(try Self.config(dir, node: "node-b", etcd: etcd, initialVolumes: 0))
+            #expect(!b.views.serves(shard.id))
+            try await a.metadata.addBackup(volumeID: volume, nodeID: "node-b")
             #expect(try await Self.waitUntil(5) { b.views.serves(shard.id) })
 
             // The primary rewrites every key, again and again (LMDB reuses pages all
