@@ -45,6 +45,8 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
         /// The lease surely lives until then: the send time of the last grant or
         /// keepalive etcd answered, plus the TTL (etcd counts from its receipt, later).
         var surelyValidUntil: ContinuousClock.Instant
+        /// Moves on each time the lease lapsed and the node was registered again.
+        var generation: UInt64 = 0
         init(leaseID: Int64, record: NodeRecord, surelyValidUntil: ContinuousClock.Instant) {
             self.leaseID = leaseID
             self.record = record
@@ -432,6 +434,13 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
         lock.withLock { leases[nodeID]?.surelyValidUntil }
     }
 
+    /// The node's lease as this store keeps it: until when it surely lives, and how
+    /// many times it lapsed and was granted anew (a node that held a role on the
+    /// old lease must check the role again before acting on it).
+    public func leaseState(_ nodeID: String) -> (surelyValidUntil: ContinuousClock.Instant, generation: UInt64)? {
+        lock.withLock { leases[nodeID].map { ($0.surelyValidUntil, $0.generation) } }
+    }
+
     private func startKeepalive(nodeID: String, entry: NodeLease) -> Task<Void, Never> {
         let interval = Duration.milliseconds(max(200, configuration.leaseTTL * 1000 / 3))
         return Task { [weak self] in
@@ -473,6 +482,8 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
             let adopted = lock.withLock { () -> Bool in
                 guard leases[nodeID] === entry else { return false }
                 entry.leaseID = newLease
+                entry.generation += 1
+                entry.surelyValidUntil = sent + .seconds(configuration.leaseTTL)
                 return true
             }
             if !adopted { try? await revokeLease(newLease) }

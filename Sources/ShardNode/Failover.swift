@@ -20,6 +20,7 @@ public final class Failover: @unchecked Sendable {
     private let nodeID: String
     private let metadata: any MetadataStore
     private let shards: ShardManager
+    private let lease: LeaseGuard?
     /// Cuts the old primary off the volume (`oldPrimary`, or, when nil, whichever
     /// other instance has it attached read-write) and mounts it read-write here.
     private let takeOverVolume: @Sendable (_ volumeID: String, _ oldPrimary: String?) async throws -> MountedVolume
@@ -28,15 +29,18 @@ public final class Failover: @unchecked Sendable {
     private var task: Task<Void, Never>?
     private var watchers: [String: Task<Void, Never>] = [:]
     private var takingOver: Set<String> = []
+    private var leaseTask: Task<Void, Never>?
     /// Promotions done, for reports: volume → how long from noticing to serving.
     public private(set) var promotions: [(volumeID: String, took: Duration)] = []
 
-    public init(nodeID: String, metadata: any MetadataStore, shards: ShardManager, failoverDelay: Duration, automatic: Bool = true,
+    public init(nodeID: String, metadata: any MetadataStore, shards: ShardManager, lease: LeaseGuard? = nil,
+                failoverDelay: Duration, automatic: Bool = true,
                 takeOverVolume: @escaping @Sendable (_ volumeID: String, _ oldPrimary: String?) async throws -> MountedVolume,
                 logger: Logger = Logger(label: "shardfs.failover")) {
         self.nodeID = nodeID
         self.metadata = metadata
         self.shards = shards
+        self.lease = lease
         self.failoverDelay = failoverDelay
         self.automatic = automatic
         self.takeOverVolume = takeOverVolume
@@ -57,6 +61,16 @@ public final class Failover: @unchecked Sendable {
                     await self.handle(event)
                 }
             }
+            // A lease granted anew (after a lapse) is acted on once the roles are checked.
+            if let lease {
+                leaseTask = Task { [weak self, lease] in
+                    while !Task.isCancelled {
+                        try? await Task.sleep(for: .milliseconds(250))
+                        guard let self else { return }
+                        await lease.recheck(shards: self.shards, metadata: self.metadata, logger: self.logger)
+                    }
+                }
+            }
         }
     }
 
@@ -64,6 +78,8 @@ public final class Failover: @unchecked Sendable {
         lock.withLock {
             task?.cancel()
             task = nil
+            leaseTask?.cancel()
+            leaseTask = nil
             for watcher in watchers.values { watcher.cancel() }
             watchers.removeAll()
         }

@@ -91,7 +91,8 @@ public final class StorageNode: Sendable {
         }
         let shards = ShardManager(nodeID: config.node.nodeID, metadata: metadata, volumes: volumes,
                                   defaultSizeLimit: config.shard.sizeLimit)
-        let leaseIsFresh = leaseCheck(metadata, nodeID: config.node.nodeID)
+        let lease = LeaseGuard(metadata: metadata, nodeID: config.node.nodeID)
+        let leaseIsFresh: @Sendable () -> Bool = { lease.isFresh() }
         shards.leaseIsFresh = leaseIsFresh
         let publisher = ViewPublisher(nodeID: config.node.nodeID, metadata: metadata, shards: shards,
                                       interval: .milliseconds(config.backup.viewIntervalMs))
@@ -106,7 +107,7 @@ public final class StorageNode: Sendable {
         let views = BackupViews(nodeID: config.node.nodeID, metadata: metadata, volumes: volumes, leaseIsFresh: leaseIsFresh)
         try await views.start()
         shards.views = views
-        let failover = Failover(nodeID: config.node.nodeID, metadata: metadata, shards: shards,
+        let failover = Failover(nodeID: config.node.nodeID, metadata: metadata, shards: shards, lease: lease,
                                 failoverDelay: .milliseconds(config.backup.failoverDelayMs),
                                 automatic: config.backup.automaticFailover) { volumeID, oldPrimary in
             await views.release(volumeID)  // its reads hold the read-only device open
@@ -115,17 +116,6 @@ public final class StorageNode: Sendable {
         try await failover.start()
         return StorageNode(configuration: config, lock: lock, metadata: metadata, volumes: volumes, shards: shards,
                            publisher: publisher, views: views, failover: failover)
-    }
-
-    /// Whether this node's lease surely lives, by this host's clock, with a margin
-    /// (the embedded store has no leases: always).
-    static func leaseCheck(_ metadata: any MetadataStore, nodeID: String) -> @Sendable () -> Bool {
-        let base = (metadata as? RetryingMetadataStore)?.base ?? metadata
-        guard let etcd = base as? EtcdMetadataStore else { return { true } }
-        return {
-            guard let until = etcd.leaseSurelyValidUntil(nodeID) else { return false }
-            return ContinuousClock.now + .milliseconds(500) < until
-        }
     }
 
     /// Promotion steps 2–3 in the volume layer: cut the old primary off (the other

@@ -151,4 +151,30 @@ import Testing
         let sorted = values.sorted()
         return sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]
     }
+
+    /// A primary whose lease lapses (etcd stops answering for longer than the TTL)
+    /// refuses every write, since another node may have won its volume; once etcd
+    /// is back and the node has checked that it still holds the volume, it writes again.
+    @Test func aPrimaryWhoseLeaseLapsedStopsWritingAndResumesOnceItHasCheckedItsRole() async throws {
+        try await withEtcd { etcd in
+            let dir = try TemporaryDirectory("lease-lapse")
+            defer { dir.remove() }
+            var config = try Self.config(dir, node: "node-a", etcd: etcd)
+            try config.set("metadata.options.call_timeout_ms", "500")
+            let a = try await StorageNode.start(config)
+            let shard = try await a.shards.newShard(owner: "c")
+            try shard.put(try EntryKey("before"), value: [1], clientID: "c")
+            etcd.pause()
+            defer { etcd.resume() }
+            try await Task.sleep(for: .seconds(3))  // past the 2 s lease
+            #expect(throws: ShardError.self) { try shard.put(try EntryKey("during"), value: [2], clientID: "c") }
+            etcd.resume()
+            let resumed = try await Self.waitUntil(15) {
+                (try? shard.put(try EntryKey("after"), value: [3], clientID: "c")) != nil
+            }
+            #expect(resumed)
+            #expect((try? shard.get(try EntryKey("during"))) == nil)
+            await a.stopRoles()
+        }
+    }
 }

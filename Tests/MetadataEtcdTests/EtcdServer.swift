@@ -113,6 +113,10 @@ final class EtcdServer: @unchecked Sendable {
     /// SIGKILL, like a crash.
     func kill9() async { await signalAndWait(SIGKILL) }
 
+    /// SIGSTOP / SIGCONT: an etcd that stops answering, then comes back.
+    func pause() { if etcdPID != 0 { _ = kill(etcdPID, SIGSTOP) } }
+    func resume() { if etcdPID != 0 { _ = kill(etcdPID, SIGCONT) } }
+
     /// The first start. The free ports were picked before etcd binds them, so
     /// another test may take one meanwhile: then etcd exits at once, and it is
     /// started again on newly picked ports.
