@@ -113,21 +113,39 @@ public final class Failover: @unchecked Sendable {
             guard watchers[volumeID] == nil else { return }
             watchers[volumeID] = Task { [weak self, failoverDelay] in
                 try? await Task.sleep(for: failoverDelay)
-                guard let self, !Task.isCancelled else { return }
+                guard let self else { return }
                 defer { self.lock.withLock { _ = self.watchers.removeValue(forKey: volumeID) } }
-                do {
-                    let live = Set(try await self.metadata.listNodes().map(\.nodeID))
-                    let volume = try await self.metadata.getVolume(volumeID)
-                    guard volume.primaryNodeID == primary, !live.contains(primary), volume.backupNodeIDs.contains(self.nodeID) else { return }
-                    self.logger.warning("the primary of a volume this node backs is gone; promoting",
-                                        metadata: ["volume": "\(volumeID)", "old primary": "\(primary)", "epoch": "\(volume.epoch)"])
-                    let won = try await self.metadata.updatePrimary(volumeID: volumeID, nodeID: self.nodeID, expectedEpoch: volume.epoch)
-                    await self.takeOver(volumeID, epoch: won.epoch, oldPrimary: primary, noticed: noticed)
-                } catch {
-                    self.logger.error("promotion failed (another backup may have won)",
-                                      metadata: ["volume": "\(volumeID)", "error": "\(error)"])
-                }
+                await self.promote(volumeID, goneSince: noticed)
             }
+        }
+    }
+
+    /// Wins the volume from a primary that is gone, and takes it over. Tries
+    /// again after failures (etcd down, say) until the volume has a live primary,
+    /// this node is no longer its backup, or it has been taken over. A win whose
+    /// answer was lost is found on the next look: the volume names this node.
+    private func promote(_ volumeID: String, goneSince noticed: ContinuousClock.Instant) async {
+        var pause = Duration.milliseconds(200)
+        while !Task.isCancelled {
+            do {
+                let volume = try await metadata.getVolume(volumeID)
+                if volume.primaryNodeID == nodeID {
+                    await takeOver(volumeID, epoch: volume.epoch, oldPrimary: nil, noticed: noticed)
+                    if shards.primaryEpoch(volumeID) == volume.epoch { return }
+                } else {
+                    let live = Set(try await metadata.listNodes().map(\.nodeID))
+                    guard !live.contains(volume.primaryNodeID), volume.backupNodeIDs.contains(nodeID) else { return }
+                    logger.warning("the primary of a volume this node backs is gone; promoting",
+                                   metadata: ["volume": "\(volumeID)", "old primary": "\(volume.primaryNodeID)", "epoch": "\(volume.epoch)"])
+                    let won = try await metadata.updatePrimary(volumeID: volumeID, nodeID: nodeID, expectedEpoch: volume.epoch)
+                    await takeOver(volumeID, epoch: won.epoch, oldPrimary: volume.primaryNodeID, noticed: noticed)
+                    if shards.primaryEpoch(volumeID) == won.epoch { return }
+                }
+            } catch {
+                logger.warning("promotion not done yet; trying again", metadata: ["volume": "\(volumeID)", "error": "\(error)"])
+            }
+            try? await Task.sleep(for: pause)
+            pause = min(pause * 2, .seconds(5))
         }
     }
 

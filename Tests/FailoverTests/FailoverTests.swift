@@ -414,4 +414,44 @@ struct FailoverTests {
             #expect(reads > 100)
         }
     }
+
+    /// etcd crashes and restarts while the backup promotes itself: the promotion
+    /// completes (or is tried again), there is one primary, at the next epoch.
+    @Test func aPromotionSurvivesEtcdRestartingInTheMiddle() async throws {
+        var hosts: [Host] = []
+        defer { cleanUp(hosts) }
+        try await withLocalEtcd { etcd in
+            let (a, b, shard, volume) = try await startPair(etcd: etcd)
+            hosts = [a, b]
+            let writer = try await ShardFSClient.connect(to: try a.endpoint)
+            try await writer.put(client: "writer", shard: shard, key: Array("before".utf8), value: Self.value(key: "before", version: 1, size: 100))
+            await writer.close()
+            a.signal(SIGKILL)
+            a.process.waitUntilExit()
+            // When B starts promoting, etcd crashes and comes back.
+            let log = dir.sub("b.yaml.log")
+            let started = Date()
+            while Date().timeIntervalSince(started) < 30,
+                  !((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").contains("promoting") {
+                try await Task.sleep(for: .milliseconds(10))
+            }
+            try await etcd.restart()
+            // B serves writes for the shard, as the one primary, one epoch on.
+            let probe = try await ShardFSClient.connect(to: try b.endpoint)
+            var wrote = false
+            while Date().timeIntervalSince(started) < 60, !wrote {
+                wrote = (try? await probe.put(client: "writer", shard: shard, key: Array("after".utf8), value: [1])) != nil
+                if !wrote { try await Task.sleep(for: .milliseconds(200)) }
+            }
+            #expect(wrote, "the backup never took over")
+            let before = try await probe.get(shard: shard, key: Array("before".utf8))
+            #expect(Self.version(before.value, key: "before") == 1)
+            let location = try await probe.locate(shard)
+            await probe.close()
+            print("etcd restart during promotion: took over \(String(format: "%.2f", Date().timeIntervalSince(started))) s after the kill; \(location)")
+            #expect(location.epoch == 2)
+            #expect(location.volumeID == volume)
+            #expect(location.primary.nodeID == "b")
+        }
+    }
 }

@@ -10,18 +10,21 @@ import Glibc
 public final class LocalEtcd: @unchecked Sendable {
     public let endpoint: String
     private let dir: TemporaryDirectory
-    private let watchdog: Process
+    private var watchdog: Process
     private let pidFile: String
+    private let clientPort: Int, peerPort: Int
 
     public struct Failure: Error, CustomStringConvertible {
         public let description: String
     }
 
-    private init(dir: TemporaryDirectory, endpoint: String, watchdog: Process, pidFile: String) {
+    private init(dir: TemporaryDirectory, endpoint: String, watchdog: Process, pidFile: String, clientPort: Int, peerPort: Int) {
         self.dir = dir
         self.endpoint = endpoint
         self.watchdog = watchdog
         self.pidFile = pidFile
+        self.clientPort = clientPort
+        self.peerPort = peerPort
     }
 
     /// Starts etcd and waits until it answers. The ports are picked before etcd
@@ -43,6 +46,13 @@ public final class LocalEtcd: @unchecked Sendable {
     private static func launch() throws -> LocalEtcd {
         let dir = try TemporaryDirectory("etcd")
         let client = try freeLoopbackPort(), peer = try freeLoopbackPort()
+        let process = try watchdog(dir: dir, client: client, peer: peer)
+        return LocalEtcd(dir: dir, endpoint: "http://127.0.0.1:\(client)", watchdog: process, pidFile: dir.sub("etcd.pid"),
+                         clientPort: client, peerPort: peer)
+    }
+
+    /// etcd on these ports and this folder, under a watchdog.
+    private static func watchdog(dir: TemporaryDirectory, client: Int, peer: Int) throws -> Process {
         let endpoint = "http://127.0.0.1:\(client)", peerURL = "http://127.0.0.1:\(peer)"
         let pidFile = dir.sub("etcd.pid")
         let script = """
@@ -63,7 +73,18 @@ public final class LocalEtcd: @unchecked Sendable {
         process.standardOutput = FileHandle.nullDevice
         process.standardError = FileHandle.nullDevice
         try process.run()
-        return LocalEtcd(dir: dir, endpoint: endpoint, watchdog: process, pidFile: pidFile)
+        return process
+    }
+
+    /// Kills etcd (as a crash would) and starts it again on the same ports and
+    /// data, waiting until it answers.
+    public func restart() async throws {
+        for _ in 0..<100 where etcdPID == nil && watchdog.isRunning { usleep(20_000) }
+        if let pid = etcdPID { kill(pid, SIGKILL) }
+        watchdog.waitUntilExit()
+        try? FileManager.default.removeItem(atPath: pidFile)
+        watchdog = try Self.watchdog(dir: dir, client: clientPort, peer: peerPort)
+        guard try await waitUntilReady() else { throw Failure(description: "etcd did not come back: \(log)") }
     }
 
     private var etcdPID: pid_t? {
