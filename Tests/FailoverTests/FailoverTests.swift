@@ -20,12 +20,12 @@ struct FailoverTests {
         let name: String
         let port: Int
         let process = Process()
-        init(name: String, config: String, port: Int) throws {
+        init(name: String, config: String, port: Int, serveArguments: String = "") throws {
             self.name = name
             self.port = port
             process.executableURL = URL(fileURLWithPath: "/usr/bin/unshare")
             process.arguments = ["-m", "--propagation", "private", "/bin/bash", "-c",
-                                 FailoverTests.dropOtherMounts + "exec '\(FailoverTests.shardfs)' serve --config '\(config)'"]
+                                 FailoverTests.dropOtherMounts + "exec '\(FailoverTests.shardfs)' serve --config '\(config)' \(serveArguments)"]
             FileManager.default.createFile(atPath: config + ".log", contents: nil)
             process.standardError = FileHandle(forWritingAtPath: config + ".log") ?? FileHandle.nullDevice
         }
@@ -56,6 +56,20 @@ struct FailoverTests {
             signal(SIGKILL)
             if process.processIdentifier > 0 { process.waitUntilExit() }
         }
+    }
+
+    /// A value several tasks and functions share under a lock.
+    final class Locked<Value: Sendable>: Sendable {
+        private let mutex: Mutex<Value>
+        init(_ value: Value) { mutex = Mutex(value) }
+        func withLock<R>(_ body: (inout Value) -> R) -> R { mutex.withLock { body(&$0) } }
+    }
+
+    /// A flag several tasks read (an `Atomic` local cannot be shared by two tasks).
+    final class Flag: Sendable {
+        private let value = Atomic<Bool>(true)
+        var isSet: Bool { value.load(ordering: .acquiring) }
+        func clear() { value.store(false, ordering: .releasing) }
     }
 
     struct Failure: Error, CustomStringConvertible {
@@ -141,6 +155,30 @@ struct FailoverTests {
         return Int(parts[1])
     }
 
+    /// Writes files f0…f(n-1) into a shard directory of the mount, version after
+    /// version, each value in `value(key:version:size:)`'s format.
+    static let fileWriterScript = """
+        import os, struct, sys
+        folder, count = sys.argv[1], int(sys.argv[2])
+        def checksum(b):
+            h = 2166136261
+            for x in b: h = ((h ^ x) * 16777619) & 0xFFFFFFFF
+            return h
+        version = 0
+        while True:
+            version += 1
+            for i in range(count):
+                key = "f%d" % i
+                body = bytearray(("%s#%d#" % (key, version)).encode())
+                size = 200 + (i * 53) % 4000
+                while len(body) < size - 4: body.append((len(body) * 31 + version) & 0xFF)
+                try:
+                    with open(os.path.join(folder, key), "wb") as f:
+                        f.write(bytes(body) + struct.pack("<I", checksum(body)))
+                except OSError:
+                    pass
+        """
+
     static func size(_ i: Int) -> Int { i % 40 == 0 ? 200_000 : 200 + (i * 53) % 4000 }
 
     func volumeID() throws -> String {
@@ -156,11 +194,11 @@ struct FailoverTests {
     }
 
     /// Starts A (primary, with a shard) and B (its backup, serving views of it).
-    func startPair(etcd: LocalEtcd, failoverDelayMs: Int = 500) async throws -> (a: Host, b: Host, shard: UInt64, volume: String) {
+    func startPair(etcd: LocalEtcd, failoverDelayMs: Int = 500, primaryArguments: String = "") async throws -> (a: Host, b: Host, shard: UInt64, volume: String) {
         let portA = try freeLoopbackPort(), portB = try freeLoopbackPort()
         let configA = try config("a", initialVolumes: 1, port: portA, etcd: etcd.endpoint)
         let configB = try config("b", initialVolumes: 0, port: portB, etcd: etcd.endpoint, failoverDelayMs: failoverDelayMs)
-        let a = try Host(name: "a", config: configA, port: portA)
+        let a = try Host(name: "a", config: configA, port: portA, serveArguments: primaryArguments)
         try await a.start()
         let volume = try volumeID()
         let client = try await ShardFSClient.connect(to: try a.endpoint)
@@ -183,23 +221,30 @@ struct FailoverTests {
         var hosts: [Host] = []
         defer { cleanUp(hosts) }
         try await withLocalEtcd { etcd in
-            let (a, b, shard, _) = try await startPair(etcd: etcd)
+            // A also mounts its shards (in its own namespace) for a FUSE writer.
+            let mountpoint = dir.sub("a-mnt")
+            try FileManager.default.createDirectory(atPath: mountpoint, withIntermediateDirectories: true)
+            let (a, b, shard, _) = try await startPair(etcd: etcd, primaryArguments: "--mount '\(mountpoint)' -o client_id=writer")
             hosts = [a, b]
             let keys = (0..<100).map { "k\($0)" }
+            let fileKeys = (0..<20).map { "f\($0)" }
             let acked = Mutex([String: Int]())
-            let writing = Atomic<Bool>(true)
+            let ackTimes = Locked([(sent: Date, acked: Date)]())
+            let writing = Flag()
             var options = RoutingOptions()
             options.deadline = .seconds(60)
             let cluster = try ShardFSCluster(nodes: [try a.endpoint, try b.endpoint], options: options)
             let writer = Task.detached { () -> (writes: Int, failures: Int) in
                 var version = 0, writes = 0, failures = 0
-                while writing.load(ordering: .acquiring) {
+                while writing.isSet {
                     version += 1
-                    for (i, key) in keys.enumerated() where writing.load(ordering: .acquiring) {
+                    for (i, key) in keys.enumerated() where writing.isSet {
                         do {
+                            let sent = Date()
                             try await cluster.put(client: "writer", shard: shard, key: Array(key.utf8),
                                                   value: Self.value(key: key, version: version, size: Self.size(i)))
                             acked.withLock { $0[key] = version }
+                            ackTimes.withLock { $0.append((sent: sent, acked: Date())) }
                             writes += 1
                         } catch {
                             failures += 1
@@ -209,11 +254,69 @@ struct FailoverTests {
                 return (writes, failures)
             }
 
+            // BatchPuts of their own keys, and files written through A's mount
+            // (a writer process in A's namespace), into a second shard.
+            let batchKeys = (0..<50).map { "b\($0)" }
+            let creator = try await ShardFSClient.connect(to: try a.endpoint)
+            let fileShard = try await creator.newShard(owner: "writer")
+            let batcher = Task.detached { () -> Int in
+                var version = 0, batches = 0
+                while writing.isSet {
+                    version += 1
+                    let items = batchKeys.enumerated().map { i, key in
+                        PutItem(key: Array(key.utf8), value: Self.value(key: key, version: version, size: Self.size(i)))
+                    }
+                    if (try? await cluster.batchPut(client: "writer", shard: shard, items: items)) != nil { batches += 1 }
+                }
+                return batches
+            }
+            let fileWriter = Process()
+            fileWriter.executableURL = URL(fileURLWithPath: "/usr/bin/nsenter")
+            fileWriter.arguments = ["-t", String(a.process.processIdentifier), "-m", "python3", "-c", Self.fileWriterScript,
+                                    mountpoint + "/shard-\(fileShard)", String(fileKeys.count)]
+            fileWriter.standardOutput = FileHandle.nullDevice
+            fileWriter.standardError = FileHandle.nullDevice
+            try fileWriter.run()
+            defer { if fileWriter.isRunning { kill(fileWriter.processIdentifier, SIGKILL); fileWriter.waitUntilExit() } }
+            // Shards made, filled, closed and deleted on the primary meanwhile.
+            let churner = Task.detached { () -> Int in
+                var cycles = 0
+                while writing.isSet {
+                    guard let id = try? await creator.newShard(owner: "writer") else { continue }
+                    _ = try? await creator.batchPut(client: "writer", shard: id, items: (0..<100).map {
+                        PutItem(key: Array("c\($0)".utf8), value: Self.value(key: "c\($0)", version: 1, size: 1000))
+                    })
+                    try? await creator.closeShard(id)
+                    try? await creator.deleteShard(id)
+                    cycles += 1
+                }
+                return cycles
+            }
+
             // The backup reads what the primary writes, from its views.
             let reader = try await ShardFSClient.connect(to: try b.endpoint)
             var reads = 0, wrong = 0, missing = 0, lags: [Double] = []
+            var fileReads = 0, batchReads = 0
             let until = Date().addingTimeInterval(6)
+            var dropped = false
             while Date() < until {
+                // Once, mid-run: the backup host's page cache goes.
+                if !dropped && until.timeIntervalSinceNow < 3 {
+                    try "3".write(toFile: "/proc/sys/vm/drop_caches", atomically: false, encoding: .utf8)
+                    dropped = true
+                }
+                for key in batchKeys.shuffled().prefix(3) {
+                    if let entry = try? await reader.get(shard: shard, key: Array(key.utf8)) {
+                        batchReads += 1
+                        if Self.version(entry.value, key: key) == nil { wrong += 1 }
+                    }
+                }
+                for key in fileKeys.shuffled().prefix(3) {
+                    if let entry = try? await reader.get(shard: fileShard, key: Array(key.utf8)) {
+                        fileReads += 1
+                        if Self.version(entry.value, key: key) == nil { wrong += 1 }
+                    }
+                }
                 for key in keys.shuffled().prefix(10) {
                     let before = acked.withLock { $0[key] } ?? 0
                     do {
@@ -229,29 +332,32 @@ struct FailoverTests {
                 try await Task.sleep(for: .milliseconds(5))
             }
             await reader.close()
-            print("failover harness: backup reads \(reads), wrong \(wrong), not yet visible \(missing); versions behind p50 \(Self.percentile(lags, 0.5)) p99 \(Self.percentile(lags, 0.99)) max \(lags.max() ?? 0)")
+            print("failover harness: backup reads \(reads) of puts, \(batchReads) of batch puts, \(fileReads) of files written through the mount; wrong \(wrong), not yet visible \(missing); versions behind p50 \(Self.percentile(lags, 0.5)) p99 \(Self.percentile(lags, 0.99)) max \(lags.max() ?? 0)")
             #expect(wrong == 0)
             #expect(reads > 50)
+            #expect(batchReads > 10)
+            #expect(fileReads > 10)
 
-            // Crash the primary's host.
+            // Crash the primary's host: its processes, and with them its namespace.
             let crashed = Date()
+            kill(fileWriter.processIdentifier, SIGKILL)
             a.signal(SIGKILL)
             a.process.waitUntilExit()
-            let ackedAtCrash = acked.withLock { $0 }
-            // Writes resume through B once it has taken over.
-            var resumedAfter: Double?
-            let deadline = Date().addingTimeInterval(45)
-            while Date() < deadline {
-                let now = acked.withLock { $0 }
-                if now.contains(where: { key, version in version > ackedAtCrash[key, default: 0] }) {
-                    resumedAfter = Date().timeIntervalSince(crashed)
-                    break
-                }
-                try await Task.sleep(for: .milliseconds(50))
+            fileWriter.waitUntilExit()
+            // Writes resume through B once it has taken over: the first write sent
+            // after the kill that is acknowledged.
+            func resumed() -> Double? {
+                ackTimes.withLock { $0.filter { $0.sent > crashed }.map { $0.acked.timeIntervalSince(crashed) }.min() }
             }
+            let deadline = Date().addingTimeInterval(45)
+            while Date() < deadline, resumed() == nil { try await Task.sleep(for: .milliseconds(50)) }
+            let resumedAfter = resumed()
             try await Task.sleep(for: .seconds(1))
-            writing.store(false, ordering: .releasing)
+            writing.clear()
             let (writes, failures) = await writer.value
+            let batches = await batcher.value, churned = await churner.value
+            await creator.close()
+            print("failover harness: \(batches) batch puts, \(churned) shards made, filled, closed and deleted")
             print("failover harness: \(writes) writes acknowledged, \(failures) failed; writes resumed \(resumedAfter.map { String(format: "%.2f", $0) } ?? "never") s after the kill")
             #expect(resumedAfter != nil, "no write succeeded after the primary died")
             if resumedAfter == nil { print("host b's log:\n" + ((try? String(contentsOfFile: dir.sub("b.yaml.log"), encoding: .utf8)) ?? "")) }
