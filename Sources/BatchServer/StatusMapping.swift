@@ -31,7 +31,7 @@ func wireStatus(for error: Error, writing: Bool) -> Status {
         case .shardNotFound: code = .shardNotFound
         case .shardNotLocal, .notPrimary: code = .notShardLeader
         case .shardIDTaken: code = .shardIDTaken
-        case .noWritableVolume: code = .noNodeAvailable
+        case .noWritableVolume, .noRoom: code = .noNodeAvailable
         case .invalidArgument: code = .invalidArgument
         }
     case let e as MetadataError:

@@ -34,7 +34,7 @@ func errnoValue(of error: Error) -> Int32 {
         switch e {
         case .shardNotFound, .shardNotLocal: return ENOENT
         case .shardIDTaken: return EEXIST
-        case .noWritableVolume: return ENOSPC
+        case .noWritableVolume, .noRoom: return ENOSPC
         case .notPrimary: return EROFS
         case .invalidArgument: return EINVAL
         }

@@ -11,6 +11,9 @@ public enum ShardManagerError: Error, Equatable, Sendable, CustomStringConvertib
     case shardNotLocal(UInt64, volumeID: String)
     case shardIDTaken(UInt64)
     case noWritableVolume
+    /// No writable volume of this node has room for a shard of this size limit,
+    /// and none could be provisioned.
+    case noRoom(Int)
     /// The shard's volume is mounted read-only here (this node is a backup for it).
     case notPrimary(UInt64)
     case invalidArgument(String)
@@ -22,6 +25,8 @@ public enum ShardManagerError: Error, Equatable, Sendable, CustomStringConvertib
         case .shardIDTaken(let id):
             return "shard ID \(id) is taken: IDs are never used twice; ask for a higher one, or let the node choose"
         case .noWritableVolume: return "no writable volume on this node for a new shard"
+        case .noRoom(let limit):
+            return "no volume of this node has \(limit) bytes free for a new shard's size limit; ask for a smaller limit or add a volume"
         case .notPrimary(let id): return "this node is not the primary of shard \(id)'s volume"
         case .invalidArgument(let s): return "invalid argument: \(s)"
         }
@@ -188,7 +193,7 @@ public final class ShardManager: @unchecked Sendable {
         guard limit >= ShardOptions.minimumSizeLimit else {
             throw ShardManagerError.invalidArgument("a shard's size limit is at least \(ShardOptions.minimumSizeLimit) bytes")
         }
-        let volume = try chooseVolume()
+        let volume = try await chooseVolume(for: limit)
         if let refused = writeRefusal(volume.volumeID) { throw refused }
         let id: UInt64
         if let requested {
@@ -445,11 +450,36 @@ public final class ShardManager: @unchecked Sendable {
         return volumes.mountedVolumes().first { $0.volumeID == volumeID }
     }
 
+    /// Makes, attaches, formats, mounts and registers a new volume this node is
+    /// the primary of (set by the node from its provider and configuration).
+    /// Its argument is the room the new volume must have.
+    public var provisionVolume: (@Sendable (_ room: Int) async throws -> MountedVolume)? {
+        get { lock.withLock { provision } }
+        set { lock.withLock { provision = newValue } }
+    }
+    private var provision: (@Sendable (Int) async throws -> MountedVolume)?
+
+    /// A volume for a new shard of size limit `limit`: one this node writes with
+    /// room for the whole limit (block volumes; folder volumes share the host's
+    /// filesystem and are not counted), else a new one from `provisionVolume`.
+    func chooseVolume(for limit: Int) async throws -> MountedVolume {
+        if let volume = try? chooseVolume(room: limit) { return volume }
+        guard let provision = provisionVolume else { return try chooseVolume(room: limit) }
+        let volume = try await provision(limit)
+        logger.notice("no volume of this node had room for a new shard; provisioned one",
+                      metadata: ["volume": "\(volume.volumeID)", "size limit": "\(limit)"])
+        return volume
+    }
+
     /// The writable volume with the most free space (compared in whole GiB, since
-    /// folders on one filesystem differ by noise), then the fewest open shards.
-    func chooseVolume() throws -> MountedVolume {
+    /// folders on one filesystem differ by noise), then the fewest open shards;
+    /// a block volume only if it has `room` bytes free.
+    func chooseVolume(room: Int = 0) throws -> MountedVolume {
         let held = lock.withLock { primaryEpochs }
-        let candidates = volumes.mountedVolumes().filter { !$0.readOnly && held[$0.volumeID] != nil }
+        let candidates = volumes.mountedVolumes().filter { volume in
+            guard !volume.readOnly, held[volume.volumeID] != nil else { return false }
+            return volume.device.isEmpty || ((try? volumes.freeBytes(volume.volumeID)) ?? 0) >= room
+        }
         let openCounts = lock.withLock {
             shards.values.reduce(into: [String: Int]()) { counts, entry in
                 if entry.shard.state == .open { counts[entry.volumeID, default: 0] += 1 }
@@ -463,7 +493,10 @@ public final class ShardManager: @unchecked Sendable {
             if a.freeGiB != b.freeGiB { return a.freeGiB > b.freeGiB }
             if a.open != b.open { return a.open < b.open }
             return a.volume.volumeID < b.volume.volumeID
-        }) else { throw ShardManagerError.noWritableVolume }
+        }) else {
+            throw room > 0 && volumes.mountedVolumes().contains(where: { !$0.readOnly && held[$0.volumeID] != nil })
+                ? ShardManagerError.noRoom(room) : ShardManagerError.noWritableVolume
+        }
         return best.volume
     }
 }

@@ -91,6 +91,10 @@ public final class StorageNode: Sendable {
         }
         let shards = ShardManager(nodeID: config.node.nodeID, metadata: metadata, volumes: volumes,
                                   defaultSizeLimit: config.shard.sizeLimit)
+        if config.cloud.provider != "folder" {
+            let provisioner = VolumeProvisioner(config: config, provider: provider, metadata: metadata, volumes: volumes, shards: shards)
+            shards.provisionVolume = { room in try await provisioner.provision(room: room) }
+        }
         let lease = LeaseGuard(metadata: metadata, nodeID: config.node.nodeID)
         let leaseIsFresh: @Sendable () -> Bool = { lease.isFresh() }
         shards.leaseIsFresh = leaseIsFresh
@@ -233,3 +237,49 @@ public final class StorageNode: Sendable {
         return manager
     }
 }
+
+/// Makes a new volume for this node when none of its volumes has room for a new
+/// shard: through the provider (size and type from the configuration), registered
+/// in metadata with this node as primary, then attached, formatted and mounted.
+/// One at a time: shards asking meanwhile wait for it. A volume the provider made
+/// but that could not be registered is deleted again, so none is half-registered.
+actor VolumeProvisioner {
+    let config: Configuration
+    let provider: any CloudProvider
+    let metadata: any MetadataStore
+    let volumes: any VolumeManager
+    let shards: ShardManager
+    private var running: Task<MountedVolume, Error>?
+
+    init(config: Configuration, provider: any CloudProvider, metadata: any MetadataStore, volumes: any VolumeManager, shards: ShardManager) {
+        self.config = config
+        self.provider = provider
+        self.metadata = metadata
+        self.volumes = volumes
+        self.shards = shards
+    }
+
+    /// A new volume with at least `room` bytes free for shards (the configured size,
+    /// or more when a shard's size limit asks for it).
+    func provision(room: Int) async throws -> MountedVolume {
+        if let running { return try await running.value }
+        var spec = StorageNode.volumeSpec(config)
+        spec.sizeBytes = max(spec.sizeBytes, room + room / 8 + (32 << 20))  // the filesystem's own share
+        let task = Task { [config, provider, metadata, volumes, shards, spec] () throws -> MountedVolume in
+            let created = try await provider.createVolume(spec)
+            let record = VolumeRecord(volumeID: created.volumeID, primaryNodeID: config.node.nodeID,
+                                      mountPath: config.resolvedVolumeRoot + "/" + created.volumeID)
+            do { try await metadata.registerVolume(record) } catch {
+                try? await provider.deleteVolume(created.volumeID)
+                throw error
+            }
+            let mounted = try await volumes.mount(created.volumeID, readOnly: false)
+            shards.becamePrimary(created.volumeID, epoch: record.epoch)
+            return mounted
+        }
+        running = task
+        defer { running = nil }
+        return try await task.value
+    }
+}
+

@@ -62,8 +62,8 @@ struct LoopNodeTests {
         #expect(rows.first?.contains("in-use") == true && rows.first?.contains("64MiB") == true && rows.last?.last == "n1")
         #expect(mounts().contains { $0.point == dir.sub("data/volumes/\(first)") && $0.type == "ext4" && $0.source.hasPrefix("/dev/loop") })
 
-        // A shard lands on the ext4 volume.
-        let new = try await shardfs("shard", "new", "--client", "c1")
+        // A shard lands on the ext4 volume (its size limit fits there).
+        let new = try await shardfs("shard", "new", "--client", "c1", "--size-limit", "16MiB")
         #expect(new.status == 0, "\(new.stderr)")
         let shardID = new.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         #expect(FileManager.default.fileExists(atPath: dir.sub("data/volumes/\(first)/shard-\(shardID)/data.mdb")))
@@ -82,5 +82,32 @@ struct LoopNodeTests {
         #expect(!FileManager.default.fileExists(atPath: dir.sub("data/images/\(second).img")))
         let after = try await shardfs("volume", "list")
         #expect(after.stdout.contains(first) && !after.stdout.contains(second))
+    }
+
+    /// A node whose volumes have no room for a new shard's size limit makes one
+    /// that does: created, formatted, mounted and registered, and the shard lands
+    /// there. A limit that fits stays on the first volume.
+    @Test func aNodeWithoutRoomForANewShardProvisionsAVolume() async throws {
+        defer { cleanUp() }
+        let small = try await shardfs("shard", "new", "--client", "c1", "--size-limit", "8MiB")
+        #expect(small.status == 0, "\(small.stderr)")
+        let volumes = try FileManager.default.contentsOfDirectory(atPath: dir.sub("data/volumes"))
+        #expect(volumes.count == 1)
+        let first = try #require(volumes.first)
+        #expect(FileManager.default.fileExists(atPath: dir.sub("data/volumes/\(first)/shard-\(small.stdout.trimmingCharacters(in: .whitespacesAndNewlines))")))
+
+        // 100 MiB cannot fit on a 64 MiB volume.
+        let big = try await shardfs("shard", "new", "--client", "c1", "--size-limit", "100MiB")
+        #expect(big.status == 0, "\(big.stderr)")
+        let id = big.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        let now = try FileManager.default.contentsOfDirectory(atPath: dir.sub("data/volumes")).sorted()
+        #expect(now.count == 2)
+        let second = try #require(now.first { $0 != first })
+        #expect(FileManager.default.fileExists(atPath: dir.sub("data/volumes/\(second)/shard-\(id)/data.mdb")))
+        #expect(mounts().contains { $0.point == dir.sub("data/volumes/\(second)") && $0.type == "ext4" })
+        let list = try await shardfs("volume", "list")
+        #expect(list.stdout.contains(second), "\(list.stdout)")
+        var stat = statvfs()
+        #expect(statvfs(dir.sub("data/volumes/\(second)"), &stat) == 0 && Int(stat.f_bavail) * Int(stat.f_frsize) >= 100 << 20)
     }
 }

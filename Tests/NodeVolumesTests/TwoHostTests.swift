@@ -36,6 +36,8 @@ struct TwoHostTests {
           image_dir: \(dir.sub("images"))
           volume_size: 64MiB
           initial_volumes: \(initialVolumes)
+        shard:
+          size_limit: 16MiB
         """.write(toFile: path, atomically: true, encoding: .utf8)
         return path
     }
