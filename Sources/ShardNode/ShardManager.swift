@@ -270,6 +270,16 @@ public final class ShardManager: @unchecked Sendable {
         }
     }
 
+    /// Lets go of every shard (a clean stop, after `applyLogs`): each closes its
+    /// files once nothing else holds it, and writes through handles kept elsewhere
+    /// are refused. The node serves no shard afterwards.
+    public func unloadAll() {
+        lock.withLock {
+            primaryEpochs.removeAll()
+            shards.removeAll()
+        }
+    }
+
     /// Closes a shard: read-only forever. Closing a closed shard succeeds.
     public func closeShard(_ id: UInt64) async throws {
         let shard = try await self.shard(id)

@@ -41,6 +41,20 @@ public final class StorageNode: Sendable {
         await publisher.stop()
     }
 
+    /// A clean stop, once nothing serves the node's shards any more: roles
+    /// stopped, every batch log applied, the shards let go, and the volumes
+    /// unmounted and detached from this instance. A volume that cannot be
+    /// released (still busy, the cloud down) stays as it is, with a warning; the
+    /// next start adopts it.
+    public func stop(logger: Logger = Logger(label: "shardfs.node")) async {
+        await stopRoles()
+        shards.applyLogs()
+        shards.unloadAll()
+        do { try await volumes.releaseAll() } catch {
+            logger.warning("not every volume could be released; the next start adopts what is left", metadata: ["error": "\(error)"])
+        }
+    }
+
     /// Starts a node: opens the metadata store, registers the node, mounts the
     /// volumes it holds (creating its first ones on a fresh node) and restores its shards.
     /// Only one node runs per data folder: another process waits up to `lockTimeout` for it.

@@ -56,11 +56,13 @@ struct MountCommand: AsyncParsableCommand {
             if let logLevel { try node.set("log.level", logLevel) }
             Log.bootstrap(level: node.logLevel)
             let storage = try await StorageNode.start(node, lockTimeout: .seconds(5))
-            let fileSystem = ShardFileSystem(node: storage, options: mountOptions)
-            let session = try FuseSession(fileSystem: fileSystem, mountpoint: mountpoint)
+            var session: FuseSession? = try FuseSession(fileSystem: ShardFileSystem(node: storage, options: mountOptions),
+                                                        mountpoint: mountpoint)
             if let readyFD { Self.report("ready\n", to: readyFD) }
             ServiceManagerNotify.ready(status: "mounted at \(mountpoint)")  // systemd Type=notify, with -f
-            let rc = await runOnOwnThread { session.run() }
+            let rc = await runOnOwnThread { [session] in session!.run() }
+            session = nil  // the file system lets go of the shards it held
+            await storage.stop()
             if rc != 0 { throw MountError(description: "the FUSE loop ended with error \(rc)") }
         } catch {
             if let readyFD { Self.report("error: \(error)\n", to: readyFD) }

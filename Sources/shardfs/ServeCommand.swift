@@ -47,8 +47,8 @@ struct ServeCommand: AsyncParsableCommand {
             if signalled { fuse.session.stop() }
             _ = await fuse.done.value
         }
-        await running.node.stopRoles()
-        running.node.shards.applyLogs()
+        fuse = nil  // the mount's file system lets go of the shards it held
+        await running.node.stop()
         if !signalled { throw MountError(description: "the mount at \(mount ?? "") ended on its own; see the log") }
     }
 

@@ -110,4 +110,30 @@ struct LoopNodeTests {
         var stat = statvfs()
         #expect(statvfs(dir.sub("data/volumes/\(second)"), &stat) == 0 && Int(stat.f_bavail) * Int(stat.f_frsize) >= 100 << 20)
     }
+
+    /// A clean stop of `serve` unmounts its volumes and detaches their loop
+    /// devices; the next start attaches and mounts them again, shards and all.
+    @Test func aCleanStopUnmountsAndDetachesAndTheNextStartAttachesAgain() async throws {
+        defer { cleanUp() }
+        func loopDevices() -> Int {
+            let names = (try? FileManager.default.contentsOfDirectory(atPath: "/sys/block")) ?? []
+            return names.filter { name in
+                name.hasPrefix("loop") && ((try? String(contentsOfFile: "/sys/block/\(name)/loop/backing_file", encoding: .utf8))?
+                    .hasPrefix(dir.path + "/") ?? false)
+            }.count
+        }
+        let serve = try await ServeProcess.start(["--config", config, "--no-tcp", "--size-limit", "8MiB"])
+        let socket = try #require(serve.unixSocket)
+        let new = try await runAsync(productsDirectory().appendingPathComponent("shardfs").path,
+                                     ["client", "new-shard", "--socket", socket, "--client", "c1"])
+        #expect(new.status == 0, "\(new.stderr)")
+        #expect(mounts().count == 1 && loopDevices() == 1)
+        #expect(serve.stop() == 0)
+        #expect(mounts().isEmpty, "\(mounts())")
+        #expect(loopDevices() == 0)
+
+        let list = try await shardfs("shard", "list")
+        #expect(list.status == 0 && list.stdout.contains("c1"), "\(list.stdout) \(list.stderr)")
+        #expect(mounts().count == 1)
+    }
 }
