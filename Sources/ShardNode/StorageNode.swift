@@ -114,7 +114,7 @@ public final class StorageNode: Sendable {
         shards.leaseIsFresh = leaseIsFresh
         let publisher = ViewPublisher(nodeID: config.node.nodeID, metadata: metadata, shards: shards,
                                       interval: .milliseconds(config.backup.viewIntervalMs))
-        shards.keepsDeletedFiles = { volumeID in publisher.handlesDeletes(volumeID) }
+        shards.keepsDeletedFiles = { [weak publisher] volumeID in publisher?.handlesDeletes(volumeID) ?? false }
         // Opening a shard may write (it replays its batch log): first, no backup may
         // still read a snapshot the previous run pinned.
         try await publisher.retirePreviousGenerations(timeout: .seconds(config.metadata.leaseTTLSeconds + 5))
@@ -262,7 +262,8 @@ actor VolumeProvisioner {
     let provider: any CloudProvider
     let metadata: any MetadataStore
     let volumes: any VolumeManager
-    let shards: ShardManager
+    /// Weak: the manager holds this provisioner (through its `provisionVolume`).
+    private weak var shards: ShardManager?
     private var running: Task<MountedVolume, Error>?
 
     init(config: Configuration, provider: any CloudProvider, metadata: any MetadataStore, volumes: any VolumeManager, shards: ShardManager) {
@@ -288,7 +289,7 @@ actor VolumeProvisioner {
                 throw error
             }
             let mounted = try await volumes.mount(created.volumeID, readOnly: false)
-            shards.becamePrimary(created.volumeID, epoch: record.epoch)
+            shards?.becamePrimary(created.volumeID, epoch: record.epoch)
             return mounted
         }
         running = task
