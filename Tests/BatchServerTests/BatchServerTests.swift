@@ -365,7 +365,7 @@ private func batchPutCodes(_ frames: [Frame]) -> [UInt32: [StatusCode]] {
                 var open: [RawSocket] = []
                 var refused = 0, others = 0
                 for _ in 0..<1_000 {
-                    let s = try RawSocket(unixPath: path, receiveTimeoutSeconds: 5)
+                    let s = try RawSocket(unixPath: path, receiveTimeoutSeconds: 60)
                     s.send(hello())
                     let first = s.readFrames(1).first.flatMap { try? ResponseCodec.decode($0) }
                     switch first {
