@@ -15,7 +15,8 @@ public struct Frame: Hashable, Sendable {
 /// Cuts a byte stream into frames. Bytes may arrive in any pieces; an oversized
 /// length is refused as soon as its 4 bytes are in, before any body is buffered.
 public struct FrameDecoder: Sendable {
-    public let maxFrameLength: Int
+    /// The largest `length` accepted; the connection raises it after the handshake.
+    public var maxFrameLength: Int
     private var buffer: ByteBuffer
 
     public init(maxFrameLength: Int = ProtocolConstants.defaultMaxFrameLength) {

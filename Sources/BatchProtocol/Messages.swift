@@ -31,8 +31,9 @@ public enum Request: Hashable, Sendable {
     case list(shard: UInt64, after: [UInt8]?, limit: UInt32)
     case findByIndex(shard: UInt64, name: String, value: [UInt8], after: [UInt8]?, limit: UInt32)
     case newShard(owner: String, requestedID: UInt64, sizeLimit: UInt64)
-    case closeShard(UInt64)
-    case deleteShard(UInt64)
+    /// The client ID names the owner (version 2); a version-1 frame decodes with an empty one.
+    case closeShard(client: String, shard: UInt64)
+    case deleteShard(client: String, shard: UInt64)
     case listShards
     case stat(UInt64)
     case locate(UInt64)
@@ -70,7 +71,7 @@ public enum Request: Hashable, Sendable {
     /// The shard a request names, lifecycle and Locate included; nil for Hello, NewShard and ListShards.
     public var namedShard: UInt64? {
         switch self {
-        case .closeShard(let s), .deleteShard(let s), .stat(let s), .locate(let s): return s
+        case .closeShard(_, let s), .deleteShard(_, let s), .stat(let s), .locate(let s): return s
         default: return dataShard
         }
     }

@@ -28,7 +28,16 @@ public enum Opcode: UInt8, Sendable, CaseIterable {
 /// The protocol constants both sides agree on.
 public enum ProtocolConstants {
     public static let magic: [UInt8] = Array("SHFS".utf8)
-    public static let version: UInt16 = 1
+    /// The newest version this side speaks. Version 2 added the client ID to
+    /// CloseShard and DeleteShard; the server still speaks version 1 (whose
+    /// CloseShard and DeleteShard name no client and are refused).
+    public static let version: UInt16 = 2
+    /// The oldest version the server still speaks.
+    public static let oldestVersion: UInt16 = 1
+    /// The largest frame accepted before the handshake: a Hello with a token of up
+    /// to 4,000 bytes fits, and an unauthenticated client cannot make the server
+    /// buffer more than this (plus one read) for it.
+    public static let preHandshakeMaxFrameLength = 4096
     /// type + request ID.
     public static let frameHeaderLength = 5
     public static let defaultMaxFrameLength = 16 << 20

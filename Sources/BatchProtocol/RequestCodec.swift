@@ -2,7 +2,10 @@ import NIOCore
 
 /// Requests to and from bytes (the client encodes, the server decodes).
 public enum RequestCodec {
-    public static func encode(_ request: Request, requestID: UInt32, into out: inout ByteBuffer) {
+    /// `version` is the one the connection speaks (HelloOK's): version 1 has no
+    /// client ID in CloseShard and DeleteShard.
+    public static func encode(_ request: Request, requestID: UInt32, version: UInt16 = ProtocolConstants.version,
+                              into out: inout ByteBuffer) {
         out.writeFrame(type: request.opcode.rawValue, requestID: requestID) { b in
             switch request {
             case .hello(let version, let token):
@@ -55,7 +58,10 @@ public enum RequestCodec {
                 b.writeStr(owner)
                 b.writeU64(requestedID)
                 b.writeU64(sizeLimit)
-            case .closeShard(let id), .deleteShard(let id), .stat(let id), .locate(let id):
+            case .closeShard(let client, let id), .deleteShard(let client, let id):
+                if version >= 2 { b.writeStr(client) }
+                b.writeU64(id)
+            case .stat(let id), .locate(let id):
                 b.writeU64(id)
             case .listShards:
                 break
@@ -69,8 +75,9 @@ public enum RequestCodec {
         b.writeIndexes(item.indexes)
     }
 
-    /// Decodes a request frame; throws `invalidRequest` for an unknown type or a malformed body.
-    public static func decode(_ frame: Frame) throws -> Request {
+    /// Decodes a request frame of a connection speaking `version`; throws
+    /// `invalidRequest` for an unknown type or a malformed body.
+    public static func decode(_ frame: Frame, version: UInt16 = ProtocolConstants.version) throws -> Request {
         guard let op = Opcode(rawValue: frame.type) else {
             throw ProtocolError(.invalidRequest, "unknown request type 0x\(String(frame.type, radix: 16))")
         }
@@ -116,8 +123,10 @@ public enum RequestCodec {
         case .newShard:
             request = .newShard(owner: try b.readStr("owner"), requestedID: try b.readU64("requested ID"),
                                 sizeLimit: try b.readU64("size limit"))
-        case .closeShard: request = .closeShard(try b.readU64("shard"))
-        case .deleteShard: request = .deleteShard(try b.readU64("shard"))
+        case .closeShard:
+            request = .closeShard(client: version >= 2 ? try b.readStr("client ID") : "", shard: try b.readU64("shard"))
+        case .deleteShard:
+            request = .deleteShard(client: version >= 2 ? try b.readStr("client ID") : "", shard: try b.readU64("shard"))
         case .listShards: request = .listShards
         case .stat: request = .stat(try b.readU64("shard"))
         case .locate: request = .locate(try b.readU64("shard"))

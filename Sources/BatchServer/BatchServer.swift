@@ -49,7 +49,8 @@ public final class BatchServer: Sendable {
         pool.start()
         let locator = configuration.locator ?? MetadataShardLocator(metadata: shards.metadata, nodeID: shards.nodeID)
         let executor = RequestExecutor(shards: shards, locator: locator)
-        let connections = ConnectionRegistry(limit: configuration.maxConnections)
+        let connections = ConnectionRegistry(limit: configuration.maxConnections, share: configuration.unauthenticatedShare)
+        raiseDescriptorLimit(configuration, logger)
         var listeners: [Channel] = []
         do {
             var port: Int?
@@ -57,7 +58,7 @@ public final class BatchServer: Sendable {
                 let tokenRequired = !(configuration.token ?? "").isEmpty
                 let channel: Channel
                 do {
-                    channel = try await bootstrap(group, configuration, executor, pool, connections,
+                    channel = try await bootstrap(group, configuration, executor, pool, connections, .tcp,
                                                   configuration.limits(tokenRequired: tokenRequired))
                         .bind(host: tcp.host, port: tcp.port).get()
                 } catch let error as IOError where error.errnoCode == EADDRINUSE {
@@ -71,7 +72,7 @@ public final class BatchServer: Sendable {
                 logger.info("batch service listening", metadata: ["tcp": "\(tcp.host):\(port ?? tcp.port)"])
             }
             if let path = configuration.unixSocketPath {
-                listeners.append(try await bindUnix(path, bootstrap(group, configuration, executor, pool, connections,
+                listeners.append(try await bindUnix(path, bootstrap(group, configuration, executor, pool, connections, .unix,
                                                                     configuration.limits(tokenRequired: false))))
                 logger.info("batch service listening", metadata: ["unix": "\(path)"])
             }
@@ -102,7 +103,7 @@ public final class BatchServer: Sendable {
 
     private static func bootstrap(_ group: MultiThreadedEventLoopGroup, _ config: BatchServerConfiguration,
                                   _ executor: RequestExecutor, _ pool: NIOThreadPool, _ connections: ConnectionRegistry,
-                                  _ limits: ConnectionLimits) -> ServerBootstrap {
+                                  _ kind: ListenerKind, _ limits: ConnectionLimits) -> ServerBootstrap {
         ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -110,17 +111,15 @@ public final class BatchServer: Sendable {
             .childChannelOption(.writeBufferWaterMark,
                                 value: .init(low: config.outboundLowWater, high: config.outboundHighWater))
             .childChannelInitializer { channel in
-                guard connections.admit(channel) else {
+                guard connections.admit(channel, kind) else {
                     return channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.addHandler(
                             RejectHandler(Status(.tooManyConnections, "the server is at its limit of \(config.maxConnections) connections")))
                     }
                 }
                 return channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandlers([
-                        IdleStateHandler(readTimeout: config.readTimeout),
-                        ConnectionHandler(limits: limits, executor: executor, pool: pool),
-                    ])
+                    try channel.pipeline.syncOperations.addHandler(
+                        ConnectionHandler(limits: limits, executor: executor, pool: pool, registry: connections))
                 }
             }
     }
@@ -145,29 +144,91 @@ public final class BatchServer: Sendable {
 
 }
 
+/// Which listener a connection came through: each has its own share of
+/// unauthenticated connections.
+enum ListenerKind: Sendable { case tcp, unix }
+
+/// Asks a connection still in its handshake to close: a newer one needs its place.
+struct EvictEvent: Sendable {}
+
 /// The open connections, for the connection limit and for shutdown.
+///
+/// At most `limit` connections are counted at once, and at most `share` of each
+/// listener's before their handshake. A connection that would exceed either takes
+/// the place of its listener's oldest unauthenticated connection, which is sent
+/// an `EvictEvent` (and is no longer counted); with none to take, it is refused.
+/// So clients that never finish a handshake cost at most `share` connections per
+/// listener and cannot keep anyone out for long: each newcomer pushes the oldest out.
 final class ConnectionRegistry: @unchecked Sendable {
     private let limit: Int
+    private let share: Int
     private let lock = NSLock()
     private var channels: [ObjectIdentifier: Channel] = [:]
+    /// Counted connections (admitted, neither closed nor evicted).
+    private var counted = 0
+    /// Each listener's unauthenticated connections, oldest first.
+    private var pending: [ListenerKind: [ObjectIdentifier]] = [.tcp: [], .unix: []]
+    private var evicted: Set<ObjectIdentifier> = []
 
-    init(limit: Int) { self.limit = limit }
+    init(limit: Int, share: Int) {
+        self.limit = limit
+        self.share = min(share, limit)
+    }
 
-    /// Registers `channel` unless the limit is reached; it leaves the registry when it closes.
-    func admit(_ channel: Channel) -> Bool {
-        let admitted = lock.withLock { () -> Bool in
-            guard channels.count < limit else { return false }
-            channels[ObjectIdentifier(channel)] = channel
-            return true
+    /// Registers `channel` (making room as above) or refuses it; it leaves the registry when it closes.
+    func admit(_ channel: Channel, _ kind: ListenerKind) -> Bool {
+        let id = ObjectIdentifier(channel)
+        let outcome = lock.withLock { () -> (admitted: Bool, victim: Channel?) in
+            var victim: ObjectIdentifier?
+            if pending[kind]!.count >= share || counted >= limit {
+                guard !pending[kind]!.isEmpty else { return (false, nil) }
+                victim = pending[kind]!.removeFirst()
+                evicted.insert(victim!)
+                counted -= 1
+            }
+            channels[id] = channel
+            pending[kind]!.append(id)
+            counted += 1
+            return (true, victim.flatMap { channels[$0] })
         }
-        if admitted {
-            channel.closeFuture.whenComplete { _ in
-                self.lock.withLock { _ = self.channels.removeValue(forKey: ObjectIdentifier(channel)) }
+        guard outcome.admitted else { return false }
+        channel.closeFuture.whenComplete { _ in
+            self.lock.withLock {
+                self.channels.removeValue(forKey: id)
+                if self.evicted.remove(id) == nil { self.counted -= 1 }
+                self.pending[kind]!.removeAll { $0 == id }
             }
         }
-        return admitted
+        outcome.victim?.pipeline.fireUserInboundEventTriggered(EvictEvent())
+        return true
+    }
+
+    /// `channel` finished its handshake: it no longer counts against its listener's share.
+    func authenticated(_ channel: Channel) {
+        let id = ObjectIdentifier(channel)
+        lock.withLock {
+            for kind in [ListenerKind.tcp, .unix] { pending[kind]!.removeAll { $0 == id } }
+        }
     }
 
     func all() -> [Channel] { lock.withLock { Array(channels.values) } }
-    var count: Int { lock.withLock { channels.count } }
+    var count: Int { lock.withLock { counted } }
+}
+
+/// Raises the soft open-files limit toward the hard one when connections plus the
+/// descriptors kept for shards do not fit; logs when even the hard limit is short.
+func raiseDescriptorLimit(_ config: BatchServerConfiguration, _ logger: Logger) {
+    var limits = rlimit()
+    guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limits) == 0 else { return }
+    let wanted = rlim_t(config.maxConnections + config.reservedDescriptors)
+    guard limits.rlim_cur < wanted else { return }
+    let raised = min(wanted, limits.rlim_max)
+    var new = limits
+    new.rlim_cur = raised
+    if raised > limits.rlim_cur && setrlimit(Int32(RLIMIT_NOFILE.rawValue), &new) == 0 { limits.rlim_cur = raised }
+    if limits.rlim_cur < wanted {
+        logger.warning("the open-files limit is too low for server.max_connections: connections may fail with EMFILE",
+                       metadata: ["max_connections": "\(config.maxConnections)", "open files limit": "\(limits.rlim_cur)",
+                                  "wanted": "\(wanted)"])
+    }
 }

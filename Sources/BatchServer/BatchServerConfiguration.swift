@@ -12,9 +12,24 @@ public struct BatchServerConfiguration: Sendable {
     public var token: String?
     public var maxFrameLength = ProtocolConstants.defaultMaxFrameLength
     public var maxInFlightPerConnection = 64
-    public var maxConnections = 4096
-    /// No bytes for this long inside a frame or before the handshake closes the connection.
-    public var readTimeout: TimeAmount = .seconds(10)
+    /// Connections served at once, over both listeners; more are refused with
+    /// TOO_MANY_CONNECTIONS. Each connection is a file descriptor, and so are each
+    /// open shard's two LMDB files: 1,024 matches the soft open-files limit a Linux
+    /// service usually starts with (`ulimit -n`). `start` raises the soft limit
+    /// toward the hard one to fit this plus `reservedDescriptors`, and logs when it cannot.
+    public var maxConnections = 1024
+    /// File descriptors kept for everything but connections (shards, metadata, logs).
+    public var reservedDescriptors = 1024
+    /// Of `maxConnections`, how many each listener may hold before their handshake
+    /// (a quarter): when that share is full a new connection closes the listener's
+    /// oldest unauthenticated one, so slow or silent clients never keep out
+    /// authenticated ones, nor clients of the other listener.
+    public var unauthenticatedShare: Int { max(1, maxConnections / 4) }
+    /// From accepting a connection to its Hello accepted.
+    public var handshakeTimeout: TimeAmount = .seconds(10)
+    /// From a frame's first byte to its last (while the server reads): a 16 MiB
+    /// frame needs about 0.6 MB/s.
+    public var frameTimeout: TimeAmount = .seconds(30)
     /// Nothing in flight and nothing read for this long closes the connection.
     public var idleTimeout: TimeAmount = .seconds(300)
     /// Past this many unsent bytes a connection stops reading and streaming.
@@ -35,7 +50,9 @@ public struct BatchServerConfiguration: Sendable {
         var limits = ConnectionLimits()
         limits.maxFrameLength = maxFrameLength
         limits.maxInFlight = maxInFlightPerConnection
-        limits.idleTimeoutTicks = max(1, Int(idleTimeout.nanoseconds / max(1, readTimeout.nanoseconds)))
+        limits.handshakeTimeout = handshakeTimeout
+        limits.frameTimeout = frameTimeout
+        limits.idleTimeout = idleTimeout
         limits.requiredToken = tokenRequired ? (token ?? "") : nil
         return limits
     }

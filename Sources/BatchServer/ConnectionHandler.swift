@@ -16,15 +16,26 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private var machine: ConnectionStateMachine
     private let executor: RequestExecutor
     private let pool: NIOThreadPool
+    private let registry: ConnectionRegistry
     private var readingStopped = false
     private var readPending = false
+    private var toldAuthenticated = false
+    /// The timer armed for the machine's next deadline, and that deadline.
+    private var timer: Scheduled<Void>?
+    private var timerDeadline: NIODeadline?
     /// Each shard's writes from this connection, in arrival order.
     private var lanes: [UInt64: WriteLane] = [:]
 
-    init(limits: ConnectionLimits, executor: RequestExecutor, pool: NIOThreadPool) {
+    init(limits: ConnectionLimits, executor: RequestExecutor, pool: NIOThreadPool, registry: ConnectionRegistry) {
         machine = ConnectionStateMachine(limits: limits)
         self.executor = executor
         self.pool = pool
+        self.registry = registry
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        armTimer(context)  // the handshake deadline
+        context.fireChannelActive()
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -41,8 +52,11 @@ final class ConnectionHandler: ChannelDuplexHandler {
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if let idle = event as? IdleStateHandler.IdleStateEvent, idle == .read {
-            perform(machine.readTimedOut(), context)
+        if event is EvictEvent {
+            guard !machine.isClosed else { return }
+            machine.closed()
+            perform([.sendAndClose(.error(requestID: 0, Status(.tooManyConnections,
+                "too many connections are waiting for their handshake: the oldest, this one, was closed")))], context)
         } else if event is DrainEvent {
             perform(machine.shutdown(), context)
         } else {
@@ -52,6 +66,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         machine.closed()
+        timer?.cancel()
+        timer = nil
         context.fireChannelInactive()
     }
 
@@ -90,6 +106,27 @@ final class ConnectionHandler: ChannelDuplexHandler {
                     context.read()
                 }
             }
+        }
+        if !toldAuthenticated && machine.isAuthenticated {
+            toldAuthenticated = true
+            registry.authenticated(context.channel)
+        }
+        armTimer(context)
+    }
+
+    /// Keeps one timer at or before the machine's next deadline. A deadline that
+    /// moved later is caught when the earlier timer fires and finds nothing due.
+    private func armTimer(_ context: ChannelHandlerContext) {
+        guard !machine.isClosed, let next = machine.nextDeadline else { return }
+        if let armed = timerDeadline, armed <= next { return }
+        timer?.cancel()
+        timerDeadline = next
+        let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        timer = context.eventLoop.scheduleTask(deadline: next) {
+            let (handler, context) = bound.value
+            handler.timer = nil
+            handler.timerDeadline = nil
+            handler.perform(handler.machine.timerFired(), context)
         }
     }
 

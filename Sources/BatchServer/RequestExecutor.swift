@@ -1,4 +1,5 @@
 import BatchProtocol
+import Glibc
 import Metadata
 import NIOCore
 import ShardNode
@@ -335,13 +336,17 @@ final class RequestExecutor: Sendable {
         do {
             switch request {
             case .newShard(let owner, let requested, let limit):
+                // Checked before the manager takes an ID, so a refused limit uses none.
+                if limit != 0, let problem = sizeLimitProblem(limit) { throw ProtocolError(.invalidArgument, problem) }
                 let shard = try await shards.newShard(owner: owner, id: requested == 0 ? nil : requested,
                                                       sizeLimit: limit == 0 ? nil : Int(clamping: limit))
                 reply(work, .ok, .shardID(shard.id), &outcome)
-            case .closeShard(let id):
+            case .closeShard(let client, let id):
+                try await requireOwner(client, of: id, closing: true)
                 try await shards.closeShard(id)
                 reply(work, .ok, .none, &outcome)
-            case .deleteShard(let id):
+            case .deleteShard(let client, let id):
+                try await requireOwner(client, of: id, closing: false)
                 try await shards.deleteShard(id)
                 reply(work, .ok, .none, &outcome)
             case .listShards:
@@ -362,6 +367,34 @@ final class RequestExecutor: Sendable {
         outcome.redirects = []
         await answer(redirects, &outcome)
         return outcome
+    }
+
+    /// Closing and deleting are the owner's, like every other write: a shard the
+    /// node does not hold is answered as for any request (not found, or not
+    /// here), then an empty client ID is CLIENT_ID_REQUIRED and another client's
+    /// is SHARD_FENCED. (A shard's owner never changes, so checking first is safe.)
+    private func requireOwner(_ client: String, of id: UInt64, closing: Bool) async throws {
+        let shard = try await shards.shard(id)
+        guard !client.isEmpty else {
+            throw ProtocolError(.clientIDRequired, "\(closing ? "closing" : "deleting") shard \(id) needs its owner's client ID "
+                                + "(protocol version 2; a version-1 client cannot send one)")
+        }
+        guard client == shard.owner else { throw ShardError.fenced(owner: shard.owner, client: client) }
+    }
+
+    /// Why a NewShard size limit can never be honoured here, or nil: 2^48 bytes
+    /// or more (past what a shard's memory map can take), or more than the
+    /// largest writable volume of this node holds in all.
+    func sizeLimitProblem(_ limit: UInt64) -> String? {
+        if limit >= 1 << 48 { return "a size limit of \(limit) bytes is too large: it must be below 2^48 bytes (256 TiB)" }
+        var largest: UInt64 = 0
+        for volume in shards.volumes.mountedVolumes() where !volume.readOnly {
+            var st = statvfs()
+            guard statvfs(volume.mountPath, &st) == 0 else { continue }
+            largest = max(largest, UInt64(st.f_blocks) * UInt64(st.f_frsize))
+        }
+        guard largest > 0, limit > largest else { return nil }
+        return "a size limit of \(limit) bytes is more than this node's largest volume can ever hold (\(largest) bytes)"
     }
 
     /// Answers NOT_SHARD_LEADER with the address of the shard's primary.

@@ -169,8 +169,8 @@ public struct BatchBenchmark {
                                                           entries: entries * getRepeat, requests: getCount))
                                 }
                             }
-                            try? await clients[0].closeShard(shard)
-                            try? await clients[0].deleteShard(shard)
+                            try? await clients[0].closeShard(client: "bench", shard: shard)
+                            try? await clients[0].deleteShard(client: "bench", shard: shard)
                         }
                     }
                     for client in clients { await client.close() }
@@ -198,8 +198,8 @@ public struct BatchBenchmark {
                             progress("round \(round): \(system), \(workload.rawValue), \(n) connection(s)")
                             let shard = try await clients[0].newShard(owner: "bench")
                             record(system, workload, n, try await shardFSPut(Array(clients.prefix(n)), shard, batches))
-                            try? await clients[0].closeShard(shard)
-                            try? await clients[0].deleteShard(shard)
+                            try? await clients[0].closeShard(client: "bench", shard: shard)
+                            try? await clients[0].deleteShard(client: "bench", shard: shard)
                         }
                     }
                     for client in clients { await client.close() }

@@ -24,7 +24,8 @@ public final class EmbeddedMetadataStore: MetadataStore, @unchecked Sendable {
     /// Opens (creating if needed) the store in the directory `path`.
     public init(path: String) throws {
         do {
-            try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+            try makeFolderDurably(path)
+            let fresh = !FileManager.default.fileExists(atPath: path + "/data.mdb")
             var options = EnvironmentOptions(mapSize: 256 << 20)
             options.maxDatabases = 5
             env = try Environment(path: path, options: options)
@@ -33,6 +34,8 @@ public final class EmbeddedMetadataStore: MetadataStore, @unchecked Sendable {
             volumes = try env.openDatabase("volumes", flags: .create)
             counters = try env.openDatabase("counters", flags: .create)
             views = try env.openDatabase("views", flags: .create)
+            // LMDB syncs data.mdb's contents, never the folder entry that names it.
+            if fresh { try syncFolder(path) }
         } catch {
             throw MetadataError.failed("cannot open the embedded metadata store at \(path): \(error)")
         }

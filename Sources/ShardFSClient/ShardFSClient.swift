@@ -162,9 +162,15 @@ public final class ShardFSClient: Sendable {
         return shard
     }
 
-    public func closeShard(_ id: UInt64) async throws { _ = try await call(.closeShard(id)) }
+    /// Closes a shard (read-only forever); `client` must be its owner.
+    public func closeShard(client: String, shard: UInt64) async throws {
+        _ = try await call(.closeShard(client: client, shard: shard))
+    }
 
-    public func deleteShard(_ id: UInt64) async throws { _ = try await call(.deleteShard(id)) }
+    /// Deletes a shard and its entries; `client` must be its owner.
+    public func deleteShard(client: String, shard: UInt64) async throws {
+        _ = try await call(.deleteShard(client: client, shard: shard))
+    }
 
     public func listShards() async throws -> [ShardInfo] {
         guard case .shards(let shards) = try await call(.listShards) else { throw unexpected() }
@@ -191,13 +197,13 @@ public final class ShardFSClient: Sendable {
     /// Sends any request and returns its OK payload; a non-OK status throws
     /// `ClientError.status` (`ClientError.notShardLeader` for NOT_SHARD_LEADER).
     public func call(_ request: Request) async throws -> ResponsePayload {
-        try await Self.call(channel, handler, id: ids.next(), request)
+        try await Self.call(channel, handler, id: ids.next(), request, version: server.version)
     }
 
     private static func call(_ channel: Channel, _ handler: NIOLoopBound<ClientHandler>, id: UInt32,
-                             _ request: Request) async throws -> ResponsePayload {
+                             _ request: Request, version: UInt16 = ProtocolConstants.version) async throws -> ResponsePayload {
         var out = channel.allocator.buffer(capacity: 64)
-        RequestCodec.encode(request, requestID: id, into: &out)
+        RequestCodec.encode(request, requestID: id, version: version, into: &out)
         let promise = channel.eventLoop.makePromise(of: Response.self)
         channel.eventLoop.execute { [out] in
             if handler.value.register(id, .reply(promise)) {

@@ -135,13 +135,15 @@ public final class ShardFSCluster: Sendable {
         }
     }
 
-    public func closeShard(_ id: UInt64) async throws {
-        try await perform(Call(shard: id, writes: true)) { try await $0.closeShard(id) }
+    /// `client` must be the shard's owner.
+    public func closeShard(client: String, shard id: UInt64) async throws {
+        try await perform(Call(shard: id, writes: true)) { try await $0.closeShard(client: client, shard: id) }
     }
 
-    /// Not retried once sent (a second DeleteShard answers SHARD_NOT_FOUND).
-    public func deleteShard(_ id: UInt64) async throws {
-        try await perform(Call(shard: id, writes: true, idempotent: false)) { try await $0.deleteShard(id) }
+    /// `client` must be the shard's owner. Not retried once sent (a second
+    /// DeleteShard answers SHARD_NOT_FOUND).
+    public func deleteShard(client: String, shard id: UInt64) async throws {
+        try await perform(Call(shard: id, writes: true, idempotent: false)) { try await $0.deleteShard(client: client, shard: id) }
         table.forgetPrimary(id)
     }
 

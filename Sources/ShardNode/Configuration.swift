@@ -21,6 +21,10 @@ public struct Configuration: Sendable, Equatable {
         /// Shared token TCP clients must present; required when `address` is not loopback.
         public var token = ""
         public var maxConnections = 1024
+        /// A whole frame must arrive within this (from its first byte), and the
+        /// handshake within `handshakeTimeoutMs` of connecting: trickled bytes do not extend either.
+        public var frameTimeoutMs = 30_000
+        public var handshakeTimeoutMs = 10_000
     }
 
     public struct Cloud: Sendable, Equatable {
@@ -204,6 +208,7 @@ extension Configuration {
     static let settableKeys: Set<String> = [
         "node.node_id", "node.instance_id", "node.data_dir",
         "server.address", "server.unix_socket", "server.token", "server.max_connections",
+        "server.frame_timeout_ms", "server.handshake_timeout_ms",
         "cloud.provider", "cloud.region", "cloud.availability_zone", "cloud.volume_root", "cloud.initial_volumes",
         "cloud.volume_size", "cloud.volume_type", "cloud.iops", "cloud.throughput", "cloud.filesystem", "cloud.image_dir",
         "cloud.endpoint", "cloud.metadata_endpoint", "cloud.access_key_id", "cloud.secret_access_key", "cloud.session_token",
@@ -235,6 +240,12 @@ extension Configuration {
         case "server.max_connections":
             server.maxConnections = try int()
             if server.maxConnections < 1 { throw ConfigurationError("\(source): server.max_connections must be at least 1") }
+        case "server.frame_timeout_ms":
+            server.frameTimeoutMs = try int()
+            if server.frameTimeoutMs < 1 { throw ConfigurationError("\(source): server.frame_timeout_ms must be at least 1") }
+        case "server.handshake_timeout_ms":
+            server.handshakeTimeoutMs = try int()
+            if server.handshakeTimeoutMs < 1 { throw ConfigurationError("\(source): server.handshake_timeout_ms must be at least 1") }
         case "cloud.provider": cloud.provider = value
         case "cloud.region": cloud.region = value
         case "cloud.availability_zone": cloud.availabilityZone = value

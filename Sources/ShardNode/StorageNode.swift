@@ -70,10 +70,11 @@ public final class StorageNode: Sendable {
                                      + "`shardfs mount` or `shardfs shard new` (is --data-dir right?)")
         }
         do {
-            try FileManager.default.createDirectory(atPath: config.node.dataDir, withIntermediateDirectories: true)
-            try FileManager.default.createDirectory(atPath: config.resolvedVolumeRoot, withIntermediateDirectories: true)
+            // Synced into their parents: the node records volumes and shards in them.
+            try makeFolderDurably(config.node.dataDir)
+            try makeFolderDurably(config.resolvedVolumeRoot)
         } catch {
-            throw ConfigurationError("cannot create the data folder \(config.node.dataDir): \(error.localizedDescription)")
+            throw ConfigurationError("cannot create the data folder \(config.node.dataDir): \(error)")
         }
         let lock = try DataFolderLock(folder: config.node.dataDir, timeout: lockTimeout) { holder in
             logger.notice("the data folder is in use by another ShardFS process; waiting for it",

@@ -91,6 +91,12 @@ public struct FolderCloudProvider: CloudProvider {
         do { try FileManager.default.createDirectory(atPath: path(id), withIntermediateDirectories: true) } catch {
             throw VolumeError.failed("cannot create \(path(id)): \(error.localizedDescription)")
         }
+        // The volume is recorded in the metadata next: its folder must survive a crash first.
+        let fd = open(volumeRoot, O_RDONLY | O_DIRECTORY)
+        defer { if fd >= 0 { close(fd) } }
+        guard fd >= 0, fsync(fd) == 0 else {
+            throw VolumeError.failed("cannot fsync \(volumeRoot) after creating \(id): \(String(cString: strerror(errno)))")
+        }
     }
 
     /// Volume IDs become folder names: letters, digits, '-', '_' and '.', 1–64 characters, not starting with '.'.

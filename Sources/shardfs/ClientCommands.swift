@@ -226,17 +226,27 @@ struct ClientNewShard: AsyncParsableCommand {
 }
 
 struct ClientCloseShard: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "close-shard", abstract: "Close a shard (read-only forever).")
+    static let configuration = CommandConfiguration(commandName: "close-shard",
+                                                    abstract: "Close a shard (read-only forever); --client must be its owner.")
     @OptionGroup var connection: ConnectOptions
+    @OptionGroup var client: ClientOption
     @Argument var shardID: UInt64
-    func run() async throws { try await withClient(connection) { try await $0.closeShard(shardID) } }
+    func run() async throws {
+        let clientID = try client.clientID()
+        try await withClient(connection) { try await $0.closeShard(client: clientID, shard: shardID) }
+    }
 }
 
 struct ClientDeleteShard: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "delete-shard", abstract: "Delete a shard and its entries.")
+    static let configuration = CommandConfiguration(commandName: "delete-shard",
+                                                    abstract: "Delete a shard and its entries; --client must be its owner.")
     @OptionGroup var connection: ConnectOptions
+    @OptionGroup var client: ClientOption
     @Argument var shardID: UInt64
-    func run() async throws { try await withClient(connection) { try await $0.deleteShard(shardID) } }
+    func run() async throws {
+        let clientID = try client.clientID()
+        try await withClient(connection) { try await $0.deleteShard(client: clientID, shard: shardID) }
+    }
 }
 
 struct ClientListShards: AsyncParsableCommand {

@@ -113,6 +113,8 @@ struct ServiceOptions: ParsableArguments {
         guard engineThreads > 0 else { throw ValidationError("--engine-threads must be positive") }
         config.engineThreads = engineThreads
         config.maxConnections = node.server.maxConnections
+        config.frameTimeout = .milliseconds(Int64(node.server.frameTimeoutMs))
+        config.handshakeTimeout = .milliseconds(Int64(node.server.handshakeTimeoutMs))
         return config
     }
 }

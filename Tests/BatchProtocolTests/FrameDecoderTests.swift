@@ -20,7 +20,7 @@ private let samples: [Request] = [
     .list(shard: 6, after: nil, limit: 0),
     .findByIndex(shard: 7, name: "n", value: [9], after: nil, limit: 5),
     .newShard(owner: "o", requestedID: 0, sizeLimit: 1 << 20),
-    .closeShard(8), .deleteShard(9), .listShards, .stat(10), .locate(11),
+    .closeShard(client: "c", shard: 8), .deleteShard(client: "c", shard: 9), .listShards, .stat(10), .locate(11),
 ]
 
 @Suite struct FrameDecoderTests {
@@ -44,7 +44,7 @@ private let samples: [Request] = [
             }
             #expect(frames.count == 1)
             #expect(frames.first?.requestID == UInt32(i))
-            #expect(try frames.first.map(RequestCodec.decode) == request)
+            #expect(try frames.first.map { try RequestCodec.decode($0) } == request)
             #expect(decoder.bufferedBytes == 0)
         }
     }

@@ -75,7 +75,7 @@ import Testing
             decoder.append(ByteBuffer(bytes: [byte]))
             if let f = try decoder.next() { frames.append(f) }
         }
-        #expect(try frames.map(RequestCodec.decode) == [.locate(UInt64.max)])
+        #expect(try frames.map { try RequestCodec.decode($0) } == [.locate(UInt64.max)])
         #expect(frames.first?.requestID == 77)
     }
 

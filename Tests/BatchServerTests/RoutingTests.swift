@@ -126,8 +126,8 @@ import TestSupport
             #expect(py.status == 0 && py.stdout.contains("python routing check passed"), "\(py.stdout)\(py.stderr)")
 
             // Lifecycle requests are redirected too.
-            #expect(await redirect { try await toB.closeShard(shard) } == a.address)
-            try await viaB.closeShard(shard)
+            #expect(await redirect { try await toB.closeShard(client: "r", shard: shard) } == a.address)
+            try await viaB.closeShard(client: "r", shard: shard)
             #expect(try await toA.locate(shard).closed)
         }
     }
@@ -203,9 +203,9 @@ import TestSupport
             (.put, true, { try await cluster.put(client: "o", shard: 1, key: [0x6B], value: [1]) }),
             (.batchPut, true, { _ = try await cluster.batchPut(client: "o", shard: 1, items: [PutItem(key: [0x6B], value: [1])]) }),
             (.get, true, { _ = try await cluster.get(shard: 1, key: [0x6B]) }),
-            (.closeShard, true, { try await cluster.closeShard(1) }),
+            (.closeShard, true, { try await cluster.closeShard(client: "o", shard: 1) }),
             (.delete, false, { try await cluster.delete(client: "o", shard: 1, key: [0x6B]) }),
-            (.deleteShard, false, { try await cluster.deleteShard(1) }),
+            (.deleteShard, false, { try await cluster.deleteShard(client: "o", shard: 1) }),
             (.newShard, false, { _ = try await cluster.newShard(owner: "o") }),
         ]
         for (op, retried, call) in calls {

@@ -36,10 +36,10 @@ import Testing
         #expect(fenced.status != 0)
         let stat = try await ok(["stat", id])
         #expect(stat.contains("owner alice") && stat.contains("state open") && stat.contains("entries 3"), "\(stat)")
-        _ = try await ok(["close-shard", id])
+        _ = try await ok(["close-shard", id, "--client", "alice"])
         #expect(try await client(["put", id, "z", "--value", "late", "--client", "alice"]).status != 0)
         #expect(try await ok(["list-shards"]) == "1\talice\tclosed\t3\n7\talice\topen\t0\n")
-        _ = try await ok(["delete-shard", "7"])
+        _ = try await ok(["delete-shard", "7", "--client", "alice"])
         #expect(try await ok(["list-shards"]) == "1\talice\tclosed\t3\n")
         #expect(try await client(["get", "7", "k1"]).status != 0)
     }

@@ -286,8 +286,8 @@ struct FailoverTests {
                     _ = try? await creator.batchPut(client: "writer", shard: id, items: (0..<100).map {
                         PutItem(key: Array("c\($0)".utf8), value: Self.value(key: "c\($0)", version: 1, size: 1000))
                     })
-                    try? await creator.closeShard(id)
-                    try? await creator.deleteShard(id)
+                    try? await creator.closeShard(client: "writer", shard: id)
+                    try? await creator.deleteShard(client: "writer", shard: id)
                     cycles += 1
                 }
                 return cycles

@@ -25,12 +25,14 @@ def main():
     p.add_argument("--token", default="")
     a = p.parse_args()
     c = Client(unix=a.socket)
-    assert c.version == 1
+    assert c.version == 2
 
     shard = c.new_shard("py")
     expect_status("SHARD_ID_TAKEN", c.new_shard, "py", shard)
     expect_status("CLIENT_ID_REQUIRED", c.new_shard, "")
     expect_status("INVALID_ARGUMENT", c.new_shard, "py", 0, 1000)
+    # A limit no volume can hold is refused before an ID is taken: the next shard is shard + 1.
+    expect_status("INVALID_ARGUMENT", c.new_shard, "py", 0, 1 << 48)
 
     c.put("py", shard, "1", b"one", [("kind", b"odd")])
     e = c.get(shard, "1")
@@ -68,12 +70,17 @@ def main():
     assert info["owner"] == "py" and info["entries"] == 2 and not info["closed"], info
     assert any(s["id"] == shard for s in c.list_shards())
 
-    c.close_shard(shard)
+    # Closing and deleting are the owner's.
+    expect_status("SHARD_FENCED", c.close_shard, "intruder", shard)
+    expect_status("SHARD_FENCED", c.delete_shard, "intruder", shard)
+    expect_status("CLIENT_ID_REQUIRED", c.delete_shard, "", shard)
+    c.close_shard("py", shard)
     expect_status("SHARD_CLOSED", c.put, "py", shard, "4", b"v")
     assert c.stat(shard)["closed"]
     small = c.new_shard("py", 0, 256 * 1024)
+    assert small == shard + 1, (shard, small)
     expect_status("SHARD_FULL", c.put, "py", small, "big", b"x" * (300 * 1024))
-    c.delete_shard(shard)
+    c.delete_shard("py", shard)
     expect_status("SHARD_NOT_FOUND", c.stat, shard)
 
     if a.tcp:

@@ -28,9 +28,9 @@ def main():
         ("put", lambda: c.put("o", 1, "k", b"v"), "02", True),
         ("batch_put", lambda: c.batch_put("o", 1, [("k", b"v")]), "05", True),
         ("get", lambda: c.get(1, "k"), "03", True),
-        ("close_shard", lambda: c.close_shard(1), "0a", True),
+        ("close_shard", lambda: c.close_shard("o", 1), "0a", True),
         ("delete", lambda: c.delete("o", 1, "k"), "04", False),
-        ("delete_shard", lambda: c.delete_shard(1), "0b", False),
+        ("delete_shard", lambda: c.delete_shard("o", 1), "0b", False),
         ("new_shard", lambda: c.new_shard("o"), "09", False),
     ]:
         before = sent(op)

@@ -27,7 +27,8 @@ def serve(conn, log):
             f, buf = buf[4:4 + n], buf[4 + n:]
             t, rid = f[0], struct.unpack(">I", f[1:5])[0]
             if t == 0x01:
-                conn.sendall(frame(0x81, rid, struct.pack(">HHHII", 0, 0, 1, 16 << 20, 64)))
+                version = struct.unpack(">H", f[9:11])[0]  # speaks the client's version
+                conn.sendall(frame(0x81, rid, struct.pack(">HHHII", 0, 0, version, 16 << 20, 64)))
             elif t == 0x0E:
                 msg = b"fake node: no metadata"
                 conn.sendall(frame(0x8E, rid, struct.pack(">HH", 6, len(msg)) + msg))

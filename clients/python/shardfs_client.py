@@ -101,7 +101,8 @@ class Client:
         self.sock.settimeout(timeout)
         self.next_id = 1
         self.buf = b""
-        self.send(OPS["hello"], b"SHFS" + u16(1) + s(token), rid=0)
+        # Version 2: CloseShard and DeleteShard name the owner's client ID.
+        self.send(OPS["hello"], b"SHFS" + u16(2) + s(token), rid=0)
         t, rid, r = self.frame()
         if t == ERROR:
             code, msg = r.status()
@@ -186,8 +187,8 @@ class Client:
     def new_shard(self, owner, shard_id=0, size_limit=0):
         return self.call(OPS["new_shard"], s(owner) + u64(shard_id) + u64(size_limit)).u64()
 
-    def close_shard(self, shard): self.call(OPS["close_shard"], u64(shard))
-    def delete_shard(self, shard): self.call(OPS["delete_shard"], u64(shard))
+    def close_shard(self, client, shard): self.call(OPS["close_shard"], s(client) + u64(shard))
+    def delete_shard(self, client, shard): self.call(OPS["delete_shard"], s(client) + u64(shard))
 
     def list_shards(self):
         r = self.call(OPS["list_shards"], b"")
@@ -375,11 +376,11 @@ class Cluster:
         self.primaries[shard] = made["node"]
         return shard
 
-    def close_shard(self, shard):
-        self._call(lambda c: c.close_shard(shard), shard, writes=True)
+    def close_shard(self, client, shard):
+        self._call(lambda c: c.close_shard(client, shard), shard, writes=True)
 
-    def delete_shard(self, shard):
-        self._call(lambda c: c.delete_shard(shard), shard, writes=True, idempotent=False)
+    def delete_shard(self, client, shard):
+        self._call(lambda c: c.delete_shard(client, shard), shard, writes=True, idempotent=False)
         self.primaries.pop(shard, None)
 
     def list_shards(self):
