@@ -20,7 +20,9 @@ import Testing
         try config.set("metadata.type", "etcd")
         try config.set("metadata.endpoints", etcd.endpoint)
         try config.set("metadata.namespace", "/backup-views")
-        try config.set("metadata.options.lease_ttl_s", "2")
+        // Long enough that a loaded machine (the suite runs suites in parallel) does
+        // not let a lease run short between keepalives.
+        try config.set("metadata.options.lease_ttl_s", "5")
         try config.set("metadata.retry.deadline_ms", "3000")
         try config.set("shard.size_limit", "64MiB")
         try config.set("backup.view_interval_ms", "50")
@@ -166,10 +168,10 @@ import Testing
             try shard.put(try EntryKey("before"), value: [1], clientID: "c")
             etcd.pause()
             defer { etcd.resume() }
-            try await Task.sleep(for: .seconds(3))  // past the 2 s lease
+            try await Task.sleep(for: .seconds(6))  // past the 5 s lease
             #expect(throws: ShardError.self) { try shard.put(try EntryKey("during"), value: [2], clientID: "c") }
             etcd.resume()
-            let resumed = try await Self.waitUntil(15) {
+            let resumed = try await Self.waitUntil(20) {
                 (try? shard.put(try EntryKey("after"), value: [3], clientID: "c")) != nil
             }
             #expect(resumed)
