@@ -762,7 +762,7 @@ struct BackupPair {
 
     static func start(executable: String, folder: String, withBackup: Bool) throws -> BackupPair {
         try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
-        let client = try freePort(), peer = try freePort()
+        let client = try freeLoopbackPort(), peer = try freeLoopbackPort()
         let etcd = try ChildProcess(name: "etcd", executable: "/usr/bin/etcd", arguments: [
             "--data-dir", folder + "/etcd", "--listen-client-urls", "http://127.0.0.1:\(client)",
             "--advertise-client-urls", "http://127.0.0.1:\(client)", "--listen-peer-urls", "http://127.0.0.1:\(peer)",
@@ -813,21 +813,5 @@ struct BackupPair {
         backup?.stop()
         primary.stop()
         etcd.stop()
-    }
-
-    static func freePort() throws -> Int {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { throw BenchmarkError("socket: \(errno)") }
-        defer { close(fd) }
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        address.sin_port = 0
-        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let bound = withUnsafeMutablePointer(to: &address) { pointer in
-            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
-        }
-        guard bound else { throw BenchmarkError("cannot find a free port") }
-        return Int(UInt16(bigEndian: address.sin_port))
     }
 }

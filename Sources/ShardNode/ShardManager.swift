@@ -90,10 +90,7 @@ public final class ShardManager: @unchecked Sendable {
     /// writable shard gets the write fence of its volume.
     private func adopt(_ shard: Shard, volumeID: String) {
         if !shard.isReadOnlyView {
-            shard.writeFence = { [weak self] in
-                guard let self else { return .notPrimary("the node is stopping") }
-                return self.writeRefusal(volumeID)
-            }
+            shard.writeFence = { [roles] in roles.refusal(volumeID) }
         }
         lock.withLock {
             shards[shard.id] = (shard, volumeID)
@@ -110,42 +107,34 @@ public final class ShardManager: @unchecked Sendable {
     }
     private var backupViews: BackupViews?
 
-    /// Volumes this node is the primary of, with the epoch it won each at.
-    private var primaryEpochs: [String: UInt64] = [:]
+    /// Volumes this node writes and its lease: what every shard's write fence asks.
+    /// Its own object, not the manager, so that a shard a one-off command still
+    /// holds after the node object is gone keeps its fence.
+    private let roles = NodeRoles()
+
     /// Whether this node's own lease is fresh (it may still be the primary); set by
     /// the node from its metadata store. Default: always (the embedded store).
     public var leaseIsFresh: @Sendable () -> Bool {
-        get { lock.withLock { leaseCheck } }
-        set { lock.withLock { leaseCheck = newValue } }
+        get { roles.leaseCheck }
+        set { roles.leaseCheck = newValue }
     }
-    private var leaseCheck: @Sendable () -> Bool = { true }
 
     /// Records that this node writes `volumeID` at `epoch`.
-    public func becamePrimary(_ volumeID: String, epoch: UInt64) {
-        lock.withLock { primaryEpochs[volumeID] = epoch }
-    }
+    public func becamePrimary(_ volumeID: String, epoch: UInt64) { roles.set(volumeID, epoch: epoch) }
 
     /// The epoch this node writes the volume at, nil if it is not its primary.
-    public func primaryEpoch(_ volumeID: String) -> UInt64? {
-        lock.withLock { primaryEpochs[volumeID] }
-    }
+    public func primaryEpoch(_ volumeID: String) -> UInt64? { roles.epoch(volumeID) }
 
-    /// Why a write to a shard on `volumeID` must not land now, or nil. Asked by every
-    /// shard before each commit and batch-log append.
-    func writeRefusal(_ volumeID: String) -> ShardError? {
-        let (epoch, fresh) = lock.withLock { (primaryEpochs[volumeID], leaseCheck) }
-        guard epoch != nil else { return .notPrimary("this node no longer writes volume \(volumeID)") }
-        guard fresh() else { return .notPrimary("this node cannot confirm its lease, so it may no longer be the primary of volume \(volumeID)") }
-        return nil
-    }
+    /// Why a write to a shard on `volumeID` must not land now, or nil.
+    func writeRefusal(_ volumeID: String) -> ShardError? { roles.refusal(volumeID) }
 
     /// Stops writing a volume another node has won (its epoch moved on): every
     /// write to its shards is refused from now on and they are let go, so requests
     /// for them are redirected. Returns the shards let go.
     @discardableResult
     public func depose(_ volumeID: String) -> [UInt64] {
+        roles.set(volumeID, epoch: nil)
         let released = lock.withLock { () -> [UInt64] in
-            primaryEpochs.removeValue(forKey: volumeID)
             let ids = shards.filter { $0.value.volumeID == volumeID }.map(\.key)
             for id in ids { shards.removeValue(forKey: id) }
             return ids
@@ -274,10 +263,8 @@ public final class ShardManager: @unchecked Sendable {
     /// files once nothing else holds it, and writes through handles kept elsewhere
     /// are refused. The node serves no shard afterwards.
     public func unloadAll() {
-        lock.withLock {
-            primaryEpochs.removeAll()
-            shards.removeAll()
-        }
+        roles.removeAll()
+        lock.withLock { shards.removeAll() }
     }
 
     /// Closes a shard: read-only forever. Closing a closed shard succeeds.
@@ -485,7 +472,7 @@ public final class ShardManager: @unchecked Sendable {
     /// folders on one filesystem differ by noise), then the fewest open shards;
     /// a block volume only if it has `room` bytes free.
     func chooseVolume(room: Int = 0) throws -> MountedVolume {
-        let held = lock.withLock { primaryEpochs }
+        let held = roles.all
         let candidates = volumes.mountedVolumes().filter { volume in
             guard !volume.readOnly, held[volume.volumeID] != nil else { return false }
             return volume.device.isEmpty || ((try? volumes.freeBytes(volume.volumeID)) ?? 0) >= room
@@ -510,3 +497,33 @@ public final class ShardManager: @unchecked Sendable {
         return best.volume
     }
 }
+
+/// The volumes a node writes, at which epochs, and whether its lease is fresh:
+/// what every writable shard asks before each commit and log append.
+final class NodeRoles: @unchecked Sendable {
+    private let lock = NSLock()
+    private var epochs: [String: UInt64] = [:]
+    private var lease: @Sendable () -> Bool = { true }
+
+    var leaseCheck: @Sendable () -> Bool {
+        get { lock.withLock { lease } }
+        set { lock.withLock { lease = newValue } }
+    }
+
+    var all: [String: UInt64] { lock.withLock { epochs } }
+
+    func epoch(_ volumeID: String) -> UInt64? { lock.withLock { epochs[volumeID] } }
+
+    func set(_ volumeID: String, epoch: UInt64?) { lock.withLock { epochs[volumeID] = epoch } }
+
+    func removeAll() { lock.withLock { epochs.removeAll() } }
+
+    /// Why a write to a shard on `volumeID` must not land now, or nil.
+    func refusal(_ volumeID: String) -> ShardError? {
+        let (epoch, fresh) = lock.withLock { (epochs[volumeID], lease) }
+        guard epoch != nil else { return .notPrimary("this node no longer writes volume \(volumeID)") }
+        guard fresh() else { return .notPrimary("this node cannot confirm its lease, so it may no longer be the primary of volume \(volumeID)") }
+        return nil
+    }
+}
+

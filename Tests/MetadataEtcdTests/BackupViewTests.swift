@@ -22,7 +22,7 @@ import Testing
         try config.set("metadata.namespace", "/backup-views")
         // Long enough that a loaded machine (the suite runs suites in parallel) does
         // not let a lease run short between keepalives.
-        try config.set("metadata.options.lease_ttl_s", "5")
+        try config.set("metadata.options.lease_ttl_s", "10")
         try config.set("metadata.retry.deadline_ms", "3000")
         try config.set("shard.size_limit", "64MiB")
         try config.set("backup.view_interval_ms", "50")
@@ -30,32 +30,6 @@ import Testing
         return config
     }
 
-    /// FNV-1a: enough to tell a torn or foreign value from the one written.
-    static func checksum(_ bytes: [UInt8]) -> UInt32 {
-        var hash: UInt32 = 2_166_136_261
-        for byte in bytes { hash = (hash ^ UInt32(byte)) &* 16_777_619 }
-        return hash
-    }
-
-    /// A value that says which key and version it is and checks itself: key,
-    /// version, filler, then a checksum of everything before it.
-    static func value(key: String, version: Int, size: Int) -> [UInt8] {
-        var bytes = Array("\(key)#\(version)#".utf8)
-        while bytes.count < size - 4 { bytes.append(UInt8(truncatingIfNeeded: bytes.count &* 31 &+ version)) }
-        let crc = checksum(bytes)
-        return bytes + withUnsafeBytes(of: crc.littleEndian) { Array($0) }
-    }
-
-    /// The version a value claims, if it is whole and names `key`.
-    static func check(_ value: [UInt8], key: String) -> Int? {
-        guard value.count >= 8 else { return nil }
-        let body = Array(value.dropLast(4))
-        let stored = value.suffix(4).withUnsafeBytes { $0.loadUnaligned(as: UInt32.self) }.littleEndian
-        guard checksum(body) == stored else { return nil }
-        let parts = String(decoding: body.prefix(64), as: UTF8.self).split(separator: "#")
-        guard parts.count >= 2, parts[0] == key else { return nil }
-        return Int(parts[1])
-    }
 
     static func waitUntil(_ seconds: Double, _ condition: () async throws -> Bool) async throws -> Bool {
         let deadline = Date().addingTimeInterval(seconds)
@@ -77,7 +51,7 @@ import Testing
             // Values of several sizes, a few chunked (over 128 KiB): overflow pages and chunk sets.
             func size(_ i: Int) -> Int { i % 50 == 0 ? 300_000 : 100 + (i * 37) % 3000 }
             for (i, key) in keys.enumerated() {
-                try shard.put(try EntryKey(key), value: Self.value(key: key, version: 0, size: size(i)), clientID: "c")
+                try shard.put(try EntryKey(key), value: CheckedValue.make(key: key, version: 0, size: size(i)), clientID: "c")
             }
             // B runs before it is made a backup: it follows without a restart.
             let b = try await StorageNode.start(try Self.config(dir, node: "node-b", etcd: etcd, initialVolumes: 0))
@@ -92,7 +66,7 @@ import Testing
                 defer { writing.store(false, ordering: .releasing) }
                 for version in 1...30 {
                     for (i, key) in keys.enumerated() {
-                        try shard.put(try EntryKey(key), value: Self.value(key: key, version: version, size: size(i)), clientID: "c")
+                        try shard.put(try EntryKey(key), value: CheckedValue.make(key: key, version: version, size: size(i)), clientID: "c")
                     }
                 }
             }
@@ -104,7 +78,7 @@ import Testing
                     do {
                         guard let entry = try b.views.withView(shard.id, { try $0.get(try EntryKey(key)) }) else { failed += 1; continue }
                         reads += 1
-                        guard let version = Self.check(entry.value, key: key) else { wrong += 1; continue }
+                        guard let version = CheckedValue.version(entry.value, key: key) else { wrong += 1; continue }
                         // Versions of one key never go back.
                         if version < newest[key, default: 0] { wrong += 1 }
                         newest[key] = max(newest[key, default: 0], version)
@@ -122,10 +96,10 @@ import Testing
             #expect(try await Self.waitUntil(3) {
                 try keys.allSatisfy { key in
                     let entry = try b.views.withView(shard.id, { try $0.get(try EntryKey(key)) })
-                    return entry.flatMap { Self.check($0.value, key: key) } == 30
+                    return entry.flatMap { CheckedValue.version($0.value, key: key) } == 30
                 }
             })
-            print("backup views: \(reads) reads, \(wrong) wrong, \(failed) failed; generation age p50 \(Self.percentile(lags, 0.5)) s, max \(lags.max() ?? 0) s")
+            print("backup views: \(reads) reads, \(wrong) wrong, \(failed) failed; generation age p50 \(percentile(lags, 0.5)) s, max \(lags.max() ?? 0) s")
             #expect(wrong == 0)
             #expect(failed == 0)
             #expect(reads > 100)
@@ -148,12 +122,6 @@ import Testing
         }
     }
 
-    static func percentile(_ values: [Double], _ p: Double) -> Double {
-        guard !values.isEmpty else { return 0 }
-        let sorted = values.sorted()
-        return sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]
-    }
-
     /// A primary whose lease lapses (etcd stops answering for longer than the TTL)
     /// refuses every write, since another node may have won its volume; once etcd
     /// is back and the node has checked that it still holds the volume, it writes again.
@@ -168,10 +136,10 @@ import Testing
             try shard.put(try EntryKey("before"), value: [1], clientID: "c")
             etcd.pause()
             defer { etcd.resume() }
-            try await Task.sleep(for: .seconds(6))  // past the 5 s lease
+            try await Task.sleep(for: .seconds(11))  // past the 10 s lease
             #expect(throws: ShardError.self) { try shard.put(try EntryKey("during"), value: [2], clientID: "c") }
             etcd.resume()
-            let resumed = try await Self.waitUntil(20) {
+            let resumed = try await Self.waitUntil(30) {
                 (try? shard.put(try EntryKey("after"), value: [3], clientID: "c")) != nil
             }
             #expect(resumed)

@@ -39,13 +39,7 @@ struct LoopNodeTests {
 
     func cleanUp() {
         for m in mounts().reversed() { _ = try? run("/usr/bin/umount", ["-l", m.point]) }
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: "/sys/block")) ?? []
-        for name in names where name.hasPrefix("loop") {
-            if let backing = try? String(contentsOfFile: "/sys/block/\(name)/loop/backing_file", encoding: .utf8),
-               backing.hasPrefix(dir.path + "/") {
-                _ = try? run("/usr/sbin/losetup", ["-d", "/dev/\(name)"])
-            }
-        }
+        for device in loopDevices(under: dir.path) { _ = try? run("/usr/sbin/losetup", ["-d", device]) }
         dir.remove()
     }
 
@@ -115,22 +109,15 @@ struct LoopNodeTests {
     /// devices; the next start attaches and mounts them again, shards and all.
     @Test func aCleanStopUnmountsAndDetachesAndTheNextStartAttachesAgain() async throws {
         defer { cleanUp() }
-        func loopDevices() -> Int {
-            let names = (try? FileManager.default.contentsOfDirectory(atPath: "/sys/block")) ?? []
-            return names.filter { name in
-                name.hasPrefix("loop") && ((try? String(contentsOfFile: "/sys/block/\(name)/loop/backing_file", encoding: .utf8))?
-                    .hasPrefix(dir.path + "/") ?? false)
-            }.count
-        }
         let serve = try await ServeProcess.start(["--config", config, "--no-tcp", "--size-limit", "8MiB"])
         let socket = try #require(serve.unixSocket)
         let new = try await runAsync(productsDirectory().appendingPathComponent("shardfs").path,
                                      ["client", "new-shard", "--socket", socket, "--client", "c1"])
         #expect(new.status == 0, "\(new.stderr)")
-        #expect(mounts().count == 1 && loopDevices() == 1)
+        #expect(mounts().count == 1 && loopDevices(under: dir.path).count == 1)
         #expect(serve.stop() == 0)
         #expect(mounts().isEmpty, "\(mounts())")
-        #expect(loopDevices() == 0)
+        #expect(loopDevices(under: dir.path).isEmpty)
 
         let list = try await shardfs("shard", "list")
         #expect(list.status == 0 && list.stdout.contains("c1"), "\(list.stdout) \(list.stderr)")

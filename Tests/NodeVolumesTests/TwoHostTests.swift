@@ -42,21 +42,12 @@ struct TwoHostTests {
         return path
     }
 
-    func loopDevices() -> [String] {
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: "/sys/block")) ?? []
-        return names.filter { $0.hasPrefix("loop") }.compactMap { name in
-            guard let backing = try? String(contentsOfFile: "/sys/block/\(name)/loop/backing_file", encoding: .utf8),
-                  backing.hasPrefix(dir.path + "/") else { return nil }
-            return "/dev/" + name
-        }
-    }
-
     @Test func primaryWritesThroughTheBatchServiceBackupListsTheSameShards() async throws {
         let hostA = Process()
         defer {
             if hostA.isRunning { kill(hostA.processIdentifier, SIGKILL) }
             if hostA.processIdentifier > 0 { hostA.waitUntilExit() }
-            for device in loopDevices() { _ = try? run("/usr/sbin/losetup", ["-d", device]) }
+            for device in loopDevices(under: dir.path) { _ = try? run("/usr/sbin/losetup", ["-d", device]) }
             dir.remove()
         }
         let configA = try config("a", initialVolumes: 1), configB = try config("b", initialVolumes: 0)
@@ -122,7 +113,7 @@ struct TwoHostTests {
         #expect(b.stdout.contains("data present") && b.stdout.contains("read-only") && !b.stdout.contains("WROTE"))
 
         // B's read-only loop device is gone; A's stays attached while A serves.
-        #expect(loopDevices().count == 1)
+        #expect(loopDevices(under: dir.path).count == 1)
         let record = try String(contentsOfFile: dir.sub("images/\(volume).json"), encoding: .utf8)
         #expect(record.contains("\"a\"") && !record.contains("\"b\""))
         kill(hostA.processIdentifier, SIGTERM)

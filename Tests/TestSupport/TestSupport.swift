@@ -82,10 +82,10 @@ public func shell(_ command: String, environment: [String: String] = [:]) async 
 /// A `shardfs serve …` child, returned once it printed its "ready …" line.
 /// Runs `process` with its standard output piped (standard error discarded) and
 /// returns the first line it prints, or nil if it closes its output first.
-public func runReadingFirstLine(_ process: Process) throws -> String? {
+public func runReadingFirstLine(_ process: Process, standardError: FileHandle = .nullDevice) throws -> String? {
     let out = Pipe()
     process.standardOutput = out
-    process.standardError = FileHandle.nullDevice
+    process.standardError = standardError
     try process.run()
     var line = Data()
     while !line.contains(0x0A) {
