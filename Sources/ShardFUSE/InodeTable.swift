@@ -6,6 +6,14 @@ enum NodeKind: Hashable, Sendable {
     case shard(UInt64)
     /// `key`: the bytes of a valid `EntryKey` (checked once, when the inode is made).
     case entry(shard: UInt64, key: [UInt8])
+
+    /// The shard a shard directory or an entry belongs to.
+    var shardID: UInt64? {
+        switch self {
+        case .root: return nil
+        case .shard(let id), .entry(let id, _): return id
+        }
+    }
 }
 
 /// Inode numbers for the mount. An inode lives while the kernel holds lookups on
