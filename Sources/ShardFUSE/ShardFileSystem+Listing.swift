@@ -30,14 +30,16 @@ extension ShardFileSystem {
         case .root:
             // The shards this node writes and those it serves views of, by ID.
             for (i, id) in servedShards().enumerated() where Int64(i) + 3 > offset && items.count < limit {
-                // A view that went away since (or cannot be served now) is left out.
-                guard let item = try? reading(id, { shard -> DirectoryItem in
-                    let ino = listedInode(.shard(id), plus: plus)
-                    return DirectoryItem(name: Array(ShardDirectoryName.of(id).utf8), inode: ino,
-                                         attributes: shardAttributes(shard, ino), timeout: timeout(shard),
-                                         nextOffset: Int64(i) + 3, kind: .shard(id))
-                }) else { continue }
-                items.append(item)
+                do {
+                    items.append(try reading(id) { shard in
+                        let ino = listedInode(.shard(id), plus: plus)
+                        return DirectoryItem(name: Array(ShardDirectoryName.of(id).utf8), inode: ino,
+                                             attributes: shardAttributes(shard, ino), timeout: timeout(shard),
+                                             nextOffset: Int64(i) + 3, kind: .shard(id))
+                    })
+                } catch let error as FileSystemError where error.code == ENOENT {
+                    continue  // a view that went away since; one that cannot be served now is EIO
+                }
             }
         case .shard(let id):
             return try reading(id) { shard in
