@@ -225,6 +225,9 @@ public final class ShardFileSystem: @unchecked Sendable {
     func access(_ ino: UInt64, mask: Int32, uid: uid_t) throws {
         let mode = Int32(try getattr(ino).0.st_mode)
         guard mask != F_OK else { return }
+        if mask & W_OK != 0, let id = try kind(ino).shardID, isView(id) {
+            throw FileSystemError(EROFS, "shard \(id) is a read-only view of a volume this node backs")
+        }
         if uid == 0 {
             if mask & X_OK != 0 && mode & 0o111 == 0 { throw FileSystemError(EACCES, "no execute bit") }
             return

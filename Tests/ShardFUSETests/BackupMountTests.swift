@@ -196,6 +196,8 @@ import Testing
             ]
             for call in refused { #expect(try await c.errnoOf(call) == "EROFS", "\(call)") }
             #expect(try await c.sh("echo x > \(s)/a").status != 0)
+            #expect(try await c.sh("test -w \(s)/a || test -w \(s)").status != 0)
+            #expect(try await c.sh("test -r \(s)/a && test -r \(s)").status == 0)
             #expect(try await c.sh("cat \(s)/a").stdout == "alpha")
 
             // Later writes on the primary show up within about 2 s: a new value,
@@ -237,6 +239,13 @@ import Testing
             #expect(Date().timeIntervalSince(deleted) < 3)
             #expect(try await c.errnoOf("open('\(d)/x').read()") == "ENOENT")
             #expect(try await c.sh("cat \(s)/a").stdout == "ALPHA 3")
+
+            // A shard made on the primary appears, though its name was looked up before.
+            #expect(try await c.errnoOf("os.stat('shard-1000')") == "ENOENT")
+            try await c.primary("c.put('c', c.new_shard('c', 1000), b'n', b'new shard')")
+            let made = Date()
+            #expect(try await Self.waitUntil(5) { try await c.sh("cat shard-1000/n").stdout == "new shard" })
+            #expect(Date().timeIntervalSince(made) < 2)
         }
     }
 
