@@ -441,14 +441,17 @@ public final class ShardFileSystem: @unchecked Sendable {
     /// too), and "no such shard" for the ones new at the root. Runs on the views'
     /// task; the invalidations are queued, never sent from a request handler.
     func viewsChanged(changed: [UInt64], removed: [UInt64]) {
-        var stale: [UInt64] = []
+        let gone = Set(removed)
+        var known: Set<UInt64> = []
         for id in changed + removed {
-            let known = inodes.existingInode(for: .shard(id))
-            if known == nil || removed.contains(id) {
+            let held = inodes.existingInode(for: .shard(id)) != nil
+            if !held || gone.contains(id) {
                 kernelCache.invalidateName?(InodeTable.rootInode, Array(ShardDirectoryName.of(id).utf8))
             }
-            if known != nil { stale += inodes.inodes(ofShard: id) }
+            if held { known.insert(id) }
         }
+        guard !known.isEmpty else { return }
+        let stale = inodes.inodes(ofShards: known)
         if !stale.isEmpty { kernelCache.invalidate?(stale) }
     }
 
