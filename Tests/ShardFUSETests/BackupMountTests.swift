@@ -235,7 +235,7 @@ import Testing
 
             // A shard deleted on the primary vanishes (its names were cached by the kernel).
             #expect(try await c.errnoOf("os.stat('\(d)'); os.stat('\(d)/x')") == "OK")
-            try await c.primary("c.delete_shard(\(c.doomed))")
+            try await c.primary("c.delete_shard(\"c\", \(c.doomed))")
             let deleted = Date()
             #expect(try await Self.waitUntil(5) {
                 let gone = try await c.errnoOf("os.stat('\(d)')"), names = try await c.sh("ls").stdout
