@@ -68,9 +68,9 @@ private func opLookup(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePo
         var parameters = entryParameters(try fs.lookup(parent, bytes(name)))
         fuse_reply_entry(req, &parameters)
     } catch let error where errnoValue(of: error) == ENOENT {
-        // A negative entry, cached like a positive one.
+        // A negative entry, cached like a positive one (not in a backup's view).
         var parameters = fuse_entry_param()
-        parameters.entry_timeout = fs.options.entryTimeout
+        parameters.entry_timeout = fs.negativeTimeout(parent)
         fuse_reply_entry(req, &parameters)
     } catch {
         fail(req, error)

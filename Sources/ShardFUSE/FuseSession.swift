@@ -53,6 +53,8 @@ public final class FuseSession: @unchecked Sendable {
     private var sessionHandle: SessionHandle?
     /// This mount's change listener on the shard manager (see `ShardManager.addChangeListener`).
     private var changeListener: UInt64?
+    /// This mount's listener on the node's backup views (see `BackupViews.addListener`).
+    private var viewsListener: UInt64?
 
     /// `handleSignals`: SIGTERM, SIGINT and SIGHUP end the loop (a process that
     /// only mounts); a process with other services stops the session itself.
@@ -143,6 +145,9 @@ public final class FuseSession: @unchecked Sendable {
         changeListener = fileSystem.node.shards.addChangeListener { [weak fileSystem] shard, keys in
             fileSystem?.entriesChanged(shard: shard, keys: keys)
         }
+        viewsListener = fileSystem.node.views.addListener { [weak fileSystem] _, changed, removed in
+            fileSystem?.viewsChanged(changed: changed, removed: removed)
+        }
     }
 
     /// Serves requests until unmounted or signalled; blocks the calling thread,
@@ -160,6 +165,7 @@ public final class FuseSession: @unchecked Sendable {
             shardfs_ring_stop(ring)
         }
         if let changeListener { fileSystem.node.shards.removeChangeListener(changeListener) }
+        if let viewsListener { fileSystem.node.views.removeListener(viewsListener) }
         fileSystem.kernelCache.invalidate = nil
         fileSystem.kernelCache.invalidateName = nil
         sessionHandle?.alive = false  // queued invalidations send nothing more

@@ -10,6 +10,13 @@ struct OpenFile {
     let append: Bool
 }
 
+/// One open(2) of an entry of a backup's view: read-only, and read from the
+/// newest view at each request (a view lives only within one request).
+struct ViewFile {
+    let shard: UInt64
+    let key: EntryKey
+}
+
 /// Where a directory listing stands.
 struct DirectoryCursor {
     var lastKey: EntryKey?
@@ -25,6 +32,7 @@ final class HandleTable: @unchecked Sendable {
     private var files: [UInt64: OpenFile] = [:]
     private var entries: [UInt64: (entry: OpenEntry, handles: Int)] = [:]
     private var directories: [UInt64: DirectoryCursor] = [:]
+    private var viewFiles: [UInt64: ViewFile] = [:]
     private var next: UInt64 = 1
 
     /// A new handle on `ino`, sharing the inode's open state, or one `make`
@@ -66,6 +74,19 @@ final class HandleTable: @unchecked Sendable {
             return true
         }
     }
+
+    func openView(_ file: ViewFile) -> UInt64 {
+        lock.withLock {
+            let handle = newHandle()
+            viewFiles[handle] = file
+            return handle
+        }
+    }
+
+    func viewFile(_ handle: UInt64) -> ViewFile? { lock.withLock { viewFiles[handle] } }
+
+    /// Removes a view's handle; false if `handle` is not one.
+    func closeView(_ handle: UInt64) -> Bool { lock.withLock { viewFiles.removeValue(forKey: handle) != nil } }
 
     func openDirectory() -> UInt64 {
         lock.withLock {

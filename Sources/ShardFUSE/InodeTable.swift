@@ -6,6 +6,14 @@ enum NodeKind: Hashable, Sendable {
     case shard(UInt64)
     /// `key`: the bytes of a valid `EntryKey` (checked once, when the inode is made).
     case entry(shard: UInt64, key: [UInt8])
+
+    /// The shard a shard directory or an entry belongs to.
+    var shardID: UInt64? {
+        switch self {
+        case .root: return nil
+        case .shard(let id), .entry(let id, _): return id
+        }
+    }
 }
 
 /// Inode numbers for the mount. An inode lives while the kernel holds lookups on
@@ -93,15 +101,12 @@ final class InodeTable: @unchecked Sendable {
     }
 
     /// The inodes the kernel may hold for a shard: its directory and its entries.
-    func inodes(ofShard id: UInt64) -> [UInt64] {
+    func inodes(ofShard id: UInt64) -> [UInt64] { inodes(ofShards: [id]) }
+
+    /// The inodes the kernel may hold for any of the shards (one pass over the table).
+    func inodes(ofShards ids: Set<UInt64>) -> [UInt64] {
         lock.withLock {
-            slots.compactMap { ino, slot in
-                switch slot.kind {
-                case .shard(let s) where s == id: return ino
-                case .entry(let s, _) where s == id: return ino
-                default: return nil
-                }
-            }
+            slots.compactMap { ino, slot in slot.kind?.shardID.map { ids.contains($0) ? ino : nil } ?? nil }
         }
     }
 }

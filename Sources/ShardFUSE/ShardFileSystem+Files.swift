@@ -49,9 +49,10 @@ extension ShardFileSystem {
 
     func open(_ ino: UInt64, flags: Int32) throws -> (handle: UInt64, keepCache: Bool) {
         guard case .entry(let id, let key) = try kind(ino) else { throw FileSystemError(EISDIR, "a directory") }
-        let shard = try localShard(id)
         let entryKey = EntryKey(trusted: key)  // validated when its inode was made
         let wantsWrite = flags & O_ACCMODE != O_RDONLY
+        if isView(id) { return (try openView(id, entryKey, write: wantsWrite), false) }
+        let shard = try localShard(id)
         if wantsWrite {
             try writable(shard)
             writeBehind.flush(shard: id)  // the handle builds on the latest value
@@ -76,7 +77,20 @@ extension ShardFileSystem {
         return (handle, true)
     }
 
+    /// A handle on an entry of a backup's view: read-only. Its pages are not kept
+    /// across opens (`keep_cache` off): each open reads the newest generation.
+    func openView(_ id: UInt64, _ key: EntryKey, write: Bool) throws -> UInt64 {
+        if write { throw FileSystemError(EROFS, "shard \(id) is a read-only view of a volume this node backs") }
+        guard try reading(id, { try $0.attributes(key) }) != nil else { throw FileSystemError(ENOENT, "entry \(key) is gone") }
+        return handles.openView(ViewFile(shard: id, key: key))
+    }
+
     func read(_ handle: UInt64, offset: Int, count: Int) throws -> [UInt8] {
+        if let view = handles.viewFile(handle) {
+            // One request, one snapshot: the newest generation when it starts (the
+            // shard's own copy, should this node have been promoted meanwhile).
+            return try reading(view.shard) { try $0.read(view.key, offset: offset, count: count) }
+        }
         let entry = try self.file(handle).entry
         if !entry.hasBuffer, let pending = writeBehind.pending(shard: entry.shard.id, key: entry.key.bytes), !pending.deleted {
             guard offset < pending.value.count else { return [] }
@@ -100,6 +114,7 @@ extension ShardFileSystem {
     /// within milliseconds); a larger one is committed now. The error is close()'s,
     /// and so is that of an earlier queued batch of the shard that failed.
     func flush(_ handle: UInt64) throws {
+        if handles.viewFile(handle) != nil { return }  // nothing to commit
         let entry = try file(handle).entry
         try commit(entry, behind: true)
         if let failure = writeBehind.takeFailure(shard: entry.shard.id) { throw failure }
@@ -107,6 +122,7 @@ extension ShardFileSystem {
 
     /// fsync(): this file's changes and everything queued before them are durable.
     func fsync(_ handle: UInt64) throws {
+        if handles.viewFile(handle) != nil { return }  // nothing to commit
         let entry = try self.file(handle).entry
         try commit(entry, behind: false)
         writeBehind.flush(shard: entry.shard.id)
@@ -117,6 +133,7 @@ extension ShardFileSystem {
     /// (a close that failed is retried once). If that fails too, those changes
     /// are lost: readers see the last committed value again.
     func release(_ handle: UInt64) throws {
+        if handles.closeView(handle) { return }
         guard let entry = handles.close(handle) else { return }
         var failure: Error?
         do { try commit(entry, behind: true) } catch { failure = error }
@@ -174,7 +191,7 @@ extension ShardFileSystem {
     /// kernel (`ofWriter`): fstat on a new file must work. Otherwise the queued or
     /// committed entry; nil if there is none. By name (lookup), an unlinked file
     /// still open for writing is gone; by inode (fstat on its handle) it is not.
-    func entryView(_ shard: Shard, _ key: EntryKey, inode: UInt64?, byName: Bool) throws
+    func entryView(_ shard: any ShardReading, _ key: EntryKey, inode: UInt64?, byName: Bool) throws
         -> (attributes: EntryAttributes, ofWriter: Bool)? {
         if !byName, let inode, let unlinked = openEntry(inode)?.unlinkedView {
             return (unlinked, true)  // fstat on a descriptor of an unlinked file
@@ -188,7 +205,7 @@ extension ShardFileSystem {
     }
 
     /// An entry's attributes as the mount shows them: a queued put wins.
-    func currentAttributes(_ shard: Shard, _ key: EntryKey) throws -> EntryAttributes? {
+    func currentAttributes(_ shard: any ShardReading, _ key: EntryKey) throws -> EntryAttributes? {
         if let pending = writeBehind.pending(shard: shard.id, key: key.bytes) {
             if pending.deleted { return nil }
             return EntryAttributes(key: key, size: pending.value.count, modificationTime: pending.modificationTime, indexes: [],
@@ -233,6 +250,9 @@ extension ShardFileSystem {
         let from = try kind(parent), to = try kind(newParent)
         guard case .shard(let id) = from, case .shard(let targetID) = to else {
             throw FileSystemError(EPERM, "shard directories cannot be renamed")
+        }
+        for shard in [id, targetID] where isView(shard) {
+            throw FileSystemError(EROFS, "shard \(shard) is a read-only view of a volume this node backs")
         }
         guard id == targetID else { throw FileSystemError(EXDEV, "entries cannot move between shards") }
         if flags & Self.renameExchange != 0 { throw FileSystemError(EINVAL, "RENAME_EXCHANGE is not supported") }

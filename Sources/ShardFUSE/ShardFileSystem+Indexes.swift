@@ -38,12 +38,15 @@ extension ShardFileSystem {
 
     /// An entry's indexes as the mount shows them: those waiting for its first commit win.
     func currentIndexes(_ ino: UInt64) throws -> [IndexPair] {
-        let (shard, key) = try entry(ino)
+        guard case .entry(let id, let bytes) = try kind(ino) else {
+            throw FileSystemError(ENOTSUP, "indexes are attributes of entries, not of directories")
+        }
+        let key = EntryKey(trusted: bytes)  // validated when its inode was made
         if let pending = openEntry(ino)?.pendingIndexes { return pending }
-        if let queued = writeBehind.pending(shard: shard.id, key: key.bytes), !queued.deleted, let indexes = queued.indexes {
+        if let queued = writeBehind.pending(shard: id, key: key.bytes), !queued.deleted, let indexes = queued.indexes {
             return indexes
         }
-        return try shard.attributes(key)?.indexes ?? []
+        return try reading(id) { shard in try shard.attributes(key)?.indexes ?? [] }
     }
 
     /// A shard directory's one attribute: the client that owns the shard (read-only).
@@ -53,7 +56,7 @@ extension ShardFileSystem {
         guard name.hasPrefix(Self.indexPrefix) else { throw FileSystemError(ENODATA, "only user.* attributes exist") }
         if case .shard(let id) = try kind(ino) {
             guard name == Self.ownerAttribute else { throw FileSystemError(ENODATA, "a shard has only \(Self.ownerAttribute)") }
-            return Array(try localShard(id).owner.utf8)
+            return Array(try reading(id) { $0.owner }.utf8)
         }
         let index = String(name.dropFirst(Self.indexPrefix.count))
         guard let pair = try currentIndexes(ino).first(where: { $0.name == index }) else {

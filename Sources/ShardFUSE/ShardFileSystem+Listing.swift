@@ -28,46 +28,69 @@ extension ShardFileSystem {
         if offset < 2 { items.append(dot("..", ino: InodeTable.rootInode, next: 2)) }
         switch kind {
         case .root:
-            let shards = node.shards.localShards()
-            for (i, shard) in shards.enumerated() where Int64(i) + 3 > offset && items.count < limit {
-                let ino = listedInode(.shard(shard.id), plus: plus)
-                items.append(DirectoryItem(name: Array(ShardDirectoryName.of(shard.id).utf8), inode: ino,
-                                           attributes: shardAttributes(shard, ino), timeout: timeout(shard),
-                                           nextOffset: Int64(i) + 3, kind: .shard(shard.id)))
-            }
-        case .shard(let id):
-            let shard = try localShard(id)
-            if offset == 0 { writeBehind.flush(shard: id) }  // list what is queued too
-            let cursor = handles.cursor(handle) ?? DirectoryCursor()
-            // Continue after the last key listed, or (after a seek) count from the start.
-            var after: EntryKey? = nil
-            var position = max(offset, 2)
-            if offset > 2 {
-                if let last = cursor.lastKey, cursor.lastOffset == offset {
-                    after = last
-                } else {
-                    var seen: Int64 = 0
-                    try shard.forEachEntry { view in
-                        seen += 1
-                        if seen == offset - 2 { after = EntryKey(trusted: Array(view.key)) }
-                        return seen < offset - 2
-                    }
-                    // Fewer entries than the offset now: the listing is over.
-                    if seen < offset - 2 { return items }
+            // The shards this node writes and those it serves views of, by ID.
+            for (i, id) in servedShards().enumerated() where Int64(i) + 3 > offset && items.count < limit {
+                do {
+                    items.append(try reading(id) { shard in
+                        let ino = listedInode(.shard(id), plus: plus)
+                        return DirectoryItem(name: Array(ShardDirectoryName.of(id).utf8), inode: ino,
+                                             attributes: shardAttributes(shard, ino), timeout: timeout(shard),
+                                             nextOffset: Int64(i) + 3, kind: .shard(id))
+                    })
+                } catch let error as FileSystemError where error.code == ENOENT {
+                    continue  // a view that went away since; one that cannot be served now is EIO
                 }
             }
-            let rows = try shard.list(after: after, limit: max(0, limit - items.count))
-            for row in rows {
-                position += 1
-                let ino = listedInode(.entry(shard: id, key: row.key.bytes), plus: plus)
-                let entry = EntryAttributes(key: row.key, size: row.size, modificationTime: row.modificationTime, indexes: [],
-                                            metadata: row.metadata)
-                items.append(DirectoryItem(name: row.key.bytes, inode: ino, attributes: fileAttributes(shard, ino, entry),
-                                           timeout: timeout(shard), nextOffset: position,
-                                           kind: .entry(shard: id, key: row.key.bytes)))
+        case .shard(let id):
+            return try reading(id) { shard in
+                try listShard(shard, handle: handle, offset: offset, limit: limit, plus: plus, items: items)
             }
         case .entry:
             throw FileSystemError(ENOTDIR, "entries are files")
+        }
+        return items
+    }
+
+    /// Every shard the root lists: this node's own and its views, by ID.
+    func servedShards() -> [UInt64] {
+        Array(Set(node.shards.localShards().map(\.id)).union(node.views.servedShards())).sorted()
+    }
+
+    /// A page of a shard's listing from `offset` (after the dot items in `items`),
+    /// from one snapshot of it.
+    private func listShard(_ shard: any ShardReading, handle: UInt64, offset: Int64, limit: Int, plus: Bool,
+                           items: [DirectoryItem]) throws -> [DirectoryItem] {
+        var items = items
+        let id = shard.id
+        if offset == 0 { writeBehind.flush(shard: id) }  // list what is queued too
+        let cursor = handles.cursor(handle) ?? DirectoryCursor()
+        // Continue after the last key listed, or (after a seek) count from the start.
+        var after: EntryKey? = nil
+        var position = max(offset, 2)
+        if offset > 2 {
+            if let last = cursor.lastKey, cursor.lastOffset == offset {
+                after = last
+            } else {
+                // Count from the start, a page at a time.
+                var seen: Int64 = 0
+                while seen < offset - 2 {
+                    let page = try shard.list(after: after, limit: Int(min(1024, offset - 2 - seen)))
+                    // Fewer entries than the offset now: the listing is over.
+                    guard let last = page.last else { return items }
+                    seen += Int64(page.count)
+                    after = last.key
+                }
+            }
+        }
+        let rows = try shard.list(after: after, limit: max(0, limit - items.count))
+        for row in rows {
+            position += 1
+            let ino = listedInode(.entry(shard: id, key: row.key.bytes), plus: plus)
+            let entry = EntryAttributes(key: row.key, size: row.size, modificationTime: row.modificationTime, indexes: [],
+                                        metadata: row.metadata)
+            items.append(DirectoryItem(name: row.key.bytes, inode: ino, attributes: fileAttributes(shard, ino, entry),
+                                       timeout: timeout(shard), nextOffset: position,
+                                       kind: .entry(shard: id, key: row.key.bytes)))
         }
         return items
     }
@@ -98,17 +121,21 @@ extension ShardFileSystem {
         result.f_bsize = 4096
         result.f_frsize = 4096
         result.f_namemax = 255
-        let shards: [Shard]
-        switch try kind(ino) {
-        case .root: shards = node.shards.localShards()
-        case .shard(let id), .entry(let id, _): shards = [try localShard(id)]
-        }
         var limit = 0, used = 0, entries = 0
-        for shard in shards {
-            let stats = try shard.stats()
+        func add(_ stats: ShardStats) {
             limit += stats.limitBytes
             used += min(stats.usedBytes, stats.limitBytes)
             entries += stats.entries
+        }
+        switch try kind(ino) {
+        case .root:
+            for shard in node.shards.localShards() { add(try shard.stats()) }
+            // Views too (one that went away since is left out).
+            for id in node.views.servedShards() where node.shards.localShard(id) == nil {
+                if let stats = try? reading(id, { try $0.stats() }) { add(stats) }
+            }
+        case .shard(let id), .entry(let id, _):
+            add(try reading(id) { try $0.stats() })
         }
         result.f_blocks = fsblkcnt_t(limit / 4096)
         result.f_bfree = fsblkcnt_t((limit - used) / 4096)

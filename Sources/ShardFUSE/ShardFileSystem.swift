@@ -81,22 +81,25 @@ public final class ShardFileSystem: @unchecked Sendable {
     func lookup(_ parent: UInt64, _ name: [UInt8]) throws -> EntryReply {
         switch try kind(parent) {
         case .root:
-            guard let id = ShardDirectoryName.id(name), let shard = node.shards.localShard(id) else {
+            guard let id = ShardDirectoryName.id(name) else {
                 throw FileSystemError(ENOENT, "no shard \(String(decoding: name, as: UTF8.self))")
             }
-            let ino = inodes.inode(for: .shard(id), lookup: true)
-            return EntryReply(inode: ino, attributes: shardAttributes(shard, ino), timeout: timeout(shard))
-        case .shard(let id):
-            let shard = try localShard(id)
-            let key = try entryKey(name)
-            // A file created and still open exists too (for its writer's stat, rename…).
-            let known = inodes.existingInode(for: .entry(shard: id, key: key.bytes))
-            guard let view = try entryView(shard, key, inode: known, byName: true) else {
-                throw FileSystemError(ENOENT, "no entry \(key) in shard \(id)")
+            return try reading(id) { shard in
+                let ino = inodes.inode(for: .shard(id), lookup: true)
+                return EntryReply(inode: ino, attributes: shardAttributes(shard, ino), timeout: timeout(shard))
             }
-            let ino = inodes.inode(for: .entry(shard: id, key: key.bytes), lookup: true)
-            return EntryReply(inode: ino, attributes: fileAttributes(shard, ino, view.attributes), timeout: timeout(shard),
-                              attributeTimeout: view.ofWriter ? 0 : timeout(shard))
+        case .shard(let id):
+            let key = try entryKey(name)
+            return try reading(id) { shard in
+                // A file created and still open exists too (for its writer's stat, rename…).
+                let known = inodes.existingInode(for: .entry(shard: id, key: key.bytes))
+                guard let view = try entryView(shard, key, inode: known, byName: true) else {
+                    throw FileSystemError(ENOENT, "no entry \(key) in shard \(id)")
+                }
+                let ino = inodes.inode(for: .entry(shard: id, key: key.bytes), lookup: true)
+                return EntryReply(inode: ino, attributes: fileAttributes(shard, ino, view.attributes), timeout: timeout(shard),
+                                  attributeTimeout: view.ofWriter ? 0 : timeout(shard))
+            }
         case .entry:
             throw FileSystemError(ENOTDIR, "entries are files")
         }
@@ -109,21 +112,24 @@ public final class ShardFileSystem: @unchecked Sendable {
         case .root:
             return (rootAttributes(), options.attributeTimeout)
         case .shard(let id):
-            let shard = try localShard(id)
-            return (shardAttributes(shard, ino), attributeTimeout(shard))
+            return try reading(id) { shard in (shardAttributes(shard, ino), attributeTimeout(shard)) }
         case .entry(let id, let key):
-            let shard = try localShard(id)
             let entryKey = EntryKey(trusted: key)  // validated when its inode was made
-            guard let view = try entryView(shard, entryKey, inode: ino, byName: false) else {
-                throw FileSystemError(ENOENT, "entry \(entryKey) is gone")
+            return try reading(id) { shard in
+                guard let view = try entryView(shard, entryKey, inode: ino, byName: false) else {
+                    throw FileSystemError(ENOENT, "entry \(entryKey) is gone")
+                }
+                return (fileAttributes(shard, ino, view.attributes), view.ofWriter ? 0 : attributeTimeout(shard))
             }
-            return (fileAttributes(shard, ino, view.attributes), view.ofWriter ? 0 : attributeTimeout(shard))
         }
     }
 
     /// chmod, chown, truncate and utimens.
     func setattr(_ ino: UInt64, _ attr: stat, _ toSet: AttributeChanges, handle: UInt64?) throws -> (stat, Double) {
         let kind = try self.kind(ino)
+        if !toSet.isEmpty, let id = kind.shardID, isView(id) {
+            throw FileSystemError(EROFS, "shard \(id) is a read-only view of a volume this node backs")
+        }
         if !toSet.isDisjoint(with: [.uid, .gid]) {
             let changesOwner = (toSet.contains(.uid) && attr.st_uid != uid) || (toSet.contains(.gid) && attr.st_gid != gid)
             if changesOwner { throw FileSystemError(EPERM, "ShardFS files cannot change owner") }
@@ -219,6 +225,9 @@ public final class ShardFileSystem: @unchecked Sendable {
     func access(_ ino: UInt64, mask: Int32, uid: uid_t) throws {
         let mode = Int32(try getattr(ino).0.st_mode)
         guard mask != F_OK else { return }
+        if mask & W_OK != 0, let id = try kind(ino).shardID, isView(id) {
+            throw FileSystemError(EROFS, "shard \(id) is a read-only view of a volume this node backs")
+        }
         if uid == 0 {
             if mask & X_OK != 0 && mode & 0o111 == 0 { throw FileSystemError(EACCES, "no execute bit") }
             return
@@ -238,7 +247,8 @@ public final class ShardFileSystem: @unchecked Sendable {
             if options.readOnly { throw FileSystemError(EROFS, "read-only mount") }
             _ = try wait { try await self.node.shards.newShard(owner: self.options.clientID, id: id) }
             return try lookup(parent, name)
-        case .shard:
+        case .shard(let id):
+            if isView(id) { throw FileSystemError(EROFS, "shard \(id) is a read-only view of a volume this node backs") }
             throw FileSystemError(EPERM, "shards are flat: no directories inside a shard")
         case .entry:
             throw FileSystemError(ENOTDIR, "entries are files")
@@ -251,6 +261,9 @@ public final class ShardFileSystem: @unchecked Sendable {
         switch try kind(parent) {
         case .root:
             guard let id = ShardDirectoryName.id(name), node.shards.localShard(id) != nil else {
+                if let id = ShardDirectoryName.id(name), isView(id) {
+                    throw FileSystemError(EROFS, "shard \(id) is a read-only view of a volume this node backs")
+                }
                 throw FileSystemError(ENOENT, "no shard \(String(decoding: name, as: UTF8.self))")
             }
             if options.readOnly { throw FileSystemError(EROFS, "read-only mount") }
@@ -306,9 +319,32 @@ public final class ShardFileSystem: @unchecked Sendable {
         return kind
     }
 
+    /// A shard this node writes, for the write paths: a backup's view is `EROFS`.
     func localShard(_ id: UInt64) throws -> Shard {
-        guard let shard = node.shards.localShard(id) else { throw FileSystemError(ENOENT, "shard \(id) is gone") }
+        guard let shard = node.shards.localShard(id) else {
+            if node.views.serves(id) { throw FileSystemError(EROFS, "shard \(id) is a read-only view of a volume this node backs") }
+            throw FileSystemError(ENOENT, "shard \(id) is gone")
+        }
         return shard
+    }
+
+    /// Whether the shard is served here as a backup's view (this node does not write it).
+    func isView(_ id: UInt64) -> Bool {
+        node.shards.localShard(id) == nil && node.views.serves(id)
+    }
+
+    /// Runs `body` with the shard as this node serves it, for the read paths: its
+    /// own, or else the newest view of it (a backup's), which is valid only during
+    /// `body` and is one snapshot throughout. `ENOENT` when it serves neither;
+    /// `EIO` when it cannot serve the view now (its node lease is not confirmed).
+    func reading<R>(_ id: UInt64, _ body: (any ShardReading) throws -> R) throws -> R {
+        if let shard = node.shards.localShard(id) { return try body(shard) }
+        do {
+            if let result = try node.views.withView(id, { view in try body(view) }) { return result }
+        } catch ShardError.notPrimary(let reason) {
+            throw FileSystemError(EIO, "the view of shard \(id) is not served now: \(reason)")
+        }
+        throw FileSystemError(ENOENT, "shard \(id) is gone")
     }
 
     func entry(_ ino: UInt64) throws -> (Shard, EntryKey) {
@@ -382,13 +418,41 @@ public final class ShardFileSystem: @unchecked Sendable {
     }
 
     /// How long the kernel may keep a name (and the attributes a lookup returns).
-    func timeout(_ shard: Shard) -> Double {
+    /// A view's names and attributes are dropped at each generation that changes
+    /// its shard (`viewsChanged`), so they keep the same timeouts.
+    func timeout(_ shard: any ShardReading) -> Double {
         shard.state == .closed ? options.closedTimeout : options.entryTimeout
     }
 
     /// How long the kernel may keep attributes that getattr returns.
-    func attributeTimeout(_ shard: Shard) -> Double {
+    func attributeTimeout(_ shard: any ShardReading) -> Double {
         shard.state == .closed ? options.closedTimeout : options.attributeTimeout
+    }
+
+    /// How long the kernel may keep "no such name" in `parent`: not at all in a
+    /// backup's view, whose new entries no invalidation can name.
+    func negativeTimeout(_ parent: UInt64) -> Double {
+        if case .shard(let id)? = inodes.kind(of: parent), isView(id) { return 0 }
+        return options.entryTimeout
+    }
+
+    /// A generation of a backed volume was swapped in: the kernel forgets what it
+    /// cached of the shards that changed (attributes, pages) or went away (names
+    /// too), and "no such shard" for the ones new at the root. Runs on the views'
+    /// task; the invalidations are queued, never sent from a request handler.
+    func viewsChanged(changed: [UInt64], removed: [UInt64]) {
+        let gone = Set(removed)
+        var known: Set<UInt64> = []
+        for id in changed + removed {
+            let held = inodes.existingInode(for: .shard(id)) != nil
+            if !held || gone.contains(id) {
+                kernelCache.invalidateName?(InodeTable.rootInode, Array(ShardDirectoryName.of(id).utf8))
+            }
+            if held { known.insert(id) }
+        }
+        guard !known.isEmpty else { return }
+        let stale = inodes.inodes(ofShards: known)
+        if !stale.isEmpty { kernelCache.invalidate?(stale) }
     }
 
     func dot(_ name: String, ino: UInt64, next: Int64) -> DirectoryItem {
@@ -397,16 +461,21 @@ public final class ShardFileSystem: @unchecked Sendable {
 
     func rootAttributes() -> stat { attributes.root(readOnly: options.readOnly) }
 
-    func isWritable(_ shard: Shard) -> Bool {
+    func isWritable(_ shard: any ShardReading) -> Bool {
         shard.state == .open && !options.readOnly && !shard.isReadOnlyView
     }
 
-    func shardAttributes(_ shard: Shard, _ ino: UInt64) -> stat {
-        let times = directoryTimes.of(shard)
+    func shardAttributes(_ shard: any ShardReading, _ ino: UInt64) -> stat {
+        guard let local = shard as? Shard else {
+            // A view's directory time is the one its primary stored (the mount's start if none).
+            let time = ((try? shard.directoryTime()) ?? nil) ?? attributes.mountTime
+            return attributes.shard(shard.id, writable: false, modificationTime: time, changeTime: time)
+        }
+        let times = directoryTimes.of(local)
         return attributes.shard(shard.id, writable: isWritable(shard), modificationTime: times.modification, changeTime: times.change)
     }
 
-    func fileAttributes(_ shard: Shard, _ ino: UInt64, _ entry: EntryAttributes) -> stat {
+    func fileAttributes(_ shard: any ShardReading, _ ino: UInt64, _ entry: EntryAttributes) -> stat {
         attributes.file(shard: shard.id, entry, writable: isWritable(shard), linked: ino == Self.unknownInode || inodes.isLinked(ino))
     }
 

@@ -29,6 +29,13 @@ public final class BackupViews: @unchecked Sendable {
 
     private func releasedForTakeOver(_ volumeID: String) -> Bool { lock.withLock { takenOver.contains(volumeID) } }
 
+    private var listeners: [UInt64: Listener] = [:]
+    private var nextListener: UInt64 = 1
+
+    /// A generation swapped in: the shards with a new snapshot (or newly
+    /// served), and those no longer served. Told after the swap.
+    public typealias Listener = @Sendable (_ volumeID: String, _ changed: [UInt64], _ removed: [UInt64]) -> Void
+
     /// A volume's views at one generation, and the reads still using them.
     final class Generation: @unchecked Sendable {
         let views: VolumeViews
@@ -113,6 +120,21 @@ public final class BackupViews: @unchecked Sendable {
         }
     }
 
+    /// Adds a listener told after each generation is swapped in (on the task
+    /// that follows the metadata; keep it short). Returns what `removeListener` takes.
+    public func addListener(_ listener: @escaping Listener) -> UInt64 {
+        lock.withLock {
+            defer { nextListener += 1 }
+            listeners[nextListener] = listener
+            return nextListener
+        }
+    }
+
+    public func removeListener(_ id: UInt64) { lock.withLock { _ = listeners.removeValue(forKey: id) } }
+
+    /// The shards this node serves views of, by ID.
+    public func servedShards() -> [UInt64] { lock.withLock { volumeOf.keys.sorted() } }
+
     /// Whether this node serves a view of the shard.
     public func serves(_ shardID: UInt64) -> Bool { lock.withLock { volumeOf[shardID] != nil } }
 
@@ -150,6 +172,7 @@ public final class BackupViews: @unchecked Sendable {
         let previous = lock.withLock { current[id] }
         if let previous, previous.views.epoch == views.epoch, previous.views.generation >= views.generation { return }
         var built: [UInt64: (takenIn: UInt64, view: ShardView)] = [:]
+        var changed: [UInt64] = []
         for record in views.shards {
             if let kept = previous?.shards[record.shardID], kept.takenIn == record.takenIn, previous?.views.epoch == views.epoch {
                 built[record.shardID] = kept
@@ -157,17 +180,21 @@ public final class BackupViews: @unchecked Sendable {
             }
             do {
                 built[record.shardID] = (record.takenIn, try await blockingWork { try Self.view(record, on: mounted) })
+                changed.append(record.shardID)
             } catch {
                 logger.error("cannot open a shard's view; it is not served until the next generation",
                              metadata: ["shard": "\(record.shardID)", "volume": "\(id)", "error": "\(error)"])
             }
         }
         let generation = Generation(views: views, shards: built)
-        lock.withLock {
+        let told = lock.withLock { () -> [Listener] in
             current[id] = generation
             volumeOf = volumeOf.filter { $0.value != id }
             for shardID in built.keys { volumeOf[shardID] = id }
+            return Array(listeners.values)
         }
+        let removed = previous.map { $0.shards.keys.filter { built[$0] == nil } } ?? []
+        if !changed.isEmpty || !removed.isEmpty { for listener in told { listener(id, changed, removed) } }
         // Reads that began on the previous generation finish first.
         if let previous {
             while !previous.isIdle { try? await Task.sleep(for: .milliseconds(2)) }

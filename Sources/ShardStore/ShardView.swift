@@ -226,6 +226,18 @@ public final class ShardView: Sendable {
                           usedBytes: Int(root.lastPage + 1) * root.pageSize, limitBytes: sizeLimit)
     }
 
+    /// The directory time stored in the shard at this snapshot (as `Shard.directoryTime`), if any.
+    public func directoryTime() throws -> Int64? {
+        do {
+            let meta = try snapshot.database("meta")
+            return try snapshot.read { txn in
+                try txn.get(meta, Shard.directoryTimeKey).flatMap { $0.count == 8 ? Int64(bitPattern: $0.loadLE(UInt64.self, at: 0)) : nil }
+            }
+        } catch {
+            throw ShardView.shardError(error)
+        }
+    }
+
     private func chunk(_ txn: SnapshotTransaction, _ key: [UInt8], _ n: Int, _ view: RecordView) throws -> UnsafeRawBufferPointer {
         let raw = try chunkKey(view.chunkSet, n).withUnsafeBytes { try txn.get(chunks, $0) }
         return try view.checkedChunk(raw, n, key: key)
