@@ -105,7 +105,7 @@ let package = Package(
         .testTarget(name: "ShardStoreTests", dependencies: ["ShardStore", "TestSupport"]),
         .testTarget(name: "MetadataTests", dependencies: ["Metadata", "MetadataConformance", "TestSupport"]),
         .testTarget(name: "MetadataEtcdTests", dependencies: [
-            "MetadataEtcd", "MetadataConformance", "ShardNode", "ShardStore", "TestSupport",
+            "MetadataEtcd", "MetadataConformance", "NodeSupport", "ShardNode", "ShardStore", "TestSupport",
         ]),
         // fixtures/: the fake cloud servers (Python) the tests start.
         .testTarget(name: "VolumesTests", dependencies: ["Volumes", "TestSupport"], exclude: ["fixtures"]),

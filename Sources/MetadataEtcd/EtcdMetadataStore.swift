@@ -444,15 +444,20 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
     private func startKeepalive(nodeID: String, entry: NodeLease) -> Task<Void, Never> {
         let interval = Duration.milliseconds(max(200, configuration.leaseTTL * 1000 / 3))
         return Task { [weak self] in
+            var pause = interval
             while !Task.isCancelled {
-                try? await Task.sleep(for: interval)
+                try? await Task.sleep(for: pause)
                 guard !Task.isCancelled, let self else { return }
-                await self.keepAlive(nodeID: nodeID, entry: entry)
+                // A failed renewal is tried again soon: a node acts on its roles
+                // only while its lease surely lives (`leaseSurelyValidUntil`).
+                pause = await self.keepAlive(nodeID: nodeID, entry: entry) ? interval : min(interval, .milliseconds(250))
             }
         }
     }
 
-    private func keepAlive(nodeID: String, entry: NodeLease) async {
+    /// Renews the lease (or registers the node again on a new one); false if that failed.
+    @discardableResult
+    private func keepAlive(nodeID: String, entry: NodeLease) async -> Bool {
         let leaseID = lock.withLock { entry.leaseID }
         do {
             let sent = ContinuousClock.now
@@ -460,7 +465,7 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
             if let error = message.error { throw EtcdErrors.fromStatus(grpcCode: error.code, message: error.text, endpoint: "keepalive") }
             if message.result?.TTL.int ?? 0 > 0 {
                 lock.withLock { entry.surelyValidUntil = sent + .seconds(configuration.leaseTTL) }
-                return
+                return true
             }
             // No TTL: the lease expired. Register again, unless unregistered meanwhile.
             logger.warning("the lease of a node expired; registering it again", metadata: ["node": "\(nodeID)"])
@@ -471,7 +476,7 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
             }
             guard let record else {
                 try? await revokeLease(newLease)
-                return
+                return true
             }
             // The key first: if this put fails, the entry keeps the expired lease
             // and the next tick tries again (not a live lease with no key on it).
@@ -487,10 +492,12 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
                 return true
             }
             if !adopted { try? await revokeLease(newLease) }
+            return true
         } catch {
             if !Task.isCancelled {
                 logger.warning("lease keepalive failed", metadata: ["node": "\(nodeID)", "error": "\(error)"])
             }
+            return false
         }
     }
 

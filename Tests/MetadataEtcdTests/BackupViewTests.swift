@@ -1,5 +1,6 @@
 import Foundation
 import Metadata
+import NodeSupport
 import ShardNode
 import ShardStore
 import TestSupport
@@ -49,7 +50,7 @@ import Testing
             let shard = try await a.shards.newShard(owner: "c")
             let keys = (0..<200).map { "k\($0)" }
             // Values of several sizes, a few chunked (over 128 KiB): overflow pages and chunk sets.
-            func size(_ i: Int) -> Int { i % 50 == 0 ? 300_000 : 100 + (i * 37) % 3000 }
+            @Sendable func size(_ i: Int) -> Int { i % 50 == 0 ? 300_000 : 100 + (i * 37) % 3000 }
             for (i, key) in keys.enumerated() {
                 try shard.put(try EntryKey(key), value: CheckedValue.make(key: key, version: 0, size: size(i)), clientID: "c")
             }
@@ -62,11 +63,15 @@ import Testing
             // The primary rewrites every key, again and again (LMDB reuses pages all
             // the while); the backup reads continuously and checks each value.
             let writing = Atomic<Bool>(true)
+            // Blocking LMDB writes run off Swift's cooperative threads, as the node
+            // runs them: there are two here, and the node's lease keepalives need one.
             let writer = Task.detached {
                 defer { writing.store(false, ordering: .releasing) }
-                for version in 1...30 {
-                    for (i, key) in keys.enumerated() {
-                        try shard.put(try EntryKey(key), value: CheckedValue.make(key: key, version: version, size: size(i)), clientID: "c")
+                try await blockingWork {
+                    for version in 1...30 {
+                        for (i, key) in keys.enumerated() {
+                            try shard.put(try EntryKey(key), value: CheckedValue.make(key: key, version: version, size: size(i)), clientID: "c")
+                        }
                     }
                 }
             }
