@@ -99,6 +99,15 @@ final class EtcdClient: @unchecked Sendable {
     func post<R: Decodable & Sendable>(_ path: String, _ body: [String: Any], as type: R.Type = R.self) async throws -> R {
         let data = Wire.encode(body)
         let raw = try await onCurlQueue { try self.call(path, data) }
+        return try decode(path, raw)
+    }
+
+    /// `post` on the calling thread (which it blocks), for a thread of its own.
+    func postBlocking<R: Decodable & Sendable>(_ path: String, _ body: [String: Any], as type: R.Type = R.self) throws -> R {
+        try decode(path, try call(path, Wire.encode(body)))
+    }
+
+    private func decode<R: Decodable & Sendable>(_ path: String, _ raw: Data) throws -> R {
         let decoded: R
         do { decoded = try JSONDecoder().decode(R.self, from: raw) } catch {
             throw MetadataError.failed("etcd sent an answer to \(path) that does not decode: \(error)")

@@ -41,7 +41,7 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
     private final class NodeLease: @unchecked Sendable {
         var leaseID: Int64
         var record: NodeRecord
-        var keepalive: Task<Void, Never>?
+        var keepalive: Keepalive?
         /// The lease surely lives until then: the send time of the last grant or
         /// keepalive etcd answered, plus the TTL (etcd counts from its receipt, later).
         var surelyValidUntil: ContinuousClock.Instant
@@ -74,14 +74,14 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
     /// the TTL, as if this process had died) and the watches, and frees the
     /// connections. Calls after `close()` fail.
     public func close() async {
-        let (tasks, active) = lock.withLock { () -> ([Task<Void, Never>], [EtcdWatch]) in
+        let (keepalives, active) = lock.withLock { () -> ([Keepalive], [EtcdWatch]) in
             closed = true
             defer { leases.removeAll(); watches.removeAll() }
             return (leases.values.compactMap(\.keepalive), Array(watches.values))
         }
-        for task in tasks { task.cancel() }
+        for keepalive in keepalives { keepalive.cancel() }
         for watch in active { watch.stop() }
-        for task in tasks { await task.value }
+        for keepalive in keepalives { await keepalive.finished() }
         client.close()
     }
 
@@ -407,15 +407,23 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
     // MARK: Leases
 
     private func grantLease() async throws -> Int64 {
-        let response = try await client.post("/v3/lease/grant", ["TTL": String(configuration.leaseTTL)], as: WireLeaseGrantResponse.self)
+        try await client.onCurlQueue { try self.grantLeaseBlocking() }
+    }
+
+    private func grantLeaseBlocking() throws -> Int64 {
+        let response = try client.postBlocking("/v3/lease/grant", ["TTL": String(configuration.leaseTTL)], as: WireLeaseGrantResponse.self)
         if let error = response.error, !error.isEmpty { throw MetadataError.failed("lease grant: \(error)") }
         guard let id = response.ID?.value, id != 0 else { throw MetadataError.failed("etcd granted no lease") }
         return id
     }
 
     private func revokeLease(_ id: Int64) async throws {
+        try await client.onCurlQueue { try self.revokeLeaseBlocking(id) }
+    }
+
+    private func revokeLeaseBlocking(_ id: Int64) throws {
         do {
-            _ = try await client.post("/v3/lease/revoke", ["ID": String(id)], as: WirePutResponse.self)
+            _ = try client.postBlocking("/v3/lease/revoke", ["ID": String(id)], as: WirePutResponse.self)
         } catch MetadataError.notFound {
             // Already gone: that is what we wanted.
         }
@@ -425,8 +433,6 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
         lock.withLock { leases.removeValue(forKey: nodeID) }
     }
 
-    /// Renews the lease every third of its TTL. If etcd forgot the lease (an
-    /// outage longer than the TTL), the node is registered again on a new lease.
     /// Until when the lease of a node this store registered surely lives (by this
     /// host's clock), nil for a node it did not register. A node that holds a role
     /// acts on it only before this instant (docs/BACKUP-VIEWS.md).
@@ -441,27 +447,28 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
         lock.withLock { leases[nodeID].map { ($0.surelyValidUntil, $0.generation) } }
     }
 
-    private func startKeepalive(nodeID: String, entry: NodeLease) -> Task<Void, Never> {
+    /// Renews the lease every third of its TTL, on a thread of its own, so that
+    /// nothing else the process does (a busy cooperative pool, other metadata
+    /// calls) can delay it; a failed renewal is tried again within 250 ms. If etcd
+    /// forgot the lease (an outage longer than the TTL), the node is registered
+    /// again on a new lease.
+    private func startKeepalive(nodeID: String, entry: NodeLease) -> Keepalive {
         let interval = Duration.milliseconds(max(200, configuration.leaseTTL * 1000 / 3))
-        return Task { [weak self] in
+        return Keepalive(name: "etcd-keepalive") { [weak self] keepalive in
             var pause = interval
-            while !Task.isCancelled {
-                try? await Task.sleep(for: pause)
-                guard !Task.isCancelled, let self else { return }
-                // A failed renewal is tried again soon: a node acts on its roles
-                // only while its lease surely lives (`leaseSurelyValidUntil`).
-                pause = await self.keepAlive(nodeID: nodeID, entry: entry) ? interval : min(interval, .milliseconds(250))
+            while keepalive.sleep(pause) {
+                guard let self else { return }
+                pause = self.keepAlive(nodeID: nodeID, entry: entry, keepalive: keepalive) ? interval : min(interval, .milliseconds(250))
             }
         }
     }
 
     /// Renews the lease (or registers the node again on a new one); false if that failed.
-    @discardableResult
-    private func keepAlive(nodeID: String, entry: NodeLease) async -> Bool {
+    private func keepAlive(nodeID: String, entry: NodeLease, keepalive: Keepalive) -> Bool {
         let leaseID = lock.withLock { entry.leaseID }
         do {
             let sent = ContinuousClock.now
-            let message = try await client.post("/v3/lease/keepalive", ["ID": String(leaseID)], as: WireLeaseKeepAliveMessage.self)
+            let message = try client.postBlocking("/v3/lease/keepalive", ["ID": String(leaseID)], as: WireLeaseKeepAliveMessage.self)
             if let error = message.error { throw EtcdErrors.fromStatus(grpcCode: error.code, message: error.text, endpoint: "keepalive") }
             if message.result?.TTL.int ?? 0 > 0 {
                 lock.withLock { entry.surelyValidUntil = sent + .seconds(configuration.leaseTTL) }
@@ -469,19 +476,22 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
             }
             // No TTL: the lease expired. Register again, unless unregistered meanwhile.
             logger.warning("the lease of a node expired; registering it again", metadata: ["node": "\(nodeID)"])
-            let newLease = try await grantLease()
+            let newLease = try grantLeaseBlocking()
             let record = lock.withLock { () -> NodeRecord? in
-                guard leases[nodeID] === entry, !Task.isCancelled else { return nil }
+                guard leases[nodeID] === entry, !keepalive.isCancelled else { return nil }
                 return entry.record
             }
             guard let record else {
-                try? await revokeLease(newLease)
+                try? revokeLeaseBlocking(newLease)
                 return true
             }
             // The key first: if this put fails, the entry keeps the expired lease
-            // and the next tick tries again (not a live lease with no key on it).
-            do { try await put(nodeKey(nodeID), try encode(record), lease: newLease) } catch {
-                try? await revokeLease(newLease)
+            // and the next round tries again (not a live lease with no key on it).
+            do {
+                _ = try client.postBlocking("/v3/kv/put", ["key": Wire.b64(nodeKey(nodeID)), "value": Wire.b64(try encode(record)),
+                                                           "lease": String(newLease)], as: WirePutResponse.self)
+            } catch {
+                try? revokeLeaseBlocking(newLease)
                 throw error
             }
             let adopted = lock.withLock { () -> Bool in
@@ -491,10 +501,10 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
                 entry.surelyValidUntil = sent + .seconds(configuration.leaseTTL)
                 return true
             }
-            if !adopted { try? await revokeLease(newLease) }
+            if !adopted { try? revokeLeaseBlocking(newLease) }
             return true
         } catch {
-            if !Task.isCancelled {
+            if !keepalive.isCancelled {
                 logger.warning("lease keepalive failed", metadata: ["node": "\(nodeID)", "error": "\(error)"])
             }
             return false
@@ -598,3 +608,47 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
         }
     }
 }
+
+/// A thread that runs `body` until cancelled; `sleep` wakes early on cancel.
+final class Keepalive: @unchecked Sendable {
+    private let condition = NSCondition()
+    private var cancelled = false
+    private var done = false
+
+    init(name: String, _ body: @escaping @Sendable (Keepalive) -> Void) {
+        let thread = Thread { [self] in
+            body(self)
+            condition.withLock {
+                done = true
+                condition.broadcast()
+            }
+        }
+        thread.name = name
+        thread.start()
+    }
+
+    var isCancelled: Bool { condition.withLock { cancelled } }
+
+    func cancel() {
+        condition.withLock {
+            cancelled = true
+            condition.broadcast()
+        }
+    }
+
+    /// Waits `duration` (or until cancelled); false once cancelled.
+    func sleep(_ duration: Duration) -> Bool {
+        let seconds = Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
+        let until = Date(timeIntervalSinceNow: seconds)
+        return condition.withLock {
+            while !cancelled && Date() < until { _ = condition.wait(until: until) }
+            return !cancelled
+        }
+    }
+
+    /// Returns once the thread has ended (after `cancel`), without blocking a cooperative thread.
+    func finished() async {
+        while !condition.withLock({ done }) { try? await Task.sleep(for: .milliseconds(10)) }
+    }
+}
+

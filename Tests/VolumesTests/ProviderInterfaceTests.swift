@@ -116,7 +116,8 @@ final class ScriptedProvider: CloudProvider, @unchecked Sendable {
 
     @Test func retryRetriesOnlyTransientErrorsUntilTheDeadline() async throws {
         // A deadline far above the three short waits, so a busy machine cannot make it run out.
-        let policy = CloudRetryPolicy(initialBackoff: .milliseconds(5), multiplier: 2, maxBackoff: .milliseconds(20), deadline: .seconds(30))
+        // (The whole suite in one process once delayed these short sleeps by 35 s.)
+        let policy = CloudRetryPolicy(initialBackoff: .milliseconds(5), multiplier: 2, maxBackoff: .milliseconds(20), deadline: .seconds(120))
         let short = CloudRetryPolicy(initialBackoff: .milliseconds(5), multiplier: 2, maxBackoff: .milliseconds(20), deadline: .milliseconds(300))
         let throttled = VolumeError.cloud(CloudAPIError(provider: "aws", action: "AttachVolume", code: "RequestLimitExceeded", message: "slow down", httpStatus: 503))
         nonisolated(unsafe) var tries = 0
