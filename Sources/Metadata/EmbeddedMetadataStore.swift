@@ -172,6 +172,10 @@ public final class EmbeddedMetadataStore: MetadataStore, @unchecked Sendable {
         }
     }
 
+    public func updateVolumeFacts(_ volumeID: String, _ facts: VolumeFacts) async throws {
+        _ = try await updateVolume(volumeID) { volume in volume.facts = facts }
+    }
+
     public func addBackup(volumeID: String, nodeID: String) async throws {
         _ = try await updateVolume(volumeID) { volume in volume.addBackup(nodeID) }
     }

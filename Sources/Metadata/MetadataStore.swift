@@ -159,6 +159,9 @@ public protocol MetadataStore: Sendable {
     /// Makes `nodeID` the primary if the volume's epoch is still `expectedEpoch`;
     /// the epoch then increases by one. A stale `expectedEpoch` fails with `conflict`.
     func updatePrimary(volumeID: String, nodeID: String, expectedEpoch: UInt64) async throws -> VolumeRecord
+    /// Replaces what the record says of the volume's size, room and attachments
+    /// (informational: nothing decides by it). `notFound` for an unknown volume.
+    func updateVolumeFacts(_ volumeID: String, _ facts: VolumeFacts) async throws
     func addBackup(volumeID: String, nodeID: String) async throws
     func removeBackup(volumeID: String, nodeID: String) async throws
     func unregisterVolume(_ volumeID: String) async throws

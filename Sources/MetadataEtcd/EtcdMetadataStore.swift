@@ -281,6 +281,10 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
         }
     }
 
+    public func updateVolumeFacts(_ volumeID: String, _ facts: VolumeFacts) async throws {
+        _ = try await update(volumeKey(volumeID), VolumeRecord.self, what: "volume \(volumeID)") { volume in volume.facts = facts }
+    }
+
     public func addBackup(volumeID: String, nodeID: String) async throws {
         _ = try await update(volumeKey(volumeID), VolumeRecord.self, what: "volume \(volumeID)") { volume in volume.addBackup(nodeID) }
     }

@@ -4,6 +4,7 @@ import Metadata
 import MetadataEtcd
 import NodeSupport
 import ShardStore
+import Synchronization
 import Volumes
 
 /// One ShardFS node: the metadata store, the volumes this node holds and the
@@ -20,6 +21,8 @@ public final class StorageNode: Sendable {
     public let views: BackupViews
     public let failover: Failover
     private let lock: DataFolderLock
+    /// Refreshes the volume facts every minute.
+    private let factsRefresh = Mutex<Task<Void, Never>?>(nil)
 
     init(configuration: Configuration, lock: DataFolderLock, metadata: any MetadataStore, volumes: any VolumeManager,
          shards: ShardManager, publisher: ViewPublisher, views: BackupViews, failover: Failover) {
@@ -36,6 +39,7 @@ public final class StorageNode: Sendable {
     /// Stops publishing and following views and changing roles (a clean stop,
     /// before the shards' logs are applied).
     public func stopRoles() async {
+        factsRefresh.withLock { $0?.cancel() }
         failover.stop()
         views.stop()
         await publisher.stop()
@@ -133,8 +137,18 @@ public final class StorageNode: Sendable {
             return try await takeOver(volumeID, oldPrimary: oldPrimary, volumes: volumes, provider: provider)
         }
         try await failover.start()
-        return StorageNode(configuration: config, lock: lock, metadata: metadata, volumes: volumes, shards: shards,
-                           publisher: publisher, views: views, failover: failover)
+        let node = StorageNode(configuration: config, lock: lock, metadata: metadata, volumes: volumes, shards: shards,
+                               publisher: publisher, views: views, failover: failover)
+        await node.refreshVolumeFacts()
+        node.factsRefresh.withLock {
+            $0 = Task { [weak node] in
+                while !Task.isCancelled {
+                    try? await Task.sleep(for: .seconds(60))
+                    await node?.refreshVolumeFacts()
+                }
+            }
+        }
+        return node
     }
 
     /// Promotion steps 2–3 in the volume layer: cut the old primary off (the other
@@ -151,6 +165,46 @@ public final class StorageNode: Sendable {
         let attachments = try await provider.describeVolume(volumeID).attachments
         let fenced = attachments.first { $0.instanceID != block.instanceID && !$0.readOnly }?.instanceID
         return try await block.promote(volumeID, fencing: fenced)
+    }
+
+    // MARK: Volume facts
+
+    /// The instance the manager attaches volumes to.
+    public static func instanceID(of volumes: any VolumeManager) -> String {
+        (volumes as? BlockVolumeManager)?.instanceID ?? (volumes as? LocalVolumeManager)?.instanceID ?? ""
+    }
+
+    /// The role the block layer shows: a read-only attachment is a backup's; a
+    /// read-write loop attachment is the primary's (a loop volume has one). Cloud
+    /// attachments are all read-write there: "" (unknown).
+    public static func blockRole(_ attachment: VolumeAttachment, provider: String) -> String {
+        attachment.readOnly ? "backup" : provider == "loop" ? "primary" : ""
+    }
+
+    /// What this node sees of a volume it is the primary of: the provider's answer
+    /// (size, type, zone, attachments, this instance's as primary) and the free
+    /// room of its mount. Nil when the provider cannot be asked now.
+    public static func facts(of volumeID: String, volumes: any VolumeManager) async -> VolumeFacts? {
+        guard let volume = try? await volumes.provider.describeVolume(volumeID) else { return nil }
+        let mine = instanceID(of: volumes), provider = volumes.provider.name
+        return VolumeFacts(capacityBytes: volume.sizeBytes, freeBytes: try? volumes.freeBytes(volumeID), provider: provider,
+                           type: volume.type, zone: volume.availabilityZone,
+                           attachments: volume.attachments.map {
+                               VolumeFacts.Attachment(instanceID: $0.instanceID,
+                                                      role: $0.instanceID == mine ? "primary" : blockRole($0, provider: provider),
+                                                      state: $0.state.rawValue, device: $0.device)
+                           })
+    }
+
+    /// Writes the facts of every volume this node writes into their records.
+    /// Failures are logged: the facts are informational.
+    public func refreshVolumeFacts(logger: Logger = Logger(label: "shardfs.node")) async {
+        for volume in volumes.mountedVolumes() where shards.primaryEpoch(volume.volumeID) != nil {
+            guard let facts = await Self.facts(of: volume.volumeID, volumes: volumes) else { continue }
+            do { try await metadata.updateVolumeFacts(volume.volumeID, facts) } catch {
+                logger.info("could not record a volume's facts", metadata: ["volume": "\(volume.volumeID)", "error": "\(error)"])
+            }
+        }
     }
 
     /// The metadata store the configuration names (without retries).
@@ -291,6 +345,9 @@ actor VolumeProvisioner {
             }
             let mounted = try await volumes.mount(created.volumeID, readOnly: false)
             shards?.becamePrimary(created.volumeID, epoch: record.epoch)
+            if let facts = await StorageNode.facts(of: created.volumeID, volumes: volumes) {
+                try? await metadata.updateVolumeFacts(created.volumeID, facts)
+            }
             return mounted
         }
         running = task

@@ -34,12 +34,7 @@ struct VolumeCommand: AsyncParsableCommand {
             if let iops { spec.iops = iops }
             let created = try await node.volumes.provider.createVolume(spec)
             let mounted = try await node.volumes.mount(created.volumeID, readOnly: false)
-            let described = (try? await node.volumes.provider.describeVolume(created.volumeID)) ?? created
-            let mine = VolumeCommand.instanceID(of: node.volumes)
-            let facts = VolumeCommand.facts(described, provider: node.volumes.provider.name,
-                                            freeBytes: try? node.volumes.freeBytes(created.volumeID)) {
-                $0.instanceID == mine ? "primary" : VolumeCommand.blockRole($0, provider: node.volumes.provider.name)
-            }
+            let facts = await StorageNode.facts(of: created.volumeID, volumes: node.volumes) ?? nil
             try await node.metadata.registerVolume(VolumeRecord(volumeID: created.volumeID, primaryNodeID: node.configuration.node.nodeID,
                                                                 mountPath: mounted.mountPath, facts: facts))
             emit(created.volumeID)
@@ -57,14 +52,14 @@ struct VolumeCommand: AsyncParsableCommand {
             let records = Dictionary(try await node.metadata.listVolumes(nodeID: nil).map { ($0.volumeID, $0) }, uniquingKeysWith: { a, _ in a })
             let mounted = Dictionary(node.volumes.mountedVolumes().map { ($0.volumeID, $0) }, uniquingKeysWith: { a, _ in a })
             emit(row("VOLUME", "STATE", "SIZE", "TYPE", "ZONE", "ATTACHMENTS", "MOUNTED", "FREE", "PRIMARY"))
-            let me = node.configuration.node.nodeID, mine = VolumeCommand.instanceID(of: node.volumes)
+            let me = node.configuration.node.nodeID, mine = StorageNode.instanceID(of: node.volumes)
             for v in volumes {
                 let record = records[v.volumeID]
                 // This instance's role is the metadata's; another's is what the block layer
                 // says (read-only: backup; loop read-write: primary), else what the facts recorded.
                 let attachments = v.attachments.map { a -> String in
                     var role = a.instanceID == mine && record != nil ? (record?.primaryNodeID == me ? "primary" : "backup")
-                        : VolumeCommand.blockRole(a, provider: node.volumes.provider.name)
+                        : StorageNode.blockRole(a, provider: node.volumes.provider.name)
                     if role.isEmpty { role = record?.facts?.attachments.first { $0.instanceID == a.instanceID }?.role ?? "" }
                     return "\(a.instanceID):\(a.state.rawValue):\(role.isEmpty ? "?" : role)" + (a.device.isEmpty ? "" : "@\(a.device)")
                 }
@@ -171,28 +166,6 @@ struct VolumeCommand: AsyncParsableCommand {
     static func manager(_ options: NodeOptions) async throws -> any VolumeManager {
         let config = try options.configuration()
         return try await StorageNode.volumeManager(config, provider: try StorageNode.cloudProvider(config))
-    }
-
-    /// The instance the manager attaches volumes to.
-    static func instanceID(of volumes: any VolumeManager) -> String {
-        (volumes as? BlockVolumeManager)?.instanceID ?? (volumes as? LocalVolumeManager)?.instanceID ?? ""
-    }
-
-    /// The role the block layer shows: a read-only attachment is a backup's; a
-    /// read-write loop attachment is the primary's (a loop volume has one). Cloud
-    /// attachments are all read-write there: "" (unknown).
-    static func blockRole(_ attachment: VolumeAttachment, provider: String) -> String {
-        attachment.readOnly ? "backup" : provider == "loop" ? "primary" : ""
-    }
-
-    /// The facts kept in the volume's metadata record.
-    static func facts(_ volume: CloudVolume, provider: String, freeBytes: Int?,
-                      role: (VolumeAttachment) -> String) -> VolumeFacts {
-        VolumeFacts(capacityBytes: volume.sizeBytes, freeBytes: freeBytes, provider: provider, type: volume.type,
-                    zone: volume.availabilityZone,
-                    attachments: volume.attachments.map {
-                        VolumeFacts.Attachment(instanceID: $0.instanceID, role: role($0), state: $0.state.rawValue, device: $0.device)
-                    })
     }
 
     static func detach(_ volumeID: String, from volumes: any VolumeManager) async throws {

@@ -208,6 +208,13 @@ public enum MetadataContract {
             }
             #expect(try await store.getVolume("v1") == moved)
 
+            let facts = VolumeFacts(capacityBytes: 64 << 20, freeBytes: 1 << 20, provider: "loop", type: "loop", zone: "z",
+                                    attachments: [VolumeFacts.Attachment(instanceID: "i", role: "primary", state: "attached", device: "/dev/loop0")],
+                                    updatedAt: 5)
+            try await store.updateVolumeFacts("v1", facts)
+            #expect(try await store.getVolume("v1").facts == facts)
+            #expect(try await store.getVolume("v1").epoch == moved.epoch)  // facts are not a change of primary
+            await #expect(throws: MetadataError.notFound("volume v9")) { try await store.updateVolumeFacts("v9", facts) }
             try await store.removeBackup(volumeID: "v1", nodeID: "n4")
             #expect(try await store.getVolume("v1").backupNodeIDs.isEmpty)
             try await store.removeBackup(volumeID: "v2", nodeID: "n1")
