@@ -35,8 +35,10 @@ public struct BatchBenchmark {
     /// ShardFS transports to measure: "unix", "tcp".
     public var transports = ["unix", "tcp"]
     /// Systems to measure: "lmdb", "redis" (no persistence), "redis-durable", "shardfs";
-    /// and "shardfs-backup": a primary with etcd metadata measured without, then with,
-    /// a backup node following its views (docs/BACKUP-VIEWS.md), puts only, Unix socket.
+    /// "shardfs-backup": a primary with etcd metadata measured without, then with,
+    /// a backup node following its views (docs/BACKUP-VIEWS.md), puts only, Unix socket;
+    /// "shardfs-loop": the node on a loop volume (ext4 on a loop device over a sparse
+    /// image: what a block volume adds), Unix socket, to compare with "shardfs" (root).
     public var systems = ["lmdb", "redis", "redis-durable", "shardfs"]
     /// How the ShardFS client reads a BatchGet: "all" (`batchGetAll`, one array per
     /// request), "chunks" (`batchGetChunks`) or "items" (`batchGet`, item by item).
@@ -59,6 +61,7 @@ public struct BatchBenchmark {
     public static let redisVolatile = "Redis, no persistence"
     public static let redisDurable = "Redis, appendfsync always"
     public static func shardFS(_ transport: String) -> String { "ShardFS (\(transport))" }
+    public static let onLoopVolume = "ShardFS on a loop volume (unix)"
     public static let withoutBackup = "ShardFS on etcd, no backup (unix)"
     public static let withBackup = "ShardFS on etcd, one backup (unix)"
 
@@ -182,6 +185,44 @@ public struct BatchBenchmark {
             node.stop()
         }
 
+        // The node on a loop volume: what a block volume costs beside a folder.
+        for round in 1...rounds where systems.contains("shardfs-loop") {
+            let folder = scratch + "/loop-\(round)"
+            try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+            let config = folder + "/loop.yaml"
+            try """
+            cloud:
+              provider: loop
+              image_dir: \(folder)/images
+              volume_size: 8GiB
+            """.write(toFile: config, atomically: true, encoding: .utf8)
+            progress("round \(round): \(Self.onLoopVolume): starting shardfs serve on a loop volume")
+            let node = try ShardFSNode.start(executable: serverExecutable, folder: folder + "/node", extraArguments: ["--config", config])
+            do {
+                var clients: [ShardFSClient] = []
+                for _ in 0..<(connections.max() ?? 1) { clients.append(try await ShardFSClient.connect(to: .unix(path: node.socketPath))) }
+                for n in connections {
+                    for (workload, batches) in [(Workload.putIncreasing, inputs.increasing), (.putRandom, inputs.random)] {
+                        progress("round \(round): \(Self.onLoopVolume), \(workload.rawValue), \(n) connection(s)")
+                        let shard = try await clients[0].newShard(owner: "bench")
+                        record(Self.onLoopVolume, workload, n, try await shardFSPut(Array(clients.prefix(n)), shard, batches))
+                        if workload == .putRandom, n == connections.last {
+                            for g in connections {
+                                record(Self.onLoopVolume, .getRandom, g, try await shardFSGet(Array(clients.prefix(g)), shard, inputs.getKeys))
+                            }
+                        }
+                        try? await clients[0].closeShard(client: "bench", shard: shard)
+                        try? await clients[0].deleteShard(client: "bench", shard: shard)
+                    }
+                }
+                for client in clients { await client.close() }
+            } catch {
+                node.stop()
+                throw error
+            }
+            node.stop()  // a clean stop unmounts and detaches the loop device
+        }
+
         // A primary on etcd alone, then with a backup following its views: what
         // publishing views costs the primary's writes.
         for round in 1...rounds where systems.contains("shardfs-backup") {
@@ -214,7 +255,7 @@ public struct BatchBenchmark {
         var figures: [Figure] = []
         for workload in Workload.allCases {
             for n in connections {
-                for system in [Self.rawLMDB, Self.redisVolatile, Self.redisDurable] + transports.map(Self.shardFS) + [Self.withoutBackup, Self.withBackup] {
+                for system in [Self.rawLMDB, Self.redisVolatile, Self.redisDurable] + transports.map(Self.shardFS) + [Self.withoutBackup, Self.withBackup, Self.onLoopVolume] {
                     if let s = samples["\(system)|\(workload.rawValue)|\(n)"] {
                         figures.append(Figure(system: system, workload: workload, connections: n, opsPerSecond: median(s)))
                     }

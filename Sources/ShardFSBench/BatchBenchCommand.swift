@@ -41,8 +41,8 @@ struct BatchBenchCommand: AsyncParsableCommand {
         guard !transportList.isEmpty, transportList.allSatisfy({ $0 == "unix" || $0 == "tcp" }) else {
             throw ValidationError("--transports takes unix and/or tcp")
         }
-        guard !systemList.isEmpty, systemList.allSatisfy(["lmdb", "redis", "redis-durable", "shardfs", "shardfs-backup"].contains) else {
-            throw ValidationError("--systems takes lmdb, redis, redis-durable, shardfs and/or shardfs-backup")
+        guard !systemList.isEmpty, systemList.allSatisfy(["lmdb", "redis", "redis-durable", "shardfs", "shardfs-backup", "shardfs-loop"].contains) else {
+            throw ValidationError("--systems takes lmdb, redis, redis-durable, shardfs, shardfs-backup and/or shardfs-loop")
         }
         guard ["all", "chunks", "items"].contains(getAPI) else { throw ValidationError("--get-api takes all, chunks or items") }
     }
@@ -74,7 +74,7 @@ struct BatchBenchCommand: AsyncParsableCommand {
              + "system".padding(toLength: 28, withPad: " ", startingAt: 0) + "ops/s".leftPad(11))
         for workload in BatchBenchmark.Workload.allCases {
             for n in connectionCounts {
-                for system in others + shardFS + [BatchBenchmark.withoutBackup, BatchBenchmark.withBackup] {
+                for system in others + shardFS + [BatchBenchmark.withoutBackup, BatchBenchmark.withBackup, BatchBenchmark.onLoopVolume] {
                     guard let ops = figure(system, workload, n) else { continue }
                     emit(workload.rawValue.padding(toLength: 26, withPad: " ", startingAt: 0) + String(n).leftPad(5) + "  "
                          + system.padding(toLength: 28, withPad: " ", startingAt: 0) + String(Int(ops)).leftPad(11))
@@ -109,7 +109,15 @@ struct BatchBenchCommand: AsyncParsableCommand {
                 }
             }
         }
-        // Publishing views costs the primary at most 10% (docs/BACKUP-VIEWS.md).
+        // A loop volume costs at most 10% beside a folder volume (docs/VOLUMES.md).
+        for n in connectionCounts {
+            for workload in BatchBenchmark.Workload.allCases {
+                guard let loop = figure(BatchBenchmark.onLoopVolume, workload, n),
+                      let folder = figure(BatchBenchmark.shardFS("unix"), workload, n) else { continue }
+                missed += target("\(workload.rawValue), \(n) conn, on a loop volume ≥ 0.9× on a folder volume", loop / folder, 0.9)
+            }
+        }
+                // Publishing views costs the primary at most 10% (docs/BACKUP-VIEWS.md).
         for n in connectionCounts {
             for workload in [BatchBenchmark.Workload.putIncreasing, .putRandom] {
                 guard let with = figure(BatchBenchmark.withBackup, workload, n),
