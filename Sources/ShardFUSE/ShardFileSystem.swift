@@ -260,13 +260,17 @@ public final class ShardFileSystem: @unchecked Sendable {
     func rmdir(_ parent: UInt64, _ name: [UInt8]) throws {
         switch try kind(parent) {
         case .root:
-            guard let id = ShardDirectoryName.id(name), node.shards.localShard(id) != nil else {
+            guard let id = ShardDirectoryName.id(name), let shard = node.shards.localShard(id) else {
                 if let id = ShardDirectoryName.id(name), isView(id) {
                     throw FileSystemError(EROFS, "shard \(id) is a read-only view of a volume this node backs")
                 }
                 throw FileSystemError(ENOENT, "no shard \(String(decoding: name, as: UTF8.self))")
             }
             if options.readOnly { throw FileSystemError(EROFS, "read-only mount") }
+            // Deleting is the owner's, as through the socket (a closed shard too).
+            if shard.owner != options.clientID {
+                throw FileSystemError(EACCES, "shard \(id) belongs to client \(shard.owner), this mount writes as \(options.clientID)")
+            }
             writeBehind.flush(shard: id)
             try wait { try await self.node.shards.deleteShard(id) }
         case .shard:

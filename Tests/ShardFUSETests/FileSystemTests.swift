@@ -127,6 +127,10 @@ import Testing
             #expect(try await fixture.ok("cat shard-5/f") == "a\n")
             #expect(try await fixture.errnoOf("open('shard-5/g', 'w')") == "EACCES")
             #expect(try await fixture.errnoOf("os.unlink('shard-5/f')") == "EACCES")
+            // Closing and deleting are the owner's too.
+            #expect(try await fixture.errnoOf("os.chmod('shard-5', 0o555)") == "EACCES")
+            #expect(try await fixture.errnoOf("os.rmdir('shard-5')") == "EACCES")
+            #expect(try await fixture.ok("cat shard-5/f") == "a\n")
         }
     }
 
