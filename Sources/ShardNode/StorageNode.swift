@@ -134,7 +134,7 @@ public final class StorageNode: Sendable {
                                 failoverDelay: .milliseconds(config.backup.failoverDelayMs),
                                 automatic: config.backup.automaticFailover) { volumeID, oldPrimary in
             await views.release(volumeID)  // its reads hold the read-only device open
-            return try await takeOver(volumeID, oldPrimary: oldPrimary, volumes: volumes, provider: provider)
+            return try await takeOver(volumeID, oldPrimary: oldPrimary, volumes: volumes, provider: provider, metadata: metadata)
         }
         try await failover.start()
         let node = StorageNode(configuration: config, lock: lock, metadata: metadata, volumes: volumes, shards: shards,
@@ -154,17 +154,24 @@ public final class StorageNode: Sendable {
     /// Promotion steps 2–3 in the volume layer: cut the old primary off (the other
     /// instance holding the volume read-write) and mount the volume read-write here.
     static func takeOver(_ volumeID: String, oldPrimary: String?, volumes: any VolumeManager,
-                         provider: any CloudProvider) async throws -> MountedVolume {
+                         provider: any CloudProvider, metadata: any MetadataStore) async throws -> MountedVolume {
         guard let block = volumes as? BlockVolumeManager else {
             // A folder volume: one host, nothing to fence; remount writable.
             if volumes.mountedVolumes().contains(where: { $0.volumeID == volumeID }) { try await volumes.unmount(volumeID) }
             return try await volumes.mount(volumeID, readOnly: false)
         }
-        // The old primary is a node; what the storage knows is instances: the one
-        // holding the volume read-write that is not this one.
+        // The old primary is a node; what the storage knows is instances. Which
+        // instance was the primary's, its own facts say (it writes them at start
+        // and every minute); else the one holding the volume read-write (loop
+        // volumes say which attachment that is; cloud attachments do not).
         let attachments = try await provider.describeVolume(volumeID).attachments
-        let fenced = attachments.first { $0.instanceID != block.instanceID && !$0.readOnly }?.instanceID
-        return try await block.promote(volumeID, fencing: fenced)
+        let recorded = (try? await metadata.getVolume(volumeID))?.facts?.attachments
+            .first { $0.role == "primary" && $0.instanceID != block.instanceID }?.instanceID
+        let fenced = recorded.flatMap { id in attachments.contains { $0.instanceID == id } ? id : nil }
+            ?? attachments.first { $0.instanceID != block.instanceID && !$0.readOnly }?.instanceID
+        let mounted = try await block.promote(volumeID, fencing: fenced)
+        if let facts = await facts(of: volumeID, volumes: volumes) { try? await metadata.updateVolumeFacts(volumeID, facts) }
+        return mounted
     }
 
     // MARK: Volume facts
