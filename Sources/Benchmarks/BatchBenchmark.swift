@@ -45,6 +45,8 @@ public struct BatchBenchmark {
     public var getAPI = "all"
     /// Every BatchGet measurement reads each key this many times (longer, steadier samples).
     public var getRepeat = 1
+    /// "shardfs-backup": how often the primary publishes views (backup.view_interval_ms).
+    public var viewIntervalMs = 500
     /// The `shardfs` executable started with `serve`.
     public var serverExecutable = ""
     public var directory = NSTemporaryDirectory()
@@ -230,7 +232,8 @@ public struct BatchBenchmark {
                 let system = withBackup ? Self.withBackup : Self.withoutBackup
                 progress("round \(round): \(system): starting etcd and the node(s)")
                 let folder = scratch + "/backup-\(round)-\(withBackup)"
-                let pair = try BackupPair.start(executable: serverExecutable, folder: folder, withBackup: withBackup)
+                let pair = try BackupPair.start(executable: serverExecutable, folder: folder, withBackup: withBackup,
+                                                viewIntervalMs: viewIntervalMs)
                 do {
                     var clients: [ShardFSClient] = []
                     for _ in 0..<(connections.max() ?? 1) { clients.append(try await ShardFSClient.connect(to: .unix(path: pair.primary.socketPath))) }
@@ -238,7 +241,15 @@ public struct BatchBenchmark {
                         for (workload, batches) in [(Workload.putIncreasing, inputs.increasing), (.putRandom, inputs.random)] {
                             progress("round \(round): \(system), \(workload.rawValue), \(n) connection(s)")
                             let shard = try await clients[0].newShard(owner: "bench")
+                            // With a backup: how far its views lag the primary's acknowledged
+                            // writes while the load runs (a probe put every 100 ms, read back
+                            // from the backup until it shows).
+                            var probe: ViewLagProbe?
+                            if let backup = pair.backup { probe = try await ViewLagProbe.start(primary: pair.primary.socketPath, backup: backup.socketPath) }
                             record(system, workload, n, try await shardFSPut(Array(clients.prefix(n)), shard, batches))
+                            if let lags = await probe?.stop() {
+                                progress("    view lag on the backup during the run: " + ViewLagProbe.summary(lags))
+                            }
                             try? await clients[0].closeShard(client: "bench", shard: shard)
                             try? await clients[0].deleteShard(client: "bench", shard: shard)
                         }
@@ -801,7 +812,7 @@ struct BackupPair {
     let primary: ShardFSNode
     let backup: ShardFSNode?
 
-    static func start(executable: String, folder: String, withBackup: Bool) throws -> BackupPair {
+    static func start(executable: String, folder: String, withBackup: Bool, viewIntervalMs: Int) throws -> BackupPair {
         try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
         let client = try freeLoopbackPort(), peer = try freeLoopbackPort()
         let etcd = try ChildProcess(name: "etcd", executable: "/usr/bin/etcd", arguments: [
@@ -822,6 +833,8 @@ struct BackupPair {
               endpoints: http://127.0.0.1:\(client)
               retry:
                 deadline_ms: 20000
+            backup:
+              view_interval_ms: \(viewIntervalMs)
             """.write(toFile: path, atomically: true, encoding: .utf8)
             return path
         }
@@ -854,5 +867,68 @@ struct BackupPair {
         backup?.stop()
         primary.stop()
         etcd.stop()
+    }
+}
+
+/// Measures how far a backup's views lag the primary's acknowledged writes: puts
+/// a counter to a probe shard on the primary every 100 ms and reads it back from
+/// the backup until the backup shows it.
+final class ViewLagProbe: Sendable {
+    private let task: Task<[Double], Never>
+    private let flag: StopFlag
+
+    /// Set once, read by the probing task.
+    final class StopFlag: @unchecked Sendable {
+        private let lock = NSLock()
+        private var stopped = false
+        var isStopped: Bool { lock.withLock { stopped } }
+        func stop() { lock.withLock { stopped = true } }
+    }
+
+    private init(flag: StopFlag, task: Task<[Double], Never>) {
+        self.flag = flag
+        self.task = task
+    }
+
+    static func start(primary: String, backup: String) async throws -> ViewLagProbe {
+        let writer = try await ShardFSClient.connect(to: .unix(path: primary))
+        let reader = try await ShardFSClient.connect(to: .unix(path: backup))
+        let shard = try await writer.newShard(owner: "probe")
+        let probe = StopFlag()
+        return ViewLagProbe(flag: probe, task: Task {
+            var lags: [Double] = []
+            var counter: UInt64 = 0
+            while !probe.isStopped {
+                counter += 1
+                let value = withUnsafeBytes(of: counter.bigEndian) { Array($0) }
+                guard (try? await writer.put(client: "probe", shard: shard, key: Array("probe".utf8), value: value)) != nil else { break }
+                let acknowledged = ContinuousClock.now
+                while !probe.isStopped {
+                    if let entry = try? await reader.get(shard: shard, key: Array("probe".utf8)), entry.value == value {
+                        let lag = ContinuousClock.now - acknowledged
+                        lags.append(Double(lag.components.seconds) + Double(lag.components.attoseconds) / 1e18)
+                        break
+                    }
+                    try? await Task.sleep(for: .milliseconds(5))
+                }
+                try? await Task.sleep(for: .milliseconds(100))
+            }
+            await writer.close()
+            await reader.close()
+            return lags
+        })
+    }
+
+    /// Stops probing; the lags seen, in seconds.
+    func stop() async -> [Double] {
+        flag.stop()
+        return await task.value
+    }
+
+    static func summary(_ lags: [Double]) -> String {
+        guard !lags.isEmpty else { return "no probe came through" }
+        let sorted = lags.sorted()
+        func at(_ p: Double) -> String { String(format: "%.3f s", sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]) }
+        return "p50 \(at(0.5)), p99 \(at(0.99)), max \(String(format: "%.3f s", sorted.last!)) (\(lags.count) probes)"
     }
 }

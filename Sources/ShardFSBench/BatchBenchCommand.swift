@@ -19,8 +19,10 @@ struct BatchBenchCommand: AsyncParsableCommand {
     @Option(name: .long, help: "Connection counts to measure, comma-separated.") var connections = "1,8"
     @Option(name: .long, help: "Commands in flight per connection (pipelining).") var depth = 4
     @Option(name: .long, help: "ShardFS transports, comma-separated: unix, tcp.") var transports = "unix,tcp"
-    @Option(name: .long, help: "Systems to measure, comma-separated: lmdb, redis, redis-durable, shardfs.")
+    @Option(name: .long, help: "Systems to measure, comma-separated: lmdb, redis, redis-durable, shardfs, shardfs-backup, shardfs-loop.")
     var systems = "lmdb,redis,redis-durable,shardfs"
+    @Option(name: .long, help: "shardfs-backup: how often the primary publishes views, in ms.")
+    var viewInterval = 500
     @Option(name: .customLong("get-api"), help: "How the ShardFS client reads BatchGet answers: all (one array per request), chunks, items.")
     var getAPI = "all"
     @Option(name: .customLong("get-repeat"), help: "Each BatchGet measurement reads every key this many times.")
@@ -56,6 +58,7 @@ struct BatchBenchCommand: AsyncParsableCommand {
         bench.depth = depth
         bench.transports = transportList
         bench.systems = systemList
+        bench.viewIntervalMs = viewInterval
         bench.getAPI = getAPI
         bench.getRepeat = getRepeat
         bench.directory = dir
