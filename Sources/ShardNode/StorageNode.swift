@@ -20,6 +20,8 @@ public final class StorageNode: Sendable {
     public let views: BackupViews
     public let failover: Failover
     private let lock: DataFolderLock
+    /// When this node started (`shardfs status`, `shardfs_start_time_seconds`).
+    public let startedAt = Date()
 
     init(configuration: Configuration, lock: DataFolderLock, metadata: any MetadataStore, volumes: any VolumeManager,
          shards: ShardManager, publisher: ViewPublisher, views: BackupViews, failover: Failover) {
