@@ -70,9 +70,15 @@ final class AdminEndpoint: Sendable {
         let path = socketPath(dataDir: node.configuration.node.dataDir)
         do {
             unlink(path)  // a socket left by a process that died (the data folder lock says none runs)
-            let unix = try await bootstrap.bind(unixDomainSocketPath: path).get()
-            chmod(path, 0o600)
-            channels.append(unix)
+            do {
+                let unix = try await bootstrap.bind(unixDomainSocketPath: path).get()
+                chmod(path, 0o600)
+                channels.append(unix)
+            } catch {
+                // A data folder path too long for a Unix socket must not keep the node from serving.
+                Logger(label: "shardfs.admin").warning("no admin socket: `shardfs status` needs --address",
+                                                       metadata: ["path": "\(path)", "error": "\(error)"])
+            }
             if let tcpAddress, !tcpAddress.isEmpty {
                 guard let (host, p) = splitHostPort(tcpAddress, allowingPortZero: true) else {
                     throw CommandFailure("server.metrics_address \"\(tcpAddress)\" is not host:port")
