@@ -30,6 +30,7 @@ public struct NodeStatus: Codable, Sendable {
     }
 
     public var nodeID: String
+    /// The socket service's address as registered in the metadata (empty without TCP).
     public var address: String
     public var version: String
     public var pid: Int32
@@ -58,6 +59,8 @@ extension StorageNode {
         let config = configuration
         let nodeID = config.node.nodeID
         let held = try await metadata.listVolumes(nodeID: nodeID)
+        // The address clients are sent to, as registered (serve registers the bound port).
+        let address = (try? await metadata.getNode(nodeID))?.address ?? config.server.address
         let mounted = Dictionary(volumes.mountedVolumes().map { ($0.volumeID, $0) }, uniquingKeysWith: { a, _ in a })
         let now = Date()
         var rows: [NodeStatus.Volume] = []
@@ -86,7 +89,7 @@ extension StorageNode {
         let local = shards.localShards()
         let used = try await blockingWork { local.compactMap { try? $0.stats() }.map { ($0.id, $0.usedBytes) } }
         let status = NodeStatus(
-            nodeID: nodeID, address: config.server.address, version: ShardFSVersion.string, pid: getpid(),
+            nodeID: nodeID, address: address, version: ShardFSVersion.string, pid: getpid(),
             dataDir: config.node.dataDir, metadataType: config.metadata.type, startedAt: startedAt,
             uptimeSeconds: now.timeIntervalSince(startedAt), leaseFresh: shards.leaseIsFresh(),
             volumes: rows, shardsByState: states, localShards: local.count, batchLogPendingBytes: Shard.pendingLogBytes)

@@ -67,6 +67,8 @@ import Testing
         #expect(json.status == 0, "\(json.stderr)")
         let status = try #require(try JSONSerialization.jsonObject(with: Data(json.stdout.utf8)) as? [String: Any])
         #expect(status["nodeID"] as? String == "obs-1")
+        let tcp = server.readyLine.split(whereSeparator: \.isWhitespace).first { $0.hasPrefix("tcp=") }.map { String($0.dropFirst(4)) }
+        #expect(status["address"] as? String == tcp, "\(json.stdout)")  // the bound port, not the configured 7070
         #expect(status["version"] as? String == (try version()))
         #expect(status["leaseFresh"] as? Bool == true)
         #expect((status["shardsByState"] as? [String: Int])?["open"] == 1)
