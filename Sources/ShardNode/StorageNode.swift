@@ -14,14 +14,14 @@ public final class StorageNode: Sendable {
     public let metadata: any MetadataStore
     public let volumes: any VolumeManager
     public let shards: ShardManager
+    /// When this node started (`shardfs status`, `shardfs_start_time_seconds`).
+    public let startedAt = Date()
     /// Backup views and failover: what this node publishes as a primary, serves
     /// as a backup, and how it changes roles (docs/BACKUP-VIEWS.md).
     public let publisher: ViewPublisher
     public let views: BackupViews
     public let failover: Failover
     private let lock: DataFolderLock
-    /// When this node started (`shardfs status`, `shardfs_start_time_seconds`).
-    public let startedAt = Date()
 
     init(configuration: Configuration, lock: DataFolderLock, metadata: any MetadataStore, volumes: any VolumeManager,
          shards: ShardManager, publisher: ViewPublisher, views: BackupViews, failover: Failover) {
