@@ -33,6 +33,10 @@ let package = Package(
         .package(url: "https://github.com/jpsim/Yams", from: "5.0.1"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
+        // Metrics: swift-metrics is the API the layers call; the Prometheus backend is
+        // bootstrapped by the `shardfs` executable only.
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.5.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.0.0"),
     ],
     targets: [
         .systemLibrary(name: "CLMDB", pkgConfig: "lmdb", providers: [.apt(["liblmdb-dev"])]),
@@ -62,6 +66,7 @@ let package = Package(
         .target(name: "ShardNode", dependencies: [
             "NodeSupport", "LMDB", "LMDBSnapshot", "ShardStore", "Metadata", "MetadataEtcd", "Volumes",
             .product(name: "Logging", package: "swift-log"),
+            .product(name: "Metrics", package: "swift-metrics"),
             .product(name: "Yams", package: "Yams"),
         ]),
         // The batch socket service: wire protocol (no I/O), server, Swift client.
@@ -74,6 +79,7 @@ let package = Package(
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
+            .product(name: "Metrics", package: "swift-metrics"),
         ]),
         .target(name: "ShardFSClient", dependencies: [
             "BatchProtocol",
@@ -84,12 +90,18 @@ let package = Package(
         .target(name: "ShardFUSE", dependencies: [
             "CFuse3", "CFuseRing", "ShardNode", "ShardStore", "Metadata", "Volumes",
             .product(name: "Logging", package: "swift-log"),
+            .product(name: "Metrics", package: "swift-metrics"),
         ]),
         .target(name: "Benchmarks", dependencies: ["ShardStore", "LMDB", "CLMDB", "BatchProtocol", "ShardFSClient"]),
         .executableTarget(name: "shardfs", dependencies: [
             "ShardNode", "BatchServer", "ShardFSClient", "ShardFUSE", "NodeSupport",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
+            .product(name: "Metrics", package: "swift-metrics"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
         ]),
         .executableTarget(name: "ShardFSBench", dependencies: [
             "Benchmarks",

@@ -191,13 +191,20 @@ final class ConnectionRegistry: @unchecked Sendable {
             counted += 1
             return (true, victim.flatMap { channels[$0] })
         }
-        guard outcome.admitted else { return false }
+        guard outcome.admitted else {
+            ServerMetrics.refusedAtLimit.increment()
+            return false
+        }
+        if outcome.victim != nil { ServerMetrics.evictedInHandshake.increment() }
+        ServerMetrics.connections.record(lock.withLock { channels.count })
         channel.closeFuture.whenComplete { _ in
-            self.lock.withLock {
+            let open = self.lock.withLock {
                 self.channels.removeValue(forKey: id)
                 if self.evicted.remove(id) == nil { self.counted -= 1 }
                 self.pending[kind]!.removeAll { $0 == id }
+                return self.channels.count
             }
+            ServerMetrics.connections.record(open)
         }
         outcome.victim?.pipeline.fireUserInboundEventTriggered(EvictEvent())
         return true

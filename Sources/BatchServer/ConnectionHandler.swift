@@ -25,6 +25,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private var timerDeadline: NIODeadline?
     /// Each shard's writes from this connection, in arrival order.
     private var lanes: [UInt64: WriteLane] = [:]
+    /// When each request in progress arrived (metrics: its latency).
+    private var arrived: [UInt32: NIODeadline] = [:]
 
     init(limits: ConnectionLimits, executor: RequestExecutor, pool: NIOThreadPool, registry: ConnectionRegistry) {
         machine = ConnectionStateMachine(limits: limits)
@@ -39,7 +41,9 @@ final class ConnectionHandler: ChannelDuplexHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        perform(machine.received(unwrapInboundIn(data)), context)
+        let bytes = unwrapInboundIn(data)
+        ServerMetrics.bytesIn.increment(by: Int64(bytes.readableBytes))
+        perform(machine.received(bytes), context)
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
@@ -87,8 +91,11 @@ final class ConnectionHandler: ChannelDuplexHandler {
             case .send(let response):
                 var out = context.channel.allocator.buffer(capacity: 64)
                 ResponseCodec.encode(response, into: &out)
+                ServerMetrics.bytesOut.increment(by: Int64(out.readableBytes))
                 context.writeAndFlush(wrapOutboundOut(out), promise: nil)
             case .execute(let works):
+                let now = NIODeadline.now()
+                for work in works { arrived[work.requestID] = now }
                 dispatch(works, context)
             case .resume(let cursors):
                 submit(works: [], resume: cursors, context)
@@ -220,7 +227,15 @@ final class ConnectionHandler: ChannelDuplexHandler {
     private func finish(_ outcome: Outcome, _ context: ChannelHandlerContext) {
         guard !machine.isClosed else { return }
         if outcome.out.readableBytes > 0 {
+            ServerMetrics.bytesOut.increment(by: Int64(outcome.out.readableBytes))
             context.writeAndFlush(wrapOutboundOut(outcome.out), promise: nil)
+        }
+        if !outcome.finished.isEmpty {
+            let now = NIODeadline.now()
+            for done in outcome.finished {
+                let took = arrived.removeValue(forKey: done.requestID).map { (now - $0).nanoseconds } ?? 0
+                ServerMetrics.finished(done.opcode, done.code, nanoseconds: took)
+            }
         }
         let executor = self.executor
         let loop = context.eventLoop

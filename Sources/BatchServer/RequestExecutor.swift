@@ -16,8 +16,16 @@ struct Outcome: Sendable {
     /// Requests answered NOT_SHARD_LEADER, not yet sent: the answer carries the
     /// primary's address, which `redirect` looks up (metadata: not on an engine thread).
     var redirects: [Redirect] = []
+    /// The requests these answers finish (metrics: counts and latency by opcode and status).
+    var finished: [Finished] = []
 
     init() { out = ByteBufferAllocator().buffer(capacity: 256) }
+}
+
+struct Finished: Sendable {
+    var requestID: UInt32
+    var opcode: Opcode
+    var code: StatusCode
 }
 
 struct Redirect: Sendable {
@@ -103,6 +111,7 @@ final class RequestExecutor: Sendable {
         }
         ResponseCodec.encode(.reply(work.request.opcode, requestID: work.requestID, status, payload), into: &outcome.out)
         outcome.completed += 1
+        outcome.finished.append(Finished(requestID: work.requestID, opcode: work.request.opcode, code: status.code))
     }
 
     private func runOne(_ work: Work, _ shard: Shard, _ outcome: inout Outcome) {
@@ -258,6 +267,7 @@ final class RequestExecutor: Sendable {
             ResponseCodec.encode(.reply(.batchGet, requestID: cursor.requestID, .ok, .itemCount(UInt32(cursor.keys.count))),
                                  into: &outcome.out)
             outcome.completed += 1
+            outcome.finished.append(Finished(requestID: cursor.requestID, opcode: .batchGet, code: .ok))
         } else {
             outcome.continuations.append(cursor)
         }
@@ -311,6 +321,7 @@ final class RequestExecutor: Sendable {
         }
         ResponseCodec.encode(.reply(.batchGet, requestID: cursor.requestID, status, .none), into: &outcome.out)
         outcome.completed += 1
+        outcome.finished.append(Finished(requestID: cursor.requestID, opcode: .batchGet, code: status.code))
     }
 
     private static func pageLimit(_ limit: UInt32) -> Int {
@@ -419,6 +430,7 @@ final class RequestExecutor: Sendable {
             ResponseCodec.encode(.reply(r.work.request.opcode, requestID: r.work.requestID, r.status, .leader(leader)),
                                  into: &outcome.out)
             outcome.completed += 1
+            outcome.finished.append(Finished(requestID: r.work.requestID, opcode: r.work.request.opcode, code: r.status.code))
         }
     }
 

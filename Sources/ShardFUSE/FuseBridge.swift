@@ -26,8 +26,9 @@ private func bytes(_ name: UnsafePointer<CChar>?) -> [UInt8] {
     return Array(UnsafeRawBufferPointer(start: name, count: strlen(name)))
 }
 
-private func fail(_ req: fuse_req_t?, _ error: Error) {
+private func fail(_ req: fuse_req_t?, _ error: Error, operation: StaticString = #function) {
     let code = errnoValue(of: error)
+    FuseMetrics.failed(operation, errno: code)
     // Refusals (not a closed or full shard's ordinary misses like ENOENT) are
     // logged with who asked: the errno alone says too little.
     if [EACCES, EPERM, EROFS, ENOSPC, EFBIG, EEXIST].contains(code), let context = fuse_req_ctx(req) {

@@ -25,6 +25,9 @@ public struct Configuration: Sendable, Equatable {
         /// handshake within `handshakeTimeoutMs` of connecting: trickled bytes do not extend either.
         public var frameTimeoutMs = 30_000
         public var handshakeTimeoutMs = 10_000
+        /// host:port of the HTTP listener serving `/metrics` (Prometheus) and
+        /// `/status`; empty: none on TCP (the admin socket in the data folder always serves both).
+        public var metricsAddress = ""
     }
 
     public struct Cloud: Sendable, Equatable {
@@ -154,6 +157,7 @@ extension Configuration {
         ("SHARDFS_DATA_DIR", "node.data_dir"),
         ("SHARDFS_SERVER_ADDRESS", "server.address"),
         ("SHARDFS_UNIX_SOCKET", "server.unix_socket"),
+        ("SHARDFS_METRICS_ADDRESS", "server.metrics_address"),
         ("SHARDFS_SERVER_TOKEN", "server.token"),
         ("SHARDFS_CLOUD_PROVIDER", "cloud.provider"),
         ("SHARDFS_VOLUME_ROOT", "cloud.volume_root"),
@@ -208,7 +212,7 @@ extension Configuration {
     static let settableKeys: Set<String> = [
         "node.node_id", "node.instance_id", "node.data_dir",
         "server.address", "server.unix_socket", "server.token", "server.max_connections",
-        "server.frame_timeout_ms", "server.handshake_timeout_ms",
+        "server.frame_timeout_ms", "server.handshake_timeout_ms", "server.metrics_address",
         "cloud.provider", "cloud.region", "cloud.availability_zone", "cloud.volume_root", "cloud.initial_volumes",
         "cloud.volume_size", "cloud.volume_type", "cloud.iops", "cloud.throughput", "cloud.filesystem", "cloud.image_dir",
         "cloud.endpoint", "cloud.metadata_endpoint", "cloud.access_key_id", "cloud.secret_access_key", "cloud.session_token",
@@ -237,6 +241,7 @@ extension Configuration {
         case "server.address": server.address = value
         case "server.unix_socket": server.unixSocket = value
         case "server.token": server.token = value
+        case "server.metrics_address": server.metricsAddress = value
         case "server.max_connections":
             server.maxConnections = try int()
             if server.maxConnections < 1 { throw ConfigurationError("\(source): server.max_connections must be at least 1") }

@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import Metrics
 import Metadata
 import Volumes
 
@@ -165,6 +166,7 @@ public final class Failover: @unchecked Sendable {
             try await shards.restore(mounted)
             let took = ContinuousClock.now - noticed
             lock.withLock { promotions.append((volumeID, took)) }
+            Counter(label: "shardfs_promotions_total").increment()  // metrics (helper operations)
             logger.notice("this node is now the primary of the volume",
                           metadata: ["volume": "\(volumeID)", "epoch": "\(epoch)", "took": "\(took)"])
         } catch {

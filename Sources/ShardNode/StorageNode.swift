@@ -15,6 +15,8 @@ public final class StorageNode: Sendable {
     public let metadata: any MetadataStore
     public let volumes: any VolumeManager
     public let shards: ShardManager
+    /// When this node started (`shardfs status`, `shardfs_start_time_seconds`).
+    public let startedAt = Date()
     /// Backup views and failover: what this node publishes as a primary, serves
     /// as a backup, and how it changes roles (docs/BACKUP-VIEWS.md).
     public let publisher: ViewPublisher

@@ -397,6 +397,11 @@ extension Shard {
 }
 
 /// A byte count shared by all shards of the process.
+extension Shard {
+    /// Bytes of logged batches not yet applied, over every shard of this process (metrics).
+    public static var pendingLogBytes: Int { processPending.value }
+}
+
 final class PendingTotal: @unchecked Sendable {
     private let lock = NSLock()
     private var total = 0

@@ -55,13 +55,16 @@ struct MountCommand: AsyncParsableCommand {
             try node.set("node.data_dir", dataDir)
             if let logLevel { try node.set("log.level", logLevel) }
             Log.bootstrap(level: node.logLevel)
+            LogFile.reopenOnHangup()
             let storage = try await StorageNode.start(node, lockTimeout: .seconds(5))
+            let admin = try await AdminEndpoint.start(node: storage, tcpAddress: node.server.metricsAddress)
             var session: FuseSession? = try FuseSession(fileSystem: ShardFileSystem(node: storage, options: mountOptions),
                                                         mountpoint: mountpoint)
             if let readyFD { Self.report("ready\n", to: readyFD) }
             ServiceManagerNotify.ready(status: "mounted at \(mountpoint)")  // systemd Type=notify, with -f
             let rc = await runOnOwnThread { [session] in session!.run() }
             session = nil  // the file system lets go of the shards it held
+            await admin.stop()
             await storage.stop()
             if rc != 0 { throw MountError(description: "the FUSE loop ended with error \(rc)") }
         } catch {
@@ -107,6 +110,7 @@ struct MountCommand: AsyncParsableCommand {
         let arguments = CommandLine.arguments + ["--foreground"]
         var environment = ProcessInfo.processInfo.environment
         environment[readyVariable] = String(childFD)
+        environment[LogFile.variable] = log
         let argv = arguments.map { strdup($0) } + [nil]
         let envp = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
         defer { (argv + envp).forEach { free($0) } }

@@ -23,10 +23,20 @@ struct ServeCommand: AsyncParsableCommand {
     @OptionGroup var service: ServiceOptions
     @Option(name: .long, help: "Also mount the node's shards on this empty directory.") var mount: String?
     @Option(name: .customShort("o"), help: "Mount options for --mount (see `shardfs mount --help`).") var mountOptions: [String] = []
+    @Option(name: .long, help: "host:port of the HTTP listener for /metrics and /status (server.metrics_address; port 0 picks one).")
+    var metrics: String?
 
     func run() async throws {
         let signals = TerminationSignals()
         let running = try await ServeCommand.startNode(node, service)
+        let admin: AdminEndpoint
+        do {
+            admin = try await AdminEndpoint.start(node: running.node, tcpAddress: metrics ?? running.node.configuration.server.metricsAddress)
+        } catch {
+            await running.server.shutdown()
+            await running.node.stop()
+            throw error
+        }
         var fuse: (session: FuseSession, done: Task<Int32, Never>)?
         if let mount {
             var options = MountOptions()
@@ -35,13 +45,14 @@ struct ServeCommand: AsyncParsableCommand {
                                           mountpoint: mount, handleSignals: false)
             fuse = (session, Task.detached { await runOnOwnThread { session.run() } })
         }
-        let where_ = "tcp=\(running.server.tcpPort.map { "\(running.tcpHost):\($0)" } ?? "-") unix=\(running.server.unixSocketPath ?? "-") mount=\(mount ?? "-")"
+        let where_ = "tcp=\(running.server.tcpPort.map { "\(running.tcpHost):\($0)" } ?? "-") unix=\(running.server.unixSocketPath ?? "-") mount=\(mount ?? "-") metrics=\(admin.tcpPort.map { "\(Self.host(metrics ?? running.node.configuration.server.metricsAddress)):\($0)" } ?? "-")"
         emit("ready " + where_)
         ServiceManagerNotify.ready(status: "serving " + where_)  // systemd Type=notify
         // A mount that ends on its own (its FUSE connection failed) ends the node
         // too, with an error, so that a supervisor restarts it.
         let signalled = await signals.wait(orEndOf: fuse?.done)
         ServiceManagerNotify.stopping()
+        await admin.stop()
         await running.server.shutdown()
         if let fuse {
             if signalled { fuse.session.stop() }
@@ -51,6 +62,8 @@ struct ServeCommand: AsyncParsableCommand {
         await running.node.stop()
         if !signalled { throw MountError(description: "the mount at \(mount ?? "") ended on its own; see the log") }
     }
+
+    static func host(_ address: String) -> String { String(address[..<(address.lastIndex(of: ":") ?? address.endIndex)]) }
 
     struct Running {
         let node: StorageNode

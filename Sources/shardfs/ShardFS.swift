@@ -42,10 +42,11 @@ struct ShardFS: AsyncParsableCommand {
             environment at <volume root>/<volumeID>/shard-<id>. These commands work on a \
             node's local data folder (--data-dir, default ./data).
             """,
+        version: ShardFSVersion.string,
         subcommands: [
             DemoCommand.self, ShardCommand.self,
             PutCommand.self, BatchPutCommand.self, GetCommand.self, ListCommand.self, RemoveCommand.self, MoveCommand.self, FindCommand.self,
-            MountCommand.self, ServeCommand.self, ClientCommand.self, VolumeCommand.self,
+            MountCommand.self, ServeCommand.self, StatusCommand.self, ClientCommand.self, VolumeCommand.self,
         ]
     )
 }
