@@ -252,9 +252,19 @@ struct ClientDeleteShard: AsyncParsableCommand {
 struct ClientListShards: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "list-shards", abstract: "List shards: ID, owner, state, entries.")
     @OptionGroup var connection: ConnectOptions
+    @OptionGroup var output: JSONOption
 
     func run() async throws {
-        for s in try await withClient(connection, { try await $0.listShards() }) {
+        let shards = try await withClient(connection, { try await $0.listShards() })
+        if output.json {
+            try output.emit(shards.map { s -> [String: Any] in
+                var row: [String: Any] = ["id": s.id, "owner": s.owner, "state": s.closed ? "closed" : "open", "volume": s.volumeID]
+                if let f = s.figures { row["entries"] = f.entries; row["usedBytes"] = f.usedBytes; row["limitBytes"] = f.limitBytes }
+                return row
+            })
+            return
+        }
+        for s in shards {
             emit("\(s.id)\t\(s.owner)\t\(s.closed ? "closed" : "open")\t\(s.figures.map { String($0.entries) } ?? "-")")
         }
     }
@@ -264,9 +274,16 @@ struct ClientStat: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "stat", abstract: "A shard's owner, state and figures.")
     @OptionGroup var connection: ConnectOptions
     @Argument var shardID: UInt64
+    @OptionGroup var output: JSONOption
 
     func run() async throws {
         let s = try await withClient(connection) { try await $0.stat(shardID) }
+        if output.json {
+            var row: [String: Any] = ["id": s.id, "owner": s.owner, "state": s.closed ? "closed" : "open", "volume": s.volumeID]
+            if let f = s.figures { row["entries"] = f.entries; row["usedBytes"] = f.usedBytes; row["limitBytes"] = f.limitBytes }
+            try output.emit(row)
+            return
+        }
         emit("id \(s.id)\nowner \(s.owner)\nstate \(s.closed ? "closed" : "open")\nvolume \(s.volumeID)")
         if let f = s.figures { emit("entries \(f.entries)\nused \(f.usedBytes)\nlimit \(f.limitBytes)") }
     }

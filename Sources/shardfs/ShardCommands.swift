@@ -49,9 +49,20 @@ struct ShardCommand: AsyncParsableCommand {
             abstract: "List every shard the metadata knows: ID, state, owner, node, volume, entries, used and limit.",
             discussion: "Entries and used bytes are shown for shards on this node's volumes, '-' for others.")
         @OptionGroup var node: NodeOptions
+        @OptionGroup var output: JSONOption
 
         func run() async throws {
             let listings = try await node.startNode().shards.listShards()
+            if output.json {
+                try output.emit(listings.map { listing -> [String: Any] in
+                    var row: [String: Any] = ["id": listing.record.shardID, "state": listing.record.state.rawValue,
+                                              "owner": listing.record.ownerClientID, "node": listing.primaryNodeID,
+                                              "volume": listing.record.volumeID, "limitBytes": listing.record.sizeLimit]
+                    if let stats = listing.stats { row["entries"] = stats.entries; row["usedBytes"] = stats.usedBytes }
+                    return row
+                })
+                return
+            }
             emit(row("ID", "STATE", "OWNER", "NODE", "VOLUME", "ENTRIES", "USED", "LIMIT"))
             for listing in listings {
                 let r = listing.record
@@ -73,12 +84,19 @@ struct ShardCommand: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Show a shard's state, owner, volume and figures.")
         @OptionGroup var node: NodeOptions
         @Argument(help: "Shard ID.") var shardID: UInt64
+        @OptionGroup var output: JSONOption
 
         func run() async throws {
             let node = try await node.startNode()
             let record = try await node.metadata.getShard(shardID)
             let stats = try await node.shards.stats(shardID)
             let primary = (try? await node.metadata.getVolume(record.volumeID).primaryNodeID).flatMap { $0.isEmpty ? nil : $0 } ?? "-"
+            if output.json {
+                try output.emit(["id": stats.id, "state": stats.state.rawValue, "owner": stats.owner, "volume": record.volumeID,
+                                 "node": primary == "-" ? "" : primary, "entries": stats.entries, "usedBytes": stats.usedBytes,
+                                 "limitBytes": stats.limitBytes] as [String: Any])
+                return
+            }
             emit("""
                 shard:   \(stats.id)
                 state:   \(stats.state.rawValue)

@@ -160,3 +160,14 @@ private func editDistance(_ a: String, _ b: String) -> Int {
     }
     return row[b.count]
 }
+
+/// `--json` of the listing commands: one JSON value on stdout, keys sorted.
+struct JSONOption: ParsableArguments {
+    @Flag(name: .long, help: "Print JSON instead of a table.") var json = false
+
+    func emit(_ value: Any) throws {
+        let data = try JSONSerialization.data(withJSONObject: value, options: [.prettyPrinted, .sortedKeys])
+        shardfs.emit(String(decoding: data, as: UTF8.self))
+    }
+}
+

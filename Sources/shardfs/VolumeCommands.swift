@@ -45,13 +45,15 @@ struct VolumeCommand: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "List the provider's volumes: state, size, type, zone, attachments with roles, where this node mounts them, free space, primary.")
         @OptionGroup var node: NodeOptions
+        @OptionGroup var output: JSONOption
 
         func run() async throws {
             let node = try await node.startNode()
             let volumes = try await node.volumes.provider.listVolumes()
             let records = Dictionary(try await node.metadata.listVolumes(nodeID: nil).map { ($0.volumeID, $0) }, uniquingKeysWith: { a, _ in a })
             let mounted = Dictionary(node.volumes.mountedVolumes().map { ($0.volumeID, $0) }, uniquingKeysWith: { a, _ in a })
-            emit(row("VOLUME", "STATE", "SIZE", "TYPE", "ZONE", "ATTACHMENTS", "MOUNTED", "FREE", "PRIMARY"))
+            var rows: [[String: Any]] = []
+            if !output.json { emit(row("VOLUME", "STATE", "SIZE", "TYPE", "ZONE", "ATTACHMENTS", "MOUNTED", "FREE", "PRIMARY")) }
             let me = node.configuration.node.nodeID, mine = StorageNode.instanceID(of: node.volumes)
             for v in volumes {
                 let record = records[v.volumeID]
@@ -66,11 +68,21 @@ struct VolumeCommand: AsyncParsableCommand {
                 let here = mounted[v.volumeID]
                 let free = here.flatMap { try? node.volumes.freeBytes($0.volumeID) } ?? record?.facts?.freeBytes
                 let size = v.sizeBytes > 0 ? v.sizeBytes : record?.facts?.capacityBytes ?? 0
+                if output.json {
+                    var r: [String: Any] = ["volume": v.volumeID, "state": v.state.rawValue, "sizeBytes": size, "type": v.type,
+                                            "zone": v.availabilityZone, "attachments": attachments,
+                                            "primary": record?.primaryNodeID ?? "", "registered": record != nil]
+                    if let here { r["mountPath"] = here.mountPath; r["readOnly"] = here.readOnly }
+                    if let free { r["freeBytes"] = free }
+                    rows.append(r)
+                    continue
+                }
                 emit(row(v.volumeID, v.state.rawValue, size > 0 ? ByteSize.format(size) : "-", v.type.isEmpty ? "-" : v.type,
                          v.availabilityZone.isEmpty ? "-" : v.availabilityZone, attachments.isEmpty ? "-" : attachments.joined(separator: ","),
                          here.map { $0.mountPath + ($0.readOnly ? " (ro)" : "") } ?? "-", free.map(ByteSize.format) ?? "-",
                          record.map { $0.primaryNodeID.isEmpty ? "-" : $0.primaryNodeID } ?? "(unregistered)"))
             }
+            if output.json { try output.emit(rows) }
         }
 
         func row(_ columns: String...) -> String {

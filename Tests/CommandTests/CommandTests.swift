@@ -77,6 +77,16 @@ func shardfsRun(_ arguments: [String], input: String = "", environment: [String:
         #expect(stat.contains("state:   closed") && stat.contains("entries: 1"), "\(stat)")
         let list = try shardfsRun(["shard", "list"] + data).stdout
         #expect(list.contains("closed") && list.contains(" c "), "\(list)")
+        // --json: the same, for programs.
+        let json = try shardfsRun(["shard", "list", "--json"] + data).stdout
+        let rows = try #require(try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [[String: Any]], "\(json)")
+        #expect(rows.count == 1 && rows[0]["state"] as? String == "closed" && rows[0]["owner"] as? String == "c"
+                && rows[0]["id"] as? Int == Int(id) && rows[0]["entries"] as? Int == 1, "\(json)")
+        let statJSON = try shardfsRun(["shard", "stat", id, "--json"] + data).stdout
+        let fields = try #require(try JSONSerialization.jsonObject(with: Data(statJSON.utf8)) as? [String: Any], "\(statJSON)")
+        #expect(fields["state"] as? String == "closed" && fields["entries"] as? Int == 1, "\(statJSON)")
+        let volumes = try shardfsRun(["volume", "list", "--json"] + data).stdout
+        #expect((try? JSONSerialization.jsonObject(with: Data(volumes.utf8)) as? [[String: Any]])?.count == 1, "\(volumes)")
         #expect(try shardfsRun(["shard", "delete", id] + data).status == 0)
         #expect(try shardfsRun(["shard", "list"] + data).stdout.split(separator: "\n").count == 1)
     }
