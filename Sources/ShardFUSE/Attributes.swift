@@ -6,6 +6,9 @@ import ShardStore
 struct Attributes {
     let uid: uid_t
     let gid: gid_t
+    /// Default modes: of files without a chmod of their own, and of directories.
+    var fileMode: mode_t = 0o644
+    var directoryMode: mode_t = 0o755
     /// Times of the root, and of shard directories that have none of their own yet.
     let mountTime: Int64
 
@@ -43,29 +46,30 @@ struct Attributes {
 
     func root(readOnly: Bool) -> stat {
         var st = base(Self.rootInode)
-        st.st_mode = S_IFDIR | (readOnly ? 0o555 : 0o755)
+        st.st_mode = S_IFDIR | (readOnly ? directoryMode & ~0o222 : directoryMode)
         st.st_nlink = 2
         setTimes(&st, modification: mountTime, change: mountTime, access: mountTime)
         return st
     }
 
-    /// A shard directory: `0755`, or `0555` when it cannot be written (closed, a
-    /// read-only mount or view); its times follow the entries made and removed.
+    /// A shard directory: `0755` (or the `umask` option's), without write bits when
+    /// it cannot be written (closed, a read-only mount or view); its times follow
+    /// the entries made and removed.
     func shard(_ id: UInt64, writable: Bool, modificationTime: Int64, changeTime: Int64) -> stat {
         var st = base(Self.inodeNumber(shard: id))
-        st.st_mode = S_IFDIR | (writable ? 0o755 : 0o555)
+        st.st_mode = S_IFDIR | (writable ? directoryMode : directoryMode & ~0o222)
         st.st_nlink = 2
         setTimes(&st, modification: modificationTime, change: max(changeTime, modificationTime), access: modificationTime)
         return st
     }
 
-    /// An entry: its mode as set with chmod (default `0644`) without write bits
+    /// An entry: its mode as set with chmod (default `0644`, or the `umask` option's) without write bits
     /// when it cannot be written; change and access time are the modification
     /// time unless set apart (chmod, xattr changes; utimensat of the access time).
     /// `linked` false: unlinked while open (nlink 0).
     func file(shard: UInt64, _ entry: EntryAttributes, writable: Bool, linked: Bool = true) -> stat {
         var st = base(Self.inodeNumber(shard: shard, entry: entry.metadata.number, key: entry.key.bytes))
-        let mode = mode_t(entry.metadata.mode ?? 0o644) & 0o7777
+        let mode = entry.metadata.mode.map { mode_t($0) } ?? fileMode & 0o7777
         st.st_mode = S_IFREG | (writable ? mode : mode & ~0o222)
         st.st_nlink = linked ? 1 : 0
         st.st_size = off_t(entry.size)

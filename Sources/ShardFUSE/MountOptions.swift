@@ -1,3 +1,4 @@
+import Glibc
 /// Options of a mount, from `-o a,b=c` lists. Generic mount options that
 /// mount(8) and mount.fuse3 pass along are accepted and ignored.
 public struct MountOptions: Sendable, Equatable {
@@ -21,6 +22,12 @@ public struct MountOptions: Sendable, Equatable {
     public var debug = false
     /// Mount over a directory that holds files (hidden while mounted); refused otherwise.
     public var allowNonEmpty = false
+    /// Owner and group every file and directory shows (default: the daemon's).
+    public var uid: uid_t?
+    public var gid: gid_t?
+    /// Bits taken from the modes shown by default (files 0666, directories 0777
+    /// less it); a mode set with chmod is kept as set. Nil: files 0644, directories 0755.
+    public var umask: mode_t?
 
     public init() {}
 
@@ -60,6 +67,17 @@ public struct MountOptions: Sendable, Equatable {
             case "uring": uring = true
             case "nouring": uring = false
             case "nonempty", "allow_non_empty": allowNonEmpty = true
+            case "uid":
+                guard let v = value.flatMap({ UInt32($0) }) else { throw MountOptionError("option uid needs a numeric user ID, as in uid=1000") }
+                uid = v
+            case "gid":
+                guard let v = value.flatMap({ UInt32($0) }) else { throw MountOptionError("option gid needs a numeric group ID, as in gid=1000") }
+                gid = v
+            case "umask":
+                guard let v = value.flatMap({ UInt32($0, radix: 8) }), v <= 0o777 else {
+                    throw MountOptionError("option umask needs octal permission bits, as in umask=022")
+                }
+                umask = v
             case "fsname", "subtype": break  // set by the mount itself
             default:
                 if Self.ignored.contains(name) { continue }

@@ -41,7 +41,8 @@ public final class ShardFileSystem: @unchecked Sendable {
     let options: MountOptions
     let inodes = InodeTable()
     let logger: Logger
-    private let uid = getuid(), gid = getgid()
+    /// Owner and group shown: the `uid=`/`gid=` options, else the daemon's.
+    private let uid: uid_t, gid: gid_t
     private let attributes: Attributes
     private let spillDirectory: String
 
@@ -63,7 +64,14 @@ public final class ShardFileSystem: @unchecked Sendable {
         self.node = node
         self.options = options
         self.logger = logger
-        attributes = Attributes(uid: uid, gid: gid, mountTime: Int64(time(nil)) * 1_000_000_000)
+        uid = options.uid ?? getuid()
+        gid = options.gid ?? getgid()
+        var attributes = Attributes(uid: uid, gid: gid, mountTime: Int64(time(nil)) * 1_000_000_000)
+        if let umask = options.umask {
+            attributes.fileMode = 0o666 & ~umask
+            attributes.directoryMode = 0o777 & ~umask
+        }
+        self.attributes = attributes
         directoryTimes = DirectoryTimes(mountTime: attributes.mountTime)
         spillDirectory = node.configuration.node.dataDir
         writeBehind = WriteBehind(logger: logger) { [weak self] shard, keys, body in

@@ -16,6 +16,7 @@ struct MountCommand: AsyncParsableCommand {
             DATA_DIR is the node's data folder; an empty or missing one is initialised on \
             embedded defaults. Options (-o, comma-separated): ro, allow_other, client_id=ID, \
             entry_timeout=S, attr_timeout=S, closed_timeout=S, config=FILE, max_threads=N, \
+            uid=N, gid=N, umask=OCTAL (owner, group and default modes shown), nonempty, \
             uring (the default: FUSE over io_uring when the kernel's fuse module allows it) or \
             nouring (always /dev/fuse), debug; \
             generic mount options (dev, suid, _netdev, nofail, ...) are ignored. Unmount with \

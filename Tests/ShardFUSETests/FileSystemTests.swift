@@ -1,4 +1,5 @@
 import Foundation
+import ShardFUSE
 import TestSupport
 import Testing
 
@@ -132,6 +133,16 @@ import Testing
             #expect(try await fixture.errnoOf("os.rmdir('shard-5')") == "EACCES")
             #expect(try await fixture.ok("cat shard-5/f") == "a\n")
         }
+    }
+
+    @Test func uidGidAndUmaskOptionsSetWhatTheMountShows() async throws {
+        try await withMount("client_id=tester,uid=1234,gid=2345,umask=027") { m in
+            try await m.ok("mkdir shard-3 && echo a > shard-3/f && echo b > shard-3/g && chmod 604 shard-3/g")
+            #expect(try await m.ok("stat -c '%u %g %a' shard-3 shard-3/f shard-3/g .") == "1234 2345 750\n1234 2345 640\n1234 2345 604\n1234 2345 750\n")
+        }
+        var options = MountOptions()
+        #expect(throws: (any Error).self) { try options.apply("umask=99") }
+        #expect(throws: (any Error).self) { try options.apply("uid=alice") }
     }
 
     @Test func readOnlyMountRefusesEveryChange() async throws {
