@@ -695,3 +695,15 @@ void shardfs_ring_stop(struct shardfs_ring *ring) {
     __atomic_store_n(&ring->context->ring, NULL, __ATOMIC_RELEASE);
     stop_and_free(ring);
 }
+
+// MARK: Request counts
+
+static atomic_uint_fast64_t request_counts[64];
+
+void shardfs_count_request(unsigned opcode) {
+    atomic_fetch_add_explicit(&request_counts[opcode < 64 ? opcode : 63], 1, memory_order_relaxed);
+}
+
+uint64_t shardfs_requests_of(unsigned opcode) {
+    return atomic_load_explicit(&request_counts[opcode < 64 ? opcode : 63], memory_order_relaxed);
+}

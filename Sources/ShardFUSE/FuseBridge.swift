@@ -64,6 +64,7 @@ private func opDestroy(_ userdata: UnsafeMutableRawPointer?) {
 }
 
 private func opLookup(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePointer<CChar>?) {
+    FuseRequest.lookup.count()
     let fs = fileSystem(req)
     do {
         var parameters = entryParameters(try fs.lookup(parent, bytes(name)))
@@ -79,17 +80,20 @@ private func opLookup(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePo
 }
 
 private func opForget(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ count: UInt64) {
+    FuseRequest.forget.count()
     fileSystem(req).forget(ino, count)
     fuse_reply_none(req)
 }
 
 private func opForgetMulti(_ req: fuse_req_t?, _ count: Int, _ forgets: UnsafeMutablePointer<fuse_forget_data>?) {
+    FuseRequest.batchForget.count()
     let fs = fileSystem(req)
     for i in 0..<count { if let f = forgets?[i] { fs.forget(f.ino, f.nlookup) } }
     fuse_reply_none(req)
 }
 
 private func opGetattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+    FuseRequest.getattr.count()
     do {
         var (attributes, timeout) = try fileSystem(req).getattr(ino)
         fuse_reply_attr(req, &attributes, timeout)
@@ -98,6 +102,7 @@ private func opGetattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutabl
 
 private func opSetattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ attr: UnsafeMutablePointer<stat>?, _ toSet: Int32,
                        _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+    FuseRequest.setattr.count()
     guard let attr else { fuse_reply_err(req, EINVAL); return }
     do {
         var (attributes, timeout) = try fileSystem(req).setattr(ino, attr.pointee, AttributeChanges(rawValue: toSet), handle: fi?.pointee.fh)
@@ -106,6 +111,7 @@ private func opSetattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ attr: UnsafeMuta
 }
 
 private func opMkdir(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePointer<CChar>?, _ mode: mode_t) {
+    FuseRequest.mkdir.count()
     do {
         var parameters = entryParameters(try fileSystem(req).mkdir(parent, bytes(name)))
         fuse_reply_entry(req, &parameters)
@@ -113,6 +119,7 @@ private func opMkdir(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePoi
 }
 
 private func opRmdir(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePointer<CChar>?) {
+    FuseRequest.rmdir.count()
     do {
         try fileSystem(req).rmdir(parent, bytes(name))
         fuse_reply_err(req, 0)
@@ -120,6 +127,7 @@ private func opRmdir(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePoi
 }
 
 private func opUnlink(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePointer<CChar>?) {
+    FuseRequest.unlink.count()
     do {
         try fileSystem(req).unlink(parent, bytes(name))
         fuse_reply_err(req, 0)
@@ -128,6 +136,7 @@ private func opUnlink(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePo
 
 private func opRename(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePointer<CChar>?, _ newParent: fuse_ino_t,
                       _ newName: UnsafePointer<CChar>?, _ flags: UInt32) {
+    FuseRequest.rename.count()
     do {
         try fileSystem(req).rename(parent, bytes(name), newParent, bytes(newName), flags: flags)
         fuse_reply_err(req, 0)
@@ -136,19 +145,23 @@ private func opRename(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePo
 
 /// Symlinks, hard links and device nodes have no place in a shard.
 private func opSymlink(_ req: fuse_req_t?, _ link: UnsafePointer<CChar>?, _ parent: fuse_ino_t, _ name: UnsafePointer<CChar>?) {
+    FuseRequest.symlink.count()
     fuse_reply_err(req, EPERM)
 }
 
 private func opLink(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ newParent: fuse_ino_t, _ newName: UnsafePointer<CChar>?) {
+    FuseRequest.link.count()
     fuse_reply_err(req, EPERM)
 }
 
 private func opMknod(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePointer<CChar>?, _ mode: mode_t, _ rdev: dev_t) {
+    FuseRequest.mknod.count()
     fuse_reply_err(req, EPERM)
 }
 
 private func opCreate(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePointer<CChar>?, _ mode: mode_t,
                       _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+    FuseRequest.create.count()
     guard let fi else { fuse_reply_err(req, EINVAL); return }
     do {
         let (reply, handle) = try fileSystem(req).create(parent, bytes(name), flags: fi.pointee.flags, mode: mode)
@@ -159,6 +172,7 @@ private func opCreate(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePo
 }
 
 private func opOpen(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+    FuseRequest.open.count()
     guard let fi else { fuse_reply_err(req, EINVAL); return }
     do {
         let (handle, keepCache) = try fileSystem(req).open(ino, flags: fi.pointee.flags)
@@ -172,6 +186,7 @@ private func opOpen(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePo
 }
 
 private func opRead(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _ offset: off_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+    FuseRequest.read.count()
     guard let fi else { fuse_reply_err(req, EBADF); return }
     do {
         let data = try fileSystem(req).read(fi.pointee.fh, offset: Int(offset), count: size)
@@ -181,6 +196,7 @@ private func opRead(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _ offset
 
 private func opWrite(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ buffer: UnsafePointer<CChar>?, _ size: Int, _ offset: off_t,
                      _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+    FuseRequest.write.count()
     guard let fi, let buffer else { fuse_reply_err(req, EBADF); return }
     do {
         let written = try fileSystem(req).write(fi.pointee.fh, UnsafeRawBufferPointer(start: buffer, count: size), offset: Int(offset))
@@ -189,6 +205,7 @@ private func opWrite(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ buffer: UnsafePoin
 }
 
 private func opFlush(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+    FuseRequest.flush.count()
     guard let fi else { fuse_reply_err(req, EBADF); return }
     do {
         try fileSystem(req).flush(fi.pointee.fh)
@@ -197,6 +214,7 @@ private func opFlush(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutableP
 }
 
 private func opRelease(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+    FuseRequest.release.count()
     guard let fi else { fuse_reply_err(req, EBADF); return }
     do {
         try fileSystem(req).release(fi.pointee.fh)
@@ -205,6 +223,7 @@ private func opRelease(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutabl
 }
 
 private func opFsync(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ datasync: Int32, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+    FuseRequest.fsync.count()
     guard let fi else { fuse_reply_err(req, EBADF); return }
     do {
         try fileSystem(req).fsync(fi.pointee.fh)
@@ -214,6 +233,7 @@ private func opFsync(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ datasync: Int32, _
 
 /// access(2), faccessat(2) (only without default_permissions): the modes say.
 private func opAccess(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ mask: Int32) {
+    FuseRequest.access.count()
     let uid = fuse_req_ctx(req)?.pointee.uid ?? 0
     do {
         try fileSystem(req).access(ino, mask: mask, uid: uid)
@@ -222,6 +242,7 @@ private func opAccess(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ mask: Int32) {
 }
 
 private func opOpendir(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+    FuseRequest.opendir.count()
     guard let fi else { fuse_reply_err(req, EINVAL); return }
     do {
         fi.pointee.fh = try fileSystem(req).opendir(ino)
@@ -230,6 +251,7 @@ private func opOpendir(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutabl
 }
 
 private func opReleasedir(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+    FuseRequest.releasedir.count()
     if let fi { fileSystem(req).releasedir(fi.pointee.fh) }
     fuse_reply_err(req, 0)
 }
@@ -274,15 +296,18 @@ private func readDirectory(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _
 }
 
 private func opReaddir(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _ offset: off_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+    FuseRequest.readdir.count()
     readDirectory(req, ino, size, offset, fi, plus: false)
 }
 
 private func opReaddirplus(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _ offset: off_t,
                            _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+    FuseRequest.readdirplus.count()
     readDirectory(req, ino, size, offset, fi, plus: true)
 }
 
 private func opStatfs(_ req: fuse_req_t?, _ ino: fuse_ino_t) {
+    FuseRequest.statfs.count()
     do {
         var result = try fileSystem(req).statfs(ino)
         fuse_reply_statfs(req, &result)
@@ -291,6 +316,7 @@ private func opStatfs(_ req: fuse_req_t?, _ ino: fuse_ino_t) {
 
 private func opSetxattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ name: UnsafePointer<CChar>?, _ value: UnsafePointer<CChar>?,
                         _ size: Int, _ flags: Int32) {
+    FuseRequest.setxattr.count()
     let bytesValue = value.map { Array(UnsafeRawBufferPointer(start: $0, count: size)) } ?? []
     do {
         try fileSystem(req).setxattr(ino, name: String(decoding: bytes(name), as: UTF8.self), value: bytesValue, flags: flags)
@@ -310,6 +336,7 @@ private func replyAttributeBytes(_ req: fuse_req_t?, _ value: [UInt8], _ size: I
 }
 
 private func opGetxattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ name: UnsafePointer<CChar>?, _ size: Int) {
+    FuseRequest.getxattr.count()
     do {
         let value = try fileSystem(req).getxattr(ino, name: String(decoding: bytes(name), as: UTF8.self))
         replyAttributeBytes(req, value, size)
@@ -317,12 +344,14 @@ private func opGetxattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ name: UnsafePoi
 }
 
 private func opListxattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int) {
+    FuseRequest.listxattr.count()
     do {
         replyAttributeBytes(req, try fileSystem(req).listxattr(ino), size)
     } catch { fail(req, error) }
 }
 
 private func opRemovexattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ name: UnsafePointer<CChar>?) {
+    FuseRequest.removexattr.count()
     do {
         try fileSystem(req).removexattr(ino, name: String(decoding: bytes(name), as: UTF8.self))
         fuse_reply_err(req, 0)

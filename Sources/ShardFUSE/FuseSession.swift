@@ -164,6 +164,7 @@ public final class FuseSession: @unchecked Sendable {
             fileSystem.logger.info("FUSE over io_uring served \(shardfs_ring_requests(ring)) requests")
             shardfs_ring_stop(ring)
         }
+        fileSystem.logger.info("FUSE requests handed to the daemon, by kind", metadata: ["requests": "\(FuseRequest.report().split(separator: "\n").joined(separator: ", "))"])
         if let changeListener { fileSystem.node.shards.removeChangeListener(changeListener) }
         if let viewsListener { fileSystem.node.views.removeListener(viewsListener) }
         fileSystem.kernelCache.invalidate = nil

@@ -52,8 +52,20 @@ extension ShardFileSystem {
     /// A shard directory's one attribute: the client that owns the shard (read-only).
     static let ownerAttribute = "user.shardfs.owner"
 
+    /// The mount root's one attribute: the FUSE requests this daemon was handed,
+    /// by kind ("name count" lines; RequestCounts.swift). By name only, like the owner.
+    static let requestsAttribute = "user.shardfs.requests"
+
     func getxattr(_ ino: UInt64, name: String) throws -> [UInt8] {
-        guard name.hasPrefix(Self.indexPrefix) else { throw FileSystemError(ENODATA, "only user.* attributes exist") }
+        // Names outside user. (GNU `ls -l` asks every file for security.selinux
+        // and system.posix_acl_access) are not supported, as on a filesystem
+        // mounted without them: ENOTSUP, not ENODATA. `ls` then stops asking for
+        // the rest of the device, where ENODATA would cost two round trips a file.
+        guard name.hasPrefix(Self.indexPrefix) else { throw FileSystemError(ENOTSUP, "only user.* attributes exist") }
+        if case .root = try kind(ino) {
+            guard name == Self.requestsAttribute else { throw FileSystemError(ENODATA, "the root has only \(Self.requestsAttribute)") }
+            return Array(FuseRequest.report().utf8)
+        }
         if case .shard(let id) = try kind(ino) {
             guard name == Self.ownerAttribute else { throw FileSystemError(ENODATA, "a shard has only \(Self.ownerAttribute)") }
             return Array(try reading(id) { $0.owner }.utf8)

@@ -75,6 +75,13 @@ int shardfs_is_mounted(const char *mountpoint);
 /// does not use them).
 uint64_t shardfs_ring_requests(const struct shardfs_ring *ring);
 
+/// Requests the bridge was handed, by FUSE opcode (the kernel's numbering,
+/// fuse_kernel.h; opcodes >= 64 are counted as 63): one count per round trip
+/// between a caller and the daemon, over either transport. Process-wide (a
+/// daemon serves one mount); relaxed atomics, cheap enough to stay on.
+void shardfs_count_request(unsigned opcode);
+uint64_t shardfs_requests_of(unsigned opcode);
+
 /// Stops and joins the ring threads and frees the ring. Requests the kernel
 /// queued on the ring afterwards wait until the unmount fails them.
 void shardfs_ring_stop(struct shardfs_ring *ring);

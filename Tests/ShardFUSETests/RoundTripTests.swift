@@ -1,0 +1,59 @@
+import Foundation
+import TestSupport
+import Testing
+
+/// The daemon's request counts by kind, from the root's attribute.
+private func requestCounts(_ m: MountFixture) async throws -> [String: Int] {
+    let text = try await m.ok("getfattr --only-values -n user.shardfs.requests .")
+    var counts: [String: Int] = [:]
+    for line in text.split(separator: "\n") {
+        let parts = line.split(separator: " ")
+        if parts.count == 2, let n = Int(parts[1]) { counts[String(parts[0])] = n }
+    }
+    return counts
+}
+
+/// GNU `ls -l` of a shard of `files` files: its output's line count, and the
+/// getxattr and lookup requests the daemon was handed meanwhile.
+private func listingCost(_ m: MountFixture, files: Int) async throws -> (lines: String, getxattr: Int, lookup: Int) {
+    try await m.ok("mkdir shard-1 && cd shard-1 && for i in $(seq 1 \(files)); do echo $i > f$i; done")
+    let before = try await requestCounts(m)
+    let lines = try await m.ok("ls -l shard-1 | wc -l")
+    let after = try await requestCounts(m)
+    return (lines, after["getxattr", default: 0] - before["getxattr", default: 0],
+            after["lookup", default: 0] - before["lookup", default: 0])
+}
+
+/// Round trips the daemon is spared, counted by the daemon itself
+/// (`user.shardfs.requests` on the mount's root).
+@Suite struct RoundTripTests {
+    @Test func securityAndAclAttributesAreNotSupported() async throws {
+        try await withMount { m in
+            try await m.ok("mkdir shard-1 && echo v > shard-1/e && setfattr -n user.topic -v logs shard-1/e")
+            for name in ["security.selinux", "system.posix_acl_access", "security.capability", "trusted.x"] {
+                let error = try await m.errnoOf("os.getxattr('shard-1/e', '\(name)')")
+                #expect(["EOPNOTSUPP", "ENOTSUP"].contains(error), "\(name): \(error)")
+            }
+            // user.* is served as before: missing names are ENODATA, indexes are there.
+            #expect(try await m.errnoOf("os.getxattr('shard-1/e', 'user.missing')") == "ENODATA")
+            #expect(try await m.ok("getfattr --only-values -n user.topic shard-1/e") == "logs")
+            // The root has the request counts, and no other attribute.
+            #expect(try await m.errnoOf("os.getxattr('.', 'user.other')") == "ENODATA")
+            let counts = try await requestCounts(m)
+            #expect(counts["getxattr", default: 0] >= 5 && counts["lookup", default: 0] >= 1, "\(counts)")
+        }
+    }
+
+    /// GNU `ls -l` asks every file for security.selinux and system.posix_acl_access;
+    /// answered "not supported" once, it stops asking for the rest of the device.
+    @Test func lsLongAsksForAttributesOncePerListing() async throws {
+        try await withMount { m in
+            let cost = try await listingCost(m, files: 200)
+            #expect(cost.lines == "201\n")
+            // Two for ls (one per attribute), and reading the counts again (getfattr
+            // asks twice: the size, then the value); before the change, 2 per file (400).
+            #expect(cost.getxattr <= 4, "ls -l of 200 files cost \(cost.getxattr) getxattr requests")
+            #expect(cost.lookup <= 4, "ls -l of 200 files cost \(cost.lookup) lookups (readdirplus should answer them)")
+        }
+    }
+}
