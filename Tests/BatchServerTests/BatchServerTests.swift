@@ -101,7 +101,7 @@ private func batchPutCodes(_ frames: [Frame]) -> [UInt32: [StatusCode]] {
     }
 
     @Test func thePythonClientWrittenFromTheDocumentAgrees() async throws {
-        try await withServer({ $0.token = "py-token" }) { fx in
+        try await withHeavyTest { try await withServer({ $0.token = "py-token" }) { fx in
             let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
                 .deletingLastPathComponent().appendingPathComponent("clients/python/check_protocol.py").path
             let port = fx.server.tcpPort!
@@ -110,7 +110,7 @@ private func batchPutCodes(_ frames: [Frame]) -> [UInt32: [StatusCode]] {
             }.value
             #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
             #expect(result.stdout.contains("python protocol check passed"))
-        }
+        } }
     }
 
     @Test func pipelinedRequestsCompleteOutOfOrderAndMatchTheirAnswers() async throws {

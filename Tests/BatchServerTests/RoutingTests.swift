@@ -29,7 +29,7 @@ import TestSupport
 
     /// Runs `body` with node-a and node-b serving, stopping both (and etcd) whatever happens.
     func withTwoNodes(_ body: (Node, Node, TemporaryDirectory) async throws -> Void) async throws {
-        try await withLocalEtcd { etcd in
+        try await withHeavyTest { try await withLocalEtcd { etcd in
             let dir = try TemporaryDirectory("routing")
             let namespace = "/routing-\(UUID().uuidString.prefix(8))"
             let a = try await Self.serve(dir, "node-a", etcd, namespace: namespace)
@@ -37,7 +37,7 @@ import TestSupport
             let b = try await Self.serve(dir, "node-b", etcd, namespace: namespace)
             defer { b.process.kill9() }
             try await body(a, b, dir)
-        }
+        } }
     }
 
     /// The leader address of the NOT_SHARD_LEADER `body` throws; nil if it throws anything else or nothing.

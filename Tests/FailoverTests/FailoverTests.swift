@@ -170,7 +170,7 @@ struct FailoverTests {
     @Test func theBackupReadsOnlyCommittedValuesAndTakesOverWhenThePrimaryHostDies() async throws {
         var hosts: [Host] = []
         defer { cleanUp(hosts) }
-        try await withLocalEtcd { etcd in
+        try await withHeavyTest { try await withLocalEtcd { etcd in
             // A also mounts its shards (in its own namespace) for a FUSE writer.
             let mountpoint = dir.sub("a-mnt")
             try FileManager.default.createDirectory(atPath: mountpoint, withIntermediateDirectories: true)
@@ -323,7 +323,7 @@ struct FailoverTests {
             await cluster.close()
             print("failover harness: \(final.count) keys checked on the new primary, \(lost) lost")
             #expect(lost == 0)
-        }
+        } }
     }
 
     /// The primary is paused (SIGSTOP) past its lease while a client writes to it;
@@ -333,7 +333,7 @@ struct FailoverTests {
     @Test func aPausedPrimaryWritesNothingAfterTheBackupTookOver() async throws {
         var hosts: [Host] = []
         defer { cleanUp(hosts) }
-        try await withLocalEtcd { etcd in
+        try await withHeavyTest { try await withLocalEtcd { etcd in
             let (a, b, shard, _) = try await startPair(etcd: etcd)
             hosts = [a, b]
             let keys = (0..<20).map { "p\($0)" }
@@ -405,7 +405,7 @@ struct FailoverTests {
             #expect(landedAfter == 0)
             #expect(lost == 0)
             #expect(refused > 0)
-        }
+        } }
     }
 
     /// The primary crashes and comes back before its backup would take over: its
@@ -415,7 +415,7 @@ struct FailoverTests {
     @Test func aRestartedPrimaryRetiresTheSnapshotsItsPreviousRunPinned() async throws {
         var hosts: [Host] = []
         defer { cleanUp(hosts) }
-        try await withLocalEtcd { etcd in
+        try await withHeavyTest { try await withLocalEtcd { etcd in
             let (a, b, shard, _) = try await startPair(etcd: etcd, failoverDelayMs: 60_000)
             hosts = [a, b]
             let keys = (0..<50).map { "r\($0)" }
@@ -469,7 +469,7 @@ struct FailoverTests {
             #expect(wrong == 0)
             #expect(damaged == 0)
             #expect(reads > 100)
-        }
+        } }
     }
 
     /// etcd crashes and restarts while the backup promotes itself: the promotion
@@ -477,7 +477,7 @@ struct FailoverTests {
     @Test func aPromotionSurvivesEtcdRestartingInTheMiddle() async throws {
         var hosts: [Host] = []
         defer { cleanUp(hosts) }
-        try await withLocalEtcd { etcd in
+        try await withHeavyTest { try await withLocalEtcd { etcd in
             let (a, b, shard, volume) = try await startPair(etcd: etcd)
             hosts = [a, b]
             let writer = try await ShardFSClient.connect(to: try a.endpoint)
@@ -509,6 +509,6 @@ struct FailoverTests {
             #expect(location.epoch == 2)
             #expect(location.volumeID == volume)
             #expect(location.primary.nodeID == "b")
-        }
+        } }
     }
 }

@@ -117,7 +117,7 @@ import Testing
     /// chunks) and shard D ("x"); node-b backs the volume and mounts. Stops both
     /// and unmounts whatever happens.
     func withPrimaryAndBackup(mountOptions: String = "client_id=c", _ body: (Cluster) async throws -> Void) async throws {
-        try await withLocalEtcd { etcd in
+        try await withHeavyTest { try await withLocalEtcd { etcd in
             let dir = try TemporaryDirectory("backup-mount")
             defer { dir.remove() }
             let namespace = "/backup-mount-\(UUID().uuidString.prefix(8))"
@@ -155,7 +155,7 @@ import Testing
             try await body(cluster)
             #expect(b?.stop() == 0)
             #expect(!isMountPoint(mnt))
-        }
+        } }
     }
 
     /// With long cache timeouts: what the kernel cached of a view is dropped

@@ -151,3 +151,37 @@ public final class ServeProcess: @unchecked Sendable {
         return process.isRunning ? nil : process.terminationStatus
     }
 }
+
+/// Runs `body` while no other heavy or timing-sensitive test of this process
+/// runs (the whole suite runs its suites in parallel on two vCPUs: several
+/// multi-process tests at once starved each other's nodes past their timeouts).
+/// Waiting takes no thread.
+public func withHeavyTest<T>(_ body: () async throws -> T) async throws -> T {
+    await HeavyTests.shared.acquire()
+    do {
+        let result = try await body()
+        await HeavyTests.shared.release()
+        return result
+    } catch {
+        await HeavyTests.shared.release()
+        throw error
+    }
+}
+
+actor HeavyTests {
+    static let shared = HeavyTests()
+    private var busy = false
+    private var waiting: [CheckedContinuation<Void, Never>] = []
+
+    func acquire() async {
+        if !busy {
+            busy = true
+            return
+        }
+        await withCheckedContinuation { waiting.append($0) }
+    }
+
+    func release() {
+        if waiting.isEmpty { busy = false } else { waiting.removeFirst().resume() }
+    }
+}
