@@ -133,24 +133,37 @@ final class RequestExecutor: Sendable {
             case .batchGet(_, let keys):
                 stream(StreamCursor(requestID: work.requestID, shard: shard.id, keys: keys), shard, &outcome)
             case .list(_, let after, let limit):
-                let n = Self.pageLimit(limit)
-                var rows = try shard.list(after: try after.map { try EntryKey($0) }, limit: n + 1)
-                let more = rows.count > n
-                if more { rows.removeLast() }
-                reply(work, .ok, .listPage(rows: rows.map { ListRow(key: $0.key.bytes, size: UInt64($0.size),
-                                                                    modificationTime: $0.modificationTime) }, more: more), &outcome)
+                let after = try after.map { try EntryKey($0) }
+                try replyList(work, limit, &outcome) { try shard.list(after: after, limit: $0) }
             case .findByIndex(_, let name, let value, let after, let limit):
-                let n = Self.pageLimit(limit)
-                var keys = try shard.find(indexName: name, value: value, after: try after.map { try EntryKey($0) }, limit: n + 1)
-                let more = keys.count > n
-                if more { keys.removeLast() }
-                reply(work, .ok, .keys(keys.map(\.bytes), more: more), &outcome)
+                let after = try after.map { try EntryKey($0) }
+                try replyKeys(work, limit, &outcome) { try shard.find(indexName: name, value: value, after: after, limit: $0) }
             default:
                 outcome.deferred.append(work)
             }
         } catch {
             reply(work, wireStatus(for: error, writing: request.isWrite), .none, &outcome)
         }
+    }
+
+    /// One page of a listing: asks `fetch` for one row more than the page holds,
+    /// to tell whether more follow.
+    private func replyList(_ work: Work, _ limit: UInt32, _ outcome: inout Outcome, _ fetch: (Int) throws -> [EntrySummary]) throws {
+        let n = Self.pageLimit(limit)
+        var rows = try fetch(n + 1)
+        let more = rows.count > n
+        if more { rows.removeLast() }
+        reply(work, .ok, .listPage(rows: rows.map { ListRow(key: $0.key.bytes, size: UInt64($0.size), modificationTime: $0.modificationTime) },
+                                   more: more), &outcome)
+    }
+
+    /// One page of an index lookup, like `replyList`.
+    private func replyKeys(_ work: Work, _ limit: UInt32, _ outcome: inout Outcome, _ fetch: (Int) throws -> [EntryKey]) throws {
+        let n = Self.pageLimit(limit)
+        var keys = try fetch(n + 1)
+        let more = keys.count > n
+        if more { keys.removeLast() }
+        reply(work, .ok, .keys(keys.map(\.bytes), more: more), &outcome)
     }
 
     /// A read on a backup's view of the shard (docs/BACKUP-VIEWS.md). A BatchGet
@@ -176,18 +189,11 @@ final class RequestExecutor: Sendable {
                 }
                 reply(work, .ok, .itemCount(UInt32(keys.count)), &outcome)
             case .list(_, let after, let limit):
-                let n = Self.pageLimit(limit)
-                var rows = try view.list(after: try after.map { try EntryKey($0) }, limit: n + 1)
-                let more = rows.count > n
-                if more { rows.removeLast() }
-                reply(work, .ok, .listPage(rows: rows.map { ListRow(key: $0.key.bytes, size: UInt64($0.size),
-                                                                    modificationTime: $0.modificationTime) }, more: more), &outcome)
+                let after = try after.map { try EntryKey($0) }
+                try replyList(work, limit, &outcome) { try view.list(after: after, limit: $0) }
             case .findByIndex(_, let name, let value, let after, let limit):
-                let n = Self.pageLimit(limit)
-                var keys = try view.find(indexName: name, value: value, after: try after.map { try EntryKey($0) }, limit: n + 1)
-                let more = keys.count > n
-                if more { keys.removeLast() }
-                reply(work, .ok, .keys(keys.map(\.bytes), more: more), &outcome)
+                let after = try after.map { try EntryKey($0) }
+                try replyKeys(work, limit, &outcome) { try view.find(indexName: name, value: value, after: after, limit: $0) }
             default:
                 outcome.deferred.append(work)
             }

@@ -282,6 +282,11 @@ struct FailoverTests {
                 }
                 try await Task.sleep(for: .milliseconds(5))
             }
+            // A listing from the backup's view: pages of the keys the primary wrote, in order.
+            let page = try await reader.list(shard: shard, limit: 40)
+            let listed = page.rows.map { String(decoding: $0.key, as: UTF8.self) }
+            #expect(page.more && listed.count == 40 && listed == listed.sorted(by: { $0.utf8.lexicographicallyPrecedes($1.utf8) }), "\(listed)")
+            #expect(Set(listed).isSubset(of: Set(keys + batchKeys)))
             await reader.close()
             print("failover harness: backup reads \(reads) of puts, \(batchReads) of batch puts, \(fileReads) of files written through the mount; wrong \(wrong), not yet visible \(missing); versions behind p50 \(percentile(lags, 0.5)) p99 \(percentile(lags, 0.99)) max \(lags.max() ?? 0)")
             #expect(wrong == 0)
