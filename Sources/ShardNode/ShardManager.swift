@@ -462,7 +462,13 @@ public final class ShardManager: @unchecked Sendable {
     func chooseVolume(for limit: Int) async throws -> MountedVolume {
         if let volume = try? chooseVolume(room: limit) { return volume }
         guard let provision = provisionVolume else { return try chooseVolume(room: limit) }
-        let volume = try await provision(limit)
+        let volume: MountedVolume
+        do { volume = try await provision(limit) } catch {
+            // The shard fails as one with no room (the caller may try another node); why, the log says.
+            logger.error("no volume had room for a new shard and none could be provisioned",
+                         metadata: ["size limit": "\(limit)", "error": "\(error)"])
+            throw ShardManagerError.noRoom(limit)
+        }
         logger.notice("no volume of this node had room for a new shard; provisioned one",
                       metadata: ["volume": "\(volume.volumeID)", "size limit": "\(limit)"])
         return volume
