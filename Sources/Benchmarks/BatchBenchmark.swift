@@ -92,6 +92,34 @@ public struct BatchBenchmark {
             progress("  \(system), \(workload.rawValue), \(connections) conn: \(Int(done / seconds)) ops/s")
         }
 
+        /// Put runs of one ShardFS node measured as `system`, a fresh shard each (and
+        /// with `gets`, BatchGet runs on the randomly filled one); `around` wraps each
+        /// timed run, given its entries and requests (CPU accounting, a probe).
+        func measureShardFS(_ system: String, round: Int, endpoint: Endpoint, gets: Bool,
+                            around: (_ entries: Int, _ requests: Int, _ run: () async throws -> Double) async throws -> Double) async throws {
+            var clients: [ShardFSClient] = []
+            for _ in 0..<(connections.max() ?? 1) { clients.append(try await ShardFSClient.connect(to: endpoint)) }
+            for n in connections {
+                for (workload, batches) in [(Workload.putIncreasing, inputs.increasing), (.putRandom, inputs.random)] {
+                    progress("round \(round): \(system), \(workload.rawValue), \(n) connection(s)")
+                    let shard = try await clients[0].newShard(owner: "bench")
+                    record(system, workload, n, try await around(entries, batches.count) {
+                        try await shardFSPut(Array(clients.prefix(n)), shard, batches)
+                    })
+                    if gets, workload == .putRandom, n == connections.last {
+                        for g in connections {
+                            record(system, .getRandom, g, try await around(entries * getRepeat, getCount) {
+                                try await shardFSGet(Array(clients.prefix(g)), shard, inputs.getKeys)
+                            })
+                        }
+                    }
+                    try? await clients[0].closeShard(client: "bench", shard: shard)
+                    try? await clients[0].deleteShard(client: "bench", shard: shard)
+                }
+            }
+            for client in clients { await client.close() }
+        }
+
         for round in 1...rounds {
             // raw LMDB, in this process.
             for n in connections where systems.contains("lmdb") {
@@ -156,29 +184,13 @@ public struct BatchBenchmark {
                 for transport in transports {
                     let endpoint: Endpoint = transport == "tcp" ? .tcp(host: "127.0.0.1", port: node.tcpPort) : .unix(path: node.socketPath)
                     let system = Self.shardFS(transport)
-                    var clients: [ShardFSClient] = []
-                    for _ in 0..<(connections.max() ?? 1) { clients.append(try await ShardFSClient.connect(to: endpoint)) }
-                    for n in connections {
-                        for (workload, batches) in [(Workload.putIncreasing, inputs.increasing), (.putRandom, inputs.random)] {
-                            progress("round \(round): \(system), \(workload.rawValue), \(n) connection(s)")
-                            let shard = try await clients[0].newShard(owner: "bench")
-                            let before = (server: CPUUse(pid: node.child.pid), client: CPUUse(pid: getpid()))
-                            record(system, workload, n, try await shardFSPut(Array(clients.prefix(n)), shard, batches))
-                            progress(Self.cpuLine(server: CPUUse(pid: node.child.pid) - before.server, client: CPUUse(pid: getpid()) - before.client,
-                                                  entries: entries, requests: batches.count))
-                            if workload == .putRandom, n == connections.last {
-                                for g in connections {
-                                    let before = (server: CPUUse(pid: node.child.pid), client: CPUUse(pid: getpid()))
-                                    record(system, .getRandom, g, try await shardFSGet(Array(clients.prefix(g)), shard, inputs.getKeys))
-                                    progress(Self.cpuLine(server: CPUUse(pid: node.child.pid) - before.server, client: CPUUse(pid: getpid()) - before.client,
-                                                          entries: entries * getRepeat, requests: getCount))
-                                }
-                            }
-                            try? await clients[0].closeShard(client: "bench", shard: shard)
-                            try? await clients[0].deleteShard(client: "bench", shard: shard)
-                        }
+                    try await measureShardFS(system, round: round, endpoint: endpoint, gets: true) { entries, requests, run in
+                        let before = (server: CPUUse(pid: node.child.pid), client: CPUUse(pid: getpid()))
+                        let seconds = try await run()
+                        progress(Self.cpuLine(server: CPUUse(pid: node.child.pid) - before.server, client: CPUUse(pid: getpid()) - before.client,
+                                              entries: entries, requests: requests))
+                        return seconds
                     }
-                    for client in clients { await client.close() }
                 }
             } catch {
                 node.stop()
@@ -201,23 +213,9 @@ public struct BatchBenchmark {
             progress("round \(round): \(Self.onLoopVolume): starting shardfs serve on a loop volume")
             let node = try ShardFSNode.start(executable: serverExecutable, folder: folder + "/node", extraArguments: ["--config", config])
             do {
-                var clients: [ShardFSClient] = []
-                for _ in 0..<(connections.max() ?? 1) { clients.append(try await ShardFSClient.connect(to: .unix(path: node.socketPath))) }
-                for n in connections {
-                    for (workload, batches) in [(Workload.putIncreasing, inputs.increasing), (.putRandom, inputs.random)] {
-                        progress("round \(round): \(Self.onLoopVolume), \(workload.rawValue), \(n) connection(s)")
-                        let shard = try await clients[0].newShard(owner: "bench")
-                        record(Self.onLoopVolume, workload, n, try await shardFSPut(Array(clients.prefix(n)), shard, batches))
-                        if workload == .putRandom, n == connections.last {
-                            for g in connections {
-                                record(Self.onLoopVolume, .getRandom, g, try await shardFSGet(Array(clients.prefix(g)), shard, inputs.getKeys))
-                            }
-                        }
-                        try? await clients[0].closeShard(client: "bench", shard: shard)
-                        try? await clients[0].deleteShard(client: "bench", shard: shard)
-                    }
+                try await measureShardFS(Self.onLoopVolume, round: round, endpoint: .unix(path: node.socketPath), gets: true) { _, _, run in
+                    try await run()
                 }
-                for client in clients { await client.close() }
             } catch {
                 node.stop()
                 throw error
@@ -235,26 +233,16 @@ public struct BatchBenchmark {
                 let pair = try BackupPair.start(executable: serverExecutable, folder: folder, withBackup: withBackup,
                                                 viewIntervalMs: viewIntervalMs)
                 do {
-                    var clients: [ShardFSClient] = []
-                    for _ in 0..<(connections.max() ?? 1) { clients.append(try await ShardFSClient.connect(to: .unix(path: pair.primary.socketPath))) }
-                    for n in connections {
-                        for (workload, batches) in [(Workload.putIncreasing, inputs.increasing), (.putRandom, inputs.random)] {
-                            progress("round \(round): \(system), \(workload.rawValue), \(n) connection(s)")
-                            let shard = try await clients[0].newShard(owner: "bench")
-                            // With a backup: how far its views lag the primary's acknowledged
-                            // writes while the load runs (a probe put every 100 ms, read back
-                            // from the backup until it shows).
-                            var probe: ViewLagProbe?
-                            if let backup = pair.backup { probe = try await ViewLagProbe.start(primary: pair.primary.socketPath, backup: backup.socketPath) }
-                            record(system, workload, n, try await shardFSPut(Array(clients.prefix(n)), shard, batches))
-                            if let lags = await probe?.stop() {
-                                progress("    view lag on the backup during the run: " + ViewLagProbe.summary(lags))
-                            }
-                            try? await clients[0].closeShard(client: "bench", shard: shard)
-                            try? await clients[0].deleteShard(client: "bench", shard: shard)
-                        }
+                    // With a backup: how far its views lag the primary's acknowledged writes
+                    // while the load runs (a probe put every 100 ms, read back from the
+                    // backup until it shows).
+                    try await measureShardFS(system, round: round, endpoint: .unix(path: pair.primary.socketPath), gets: false) { _, _, run in
+                        guard let backup = pair.backup else { return try await run() }
+                        let probe = try await ViewLagProbe.start(primary: pair.primary.socketPath, backup: backup.socketPath)
+                        let seconds = try await run()
+                        progress("    view lag on the backup during the run: " + ViewLagProbe.summary(await probe.stop()))
+                        return seconds
                     }
-                    for client in clients { await client.close() }
                 } catch {
                     pair.stop()
                     throw error
