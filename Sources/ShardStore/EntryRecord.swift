@@ -1,3 +1,5 @@
+import LMDB
+import LMDBSnapshot
 // The on-disk format of a shard. Four databases in the shard's LMDB environment:
 //
 //   entries  key -> record: a fixed header, the indexes, then the value inline
@@ -350,6 +352,51 @@ extension RecordView {
             position = n * chunkSize + stop
         }
         return out
+    }
+}
+
+/// A cursor over the reverse index (a DUPSORT database), as LMDB's and a
+/// snapshot's both are.
+protocol IndexCursor {
+    mutating func seek(exactly key: UnsafeRawBufferPointer) throws -> (key: UnsafeRawBufferPointer, value: UnsafeRawBufferPointer)?
+    mutating func seek(key: UnsafeRawBufferPointer, atLeastValue value: UnsafeRawBufferPointer) throws -> (key: UnsafeRawBufferPointer, value: UnsafeRawBufferPointer)?
+    mutating func nextDuplicate() throws -> (key: UnsafeRawBufferPointer, value: UnsafeRawBufferPointer)?
+}
+
+extension Cursor: IndexCursor {}
+extension SnapshotCursor: IndexCursor {}
+
+/// One lookup in the reverse index: the entries whose index `name` has `value`.
+struct IndexLookup {
+    let name: [UInt8]
+    let indexKey: [UInt8]
+    /// Long values are stored hashed: each hit must be checked against its record.
+    let hashed: Bool
+
+    init(name: String, value: [UInt8]) throws {
+        self.name = Array(name.utf8)
+        guard !self.name.isEmpty, self.name.count <= IndexPair.maxNameLength else {
+            throw ShardError.invalidIndex("an index name is 1–\(IndexPair.maxNameLength) bytes")
+        }
+        indexKey = self.name.withUnsafeBytes { n in value.withUnsafeBytes { reverseIndexKey(name: n, value: $0) } }
+        hashed = reverseIndexKeyIsHashed(value.count)
+    }
+
+    /// Keys in key order after `after`, at most `limit`; `matches` checks a hit when hashed.
+    func keys<C: IndexCursor>(_ cursor: inout C, after: EntryKey?, limit: Int, matches: ([UInt8]) throws -> Bool) throws -> [EntryKey] {
+        var pair = try indexKey.withUnsafeBytes { k -> (key: UnsafeRawBufferPointer, value: UnsafeRawBufferPointer)? in
+            guard let after else { return try cursor.seek(exactly: k) }
+            var p = try after.bytes.withUnsafeBytes { try cursor.seek(key: k, atLeastValue: $0) }
+            if let found = p, found.value.elementsEqual(after.bytes) { p = try cursor.nextDuplicate() }
+            return p
+        }
+        var keys: [EntryKey] = []
+        while let p = pair, keys.count < limit {
+            let key = Array(p.value)
+            if try !hashed || matches(key) { keys.append(EntryKey(trusted: key)) }
+            pair = try cursor.nextDuplicate()
+        }
+        return keys
     }
 }
 

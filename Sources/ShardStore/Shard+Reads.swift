@@ -144,33 +144,11 @@ extension Shard {
 
     /// Keys of the entries whose index `name` has exactly `value`, in key order.
     public func find(indexName name: String, value: [UInt8], after: EntryKey? = nil, limit: Int = .max) throws -> [EntryKey] {
-        let nameBytes = Array(name.utf8)
-        guard !nameBytes.isEmpty, nameBytes.count <= IndexPair.maxNameLength else {
-            throw ShardError.invalidIndex("an index name is 1–\(IndexPair.maxNameLength) bytes")
-        }
-        let rk = nameBytes.withUnsafeBytes { n in value.withUnsafeBytes { reverseIndexKey(name: n, value: $0) } }
-        let hashed = reverseIndexKeyIsHashed(value.count)
+        let lookup = try IndexLookup(name: name, value: value)
         return try readTransaction { txn in
-            var keys: [EntryKey] = []
             try txn.withCursor(indexes) { cursor in
-                var pair: Cursor.Pair? = try rk.withUnsafeBytes { k in
-                    if let after {
-                        var p = try after.bytes.withUnsafeBytes { try cursor.seek(key: k, atLeastValue: $0) }
-                        if let found = p, found.value.elementsEqual(after.bytes) { p = try cursor.nextDuplicate() }
-                        return p
-                    }
-                    return try cursor.seek(exactly: k)
-                }
-                while let p = pair, keys.count < limit {
-                    let key = Array(p.value)
-                    let matches = try !hashed || entryHasIndex(txn, key, name: nameBytes, value: value)
-                    if matches {
-                        keys.append(EntryKey(trusted: key))
-                    }
-                    pair = try cursor.nextDuplicate()
-                }
+                try lookup.keys(&cursor, after: after, limit: limit) { key in try self.entryHasIndex(txn, key, name: lookup.name, value: value) }
             }
-            return keys
         }
     }
 

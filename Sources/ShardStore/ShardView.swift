@@ -182,39 +182,18 @@ public final class ShardView: Sendable {
     }
 
     public func find(indexName name: String, value: [UInt8], after: EntryKey? = nil, limit: Int = .max) throws -> [EntryKey] {
-        let nameBytes = Array(name.utf8)
-        guard !nameBytes.isEmpty, nameBytes.count <= IndexPair.maxNameLength else {
-            throw ShardError.invalidIndex("an index name is 1–\(IndexPair.maxNameLength) bytes")
-        }
-        let rk = nameBytes.withUnsafeBytes { n in value.withUnsafeBytes { reverseIndexKey(name: n, value: $0) } }
-        let hashed = reverseIndexKeyIsHashed(value.count)
+        let lookup = try IndexLookup(name: name, value: value)
         return try reading { txn in
-            var keys: [EntryKey] = []
             try txn.withCursor(indexes) { cursor in
-                var pair: SnapshotCursor.Pair? = try rk.withUnsafeBytes { k in
-                    if let after {
-                        var p = try after.bytes.withUnsafeBytes { try cursor.seek(key: k, atLeastValue: $0) }
-                        if let found = p, found.value.elementsEqual(after.bytes) { p = try cursor.nextDuplicate() }
-                        return p
+                try lookup.keys(&cursor, after: after, limit: limit) { key in
+                    guard let raw = try key.withUnsafeBytes({ try txn.get(entries, $0) }) else { return false }
+                    var found = false
+                    try RecordView(raw).forEachIndex { n, v in
+                        if n.elementsEqual(lookup.name) && v.elementsEqual(value) { found = true }
                     }
-                    return try cursor.seek(exactly: k)
-                }
-                while let p = pair, keys.count < limit {
-                    let key = Array(p.value)
-                    var matches = true
-                    if hashed {
-                        matches = false
-                        if let raw = try key.withUnsafeBytes({ try txn.get(entries, $0) }) {
-                            try RecordView(raw).forEachIndex { n, v in
-                                if n.elementsEqual(nameBytes) && v.elementsEqual(value) { matches = true }
-                            }
-                        }
-                    }
-                    if matches { keys.append(EntryKey(trusted: key)) }
-                    pair = try cursor.nextDuplicate()
+                    return found
                 }
             }
-            return keys
         }
     }
 

@@ -116,7 +116,17 @@ import Testing
             // A deleted shard stops being served, and its files stay until the backup has left it.
             let doomed = try await a.shards.newShard(owner: "c")
             try doomed.put(try EntryKey("x"), value: [1, 2, 3], clientID: "c")
-            #expect(try await Self.waitUntil(3) { b.views.serves(doomed.id) })
+            // Index lookups on a view, short values and long (stored hashed) alike.
+            let long = [UInt8](repeating: 7, count: 300)
+            for (i, topic) in ["a", "b", "a", "a"].enumerated() {
+                try doomed.put(try EntryKey("i\(i)"), value: [UInt8(i)], indexes: [IndexPair(name: "topic", value: topic), IndexPair(name: "blob", value: i == 1 ? long : [1])], clientID: "c")
+            }
+            #expect(try await Self.waitUntil(3) { (try? b.views.withView(doomed.id, { try $0.find(indexName: "topic", value: Array("a".utf8)) }))??.count == 3 })
+            let view = { (body: (ShardView) throws -> [EntryKey]) in try b.views.withView(doomed.id, body) ?? [] }
+            #expect(try view { try $0.find(indexName: "topic", value: Array("a".utf8), after: try EntryKey("i0"), limit: 1) }.map(\.description) == ["i2"])
+            #expect(try view { try $0.find(indexName: "blob", value: long) }.map(\.description) == ["i1"])
+            #expect(try view { try $0.find(indexName: "blob", value: long) } == (try doomed.find(indexName: "blob", value: long)))
+            #expect(throws: ShardError.self) { _ = try view { try $0.find(indexName: "", value: [1]) } }
             try await a.shards.deleteShard(doomed.id)
             #expect(try await Self.waitUntil(3) { !b.views.serves(doomed.id) })
             let leftovers = dir.sub("volumes") + "/" + volume + "/shard-\(doomed.id).deleting"
