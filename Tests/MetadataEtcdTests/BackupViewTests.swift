@@ -32,14 +32,6 @@ import Testing
     }
 
 
-    static func waitUntil(_ seconds: Double, _ condition: () async throws -> Bool) async throws -> Bool {
-        let deadline = Date().addingTimeInterval(seconds)
-        while Date() < deadline {
-            if try await condition() { return true }
-            try await Task.sleep(for: .milliseconds(20))
-        }
-        return try await condition()
-    }
 
     @Test func backupServesViewsThatFollowThePrimaryAndAreNeverWrong() async throws {
         try await withHeavyTest { try await withEtcd { etcd in
@@ -58,7 +50,7 @@ import Testing
             let b = try await StorageNode.start(try Self.config(dir, node: "node-b", etcd: etcd, initialVolumes: 0))
             #expect(!b.views.serves(shard.id))
             try await a.metadata.addBackup(volumeID: volume, nodeID: "node-b")
-            #expect(try await Self.waitUntil(5) { b.views.serves(shard.id) })
+            #expect(try await waitUntil(5) { b.views.serves(shard.id) })
 
             // The primary rewrites every key, again and again (LMDB reuses pages all
             // the while); the backup reads continuously and checks each value.
@@ -98,7 +90,7 @@ import Testing
             }
             try await writer.value
             // The view catches up with the last version of every key.
-            #expect(try await Self.waitUntil(3) {
+            #expect(try await waitUntil(3) {
                 try keys.allSatisfy { key in
                     let entry = try b.views.withView(shard.id, { try $0.get(try EntryKey(key)) })
                     return entry.flatMap { CheckedValue.version($0.value, key: key) } == 30
@@ -111,7 +103,7 @@ import Testing
 
             // A closed shard is served as closed.
             try await a.shards.closeShard(shard.id)
-            #expect(try await Self.waitUntil(3) { (try? b.views.withView(shard.id, { $0.state })) == .closed })
+            #expect(try await waitUntil(3) { (try? b.views.withView(shard.id, { $0.state })) == .closed })
 
             // A deleted shard stops being served, and its files stay until the backup has left it.
             let doomed = try await a.shards.newShard(owner: "c")
@@ -121,16 +113,16 @@ import Testing
             for (i, topic) in ["a", "b", "a", "a"].enumerated() {
                 try doomed.put(try EntryKey("i\(i)"), value: [UInt8(i)], indexes: [IndexPair(name: "topic", value: topic), IndexPair(name: "blob", value: i == 1 ? long : [1])], clientID: "c")
             }
-            #expect(try await Self.waitUntil(3) { (try? b.views.withView(doomed.id, { try $0.find(indexName: "topic", value: Array("a".utf8)) }))??.count == 3 })
+            #expect(try await waitUntil(3) { (try? b.views.withView(doomed.id, { try $0.find(indexName: "topic", value: Array("a".utf8)) }))??.count == 3 })
             let view = { (body: (ShardView) throws -> [EntryKey]) in try b.views.withView(doomed.id, body) ?? [] }
             #expect(try view { try $0.find(indexName: "topic", value: Array("a".utf8), after: try EntryKey("i0"), limit: 1) }.map(\.description) == ["i2"])
             #expect(try view { try $0.find(indexName: "blob", value: long) }.map(\.description) == ["i1"])
             #expect(try view { try $0.find(indexName: "blob", value: long) } == (try doomed.find(indexName: "blob", value: long)))
             #expect(throws: ShardError.self) { _ = try view { try $0.find(indexName: "", value: [1]) } }
             try await a.shards.deleteShard(doomed.id)
-            #expect(try await Self.waitUntil(3) { !b.views.serves(doomed.id) })
+            #expect(try await waitUntil(3) { !b.views.serves(doomed.id) })
             let leftovers = dir.sub("volumes") + "/" + volume + "/shard-\(doomed.id).deleting"
-            #expect(try await Self.waitUntil(3) { !FileManager.default.fileExists(atPath: leftovers) })
+            #expect(try await waitUntil(3) { !FileManager.default.fileExists(atPath: leftovers) })
 
             await b.stopRoles()
             await a.stopRoles()
@@ -154,7 +146,7 @@ import Testing
             try await Task.sleep(for: .seconds(11))  // past the 10 s lease
             #expect(throws: ShardError.self) { try shard.put(try EntryKey("during"), value: [2], clientID: "c") }
             etcd.resume()
-            let resumed = try await Self.waitUntil(30) {
+            let resumed = try await waitUntil(30) {
                 (try? shard.put(try EntryKey("after"), value: [3], clientID: "c")) != nil
             }
             #expect(resumed)

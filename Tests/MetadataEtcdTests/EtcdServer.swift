@@ -1,5 +1,6 @@
 import Foundation
 import Metadata
+import TestSupport
 @testable import MetadataEtcd
 
 #if canImport(Glibc)
@@ -78,7 +79,7 @@ final class EtcdServer: @unchecked Sendable {
         wrapper = process
 
         let clock = ContinuousClock()
-        let deadline = clock.now + .seconds(20)
+        let deadline = clock.now + .seconds(60)
         while etcdPID == 0 {
             if let text = try? String(contentsOfFile: pidFile, encoding: .utf8), let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
                 etcdPID = pid
@@ -90,19 +91,21 @@ final class EtcdServer: @unchecked Sendable {
         }
         let client = try EtcdClient(configuration: configuration(callTimeout: .milliseconds(500)), logger: .init(label: "test"))
         defer { client.close() }
-        while true {
+        var lastError: Error?
+        let ready = try await waitUntil(60, every: .milliseconds(50)) {
+            // An answer from another test's etcd on a port taken meanwhile does not count.
+            guard kill(etcdPID, 0) == 0 else { throw EtcdTestError("etcd exited at start: \(log)") }
             do {
                 let _: WireRangeResponse = try await client.post("/v3/kv/range", ["key": Wire.b64("health")])
-                // An answer from another test's etcd on a port taken meanwhile does not count.
-                if kill(etcdPID, 0) != 0 { throw EtcdTestError("etcd exited at start: \(log)") }
-                return
+            } catch MetadataError.unauthorized {
+                // auth is on: etcd is up
             } catch {
-                if case MetadataError.unauthorized = error { return }  // auth is on: etcd is up
-                if kill(etcdPID, 0) != 0 { throw EtcdTestError("etcd exited at start: \(log)") }
-                if clock.now > deadline { throw EtcdTestError("etcd did not become ready: \(error)\n\(log)") }
-                try await Task.sleep(for: .milliseconds(50))
+                lastError = error
+                return false
             }
+            return kill(etcdPID, 0) == 0
         }
+        if !ready { throw EtcdTestError("etcd did not become ready: \(lastError.map { "\($0)" } ?? "")\n\(log)") }
     }
 
     var log: String { (try? String(contentsOf: directory.appendingPathComponent("etcd.log"), encoding: .utf8)) ?? "" }

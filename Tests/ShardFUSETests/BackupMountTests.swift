@@ -104,14 +104,6 @@ import Testing
         return path
     }
 
-    static func waitUntil(_ seconds: Double, _ condition: () async throws -> Bool) async throws -> Bool {
-        let deadline = Date().addingTimeInterval(seconds)
-        while Date() < deadline {
-            if try await condition() { return true }
-            try await Task.sleep(for: .milliseconds(20))
-        }
-        return try await condition()
-    }
 
     /// node-a serves shard S ("a", "b" with index color=blue, "big": 300 KB in
     /// chunks) and shard D ("x"); node-b backs the volume and mounts. Stops both
@@ -164,7 +156,7 @@ import Testing
         try await withPrimaryAndBackup(mountOptions: "client_id=c,entry_timeout=60,attr_timeout=60") { c in
             let s = "shard-\(c.shard)", d = "shard-\(c.doomed)"
             // The root lists the primary's shards once the first generation is in.
-            #expect(try await Self.waitUntil(10) {
+            #expect(try await waitUntil(10) {
                 let names = try await c.sh("ls").stdout.split(separator: "\n")
                 return names.contains(Substring(s)) && names.contains(Substring(d))
             })
@@ -237,7 +229,7 @@ import Testing
             #expect(try await c.errnoOf("os.stat('\(d)'); os.stat('\(d)/x')") == "OK")
             try await c.primary("c.delete_shard(\"c\", \(c.doomed))")
             let deleted = Date()
-            #expect(try await Self.waitUntil(5) {
+            #expect(try await waitUntil(5) {
                 let gone = try await c.errnoOf("os.stat('\(d)')"), names = try await c.sh("ls").stdout
                 return gone == "ENOENT" && !names.contains(d)
             })
@@ -249,7 +241,7 @@ import Testing
             #expect(try await c.errnoOf("os.stat('shard-1000')") == "ENOENT")
             try await c.primary("c.put('c', c.new_shard('c', 1000), b'n', b'new shard')")
             let made = Date()
-            #expect(try await Self.waitUntil(5) { try await c.sh("cat shard-1000/n").stdout == "new shard" })
+            #expect(try await waitUntil(5) { try await c.sh("cat shard-1000/n").stdout == "new shard" })
             #expect(Date().timeIntervalSince(made) < 2)
         }
     }
@@ -260,9 +252,9 @@ import Testing
     @Test func aBackupThatCannotConfirmItsLeaseAnswersEIO() async throws {
         try await withPrimaryAndBackup { c in
             let s = "shard-\(c.shard)"
-            try #require(try await Self.waitUntil(10) { try await c.sh("cat \(s)/a").stdout == "alpha" })
+            try #require(try await waitUntil(10) { try await c.sh("cat \(s)/a").stdout == "alpha" })
             c.etcd.stop()
-            #expect(try await Self.waitUntil(12) { try await c.errnoOf("open('\(s)/a').read()") == "EIO" })
+            #expect(try await waitUntil(12) { try await c.errnoOf("open('\(s)/a').read()") == "EIO" })
             #expect(try await c.errnoOf("os.listdir('\(s)')") == "EIO")
             #expect(try await c.errnoOf("os.listdir('.')") == "EIO")
         }
@@ -274,7 +266,7 @@ import Testing
     @Test func aReadOfAViewNeverMixesTwoGenerations() async throws {
         try await withPrimaryAndBackup { c in
             let s = "shard-\(c.shard)"
-            #expect(try await Self.waitUntil(10) { try await c.sh("ls \(s)").stdout.contains("big") })
+            #expect(try await waitUntil(10) { try await c.sh("ls \(s)").stdout.contains("big") })
             let reader = c.dir.sub("reader.py")
             try """
                 import sys, os, mmap, time

@@ -93,14 +93,15 @@ public final class LocalEtcd: @unchecked Sendable {
 
     /// True once it answers /health; false if it exited first (a port taken).
     private func waitUntilReady() async throws -> Bool {
-        let deadline = ContinuousClock.now + .seconds(20)
-        while ContinuousClock.now < deadline {
-            if !watchdog.isRunning { return false }
-            if let pid = etcdPID, kill(pid, 0) != 0 { return false }
-            if etcdPID != nil, try await shell("curl -sf --max-time 1 \(endpoint)/health").status == 0 { return true }
-            try await Task.sleep(for: .milliseconds(50))
+        var exited = false
+        let ready = try await waitUntil(60, every: .milliseconds(50)) {
+            if !watchdog.isRunning { exited = true }
+            if let pid = etcdPID, kill(pid, 0) != 0 { exited = true }
+            if exited { return true }
+            guard etcdPID != nil else { return false }
+            return try await shell("curl -sf --max-time 1 \(endpoint)/health").status == 0
         }
-        return false
+        return ready && !exited
     }
 
     public var log: String { (try? String(contentsOfFile: dir.sub("etcd.log"), encoding: .utf8)) ?? "" }

@@ -185,3 +185,17 @@ actor HeavyTests {
         if waiting.isEmpty { busy = false } else { waiting.removeFirst().resume() }
     }
 }
+
+/// True once `condition` holds, trying every `interval` for at least `seconds`.
+/// The last try comes after the time is up: the suite starts hundreds of tests
+/// at once on two vCPUs, and a starved test may sleep past its deadline; it must
+/// not give up on a condition that came true while it slept.
+public func waitUntil(_ seconds: Double, every interval: Duration = .milliseconds(20),
+                      _ condition: () async throws -> Bool) async rethrows -> Bool {
+    let deadline = ContinuousClock.now + .milliseconds(Int(seconds * 1000))
+    while ContinuousClock.now < deadline {
+        if try await condition() { return true }
+        try? await Task.sleep(for: interval)
+    }
+    return try await condition()
+}

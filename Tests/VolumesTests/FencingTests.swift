@@ -345,9 +345,7 @@ struct Timeout: Error, CustomStringConvertible {
 }
 
 func waitUntil(timeout seconds: Double, _ condition: () -> Bool) async throws {
-    let deadline = Date(timeIntervalSinceNow: seconds)
-    while !condition() {
-        guard Date() < deadline else { throw Timeout(description: "condition not met within \(seconds) s") }
-        try await Task.sleep(for: .milliseconds(50))
+    guard await waitUntil(seconds, every: .milliseconds(50), condition) else {
+        throw Timeout(description: "condition not met within \(seconds) s")
     }
 }
