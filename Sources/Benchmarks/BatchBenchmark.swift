@@ -64,8 +64,12 @@ public struct BatchBenchmark {
     public static let redisDurable = "Redis, appendfsync always"
     public static func shardFS(_ transport: String) -> String { "ShardFS (\(transport))" }
     public static let onLoopVolume = "ShardFS on a loop volume (unix)"
-    public static let withoutBackup = "ShardFS on etcd, no backup (unix)"
-    public static let withBackup = "ShardFS on etcd, one backup (unix)"
+    /// "shardfs-backup" (folder volumes) and "shardfs-backup-loop" (loop volumes: the
+    /// backup reads the primary's device with direct I/O, as from a multi-attached volume).
+    public static func backupSystem(loop: Bool, withBackup: Bool) -> String {
+        "ShardFS on \(loop ? "a loop volume" : "a folder"), etcd, \(withBackup ? "one backup" : "no backup") (unix)"
+    }
+    public static let backupSystems = [false, true].flatMap { loop in [false, true].map { backupSystem(loop: loop, withBackup: $0) } }
 
     /// One figure: the median over the rounds.
     public struct Figure: Sendable {
@@ -94,8 +98,11 @@ public struct BatchBenchmark {
 
         /// Put runs of one ShardFS node measured as `system`, a fresh shard each (and
         /// with `gets`, BatchGet runs on the randomly filled one); `around` wraps each
-        /// timed run, given its entries and requests (CPU accounting, a probe).
-        func measureShardFS(_ system: String, round: Int, endpoint: Endpoint, gets: Bool,
+        /// timed run, given its entries and requests (CPU accounting, a probe);
+        /// `volumes` (a folder of folder volumes): after each run, wait until the
+        /// deleted shard's files are gone, so that their removal (later with a
+        /// backup, which must leave them first) is not inside the next timed run.
+        func measureShardFS(_ system: String, round: Int, endpoint: Endpoint, gets: Bool, volumes: String? = nil,
                             around: (_ entries: Int, _ requests: Int, _ run: () async throws -> Double) async throws -> Double) async throws {
             var clients: [ShardFSClient] = []
             for _ in 0..<(connections.max() ?? 1) { clients.append(try await ShardFSClient.connect(to: endpoint)) }
@@ -115,6 +122,7 @@ public struct BatchBenchmark {
                     }
                     try? await clients[0].closeShard(client: "bench", shard: shard)
                     try? await clients[0].deleteShard(client: "bench", shard: shard)
+                    if let volumes { try await waitUntilRemoved(shard: shard, under: volumes) }
                 }
             }
             for client in clients { await client.close() }
@@ -225,36 +233,53 @@ public struct BatchBenchmark {
 
         // A primary on etcd alone, then with a backup following its views: what
         // publishing views costs the primary's writes.
-        for round in 1...rounds where systems.contains("shardfs-backup") {
+        for round in 1...rounds {
+            for loop in [false, true] where systems.contains(loop ? "shardfs-backup-loop" : "shardfs-backup") {
             for withBackup in [false, true] {
-                let system = withBackup ? Self.withBackup : Self.withoutBackup
+                let system = Self.backupSystem(loop: loop, withBackup: withBackup)
                 progress("round \(round): \(system): starting etcd and the node(s)")
-                let folder = scratch + "/backup-\(round)-\(withBackup)"
+                let folder = scratch + "/backup-\(round)-\(loop ? "loop" : "folder")-\(withBackup)"
                 let pair = try BackupPair.start(executable: serverExecutable, folder: folder, withBackup: withBackup,
-                                                viewIntervalMs: viewIntervalMs)
+                                                loopVolumes: loop, viewIntervalMs: viewIntervalMs)
                 do {
                     // With a backup: how far its views lag the primary's acknowledged writes
-                    // while the load runs (a probe put every 100 ms, read back from the
-                    // backup until it shows).
-                    try await measureShardFS(system, round: round, endpoint: .unix(path: pair.primary.socketPath), gets: false) { _, _, run in
-                        guard let backup = pair.backup else { return try await run() }
-                        let probe = try await ViewLagProbe.start(primary: pair.primary.socketPath, backup: backup.socketPath)
+                    // while the load runs.
+                    var probe: ViewLagProbe?
+                    if let backup = pair.backup { probe = try await ViewLagProbe.start(primary: pair.primary.socketPath, backup: backup.socketPath) }
+                    try await measureShardFS(system, round: round, endpoint: .unix(path: pair.primary.socketPath), gets: false,
+                                             volumes: pair.volumes) { entries, requests, run in
+                        // CPU of every process of the pair: on these two vCPUs the backup and etcd
+                        // take it from the primary, which on separate hosts they would not.
+                        let processes = [("primary", pair.primary.child.pid), ("backup", pair.backup?.child.pid), ("etcd", pair.etcd.pid)]
+                            .compactMap { name, pid in pid.map { (name, $0) } }
+                        let before = processes.map { CPUUse(pid: $0.1) }
+                        let started = ContinuousClock.now
                         let seconds = try await run()
-                        progress("    view lag on the backup during the run: " + ViewLagProbe.summary(await probe.stop()))
+                        let used = zip(processes, before).map { process, start in
+                            "\(process.0) \(String(format: "%.2f", (CPUUse(pid: process.1) - start).seconds)) s"
+                        }
+                        progress("    CPU during the run (\(String(format: "%.2f", seconds)) s): " + used.joined(separator: ", "))
+                        // A value acknowledged in the run that comes back after it still counts.
+                        if let probe {
+                            try await Task.sleep(for: .seconds(3))
+                            progress("    view lag on the backup during the run: " + ViewLagProbe.summary(probe.lags(since: started)))
+                        }
                         return seconds
                     }
+                    await probe?.stop()
                 } catch {
                     pair.stop()
                     throw error
                 }
                 pair.stop()
             }
+            }
         }
 
         var figures: [Figure] = []
         for workload in Workload.allCases {
             for n in connections {
-                for system in [Self.rawLMDB, Self.redisVolatile, Self.redisDurable] + transports.map(Self.shardFS) + [Self.withoutBackup, Self.withBackup, Self.onLoopVolume] {
+                for system in [Self.rawLMDB, Self.redisVolatile, Self.redisDurable] + transports.map(Self.shardFS) + Self.backupSystems + [Self.onLoopVolume] {
                     if let s = samples["\(system)|\(workload.rawValue)|\(n)"] {
                         figures.append(Figure(system: system, workload: workload, connections: n, opsPerSecond: median(s)))
                     }
@@ -799,8 +824,10 @@ struct BackupPair {
     let etcd: ChildProcess
     let primary: ShardFSNode
     let backup: ShardFSNode?
+    /// The folder of the pair's folder volumes.
+    let volumes: String
 
-    static func start(executable: String, folder: String, withBackup: Bool, viewIntervalMs: Int) throws -> BackupPair {
+    static func start(executable: String, folder: String, withBackup: Bool, loopVolumes: Bool, viewIntervalMs: Int) throws -> BackupPair {
         try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
         let client = try freeLoopbackPort(), peer = try freeLoopbackPort()
         let etcd = try ChildProcess(name: "etcd", executable: "/usr/bin/etcd", arguments: [
@@ -814,8 +841,8 @@ struct BackupPair {
             node:
               node_id: \(node)
             cloud:
-              volume_root: \(folder)/volumes
-              initial_volumes: \(volumes)
+              volume_root: \(folder)/volumes\(loopVolumes && node != "a" ? "-" + node : "")
+              initial_volumes: \(volumes)\(loopVolumes ? "\n  provider: loop\n  image_dir: \(folder)/images\n  volume_size: 8GiB" : "")
             metadata:
               type: etcd
               endpoints: http://127.0.0.1:\(client)
@@ -832,7 +859,7 @@ struct BackupPair {
             etcd.stop()
             throw error
         }
-        guard withBackup else { return BackupPair(etcd: etcd, primary: primary, backup: nil) }
+        guard withBackup else { return BackupPair(etcd: etcd, primary: primary, backup: nil, volumes: folder + "/volumes") }
         do {
             let volumes = try FileManager.default.contentsOfDirectory(atPath: folder + "/volumes")
             guard let volume = volumes.first else { throw BenchmarkError("the primary made no volume") }
@@ -843,7 +870,7 @@ struct BackupPair {
             add.waitUntilExit()
             guard add.terminationStatus == 0 else { throw BenchmarkError("shardfs volume add-backup failed") }
             let backup = try ShardFSNode.start(executable: executable, folder: folder + "/b", extraArguments: ["--config", configB])
-            return BackupPair(etcd: etcd, primary: primary, backup: backup)
+            return BackupPair(etcd: etcd, primary: primary, backup: backup, volumes: folder + "/volumes")
         } catch {
             primary.stop()
             etcd.stop()
@@ -859,58 +886,67 @@ struct BackupPair {
 }
 
 /// Measures how far a backup's views lag the primary's acknowledged writes: puts
-/// a counter to a probe shard on the primary every 100 ms and reads it back from
-/// the backup until the backup shows it.
-final class ViewLagProbe: Sendable {
-    private let task: Task<[Double], Never>
-    private let flag: StopFlag
-
-    /// Set once, read by the probing task.
-    final class StopFlag: @unchecked Sendable {
-        private let lock = NSLock()
-        private var stopped = false
-        var isStopped: Bool { lock.withLock { stopped } }
-        func stop() { lock.withLock { stopped = true } }
-    }
-
-    private init(flag: StopFlag, task: Task<[Double], Never>) {
-        self.flag = flag
-        self.task = task
-    }
+/// a counter to a probe shard on the primary every 100 ms or so and reads it back from
+/// the backup (every 5 ms) until the backup shows it. The probe shard is made,
+/// and followed by the backup, before `start` returns: until a backup follows a
+/// shard, reads of it are redirected (each a metadata lookup), which is not what
+/// the runs measure.
+final class ViewLagProbe: @unchecked Sendable {
+    private let lock = NSLock()
+    private var stopped = false
+    /// (when the probe value was acknowledged, seconds until the backup showed it)
+    private var samples: [(at: ContinuousClock.Instant, lag: Double)] = []
+    private var task: Task<Void, Never>?
 
     static func start(primary: String, backup: String) async throws -> ViewLagProbe {
         let writer = try await ShardFSClient.connect(to: .unix(path: primary))
         let reader = try await ShardFSClient.connect(to: .unix(path: backup))
         let shard = try await writer.newShard(owner: "probe")
-        let probe = StopFlag()
-        return ViewLagProbe(flag: probe, task: Task {
-            var lags: [Double] = []
-            var counter: UInt64 = 0
-            while !probe.isStopped {
-                counter += 1
-                let value = withUnsafeBytes(of: counter.bigEndian) { Array($0) }
-                guard (try? await writer.put(client: "probe", shard: shard, key: Array("probe".utf8), value: value)) != nil else { break }
-                let acknowledged = ContinuousClock.now
-                while !probe.isStopped {
-                    if let entry = try? await reader.get(shard: shard, key: Array("probe".utf8)), entry.value == value {
-                        let lag = ContinuousClock.now - acknowledged
-                        lags.append(Double(lag.components.seconds) + Double(lag.components.attoseconds) / 1e18)
-                        break
-                    }
-                    try? await Task.sleep(for: .milliseconds(5))
+        let probe = ViewLagProbe()
+        let key = Array("probe".utf8)
+        var counter: UInt64 = 0
+        func putAndWait(within limit: Duration) async -> Double? {
+            counter += 1
+            let value = withUnsafeBytes(of: counter.bigEndian) { Array($0) }
+            guard (try? await writer.put(client: "probe", shard: shard, key: key, value: value)) != nil else { return nil }
+            let acknowledged = ContinuousClock.now
+            while !probe.isStopped, ContinuousClock.now - acknowledged < limit {
+                if let entry = try? await reader.get(shard: shard, key: key), entry.value == value {
+                    return (ContinuousClock.now - acknowledged).inSeconds
                 }
-                try? await Task.sleep(for: .milliseconds(100))
+                try? await Task.sleep(for: .milliseconds(5))
+            }
+            return nil
+        }
+        guard await putAndWait(within: .seconds(60)) != nil else {
+            await writer.close()
+            await reader.close()
+            throw BenchmarkError("the backup did not follow the probe shard within a minute")
+        }
+        probe.task = Task {
+            while !probe.isStopped {
+                let at = ContinuousClock.now
+                if let lag = await putAndWait(within: .seconds(3600)) { probe.record(at: at, lag: lag) }
+                // A random pause: a fixed one locks the probe in step with the checkpoints.
+                try? await Task.sleep(for: .milliseconds(Int.random(in: 20...180)))
             }
             await writer.close()
             await reader.close()
-            return lags
-        })
+        }
+        return probe
     }
 
-    /// Stops probing; the lags seen, in seconds.
-    func stop() async -> [Double] {
-        flag.stop()
-        return await task.value
+    private var isStopped: Bool { lock.withLock { stopped } }
+    private func record(at: ContinuousClock.Instant, lag: Double) { lock.withLock { samples.append((at, lag)) } }
+
+    /// The lags of the probe values acknowledged since `start`, once each came back.
+    func lags(since start: ContinuousClock.Instant) -> [Double] {
+        lock.withLock { samples.filter { $0.at >= start }.map(\.lag) }
+    }
+
+    func stop() async {
+        lock.withLock { stopped = true }
+        await task?.value
     }
 
     static func summary(_ lags: [Double]) -> String {
@@ -919,4 +955,17 @@ final class ViewLagProbe: Sendable {
         func at(_ p: Double) -> String { String(format: "%.3f s", sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]) }
         return "p50 \(at(0.5)), p99 \(at(0.99)), max \(String(format: "%.3f s", sorted.last!)) (\(lags.count) probes)"
     }
+}
+
+/// Waits until no folder volume under `volumes` holds shard `shard`'s files (its
+/// directory or its `.deleting` rename), at most a minute.
+func waitUntilRemoved(shard: UInt64, under volumes: String) async throws {
+    let names = [ShardDirectoryName.of(shard), ShardDirectoryName.of(shard) + ".deleting"]
+    for _ in 0..<1_200 {
+        let volumeIDs = (try? FileManager.default.contentsOfDirectory(atPath: volumes)) ?? []
+        let left = volumeIDs.contains { volume in names.contains { FileManager.default.fileExists(atPath: "\(volumes)/\(volume)/\($0)") } }
+        if !left { return }
+        try await Task.sleep(for: .milliseconds(50))
+    }
+    throw BenchmarkError("the files of deleted shard \(shard) were still there after a minute")
 }

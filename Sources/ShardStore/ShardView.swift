@@ -39,7 +39,9 @@ extension Shard {
                 try SnapshotRoot.meta(of: pinned.transactionID, fd: fd)
             }
             do {
-                try env.sync(force: true)
+                // A durable commit (the default) already synced what the backup reads
+                // from the device: pages, then the meta page.
+                if env.options.noSync { try env.sync(force: true) }
                 let extents = try withDataFile { fd in try fileExtents(fd: fd) }
                 return (pin, PublishedSnapshot(root: root, extents: extents))
             } catch {
