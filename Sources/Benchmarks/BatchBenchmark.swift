@@ -193,10 +193,10 @@ public struct BatchBenchmark {
                     let endpoint: Endpoint = transport == "tcp" ? .tcp(host: "127.0.0.1", port: node.tcpPort) : .unix(path: node.socketPath)
                     let system = Self.shardFS(transport)
                     try await measureShardFS(system, round: round, endpoint: endpoint, gets: true) { entries, requests, run in
-                        let before = (server: CPUUse(pid: node.child.pid), client: CPUUse(pid: getpid()))
+                        let before = (server: CPUUse(pid: node.child.pid), client: CPUUse(pid: getpid()), steal: stolenSeconds())
                         let seconds = try await run()
                         progress(Self.cpuLine(server: CPUUse(pid: node.child.pid) - before.server, client: CPUUse(pid: getpid()) - before.client,
-                                              entries: entries, requests: requests))
+                                              entries: entries, requests: requests) + Self.stealNote(stolenSeconds() - before.steal))
                         return seconds
                     }
                 }
@@ -235,7 +235,9 @@ public struct BatchBenchmark {
         // publishing views costs the primary's writes.
         for round in 1...rounds {
             for loop in [false, true] where systems.contains(loop ? "shardfs-backup-loop" : "shardfs-backup") {
-            for withBackup in [false, true] {
+            // Which goes first alternates by round: later runs of a round were slower
+            // (without a backup too; docs/PERFORMANCE.md), which must not count against one side.
+            for withBackup in round % 2 == 1 ? [false, true] : [true, false] {
                 let system = Self.backupSystem(loop: loop, withBackup: withBackup)
                 progress("round \(round): \(system): starting etcd and the node(s)")
                 let folder = scratch + "/backup-\(round)-\(loop ? "loop" : "folder")-\(withBackup)"
@@ -253,12 +255,15 @@ public struct BatchBenchmark {
                         let processes = [("primary", pair.primary.child.pid), ("backup", pair.backup?.child.pid), ("etcd", pair.etcd.pid)]
                             .compactMap { name, pid in pid.map { (name, $0) } }
                         let before = processes.map { CPUUse(pid: $0.1) }
+                        let steal = stolenSeconds()
                         let started = ContinuousClock.now
                         let seconds = try await run()
                         let used = zip(processes, before).map { process, start in
-                            "\(process.0) \(String(format: "%.2f", (CPUUse(pid: process.1) - start).seconds)) s"
+                            let use = CPUUse(pid: process.1) - start
+                            return "\(process.0) \(String(format: "%.2f", use.seconds)) s (wrote \(use.writtenBytes >> 20) MiB)"
                         }
-                        progress("    CPU during the run (\(String(format: "%.2f", seconds)) s): " + used.joined(separator: ", "))
+                        progress("    CPU during the run (\(String(format: "%.2f", seconds)) s): " + used.joined(separator: ", ")
+                                 + Self.stealNote(stolenSeconds() - steal))
                         // A value acknowledged in the run that comes back after it still counts.
                         if let probe {
                             try await Task.sleep(for: .seconds(3))
@@ -295,6 +300,12 @@ public struct BatchBenchmark {
         return "    CPU per entry: server \(Int(server.seconds * 1e9 / n)) ns, client \(Int(client.seconds * 1e9 / n)) ns; "
                  + "context switches per request: server \(String(format: "%.1f", Double(server.switches) / r)), "
             + "client \(String(format: "%.1f", Double(client.switches) / r))"
+    }
+
+    /// The CPU time the hypervisor gave to others during a run, when there was any:
+    /// a run with much of it measured a slower machine, not a slower program.
+    private static func stealNote(_ seconds: Double) -> String {
+        seconds >= 0.01 ? "; stolen by the hypervisor: \(String(format: "%.2f", seconds)) CPU-s" : ""
     }
 
     // MARK: ShardFS through the Swift client
@@ -384,14 +395,17 @@ struct Inputs: Sendable {
     }
 }
 
-/// CPU time and context switches of a process so far, all threads (Linux /proc).
+/// CPU time, context switches and bytes handed to write calls of a process so
+/// far, all threads (Linux /proc).
 struct CPUUse {
     var seconds = 0.0
     var switches = 0
+    var writtenBytes = 0
 
-    init(seconds: Double, switches: Int) {
+    init(seconds: Double, switches: Int, writtenBytes: Int) {
         self.seconds = seconds
         self.switches = switches
+        self.writtenBytes = writtenBytes
     }
 
     init(pid: Int32) {
@@ -404,6 +418,10 @@ struct CPUUse {
                 seconds = (user + system) / ticks
             }
         }
+        if let io = try? String(contentsOfFile: "/proc/\(pid)/io", encoding: .utf8),
+           let line = io.split(separator: "\n").first(where: { $0.hasPrefix("wchar:") }) {
+            writtenBytes = Int(line.dropFirst("wchar:".count).trimmingCharacters(in: .whitespaces)) ?? 0
+        }
         let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
         for task in tasks {
             guard let status = try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/status", encoding: .utf8) else { continue }
@@ -413,7 +431,20 @@ struct CPUUse {
         }
     }
 
-    static func - (a: CPUUse, b: CPUUse) -> CPUUse { CPUUse(seconds: a.seconds - b.seconds, switches: a.switches - b.switches) }
+    static func - (a: CPUUse, b: CPUUse) -> CPUUse {
+        CPUUse(seconds: a.seconds - b.seconds, switches: a.switches - b.switches, writtenBytes: a.writtenBytes - b.writtenBytes)
+    }
+}
+
+/// CPU time stolen from this virtual machine by its hypervisor so far, all CPUs
+/// (the "steal" column of /proc/stat); 0 where unknown.
+func stolenSeconds() -> Double {
+    guard let stat = try? String(contentsOfFile: "/proc/stat", encoding: .utf8),
+          let line = stat.split(separator: "\n").first(where: { $0.hasPrefix("cpu ") }) else { return 0 }
+    let fields = line.split(separator: " ")
+    // cpu user nice system idle iowait irq softirq steal …
+    guard fields.count > 8, let steal = Double(fields[8]) else { return 0 }
+    return steal / Double(sysconf(Int32(_SC_CLK_TCK)))
 }
 
 /// `count` items split into `parts` contiguous ranges (the key space of each connection).
