@@ -133,8 +133,10 @@ public final class ViewPublisher: @unchecked Sendable {
         var superseded: [PinnedSnapshot] = []
         let local = shards.localShards(on: id)
         for shard in local {
-            if let current = state.current[shard.id], !shard.changed(since: current.pin.transactionID) { continue }
-            let (pin, published) = try await blockingWork { try shard.pinForViews() }
+            // Batches younger than one interval are left to the background applier:
+            // a view then lags by at most about two intervals, plus publishing.
+            if let current = state.current[shard.id], !shard.changed(since: current.pin.transactionID, maxPending: interval) { continue }
+            let (pin, published) = try await blockingWork { [interval] in try shard.pinForViews(applyingBatchesOlderThan: interval) }
             let record = ShardSnapshotRecord(shardID: shard.id, takenIn: next, snapshot: try published.encoded())
             fresh[shard.id] = Pinned(pin: pin, record: record)
         }

@@ -85,6 +85,8 @@ public final class Shard: @unchecked Sendable {
         let items: [EntryWrite]
         let bytes: Int
         let cost: Int
+        /// When it was logged (just before its append): how long a view may lack it.
+        var loggedAt = ContinuousClock.now
     }
 
     struct PendingKey {

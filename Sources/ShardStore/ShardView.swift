@@ -27,12 +27,15 @@ public struct PublishedSnapshot: Codable, Sendable, Equatable {
 }
 
 extension Shard {
-    /// Pins the newest snapshot for backups: applies acknowledged batches to LMDB
-    /// first (a backup reads LMDB only), then holds a read transaction on the newest
-    /// snapshot, makes the data file durable and maps it. The pin keeps every page
-    /// the snapshot reaches from reuse until `PinnedSnapshot.end()`.
-    public func pinForViews() throws -> (pin: PinnedSnapshot, published: PublishedSnapshot) {
-        if log != nil { try applyLog() }
+    /// Pins the newest snapshot for backups, and holds a read transaction on it,
+    /// then maps the data file. A backup reads LMDB only, so acknowledged batches
+    /// logged before `now - maxPending` are applied to LMDB first; younger ones are
+    /// left to the background applier (which applies under load in large
+    /// transactions, or within milliseconds of a pause): forcing them in at every
+    /// checkpoint made more, smaller transactions than the log would. The pin
+    /// keeps every page the snapshot reaches from reuse until `PinnedSnapshot.end()`.
+    public func pinForViews(applyingBatchesOlderThan maxPending: Duration = .zero) throws -> (pin: PinnedSnapshot, published: PublishedSnapshot) {
+        if log != nil, hasBatches(loggedBefore: ContinuousClock.now - maxPending) { try applyLog() }
         do {
             let (pin, root) = try env.pinNewest { pinned, fd in
                 // The writer lock is held: the meta page of this snapshot is still on disk.
@@ -234,9 +237,15 @@ public final class ShardView: Sendable {
 }
 
 extension Shard {
-    /// Whether anything changed since the snapshot `transactionID` (a commit, or an
-    /// acknowledged batch not yet applied).
-    public func changed(since transactionID: UInt64) -> Bool {
-        env.info.lastTransactionID != transactionID || hasPendingBatches
+    /// Whether a view at snapshot `transactionID` needs a new pin: a commit since,
+    /// or an acknowledged batch not yet applied that was logged more than
+    /// `maxPending` ago (see `pinForViews`).
+    public func changed(since transactionID: UInt64, maxPending: Duration = .zero) -> Bool {
+        env.info.lastTransactionID != transactionID || hasBatches(loggedBefore: ContinuousClock.now - maxPending)
+    }
+
+    /// Whether a batch logged before `instant` is still waiting for LMDB.
+    func hasBatches(loggedBefore instant: ContinuousClock.Instant) -> Bool {
+        logLock.withLock { pendingBatches.first.map { $0.loggedAt <= instant } ?? false }
     }
 }

@@ -124,6 +124,34 @@ import Testing
         #expect(try view.get(key("w3-24-38")).value == bytes("value 3 24 38"))
     }
 
+    /// A checkpoint for backup views pins what LMDB has: logged batches younger
+    /// than its bound stay for the background applier (forcing them in made more,
+    /// smaller transactions), older ones are applied first, so a view lags by a
+    /// bounded time.
+    @Test func aPinForViewsAppliesOnlyLoggedBatchesOlderThanItsBound() throws {
+        let dir = try TemporaryDirectory("log-pin")
+        let shard = try makeShard(dir)
+        try seed(shard)
+        shard.backgroundApplyHeld = true
+        _ = try shard.batchPut([put(seeded(5) + "x", "young")], clientID: "owner")  // among the seeded keys: logged
+        #expect(shard.hasPendingBatches)
+        let applied = shard.env.info.lastTransactionID
+        #expect(!shard.changed(since: applied, maxPending: .seconds(60)))
+        #expect(shard.changed(since: applied, maxPending: .zero))
+
+        let young = try shard.pinForViews(applyingBatchesOlderThan: .seconds(60))
+        #expect(young.pin.transactionID == applied)
+        #expect(shard.hasPendingBatches)
+        young.pin.end()
+
+        Thread.sleep(forTimeInterval: 0.05)
+        let old = try shard.pinForViews(applyingBatchesOlderThan: .milliseconds(20))
+        #expect(old.pin.transactionID > applied)
+        #expect(!shard.hasPendingBatches)
+        #expect(!shard.changed(since: old.pin.transactionID, maxPending: .zero))
+        old.pin.end()
+    }
+
     /// Batches racing a close: each one either is acknowledged and there after the
     /// close (and after a reopen), or fails as closed. None appears later.
     @Test func aCloseLetsNoLoggedBatchThroughAfterIt() throws {
