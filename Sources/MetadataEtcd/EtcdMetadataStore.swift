@@ -116,13 +116,23 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
                 removeLease(node.nodeID)?.keepalive?.cancel()
             }
         }
-        let sent = ContinuousClock.now
-        let leaseID = try await grantLease()
-        do {
-            try await put(nodeKey(node.nodeID), value, lease: leaseID)
-        } catch {
-            try? await revokeLease(leaseID)
-            throw error
+        var sent = ContinuousClock.now
+        var leaseID = try await grantLease()
+        var attempts = 1
+        while true {
+            do {
+                try await put(nodeKey(node.nodeID), value, lease: leaseID)
+                break
+            } catch MetadataError.notFound where attempts < 3 {
+                // The new lease lapsed before it was used: this process stood still
+                // for a whole TTL (a starved or paused host). Take another.
+                attempts += 1
+                sent = ContinuousClock.now
+                leaseID = try await grantLease()
+            } catch {
+                try? await revokeLease(leaseID)
+                throw error
+            }
         }
         let entry = NodeLease(leaseID: leaseID, record: node, surelyValidUntil: sent + .seconds(configuration.leaseTTL))
         let previous = lock.withLock { () -> NodeLease? in
