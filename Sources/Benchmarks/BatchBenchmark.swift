@@ -77,6 +77,8 @@ public struct BatchBenchmark {
         public var workload: Workload
         public var connections: Int
         public var opsPerSecond: Double
+        /// Every round's figure, in round order (the median is `opsPerSecond`).
+        public var rounds: [Double]
     }
 
     public func run(progress: @escaping @Sendable (String) -> Void = { _ in }) async throws -> [Figure] {
@@ -244,10 +246,12 @@ public struct BatchBenchmark {
                 let pair = try BackupPair.start(executable: serverExecutable, folder: folder, withBackup: withBackup,
                                                 loopVolumes: loop, viewIntervalMs: viewIntervalMs)
                 do {
-                    // With a backup: how far its views lag the primary's acknowledged writes
-                    // while the load runs.
-                    var probe: ViewLagProbe?
-                    if let backup = pair.backup { probe = try await ViewLagProbe.start(primary: pair.primary.socketPath, backup: backup.socketPath) }
+                    // How far the backup's views lag the primary's acknowledged writes while the
+                    // load runs. The probe's puts (each an fsync) run without a backup too, read
+                    // back from the primary itself, so both sides carry the same writes.
+                    let probe = try await ViewLagProbe.start(primary: pair.primary.socketPath,
+                                                             backup: pair.backup?.socketPath ?? pair.primary.socketPath)
+                    defer { probe.cancel() }  // when a run fails; its task ends on its own
                     try await measureShardFS(system, round: round, endpoint: .unix(path: pair.primary.socketPath), gets: false,
                                              volumes: pair.volumes) { entries, requests, run in
                         // CPU of every process of the pair: on these two vCPUs the backup and etcd
@@ -265,13 +269,13 @@ public struct BatchBenchmark {
                         progress("    CPU during the run (\(String(format: "%.2f", seconds)) s): " + used.joined(separator: ", ")
                                  + Self.stealNote(stolenSeconds() - steal))
                         // A value acknowledged in the run that comes back after it still counts.
-                        if let probe {
+                        if pair.backup != nil {
                             try await Task.sleep(for: .seconds(3))
                             progress("    view lag on the backup during the run: " + ViewLagProbe.summary(probe.lags(since: started)))
                         }
                         return seconds
                     }
-                    await probe?.stop()
+                    await probe.stop()
                 } catch {
                     pair.stop()
                     throw error
@@ -286,7 +290,7 @@ public struct BatchBenchmark {
             for n in connections {
                 for system in [Self.rawLMDB, Self.redisVolatile, Self.redisDurable] + transports.map(Self.shardFS) + Self.backupSystems + [Self.onLoopVolume] {
                     if let s = samples["\(system)|\(workload.rawValue)|\(n)"] {
-                        figures.append(Figure(system: system, workload: workload, connections: n, opsPerSecond: median(s)))
+                        figures.append(Figure(system: system, workload: workload, connections: n, opsPerSecond: median(s), rounds: s))
                     }
                 }
             }
@@ -976,9 +980,12 @@ final class ViewLagProbe: @unchecked Sendable {
     }
 
     func stop() async {
-        lock.withLock { stopped = true }
+        cancel()
         await task?.value
     }
+
+    /// Tells the probing task to end, without waiting for it.
+    func cancel() { lock.withLock { stopped = true } }
 
     static func summary(_ lags: [Double]) -> String {
         guard !lags.isEmpty else { return "no probe came through" }
