@@ -179,6 +179,8 @@ struct FailoverTests {
             let keys = (0..<100).map { "k\($0)" }
             let fileKeys = (0..<20).map { "f\($0)" }
             let acked = Mutex([String: Int]())
+            // When each acknowledged version of each key was acknowledged, in order.
+            let ackedAt = Mutex([String: [(version: Int, at: Date)]]())
             let ackTimes = Locked([(sent: Date, acked: Date)]())
             let writing = Flag()
             var options = RoutingOptions()
@@ -193,7 +195,9 @@ struct FailoverTests {
                             let sent = Date()
                             try await cluster.put(client: "writer", shard: shard, key: Array(key.utf8),
                                                   value: CheckedValue.make(key: key, version: version, size: Self.size(i)))
+                            let now = Date()
                             acked.withLock { $0[key] = version }
+                            ackedAt.withLock { $0[key, default: []].append((version, now)) }
                             ackTimes.withLock { $0.append((sent: sent, acked: Date())) }
                             writes += 1
                         } catch {
@@ -245,14 +249,17 @@ struct FailoverTests {
 
             // The backup reads what the primary writes, from its views.
             let reader = try await ShardFSClient.connect(to: try b.endpoint)
-            var reads = 0, wrong = 0, missing = 0, lags: [Double] = []
+            var reads = 0, wrong = 0, missing = 0, lags: [Double] = [], staleness: [Double] = []
             var fileReads = 0, batchReads = 0
-            // At least 6 s, and until enough reads of each kind (a loaded machine is slow).
+            // At least 6 s (SHARDFS_FAILOVER_SECONDS for a longer run), and until enough
+            // reads of each kind (a loaded machine is slow).
+            let seconds = Double(ProcessInfo.processInfo.environment["SHARDFS_FAILOVER_SECONDS"] ?? "") ?? 6
             let started = Date()
             var dropped = false
-            while Date().timeIntervalSince(started) < 6 || (reads < 60 || batchReads < 12 || fileReads < 12) && Date().timeIntervalSince(started) < 60 {
+            while Date().timeIntervalSince(started) < seconds
+                    || (reads < 60 || batchReads < 12 || fileReads < 12) && Date().timeIntervalSince(started) < seconds + 54 {
                 // Once, mid-run: the backup host's page cache goes.
-                if !dropped && Date().timeIntervalSince(started) > 3 {
+                if !dropped && Date().timeIntervalSince(started) > seconds / 2 {
                     try "3".write(toFile: "/proc/sys/vm/drop_caches", atomically: false, encoding: .utf8)
                     dropped = true
                 }
@@ -271,11 +278,18 @@ struct FailoverTests {
                 for key in keys.shuffled().prefix(10) {
                     let before = acked.withLock { $0[key] } ?? 0
                     do {
+                        let asked = Date()
                         let entry = try await reader.get(shard: shard, key: Array(key.utf8))
                         reads += 1
                         guard let version = CheckedValue.version(entry.value, key: key) else { wrong += 1; continue }
                         if version > (acked.withLock { $0[key] } ?? 0) + 1 { wrong += 1 }  // a version never written
                         lags.append(Double(max(0, before - version)))
+                        // Staleness: how long before the read a newer version had been acknowledged.
+                        if version < before, let newer = ackedAt.withLock({ $0[key]?.first { $0.version > version }?.at }) {
+                            staleness.append(max(0, asked.timeIntervalSince(newer)))
+                        } else {
+                            staleness.append(0)
+                        }
                     } catch {
                         missing += 1  // not in the views yet
                     }
@@ -288,7 +302,7 @@ struct FailoverTests {
             #expect(page.more && listed.count == 40 && listed == listed.sorted(by: { $0.utf8.lexicographicallyPrecedes($1.utf8) }), "\(listed)")
             #expect(Set(listed).isSubset(of: Set(keys + batchKeys)))
             await reader.close()
-            print("failover harness: backup reads \(reads) of puts, \(batchReads) of batch puts, \(fileReads) of files written through the mount; wrong \(wrong), not yet visible \(missing); versions behind p50 \(percentile(lags, 0.5)) p99 \(percentile(lags, 0.99)) max \(lags.max() ?? 0)")
+            print("failover harness: backup reads \(reads) of puts, \(batchReads) of batch puts, \(fileReads) of files written through the mount; wrong \(wrong), not yet visible \(missing); versions behind p50 \(percentile(lags, 0.5)) p99 \(percentile(lags, 0.99)) max \(lags.max() ?? 0); staleness p50 \(String(format: "%.3f", percentile(staleness, 0.5))) s, p99 \(String(format: "%.3f", percentile(staleness, 0.99))) s, max \(String(format: "%.3f", staleness.max() ?? 0)) s")
             #expect(wrong == 0)
             #expect(reads > 50)
             #expect(batchReads > 10)
