@@ -23,6 +23,14 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
     private let namespace: String
     private let lock = NSLock()
     private var leases: [String: NodeLease] = [:]
+    private var injectedAfterLeaseGrant: (@Sendable (Int64) async throws -> Void)?
+
+    /// Tests only: runs after `registerNode` is granted a new lease, before the
+    /// node's key is put on it (to make the lease lapse in between).
+    var afterLeaseGrant: (@Sendable (Int64) async throws -> Void)? {
+        get { lock.withLock { injectedAfterLeaseGrant } }
+        set { lock.withLock { injectedAfterLeaseGrant = newValue } }
+    }
     private var watches: [ObjectIdentifier: EtcdWatch] = [:]
     private var closed = false
     /// Seconds a broken watch waits before reconnecting at first. Internal: tests
@@ -121,6 +129,7 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
         var attempts = 1
         while true {
             do {
+                try await afterLeaseGrant?(leaseID)
                 try await put(nodeKey(node.nodeID), value, lease: leaseID)
                 break
             } catch MetadataError.notFound where attempts < 3 {

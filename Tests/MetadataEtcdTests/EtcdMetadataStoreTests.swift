@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Metadata
 import MetadataConformance
 import Testing
@@ -174,6 +175,31 @@ import Testing
             }
             #expect(leases.contains("found 1 leases") && !leases.contains(leaseID), "\(leases)")
             #expect(back?.address == "10.0.0.1:7070")
+            await node.close()
+            await observer.close()
+        }
+    }
+
+    /// A process that stands still for a whole TTL between being granted a lease
+    /// and putting its node's key on it (CI's starved suite start did) takes a new
+    /// lease instead of failing its start.
+    @Test func aNewLeaseThatLapsesBeforeItsKeyIsPutIsReplaced() async throws {
+        try await withEtcd { server in
+            let node = try makeStore(server, leaseTTL: 2)
+            let observer = try makeStore(server)
+            let lapsed = Mutex<[Int64]>([])
+            node.afterLeaseGrant = { leaseID in
+                // The first lease goes (as if its TTL passed) before the key is put on it.
+                guard lapsed.withLock({ $0.isEmpty }) else { return }
+                lapsed.withLock { $0.append(leaseID) }
+                _ = try server.etcdctl(["lease", "revoke", String(leaseID, radix: 16)])
+            }
+            try await node.registerNode(NodeRecord(nodeID: "n1", address: "10.0.0.1:7070"))
+            #expect(lapsed.withLock { $0.count } == 1)
+            #expect(try await observer.getNode("n1").address == "10.0.0.1:7070")
+            let leases = try server.etcdctl(["lease", "list"])
+            #expect(leases.contains("found 1 leases"), "\(leases)")
+            #expect(!leases.contains(String(lapsed.withLock { $0[0] }, radix: 16)), "\(leases)")
             await node.close()
             await observer.close()
         }
