@@ -12,7 +12,8 @@ import Testing
 /// primary, every value it returns is one the primary committed, deletes wait for
 /// the backup, and a backup whose primary is gone takes the volume over.
 @Suite(.serialized) struct BackupViewTests {
-    static func config(_ dir: TemporaryDirectory, node: String, etcd: EtcdServer, initialVolumes: Int = 1) throws -> Configuration {
+    static func config(_ dir: TemporaryDirectory, node: String, etcd: EtcdServer, initialVolumes: Int = 1,
+                       leaseTTL: Int = 10) throws -> Configuration {
         var config = Configuration()
         try config.set("node.node_id", node)
         try config.set("node.data_dir", dir.sub(node))
@@ -23,7 +24,7 @@ import Testing
         try config.set("metadata.namespace", "/backup-views")
         // Long enough that a loaded machine (the suite runs suites in parallel) does
         // not let a lease run short between keepalives.
-        try config.set("metadata.options.lease_ttl_s", "10")
+        try config.set("metadata.options.lease_ttl_s", String(leaseTTL))
         try config.set("metadata.retry.deadline_ms", "3000")
         try config.set("shard.size_limit", "512MiB")  // pins held while a loaded backup is slow to acknowledge grow the file
         try config.set("backup.view_interval_ms", "50")
@@ -31,36 +32,23 @@ import Testing
         return config
     }
 
-    /// A put that waits out a node that cannot confirm its lease for a moment: the
-    /// suite starts hundreds of tests at once on two vCPUs, and a keepalive starved
-    /// past the lease makes the node refuse writes until one is answered again
-    /// (what `aPrimaryWhoseLeaseLapsed…` below checks). Any other error fails at once.
-    static func put(_ shard: Shard, _ key: String, _ value: [UInt8]) throws {
-        let deadline = Date().addingTimeInterval(30)
-        while true {
-            do {
-                return try shard.put(try EntryKey(key), value: value, clientID: "c")
-            } catch ShardError.notPrimary where Date() < deadline {
-                Thread.sleep(forTimeInterval: 0.1)
-            }
-        }
-    }
-
     @Test func backupServesViewsThatFollowThePrimaryAndAreNeverWrong() async throws {
         try await withHeavyTest { try await withEtcd { etcd in
             let dir = try TemporaryDirectory("backup-views")
             defer { dir.remove() }
-            let a = try await StorageNode.start(try Self.config(dir, node: "node-a", etcd: etcd))
+            // 30 s leases: at the suite's start, hundreds of tests on two vCPUs once kept
+            // every keepalive from etcd for over 10 s, and the primary rightly refused writes.
+            let a = try await StorageNode.start(try Self.config(dir, node: "node-a", etcd: etcd, leaseTTL: 30))
             guard let volume = a.volumes.mountedVolumes().first?.volumeID else { Issue.record("no volume"); return }
             let shard = try await a.shards.newShard(owner: "c")
             let keys = (0..<200).map { "k\($0)" }
             // Values of several sizes, a few chunked (over 128 KiB): overflow pages and chunk sets.
             @Sendable func size(_ i: Int) -> Int { i % 50 == 0 ? 300_000 : 100 + (i * 37) % 3000 }
             for (i, key) in keys.enumerated() {
-                try Self.put(shard, key, CheckedValue.make(key: key, version: 0, size: size(i)))
+                try shard.put(try EntryKey(key), value: CheckedValue.make(key: key, version: 0, size: size(i)), clientID: "c")
             }
             // B runs before it is made a backup: it follows without a restart.
-            let b = try await StorageNode.start(try Self.config(dir, node: "node-b", etcd: etcd, initialVolumes: 0))
+            let b = try await StorageNode.start(try Self.config(dir, node: "node-b", etcd: etcd, initialVolumes: 0, leaseTTL: 30))
             #expect(!b.views.serves(shard.id))
             try await a.metadata.addBackup(volumeID: volume, nodeID: "node-b")
             #expect(try await waitUntil(5) { b.views.serves(shard.id) })
@@ -75,7 +63,7 @@ import Testing
                 try await blockingWork {
                     for version in 1...30 {
                         for (i, key) in keys.enumerated() {
-                            try Self.put(shard, key, CheckedValue.make(key: key, version: version, size: size(i)))
+                            try shard.put(try EntryKey(key), value: CheckedValue.make(key: key, version: version, size: size(i)), clientID: "c")
                         }
                     }
                 }
