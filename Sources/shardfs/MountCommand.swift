@@ -49,6 +49,7 @@ struct MountCommand: AsyncParsableCommand {
             try Self.daemonize(dataDir: dataDir)
             return
         }
+        ProcessWatch.startIfAsked()
         let readyFD = ProcessInfo.processInfo.environment[Self.readyVariable].flatMap { Int32($0) }
         do {
             let environment = ProcessInfo.processInfo.environment

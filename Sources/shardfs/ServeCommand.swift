@@ -28,6 +28,7 @@ struct ServeCommand: AsyncParsableCommand {
 
     func run() async throws {
         let signals = TerminationSignals()
+        ProcessWatch.startIfAsked()
         let running = try await ServeCommand.startNode(node, service)
         let admin: AdminEndpoint
         do {

@@ -127,6 +127,23 @@ func shardfsRun(_ arguments: [String], input: String = "", environment: [String:
         #expect(try shardfsRun(["shard", "new", "--client", "c", "--data-dir", typo, "--log-level", "error"]).stdout == "1\n")
     }
 
+    /// A node told to watch a process (as every node the tests start watches the
+    /// test process) stops cleanly once that process is killed, shells between or not.
+    @Test func aNodeStopsCleanlyWhenTheProcessItWatchesIsKilled() async throws {
+        let dir = try TemporaryDirectory("cli")
+        let standIn = Process()  // stands in for a test process that crashes
+        standIn.executableURL = URL(fileURLWithPath: "/bin/sleep")
+        standIn.arguments = ["600"]
+        try standIn.run()
+        let server = try await ServeProcess.start(["--data-dir", dir.path, "--no-tcp", "--log-level", "warning"],
+                                                  environment: ["SHARDFS_EXIT_WITH_PID": String(standIn.processIdentifier)])
+        defer { server.kill9() }
+        #expect(server.exitStatus(within: 1.5) == nil)  // still serving while the watched process lives
+        kill(standIn.processIdentifier, SIGKILL)
+        standIn.waitUntilExit()
+        #expect(server.exitStatus(within: 15) == 0)
+    }
+
     /// A second process on a busy data folder says at once what it waits for.
     @Test func waitingForABusyDataFolderIsSaidAtOnce() async throws {
         let dir = try TemporaryDirectory("cli")

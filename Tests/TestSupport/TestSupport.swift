@@ -20,7 +20,11 @@ public final class TemporaryDirectory: @unchecked Sendable {
 }
 
 /// Where SwiftPM put the products (the `shardfs` executable) for this test run.
+/// Every `shardfs` the tests start (through this) watches this process and stops
+/// cleanly once it is gone (`SHARDFS_EXIT_WITH_PID`), so a crashed test run leaves
+/// no daemons, mounts or loop devices behind.
 public func productsDirectory() -> URL {
+    _ = watchedByChildren
     var url = Bundle.main.bundleURL
     for _ in 0..<3 {
         if FileManager.default.isExecutableFile(atPath: url.appendingPathComponent("shardfs").path) { return url }
@@ -28,6 +32,9 @@ public func productsDirectory() -> URL {
     }
     return Bundle.main.bundleURL
 }
+
+/// Set once, before the first child is started; children inherit it.
+private let watchedByChildren: Void = { setenv("SHARDFS_EXIT_WITH_PID", String(getpid()), 1) }()
 
 /// The result of a finished child process.
 public struct ProcessResult: Sendable {
