@@ -4,6 +4,7 @@ import Metadata
 import NIOCore
 import ShardNode
 import ShardStore
+import Synchronization
 
 /// What one trip to the engine produced: the encoded answers, how many requests
 /// they finish, streams with more to send, and requests that need async work.
@@ -442,11 +443,26 @@ final class RequestExecutor: Sendable {
 
     /// The registered address of the shard's primary; empty when unknown, when
     /// its node is gone, or when it is this node (which cannot serve it: a
-    /// client sent back here would only come round again).
+    /// client sent back here would only come round again). Kept for
+    /// `redirectMemory`: a client polling a shard this node does not serve (a
+    /// backup that has not followed it yet) would otherwise cost three metadata
+    /// reads per request; an answer that old after a failover only sends a
+    /// client round once more. (Locate always asks the metadata.)
     private func primaryAddress(_ shard: UInt64) async -> String {
-        guard let location = try? await locator.locate(shard), location.primary.nodeID != shards.nodeID else { return "" }
-        return location.primary.address
+        let now = ContinuousClock.now
+        if let known = redirects.withLock({ $0[shard] }), known.until > now { return known.address }
+        var address = ""
+        if let location = try? await locator.locate(shard), location.primary.nodeID != shards.nodeID { address = location.primary.address }
+        redirects.withLock { known in
+            if known.count >= 4096 { known.removeAll() }  // shards come and go: a bound, not an eviction policy
+            known[shard] = (address, now + Self.redirectMemory)
+        }
+        return address
     }
+
+    /// How long a redirect's primary address is reused.
+    static let redirectMemory = Duration.seconds(1)
+    private let redirects = Mutex<[UInt64: (address: String, until: ContinuousClock.Instant)]>([:])
 
     static func info(_ listing: ShardListing) -> ShardInfo {
         ShardInfo(id: listing.record.shardID, owner: listing.record.ownerClientID, closed: listing.record.state == .closed,

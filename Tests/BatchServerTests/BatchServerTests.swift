@@ -1,6 +1,7 @@
 import BatchProtocol
 import BatchServer
 import Foundation
+import Metadata
 import NIOCore
 import ShardFSClient
 import ShardStore
@@ -471,5 +472,53 @@ final class OrderLog: @unchecked Sendable {
         // The socket is gone: nobody new gets in.
         await #expect(throws: (any Error).self) { _ = try await fixture.client() }
         await c.close()
+    }
+}
+
+/// A locator that answers one address and counts how often it is asked.
+final class CountingLocator: ShardLocator, @unchecked Sendable {
+    private let lock = NSLock()
+    private var asked = 0
+    var calls: Int { lock.withLock { asked } }
+
+    func locate(_ shard: UInt64) async throws -> ShardLocation {
+        lock.withLock { asked += 1 }
+        return ShardLocation(shard: shard, volumeID: "vol-elsewhere", epoch: 1, closed: false,
+                             primary: NodeLocation(nodeID: "elsewhere", address: "10.0.0.9:7070"), backups: [], answeredBy: "here")
+    }
+}
+
+@Suite struct RedirectTests {
+    /// A client polling a shard another node holds is sent there without a metadata
+    /// lookup per request: the primary's address is reused for a second.
+    @Test func aRedirectReusesTheLocatedPrimaryForASecond() async throws {
+        let locator = CountingLocator()
+        try await withServer({ $0.locator = locator }) { f in
+            let metadata = f.node.metadata
+            try await metadata.registerVolume(VolumeRecord(volumeID: "vol-elsewhere", primaryNodeID: "elsewhere", mountPath: "/elsewhere"))
+            try await metadata.createShard(ShardRecord(shardID: 77, volumeID: "vol-elsewhere", ownerClientID: "c", sizeLimit: 1 << 20))
+            let client = try await f.client()
+            func leader() async -> String? {
+                do {
+                    _ = try await client.get(shard: 77, key: Array("k".utf8))
+                    return nil
+                } catch ClientError.notShardLeader(_, let leader) {
+                    return leader
+                } catch {
+                    return "\(error)"
+                }
+            }
+            // At most one lookup per second (a loaded machine may take seconds for these).
+            let started = ContinuousClock.now
+            for _ in 0..<50 { #expect(await leader() == "10.0.0.9:7070") }
+            let seconds = (ContinuousClock.now - started).components.seconds
+            #expect(locator.calls <= 1 + Int(seconds), "\(locator.calls) lookups in \(seconds) s")
+            // Past the second, the next redirect looks again.
+            let before = locator.calls
+            try await Task.sleep(for: .milliseconds(1_100))
+            #expect(await leader() == "10.0.0.9:7070")
+            #expect(locator.calls == before + 1)
+            await client.close()
+        }
     }
 }
