@@ -134,7 +134,7 @@ public final class ViewPublisher: @unchecked Sendable {
         let local = shards.localShards(on: id)
         for shard in local {
             // Batches younger than one interval are left to the background applier:
-            // a view then lags by at most about two intervals, plus publishing.
+            // a view then lags by about two intervals at most, plus the checkpoint and publishing.
             if let current = state.current[shard.id], !shard.changed(since: current.pin.transactionID, maxPending: interval) { continue }
             let (pin, published) = try await blockingWork { [interval] in try shard.pinForViews(applyingBatchesOlderThan: interval) }
             let record = ShardSnapshotRecord(shardID: shard.id, takenIn: next, snapshot: try published.encoded())

@@ -34,7 +34,7 @@ extension Shard {
     /// transactions, or within milliseconds of a pause): forcing them in at every
     /// checkpoint made more, smaller transactions than the log would. The pin
     /// keeps every page the snapshot reaches from reuse until `PinnedSnapshot.end()`.
-    public func pinForViews(applyingBatchesOlderThan maxPending: Duration = .zero) throws -> (pin: PinnedSnapshot, published: PublishedSnapshot) {
+    public func pinForViews(applyingBatchesOlderThan maxPending: Duration) throws -> (pin: PinnedSnapshot, published: PublishedSnapshot) {
         if log != nil, hasBatches(loggedBefore: ContinuousClock.now - maxPending) { try applyLog() }
         do {
             let (pin, root) = try env.pinNewest { pinned, fd in
@@ -240,7 +240,7 @@ extension Shard {
     /// Whether a view at snapshot `transactionID` needs a new pin: a commit since,
     /// or an acknowledged batch not yet applied that was logged more than
     /// `maxPending` ago (see `pinForViews`).
-    public func changed(since transactionID: UInt64, maxPending: Duration = .zero) -> Bool {
+    public func changed(since transactionID: UInt64, maxPending: Duration) -> Bool {
         env.info.lastTransactionID != transactionID || hasBatches(loggedBefore: ContinuousClock.now - maxPending)
     }
 

@@ -49,6 +49,10 @@ struct MountCommand: AsyncParsableCommand {
             try Self.daemonize(dataDir: dataDir)
             return
         }
+        // SIGTERM and SIGINT stop the session here, as in `serve`: libfuse's own
+        // handlers (left out once these are caught) only flag the loop, which runs on
+        // a thread of its own and noticed the flag at the next request, not before.
+        let signals = TerminationSignals()
         ProcessWatch.startIfAsked()
         let readyFD = ProcessInfo.processInfo.environment[Self.readyVariable].flatMap { Int32($0) }
         do {
@@ -64,7 +68,10 @@ struct MountCommand: AsyncParsableCommand {
                                                         mountpoint: mountpoint)
             if let readyFD { Self.report("ready\n", to: readyFD) }
             ServiceManagerNotify.ready(status: "mounted at \(mountpoint)")  // systemd Type=notify, with -f
-            let rc = await runOnOwnThread { [session] in session!.run() }
+            let running = session!
+            let loop = Task { await runOnOwnThread { running.run() } }
+            if await signals.wait(orEndOf: loop) { running.stop() }
+            let rc = await loop.value
             session = nil  // the file system lets go of the shards it held
             await admin.stop()
             await storage.stop()

@@ -32,6 +32,24 @@ import Testing
         }
     }
 
+    /// A mount daemon told to watch a process (as every daemon the tests start
+    /// watches the test process) unmounts and exits once that process is killed.
+    @Test func aMountEndsCleanlyWhenTheProcessItWatchesIsKilled() async throws {
+        _ = try await withFixture("client_id=tester") { m in
+            let standIn = Process()  // stands in for a test process that crashes
+            standIn.executableURL = URL(fileURLWithPath: "/bin/sleep")
+            standIn.arguments = ["600"]
+            try standIn.run()
+            defer { if standIn.isRunning { kill(standIn.processIdentifier, SIGKILL) } }
+            try await m.mount(environment: ["SHARDFS_EXIT_WITH_PID": String(standIn.processIdentifier)])
+            let daemon = try #require(m.daemonPID)
+            _ = try await m.ok("ls")
+            kill(standIn.processIdentifier, SIGKILL)
+            standIn.waitUntilExit()
+            #expect(await waitUntil(15) { !m.isMounted && kill(daemon, 0) != 0 })
+        }
+    }
+
     @Test func aMistypedCommandIsAnErrorNeverAMount() async throws {
         let dir = try TemporaryDirectory("cli")
         try FileManager.default.createDirectory(atPath: dir.sub("list"), withIntermediateDirectories: true)
