@@ -511,7 +511,8 @@ struct FailoverTests {
                   !((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").contains("promoting") {
                 try await Task.sleep(for: .milliseconds(10))
             }
-            try await etcd.restart()
+            await etcd.kill9()
+            try await etcd.start()
             // B serves writes for the shard, as the one primary, one epoch on.
             let probe = try await ShardFSClient.connect(to: try b.endpoint)
             var wrote = false

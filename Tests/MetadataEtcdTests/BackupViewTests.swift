@@ -12,7 +12,7 @@ import Testing
 /// primary, every value it returns is one the primary committed, deletes wait for
 /// the backup, and a backup whose primary is gone takes the volume over.
 @Suite(.serialized) struct BackupViewTests {
-    static func config(_ dir: TemporaryDirectory, node: String, etcd: EtcdServer, initialVolumes: Int = 1,
+    static func config(_ dir: TemporaryDirectory, node: String, etcd: LocalEtcd, initialVolumes: Int = 1,
                        leaseTTL: Int = 10) throws -> Configuration {
         var config = Configuration()
         try config.set("node.node_id", node)
@@ -33,7 +33,7 @@ import Testing
     }
 
     @Test func backupServesViewsThatFollowThePrimaryAndAreNeverWrong() async throws {
-        try await withHeavyTest { try await withEtcd { etcd in
+        try await withHeavyTest { try await withLocalEtcd { etcd in
             let dir = try TemporaryDirectory("backup-views")
             defer { dir.remove() }
             // 30 s leases: at the suite's start, hundreds of tests on two vCPUs once kept
@@ -134,7 +134,7 @@ import Testing
     /// refuses every write, since another node may have won its volume; once etcd
     /// is back and the node has checked that it still holds the volume, it writes again.
     @Test func aPrimaryWhoseLeaseLapsedStopsWritingAndResumesOnceItHasCheckedItsRole() async throws {
-        try await withHeavyTest { try await withEtcd { etcd in
+        try await withHeavyTest { try await withLocalEtcd { etcd in
             let dir = try TemporaryDirectory("lease-lapse")
             defer { dir.remove() }
             var config = try Self.config(dir, node: "node-a", etcd: etcd)

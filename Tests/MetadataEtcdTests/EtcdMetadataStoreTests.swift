@@ -2,17 +2,18 @@ import Foundation
 import Synchronization
 import Metadata
 import MetadataConformance
+import TestSupport
 import Testing
 @testable import MetadataEtcd
 
-/// Against a real etcd (one per test, started and destroyed by `withEtcd`).
+/// Against a real etcd (one per test, started and destroyed by `withLocalEtcd`).
 /// Serialized: the machine has 2 cores and several tests measure time.
 @Suite(.serialized) struct EtcdMetadataStoreTests {
 
     /// The metadata contract (Tests/MetadataConformance), each check on a fresh etcd.
     @Test(arguments: MetadataContract.checks)
     func contract(_ check: MetadataContract.Check) async throws {
-        try await withEtcd { server in
+        try await withLocalEtcd { server in
             // Leases that outlast a loaded machine: expiry is not what the contract checks
             // (the lease tests below do), and a node whose lease lapsed mid-check is
             // briefly unlisted.
@@ -23,7 +24,7 @@ import Testing
 
     /// The keys are the documented layout, under the namespace.
     @Test func keyLayoutUnderTheNamespace() async throws {
-        try await withEtcd { server in
+        try await withLocalEtcd { server in
             let store = try makeStore(server)
             try await store.registerNode(NodeRecord(nodeID: "n1", address: "10.0.0.1:7000"))
             _ = try await store.generateShardID()
@@ -39,7 +40,7 @@ import Testing
     }
 
     @Test func namespacesAreSeparate() async throws {
-        try await withEtcd { server in
+        try await withLocalEtcd { server in
             let one = try makeStore(server, namespace: "/one/")
             let two = try makeStore(server, namespace: "/two")
             #expect(try await one.generateShardID() == 1)
@@ -52,7 +53,7 @@ import Testing
     }
 
     @Test func shardIDsFromTwoStoresAreUniqueAndIncreasing() async throws {
-        try await withEtcd { server in
+        try await withLocalEtcd { server in
             // Two instances, each with its own curl pool and connections: as two
             // processes would be, short of a second executable.
             let stores = [try makeStore(server), try makeStore(server)]
@@ -82,7 +83,7 @@ import Testing
     }
 
     @Test func claimAndCreateRaceWithGeneration() async throws {
-        try await withEtcd { server in
+        try await withLocalEtcd { server in
             let a = try makeStore(server)
             let b = try makeStore(server)
             try await a.claimShardID(50)
@@ -118,7 +119,7 @@ import Testing
     }
 
     @Test func guardedPrimaryChangeLosesToNewerEpoch() async throws {
-        try await withEtcd { server in
+        try await withLocalEtcd { server in
             let a = try makeStore(server)
             let b = try makeStore(server)
             try await a.registerVolume(VolumeRecord(volumeID: "v", primaryNodeID: "n0", mountPath: "/m"))
@@ -157,7 +158,7 @@ import Testing
     }
 
     @Test func aRevokedLeaseIsReplacedAndTheNodeRegisteredAgain() async throws {
-        try await withEtcd { server in
+        try await withLocalEtcd { server in
             let node = try makeStore(server, leaseTTL: 2)
             let observer = try makeStore(server)
             try await node.registerNode(NodeRecord(nodeID: "n1", address: "10.0.0.1:7070"))
@@ -184,7 +185,7 @@ import Testing
     /// and putting its node's key on it (CI's starved suite start did) takes a new
     /// lease instead of failing its start.
     @Test func aNewLeaseThatLapsesBeforeItsKeyIsPutIsReplaced() async throws {
-        try await withEtcd { server in
+        try await withLocalEtcd { server in
             let node = try makeStore(server, leaseTTL: 2)
             let observer = try makeStore(server)
             let lapsed = Mutex<[Int64]>([])
@@ -206,7 +207,7 @@ import Testing
     }
 
     @Test func lapsedLeaseRemovesTheNode() async throws {
-        try await withEtcd { server in
+        try await withLocalEtcd { server in
             let dying = try makeStore(server, leaseTTL: 2)
             let observer = try makeStore(server)
             let survivor = try makeStore(server, leaseTTL: 2)
@@ -240,7 +241,7 @@ import Testing
     }
 
     @Test func watchResumesAcrossAnEtcdRestart() async throws {
-        try await withEtcd { server in
+        try await withLocalEtcd { server in
             let store = try makeStore(server)
             // The watch waits 3 s before reconnecting, longer than an etcd restart
             // here, so the changes made right after each restart land while it is
@@ -281,7 +282,7 @@ import Testing
     }
 
     @Test func retriesRideOutAnEtcdOutage() async throws {
-        try await withEtcd { server in
+        try await withLocalEtcd { server in
             let base = try makeStore(server, callTimeout: .milliseconds(500))
             let policy = RetryPolicy(initialBackoff: .milliseconds(50), multiplier: 1.5, maxBackoff: .milliseconds(300), deadline: .seconds(20))
             let store = RetryingMetadataStore(base, policy: policy)
@@ -324,7 +325,7 @@ import Testing
     }
 
     @Test func unreachableAndMalformedEndpoints() async throws {
-        let port = try EtcdServer.freePort()  // nothing listens there
+        let port = try freeLoopbackPort()  // nothing listens there
         let store = try EtcdMetadataStore(configuration: EtcdConfiguration(
             endpoints: ["http://127.0.0.1:\(port)"], callTimeout: .milliseconds(500)))
         await #expect {
@@ -358,8 +359,8 @@ import Testing
     }
 
     @Test func failsOverToAWorkingEndpoint() async throws {
-        try await withEtcd { server in
-            let dead = "http://127.0.0.1:\(try EtcdServer.freePort())"
+        try await withLocalEtcd { server in
+            let dead = "http://127.0.0.1:\(try freeLoopbackPort())"
             let store = try EtcdMetadataStore(configuration: EtcdConfiguration(
                 endpoints: [dead, server.endpoint], callTimeout: .seconds(2)))
             _ = try await store.listNodes()
@@ -375,7 +376,7 @@ import Testing
 
     @Test func authentication() async throws {
         // A token TTL of 1 s: the re-authentication path runs too.
-        try await withEtcd(extraArguments: ["--auth-token-ttl", "1"]) { server in
+        try await withLocalEtcd(extraArguments: ["--auth-token-ttl", "1"]) { server in
             try server.etcdctl(["user", "add", "root:pw"])
             try server.etcdctl(["auth", "enable"])
             let good = try makeStore(server, username: "root", password: "pw")
@@ -412,7 +413,7 @@ import Testing
     }
 
     @Test func tlsWithClientCertificates() async throws {
-        try await withEtcd(tls: true) { server in
+        try await withLocalEtcd(tls: true) { server in
             let store = try EtcdMetadataStore(configuration: server.configuration())
             _ = try await store.listNodes()
             let events = EventCollector(store.changes())

@@ -1,5 +1,6 @@
 import Foundation
 import Metadata
+import TestSupport
 import Testing
 @testable import MetadataEtcd
 
@@ -27,8 +28,8 @@ import Testing
     }
 
     @Test func shardIDsFromTwoProcessesAreUniqueAndIncreasing() async throws {
-        try await withEtcd { server in
-            let output = server.directory.appendingPathComponent("worker-ids.txt").path
+        try await withLocalEtcd { server in
+            let output = server.directory + "/worker-ids.txt"
             let worker = Process()
             worker.executableURL = URL(fileURLWithPath: try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
             worker.arguments = ["--testing-library", "swift-testing", "--filter", "secondProcessWorker"]

@@ -7,7 +7,7 @@ import Testing
 
 /// Two nodes on one machine, each with its own data folder, sharing one etcd.
 @Suite struct TwoNodeTests {
-    func config(_ dir: TemporaryDirectory, node: String, etcd: EtcdServer) throws -> Configuration {
+    func config(_ dir: TemporaryDirectory, node: String, etcd: LocalEtcd) throws -> Configuration {
         var config = Configuration()
         try config.set("node.node_id", node)
         try config.set("node.data_dir", dir.sub(node))
@@ -20,7 +20,7 @@ import Testing
     }
 
     @Test func nodesShareIDsAndListingsButNotShards() async throws {
-        try await withEtcd { etcd in
+        try await withLocalEtcd { etcd in
             let dir = try TemporaryDirectory("two-nodes")
             let a = try await StorageNode.start(try config(dir, node: "node-a", etcd: etcd))
             let b = try await StorageNode.start(try config(dir, node: "node-b", etcd: etcd))

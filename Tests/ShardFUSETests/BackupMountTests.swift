@@ -253,7 +253,7 @@ import Testing
         try await withPrimaryAndBackup { c in
             let s = "shard-\(c.shard)"
             try #require(try await waitUntil(10) { try await c.sh("cat \(s)/a").stdout == "alpha" })
-            c.etcd.stop()
+            await c.etcd.kill9()
             #expect(try await waitUntil(12) { try await c.errnoOf("open('\(s)/a').read()") == "EIO" })
             #expect(try await c.errnoOf("os.listdir('\(s)')") == "EIO")
             #expect(try await c.errnoOf("os.listdir('.')") == "EIO")

@@ -3,136 +3,189 @@ import Foundation
 import Glibc
 #endif
 
-/// A real etcd on free loopback ports for tests of several nodes. It runs
-/// under a shell watchdog that kills it, and removes its folder, if the test
-/// process dies, so none outlives the tests even on a crash. Use `withLocalEtcd`,
-/// which always stops it.
+/// A real etcd for one test: free loopback ports, a temporary folder (data,
+/// log, TLS files). It runs under a `WatchedProcess` watchdog that kills it and
+/// removes the folder if the test process dies, so none outlives the tests even
+/// on a crash. Use `withLocalEtcd`, which always destroys it.
 public final class LocalEtcd: @unchecked Sendable {
-    public let endpoint: String
-    private let dir: TemporaryDirectory
-    private var watchdog: Process
-    private let pidFile: String
-    private let clientPort: Int, peerPort: Int
+    /// The temporary folder: `data/`, `etcd.log`, `tls/`.
+    public let directory: String
+    public private(set) var clientPort: Int
+    public private(set) var peerPort: Int
+    /// Arguments added to etcd's (the TLS ones included).
+    public let extraArguments: [String]
+    /// With TLS: the CA, server and client files (clients must present a certificate).
+    public let tls: TLSFiles?
+    private var child: WatchedProcess?
+
+    public var endpoint: String { "\(tls == nil ? "http" : "https")://127.0.0.1:\(clientPort)" }
+    public var dataDir: String { directory + "/data" }
+    public var log: String { (try? String(contentsOfFile: directory + "/etcd.log", encoding: .utf8)) ?? "" }
+    /// etcd's pid while it runs.
+    public var pid: pid_t? { child?.pid }
 
     public struct Failure: Error, CustomStringConvertible {
         public let description: String
+        public init(_ description: String) { self.description = description }
     }
 
-    private init(dir: TemporaryDirectory, endpoint: String, watchdog: Process, pidFile: String, clientPort: Int, peerPort: Int) {
-        self.dir = dir
-        self.endpoint = endpoint
-        self.watchdog = watchdog
-        self.pidFile = pidFile
-        self.clientPort = clientPort
-        self.peerPort = peerPort
+    public static var binary: String? {
+        ["/usr/bin/etcd", "/usr/local/bin/etcd"].first { FileManager.default.isExecutableFile(atPath: $0) }
     }
 
-    /// Starts etcd and waits until it answers. The ports are picked before etcd
-    /// binds them, so another process may take one meanwhile: then it tries again.
-    public static func start() async throws -> LocalEtcd {
-        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/etcd") else {
-            throw Failure(description: "etcd is not installed (apt-get install etcd-server etcd-client)")
+    private init(extraArguments: [String], tls: Bool) throws {
+        directory = URL(fileURLWithPath: NSTemporaryDirectory())
+            .appendingPathComponent("shardfs-etcd-\(getpid())-\(UUID().uuidString.prefix(8))").standardizedFileURL.path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        clientPort = try freeLoopbackPort()
+        peerPort = try freeLoopbackPort()
+        self.tls = tls ? try TLSFiles.make(in: directory) : nil
+        var arguments = extraArguments
+        if let files = self.tls {
+            arguments += ["--cert-file", files.serverCert, "--key-file", files.serverKey,
+                          "--client-cert-auth", "--trusted-ca-file", files.ca]
         }
-        var last = ""
-        for _ in 0..<3 {
-            let etcd = try launch()
-            if try await etcd.waitUntilReady() { return etcd }
-            last = etcd.log
-            etcd.stop()
+        self.extraArguments = arguments
+    }
+
+    /// A fresh etcd, answering. The free ports are picked before etcd binds them,
+    /// so another process may take one meanwhile: then etcd exits at once, and it
+    /// is started again on newly picked ports (three times at most).
+    public static func launch(extraArguments: [String] = [], tls: Bool = false) async throws -> LocalEtcd {
+        let etcd = try LocalEtcd(extraArguments: extraArguments, tls: tls)
+        for attempt in 1...3 {
+            do {
+                try await etcd.start()
+                return etcd
+            } catch let error as Failure where attempt < 3 && error.description.contains("exited at start") {
+                await etcd.signalAndWait(SIGKILL)
+                etcd.clientPort = try freeLoopbackPort()
+                etcd.peerPort = try freeLoopbackPort()
+                try? FileManager.default.removeItem(atPath: etcd.dataDir)
+                try? FileManager.default.removeItem(atPath: etcd.directory + "/etcd.log")
+            } catch {
+                await etcd.destroy()
+                throw error
+            }
         }
-        throw Failure(description: "etcd did not start: \(last)")
+        await etcd.destroy()
+        throw Failure("etcd did not start")
     }
 
-    private static func launch() throws -> LocalEtcd {
-        let dir = try TemporaryDirectory("etcd")
-        let client = try freeLoopbackPort(), peer = try freeLoopbackPort()
-        let process = try watchdog(dir: dir, client: client, peer: peer)
-        return LocalEtcd(dir: dir, endpoint: "http://127.0.0.1:\(client)", watchdog: process, pidFile: dir.sub("etcd.pid"),
-                         clientPort: client, peerPort: peer)
-    }
-
-    /// etcd on these ports and this folder, under a watchdog.
-    private static func watchdog(dir: TemporaryDirectory, client: Int, peer: Int) throws -> Process {
-        let endpoint = "http://127.0.0.1:\(client)", peerURL = "http://127.0.0.1:\(peer)"
-        let pidFile = dir.sub("etcd.pid")
-        let script = """
-            "$@" >>"\(dir.sub("etcd.log"))" 2>&1 &
-            e=$!
-            echo $e > "\(pidFile)"
-            while kill -0 \(getpid()) 2>/dev/null && kill -0 $e 2>/dev/null; do sleep 0.2; done
-            if ! kill -0 \(getpid()) 2>/dev/null; then kill -9 $e 2>/dev/null; wait $e; rm -rf "\(dir.path)"; fi
-            wait $e
-            """
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/bin/sh")
-        process.arguments = ["-c", script, "etcd-watchdog", "/usr/bin/etcd", "--name", "test", "--data-dir", dir.sub("data"),
-                             "--listen-client-urls", endpoint, "--advertise-client-urls", endpoint,
-                             "--listen-peer-urls", peerURL, "--initial-advertise-peer-urls", peerURL,
-                             "--initial-cluster", "test=\(peerURL)", "--log-level", "error"]
-        process.standardInput = FileHandle.nullDevice
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        try process.run()
-        return process
-    }
-
-    /// Kills etcd (as a crash would) and starts it again on the same ports and
-    /// data, waiting until it answers.
-    public func restart() async throws {
-        for _ in 0..<100 where etcdPID == nil && watchdog.isRunning { usleep(20_000) }
-        if let pid = etcdPID { kill(pid, SIGKILL) }
-        watchdog.waitUntilExit()
-        try? FileManager.default.removeItem(atPath: pidFile)
-        watchdog = try Self.watchdog(dir: dir, client: clientPort, peer: peerPort)
-        guard try await waitUntilReady() else { throw Failure(description: "etcd did not come back: \(log)") }
-    }
-
-    private var etcdPID: pid_t? {
-        (try? String(contentsOfFile: pidFile, encoding: .utf8)).flatMap { pid_t($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
-    }
-
-    /// True once it answers /health; false if it exited first (a port taken).
-    private func waitUntilReady() async throws -> Bool {
+    /// Starts etcd (on the same ports and data each time) and waits up to 60 s
+    /// until it answers /health.
+    public func start() async throws {
+        guard let binary = Self.binary else { throw Failure("etcd is not installed (apt-get install etcd-server etcd-client)") }
+        precondition(child == nil, "etcd is already running")
+        let peer = "http://127.0.0.1:\(peerPort)"
+        let process = WatchedProcess(binary, [
+            "--name", "test", "--data-dir", dataDir,
+            "--listen-client-urls", endpoint, "--advertise-client-urls", endpoint,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", "test=\(peer)", "--log-level", "error",
+        ] + extraArguments, pidFolder: directory, log: directory + "/etcd.log", cleanup: "rm -rf \(shellQuoted(directory))")
+        try process.start()
+        child = process
+        var curl = ["-sf", "--max-time", "1", "-o", "/dev/null"]
+        if let tls { curl += ["--cacert", tls.ca, "--cert", tls.clientCert, "--key", tls.clientKey] }
         var exited = false
         let ready = try await waitUntil(60, every: .milliseconds(50)) {
-            if !watchdog.isRunning { exited = true }
-            if let pid = etcdPID, kill(pid, 0) != 0 { exited = true }
-            if exited { return true }
-            guard etcdPID != nil else { return false }
-            return try await shell("curl -sf --max-time 1 \(endpoint)/health").status == 0
+            // An answer from another test's etcd on a port taken meanwhile does not count.
+            guard process.isRunning else {
+                exited = true
+                return true
+            }
+            return try await runAsync("/usr/bin/curl", curl + ["\(endpoint)/health"]).status == 0 && process.isRunning
         }
-        return ready && !exited
+        if exited { throw Failure("etcd exited at start: \(log)") }
+        if !ready { throw Failure("etcd did not become ready within 60 s: \(log)") }
     }
 
-    public var log: String { (try? String(contentsOfFile: dir.sub("etcd.log"), encoding: .utf8)) ?? "" }
+    /// Graceful stop (SIGTERM), waiting until etcd has exited.
+    public func stop() async { await signalAndWait(SIGTERM) }
 
-    /// Kills etcd and waits for its watchdog to end.
-    public func stop() {
-        // The watchdog writes the pid first thing; give it a moment if it has not yet.
-        for _ in 0..<100 where etcdPID == nil && watchdog.isRunning { usleep(20_000) }
-        if let pid = etcdPID { kill(pid, SIGKILL) } else if watchdog.isRunning { kill(watchdog.processIdentifier, SIGKILL) }
-        watchdog.waitUntilExit()
-        dir.remove()
+    /// SIGKILL, like a crash.
+    public func kill9() async { await signalAndWait(SIGKILL) }
+
+    /// A graceful stop, then `start()`.
+    public func restart() async throws {
+        await stop()
+        try await start()
+    }
+
+    /// SIGSTOP / SIGCONT: an etcd that stops answering, then comes back.
+    public func pause() { child?.signal(SIGSTOP) }
+    public func resume() { child?.signal(SIGCONT) }
+
+    private func signalAndWait(_ signal: Int32) async {
+        guard let child else { return }
+        if signal != SIGKILL { child.signal(SIGCONT) }
+        await child.stop(signal)
+        try? FileManager.default.removeItem(atPath: child.pidFile)
+        self.child = nil
+    }
+
+    /// Kills etcd and removes its folder.
+    public func destroy() async {
+        await signalAndWait(SIGKILL)
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+
+    /// Runs etcdctl against this etcd (with the TLS files if any); its output.
+    @discardableResult
+    public func etcdctl(_ arguments: [String]) throws -> String {
+        var tlsArguments: [String] = []
+        if let tls { tlsArguments = ["--cacert", tls.ca, "--cert", tls.clientCert, "--key", tls.clientKey] }
+        let result = try run("/usr/bin/etcdctl", ["--endpoints", endpoint] + tlsArguments + arguments,
+                             environment: ["ETCDCTL_API": "3"])
+        guard result.status == 0 else { throw Failure("etcdctl \(arguments) failed: \(result.stdout)\(result.stderr)") }
+        return result.stdout
     }
 }
 
-/// Runs `body` with a fresh etcd, stopping it whatever happens.
-public func withLocalEtcd<T>(_ body: (LocalEtcd) async throws -> T) async throws -> T {
-    let etcd = try await LocalEtcd.start()
+/// Runs `body` with a fresh etcd, always destroying it afterwards.
+public func withLocalEtcd<T>(extraArguments: [String] = [], tls: Bool = false,
+                             _ body: (LocalEtcd) async throws -> T) async throws -> T {
+    let etcd = try await LocalEtcd.launch(extraArguments: extraArguments, tls: tls)
     do {
         let result = try await body(etcd)
-        etcd.stop()
+        await etcd.destroy()
         return result
     } catch {
-        etcd.stop()
+        await etcd.destroy()
         throw error
+    }
+}
+
+/// A throw-away CA, a server certificate for 127.0.0.1 and a client certificate (openssl).
+public struct TLSFiles: Sendable {
+    public let ca: String, serverCert: String, serverKey: String, clientCert: String, clientKey: String
+
+    static func make(in directory: String) throws -> TLSFiles {
+        let d = directory + "/tls"
+        try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true)
+        let script = """
+            set -e
+            cd \(shellQuoted(d))
+            openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=test-ca -keyout ca.key -out ca.crt 2>/dev/null
+            printf 'subjectAltName=IP:127.0.0.1\\nextendedKeyUsage=serverAuth,clientAuth\\n' > ext.cnf
+            for n in server client; do
+              openssl req -newkey rsa:2048 -nodes -subj /CN=$n -keyout $n.key -out $n.csr 2>/dev/null
+              openssl x509 -req -in $n.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 1 -extfile ext.cnf -out $n.crt 2>/dev/null
+            done
+            """
+        guard try run("/bin/sh", ["-c", script]).status == 0 else {
+            throw LocalEtcd.Failure("openssl could not make test certificates")
+        }
+        return TLSFiles(ca: d + "/ca.crt", serverCert: d + "/server.crt", serverKey: d + "/server.key",
+                        clientCert: d + "/client.crt", clientKey: d + "/client.key")
     }
 }
 
 /// A loopback TCP port nobody listens on right now (bind port 0, read it, close).
 public func freeLoopbackPort() throws -> Int {
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    guard fd >= 0 else { throw LocalEtcd.Failure(description: "socket failed") }
+    guard fd >= 0 else { throw LocalEtcd.Failure("socket failed") }
     defer { close(fd) }
     var address = sockaddr_in()
     address.sin_family = sa_family_t(AF_INET)
@@ -140,8 +193,8 @@ public func freeLoopbackPort() throws -> Int {
     address.sin_addr.s_addr = inet_addr("127.0.0.1")
     var length = socklen_t(MemoryLayout<sockaddr_in>.size)
     let bound = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) } }
-    guard bound == 0 else { throw LocalEtcd.Failure(description: "bind failed") }
+    guard bound == 0 else { throw LocalEtcd.Failure("bind failed") }
     let named = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) } }
-    guard named == 0 else { throw LocalEtcd.Failure(description: "getsockname failed") }
+    guard named == 0 else { throw LocalEtcd.Failure("getsockname failed") }
     return Int(UInt16(bigEndian: address.sin_port))
 }
