@@ -77,31 +77,12 @@ struct FailoverTests {
     init() throws { dir = try TemporaryDirectory("failover") }
 
     func config(_ node: String, initialVolumes: Int, port: Int, etcd: String, failoverDelayMs: Int = 500) throws -> String {
-        let path = dir.sub("\(node).yaml")
-        try """
-        node:
-          node_id: \(node)
-          data_dir: \(dir.sub(node))
-        server:
-          address: 127.0.0.1:\(port)
-        cloud:
-          provider: loop
-          image_dir: \(dir.sub("images"))
-          volume_size: 128MiB
-          initial_volumes: \(initialVolumes)
-        metadata:
-          type: etcd
-          endpoints: \(etcd)
-          namespace: /failover
-          options:
-            lease_ttl_s: 2
-        shard:
-          size_limit: 32MiB
-        backup:
-          view_interval_ms: 200
-          failover_delay_ms: \(failoverDelayMs)
-        """.write(toFile: path, atomically: true, encoding: .utf8)
-        return path
+        try NodeConfigFile(nodeID: node, dataDir: dir.sub(node), listen: "127.0.0.1:\(port)",
+                           cloud: .init(provider: "loop", imageDir: dir.sub("images"), volumeSize: "128MiB", initialVolumes: initialVolumes),
+                           etcd: .init(endpoints: [etcd], namespace: "/failover", leaseTTLSeconds: 2),
+                           shardSizeLimit: "32MiB",
+                           backup: .init(viewIntervalMs: 200, failoverDelayMs: failoverDelayMs))
+            .write(to: dir.sub("\(node).yaml"))
     }
 
     func cleanUp(_ hosts: [Host]) {

@@ -37,18 +37,13 @@ import Testing
         process.waitUntilExit()
     }
 
-    func listWith(_ cloud: String, dir: TemporaryDirectory) async throws -> ProcessResult {
-        let config = dir.sub("node.yaml")
-        try """
-        node:
-          node_id: n1
-          instance_id: i-node
-          data_dir: \(dir.sub("data"))
-        cloud:
-        \(cloud)
-          initial_volumes: 0
-          retry_deadline_s: 5
-        """.write(toFile: config, atomically: true, encoding: .utf8)
+    /// `shardfs volume list` of a node whose cloud is `cloud` (holding no volumes, creating none).
+    func listWith(_ cloud: NodeConfigFile.Cloud, dir: TemporaryDirectory) async throws -> ProcessResult {
+        var cloud = cloud
+        cloud.initialVolumes = 0
+        cloud.retryDeadlineSeconds = 5
+        let config = try NodeConfigFile(nodeID: "n1", instanceID: "i-node", dataDir: dir.sub("data"), cloud: cloud)
+            .write(to: dir.sub("node.yaml"))
         try FileManager.default.createDirectory(atPath: dir.sub("data"), withIntermediateDirectories: true)
         // The environment's cloud keys would win over the file's: none here.
         let shardfs = productsDirectory().appendingPathComponent("shardfs").path
@@ -71,25 +66,15 @@ import Testing
             """])
         #expect(made.status == 0, "\(made.stderr)")
         let volume = made.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
-        let list = try await listWith("""
-              provider: aws
-              region: us-east-1
-              endpoint: http://127.0.0.1:\(port)
-              access_key_id: AKIDFAKE
-              secret_access_key: fake-secret
-            """, dir: dir)
+        let list = try await listWith(.init(provider: "aws", region: "us-east-1", endpoint: "http://127.0.0.1:\(port)",
+                                         accessKeyID: "AKIDFAKE", secretAccessKey: "fake-secret"), dir: dir)
         #expect(list.status == 0, "\(list.stderr)")
         let row = try #require(list.stdout.split(separator: "\n").first { $0.hasPrefix(volume) })
         #expect(row.contains("8GiB") && row.contains("io2") && row.contains("us-east-1a") && row.contains("(unregistered)"))
 
         // A wrong secret: the command fails with EC2's code.
-        let wrong = try await listWith("""
-              provider: aws
-              region: us-east-1
-              endpoint: http://127.0.0.1:\(port)
-              access_key_id: AKIDFAKE
-              secret_access_key: wrong
-            """, dir: dir)
+        let wrong = try await listWith(.init(provider: "aws", region: "us-east-1", endpoint: "http://127.0.0.1:\(port)",
+                                         accessKeyID: "AKIDFAKE", secretAccessKey: "wrong"), dir: dir)
         #expect(wrong.status != 0 && wrong.stderr.contains("SignatureDoesNotMatch"))
     }
 
@@ -97,22 +82,12 @@ import Testing
         let dir = try TemporaryDirectory("cloudnode")
         let (fake, port) = try await Self.startFake("fake_ecs.py")
         defer { Self.stop(fake) }
-        let list = try await listWith("""
-              provider: aliyun
-              region: cn-hangzhou
-              endpoint: http://127.0.0.1:\(port)
-              access_key_id: LTAIFAKE
-              secret_access_key: fake-secret
-            """, dir: dir)
+        let list = try await listWith(.init(provider: "aliyun", region: "cn-hangzhou", endpoint: "http://127.0.0.1:\(port)",
+                                         accessKeyID: "LTAIFAKE", secretAccessKey: "fake-secret"), dir: dir)
         #expect(list.status == 0, "\(list.stderr)")
         #expect(list.stdout.hasPrefix("VOLUME"))
-        let nowhere = try await listWith("""
-              provider: aliyun
-              region: xx-nowhere-1
-              endpoint: http://127.0.0.1:\(port)
-              access_key_id: LTAIFAKE
-              secret_access_key: fake-secret
-            """, dir: dir)
+        let nowhere = try await listWith(.init(provider: "aliyun", region: "xx-nowhere-1", endpoint: "http://127.0.0.1:\(port)",
+                                         accessKeyID: "LTAIFAKE", secretAccessKey: "fake-secret"), dir: dir)
         #expect(nowhere.status != 0 && nowhere.stderr.contains("InvalidRegionId.NotFound"))
     }
 }

@@ -13,15 +13,8 @@ struct LoopNodeTests {
 
     init() throws {
         dir = try TemporaryDirectory("loopnode")
-        config = dir.sub("shardfs.yaml")
-        try """
-        node:
-          node_id: n1
-          data_dir: \(dir.sub("data"))
-        cloud:
-          provider: loop
-          volume_size: 64MiB
-        """.write(toFile: config, atomically: true, encoding: .utf8)
+        config = try NodeConfigFile(nodeID: "n1", dataDir: dir.sub("data"), cloud: .init(provider: "loop", volumeSize: "64MiB"))
+            .write(to: dir.sub("shardfs.yaml"))
     }
 
     func shardfs(_ arguments: String...) async throws -> ProcessResult {

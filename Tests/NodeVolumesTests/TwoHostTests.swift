@@ -26,20 +26,10 @@ struct TwoHostTests {
         """
 
     func config(_ node: String, initialVolumes: Int) throws -> String {
-        let path = dir.sub("\(node).yaml")
-        try """
-        node:
-          node_id: \(node)
-          data_dir: \(dir.sub(node))
-        cloud:
-          provider: loop
-          image_dir: \(dir.sub("images"))
-          volume_size: 64MiB
-          initial_volumes: \(initialVolumes)
-        shard:
-          size_limit: 16MiB
-        """.write(toFile: path, atomically: true, encoding: .utf8)
-        return path
+        try NodeConfigFile(nodeID: node, dataDir: dir.sub(node),
+                           cloud: .init(provider: "loop", imageDir: dir.sub("images"), volumeSize: "64MiB", initialVolumes: initialVolumes),
+                           shardSizeLimit: "16MiB")
+            .write(to: dir.sub("\(node).yaml"))
     }
 
     @Test func primaryWritesThroughTheBatchServiceBackupListsTheSameShards() async throws {

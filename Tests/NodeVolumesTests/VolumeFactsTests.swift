@@ -24,16 +24,9 @@ struct VolumeFactsTests {
             }
             dir.remove()
         }
-        let config = dir.sub("shardfs.yaml")
-        try """
-        node:
-          node_id: n1
-          data_dir: \(dir.sub("data"))
-        cloud:
-          provider: loop
-          volume_size: 64MiB
-          initial_volumes: 0
-        """.write(toFile: config, atomically: true, encoding: .utf8)
+        let config = try NodeConfigFile(nodeID: "n1", dataDir: dir.sub("data"),
+                                        cloud: .init(provider: "loop", volumeSize: "64MiB", initialVolumes: 0))
+            .write(to: dir.sub("shardfs.yaml"))
         let shardfs = productsDirectory().appendingPathComponent("shardfs").path
         let created = try await runAsync(shardfs, ["volume", "create", "--size", "32MiB", "--config", config])
         #expect(created.status == 0, "\(created.stderr)")

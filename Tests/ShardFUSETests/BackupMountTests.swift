@@ -79,29 +79,12 @@ import Testing
     }
 
     static func config(_ dir: TemporaryDirectory, node: String, etcd: LocalEtcd, namespace: String, volumes: Int) throws -> String {
-        let path = dir.sub("\(node).yaml")
-        try """
-            node:
-              node_id: \(node)
-              data_dir: \(dir.sub(node))
-            cloud:
-              volume_root: \(dir.sub("volumes"))
-              initial_volumes: \(volumes)
-            metadata:
-              type: etcd
-              endpoints: [\(etcd.endpoint)]
-              namespace: \(namespace)
-              options:
-                lease_ttl_s: 5
-              retry:
-                deadline_ms: 3000
-            shard:
-              size_limit: 64MiB
-            backup:
-              view_interval_ms: 100
-              automatic_failover: false
-            """.write(toFile: path, atomically: true, encoding: .utf8)
-        return path
+        try NodeConfigFile(nodeID: node, dataDir: dir.sub(node),
+                           cloud: .init(volumeRoot: dir.sub("volumes"), initialVolumes: volumes),
+                           etcd: .init(endpoints: [etcd.endpoint], namespace: namespace, leaseTTLSeconds: 5, retryDeadlineMs: 3000),
+                           shardSizeLimit: "64MiB",
+                           backup: .init(viewIntervalMs: 100, automaticFailover: false))
+            .write(to: dir.sub("\(node).yaml"))
     }
 
 

@@ -30,9 +30,7 @@ final class MountFixture: @unchecked Sendable {
     /// returns the mount option that names it.
     func sizeLimitOption(_ limit: String) throws -> String {
         try FileManager.default.createDirectory(atPath: data, withIntermediateDirectories: true)
-        let path = dir.sub("small.yaml")
-        try "shard:\n  size_limit: \(limit)\n".write(toFile: path, atomically: true, encoding: .utf8)
-        return "config=" + path
+        return "config=" + (try NodeConfigFile(shardSizeLimit: limit).write(to: dir.sub("small.yaml")))
     }
 
     /// The daemon's pid, from the node lock it holds.

@@ -10,9 +10,8 @@ import Testing
             let a = try MountFixture(options: "client_id=a"), b = try MountFixture(options: "client_id=b")
             do {
                 for (fixture, node) in [(a, "node-a"), (b, "node-b")] {
-                    let yaml = fixture.dir.sub("node.yaml")
-                    try "node:\n  node_id: \(node)\nmetadata:\n  type: etcd\n  endpoints: [\(etcd.endpoint)]\n  namespace: /two-mounts\n"
-                        .write(toFile: yaml, atomically: true, encoding: .utf8)
+                    let yaml = try NodeConfigFile(nodeID: node, etcd: .init(endpoints: [etcd.endpoint], namespace: "/two-mounts"))
+                        .write(to: fixture.dir.sub("node.yaml"))
                     try await fixture.mount("config=\(yaml)")
                 }
                 try await a.ok("mkdir shard-5 && echo from-a > shard-5/f")

@@ -46,6 +46,42 @@ import Testing
         #expect(config.node.nodeID == "from-flag")
     }
 
+    /// The tests' config builder (TestSupport's `NodeConfigFile`) writes the keys
+    /// the node reads: every field set lands where meant, and one left unset keeps its default.
+    @Test func theTestsConfigFileBuilderWritesTheKeysTheNodeReads() throws {
+        let dir = try TemporaryDirectory("config")
+        let full = NodeConfigFile(
+            nodeID: "n \"quoted\"", instanceID: "i-1", dataDir: dir.sub("da ta"), listen: "127.0.0.1:7171",
+            cloud: .init(provider: "aws", region: "us-east-1", endpoint: "http://127.0.0.1:9", accessKeyID: "AKID",
+                         secretAccessKey: "s#cret: x", volumeRoot: "/vr", imageDir: "/img", volumeSize: "64MiB",
+                         initialVolumes: 0, retryDeadlineSeconds: 5),
+            etcd: .init(endpoints: ["http://127.0.0.1:1", "http://127.0.0.1:2"], namespace: "/ns", leaseTTLSeconds: 2,
+                        retryDeadlineMs: 3000),
+            shardSizeLimit: "16MiB",
+            backup: .init(viewIntervalMs: 100, failoverDelayMs: 700, automaticFailover: false))
+        let config = try Configuration.load(file: try full.write(to: dir.sub("full.yaml")), environment: [:])
+        #expect(config.node.nodeID == "n \"quoted\"" && config.node.instanceID == "i-1" && config.node.dataDir == dir.sub("da ta"))
+        #expect(config.server.address == "127.0.0.1:7171")
+        #expect(config.cloud.provider == "aws" && config.cloud.region == "us-east-1" && config.cloud.endpoint == "http://127.0.0.1:9")
+        #expect(config.cloud.accessKeyID == "AKID" && config.cloud.secretAccessKey == "s#cret: x")
+        #expect(config.cloud.volumeRoot == "/vr" && config.cloud.imageDir == "/img" && config.cloud.volumeSize == 64 << 20)
+        #expect(config.cloud.initialVolumes == 0 && config.cloud.retryDeadlineSeconds == 5)
+        #expect(config.metadata.type == "etcd" && config.metadata.endpoints == ["http://127.0.0.1:1", "http://127.0.0.1:2"])
+        #expect(config.metadata.namespace == "/ns" && config.metadata.leaseTTLSeconds == 2 && config.metadata.retryDeadlineMs == 3000)
+        #expect(config.shard.sizeLimit == 16 << 20)
+        #expect(config.backup.viewIntervalMs == 100 && config.backup.failoverDelayMs == 700 && !config.backup.automaticFailover)
+
+        let defaults = try Configuration.load(file: nil, environment: [:])
+        #expect(try Configuration.load(file: try NodeConfigFile().write(to: dir.sub("empty.yaml")), environment: [:]) == defaults)
+        let some = try Configuration.load(file: try NodeConfigFile(nodeID: "n2", etcd: .init(endpoints: ["http://127.0.0.1:1"]))
+            .write(to: dir.sub("some.yaml")), environment: [:])
+        var expected = defaults
+        expected.node.nodeID = "n2"
+        expected.metadata.type = "etcd"
+        expected.metadata.endpoints = ["http://127.0.0.1:1"]
+        #expect(some == expected)
+    }
+
     @Test func theExampleFileLoads() throws {
         var url = URL(fileURLWithPath: #filePath)
         while url.path != "/" && !FileManager.default.fileExists(atPath: url.appendingPathComponent("config/example.yaml").path) {
