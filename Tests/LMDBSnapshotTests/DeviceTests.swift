@@ -6,27 +6,38 @@ import TestSupport
 
 /// An ext4 filesystem on a loop device, mounted in a temporary folder; `cleanUp`
 /// (run in `defer`, pass or fail) unmounts it and detaches every loop device
-/// whose image lies in the folder.
+/// whose image lies in the folder. `mount -o loop` sets the loop device up with
+/// autoclear: it detaches itself when the filesystem is unmounted. If the test
+/// process dies first, a `CrashCleanup` guard unmounts it (and sweeps the folder).
 final class LoopFilesystem {
     let dir: TemporaryDirectory
     let device: String
     let mountPoint: String
+    private let crashCleanup: CrashCleanup
 
     init() throws {
         dir = try TemporaryDirectory("snapshot-loop")
         let image = dir.sub("ext4.img")
         mountPoint = dir.sub("mnt")
         try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
+        crashCleanup = try CrashCleanup(CrashCleanup.unmountAndDetach(under: dir.path))
         var device = ""
         do {
             try Self.sh("truncate -s 128M '\(image)' && mkfs.ext4 -q -F '\(image)'")
-            device = try Self.sh("losetup -f --show '\(image)'").trimmingCharacters(in: .whitespacesAndNewlines)
-            try Self.sh("mount '\(device)' '\(mountPoint)'")
+            try Self.sh("mount -o loop '\(image)' '\(mountPoint)'")
+            device = try Self.sh("findmnt -nro SOURCE --mountpoint '\(mountPoint)'").trimmingCharacters(in: .whitespacesAndNewlines)
         } catch {
             Self.cleanUp(dir: dir, mountPoint: mountPoint)
+            crashCleanup.dismiss()
             throw error
         }
         self.device = device
+    }
+
+    /// Whether the kernel detaches the loop device by itself once it is unmounted.
+    var autoclear: Bool {
+        let name = (device as NSString).lastPathComponent
+        return (try? String(contentsOfFile: "/sys/block/\(name)/loop/autoclear", encoding: .utf8))?.hasPrefix("1") == true
     }
 
     @discardableResult
@@ -36,7 +47,10 @@ final class LoopFilesystem {
         return result.stdout
     }
 
-    func cleanUp() { Self.cleanUp(dir: dir, mountPoint: mountPoint) }
+    func cleanUp() {
+        Self.cleanUp(dir: dir, mountPoint: mountPoint)
+        crashCleanup.dismiss()
+    }
 
     static func cleanUp(dir: TemporaryDirectory, mountPoint: String) {
         if isMountPoint(mountPoint) { _ = try? run("/bin/umount", [mountPoint]) }
@@ -54,6 +68,17 @@ final class LoopFilesystem {
 
 @Suite(.serialized, .enabled(if: getuid() == 0, "loop devices and mounts need root"))
 struct DeviceTests {
+    /// The fixture's loop device detaches itself once its filesystem is unmounted
+    /// (autoclear), so an unmount is all a crashed run's cleanup needs to do.
+    @Test func theLoopDeviceGoesWithItsMount() async throws {
+        let fs = try LoopFilesystem()
+        defer { fs.cleanUp() }
+        #expect(fs.autoclear)
+        #expect(loopDevices(under: fs.dir.path) == [fs.device])
+        #expect(try run("/bin/umount", [fs.mountPoint]).status == 0)
+        #expect(try await waitUntil(10) { loopDevices(under: fs.dir.path).isEmpty })
+    }
+
     /// A file written through ext4 and fdatasync'd reads back byte for byte from
     /// the raw device at the physical offsets FIEMAP gives (O_DIRECT).
     @Test func extentsOfAFileReadBackFromTheRawDevice() throws {

@@ -12,18 +12,16 @@ import Testing
             .appendingPathComponent("VolumesTests/fixtures/\(name)").path
     }
 
-    /// Starts a fake on a thread of its own; returns the process and its port.
-    static func startFake(_ name: String) async throws -> (Process, Int) {
+    /// Starts a fake on a thread of its own, under a watchdog that kills it if the
+    /// test process dies first; returns the process and its port.
+    static func startFake(_ name: String) async throws -> (WatchedProcess, Int) {
         try await withCheckedThrowingContinuation { continuation in
             Thread {
                 continuation.resume(with: Result {
-                    let process = Process()
-                    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-                    process.arguments = ["python3", fixture(name)]
-                    let text = (try runReadingFirstLine(process) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)
+                    let process = WatchedProcess("/usr/bin/env", ["python3", fixture(name)])
+                    let text = (try process.startReadingFirstLine() ?? "").trimmingCharacters(in: .whitespacesAndNewlines)
                     guard let port = Int(text.split(separator: " ").last ?? "") else {
-                        kill(process.processIdentifier, SIGKILL)
-                        process.waitUntilExit()
+                        process.stop()
                         throw CocoaError(.fileReadCorruptFile)
                     }
                     return (process, port)
@@ -32,9 +30,8 @@ import Testing
         }
     }
 
-    static func stop(_ process: Process) {
-        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
-        process.waitUntilExit()
+    static func stop(_ process: WatchedProcess) {
+        process.stop()
     }
 
     /// `shardfs volume list` of a node whose cloud is `cloud` (holding no volumes, creating none).

@@ -10,9 +10,13 @@ import Testing
 struct LoopNodeTests {
     let dir: TemporaryDirectory
     let config: String
+    /// The node's volumes stay mounted and attached after each command: this
+    /// cleans them up if the test process dies before `cleanUp`.
+    let crashCleanup: CrashCleanup
 
     init() throws {
         dir = try TemporaryDirectory("loopnode")
+        crashCleanup = try CrashCleanup(CrashCleanup.unmountAndDetach(under: dir.path))
         config = try NodeConfigFile(nodeID: "n1", dataDir: dir.sub("data"), cloud: .init(provider: "loop", volumeSize: "64MiB"))
             .write(to: dir.sub("shardfs.yaml"))
     }
@@ -34,6 +38,7 @@ struct LoopNodeTests {
         for m in mounts().reversed() { _ = try? run("/usr/bin/umount", ["-l", m.point]) }
         for device in loopDevices(under: dir.path) { _ = try? run("/usr/sbin/losetup", ["-d", device]) }
         dir.remove()
+        crashCleanup.dismiss()
     }
 
     @Test func aFreshNodeGetsALoopVolumeAndTheVolumeCommandsWork() async throws {

@@ -11,6 +11,9 @@ import Testing
 struct VolumeFactsTests {
     @Test func createRecordsFactsAndListShowsRoles() async throws {
         let dir = try TemporaryDirectory("facts")
+        // The volume stays mounted and attached after the command: cleaned up
+        // below, or by this guard if the test process dies first.
+        let crashCleanup = try CrashCleanup(CrashCleanup.unmountAndDetach(under: dir.path))
         defer {
             let points = mountInfoText().split(separator: "\n").map { $0.split(separator: " ").map(String.init) }
                 .compactMap { $0.count > 4 && $0[4].hasPrefix(dir.path + "/") ? $0[4] : nil }
@@ -23,6 +26,7 @@ struct VolumeFactsTests {
                 }
             }
             dir.remove()
+            crashCleanup.dismiss()
         }
         let config = try NodeConfigFile(nodeID: "n1", dataDir: dir.sub("data"),
                                         cloud: .init(provider: "loop", volumeSize: "64MiB", initialVolumes: 0))

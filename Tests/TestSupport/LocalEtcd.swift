@@ -84,7 +84,9 @@ public final class LocalEtcd: @unchecked Sendable {
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", "test=\(peer)", "--log-level", "error",
         ] + extraArguments, pidFolder: directory, log: directory + "/etcd.log", cleanup: "rm -rf \(shellQuoted(directory))")
-        try process.start()
+        do { try process.start() } catch {
+            throw Failure("etcd exited at start (\(error)): \(log)")
+        }
         child = process
         var curl = ["-sf", "--max-time", "1", "-o", "/dev/null"]
         if let tls { curl += ["--cacert", tls.ca, "--cert", tls.clientCert, "--key", tls.clientKey] }

@@ -65,7 +65,7 @@ struct LoopFencingTests {
         let mountA = f.dir.sub("host-a")
         hostA.executableURL = URL(fileURLWithPath: "/usr/bin/unshare")
         hostA.arguments = ["-m", "--propagation", "private", "/bin/bash", "-c",
-                           Self.dropOtherMounts + "mkdir -p '\(mountA)' && mount -t ext4 '\(deviceA)' '\(mountA)' && "
+                           Self.dropOtherMounts + killedWithTestProcess + "mkdir -p '\(mountA)' && mount -t ext4 '\(deviceA)' '\(mountA)' && "
                            + "exec python3 -c '\(Self.writer)' '\(mountA)/records'"]
         let lines = LineCollector()
         let out = Pipe()

@@ -5,14 +5,18 @@ import TestSupport
 /// A folder for loop images and volume roots, and the cleanup every loop test
 /// runs in `defer`, pass or fail: unmount everything under the folder, then
 /// detach every loop device whose image lies in it (found through sysfs, so
-/// devices a failed step never recorded go too).
+/// devices a failed step never recorded go too). The provider's loop devices
+/// have no autoclear (they stand for cloud attachments, which outlive mounts):
+/// a `CrashCleanup` guard does the same cleanup if the test process dies first.
 final class LoopFixture: @unchecked Sendable {
     let dir: TemporaryDirectory
     let provider: LoopCloudProvider
+    private let crashCleanup: CrashCleanup
 
     init() throws {
         dir = try TemporaryDirectory("loop")
         provider = LoopCloudProvider(imageDirectory: dir.sub("images"))
+        crashCleanup = try CrashCleanup(CrashCleanup.unmountAndDetach(under: dir.path))
     }
 
     func manager(_ instanceID: String, root: String? = nil) -> BlockVolumeManager {
@@ -38,6 +42,7 @@ final class LoopFixture: @unchecked Sendable {
         for mount in mounts().reversed() { _ = try? runner.run("umount", ["-l", mount.mountPoint]) }
         for device in loopDevices() { _ = try? runner.run("losetup", ["-d", device]) }
         dir.remove()
+        crashCleanup.dismiss()
     }
 
     static var isRoot: Bool { getuid() == 0 }

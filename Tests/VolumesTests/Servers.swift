@@ -3,9 +3,10 @@ import TestSupport
 @testable import Volumes
 
 /// A server child process (a fake cloud, moto_server) for one test; `stop()`
-/// in `defer` ends it, and so does deinit.
+/// in `defer` ends it, and so does deinit. It runs under a watchdog
+/// (`WatchedProcess`) that kills it if the test process dies first.
 final class ServerProcess: @unchecked Sendable {
-    let process = Process()
+    private let child: WatchedProcess
     let port: Int
     var url: String { "http://127.0.0.1:\(port)" }
 
@@ -14,15 +15,13 @@ final class ServerProcess: @unchecked Sendable {
     /// Starts a fixture script that prints "port N" first.
     init(fixture: String, _ arguments: [String] = []) throws {
         let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("fixtures/\(fixture)").path
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = ["python3", script] + arguments
-        guard let text = try runReadingFirstLine(process) else {
-            process.waitUntilExit()
+        child = WatchedProcess("/usr/bin/env", ["python3", script] + arguments)
+        guard let text = try child.startReadingFirstLine() else {
+            child.stop()
             throw Failed(description: "\(fixture) exited before printing its port")
         }
         guard let port = Int(text.split(separator: " ").last?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "") else {
-            kill(process.processIdentifier, SIGKILL)
-            process.waitUntilExit()
+            child.stop()
             throw Failed(description: "\(fixture) printed \(text)")
         }
         self.port = port
@@ -31,15 +30,15 @@ final class ServerProcess: @unchecked Sendable {
     /// Starts moto_server on a free loopback port and waits until it answers.
     init(motoServerAfter seconds: Double = 20) throws {
         port = Self.freePort()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = ["moto_server", "-H", "127.0.0.1", "-p", "\(port)"]
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        try process.run()
+        child = WatchedProcess("/usr/bin/env", ["moto_server", "-H", "127.0.0.1", "-p", "\(port)"], log: "/dev/null")
+        try child.start()
         let deadline = Date(timeIntervalSinceNow: seconds)
         while Date() < deadline {
             if let r = try? HTTPClient(timeout: .seconds(2)).sendBlocking(HTTPRequest(method: "GET", url: url + "/moto-api/")), r.status > 0 { return }
-            if !process.isRunning { throw Failed(description: "moto_server exited with \(process.terminationStatus)") }
+            if !child.isRunning {
+                child.stop()
+                throw Failed(description: "moto_server exited with \(child.watchdog.terminationStatus)")
+            }
             usleep(100_000)
         }
         stopNow()
@@ -50,8 +49,7 @@ final class ServerProcess: @unchecked Sendable {
 
     private func stopNow() {
         // SIGKILL: a child inherits the test runner's blocked SIGTERM, and these servers keep nothing.
-        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
-        process.waitUntilExit()
+        child.stop(SIGKILL)
     }
 
     deinit { stopNow() }
@@ -62,18 +60,7 @@ final class ServerProcess: @unchecked Sendable {
         return try JSONDecoder().decode([String: Int].self, from: r.body)
     }
 
-    static func freePort() -> Int {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        defer { close(fd) }
-        var addr = sockaddr_in()
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-        addr.sin_port = 0
-        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-        _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) } }
-        _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
-        return Int(UInt16(bigEndian: addr.sin_port))
-    }
+    static func freePort() -> Int { (try? freeLoopbackPort()) ?? 0 }
 }
 
 extension ServerProcess {
