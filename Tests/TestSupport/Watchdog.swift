@@ -7,9 +7,10 @@ import Glibc
 /// watchdog: once this test process is gone (a crash, `kill -9`), the watchdog
 /// kills the child, runs the cleanup commands and ends, so a dead test run leaves
 /// none behind. (`shardfs serve` and `mount` need none: they watch the test
-/// process themselves, `SHARDFS_EXIT_WITH_PID`.) The watchdog ignores SIGINT and
-/// SIGHUP, so a Ctrl-C of the run, which reaches the whole process group, does
-/// not end it before the child.
+/// process themselves, `SHARDFS_EXIT_WITH_PID`.) Foundation starts the watchdog
+/// in a process group of its own, so a Ctrl-C of the run does not reach it (an
+/// interrupted run was checked: etcd went with the test process); it also
+/// ignores SIGINT and SIGHUP, should one be sent to its group.
 ///
 /// The child's standard output and error go to `log`, or, without one, to the
 /// watchdog's: pipe them with `standardOutput`/`standardError` before `start()`.
