@@ -477,7 +477,7 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
     /// again on a new lease.
     private func startKeepalive(nodeID: String, entry: NodeLease) -> Keepalive {
         let interval = Duration.milliseconds(max(200, configuration.leaseTTL * 1000 / 3))
-        return Keepalive(name: "etcd-keepalive") { [weak self] keepalive in
+        return Keepalive(name: "shardfs-lease") { [weak self] keepalive in
             var pause = interval
             while keepalive.sleep(pause) {
                 guard let self else { return }
@@ -640,13 +640,13 @@ final class Keepalive: @unchecked Sendable {
 
     init(name: String, _ body: @escaping @Sendable (Keepalive) -> Void) {
         let thread = Thread { [self] in
+            Thread.current.name = name  // named from inside: set before `start()` it does not reach Linux
             body(self)
             condition.withLock {
                 done = true
                 condition.broadcast()
             }
         }
-        thread.name = name
         thread.start()
     }
 

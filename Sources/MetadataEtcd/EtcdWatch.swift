@@ -43,8 +43,10 @@ final class EtcdWatch: CurlSink, @unchecked Sendable {
     }
 
     func start() {
-        let thread = Thread { [self] in run() }
-        thread.name = "etcd-watch"
+        let thread = Thread { [self] in
+            Thread.current.name = "shardfs-etcd"  // named from inside: set before `start()` it does not reach Linux
+            run()
+        }
         thread.start()
     }
 

@@ -394,8 +394,11 @@ private final class Stager: @unchecked Sendable {
     private var stopping = false
 
     init() {
-        let thread = Thread { [self] in loop() }  // keeps the stager until `stop`
-        thread.name = "shardfs.staging"
+        let thread = Thread { [self] in  // keeps the stager until `stop`
+            // Named from inside: set before `start()`, the name does not reach Linux (15 bytes at most).
+            Thread.current.name = "shardfs-staging"
+            loop()
+        }
         thread.start()
     }
 

@@ -13,10 +13,10 @@ enum ProcessWatch {
         guard let text = ProcessInfo.processInfo.environment["SHARDFS_EXIT_WITH_PID"],
               let watched = pid_t(text), watched > 1 else { return }
         let thread = Thread {
+            Thread.current.name = "shardfs-watch"  // named from inside: set before `start()` it does not reach Linux
             while kill(watched, 0) == 0 || errno == EPERM { usleep(500_000) }
             kill(getpid(), SIGTERM)
         }
-        thread.name = "shardfs-process-watch"
         thread.start()
     }
 }
