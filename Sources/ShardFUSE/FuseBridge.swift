@@ -231,6 +231,15 @@ private func opFsync(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ datasync: Int32, _
     } catch { fail(req, error) }
 }
 
+/// fsync(2) of a directory: for a shard, every file of it closed before is durable.
+private func opFsyncdir(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ datasync: Int32, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+    FuseRequest.fsyncdir.count()
+    do {
+        try fileSystem(req).fsyncDirectory(ino)
+        fuse_reply_err(req, 0)
+    } catch { fail(req, error) }
+}
+
 /// access(2), faccessat(2) (only without default_permissions): the modes say.
 private func opAccess(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ mask: Int32) {
     FuseRequest.access.count()
@@ -382,6 +391,7 @@ func makeOperations() -> fuse_lowlevel_ops {
     ops.flush = opFlush
     ops.release = opRelease
     ops.fsync = opFsync
+    ops.fsyncdir = opFsyncdir
     ops.opendir = opOpendir
     ops.readdir = opReaddir
     ops.readdirplus = opReaddirplus

@@ -9,7 +9,7 @@ import ShardStore
 /// the mount sees every write at once (docs/SEMANTICS.md, "Visibility").
 ///
 /// The buffer becomes the entry's value when it is committed (`commit`, or
-/// `takeSmallValue` for the write-behind queue), which a flush of any of its
+/// `takeSmallValue` for a put whose durability is deferred), which a flush of any of its
 /// handles (close), `fsync` and the last release do. Each commit puts the whole
 /// buffer as it stands, in one transaction.
 final class OpenEntry: @unchecked Sendable {
@@ -19,7 +19,7 @@ final class OpenEntry: @unchecked Sendable {
     let clientID: String
     private let spillDirectory: String
 
-    /// Held across taking the value and queueing or putting it (`ShardFileSystem.commit`),
+    /// Held across taking the value and putting it (`ShardFileSystem.commit`),
     /// so two handles' commits land in the order they took the value. Taken before `lock`.
     let commitLock = NSLock()
     private let lock = NSLock()
@@ -72,7 +72,7 @@ final class OpenEntry: @unchecked Sendable {
 
     /// The new value, its time and indexes, if it changed, lives in memory and
     /// is at most `limit` bytes; the entry then counts as committed (the caller
-    /// queues it, and calls `keepUncommitted` if that fails).
+    /// puts it, and calls `keepUncommitted` if that fails).
     func takeSmallValue(limit: Int) throws -> (value: [UInt8], time: Int64?, indexes: [IndexPair]?)? {
         try lock.withLock {
             if orphaned { dirty = false }

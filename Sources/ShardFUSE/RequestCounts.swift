@@ -9,7 +9,7 @@ enum FuseRequest: UInt32, CaseIterable, Sendable {
     case lookup = 1, forget = 2, getattr = 3, setattr = 4, symlink = 6, mknod = 8, mkdir = 9, unlink = 10,
          rmdir = 11, rename = 12, link = 13, open = 14, read = 15, write = 16, statfs = 17, release = 18,
          fsync = 20, setxattr = 21, getxattr = 22, listxattr = 23, removexattr = 24, flush = 25, opendir = 27,
-         readdir = 28, releasedir = 29, access = 34, create = 35, batchForget = 42, readdirplus = 44
+         readdir = 28, releasedir = 29, fsyncdir = 30, access = 34, create = 35, batchForget = 42, readdirplus = 44
 
     var name: String { "\(self)" }
 

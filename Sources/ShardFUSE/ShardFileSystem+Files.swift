@@ -55,7 +55,6 @@ extension ShardFileSystem {
         let shard = try localShard(id)
         if wantsWrite {
             try writable(shard)
-            writeBehind.flush(shard: id)  // the handle builds on the latest value
         }
         let current = try currentAttributes(shard, entryKey)
         let (handle, entry, _) = register(ino, shard, entryKey, metadata: current?.metadata ?? EntryMetadata(),
@@ -92,10 +91,6 @@ extension ShardFileSystem {
             return try reading(view.shard) { try $0.read(view.key, offset: offset, count: count) }
         }
         let entry = try self.file(handle).entry
-        if !entry.hasBuffer, let pending = writeBehind.pending(shard: entry.shard.id, key: entry.key.bytes), !pending.deleted {
-            guard offset < pending.value.count else { return [] }
-            return Array(pending.value[offset..<min(pending.value.count, offset + count)])
-        }
         return try entry.read(at: offset, count: count)
     }
 
@@ -103,30 +98,34 @@ extension ShardFileSystem {
         let file = try self.file(handle)
         guard file.writable else { throw FileSystemError(EBADF, "file not open for writing") }
         try writable(file.entry.shard)
-        loadable(file.entry)
         if try file.entry.write(bytes, at: offset, append: file.append) {
             kernelCache.invalidate?([file.entry.inode])  // the kernel put the bytes at the old end
         }
         return bytes.count
     }
 
-    /// close(): a small file's put is queued (visible at once, durable at fsync or
-    /// within milliseconds); a larger one is committed now. The error is close()'s,
-    /// and so is that of an earlier queued batch of the shard that failed.
+    /// close(): the file's put, durable within milliseconds or at the next
+    /// barrier (fsync) for a file up to 1 MiB, at once for a larger one. The error
+    /// is close()'s: the shard checks owner, state and room before it answers.
     func flush(_ handle: UInt64) throws {
         if handles.viewFile(handle) != nil { return }  // nothing to commit
         let entry = try file(handle).entry
-        try commit(entry, behind: true)
-        if let failure = writeBehind.takeFailure(shard: entry.shard.id) { throw failure }
+        try commit(entry, deferringDurability: true)
     }
 
-    /// fsync(): this file's changes and everything queued before them are durable.
+    /// fsync(): this file's changes and everything closed before them in the shard are durable.
     func fsync(_ handle: UInt64) throws {
         if handles.viewFile(handle) != nil { return }  // nothing to commit
         let entry = try self.file(handle).entry
-        try commit(entry, behind: false)
-        writeBehind.flush(shard: entry.shard.id)
-        if let failure = writeBehind.takeFailure(shard: entry.shard.id) { throw failure }
+        try commit(entry, deferringDurability: false)
+        try entry.shard.sync()
+    }
+
+    /// fsync() of a directory: a shard's is its durability barrier (every file of
+    /// it closed before is durable); the root holds nothing of its own.
+    func fsyncDirectory(_ ino: UInt64) throws {
+        guard case .shard(let id) = try kind(ino), let shard = node.shards.localShard(id) else { return }
+        try shard.sync()
     }
 
     /// The last release of an entry commits what its handles left uncommitted
@@ -136,7 +135,7 @@ extension ShardFileSystem {
         if handles.closeView(handle) { return }
         guard let entry = handles.close(handle) else { return }
         var failure: Error?
-        do { try commit(entry, behind: true) } catch { failure = error }
+        do { try commit(entry, deferringDurability: true) } catch { failure = error }
         // Still registered during the commit, so an open racing it shares the
         // entry; it goes once no handle came back meanwhile.
         if handles.retire(entry) {
@@ -150,29 +149,26 @@ extension ShardFileSystem {
         if let failure { throw failure }
     }
 
-    func commit(_ file: OpenEntry, behind: Bool) throws {
-        try file.commitLock.withLock { try commitLocked(file, behind: behind) }
+    func commit(_ file: OpenEntry, deferringDurability: Bool) throws {
+        try file.commitLock.withLock { try commitLocked(file, deferringDurability: deferringDurability) }
     }
 
-    func commitLocked(_ file: OpenEntry, behind: Bool) throws {
+    /// A small file's value goes to the shard as a batch put whose durability is
+    /// deferred (`Shard.batchPut`): visible to every reader of the shard at once,
+    /// in its batch log within milliseconds or at the shard's next `sync()`. The
+    /// shard answers now whatever a durable put would (owner, closed, full).
+    func commitLocked(_ file: OpenEntry, deferringDurability: Bool) throws {
         let id = file.shard.id
-        if behind, let (value, time, indexes) = try file.takeSmallValue(limit: Self.writeBehindLimit) {
+        if deferringDurability, let (value, time, indexes) = try file.takeSmallValue(limit: Shard.deferredValueLimit) {
             do {
-                // Checked now, as a synchronous put would: owner, closed state, room.
                 try writable(file.shard)
-                let room = file.shard.sizeLimit - file.shard.usedBytesUpperBound - writeBehind.queuedBytes(shard: id)
-                if WriteBehind.cost(value.count) + 4096 < room,
-                   writeBehind.enqueue(file.shard, clientID: options.clientID, key: file.key.bytes, value: value,
-                                       indexes: indexes, metadata: file.metadata, modificationTime: time ?? Self.now()) {
-                    return
-                }
-                // Near the limit, or the shard is closing: commit now, for an exact answer.
-                writeBehind.flush(shard: id)
+                var item = EntryWrite(key: file.key.bytes, value: value, indexes: indexes ?? [],
+                                      modificationTime: time ?? Self.now(), keepsIndexes: indexes == nil)
+                if file.metadata.number > 0 { item.entryNumber = file.metadata.number }
+                item.creationMode = file.metadata.mode
                 try own(id, [file.key.bytes]) {
-                    try file.shard.put(file.key, size: value.count, indexes: indexes, clientID: options.clientID,
-                                       modificationTime: time, entryNumber: file.metadata.number,
-                                       creationMode: file.metadata.mode) { offset, out in
-                        value.withUnsafeBytes { out.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[offset..<(offset + out.count)])) }
+                    if let failed = try file.shard.batchPut([item], clientID: options.clientID, deferringDurability: true)[0] {
+                        throw failed
                     }
                 }
             } catch {
@@ -182,14 +178,13 @@ extension ShardFileSystem {
             return
         }
         guard file.hasChanges else { return }
-        writeBehind.flush(shard: id)
         try own(id, [file.key.bytes]) { try file.commit() }
     }
 
     /// What lookup and getattr show of an entry. A file being written (perhaps
     /// created and not committed yet) shows its writer's view, never cached by the
-    /// kernel (`ofWriter`): fstat on a new file must work. Otherwise the queued or
-    /// committed entry; nil if there is none. By name (lookup), an unlinked file
+    /// kernel (`ofWriter`): fstat on a new file must work. Otherwise the shard's
+    /// entry; nil if there is none. By name (lookup), an unlinked file
     /// still open for writing is gone; by inode (fstat on its handle) it is not.
     func entryView(_ shard: any ShardReading, _ key: EntryKey, inode: UInt64?, byName: Bool) throws
         -> (attributes: EntryAttributes, ofWriter: Bool)? {
@@ -204,14 +199,9 @@ extension ShardFileSystem {
         return current.map { ($0, false) }
     }
 
-    /// An entry's attributes as the mount shows them: a queued put wins.
+    /// An entry's attributes in the shard (puts not durable yet included).
     func currentAttributes(_ shard: any ShardReading, _ key: EntryKey) throws -> EntryAttributes? {
-        if let pending = writeBehind.pending(shard: shard.id, key: key.bytes) {
-            if pending.deleted { return nil }
-            return EntryAttributes(key: key, size: pending.value.count, modificationTime: pending.modificationTime, indexes: [],
-                                   metadata: pending.metadata)
-        }
-        return try shard.attributes(key)
+        try shard.attributes(key)
     }
 
     func unlink(_ parent: UInt64, _ name: [UInt8]) throws {
@@ -225,18 +215,20 @@ extension ShardFileSystem {
         let current = try currentAttributes(shard, key)
         if let open, let current {
             // Its descriptors keep reading it, as on a local filesystem.
-            loadable(open)
             try open.keepAfterUnlink(current)
         }
-        // Queued like a put: gone for readers of the mount at once, durable at the
-        // next fsync or within milliseconds. Created-and-still-open files have
+        // Deferred like a close's put: gone for every reader at once, durable at
+        // the shard's next fsync or within milliseconds. Created-and-still-open files have
         // nothing committed, and unlinking them is dropping them.
         if current == nil {
             guard open != nil else { throw FileSystemError(ENOENT, "no entry \(key) in shard \(id)") }
-        } else if !writeBehind.enqueue(shard, clientID: options.clientID, key: key.bytes, value: [],
-                                       modificationTime: 0, deleted: true) {
-            writeBehind.flush(shard: id)  // the shard is closing: commit now, for an exact answer
-            try own(id, [key.bytes]) { try shard.delete(key, clientID: options.clientID) }
+        } else {
+            try own(id, [key.bytes]) {
+                if let failed = try shard.batchPut([EntryWrite.deletion(of: key.bytes)], clientID: options.clientID,
+                                                   deferringDurability: true)[0] {
+                    throw failed
+                }
+            }
         }
         touchDirectory(shard)
         if let open {
@@ -259,7 +251,6 @@ extension ShardFileSystem {
         let shard = try localShard(id)
         try writable(shard)
         let source = try entryKey(name), target = try entryKey(newName)
-        writeBehind.flush(shard: id)
         if flags & Self.renameNoReplace != 0, try shard.attributes(target) != nil {
             throw FileSystemError(EEXIST, "\(target) exists")
         }

@@ -23,7 +23,7 @@ extension ShardFileSystem {
         }
     }
 
-    /// Changes an entry's indexes: in the shard (after what is queued), or, for
+    /// Changes an entry's indexes: in the shard, or, for
     /// a file created and not committed yet, with its value at its commit.
     func changeIndexes(_ ino: UInt64, _ change: @escaping ([IndexPair]) throws -> [IndexPair]) throws {
         let (shard, key) = try entry(ino)
@@ -32,7 +32,6 @@ extension ShardFileSystem {
             let uncommitted = try currentAttributes(shard, key) == nil
             if try open.changeIndexes(startIfUncommitted: uncommitted, change) { return }
         }
-        writeBehind.flush(shard: shard.id)
         try own(shard.id, [key.bytes]) { try shard.updateIndexes(key, clientID: options.clientID, change) }
     }
 
@@ -43,9 +42,6 @@ extension ShardFileSystem {
         }
         let key = EntryKey(trusted: bytes)  // validated when its inode was made
         if let pending = openEntry(ino)?.pendingIndexes { return pending }
-        if let queued = writeBehind.pending(shard: id, key: key.bytes), !queued.deleted, let indexes = queued.indexes {
-            return indexes
-        }
         return try reading(id) { shard in try shard.attributes(key)?.indexes ?? [] }
     }
 

@@ -62,7 +62,6 @@ extension ShardFileSystem {
                            items: [DirectoryItem]) throws -> [DirectoryItem] {
         var items = items
         let id = shard.id
-        if offset == 0 { writeBehind.flush(shard: id) }  // list what is queued too
         let cursor = handles.cursor(handle) ?? DirectoryCursor()
         // Continue after the last key listed, or (after a seek) count from the start.
         var after: EntryKey? = nil

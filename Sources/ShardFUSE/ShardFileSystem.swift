@@ -51,11 +51,6 @@ public final class ShardFileSystem: @unchecked Sendable {
     let handles = HandleTable()
     private let directoryTimes: DirectoryTimes
 
-    /// Puts of closed small files not yet committed (see WriteBehind).
-    private(set) var writeBehind: WriteBehind!
-    /// Files up to this size are committed behind `close()`; larger ones at once.
-    static let writeBehindLimit = 1 << 20
-
     /// `commitAll` runs once (the loop's end and libfuse's destroy both call it).
     private let commitAllLock = NSLock()
     private var committedAll = false
@@ -74,15 +69,7 @@ public final class ShardFileSystem: @unchecked Sendable {
         self.attributes = attributes
         directoryTimes = DirectoryTimes(mountTime: attributes.mountTime)
         spillDirectory = node.configuration.node.dataDir
-        writeBehind = WriteBehind(logger: logger) { [weak self] shard, keys, body in
-            guard let self else { return try body() }
-            try self.own(shard, keys, body)
-        }
     }
-
-    /// A mount that never started (or whose session ended without `commitAll`)
-    /// still stops its committer thread, which holds nothing queued then.
-    deinit { writeBehind.stop() }
 
     // MARK: Names and attributes
 
@@ -156,10 +143,6 @@ public final class ShardFileSystem: @unchecked Sendable {
             }
             if toSet.contains(.mode) {
                 let shard = try localShard(id)
-                // Queued puts land before the shard closes; none are queued after.
-                writeBehind.beginClosing(shard: id)
-                defer { writeBehind.endClosing(shard: id) }
-                writeBehind.flush(shard: id)
                 let writeBits = attr.st_mode & 0o222
                 if writeBits == 0 {
                     if shard.state == .open {
@@ -177,25 +160,22 @@ public final class ShardFileSystem: @unchecked Sendable {
             let shard = try localShard(id)
             let entryKey = EntryKey(trusted: key)  // validated when its inode was made
             let file = handle.flatMap { handles.file($0) }
-            if !toSet.isDisjoint(with: [.size, .modificationTime, .modificationTimeNow]) { writeBehind.flush(shard: id) }
             if toSet.contains(.size) {
                 try writable(shard)
                 guard attr.st_size >= 0 else { throw FileSystemError(EINVAL, "negative size") }
                 if let file, file.writable {
-                    loadable(file.entry)
                     try file.entry.truncate(to: Int(attr.st_size))
                 } else if let open = openEntry(ino) {
                     // truncate(2) on a path of an open file: its shared state, committed now.
-                    loadable(open)
                     try open.truncate(to: Int(attr.st_size))
-                    try commit(open, behind: false)
+                    try commit(open, deferringDurability: false)
                 } else {
                     // truncate(2) on a path: rewrite the value now.
                     let temporary = OpenEntry(shard: shard, key: entryKey, inode: ino, metadata: EntryMetadata(),
                                               clientID: options.clientID, spillDirectory: spillDirectory)
                     defer { temporary.abandon() }
                     try temporary.truncate(to: Int(attr.st_size))
-                    try commit(temporary, behind: false)
+                    try commit(temporary, deferringDurability: false)
                 }
             }
             let now = Self.now()
@@ -211,8 +191,7 @@ public final class ShardFileSystem: @unchecked Sendable {
                     writer.setModificationTime(modification)  // kept with the value being written
                 } else {
                     // Mode and access time live in the entry: a file being written is committed first.
-                    if let writer, writer.hasChanges { try commit(writer, behind: false) }
-                    writeBehind.flush(shard: id)
+                    if let writer, writer.hasChanges { try commit(writer, deferringDurability: false) }
                     try own(id, [key]) {
                         try shard.updateEntry(entryKey, clientID: options.clientID) { entry in
                             if let modification { entry.modificationTime = modification }
@@ -279,7 +258,6 @@ public final class ShardFileSystem: @unchecked Sendable {
             if shard.owner != options.clientID {
                 throw FileSystemError(EACCES, "shard \(id) belongs to client \(shard.owner), this mount writes as \(options.clientID)")
             }
-            writeBehind.flush(shard: id)
             try wait { try await self.node.shards.deleteShard(id) }
         case .shard:
             throw FileSystemError(ENOTDIR, "entries are files")
@@ -314,12 +292,11 @@ public final class ShardFileSystem: @unchecked Sendable {
     func commitAll() {
         guard commitAllLock.withLock({ () -> Bool in defer { committedAll = true }; return !committedAll }) else { return }
         for entry in handles.allEntries {
-            do { try commit(entry, behind: false) } catch {
+            do { try commit(entry, deferringDurability: false) } catch {
                 logger.error("could not commit an open file at unmount", metadata: ["key": "\(entry.key)", "error": "\(error)"])
             }
             entry.abandon()
         }
-        writeBehind.stop()
         storeDirectoryTimes()
         node.shards.applyLogs()
     }
@@ -392,13 +369,6 @@ public final class ShardFileSystem: @unchecked Sendable {
             OpenEntry(shard: shard, key: key, inode: ino, metadata: metadata, clientID: options.clientID,
                       spillDirectory: spillDirectory)
         }
-    }
-
-    /// Before an entry's buffer is first filled from the shard: what earlier
-    /// handles of the entry queued must be in the shard (an entry is made anew
-    /// once its last handle is released, after that handle's put was queued).
-    func loadable(_ entry: OpenEntry) {
-        if !entry.hasBuffer { writeBehind.flush(shard: entry.shard.id) }
     }
 
     /// The open state of `ino` while it holds uncommitted changes (one whose

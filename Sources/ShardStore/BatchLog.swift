@@ -32,6 +32,8 @@ final class BatchLog {
     static let recordHeaderSize = 16
 
     private let fd: Int32
+    /// For an fdatasync outside the log committer (appends may go on meanwhile).
+    var descriptor: Int32 { fd }
     /// Where the next record goes.
     private(set) var end = 0
 
@@ -96,7 +98,7 @@ final class BatchLog {
     /// replay after a crash can meet the failed bytes (whose sequences are used
     /// again); if that fails, the log must not be appended to again (the error
     /// says so with `broken`).
-    func append(_ records: [UInt8]) throws {
+    func append(_ records: [UInt8], sync: Bool = true) throws {
         var done = 0
         var failure: Int32 = 0
         while done < records.count {
@@ -105,7 +107,7 @@ final class BatchLog {
             if n <= 0 { failure = n < 0 ? errno : EIO; break }
             done += n
         }
-        if failure == 0 && fdatasync(fd) != 0 { failure = errno }
+        if failure == 0 && sync && fdatasync(fd) != 0 { failure = errno }
         guard failure != 0 else {
             end += records.count
             return

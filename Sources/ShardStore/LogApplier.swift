@@ -24,8 +24,11 @@ final class LogApplier: @unchecked Sendable {
         waiting[ObjectIdentifier(shard)] = Weak(shard: shard)
         if !started {
             started = true
-            let thread = Thread { [self] in loop() }
-            thread.name = "shardfs-log-applier"
+            let thread = Thread { [self] in
+                // Named from inside: set before `start()`, the name does not reach Linux (15 bytes at most).
+                Thread.current.name = "shardfs-applier"
+                loop()
+            }
             thread.start()
         }
         if !known { condition.signal() }
@@ -42,10 +45,14 @@ final class LogApplier: @unchecked Sendable {
 
             var later: [Shard] = []
             for shard in shards {
+                // Puts whose durability was deferred are made durable within
+                // about `idleDelay` (a failure is reported by the next `sync()`).
+                let deferred = shard.deferredSync(after: Self.idleDelay)
+                if deferred.due { try? shard.sync() }
                 if shard.logIsWorthApplying() {
                     // A failure is kept by the shard and reported to its next reader or writer.
                     try? shard.applyLog()
-                } else if shard.hasPendingBatches {
+                } else if shard.hasPendingBatches || (deferred.waiting && !deferred.due) {
                     later.append(shard)
                 }
             }

@@ -24,7 +24,8 @@ extension Shard {
     /// Logs a batch of valid items instead of committing it to LMDB, when it may
     /// be: the shard has a log and room to spare, and no value needs chunks.
     /// Returns false when the batch must take the direct path.
-    func logBatch(_ items: [EntryWrite], statuses: [ShardError?], now: Int64, clientID: String) throws -> Bool {
+    func logBatch(_ items: [EntryWrite], statuses: [ShardError?], now: Int64, clientID: String,
+                  deferringDurability: Bool = false) throws -> Bool {
         guard log != nil else { return false }
         guard !clientID.isEmpty else { throw ShardError.clientIDRequired }
         guard clientID == owner else { throw ShardError.fenced(owner: owner, client: clientID) }
@@ -32,8 +33,12 @@ extension Shard {
         valid.reserveCapacity(items.count)
         for i in items.indices where statuses[i] == nil {
             var item = items[i]
-            // Chunked values, and more indexes than the log's count field holds, go direct.
-            if item.value.count > chunkSize || item.indexes.count > Int(UInt16.max) { return false }
+            // Chunked values (the direct path writes them once, not twice), and more
+            // indexes than the log's count field holds, go direct; with durability
+            // deferred, values up to `deferredValueLimit` are logged all the same
+            // (a direct commit would make the caller wait for its fsyncs).
+            let valueLimit = deferringDurability ? Self.deferredValueLimit : chunkSize
+            if item.value.count > valueLimit || item.indexes.count > Int(UInt16.max) { return false }
             if item.modificationTime == nil { item.modificationTime = now }
             // What is logged is what is applied, in memory now or replayed later.
             if item.keepsIndexes || item.isDeletion { item.indexes = [] }
@@ -72,6 +77,7 @@ extension Shard {
                 group.batches.append(PendingBatch(sequence: group.next, items: valid, bytes: memory, cost: cost))
                 group.next += 1
                 group.cost += cost
+                if !deferringDurability { group.sync = true }
                 logged = true
             }
         } catch where !logged {
@@ -128,14 +134,16 @@ extension Shard {
     }
 
     /// Appends a group of batches to the log with one fdatasync (the log
-    /// committer's leader runs this, one group at a time).
+    /// committer's leader runs this, one group at a time). A group whose members
+    /// all deferred durability is kept in memory (`unwrittenLog`) until a later
+    /// group writes, `sync()` asks, or it grows past `unwrittenLimit`.
     func runLogGroup(_ group: [GroupCommitter<LogGroup>.Pending]) {
         guard let log else { return }
         var ctx = LogGroup(next: lastLogged + 1)
         for member in group {
             do { try member.body(&ctx) } catch { member.error = error }
         }
-        guard !ctx.batches.isEmpty else { return }
+        guard !ctx.batches.isEmpty || (ctx.write && !unwrittenLog.isEmpty) else { return }
         if let refused = writeFence?() {
             for member in group { member.error = refused }
             return
@@ -144,27 +152,92 @@ extension Shard {
             // Under steady load something is always pending: past its size bound the
             // file is emptied anyway, once what it holds is applied.
             if log.end > batchLogLimit { try applyLog() }
-            // Nothing pending: every record in the file is applied, so start afresh.
-            if log.end > 0, !hasPendingBatches { try log.reset() }
-            try log.append(ctx.bytes)
+            // Nothing pending: every record in the file, and every one kept in
+            // memory, is applied (durably, in LMDB), so start afresh.
+            if !hasPendingBatches {
+                if log.end > 0 { try log.reset() }
+                unwrittenLog.removeAll(keepingCapacity: true)
+            }
+            if ctx.sync || ctx.write || unwrittenLog.count + ctx.bytes.count > Self.unwrittenLimit {
+                // Earlier records first: the file's sequences never skip.
+                if unwrittenLog.isEmpty {
+                    try log.append(ctx.bytes, sync: ctx.sync)
+                } else {
+                    unwrittenLog += ctx.bytes
+                    try log.append(unwrittenLog, sync: ctx.sync)
+                    unwrittenLog.removeAll(keepingCapacity: true)
+                }
+                let last = ctx.next - 1
+                logLock.withLock {
+                    writtenThrough = last
+                    if ctx.sync { markDurable(through: last) }
+                }
+            } else {
+                unwrittenLog += ctx.bytes
+            }
         } catch {
             if let logError = error as? BatchLogError, logError.broken { logLock.withLock { logBroken = true } }
             let failure = error as? ShardError ?? ShardError.storage("\(error)")
             for member in group { member.error = failure }
             return
         }
+        guard !ctx.batches.isEmpty else { return }
         lastLogged = ctx.next - 1
         let bytes = ctx.batches.reduce(0) { $0 + $1.bytes }
         Self.processPending.add(bytes)
+        let now = ContinuousClock.now
         logLock.withLock {
             pendingBatches += ctx.batches
             pendingBytes += bytes
             pendingCost += ctx.cost
-            for batch in ctx.batches {
-                for (i, item) in batch.items.enumerated() { pendingKeys[keyHash(item.key)] = PendingKey(sequence: batch.sequence, item: i) }
-                pendingItems += batch.items.count
+            for batch in ctx.batches { notePending(batch) }
+            lastLogTime = now
+            if !ctx.sync {
+                lastDeferred = lastLogged
+                if notDurableSince == nil { notDurableSince = now }
             }
-            lastLogTime = .now
+        }
+    }
+
+    /// The largest value a batch put with durability deferred logs (the mount's
+    /// small files, `ShardFileSystem.smallFileLimit`).
+    public static let deferredValueLimit = 1 << 20
+
+    /// Past this many bytes of deferred records in memory, the next group writes them.
+    static let unwrittenLimit = 1 << 20
+
+    /// Every logged batch up to `sequence` is durable (under logLock).
+    func markDurable(through sequence: UInt64) {
+        durableThrough = max(durableThrough, sequence)
+        if durableThrough >= lastDeferred { notDurableSince = nil }
+    }
+
+    /// The durability barrier for batches put with durability deferred: writes
+    /// what is kept in memory and fdatasyncs the log, outside the log committer,
+    /// so puts go on meanwhile. If the log cannot be made durable it is not
+    /// appended to again, and what is pending is applied to LMDB instead.
+    func syncDeferred() throws {
+        let (broken, waiting) = logLock.withLock { (logBroken, durableThrough < lastDeferred) }
+        if broken { return try applyLog() }
+        guard waiting else { return }
+        try logCommitter.submit { group in group.write = true }
+        let (target, fd) = (logLock.withLock { writtenThrough }, log!.descriptor)
+        guard fdatasync(fd) == 0 else {
+            // After a failed fdatasync the page cache may claim what the disk lacks.
+            let failure = ShardError.storage("cannot sync the batch log: \(String(cString: strerror(errno)))")
+            logLock.withLock { logBroken = true }
+            try? applyLog()
+            throw failure
+        }
+        logLock.withLock { markDurable(through: target) }
+    }
+
+    /// Whether batches put with durability deferred wait to be made durable, and
+    /// whether the oldest has waited `delay`.
+    func deferredSync(after delay: Duration) -> (waiting: Bool, due: Bool) {
+        logLock.withLock {
+            guard let since = notDurableSince, !holdingBackgroundApply else { return (false, false) }
+            return (true, ContinuousClock.now - since >= delay)
         }
     }
 
@@ -179,6 +252,16 @@ extension Shard {
     }
 
     var hasPendingBatches: Bool { logLock.withLock { !pendingBatches.isEmpty } }
+
+    /// Maps the keys of a batch now pending to its items (under logLock).
+    func notePending(_ batch: PendingBatch) {
+        for (i, item) in batch.items.enumerated() {
+            let hash = keyHash(item.key)
+            let earlier = pendingKeys[hash].map { $0.sequence > appliedSequence } ?? false
+            pendingKeys[hash] = PendingKey(sequence: batch.sequence, item: i, overwrites: earlier)
+        }
+        pendingItems += batch.items.count
+    }
 
     /// What a point read of one key finds in the pending logged batches.
     enum PendingLookup {
@@ -196,8 +279,9 @@ extension Shard {
     /// and the snapshot's start are taken together under `logLock` (an apply
     /// takes its batches off the pending list under it, after its commit), so
     /// they agree: no write lands between them. When the pending map cannot tell
-    /// (a hash collision, or a put that keeps the indexes LMDB holds), the log is
-    /// applied first and the lookup is made again.
+    /// (a hash collision, or a put that keeps indexes an earlier pending item may
+    /// have changed), the log is applied first and the lookup is made again; a
+    /// put that keeps the indexes LMDB holds is shown with them.
     func readSeeingPending<Keys: Collection<[UInt8]>, R>(_ keys: Keys, _ body: ([PendingLookup]?, Transaction) throws -> R) throws -> R {
         let hashes = log == nil ? [] : keys.map(keyHash)
         while true {
@@ -213,7 +297,14 @@ extension Shard {
                     switch answer {
                     case .unknown: return nil
                     case .none: return try body(nil, txn)
-                    case .lookups(let lookups): return try body(lookups, txn)
+                    case .lookups(var lookups):
+                        for (i, key) in zip(lookups.indices, keys) {
+                            guard case .put(var item) = lookups[i], item.keepsIndexes else { continue }
+                            item.indexes = try txn.get(entries, key).map { try RecordView($0).indexes() } ?? []
+                            item.keepsIndexes = false
+                            lookups[i] = .put(item)
+                        }
+                        return try body(lookups, txn)
                     }
                 }
             } catch let error as ShardError {
@@ -240,7 +331,9 @@ extension Shard {
             let at = Int(found.sequence - base)
             guard at < pendingBatches.count, pendingBatches[at].sequence == found.sequence else { return .unknown }
             let item = pendingBatches[at].items[found.item]
-            guard item.key == key, !item.keepsIndexes else { return .unknown }
+            // A put keeping its indexes takes them from LMDB (see readSeeingPending),
+            // unless an earlier pending item of the key may have changed them.
+            guard item.key == key, !(item.keepsIndexes && found.overwrites) else { return .unknown }
             lookups.append(item.isDeletion ? .deleted : .put(item))
             any = true
         }
@@ -292,15 +385,15 @@ extension Shard {
             pendingBytes -= bytes
             pendingCost -= cost
             appliedSequence = batches.last!.sequence
+            markDurable(through: appliedSequence)
             pendingItems -= batches.reduce(0) { $0 + $1.items.count }
             if pendingBatches.isEmpty {
                 pendingKeys.removeAll(keepingCapacity: true)
             } else if pendingKeys.count > 2 * pendingItems + 65_536 {
                 // Under steady load the map would keep every key ever written.
                 pendingKeys.removeAll(keepingCapacity: true)
-                for batch in pendingBatches {
-                    for (i, item) in batch.items.enumerated() { pendingKeys[keyHash(item.key)] = PendingKey(sequence: batch.sequence, item: i) }
-                }
+                pendingItems = 0
+                for batch in pendingBatches { notePending(batch) }
             }
         }
     }

@@ -109,7 +109,7 @@ extension Shard {
     /// Puts many entries in one transaction. Items that fail validation get their
     /// error at their position and are skipped; the others commit together. Errors
     /// of the whole batch (fenced, closed, full) are thrown and nothing is committed.
-    public func batchPut(_ items: [EntryWrite], clientID: String) throws -> [ShardError?] {
+    public func batchPut(_ items: [EntryWrite], clientID: String, deferringDurability: Bool = false) throws -> [ShardError?] {
         var statuses = [ShardError?](repeating: nil, count: items.count)
         var invalid = 0
         for i in items.indices {
@@ -125,8 +125,10 @@ extension Shard {
         if invalid == items.count { return statuses }
         let now = Shard.now()
         // A batch that appends commits directly (LMDB's best case); others are logged.
-        let appending = try appendsPastLastKey(items, statuses)
-        if !appending, try logBatch(items, statuses: statuses, now: now, clientID: clientID) { return statuses }
+        let appending = try !deferringDurability && appendsPastLastKey(items, statuses)
+        if !appending, try logBatch(items, statuses: statuses, now: now, clientID: clientID, deferringDurability: deferringDurability) {
+            return statuses
+        }
         try write(clientID: clientID) { [statuses] ctx in
             for i in items.indices where statuses[i] == nil {
                 try self.applyItem(ctx.txn, items[i], defaultTime: now, appending: appending)

@@ -79,6 +79,20 @@ public final class Shard: @unchecked Sendable {
     var lastLogTime = ContinuousClock.now
     /// The sequence of the last logged record; touched only by the log committer's leader.
     var lastLogged: UInt64 = 0
+    /// Records of batches put with durability deferred, not written to the file
+    /// yet (they are written before any later record, and by `sync()`); touched
+    /// only by the log committer's leader.
+    var unwrittenLog: [UInt8] = []
+    // Guarded by logLock:
+    /// The last sequence written to the file, and the last known durable there
+    /// (fdatasync'ed, or applied to LMDB).
+    var writtenThrough: UInt64 = 0
+    var durableThrough: UInt64 = 0
+    /// The last sequence logged with durability deferred, and when the oldest
+    /// such batch not durable yet was logged: the applier makes them durable
+    /// once they are `LogApplier.idleDelay` old.
+    var lastDeferred: UInt64 = 0
+    var notDurableSince: ContinuousClock.Instant?
 
     struct PendingBatch {
         let sequence: UInt64
@@ -92,6 +106,9 @@ public final class Shard: @unchecked Sendable {
     struct PendingKey {
         let sequence: UInt64
         let item: Int
+        /// An earlier pending item may write the key too (or another key of the
+        /// same hash): a put keeping its indexes cannot take them from LMDB.
+        var overwrites = false
     }
 
     struct LogGroup {
@@ -99,6 +116,12 @@ public final class Shard: @unchecked Sendable {
         var bytes: [UInt8] = []
         var batches: [PendingBatch] = []
         var cost = 0
+        /// Whether the group must be durable when it returns (fdatasync): false
+        /// when every member deferred durability.
+        var sync = false
+        /// Whether records kept in memory (`unwrittenLog`) must be written now
+        /// (`sync()`, the durability barrier, asks for it).
+        var write = false
     }
 
     /// Memory held by a shard's logged batches waiting for LMDB past which a batch
@@ -281,11 +304,14 @@ public final class Shard: @unchecked Sendable {
 
     /// Flushes commits made with `durableCommits == false` to disk.
     public func sync() throws {
+        if log != nil { return try syncDeferred() }
         do { try env.sync(force: true) } catch { throw ShardError.from(error, limit: sizeLimit) }
     }
 
     deinit {
-        // Batches still pending stay in the log, for the next open to replay.
+        // Batches still pending stay in the log, for the next open to replay
+        // (those put with durability deferred are written there now).
+        if let log, !unwrittenLog.isEmpty, !pendingBatches.isEmpty, writeFence?() == nil { try? log.append(unwrittenLog, sync: true) }
         Self.processPending.add(-pendingBytes)
     }
 

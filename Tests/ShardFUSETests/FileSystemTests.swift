@@ -213,6 +213,28 @@ import Testing
         }
     }
 
+    /// fsync(2) of a shard's directory is its durability barrier: every file
+    /// closed before it survives a `kill -9` right after (closes only defer
+    /// their durability by milliseconds, so the kill must follow at once).
+    @Test func fsyncOfAShardDirectoryMakesItsClosedFilesDurable() async throws {
+        try await withFixture { fixture in
+            try await fixture.mount()
+            guard let pid = fixture.daemonPID else { throw FixtureError("no daemon pid") }
+            // The request reaches the daemon (the kernel does not answer it itself).
+            let requests = try await fixture.ok("""
+                mkdir shard-1 && for i in $(seq 1 200); do echo value-$i > shard-1/e$i; done && \
+                python3 -c 'import os; fd = os.open("shard-1", os.O_RDONLY); os.fsync(fd)' && \
+                getfattr --only-values -n user.shardfs.requests . && kill -9 \(pid)
+                """)
+            #expect(requests.contains("fsyncdir 1"), "\(requests)")
+            for _ in 0..<100 where kill(pid, 0) == 0 { try await Task.sleep(for: .milliseconds(20)) }
+            _ = try await shell("fusermount3 -u '\(fixture.mnt)' || fusermount3 -uz '\(fixture.mnt)'")
+            try await fixture.mount()
+            #expect(try await fixture.ok("ls shard-1 | wc -l") == "200\n")
+            for i in [1, 100, 200] { #expect(try await fixture.ok("cat shard-1/e\(i)") == "value-\(i)\n") }
+        }
+    }
+
     @Test func aFullShardFailsCloseWithENOSPCAndStaysUsable() async throws {
         try await withFixture { fixture in
             try await fixture.mount(try fixture.sizeLimitOption("1MiB"))

@@ -316,6 +316,84 @@ import Testing
         #expect(!shard.hasPendingBatches)
     }
 
+    /// A put that keeps its indexes, with nothing else pending for its key, is
+    /// read with the indexes LMDB holds, without applying the log.
+    @Test func aPendingPutKeepingItsIndexesShowsThoseLMDBHolds() throws {
+        let dir = try TemporaryDirectory("log")
+        let shard = try makeShard(dir)
+        shard.backgroundApplyHeld = true
+        try seed(shard)
+        try shard.updateIndexes(key(seeded(5)), clientID: "owner") { _ in [IndexPair(name: "n", value: "five")] }
+        var keep = put(seeded(5), "new")
+        keep.keepsIndexes = true
+        _ = try shard.batchPut([keep, put(seeded(9) + "x", "x")], clientID: "owner")
+        #expect(shard.hasPendingBatches)
+        let entry = try shard.get(key(seeded(5)))
+        #expect(entry.value == bytes("new") && entry.indexes == [IndexPair(name: "n", value: "five")])
+        #expect(try shard.attributes(key(seeded(5)))?.indexes == [IndexPair(name: "n", value: "five")])
+        #expect(shard.hasPendingBatches)
+        try shard.applyLog()
+        #expect(try shard.get(key(seeded(5))).indexes == [IndexPair(name: "n", value: "five")])
+    }
+
+    /// What a crash of the process leaves of a live shard: its files as they are
+    /// now (LMDB's lock file aside).
+    func crashCopy(_ path: String, _ copy: String) throws {
+        try FileManager.default.createDirectory(atPath: copy, withIntermediateDirectories: true)
+        for name in try FileManager.default.contentsOfDirectory(atPath: path) where name != "lock.mdb" {
+            try FileManager.default.copyItem(atPath: path + "/" + name, toPath: copy + "/" + name)
+        }
+    }
+
+    /// Durability deferred (the mount's close): the batch is read at once, kept
+    /// in memory (nothing is written per put), and in the log once `sync()`
+    /// returns, or once a durable batch follows it.
+    @Test func deferredPutsAreReadAtOnceAndInTheLogAfterSync() throws {
+        let dir = try TemporaryDirectory("log")
+        let path = dir.sub("shard-7")
+        let shard = try makeShard(dir)
+        shard.backgroundApplyHeld = true
+        try seed(shard)
+        _ = try shard.batchPut([put(seeded(3) + "d", "deferred")], clientID: "owner", deferringDurability: true)
+        #expect(try shard.get(key(seeded(3) + "d")).value == bytes("deferred"))
+        #expect(try logSize(path) == 0)
+        try crashCopy(path, dir.sub("copy-1"))
+        #expect(try Shard.open(at: dir.sub("copy-1")).attributes(key(seeded(3) + "d")) == nil)
+
+        try shard.sync()
+        #expect(try logSize(path) > 0)
+        try crashCopy(path, dir.sub("copy-2"))
+        #expect(try Shard.open(at: dir.sub("copy-2")).get(key(seeded(3) + "d")).value == bytes("deferred"))
+
+        // A durable batch writes the deferred ones before it.
+        _ = try shard.batchPut([put(seeded(4) + "d", "deferred")], clientID: "owner", deferringDurability: true)
+        _ = try shard.batchPut([put(seeded(6) + "d", "durable")], clientID: "owner")
+        try crashCopy(path, dir.sub("copy-3"))
+        let copy = try Shard.open(at: dir.sub("copy-3"))
+        #expect(try copy.get(key(seeded(4) + "d")).value == bytes("deferred"))
+        #expect(try copy.get(key(seeded(6) + "d")).value == bytes("durable"))
+    }
+
+    /// Without `sync()`, the background applier makes deferred batches durable
+    /// within milliseconds; a shard let go of writes what it still holds.
+    @Test func deferredPutsReachTheLogWithoutSync() throws {
+        let dir = try TemporaryDirectory("log")
+        let path = dir.sub("shard-7")
+        var shard: Shard? = try makeShard(dir)
+        try seed(shard!)
+        _ = try shard!.batchPut([put(seeded(3) + "d", "deferred")], clientID: "owner", deferringDurability: true)
+        let deadline = Date().addingTimeInterval(10)
+        while shard!.deferredSync(after: .zero).waiting && Date() < deadline { usleep(1_000) }
+        #expect(!shard!.deferredSync(after: .zero).waiting)
+        try crashCopy(path, dir.sub("copy"))
+        #expect(try Shard.open(at: dir.sub("copy")).get(key(seeded(3) + "d")).value == bytes("deferred"))
+
+        shard!.backgroundApplyHeld = true
+        _ = try shard!.batchPut([put(seeded(4) + "d", "kept")], clientID: "owner", deferringDurability: true)
+        shard = nil
+        #expect(try Shard.open(at: path).get(key(seeded(4) + "d")).value == bytes("kept"))
+    }
+
     @Test func aSecondWritableInstanceIsRefused() throws {
         let dir = try TemporaryDirectory("log")
         var first: Shard? = try makeShard(dir)
