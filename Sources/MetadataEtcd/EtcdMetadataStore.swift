@@ -1,3 +1,7 @@
+// About 630 lines on purpose: every operation of `MetadataStore` on etcd, each
+// a guarded compare-and-swap over the same few primitives (at the end), read
+// best in one place beside the key layout below. Leases' keepalive thread is in
+// Keepalive.swift, the wire types in EtcdWire.swift.
 import Foundation
 import Logging
 import Metadata
@@ -631,47 +635,3 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
         }
     }
 }
-
-/// A thread that runs `body` until cancelled; `sleep` wakes early on cancel.
-final class Keepalive: @unchecked Sendable {
-    private let condition = NSCondition()
-    private var cancelled = false
-    private var done = false
-
-    init(name: String, _ body: @escaping @Sendable (Keepalive) -> Void) {
-        let thread = Thread { [self] in
-            Thread.current.name = name  // named from inside: set before `start()` it does not reach Linux
-            body(self)
-            condition.withLock {
-                done = true
-                condition.broadcast()
-            }
-        }
-        thread.start()
-    }
-
-    var isCancelled: Bool { condition.withLock { cancelled } }
-
-    func cancel() {
-        condition.withLock {
-            cancelled = true
-            condition.broadcast()
-        }
-    }
-
-    /// Waits `duration` (or until cancelled); false once cancelled.
-    func sleep(_ duration: Duration) -> Bool {
-        let seconds = Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
-        let until = Date(timeIntervalSinceNow: seconds)
-        return condition.withLock {
-            while !cancelled && Date() < until { _ = condition.wait(until: until) }
-            return !cancelled
-        }
-    }
-
-    /// Returns once the thread has ended (after `cancel`), without blocking a cooperative thread.
-    func finished() async {
-        while !condition.withLock({ done }) { try? await Task.sleep(for: .milliseconds(10)) }
-    }
-}
-
