@@ -1,5 +1,8 @@
 // LMDBSnapshot: a read-only reader of one committed LMDB snapshot, addressed
 // by its root, reading pages with pread from a `PageSource`.
+// (About 740 lines on purpose, half of them this header: the contract below,
+// and the page checks, which must be read together with the reads they guard.
+// The page layout is in Layout.swift, the sources in PageSource.swift.)
 //
 // What it reads
 //   The B-trees of one snapshot of an LMDB 0.9 data file (64-bit layout), from
