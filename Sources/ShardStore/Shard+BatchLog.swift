@@ -255,10 +255,14 @@ extension Shard {
 
     /// Maps the keys of a batch now pending to its items (under logLock).
     func notePending(_ batch: PendingBatch) {
+        let applied = appliedSequence
         for (i, item) in batch.items.enumerated() {
             let hash = keyHash(item.key)
-            let earlier = pendingKeys[hash].map { $0.sequence > appliedSequence } ?? false
-            pendingKeys[hash] = PendingKey(sequence: batch.sequence, item: i, overwrites: earlier)
+            // One probe for a key not pending yet (the common case), two otherwise.
+            if let earlier = pendingKeys.updateValue(PendingKey(sequence: batch.sequence, item: UInt32(i)), forKey: hash),
+               earlier.sequence > applied {
+                pendingKeys[hash]!.overwrites = true
+            }
         }
         pendingItems += batch.items.count
     }
@@ -330,7 +334,7 @@ extension Shard {
             guard found.sequence >= base else { return .unknown }
             let at = Int(found.sequence - base)
             guard at < pendingBatches.count, pendingBatches[at].sequence == found.sequence else { return .unknown }
-            let item = pendingBatches[at].items[found.item]
+            let item = pendingBatches[at].items[Int(found.item)]
             // A put keeping its indexes takes them from LMDB (see readSeeingPending),
             // unless an earlier pending item of the key may have changed them.
             guard item.key == key, !(item.keepsIndexes && found.overwrites) else { return .unknown }

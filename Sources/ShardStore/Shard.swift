@@ -103,9 +103,10 @@ public final class Shard: @unchecked Sendable {
         var loggedAt = ContinuousClock.now
     }
 
+    /// 16 bytes: the map holds one per key written while batches are pending.
     struct PendingKey {
         let sequence: UInt64
-        let item: Int
+        let item: UInt32
         /// An earlier pending item may write the key too (or another key of the
         /// same hash): a put keeping its indexes cannot take them from LMDB.
         var overwrites = false
