@@ -1,13 +1,33 @@
 import Foundation
 import Metrics
 
-/// FUSE operations that failed, by operation and errno (swift-metrics; the
-/// executable picks the backend). The operation is the bridge function's name
-/// (`opLookup(_:_:_:)` → `lookup`), so no callback needs a line of its own.
-/// Both labels are bounded: about 30 operations, the errno values ShardFS answers.
-enum FuseMetrics {
+/// The mount's metrics (swift-metrics; the executable picks the backend):
+/// - `shardfs_fuse_requests_total{operation}`: the requests the daemon was handed.
+///   Every callback already bumps a C counter (`FuseRequest.count`, one atomic
+///   add, for `user.shardfs.requests`); `publishRequestCounts` copies them into
+///   swift-metrics when the metrics are read, so a request costs nothing more.
+/// - `shardfs_fuse_errors_total{operation,errno}`: those answered with an error.
+///   The operation is the bridge function's name (`opLookup(_:_:_:)` → `lookup`),
+///   so no callback needs a line of its own.
+/// The labels are bounded: about 30 operations, the errno values ShardFS answers.
+public enum FuseMetrics {
     private static let lock = NSLock()
     nonisolated(unsafe) private static var counters: [String: Counter] = [:]
+    nonisolated(unsafe) private static var requestCounters: [UInt32: (counter: Counter, published: UInt64)] = [:]
+
+    /// Brings `shardfs_fuse_requests_total` up to the C counters (call before the metrics are read).
+    public static func publishRequestCounts() {
+        lock.withLock {
+            for kind in FuseRequest.allCases {
+                let total = kind.total
+                let known = requestCounters[kind.rawValue]
+                guard total > (known?.published ?? 0) else { continue }
+                let counter = known?.counter ?? Counter(label: "shardfs_fuse_requests_total", dimensions: [("operation", kind.name.lowercased())])
+                counter.increment(by: Int64(total - (known?.published ?? 0)))
+                requestCounters[kind.rawValue] = (counter, total)
+            }
+        }
+    }
 
     static func failed(_ function: StaticString, errno code: Int32) {
         let name = "\(function)"

@@ -7,6 +7,7 @@ import NIOCore
 import NIOHTTP1
 import NIOPosix
 import Prometheus
+import ShardFUSE
 import ShardNode
 
 /// The process's one metrics backend: Prometheus, bootstrapped once (swift-metrics
@@ -15,6 +16,12 @@ enum MetricsBackend {
     nonisolated(unsafe) private static var done = false
     private static let lock = NSLock()
     static let registry = PrometheusCollectorRegistry()
+
+    /// The metrics as Prometheus text, the mount's request counts brought up to date first.
+    static func emit() -> [UInt8] {
+        FuseMetrics.publishRequestCounts()
+        return registry.emitToBuffer()
+    }
 
     static func bootstrap() {
         lock.withLock {
@@ -147,12 +154,12 @@ private final class AdminHandler: ChannelInboundHandler, RemovableChannelHandler
                         body = Array(try encoder.encode(taken)) + [0x0A]
                         type = "application/json"
                     } else {
-                        body = MetricsBackend.registry.emitToBuffer()
+                        body = MetricsBackend.emit()
                     }
                 } catch {
                     // The metrics still answer (the layers' counters do not need the metadata).
                     if path == "/metrics" {
-                        body = MetricsBackend.registry.emitToBuffer()
+                        body = MetricsBackend.emit()
                     } else {
                         status = .serviceUnavailable
                         body = Array("cannot take the node's status: \(error)\n".utf8)

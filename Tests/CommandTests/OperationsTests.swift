@@ -89,6 +89,33 @@ import Testing
         #expect(none.status != 0 && none.stderr.contains("no node answers on") && none.stderr.contains("shardfs-admin.sock"), "\(none.stderr)")
     }
 
+    /// The mount's requests are counted by operation in /metrics (published from
+    /// the counters every request already bumps, when the metrics are read).
+    @Test func mountRequestsAreCountedByOperation() async throws {
+        let dir = try TemporaryDirectory("fuse-metrics")
+        let data = dir.sub("data"), mnt = dir.sub("mnt")
+        try FileManager.default.createDirectory(atPath: mnt, withIntermediateDirectories: true)
+        let server = try await ServeProcess.start(["--data-dir", data, "--listen", "127.0.0.1:0", "--mount", mnt,
+                                                   "--metrics", "127.0.0.1:0", "--log-level", "warning"])
+        defer {
+            _ = server.stop()
+            _ = try? run("/bin/fusermount3", ["-u", mnt])
+        }
+        let metricsField = server.readyLine.split(whereSeparator: \.isWhitespace).first { $0.hasPrefix("metrics=") }
+        let url = "http://\(try #require(metricsField).dropFirst("metrics=".count))/metrics"
+        let work = try await shell("cd '\(mnt)' && mkdir shard-1 && for i in 1 2 3 4 5; do echo $i > shard-1/f$i; done && cat shard-1/f3")
+        #expect(work.status == 0 && work.stdout == "3\n", "\(work.stderr)")
+
+        let text = try await Self.curl(url)
+        #expect(text.contains("# TYPE shardfs_fuse_requests_total counter"), "\(text)")
+        #expect(Self.sample(text, "shardfs_fuse_requests_total{operation=\"mkdir\"}") == 1, "\(text)")
+        #expect(Self.sample(text, "shardfs_fuse_requests_total{operation=\"create\"}") == 5, "\(text)")
+        #expect((Self.sample(text, "shardfs_fuse_requests_total{operation=\"flush\"}") ?? 0) >= 5, "\(text)")
+        // Read again with nothing done: nothing counted twice.
+        let again = try await Self.curl(url)
+        #expect(Self.sample(again, "shardfs_fuse_requests_total{operation=\"create\"}") == 5, "\(again)")
+    }
+
     @Test func versionIsPrinted() async throws {
         let result = try await runAsync(shardfs, ["--version"])
         #expect(result.status == 0)
