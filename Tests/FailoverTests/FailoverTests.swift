@@ -155,7 +155,7 @@ struct FailoverTests {
             // A also mounts its shards (in its own namespace) for a FUSE writer.
             let mountpoint = dir.sub("a-mnt")
             try FileManager.default.createDirectory(atPath: mountpoint, withIntermediateDirectories: true)
-            let (a, b, shard, _) = try await startPair(etcd: etcd, primaryArguments: "--mount '\(mountpoint)' -o client_id=writer")
+            let (a, b, shard, volume) = try await startPair(etcd: etcd, primaryArguments: "--mount '\(mountpoint)' -o client_id=writer")
             hosts = [a, b]
             let keys = (0..<100).map { "k\($0)" }
             let fileKeys = (0..<20).map { "f\($0)" }
@@ -323,6 +323,12 @@ struct FailoverTests {
             await cluster.close()
             print("failover harness: \(final.count) keys checked on the new primary, \(lost) lost")
             #expect(lost == 0)
+
+            // The new primary's metrics say so (read over its admin socket).
+            let metrics = try await shell("curl -sS --max-time 30 --unix-socket '\(dir.sub("b"))/shardfs-admin.sock' http://node/metrics")
+            #expect(metrics.status == 0, "\(metrics.stderr)")
+            #expect(metrics.stdout.contains("\nshardfs_promotions_total 1\n"), "\(metrics.stdout)")
+            #expect(metrics.stdout.contains("\nshardfs_volume_primary{volume=\"\(volume)\"} 1"), "\(metrics.stdout)")
         } }
     }
 

@@ -161,6 +161,24 @@ import Testing
             #expect(try await c.sh("cp -r \(s) '\(c.dir.sub("copy"))' && diff -r \(s) '\(c.dir.sub("copy"))'").status == 0)
             #expect(try await c.sh("df .").status == 0)
 
+            // Each node's metrics (over its admin socket): the backup's role, the
+            // view generation it applied and how old it is; the primary's role.
+            let volume = try #require(try FileManager.default.contentsOfDirectory(atPath: c.dir.sub("volumes")).first)
+            func metrics(_ node: String) async throws -> String {
+                let out = try await shell("curl -sS --max-time 30 --unix-socket '\(c.dir.sub(node))/shardfs-admin.sock' http://node/metrics")
+                #expect(out.status == 0, "\(out.stderr)")
+                return out.stdout
+            }
+            func sample(_ text: String, _ series: String) -> Double? {
+                text.split(separator: "\n").first { $0.hasPrefix(series + " ") }.flatMap { Double($0.dropFirst(series.count + 1)) }
+            }
+            let onBackup = try await metrics("node-b"), onPrimary = try await metrics("node-a")
+            #expect(sample(onBackup, "shardfs_volume_primary{volume=\"\(volume)\"}") == 0, "\(onBackup)")
+            #expect((sample(onBackup, "shardfs_view_generation{volume=\"\(volume)\"}") ?? 0) >= 1, "\(onBackup)")
+            #expect(sample(onBackup, "shardfs_view_age_seconds{volume=\"\(volume)\"}").map { $0 >= 0 && $0 < 30 } == true, "\(onBackup)")
+            #expect(sample(onBackup, "shardfs_promotions_total") ?? 0 == 0)
+            #expect(sample(onPrimary, "shardfs_volume_primary{volume=\"\(volume)\"}") == 1, "\(onPrimary)")
+
             // Every change through the backup's mount is EROFS.
             let refused = [
                 "open('\(s)/a', 'w')", "open('\(s)/a', 'a')", "os.open('\(s)/a', os.O_RDWR)", "open('\(s)/new', 'w')",
