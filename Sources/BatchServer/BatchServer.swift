@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import NIOCore
 import NIOPosix
+import NIOSSL
 import ShardNode
 
 /// The batch socket service: TCP and Unix socket listeners in front of one
@@ -37,13 +38,15 @@ public final class BatchServer: Sendable {
         var tcp: (host: String, port: Int)?
         if let address = configuration.tcpAddress {
             tcp = try parseAddress(address)
-            if !isLoopback(tcp!.host) && (configuration.token ?? "").isEmpty {
-                throw BatchServerError("TCP on \(address) is beyond loopback: a token (server.token) is required")
+            if !isLoopback(tcp!.host) && (configuration.token ?? "").isEmpty && configuration.tls?.clientCAFile == nil {
+                throw BatchServerError("TCP on \(address) is beyond loopback: a token (server.token) or client certificates "
+                                       + "(server.tls.client_ca) are required")
             }
         }
         guard tcp != nil || configuration.unixSocketPath != nil else {
             throw BatchServerError("neither a TCP address nor a Unix socket is configured")
         }
+        let tls = try tcp == nil ? nil : configuration.tls?.makeContext()
         let group = MultiThreadedEventLoopGroup(numberOfThreads: configuration.eventLoopThreads)
         let pool = NIOThreadPool(numberOfThreads: configuration.engineThreads)
         pool.start()
@@ -59,7 +62,7 @@ public final class BatchServer: Sendable {
                 let channel: Channel
                 do {
                     channel = try await bootstrap(group, configuration, executor, pool, connections, .tcp,
-                                                  configuration.limits(tokenRequired: tokenRequired))
+                                                  configuration.limits(tokenRequired: tokenRequired), tls: tls)
                         .bind(host: tcp.host, port: tcp.port).get()
                 } catch let error as IOError where error.errnoCode == EADDRINUSE {
                     throw BatchServerError("\(tcp.host):\(tcp.port) is taken by another process — choose another with --listen "
@@ -103,7 +106,7 @@ public final class BatchServer: Sendable {
 
     private static func bootstrap(_ group: MultiThreadedEventLoopGroup, _ config: BatchServerConfiguration,
                                   _ executor: RequestExecutor, _ pool: NIOThreadPool, _ connections: ConnectionRegistry,
-                                  _ kind: ListenerKind, _ limits: ConnectionLimits) -> ServerBootstrap {
+                                  _ kind: ListenerKind, _ limits: ConnectionLimits, tls: NIOSSLContext? = nil) -> ServerBootstrap {
         ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -113,11 +116,16 @@ public final class BatchServer: Sendable {
             .childChannelInitializer { channel in
                 guard connections.admit(channel, kind) else {
                     return channel.eventLoop.makeCompletedFuture {
+                        // Over TLS too, so the client reads why.
+                        if let tls { try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls)) }
                         try channel.pipeline.syncOperations.addHandler(
                             RejectHandler(Status(.tooManyConnections, "the server is at its limit of \(config.maxConnections) connections")))
                     }
                 }
                 return channel.eventLoop.makeCompletedFuture {
+                    // The handshake counts against the connection's handshake deadline
+                    // (ConnectionHandler's clock starts when the TCP connection does).
+                    if let tls { try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls)) }
                     try channel.pipeline.syncOperations.addHandler(
                         ConnectionHandler(limits: limits, executor: executor, pool: pool, registry: connections))
                 }

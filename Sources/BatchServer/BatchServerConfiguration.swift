@@ -10,6 +10,8 @@ public struct BatchServerConfiguration: Sendable {
     /// The shared token clients must present. Required when TCP listens beyond loopback;
     /// when set, asked of every TCP client (never of Unix socket clients).
     public var token: String?
+    /// TLS on the TCP listener; nil: plain TCP (fine on loopback).
+    public var tls: ServerTLS?
     public var maxFrameLength = ProtocolConstants.defaultMaxFrameLength
     public var maxInFlightPerConnection = 64
     /// Connections served at once, over both listeners; more are refused with

@@ -279,6 +279,8 @@ final class RejectHandler: ChannelInboundHandler {
         ResponseCodec.encode(.error(requestID: 0, status), into: &out)
         let channel = context.channel
         context.writeAndFlush(wrapOutboundOut(out)).whenComplete { _ in channel.close(promise: nil) }
+        // Over TLS the answer waits for a handshake a silent client never makes.
+        context.eventLoop.scheduleTask(in: .seconds(5)) { channel.close(promise: nil) }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {}

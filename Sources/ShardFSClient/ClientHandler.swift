@@ -1,5 +1,6 @@
 import BatchProtocol
 import NIOCore
+import NIOSSL
 
 /// One BatchGet item.
 public struct BatchGetItem: Sendable, Hashable {
@@ -100,10 +101,12 @@ final class ClientHandler: ChannelInboundHandler {
     private var decoder = FrameDecoder(maxFrameLength: Int(UInt32.max))
     private var waiters: [UInt32: Waiter] = [:]
     private var closedReason: String?
+    /// What later calls fail with, when it says more than "closed" (a TLS failure).
+    private var closedError: ClientError?
 
     func register(_ id: UInt32, _ waiter: Waiter) -> Bool {
         if let reason = closedReason {
-            fail(waiter, ClientError.connectionClosed(reason))
+            fail(waiter, closedError ?? ClientError.connectionClosed(reason))
             return false
         }
         waiters[id] = waiter
@@ -167,7 +170,9 @@ final class ClientHandler: ChannelInboundHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        failAll("\(error)")
+        // A TLS failure (a handshake refused either way, a certificate not trusted) says so.
+        let tls = error is NIOSSLError || error is BoringSSLError
+        failAll("\(error)", as: tls ? ClientError.tls("\(error)") : nil)
         context.close(promise: nil)
     }
 
@@ -197,10 +202,13 @@ final class ClientHandler: ChannelInboundHandler {
         }
     }
 
-    private func failAll(_ reason: String) {
-        if closedReason == nil { closedReason = reason }
+    private func failAll(_ reason: String, as error: ClientError? = nil) {
+        if closedReason == nil {
+            closedReason = reason
+            closedError = error
+        }
         let all = waiters
         waiters = [:]
-        for waiter in all.values { fail(waiter, ClientError.connectionClosed(reason)) }
+        for waiter in all.values { fail(waiter, error ?? ClientError.connectionClosed(reason)) }
     }
 }

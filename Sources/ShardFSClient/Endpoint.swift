@@ -35,6 +35,8 @@ public enum ClientError: Error, Hashable, Sendable, CustomStringConvertible {
     case invalidArgument(String)
     /// The server sent something this client does not understand.
     case protocolViolation(String)
+    /// TLS could not be set up (a certificate or key file) or its handshake failed.
+    case tls(String)
 
     public var description: String {
         switch self {
@@ -44,6 +46,7 @@ public enum ClientError: Error, Hashable, Sendable, CustomStringConvertible {
         case .connectionClosed(let why): return "connection closed: \(why)"
         case .invalidArgument(let why): return "invalid argument: \(why)"
         case .protocolViolation(let why): return "protocol violation: \(why)"
+        case .tls(let why): return "TLS: \(why)"
         }
     }
 

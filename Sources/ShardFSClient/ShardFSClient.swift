@@ -2,6 +2,7 @@ import BatchProtocol
 import Foundation
 import NIOCore
 import NIOPosix
+import NIOSSL
 
 /// An async client of the batch socket service. One connection; any number of
 /// concurrent calls are pipelined on it and matched to answers by request ID.
@@ -21,14 +22,21 @@ public final class ShardFSClient: Sendable {
 
     /// Connects and shakes hands; `token` is needed for TCP beyond loopback.
     /// `connectTimeout` bounds the TCP connect (a host that is down answers nothing).
-    public static func connect(to endpoint: Endpoint, token: String = "", connectTimeout: Duration = .seconds(10),
+    /// `tls`: for a TCP endpoint, speak TLS (a Unix socket is always plain).
+    public static func connect(to endpoint: Endpoint, token: String = "", tls: ClientTLS? = nil, connectTimeout: Duration = .seconds(10),
                                group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton) async throws -> ShardFSClient {
+        var tlsSetup: (context: NIOSSLContext, hostname: String?)?
+        if let tls, case .tcp(let host, _) = endpoint { tlsSetup = (try tls.makeContext(), tls.hostname(for: host)) }
+        let tlsHandler = tlsSetup.map { setup in { @Sendable in try NIOSSLClientHandler(context: setup.context, serverHostname: setup.hostname) } }
         let bootstrap = ClientBootstrap(group: group)
             .connectTimeout(.nanoseconds(Int64(max(1, connectTimeout.components.seconds * 1_000_000_000
                                                     + connectTimeout.components.attoseconds / 1_000_000_000))))
             .channelOption(.socketOption(.so_keepalive), value: 1)
             .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(ClientHandler()) }
+                channel.eventLoop.makeCompletedFuture {
+                    if let tlsHandler { try channel.pipeline.syncOperations.addHandler(try tlsHandler()) }
+                    try channel.pipeline.syncOperations.addHandler(ClientHandler())
+                }
             }
         let channel: Channel
         do {
@@ -39,10 +47,24 @@ public final class ShardFSClient: Sendable {
         } catch {
             throw ClientError.unreachable(endpoint, "\(error)")
         }
-        let handler = try await channel.eventLoop.submit {
-            NIOLoopBound(try channel.pipeline.syncOperations.handler(type: ClientHandler.self), eventLoop: channel.eventLoop)
-        }.get()
-        let hello = try await call(channel, handler, id: 0, .hello(version: ProtocolConstants.version, token: token))
+        let handler: NIOLoopBound<ClientHandler>
+        do {
+            handler = try await channel.eventLoop.submit {
+                NIOLoopBound(try channel.pipeline.syncOperations.handler(type: ClientHandler.self), eventLoop: channel.eventLoop)
+            }.get()
+        } catch {
+            // The pipeline is gone: the connection closed at once (over TLS, a
+            // handshake the node refused, such as without a client certificate it asks for).
+            throw tlsSetup == nil ? ClientError.connectionClosed("right after connecting to \(endpoint)")
+                : ClientError.tls("\(endpoint) closed the connection during the handshake (does it ask for a client certificate?)")
+        }
+        let hello: ResponsePayload
+        do {
+            hello = try await call(channel, handler, id: 0, .hello(version: ProtocolConstants.version, token: token))
+        } catch ClientError.tls(let why) {
+            try? await channel.close()
+            throw ClientError.tls("the handshake with \(endpoint) failed: \(why)")
+        }
         guard case .hello(let info) = hello else {
             try? await channel.close()
             throw ClientError.protocolViolation("the server answered Hello with \(hello)")

@@ -39,16 +39,19 @@ public final class ShardFSCluster: Sendable {
     public let nodes: [Endpoint]
     public let options: RoutingOptions
     private let token: String
+    private let tls: ClientTLS?
     private let group: EventLoopGroup
     private let table: RoutingTable
 
-    /// `nodes` in order of preference; `token` is presented to every TCP node.
-    public init(nodes: [Endpoint], token: String = "", options: RoutingOptions = RoutingOptions(),
+    /// `nodes` in order of preference; `token` is presented to every TCP node,
+    /// and `tls`, if given, is spoken with each (a node a redirect names included).
+    public init(nodes: [Endpoint], token: String = "", tls: ClientTLS? = nil, options: RoutingOptions = RoutingOptions(),
                 group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton) throws {
         guard !nodes.isEmpty else { throw ClientError.invalidArgument("no node to connect to") }
         self.nodes = nodes
         self.options = options
         self.token = token
+        self.tls = tls
         self.group = group
         table = RoutingTable()
     }
@@ -221,7 +224,7 @@ public final class ShardFSCluster: Sendable {
             }
             let client: ShardFSClient
             do {
-                client = try await table.connection(endpoint, token: token, timeout: options.connectTimeout, group: group)
+                client = try await table.connection(endpoint, token: token, tls: tls, timeout: options.connectTimeout, group: group)
             } catch {
                 // Nothing was sent.
                 table.failed(endpoint, nodes: nodes)
@@ -269,7 +272,7 @@ public final class ShardFSCluster: Sendable {
         for endpoint in table.rotation(nodes) {
             let client: ShardFSClient
             do {
-                client = try await table.connection(endpoint, token: token, timeout: options.connectTimeout, group: group)
+                client = try await table.connection(endpoint, token: token, tls: tls, timeout: options.connectTimeout, group: group)
             } catch {
                 table.failed(endpoint, nodes: nodes)
                 lastError = error
@@ -311,11 +314,11 @@ final class RoutingTable: @unchecked Sendable {
 
     /// The connection to `endpoint`, made on first use (one per endpoint, even
     /// when several calls ask at once) and again once it has closed.
-    func connection(_ endpoint: Endpoint, token: String, timeout: Duration, group: EventLoopGroup) async throws -> ShardFSClient {
+    func connection(_ endpoint: Endpoint, token: String, tls: ClientTLS?, timeout: Duration, group: EventLoopGroup) async throws -> ShardFSClient {
         for _ in 0..<2 {
             let task = lock.withLock {
                 if let task = connections[endpoint] { return task }
-                let task = Task { try await ShardFSClient.connect(to: endpoint, token: token, connectTimeout: timeout, group: group) }
+                let task = Task { try await ShardFSClient.connect(to: endpoint, token: token, tls: tls, connectTimeout: timeout, group: group) }
                 connections[endpoint] = task
                 return task
             }

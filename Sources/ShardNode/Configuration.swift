@@ -20,6 +20,11 @@ public struct Configuration: Sendable, Equatable {
         public var unixSocket = ""
         /// Shared token TCP clients must present; required when `address` is not loopback.
         public var token = ""
+        /// TLS on the TCP listener: PEM certificate chain and private key (both or
+        /// neither); with `tlsClientCA`, clients must present a certificate it signed.
+        public var tlsCertificate = ""
+        public var tlsKey = ""
+        public var tlsClientCA = ""
         public var maxConnections = 1024
         /// A whole frame must arrive within this (from its first byte), and the
         /// handshake within `handshakeTimeoutMs` of connecting: trickled bytes do not extend either.
@@ -212,6 +217,7 @@ extension Configuration {
     static let settableKeys: Set<String> = [
         "node.node_id", "node.instance_id", "node.data_dir",
         "server.address", "server.unix_socket", "server.token", "server.max_connections",
+        "server.tls.cert", "server.tls.key", "server.tls.client_ca",
         "server.frame_timeout_ms", "server.handshake_timeout_ms", "server.metrics_address",
         "cloud.provider", "cloud.region", "cloud.availability_zone", "cloud.volume_root", "cloud.initial_volumes",
         "cloud.volume_size", "cloud.volume_type", "cloud.iops", "cloud.throughput", "cloud.filesystem", "cloud.image_dir",
@@ -241,6 +247,9 @@ extension Configuration {
         case "server.address": server.address = value
         case "server.unix_socket": server.unixSocket = value
         case "server.token": server.token = value
+        case "server.tls.cert": server.tlsCertificate = value
+        case "server.tls.key": server.tlsKey = value
+        case "server.tls.client_ca": server.tlsClientCA = value
         case "server.metrics_address": server.metricsAddress = value
         case "server.max_connections":
             server.maxConnections = try int()

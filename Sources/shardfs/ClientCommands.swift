@@ -20,6 +20,10 @@ struct ConnectOptions: ParsableArguments {
     @Option(name: .long, help: "TCP address host:port of the node.") var address: String?
     @Option(name: .long, help: "Token for TCP. Also SHARDFS_SERVER_TOKEN.") var token: String?
     @Option(name: .long, help: "Seconds to keep trying other nodes and a primary that moved (default: 30 with several nodes, 0 with one).") var deadline: Double?
+    @Flag(name: .long, help: "Speak TLS to TCP nodes, trusting the system's CAs (implied by the other --tls options).") var tls = false
+    @Option(name: .long, help: "Speak TLS to TCP nodes, trusting this PEM CA. Also SHARDFS_TLS_CA.") var tlsCa: String?
+    @Option(name: .long, help: "This client's PEM certificate, for nodes that ask for one (mutual TLS); needs --tls-key.") var tlsCert: String?
+    @Option(name: .long, help: "This client's PEM private key.") var tlsKey: String?
 
     /// The nodes in the order given: --node first, then --address and --socket;
     /// with none of them, the default socket.
@@ -47,7 +51,15 @@ struct ConnectOptions: ParsableArguments {
         guard seconds >= 0 && seconds.isFinite else { throw ValidationError("--deadline must be zero or more seconds") }
         options.deadline = .milliseconds(Int64(seconds * 1000))
         let token = self.token ?? ProcessInfo.processInfo.environment["SHARDFS_SERVER_TOKEN"] ?? ""
-        return try ShardFSCluster(nodes: nodes, token: token, options: options)
+        return try ShardFSCluster(nodes: nodes, token: token, tls: try clientTLS(), options: options)
+    }
+
+    /// TLS for TCP nodes when any --tls option (or SHARDFS_TLS_CA) asks for it.
+    func clientTLS() throws -> ClientTLS? {
+        let ca = tlsCa ?? ProcessInfo.processInfo.environment["SHARDFS_TLS_CA"].flatMap { $0.isEmpty ? nil : $0 }
+        guard tls || ca != nil || tlsCert != nil || tlsKey != nil else { return nil }
+        guard (tlsCert == nil) == (tlsKey == nil) else { throw ValidationError("--tls-cert and --tls-key go together") }
+        return ClientTLS(trustedCAFile: ca, certificateFile: tlsCert, privateKeyFile: tlsKey)
     }
 }
 

@@ -97,6 +97,9 @@ struct ServiceOptions: ParsableArguments {
     @Flag(name: .long, help: "Do not listen on TCP.") var noTcp = false
     @Option(name: .long, help: "Unix socket path (server.unix_socket; default <data_dir>/shardfs.sock).") var socket: String?
     @Option(name: .long, help: "Shared token TCP clients must present. Also SHARDFS_SERVER_TOKEN.") var token: String?
+    @Option(name: .long, help: "TLS on TCP: the server's PEM certificate chain (server.tls.cert); needs --tls-key.") var tlsCert: String?
+    @Option(name: .long, help: "TLS on TCP: the server's PEM private key (server.tls.key).") var tlsKey: String?
+    @Option(name: .long, help: "TLS on TCP: require client certificates signed by this PEM CA (server.tls.client_ca; mutual TLS).") var tlsClientCa: String?
     @Option(name: .long, help: "Engine threads running LMDB calls.") var engineThreads = 4
     @Option(name: .long, help: "host:port other nodes' clients reach this node at (registered in the metadata; default: the TCP address, with the bound port, and this host's name for a wildcard address).")
     var advertise: String?
@@ -124,6 +127,16 @@ struct ServiceOptions: ParsableArguments {
         config.unixSocketPath = socket ?? (node.server.unixSocket.isEmpty ? node.node.dataDir + "/shardfs.sock" : node.server.unixSocket)
         // --token, else server.token (from the file or SHARDFS_SERVER_TOKEN).
         config.token = [token, node.server.token].compactMap { $0 }.first { !$0.isEmpty }
+        let cert = tlsCert ?? node.server.tlsCertificate, key = tlsKey ?? node.server.tlsKey
+        let clientCA = tlsClientCa ?? node.server.tlsClientCA
+        if cert.isEmpty != key.isEmpty {
+            throw ValidationError("TLS needs both a certificate and its key (--tls-cert and --tls-key, or server.tls.cert and server.tls.key)")
+        }
+        if !cert.isEmpty {
+            config.tls = ServerTLS(certificateFile: cert, privateKeyFile: key, clientCAFile: clientCA.isEmpty ? nil : clientCA)
+        } else if !clientCA.isEmpty {
+            throw ValidationError("client certificates (--tls-client-ca, server.tls.client_ca) need TLS: give --tls-cert and --tls-key too")
+        }
         guard engineThreads > 0 else { throw ValidationError("--engine-threads must be positive") }
         config.engineThreads = engineThreads
         config.maxConnections = node.server.maxConnections

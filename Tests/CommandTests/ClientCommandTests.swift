@@ -49,3 +49,31 @@ import Testing
         #expect(try await client(["get", "7", "k1"]).status != 0)
     }
 }
+
+/// `shardfs serve` with TLS on TCP, and `shardfs client` speaking it.
+@Suite struct TLSCommandTests {
+    @Test func serveAndClientSpeakTLS() async throws {
+        let pki = try await TestPKI.make()
+        let dir = try TemporaryDirectory("client-tls")
+        let data = dir.sub("data")
+        let server = try await ServeProcess.start(["--data-dir", data, "--listen", "127.0.0.1:0", "--tls-cert", pki.serverCert,
+                                                   "--tls-key", pki.serverKey, "--tls-client-ca", pki.ca, "--log-level", "warning"])
+        defer { _ = server.stop() }
+        let tcp = try #require(server.readyLine.split(whereSeparator: \.isWhitespace).first { $0.hasPrefix("tcp=") }?.dropFirst(4))
+        let mutual = ["--address", String(tcp), "--tls-ca", pki.ca, "--tls-cert", pki.clientCert, "--tls-key", pki.clientKey]
+        let made = try await runAsync(shardfs, ["client", "new-shard", "--client", "alice"] + mutual)
+        #expect(made.status == 0, "\(made.stderr)")
+        let id = made.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(try await runAsync(shardfs, ["client", "put", id, "k", "--value", "tls", "--client", "alice"] + mutual).status == 0)
+        #expect(try await runAsync(shardfs, ["client", "get", id, "k"] + mutual).stdout == "tls")
+        // Without a client certificate the node refuses, and the error says TLS.
+        let refused = try await runAsync(shardfs, ["client", "get", id, "k", "--address", String(tcp), "--tls-ca", pki.ca])
+        #expect(refused.status != 0 && refused.stderr.contains("TLS"), "\(refused.stderr)")
+        // Half a client identity is a usage error; so is half a server one.
+        let half = try await runAsync(shardfs, ["client", "get", id, "k", "--address", String(tcp), "--tls-cert", pki.clientCert])
+        #expect(half.status != 0 && half.stderr.contains("--tls-key"), "\(half.stderr)")
+        let serveHalf = try await runAsync(shardfs, ["serve", "--data-dir", dir.sub("other"), "--listen", "127.0.0.1:0",
+                                                     "--tls-cert", pki.serverCert])
+        #expect(serveHalf.status != 0 && serveHalf.stderr.contains("--tls-key"), "\(serveHalf.stderr)")
+    }
+}

@@ -91,13 +91,27 @@ class Reader:
         return info
 
 
+def tls_context(ca=None, cert=None, key=None):
+    """A client TLS context for TCP nodes: trusting `ca` (a PEM file; None: the
+    system's CAs), presenting `cert`/`key` to nodes that ask (mutual TLS)."""
+    import ssl
+    context = ssl.create_default_context(cafile=ca)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert:
+        context.load_cert_chain(cert, key)
+    return context
+
+
 class Client:
-    def __init__(self, unix=None, host=None, port=None, token="", timeout=30, connect_timeout=None):
+    def __init__(self, unix=None, host=None, port=None, token="", timeout=30, connect_timeout=None, tls=None):
+        """`tls`: an ssl.SSLContext (see tls_context) for TCP; a Unix socket is always plain."""
         if unix:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.sock.connect(unix)
         else:
             self.sock = socket.create_connection((host, port), timeout=connect_timeout or timeout)
+            if tls is not None:
+                self.sock = tls.wrap_socket(self.sock, server_hostname=host)
         self.sock.settimeout(timeout)
         self.next_id = 1
         self.buf = b""
@@ -215,10 +229,10 @@ class Cluster:
     new_shard then raise Closed: whether they were applied is unknown.
     """
 
-    def __init__(self, nodes, token="", deadline=30.0, max_redirects=4, connect_timeout=5.0):
+    def __init__(self, nodes, token="", deadline=30.0, max_redirects=4, connect_timeout=5.0, tls=None):
         if not nodes:
             raise ValueError("no node to connect to")
-        self.nodes, self.token, self.deadline = list(nodes), token, deadline
+        self.nodes, self.token, self.deadline, self.tls = list(nodes), token, deadline, tls
         self.max_redirects, self.connect_timeout = max_redirects, connect_timeout
         self.conns, self.primaries, self.node_at, self.preferred = {}, {}, {}, 0
 
@@ -234,7 +248,8 @@ class Cluster:
                 c = Client(unix=node, token=self.token)
             else:
                 host, port = node.rsplit(":", 1)
-                c = Client(host=host.strip("[]"), port=int(port), token=self.token, connect_timeout=self.connect_timeout)
+                c = Client(host=host.strip("[]"), port=int(port), token=self.token, connect_timeout=self.connect_timeout,
+                           tls=self.tls)
             self.conns[node] = c
         return c
 
