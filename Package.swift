@@ -51,7 +51,10 @@ let package = Package(
         .target(name: "NodeSupport", dependencies: ["CMallocTuning"]),
         .target(name: "CChecksum"),
         .target(name: "CFuseRing", dependencies: ["CFuse3"]),
-        .target(name: "ShardStore", dependencies: ["LMDB", "LMDBSnapshot", "CChecksum"]),
+        .target(name: "ShardStore", dependencies: [
+            "LMDB", "LMDBSnapshot", "CChecksum",
+            .product(name: "Metrics", package: "swift-metrics"),
+        ]),
         .target(name: "Metadata", dependencies: [
             "LMDB", "NodeSupport",
             .product(name: "Logging", package: "swift-log"),
@@ -59,6 +62,7 @@ let package = Package(
         .target(name: "MetadataEtcd", dependencies: [
             "Metadata", "CCurl",
             .product(name: "Logging", package: "swift-log"),
+            .product(name: "Metrics", package: "swift-metrics"),
         ]),
         .target(name: "Volumes", dependencies: [
             "CCurl",

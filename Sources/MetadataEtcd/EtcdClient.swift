@@ -2,6 +2,7 @@ import CCurl
 import Dispatch
 import Foundation
 import Logging
+import Metrics
 import Metadata
 
 /// libcurl must be initialised once, before any other thread uses it.
@@ -126,6 +127,18 @@ final class EtcdClient: @unchecked Sendable {
     /// One call (blocking): authenticates if needed, fails over, and retries once
     /// with a fresh token when etcd rejects the old one.
     func call(_ path: String, _ body: Data) throws -> Data {
+        let start = ContinuousClock.now
+        do {
+            let answer = try callOnce(path, body)
+            EtcdMetrics.finished(path, since: start, failure: nil)
+            return answer
+        } catch {
+            EtcdMetrics.finished(path, since: start, failure: error)
+            throw error
+        }
+    }
+
+    private func callOnce(_ path: String, _ body: Data) throws -> Data {
         let deadline = ContinuousClock.now + configuration.callTimeout
         let token = try currentToken(deadline: deadline)
         do {
@@ -263,5 +276,31 @@ final class EtcdClient: @unchecked Sendable {
             return true
         }
         if !keep { curl_easy_cleanup(h) }
+    }
+}
+
+/// etcd calls as the node sees them (swift-metrics; a no-op until the executable
+/// bootstraps a backend): `shardfs_etcd_request_duration_seconds{path}`, failover
+/// and re-authentication included, and `shardfs_etcd_failures_total{path,kind}`.
+/// Labels are bounded: the handful of gateway paths the store calls, and the
+/// `MetadataError` kinds. Handles are looked up per call (a few per metadata
+/// operation), never cached before the backend exists.
+enum EtcdMetrics {
+    static func finished(_ path: String, since start: ContinuousClock.Instant, failure: Error?) {
+        let elapsed = ContinuousClock.now - start
+        Metrics.Timer(label: "shardfs_etcd_request_duration_seconds", dimensions: [("path", path)])
+            .recordNanoseconds(elapsed.components.seconds * 1_000_000_000 + elapsed.components.attoseconds / 1_000_000_000)
+        guard let failure else { return }
+        let kind: String
+        switch failure as? MetadataError {
+        case .unavailable?: kind = "unavailable"
+        case .timeout?, .deadlineExceeded?: kind = "timeout"
+        case .notFound?: kind = "not_found"
+        case .alreadyExists?, .conflict?: kind = "conflict"
+        case .unauthorized?: kind = "unauthorized"
+        case .invalidArgument?: kind = "invalid_argument"
+        default: kind = "failed"
+        }
+        Counter(label: "shardfs_etcd_failures_total", dimensions: [("path", path), ("kind", kind)]).increment()
     }
 }

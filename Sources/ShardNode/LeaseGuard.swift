@@ -23,6 +23,15 @@ public final class LeaseGuard: Sendable {
         self.margin = margin
     }
 
+    /// Seconds until the node's lease may lapse (by this host's clock); nil with
+    /// the embedded store, 0 when the store holds no lease for the node.
+    public func secondsLeft() -> Double? {
+        guard let etcd else { return nil }
+        guard let (until, _) = etcd.leaseState(nodeID) else { return 0 }
+        let left = until - ContinuousClock.now
+        return max(0, Double(left.components.seconds) + Double(left.components.attoseconds) / 1e18)
+    }
+
     public func isFresh() -> Bool {
         guard let etcd else { return true }
         guard let (until, generation) = etcd.leaseState(nodeID) else { return false }

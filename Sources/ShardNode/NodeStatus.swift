@@ -40,12 +40,17 @@ public struct NodeStatus: Codable, Sendable {
     public var uptimeSeconds: Double
     /// Whether the node may act on its roles (its etcd lease surely lives; always with the embedded store).
     public var leaseFresh: Bool
+    /// Seconds the lease surely lives on (absent with the embedded store, which has none).
+    public var leaseSecondsLeft: Double?
     public var volumes: [Volume]
     /// Shards of the volumes this node holds, by metadata state (open, closed, deleting).
     public var shardsByState: [String: Int]
     /// Shards open in this process, and the bytes of their logged batches not yet applied.
     public var localShards: Int
     public var batchLogPendingBytes: Int
+    /// Logged batches not yet applied to LMDB, and the age of the oldest (the apply lag).
+    public var batchLogPendingBatches: Int
+    public var batchLogApplyLagSeconds: Double
 }
 
 extension StorageNode {
@@ -88,11 +93,16 @@ extension StorageNode {
         }
         let local = shards.localShards()
         let used = try await blockingWork { local.compactMap { try? $0.stats() }.map { ($0.id, $0.usedBytes) } }
+        let pending = local.map(\.pendingLog)
+        let oldest = pending.compactMap(\.oldest).min()
+        let lag = oldest.map { ContinuousClock.now - $0 }.map { Double($0.components.seconds) + Double($0.components.attoseconds) / 1e18 } ?? 0
         let status = NodeStatus(
             nodeID: nodeID, address: address, version: ShardFSVersion.string, pid: getpid(),
             dataDir: config.node.dataDir, metadataType: config.metadata.type, startedAt: startedAt,
             uptimeSeconds: now.timeIntervalSince(startedAt), leaseFresh: shards.leaseIsFresh(),
-            volumes: rows, shardsByState: states, localShards: local.count, batchLogPendingBytes: Shard.pendingLogBytes)
+            leaseSecondsLeft: shards.leaseSecondsLeft(),
+            volumes: rows, shardsByState: states, localShards: local.count, batchLogPendingBytes: Shard.pendingLogBytes,
+            batchLogPendingBatches: pending.reduce(0) { $0 + $1.batches }, batchLogApplyLagSeconds: lag)
         NodeGauges.shared.update(status, usedBytes: used)
         return status
     }
@@ -112,6 +122,9 @@ final class NodeGauges: @unchecked Sendable {
             Gauge(label: "shardfs_start_time_seconds").record(status.startedAt.timeIntervalSince1970)
             Gauge(label: "shardfs_lease_fresh").record(status.leaseFresh ? 1 : 0)
             Gauge(label: "shardfs_batch_log_pending_bytes").record(status.batchLogPendingBytes)
+            Gauge(label: "shardfs_batch_log_pending_batches").record(status.batchLogPendingBatches)
+            Gauge(label: "shardfs_batch_log_apply_lag_seconds").record(status.batchLogApplyLagSeconds)
+            if let left = status.leaseSecondsLeft { Gauge(label: "shardfs_lease_seconds_left").record(left) }
             Gauge(label: "shardfs_local_shards").record(status.localShards)
             for (state, count) in status.shardsByState {
                 Gauge(label: "shardfs_shards", dimensions: [("state", state)]).record(count)

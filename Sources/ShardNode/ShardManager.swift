@@ -119,6 +119,9 @@ public final class ShardManager: @unchecked Sendable {
         set { roles.leaseCheck = newValue }
     }
 
+    /// Seconds the node's lease surely lives on (nil: no lease, the embedded store); for the status.
+    public var leaseSecondsLeft: @Sendable () -> Double? = { nil }
+
     /// Records that this node writes `volumeID` at `epoch`.
     public func becamePrimary(_ volumeID: String, epoch: UInt64) { roles.set(volumeID, epoch: epoch) }
 

@@ -119,6 +119,7 @@ public final class StorageNode: Sendable {
         let lease = LeaseGuard(metadata: metadata, nodeID: config.node.nodeID)
         let leaseIsFresh: @Sendable () -> Bool = { lease.isFresh() }
         shards.leaseIsFresh = leaseIsFresh
+        shards.leaseSecondsLeft = { lease.secondsLeft() }
         let publisher = ViewPublisher(nodeID: config.node.nodeID, metadata: metadata, shards: shards,
                                       interval: .milliseconds(config.backup.viewIntervalMs))
         shards.keepsDeletedFiles = { [weak publisher] volumeID in publisher?.handlesDeletes(volumeID) ?? false }

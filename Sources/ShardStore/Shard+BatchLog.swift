@@ -160,6 +160,8 @@ extension Shard {
             }
             if ctx.sync || ctx.write || unwrittenLog.count + ctx.bytes.count > Self.unwrittenLimit {
                 // Earlier records first: the file's sequences never skip.
+                let start = ContinuousClock.now
+                defer { if ctx.sync { CommitMetrics.record("log", since: start) } }
                 if unwrittenLog.isEmpty {
                     try log.append(ctx.bytes, sync: ctx.sync)
                 } else {
@@ -252,6 +254,11 @@ extension Shard {
     }
 
     var hasPendingBatches: Bool { logLock.withLock { !pendingBatches.isEmpty } }
+
+    /// Logged batches not yet applied to LMDB, and when the oldest was logged (status, metrics).
+    public var pendingLog: (batches: Int, oldest: ContinuousClock.Instant?) {
+        logLock.withLock { (pendingBatches.count, pendingBatches.first?.loggedAt) }
+    }
 
     /// Maps the keys of a batch now pending to its items (under logLock).
     func notePending(_ batch: PendingBatch) {
@@ -374,6 +381,8 @@ extension Shard {
 
     func applyBatches(_ batches: [PendingBatch]) throws {
         if let fault = applyFault { try fault() }
+        let start = ContinuousClock.now
+        defer { CommitMetrics.record("apply", since: start) }
         var numbers: UInt64?
         try env.write { txn in
             try applyInKeyOrder(txn, batches.map(\.items))

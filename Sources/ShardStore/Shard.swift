@@ -349,6 +349,8 @@ public final class Shard: @unchecked Sendable {
     /// error, or a failed commit, aborts the group and each member is retried
     /// alone, so one write that does not fit cannot fail the others.
     func run(_ group: [GroupCommitter<WriteContext>.Pending]) {
+        let start = ContinuousClock.now
+        defer { CommitMetrics.record("lmdb", since: start) }
         if let refused = writeFence?() {
             for member in group { member.error = refused }
             return

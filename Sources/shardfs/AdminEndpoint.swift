@@ -34,6 +34,17 @@ enum MetricsBackend {
                 .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50), .milliseconds(100),
                 .milliseconds(250), .milliseconds(500), .seconds(1), .seconds(5),
             ]
+            // A shard's commit: a few hundred µs (one fdatasync) to seconds (a large apply).
+            factory.durationHistogramBuckets["shardfs_commit_duration_seconds"] = [
+                .microseconds(250), .microseconds(500), .milliseconds(1), .milliseconds(2), .milliseconds(5),
+                .milliseconds(10), .milliseconds(25), .milliseconds(50), .milliseconds(100), .milliseconds(250),
+                .milliseconds(500), .seconds(1), .seconds(5),
+            ]
+            factory.durationHistogramBuckets["shardfs_etcd_request_duration_seconds"] = [
+                .milliseconds(1), .milliseconds(2), .milliseconds(5), .milliseconds(10), .milliseconds(25),
+                .milliseconds(50), .milliseconds(100), .milliseconds(250), .milliseconds(500), .seconds(1),
+                .seconds(2), .seconds(5), .seconds(10),
+            ]
             MetricsSystem.bootstrap(factory)
         }
     }

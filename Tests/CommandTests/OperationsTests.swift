@@ -61,6 +61,12 @@ import Testing
         #expect((Self.sample(after, "shardfs_shard_used_bytes{shard=\"1\"}") ?? 0) > 0, "\(after)")
         #expect(Self.sample(after, "shardfs_shard_used_bytes{shard=\"other\"}") == 0)
         #expect(after.contains("shardfs_volume_primary{volume=") && after.contains("shardfs_volume_free_bytes{volume="), "\(after)")
+        // Commits: each durable put is an LMDB group commit (fsync included) or a log append.
+        #expect(after.contains("# TYPE shardfs_commit_duration_seconds histogram"), "\(after)")
+        #expect((Self.sample(after, "shardfs_commit_duration_seconds_count{kind=\"lmdb\"}") ?? 0) >= 3, "\(after)")
+        #expect(Self.sample(after, "shardfs_batch_log_pending_batches") != nil, "\(after)")
+        #expect(Self.sample(after, "shardfs_batch_log_apply_lag_seconds") != nil, "\(after)")
+        #expect(!after.contains("shardfs_lease_seconds_left"), "the embedded store has no lease")
 
         // /status over the metrics address and `shardfs status` over the admin socket agree.
         let json = try await runAsync(shardfs, ["status", "--data-dir", data, "--json"])

@@ -178,6 +178,11 @@ import Testing
             #expect(sample(onBackup, "shardfs_view_age_seconds{volume=\"\(volume)\"}").map { $0 >= 0 && $0 < 30 } == true, "\(onBackup)")
             #expect(sample(onBackup, "shardfs_promotions_total") ?? 0 == 0)
             #expect(sample(onPrimary, "shardfs_volume_primary{volume=\"\(volume)\"}") == 1, "\(onPrimary)")
+            // On etcd: the lease's time left, and the calls made to etcd.
+            for text in [onBackup, onPrimary] {
+                #expect(sample(text, "shardfs_lease_seconds_left").map { $0 > 0 && $0 <= 30 } == true, "\(text)")
+                #expect((sample(text, "shardfs_etcd_request_duration_seconds_count{path=\"/v3/kv/range\"}") ?? 0) > 0, "\(text)")
+            }
 
             // Every change through the backup's mount is EROFS.
             let refused = [
