@@ -162,11 +162,21 @@ extension Shard {
                 // Earlier records first: the file's sequences never skip.
                 let start = ContinuousClock.now
                 defer { if ctx.sync { CommitMetrics.record("log", since: start) } }
+                func append(_ bytes: [UInt8]) throws {
+                    if let fault = appendFault { try fault() }
+                    try log.append(bytes, sync: ctx.sync)
+                }
                 if unwrittenLog.isEmpty {
-                    try log.append(ctx.bytes, sync: ctx.sync)
+                    try append(ctx.bytes)
                 } else {
+                    let earlier = unwrittenLog.count
                     unwrittenLog += ctx.bytes
-                    try log.append(unwrittenLog, sync: ctx.sync)
+                    do { try append(unwrittenLog) } catch {
+                        // This group's records go (their sequences are used again);
+                        // the earlier ones, acknowledged, wait for the next write.
+                        unwrittenLog.removeSubrange(earlier...)
+                        throw error
+                    }
                     unwrittenLog.removeAll(keepingCapacity: true)
                 }
                 let last = ctx.next - 1

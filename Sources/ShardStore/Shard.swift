@@ -331,6 +331,13 @@ public final class Shard: @unchecked Sendable {
     }
     var injectedApplyFault: (@Sendable () throws -> Void)?
 
+    /// Tests only: an error to fail the next batch-log writes with, before any byte is written.
+    var appendFault: (@Sendable () throws -> Void)? {
+        get { logLock.withLock { injectedAppendFault } }
+        set { logLock.withLock { injectedAppendFault = newValue } }
+    }
+    var injectedAppendFault: (@Sendable () throws -> Void)?
+
     // MARK: Internals
 
     /// Checks who may write, then queues `body` for the next group commit.

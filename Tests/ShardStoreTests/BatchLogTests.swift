@@ -374,6 +374,28 @@ import Testing
         #expect(try copy.get(key(seeded(6) + "d")).value == bytes("durable"))
     }
 
+    /// A log write that fails takes only its own group's records back: the
+    /// deferred ones before it are written by the next write, in sequence, so a
+    /// replay finds them and everything after them.
+    @Test func aFailedLogWriteKeepsTheDeferredRecordsBeforeIt() throws {
+        let dir = try TemporaryDirectory("log")
+        let path = dir.sub("shard-7")
+        let shard = try makeShard(dir)
+        shard.backgroundApplyHeld = true
+        try seed(shard)
+        _ = try shard.batchPut([put(seeded(3) + "d", "deferred")], clientID: "owner", deferringDurability: true)
+        shard.appendFault = { throw ShardError.storage("injected write failure") }
+        #expect(throws: ShardError.self) { _ = try shard.batchPut([put(seeded(4) + "f", "failed")], clientID: "owner") }
+        shard.appendFault = nil
+        _ = try shard.batchPut([put(seeded(5) + "n", "next")], clientID: "owner")
+        try crashCopy(path, dir.sub("copy"))
+        let copy = try Shard.open(at: dir.sub("copy"))
+        #expect(try copy.get(key(seeded(3) + "d")).value == bytes("deferred"))
+        #expect(try copy.get(key(seeded(5) + "n")).value == bytes("next"))
+        #expect(try copy.attributes(key(seeded(4) + "f")) == nil)
+        #expect(try shard.attributes(key(seeded(4) + "f")) == nil)
+    }
+
     /// Without `sync()`, the background applier makes deferred batches durable
     /// within milliseconds; a shard let go of writes what it still holds.
     @Test func deferredPutsReachTheLogWithoutSync() throws {
