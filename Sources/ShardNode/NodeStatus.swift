@@ -92,7 +92,7 @@ extension StorageNode {
             }
         }
         let local = shards.localShards()
-        let used = try await blockingWork { local.compactMap { try? $0.stats() }.map { ($0.id, $0.usedBytes) } }
+        let used = try await blockingWork { local.compactMap { try? $0.stats() }.map { ($0.id, $0.usedBytes, $0.limitBytes) } }
         let pending = local.map(\.pendingLog)
         let oldest = pending.compactMap(\.oldest).min()
         let lag = oldest.map { ContinuousClock.now - $0 }.map { Double($0.components.seconds) + Double($0.components.attoseconds) / 1e18 } ?? 0
@@ -114,9 +114,10 @@ final class NodeGauges: @unchecked Sendable {
     static let shared = NodeGauges()
     private let lock = NSLock()
     private var volumeSeries: [String: [Gauge]] = [:]
-    private var shardSeries: [String: Gauge] = [:]
+    private var shardSeries: [String: [Gauge]] = [:]
 
-    func update(_ status: NodeStatus, usedBytes: [(UInt64, Int)]) {
+    /// `usedBytes`: each local shard's ID, bytes in use and size limit.
+    func update(_ status: NodeStatus, usedBytes: [(UInt64, Int, Int)]) {
         lock.withLock {
             Gauge(label: "shardfs_build_info", dimensions: [("version", status.version)]).record(1)
             Gauge(label: "shardfs_start_time_seconds").record(status.startedAt.timeIntervalSince1970)
@@ -155,16 +156,21 @@ final class NodeGauges: @unchecked Sendable {
             volumeSeries = volumes
 
             let sorted = usedBytes.sorted { $0.1 > $1.1 }
-            var shards: [String: Gauge] = [:]
-            for (id, bytes) in sorted.prefix(StorageNode.labelledShards) {
-                let gauge = Gauge(label: "shardfs_shard_used_bytes", dimensions: [("shard", "\(id)")])
-                gauge.record(bytes)
-                shards["\(id)"] = gauge
+            func ratio(_ used: Int, _ limit: Int) -> Double { limit > 0 ? Double(used) / Double(limit) : 0 }
+            var shards: [String: [Gauge]] = [:]
+            for (id, bytes, limit) in sorted.prefix(StorageNode.labelledShards) {
+                let used = Gauge(label: "shardfs_shard_used_bytes", dimensions: [("shard", "\(id)")])
+                used.record(bytes)
+                let fill = Gauge(label: "shardfs_shard_fill_ratio", dimensions: [("shard", "\(id)")])
+                fill.record(ratio(bytes, limit))
+                shards["\(id)"] = [used, fill]
             }
             let other = Gauge(label: "shardfs_shard_used_bytes", dimensions: [("shard", "other")])
             other.record(sorted.dropFirst(StorageNode.labelledShards).reduce(0) { $0 + $1.1 })
-            shards["other"] = other
-            for (id, gauge) in shardSeries where shards[id] == nil { gauge.destroy() }
+            shards["other"] = [other]
+            // The fullest shard, labelled or not: what to alert on.
+            Gauge(label: "shardfs_shard_fill_ratio_max").record(usedBytes.map { ratio($0.1, $0.2) }.max() ?? 0)
+            for (id, gauges) in shardSeries where shards[id] == nil { gauges.forEach { $0.destroy() } }
             shardSeries = shards
         }
     }

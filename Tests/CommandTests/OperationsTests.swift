@@ -60,6 +60,9 @@ import Testing
         #expect(Self.sample(after, "shardfs_shards{state=\"open\"}") == 1, "\(after)")
         #expect((Self.sample(after, "shardfs_shard_used_bytes{shard=\"1\"}") ?? 0) > 0, "\(after)")
         #expect(Self.sample(after, "shardfs_shard_used_bytes{shard=\"other\"}") == 0)
+        let fill = try #require(Self.sample(after, "shardfs_shard_fill_ratio{shard=\"1\"}"), "\(after)")
+        #expect(fill > 0 && fill < 0.01, "\(after)")  // a few KiB of a 2 GiB limit
+        #expect(Self.sample(after, "shardfs_shard_fill_ratio_max") == fill, "\(after)")
         #expect(after.contains("shardfs_volume_primary{volume=") && after.contains("shardfs_volume_free_bytes{volume="), "\(after)")
         // Commits: each durable put is an LMDB group commit (fsync included) or a log append.
         #expect(after.contains("# TYPE shardfs_commit_duration_seconds histogram"), "\(after)")
