@@ -170,8 +170,12 @@ final class ClientHandler: ChannelInboundHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        // A TLS failure (a handshake refused either way, a certificate not trusted) says so.
-        let tls = error is NIOSSLError || error is BoringSSLError
+        // A failed handshake (refused either way, a certificate not trusted or not
+        // naming the host) says TLS. A connection that ends without TLS's goodbye
+        // (the node crashed: `uncleanShutdown`) is closed like any other, so callers
+        // retry it as they would over plain TCP.
+        var tls = error is BoringSSLError || error is NIOSSLExtraError
+        if let ssl = error as? NIOSSLError, case .handshakeFailed = ssl { tls = true }
         failAll("\(error)", as: tls ? ClientError.tls("\(error)") : nil)
         context.close(promise: nil)
     }

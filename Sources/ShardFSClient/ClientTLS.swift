@@ -27,6 +27,7 @@ public struct ClientTLS: Sendable, Equatable {
         configuration.minimumTLSVersion = .tlsv12
         if let trustedCAFile {
             let roots = try load("CA", trustedCAFile) { try NIOSSLCertificate.fromPEMFile(trustedCAFile) }
+            guard !roots.isEmpty else { throw ClientError.tls("the CA file \(trustedCAFile) holds no certificate") }
             configuration.trustRoots = .certificates(roots)
         }
         if certificateFile != nil || privateKeyFile != nil {

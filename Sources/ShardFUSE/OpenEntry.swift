@@ -62,10 +62,18 @@ final class OpenEntry: @unchecked Sendable {
     var isOrphaned: Bool { lock.withLock { orphaned } }
 
     /// Size as the mount's readers see it, while there are uncommitted changes.
-    var pendingSize: Int? { lock.withLock { dirty ? buffer?.size : nil } }
+    var pendingSize: Int? { lock.withLock { dirty ? buffer?.size : committing?.size } }
 
     /// A time set (utimens) on the uncommitted changes, if any.
-    var pendingModificationTime: Int64? { lock.withLock { dirty ? modificationTime : nil } }
+    var pendingModificationTime: Int64? { lock.withLock { dirty ? modificationTime : committing?.time } }
+
+    /// Whether changes not yet taken for a commit are held (not a value being committed).
+    var holdsUncommittedValue: Bool { lock.withLock { dirty && buffer != nil } }
+
+    /// A small value taken for its put, until the put returns: the entry still
+    /// shows it (a lookup or open by another process must not find the file gone
+    /// while the shard takes the put). Guarded by lock.
+    private var committing: (size: Int, time: Int64?)?
 
     /// The indexes that will be committed with the value, if set before its first commit.
     var pendingIndexes: [IndexPair]? { lock.withLock { indexes } }
@@ -80,10 +88,15 @@ final class OpenEntry: @unchecked Sendable {
             var value = [UInt8](repeating: 0, count: buffer.size)
             try value.withUnsafeMutableBytes { try buffer.read(at: 0, into: $0) }
             dirty = false
+            committing = (buffer.size, modificationTime)
             defer { indexes = nil }
             return (value, modificationTime, indexes)
         }
     }
+
+    /// The put of a taken small value returned (either way): the shard shows it now, or
+    /// `keepUncommitted` made the entry dirty again.
+    func finishedCommitting() { lock.withLock { committing = nil } }
 
     /// A taken small value was not committed after all (the check or the put
     /// failed): the entry holds uncommitted changes again.

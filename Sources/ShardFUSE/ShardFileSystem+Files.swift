@@ -124,7 +124,10 @@ extension ShardFileSystem {
     /// fsync() of a directory: a shard's is its durability barrier (every file of
     /// it closed before is durable); the root holds nothing of its own.
     func fsyncDirectory(_ ino: UInt64) throws {
-        guard case .shard(let id) = try kind(ino), let shard = node.shards.localShard(id) else { return }
+        guard case .shard(let id) = try kind(ino), !isView(id) else { return }
+        guard let shard = node.shards.localShard(id) else {
+            throw FileSystemError(EIO, "shard \(id) is no longer served here: what was closed in it may not be durable")
+        }
         try shard.sync()
     }
 
@@ -160,6 +163,7 @@ extension ShardFileSystem {
     func commitLocked(_ file: OpenEntry, deferringDurability: Bool) throws {
         let id = file.shard.id
         if deferringDurability, let (value, time, indexes) = try file.takeSmallValue(limit: Shard.deferredValueLimit) {
+            defer { file.finishedCommitting() }
             do {
                 try writable(file.shard)
                 var item = EntryWrite(key: file.key.bytes, value: value, indexes: indexes ?? [],

@@ -187,9 +187,16 @@ public final class ShardFileSystem: @unchecked Sendable {
             if modification != nil || access != nil || mode != nil {
                 try writable(shard)
                 let writer = openEntry(ino)
-                if let writer, writer.pendingSize != nil, let modification, access == nil, mode == nil {
-                    writer.setModificationTime(modification)  // kept with the value being written
-                } else {
+                // Under the entry's commit lock: a close committing it meanwhile has
+                // taken the value, and the time must then go to the shard.
+                let keptWithValue = writer.map { writer in
+                    writer.commitLock.withLock { () -> Bool in
+                        guard writer.holdsUncommittedValue, let modification, access == nil, mode == nil else { return false }
+                        writer.setModificationTime(modification)  // kept with the value being written
+                        return true
+                    }
+                } ?? false
+                if !keptWithValue {
                     // Mode and access time live in the entry: a file being written is committed first.
                     if let writer, writer.hasChanges { try commit(writer, deferringDurability: false) }
                     try own(id, [key]) {

@@ -256,8 +256,11 @@ public final class ShardManager: @unchecked Sendable {
     public func applyLogs() {
         for shard in localShards() {
             do { try shard.applyLog() } catch {
+                // What waits must at least be in the log (closes whose durability was deferred).
+                let synced = Result { try shard.sync() }
                 logger.error("could not apply a shard's batch log; it is applied when the shard next opens",
-                             metadata: ["shard": "\(shard.id)", "error": "\(error)"])
+                             metadata: ["shard": "\(shard.id)", "error": "\(error)",
+                                        "log": "\((try? synced.get()) != nil ? "durable" : "NOT durable: \(synced)")"])
             }
         }
     }

@@ -1,4 +1,5 @@
 import CChecksum
+import Foundation
 import Glibc
 
 /// A shard's batch log, `<shard>/batch.log`: where a batch put becomes durable
@@ -32,8 +33,6 @@ final class BatchLog {
     static let recordHeaderSize = 16
 
     private let fd: Int32
-    /// For an fdatasync outside the log committer (appends may go on meanwhile).
-    var descriptor: Int32 { fd }
     /// Where the next record goes.
     private(set) var end = 0
 
@@ -93,27 +92,67 @@ final class BatchLog {
         return out
     }
 
-    /// Appends encoded records and makes them durable (fdatasync). On failure the
+    /// Appends encoded records and, with `sync`, makes them and every record
+    /// before them durable (fdatasync); without, they are written only (a
+    /// deferred group: the barrier comes later, `sync(failuresSince:)`). A failed
+    /// fdatasync, this one or another caller's since this began, fails the append
+    /// and marks the log `broken`. On failure the
     /// file is cut back to where it was, durably, so neither a later append nor a
     /// replay after a crash can meet the failed bytes (whose sequences are used
     /// again); if that fails, the log must not be appended to again (the error
     /// says so with `broken`).
     func append(_ records: [UInt8], sync: Bool = true) throws {
+        let failuresBefore = syncFailures
         var done = 0
         var failure: Int32 = 0
+        var syncFailed = false
         while done < records.count {
             let n = records.withUnsafeBytes { pwrite(fd, $0.baseAddress! + done, records.count - done, off_t(end + done)) }
             if n < 0 && errno == EINTR { continue }
             if n <= 0 { failure = n < 0 ? errno : EIO; break }
             done += n
         }
-        if failure == 0 && sync && fdatasync(fd) != 0 { failure = errno }
+        if failure == 0 && sync {
+            if fdatasync(fd) != 0 {
+                failure = errno
+                syncFailed = true
+                noteSyncFailure()
+            } else if syncFailures != failuresBefore {
+                // Another fdatasync of this file failed meanwhile, and Linux reports a
+                // writeback error once per file: this one's success proves nothing.
+                failure = EIO
+                syncFailed = true
+            }
+        }
         guard failure != 0 else {
             end += records.count
             return
         }
-        let broken = ftruncate(fd, off_t(end)) != 0 || fsync(fd) != 0
+        // After a failed fdatasync, records written earlier without one may be lost
+        // too (deferred ones): the log is not trusted again (the shard applies what
+        // is pending to LMDB instead).
+        let broken = ftruncate(fd, off_t(end)) != 0 || fsync(fd) != 0 || syncFailed
         throw BatchLogError(message: "cannot write the batch log: \(String(cString: strerror(failure)))", broken: broken)
+    }
+
+    /// How many fdatasyncs of this file failed so far (any caller's).
+    var syncFailures: Int { failureLock.withLock { failedSyncs } }
+    private let failureLock = NSLock()
+    private var failedSyncs = 0
+    private func noteSyncFailure() { failureLock.withLock { failedSyncs += 1 } }
+
+    /// Makes every record written so far durable (fdatasync), for a caller outside
+    /// the log committer: fails if any fdatasync of the file failed since `mark`
+    /// (`syncFailures` before the records were written).
+    func sync(failuresSince mark: Int) throws {
+        if fdatasync(fd) != 0 {
+            let text = String(cString: strerror(errno))
+            noteSyncFailure()
+            throw BatchLogError(message: "cannot sync the batch log: \(text)", broken: true)
+        }
+        if syncFailures != mark {
+            throw BatchLogError(message: "cannot sync the batch log: an earlier sync of it failed", broken: true)
+        }
     }
 
     /// Empties the log once every record in it is applied and durable in LMDB. Not

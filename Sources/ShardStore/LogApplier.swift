@@ -5,8 +5,10 @@ import Foundation
 /// (`Shard.applyThreshold`), or until its writers pause for `idleDelay`, so under
 /// load LMDB gets few large transactions, and after the load it (and read-only
 /// views of the shard) catch up within milliseconds. Readers do not wait for it:
-/// a read that needs pending batches applies them itself. One thread for all
-/// shards, started on first use.
+/// a read that needs pending batches applies them itself. It also makes batches
+/// put with durability deferred durable once the oldest is `idleDelay` old
+/// (`Shard.sync`, unless an apply does it). One thread for all shards, started
+/// on first use.
 final class LogApplier: @unchecked Sendable {
     static let shared = LogApplier()
     static let idleDelay = Duration.milliseconds(5)
@@ -48,8 +50,10 @@ final class LogApplier: @unchecked Sendable {
                 // Puts whose durability was deferred are made durable within
                 // about `idleDelay` (a failure is reported by the next `sync()`).
                 let deferred = shard.deferredSync(after: Self.idleDelay)
-                if deferred.due { try? shard.sync() }
-                if shard.logIsWorthApplying() {
+                let applying = shard.logIsWorthApplying()
+                // An apply makes them durable too (in LMDB): no fdatasync of the log first.
+                if deferred.due && !applying { try? shard.sync() }
+                if applying {
                     // A failure is kept by the shard and reported to its next reader or writer.
                     try? shard.applyLog()
                 } else if shard.hasPendingBatches || (deferred.waiting && !deferred.due) {

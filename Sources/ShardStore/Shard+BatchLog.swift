@@ -231,15 +231,20 @@ extension Shard {
     func syncDeferred() throws {
         let (broken, waiting) = logLock.withLock { (logBroken, durableThrough < lastDeferred) }
         if broken { return try applyLog() }
-        guard waiting else { return }
+        guard waiting, let log else { return }
+        let mark = log.syncFailures
+        let start = ContinuousClock.now
+        defer { CommitMetrics.record("log", since: start) }
         try logCommitter.submit { group in group.write = true }
-        let (target, fd) = (logLock.withLock { writtenThrough }, log!.descriptor)
-        guard fdatasync(fd) == 0 else {
-            // After a failed fdatasync the page cache may claim what the disk lacks.
-            let failure = ShardError.storage("cannot sync the batch log: \(String(cString: strerror(errno)))")
+        let target = logLock.withLock { writtenThrough }
+        do { try log.sync(failuresSince: mark) } catch {
+            // After a failed fdatasync the page cache may claim what the disk lacks:
+            // the log is not used again, and what is pending goes to LMDB instead.
             logLock.withLock { logBroken = true }
-            try? applyLog()
-            throw failure
+            do { try applyLog() } catch {
+                throw ShardError.storage("the batch log cannot be made durable (\(error)), nor its batches applied: \(error)")
+            }
+            return  // applied: durable in LMDB after all
         }
         logLock.withLock { markDurable(through: target) }
     }

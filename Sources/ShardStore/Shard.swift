@@ -303,7 +303,10 @@ public final class Shard: @unchecked Sendable {
         }
     }
 
-    /// Flushes commits made with `durableCommits == false` to disk.
+    /// The shard's durability barrier: every batch put with durability deferred
+    /// is durable when it returns (written to the batch log and fdatasync'ed, or
+    /// applied to LMDB). Without a log, flushes commits made with
+    /// `durableCommits == false` to disk.
     public func sync() throws {
         if log != nil { return try syncDeferred() }
         do { try env.sync(force: true) } catch { throw ShardError.from(error, limit: sizeLimit) }
