@@ -113,7 +113,8 @@ final class BatchLog {
             done += n
         }
         if failure == 0 && sync {
-            if fdatasync(fd) != 0 {
+            if failNextSync || fdatasync(fd) != 0 {
+                if failNextSync { (failNextSync, errno) = (false, EIO) }
                 failure = errno
                 syncFailed = true
                 noteSyncFailure()
@@ -140,6 +141,9 @@ final class BatchLog {
     private let failureLock = NSLock()
     private var failedSyncs = 0
     private func noteSyncFailure() { failureLock.withLock { failedSyncs += 1 } }
+    /// Tests only: the next fdatasync of an append fails with EIO (a disk that
+    /// failed the writeback).
+    var failNextSync = false
 
     /// Makes every record written so far durable (fdatasync), for a caller outside
     /// the log committer: fails if any fdatasync of the file failed since `mark`

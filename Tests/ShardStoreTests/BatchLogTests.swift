@@ -396,6 +396,30 @@ import Testing
         #expect(try shard.attributes(key(seeded(4) + "f")) == nil)
     }
 
+    /// A failed fdatasync retires the log: the batch that met it fails, the
+    /// deferred ones before it are applied to LMDB at the next barrier (which
+    /// succeeds only then), and later batches take the direct path.
+    @Test func aFailedLogSyncRetiresTheLogAndTheBarrierAppliesWhatWaits() throws {
+        let dir = try TemporaryDirectory("log")
+        let path = dir.sub("shard-7")
+        let shard = try makeShard(dir)
+        shard.backgroundApplyHeld = true
+        try seed(shard)
+        _ = try shard.batchPut([put(seeded(3) + "d", "deferred")], clientID: "owner", deferringDurability: true)
+        shard.log?.failNextSync = true
+        #expect(throws: ShardError.self) { _ = try shard.batchPut([put(seeded(4) + "f", "failed")], clientID: "owner") }
+        #expect(shard.logLock.withLock { shard.logBroken })
+        try shard.sync()
+        #expect(!shard.hasPendingBatches)  // applied to LMDB, not trusted to the log
+        _ = try shard.batchPut([put(seeded(5) + "n", "next")], clientID: "owner")
+        #expect(!shard.hasPendingBatches)  // the direct path
+        try crashCopy(path, dir.sub("copy"))
+        try FileManager.default.removeItem(atPath: dir.sub("copy") + "/" + BatchLog.fileName)  // the log is not needed
+        let copy = try Shard.open(at: dir.sub("copy"))
+        #expect(try copy.get(key(seeded(3) + "d")).value == bytes("deferred"))
+        #expect(try copy.get(key(seeded(5) + "n")).value == bytes("next"))
+    }
+
     /// Without `sync()`, the background applier makes deferred batches durable
     /// within milliseconds; a shard let go of writes what it still holds.
     @Test func deferredPutsReachTheLogWithoutSync() throws {
