@@ -23,6 +23,7 @@
 #include <sys/mount.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 // The kernel's FUSE-over-io_uring ABI (include/uapi/linux/fuse.h, 7.42). The
@@ -700,8 +701,52 @@ void shardfs_ring_stop(struct shardfs_ring *ring) {
 
 static atomic_uint_fast64_t request_counts[64];
 
+// Per opcode: answers by how long the daemon took (from the callback's start to
+// its reply, on the thread that handles it), in SHARDFS_LATENCY_BUCKETS buckets
+// (the last one unbounded), and the sum of those times in nanoseconds.
+static const uint64_t latency_bounds_ns[SHARDFS_LATENCY_BUCKETS - 1] = {
+    10000, 25000, 50000, 100000, 250000, 500000, 1000000, 2500000, 5000000,
+    10000000, 25000000, 50000000, 100000000, 250000000, 1000000000,
+};
+static atomic_uint_fast64_t latency_counts[64][SHARDFS_LATENCY_BUCKETS];
+static atomic_uint_fast64_t latency_sums_ns[64];
+static _Thread_local unsigned current_opcode;
+static _Thread_local uint64_t current_start_ns;  // 0: no request being handled
+
+static uint64_t monotonic_ns(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
+}
+
 void shardfs_count_request(unsigned opcode) {
-    atomic_fetch_add_explicit(&request_counts[opcode < 64 ? opcode : 63], 1, memory_order_relaxed);
+    unsigned slot = opcode < 64 ? opcode : 63;
+    atomic_fetch_add_explicit(&request_counts[slot], 1, memory_order_relaxed);
+    current_opcode = slot;
+    current_start_ns = monotonic_ns();
+}
+
+void shardfs_request_answered(void) {
+    if (!current_start_ns) return;
+    uint64_t elapsed = monotonic_ns() - current_start_ns;
+    current_start_ns = 0;
+    unsigned bucket = 0;
+    while (bucket < SHARDFS_LATENCY_BUCKETS - 1 && elapsed > latency_bounds_ns[bucket]) bucket++;
+    atomic_fetch_add_explicit(&latency_counts[current_opcode][bucket], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&latency_sums_ns[current_opcode], elapsed, memory_order_relaxed);
+}
+
+uint64_t shardfs_latency_bound_ns(unsigned bucket) {
+    return bucket < SHARDFS_LATENCY_BUCKETS - 1 ? latency_bounds_ns[bucket] : UINT64_MAX;
+}
+
+uint64_t shardfs_latency_count(unsigned opcode, unsigned bucket) {
+    if (opcode >= 64 || bucket >= SHARDFS_LATENCY_BUCKETS) return 0;
+    return atomic_load_explicit(&latency_counts[opcode][bucket], memory_order_relaxed);
+}
+
+uint64_t shardfs_latency_sum_ns(unsigned opcode) {
+    return opcode < 64 ? atomic_load_explicit(&latency_sums_ns[opcode], memory_order_relaxed) : 0;
 }
 
 uint64_t shardfs_requests_of(unsigned opcode) {

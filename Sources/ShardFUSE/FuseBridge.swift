@@ -37,7 +37,7 @@ private func fail(_ req: fuse_req_t?, _ error: Error, operation: StaticString = 
             "uid": "\(context.pointee.uid)", "pid": "\(context.pointee.pid)",
         ])
     }
-    fuse_reply_err(req, code)
+    answered(fuse_reply_err(req, code))
 }
 
 private func entryParameters(_ reply: EntryReply) -> fuse_entry_param {
@@ -48,6 +48,14 @@ private func entryParameters(_ reply: EntryReply) -> fuse_entry_param {
     parameters.attr_timeout = reply.attributeTimeout
     parameters.entry_timeout = reply.timeout
     return parameters
+}
+
+/// Stops the request's clock once its reply is sent (the daemon's answer
+/// latency per operation: `shardfs_fuse_request_duration_seconds`).
+@discardableResult @inline(__always)
+private func answered(_ result: Int32) -> Int32 {
+    shardfs_request_answered()
+    return result
 }
 
 private func opInit(_ userdata: UnsafeMutableRawPointer?, _ conn: UnsafeMutablePointer<fuse_conn_info>?) {
@@ -68,12 +76,12 @@ private func opLookup(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePo
     let fs = fileSystem(req)
     do {
         var parameters = entryParameters(try fs.lookup(parent, bytes(name)))
-        fuse_reply_entry(req, &parameters)
+        answered(fuse_reply_entry(req, &parameters))
     } catch let error where errnoValue(of: error) == ENOENT {
         // A negative entry, cached like a positive one (not in a backup's view).
         var parameters = fuse_entry_param()
         parameters.entry_timeout = fs.negativeTimeout(parent)
-        fuse_reply_entry(req, &parameters)
+        answered(fuse_reply_entry(req, &parameters))
     } catch {
         fail(req, error)
     }
@@ -96,17 +104,17 @@ private func opGetattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutabl
     FuseRequest.getattr.count()
     do {
         var (attributes, timeout) = try fileSystem(req).getattr(ino)
-        fuse_reply_attr(req, &attributes, timeout)
+        answered(fuse_reply_attr(req, &attributes, timeout))
     } catch { fail(req, error) }
 }
 
 private func opSetattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ attr: UnsafeMutablePointer<stat>?, _ toSet: Int32,
                        _ fi: UnsafeMutablePointer<fuse_file_info>?) {
     FuseRequest.setattr.count()
-    guard let attr else { fuse_reply_err(req, EINVAL); return }
+    guard let attr else { answered(fuse_reply_err(req, EINVAL)); return }
     do {
         var (attributes, timeout) = try fileSystem(req).setattr(ino, attr.pointee, AttributeChanges(rawValue: toSet), handle: fi?.pointee.fh)
-        fuse_reply_attr(req, &attributes, timeout)
+        answered(fuse_reply_attr(req, &attributes, timeout))
     } catch { fail(req, error) }
 }
 
@@ -114,7 +122,7 @@ private func opMkdir(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePoi
     FuseRequest.mkdir.count()
     do {
         var parameters = entryParameters(try fileSystem(req).mkdir(parent, bytes(name)))
-        fuse_reply_entry(req, &parameters)
+        answered(fuse_reply_entry(req, &parameters))
     } catch { fail(req, error) }
 }
 
@@ -122,7 +130,7 @@ private func opRmdir(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePoi
     FuseRequest.rmdir.count()
     do {
         try fileSystem(req).rmdir(parent, bytes(name))
-        fuse_reply_err(req, 0)
+        answered(fuse_reply_err(req, 0))
     } catch { fail(req, error) }
 }
 
@@ -130,7 +138,7 @@ private func opUnlink(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePo
     FuseRequest.unlink.count()
     do {
         try fileSystem(req).unlink(parent, bytes(name))
-        fuse_reply_err(req, 0)
+        answered(fuse_reply_err(req, 0))
     } catch { fail(req, error) }
 }
 
@@ -139,41 +147,41 @@ private func opRename(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePo
     FuseRequest.rename.count()
     do {
         try fileSystem(req).rename(parent, bytes(name), newParent, bytes(newName), flags: flags)
-        fuse_reply_err(req, 0)
+        answered(fuse_reply_err(req, 0))
     } catch { fail(req, error) }
 }
 
 /// Symlinks, hard links and device nodes have no place in a shard.
 private func opSymlink(_ req: fuse_req_t?, _ link: UnsafePointer<CChar>?, _ parent: fuse_ino_t, _ name: UnsafePointer<CChar>?) {
     FuseRequest.symlink.count()
-    fuse_reply_err(req, EPERM)
+    answered(fuse_reply_err(req, EPERM))
 }
 
 private func opLink(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ newParent: fuse_ino_t, _ newName: UnsafePointer<CChar>?) {
     FuseRequest.link.count()
-    fuse_reply_err(req, EPERM)
+    answered(fuse_reply_err(req, EPERM))
 }
 
 private func opMknod(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePointer<CChar>?, _ mode: mode_t, _ rdev: dev_t) {
     FuseRequest.mknod.count()
-    fuse_reply_err(req, EPERM)
+    answered(fuse_reply_err(req, EPERM))
 }
 
 private func opCreate(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePointer<CChar>?, _ mode: mode_t,
                       _ fi: UnsafeMutablePointer<fuse_file_info>?) {
     FuseRequest.create.count()
-    guard let fi else { fuse_reply_err(req, EINVAL); return }
+    guard let fi else { answered(fuse_reply_err(req, EINVAL)); return }
     do {
         let (reply, handle) = try fileSystem(req).create(parent, bytes(name), flags: fi.pointee.flags, mode: mode)
         var parameters = entryParameters(reply)
         fi.pointee.fh = handle
-        fuse_reply_create(req, &parameters, fi)
+        answered(fuse_reply_create(req, &parameters, fi))
     } catch { fail(req, error) }
 }
 
 private func opOpen(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
     FuseRequest.open.count()
-    guard let fi else { fuse_reply_err(req, EINVAL); return }
+    guard let fi else { answered(fuse_reply_err(req, EINVAL)); return }
     do {
         let (handle, keepCache) = try fileSystem(req).open(ino, flags: fi.pointee.flags)
         fi.pointee.fh = handle
@@ -181,53 +189,53 @@ private func opOpen(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePo
         // A read-only handle has nothing to commit at close(): spare the kernel
         // the flush request (release still comes, asynchronously).
         fi.pointee.noflush = fi.pointee.flags & O_ACCMODE == O_RDONLY ? 1 : 0
-        fuse_reply_open(req, fi)
+        answered(fuse_reply_open(req, fi))
     } catch { fail(req, error) }
 }
 
 private func opRead(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _ offset: off_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
     FuseRequest.read.count()
-    guard let fi else { fuse_reply_err(req, EBADF); return }
+    guard let fi else { answered(fuse_reply_err(req, EBADF)); return }
     do {
         let data = try fileSystem(req).read(fi.pointee.fh, offset: Int(offset), count: size)
-        _ = data.withUnsafeBytes { fuse_reply_buf(req, $0.baseAddress?.assumingMemoryBound(to: CChar.self), $0.count) }
+        _ = data.withUnsafeBytes { answered(fuse_reply_buf(req, $0.baseAddress?.assumingMemoryBound(to: CChar.self), $0.count)) }
     } catch { fail(req, error) }
 }
 
 private func opWrite(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ buffer: UnsafePointer<CChar>?, _ size: Int, _ offset: off_t,
                      _ fi: UnsafeMutablePointer<fuse_file_info>?) {
     FuseRequest.write.count()
-    guard let fi, let buffer else { fuse_reply_err(req, EBADF); return }
+    guard let fi, let buffer else { answered(fuse_reply_err(req, EBADF)); return }
     do {
         let written = try fileSystem(req).write(fi.pointee.fh, UnsafeRawBufferPointer(start: buffer, count: size), offset: Int(offset))
-        fuse_reply_write(req, written)
+        answered(fuse_reply_write(req, written))
     } catch { fail(req, error) }
 }
 
 private func opFlush(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
     FuseRequest.flush.count()
-    guard let fi else { fuse_reply_err(req, EBADF); return }
+    guard let fi else { answered(fuse_reply_err(req, EBADF)); return }
     do {
         try fileSystem(req).flush(fi.pointee.fh)
-        fuse_reply_err(req, 0)
+        answered(fuse_reply_err(req, 0))
     } catch { fail(req, error) }
 }
 
 private func opRelease(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
     FuseRequest.release.count()
-    guard let fi else { fuse_reply_err(req, EBADF); return }
+    guard let fi else { answered(fuse_reply_err(req, EBADF)); return }
     do {
         try fileSystem(req).release(fi.pointee.fh)
-        fuse_reply_err(req, 0)
+        answered(fuse_reply_err(req, 0))
     } catch { fail(req, error) }
 }
 
 private func opFsync(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ datasync: Int32, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
     FuseRequest.fsync.count()
-    guard let fi else { fuse_reply_err(req, EBADF); return }
+    guard let fi else { answered(fuse_reply_err(req, EBADF)); return }
     do {
         try fileSystem(req).fsync(fi.pointee.fh)
-        fuse_reply_err(req, 0)
+        answered(fuse_reply_err(req, 0))
     } catch { fail(req, error) }
 }
 
@@ -236,7 +244,7 @@ private func opFsyncdir(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ datasync: Int32
     FuseRequest.fsyncdir.count()
     do {
         try fileSystem(req).fsyncDirectory(ino)
-        fuse_reply_err(req, 0)
+        answered(fuse_reply_err(req, 0))
     } catch { fail(req, error) }
 }
 
@@ -246,29 +254,29 @@ private func opAccess(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ mask: Int32) {
     let uid = fuse_req_ctx(req)?.pointee.uid ?? 0
     do {
         try fileSystem(req).access(ino, mask: mask, uid: uid)
-        fuse_reply_err(req, 0)
+        answered(fuse_reply_err(req, 0))
     } catch { fail(req, error) }
 }
 
 private func opOpendir(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
     FuseRequest.opendir.count()
-    guard let fi else { fuse_reply_err(req, EINVAL); return }
+    guard let fi else { answered(fuse_reply_err(req, EINVAL)); return }
     do {
         fi.pointee.fh = try fileSystem(req).opendir(ino)
-        fuse_reply_open(req, fi)
+        answered(fuse_reply_open(req, fi))
     } catch { fail(req, error) }
 }
 
 private func opReleasedir(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
     FuseRequest.releasedir.count()
     if let fi { fileSystem(req).releasedir(fi.pointee.fh) }
-    fuse_reply_err(req, 0)
+    answered(fuse_reply_err(req, 0))
 }
 
 /// Packs as many items as fit in `size` bytes and replies once.
 private func readDirectory(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _ offset: off_t,
                            _ fi: UnsafeMutablePointer<fuse_file_info>?, plus: Bool) {
-    guard let fi else { fuse_reply_err(req, EBADF); return }
+    guard let fi else { answered(fuse_reply_err(req, EBADF)); return }
     let fs = fileSystem(req)
     do {
         // A direntry takes at least 24 bytes (plus: about 150): ask for no more than can fit.
@@ -300,7 +308,7 @@ private func readDirectory(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _
             }
         }
         fs.listed(items, packed: packed, handle: fi.pointee.fh, plus: plus)
-        _ = buffer.withUnsafeBufferPointer { fuse_reply_buf(req, $0.baseAddress, used) }
+        _ = buffer.withUnsafeBufferPointer { answered(fuse_reply_buf(req, $0.baseAddress, used)) }
     } catch { fail(req, error) }
 }
 
@@ -319,7 +327,7 @@ private func opStatfs(_ req: fuse_req_t?, _ ino: fuse_ino_t) {
     FuseRequest.statfs.count()
     do {
         var result = try fileSystem(req).statfs(ino)
-        fuse_reply_statfs(req, &result)
+        answered(fuse_reply_statfs(req, &result))
     } catch { fail(req, error) }
 }
 
@@ -329,18 +337,18 @@ private func opSetxattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ name: UnsafePoi
     let bytesValue = value.map { Array(UnsafeRawBufferPointer(start: $0, count: size)) } ?? []
     do {
         try fileSystem(req).setxattr(ino, name: String(decoding: bytes(name), as: UTF8.self), value: bytesValue, flags: flags)
-        fuse_reply_err(req, 0)
+        answered(fuse_reply_err(req, 0))
     } catch { fail(req, error) }
 }
 
 /// getxattr and listxattr: size 0 asks for the length; too small a buffer is ERANGE.
 private func replyAttributeBytes(_ req: fuse_req_t?, _ value: [UInt8], _ size: Int) {
     if size == 0 {
-        fuse_reply_xattr(req, value.count)
+        answered(fuse_reply_xattr(req, value.count))
     } else if value.count > size {
-        fuse_reply_err(req, ERANGE)
+        answered(fuse_reply_err(req, ERANGE))
     } else {
-        _ = value.withUnsafeBytes { fuse_reply_buf(req, $0.baseAddress?.assumingMemoryBound(to: CChar.self), $0.count) }
+        _ = value.withUnsafeBytes { answered(fuse_reply_buf(req, $0.baseAddress?.assumingMemoryBound(to: CChar.self), $0.count)) }
     }
 }
 
@@ -363,7 +371,7 @@ private func opRemovexattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ name: Unsafe
     FuseRequest.removexattr.count()
     do {
         try fileSystem(req).removexattr(ino, name: String(decoding: bytes(name), as: UTF8.self))
-        fuse_reply_err(req, 0)
+        answered(fuse_reply_err(req, 0))
     } catch { fail(req, error) }
 }
 

@@ -1,3 +1,4 @@
+import CFuseRing
 import Foundation
 import Metrics
 
@@ -14,6 +15,32 @@ public enum FuseMetrics {
     private static let lock = NSLock()
     nonisolated(unsafe) private static var counters: [String: Counter] = [:]
     nonisolated(unsafe) private static var requestCounters: [UInt32: (counter: Counter, published: UInt64)] = [:]
+
+    /// `shardfs_fuse_request_duration_seconds{operation}` as Prometheus text: how long
+    /// the daemon took from a request's callback to its reply, counted in C per
+    /// request (two clock reads and two relaxed adds; `shardfs_request_answered`)
+    /// and rendered here when the metrics are read. Empty before any request.
+    public static func requestDurationText() -> String {
+        let name = "shardfs_fuse_request_duration_seconds"
+        var text = ""
+        for kind in FuseRequest.allCases {
+            let counts = (0..<Int(SHARDFS_LATENCY_BUCKETS)).map { shardfs_latency_count(kind.rawValue, UInt32($0)) }
+            let total = counts.reduce(0, +)
+            guard total > 0 else { continue }
+            if text.isEmpty { text = "# TYPE \(name) histogram\n" }
+            let label = "operation=\"\(kind.name.lowercased())\""
+            var cumulative: UInt64 = 0
+            for (bucket, count) in counts.enumerated() {
+                cumulative += count
+                let bound = shardfs_latency_bound_ns(UInt32(bucket))
+                let le = bound == UInt64.max ? "+Inf" : "\(Double(bound) / 1e9)"
+                text += "\(name)_bucket{\(label),le=\"\(le)\"} \(cumulative)\n"
+            }
+            text += "\(name)_sum{\(label)} \(Double(shardfs_latency_sum_ns(kind.rawValue)) / 1e9)\n"
+            text += "\(name)_count{\(label)} \(total)\n"
+        }
+        return text
+    }
 
     /// Brings `shardfs_fuse_requests_total` up to the C counters (call before the metrics are read).
     public static func publishRequestCounts() {

@@ -20,7 +20,7 @@ enum MetricsBackend {
     /// The metrics as Prometheus text, the mount's request counts brought up to date first.
     static func emit() -> [UInt8] {
         FuseMetrics.publishRequestCounts()
-        return registry.emitToBuffer()
+        return registry.emitToBuffer() + Array(FuseMetrics.requestDurationText().utf8)
     }
 
     static func bootstrap() {

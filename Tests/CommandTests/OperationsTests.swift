@@ -120,6 +120,11 @@ import Testing
         #expect(Self.sample(text, "shardfs_fuse_requests_total{operation=\"mkdir\"}") == 1, "\(text)")
         #expect(Self.sample(text, "shardfs_fuse_requests_total{operation=\"create\"}") == 5, "\(text)")
         #expect((Self.sample(text, "shardfs_fuse_requests_total{operation=\"flush\"}") ?? 0) >= 5, "\(text)")
+        // How long each took, as a histogram: five creates, in the unbounded bucket too.
+        #expect(text.contains("# TYPE shardfs_fuse_request_duration_seconds histogram"), "\(text)")
+        #expect(Self.sample(text, "shardfs_fuse_request_duration_seconds_count{operation=\"create\"}") == 5, "\(text)")
+        #expect(Self.sample(text, "shardfs_fuse_request_duration_seconds_bucket{operation=\"create\",le=\"+Inf\"}") == 5, "\(text)")
+        #expect((Self.sample(text, "shardfs_fuse_request_duration_seconds_sum{operation=\"create\"}") ?? 0) > 0, "\(text)")
         // Read again with nothing done: nothing counted twice.
         let again = try await Self.curl(url)
         #expect(Self.sample(again, "shardfs_fuse_requests_total{operation=\"create\"}") == 5, "\(again)")

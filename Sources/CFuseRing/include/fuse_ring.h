@@ -82,6 +82,18 @@ uint64_t shardfs_ring_requests(const struct shardfs_ring *ring);
 void shardfs_count_request(unsigned opcode);
 uint64_t shardfs_requests_of(unsigned opcode);
 
+/// How long the daemon took to answer, per opcode: `shardfs_count_request`
+/// starts the clock of the calling thread's request, `shardfs_request_answered`
+/// (called right after the reply is sent, on the same thread) stops it and
+/// counts the time in one of SHARDFS_LATENCY_BUCKETS buckets (10 µs … 1 s, then
+/// unbounded). Requests with no reply (FORGET) are not counted. Relaxed atomics.
+#define SHARDFS_LATENCY_BUCKETS 16
+void shardfs_request_answered(void);
+/// The upper bound of a bucket in nanoseconds (UINT64_MAX for the last).
+uint64_t shardfs_latency_bound_ns(unsigned bucket);
+uint64_t shardfs_latency_count(unsigned opcode, unsigned bucket);
+uint64_t shardfs_latency_sum_ns(unsigned opcode);
+
 /// Stops and joins the ring threads and frees the ring. Requests the kernel
 /// queued on the ring afterwards wait until the unmount fails them.
 void shardfs_ring_stop(struct shardfs_ring *ring);
