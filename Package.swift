@@ -141,7 +141,7 @@ let package = Package(
             "shardfs", "ShardFUSE", "ShardStore", "TestSupport",
             .product(name: "Logging", package: "swift-log"),
         ]),
-        .testTarget(name: "CommandTests", dependencies: ["shardfs", "ShardFSBench", "ShardStore", "TestSupport"]),
+        .testTarget(name: "CommandTests", dependencies: ["shardfs", "ShardFSBench", "ShardFSClient", "ShardStore", "TestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -1,4 +1,5 @@
 import Foundation
+import ShardFSClient
 import TestSupport
 import Testing
 
@@ -75,5 +76,27 @@ import Testing
         let serveHalf = try await runAsync(shardfs, ["serve", "--data-dir", dir.sub("other"), "--listen", "127.0.0.1:0",
                                                      "--tls-cert", pki.serverCert])
         #expect(serveHalf.status != 0 && serveHalf.stderr.contains("--tls-key"), "\(serveHalf.stderr)")
+    }
+
+    /// A node that dies (kill -9) ends its TLS connections without TLS's goodbye:
+    /// the client's calls fail as closed connections, which a cluster retries
+    /// elsewhere, not as TLS errors, which it would not.
+    @Test func aNodeThatDiesClosesItsTLSConnections() async throws {
+        let pki = try await TestPKI.make()
+        let dir = try TemporaryDirectory("client-tls-kill")
+        let server = try await ServeProcess.start(["--data-dir", dir.sub("data"), "--listen", "127.0.0.1:0", "--tls-cert", pki.serverCert,
+                                                   "--tls-key", pki.serverKey, "--log-level", "warning"])
+        defer { server.kill9() }
+        let tcp = try #require(server.readyLine.split(whereSeparator: \.isWhitespace).first { $0.hasPrefix("tcp=") }?.dropFirst(4))
+        let client = try await ShardFSClient.connect(to: try Endpoint.tcp(String(tcp)), tls: ClientTLS(trustedCAFile: pki.ca))
+        let shard = try await client.newShard(owner: "c")
+        server.kill9()
+        do {
+            _ = try await client.get(shard: shard, key: Array("k".utf8))
+            Issue.record("a call to a dead node succeeded")
+        } catch let error as ClientError {
+            if case .connectionClosed = error {} else { Issue.record("expected a closed connection, got \(error)") }
+        }
+        await client.close()
     }
 }
