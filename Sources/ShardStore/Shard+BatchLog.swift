@@ -284,9 +284,20 @@ extension Shard {
             if let earlier = pendingKeys.updateValue(PendingKey(sequence: batch.sequence, item: UInt32(i)), forKey: hash),
                earlier.sequence > applied {
                 pendingKeys[hash]!.overwrites = true
+                pendingKeys[hash]!.afterDeletion = earlier.afterDeletion || pendingItem(earlier).map {
+                    $0.key != item.key || $0.isDeletion  // another key of the same hash: cannot tell
+                } ?? true
             }
         }
         pendingItems += batch.items.count
+    }
+
+    /// The pending item `key` points at, if its batch is still pending (under logLock).
+    func pendingItem(_ key: PendingKey) -> EntryWrite? {
+        guard let base = pendingBatches.first?.sequence, key.sequence >= base else { return nil }
+        let at = Int(key.sequence - base)
+        guard at < pendingBatches.count, pendingBatches[at].sequence == key.sequence else { return nil }
+        return pendingBatches[at].items[Int(key.item)]
     }
 
     /// What a point read of one key finds in the pending logged batches.
@@ -294,7 +305,9 @@ extension Shard {
         /// Nothing pending for the key: LMDB has it (or not).
         case notPending
         /// The last pending put of the key (its value is inline: logged values are).
-        case put(EntryWrite)
+        /// `anew`: a deletion is pending before it, so the entry it makes keeps
+        /// nothing of LMDB's record (number, mode, indexes).
+        case put(EntryWrite, anew: Bool)
         case deleted
     }
 
@@ -325,10 +338,10 @@ extension Shard {
                     case .none: return try body(nil, txn)
                     case .lookups(var lookups):
                         for (i, key) in zip(lookups.indices, keys) {
-                            guard case .put(var item) = lookups[i], item.keepsIndexes else { continue }
-                            item.indexes = try txn.get(entries, key).map { try RecordView($0).indexes() } ?? []
+                            guard case .put(var item, let anew) = lookups[i], item.keepsIndexes else { continue }
+                            item.indexes = anew ? [] : try txn.get(entries, key).map { try RecordView($0).indexes() } ?? []
                             item.keepsIndexes = false
-                            lookups[i] = .put(item)
+                            lookups[i] = .put(item, anew: anew)
                         }
                         return try body(lookups, txn)
                     }
@@ -360,7 +373,7 @@ extension Shard {
             // A put keeping its indexes takes them from LMDB (see readSeeingPending),
             // unless an earlier pending item of the key may have changed them.
             guard item.key == key, !(item.keepsIndexes && found.overwrites) else { return .unknown }
-            lookups.append(item.isDeletion ? .deleted : .put(item))
+            lookups.append(item.isDeletion ? .deleted : .put(item, anew: found.afterDeletion))
             any = true
         }
         return any ? .lookups(lookups) : .none

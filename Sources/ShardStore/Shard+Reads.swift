@@ -10,7 +10,7 @@ extension Shard {
     public func get(_ key: EntryKey) throws -> Entry {
         try readSeeingPending(CollectionOfOne(key.bytes)) { pending, txn in
             switch pending?[0] {
-            case .put(let item)?: return Entry(pending: item)
+            case .put(let item, _)?: return Entry(pending: item)
             case .deleted?: throw ShardError.entryNotFound(key)
             case .notPending?, nil: break
             }
@@ -27,7 +27,7 @@ extension Shard {
             keys.indices.map { i in
                 let key = keys[i]
                 switch pending?[i] {
-                case .put(let item)?: return .success(Entry(pending: item))
+                case .put(let item, _)?: return .success(Entry(pending: item))
                 case .deleted?: return .failure(.entryNotFound(key))
                 case .notPending?, nil: break
                 }
@@ -50,10 +50,10 @@ extension Shard {
         try readSeeingPending(CollectionOfOne(key.bytes)) { pending, txn in
             let stored = try txn.get(entries, key.bytes).map { try RecordView($0) }
             switch pending?[0] {
-            case .put(let item)?:
-                // The entry keeps what it has beside its value (a deletion pending
-                // before this put may yet drop it: then the put's number holds).
-                var metadata = stored?.metadata ?? EntryMetadata(number: item.entryNumber ?? 0, mode: item.creationMode)
+            case .put(let item, let anew)?:
+                // The entry keeps what it has beside its value, unless a deletion
+                // pending before this put drops it: then the put makes it anew.
+                var metadata = (anew ? nil : stored?.metadata) ?? EntryMetadata(number: item.entryNumber ?? 0, mode: item.creationMode)
                 metadata.changeTime = nil
                 if metadata.number == 0 { metadata.number = item.entryNumber ?? 0 }
                 return EntryAttributes(key: key, size: item.value.count, modificationTime: item.modificationTime ?? 0,
@@ -72,7 +72,7 @@ extension Shard {
         guard offset >= 0, count >= 0 else { throw ShardError.invalidArgument("negative offset or count") }
         return try readSeeingPending(CollectionOfOne(key.bytes)) { pending, txn in
             switch pending?[0] {
-            case .put(let item)?:
+            case .put(let item, _)?:
                 let end = min(item.value.count, offset &+ count)
                 return offset < end ? Array(item.value[offset..<end]) : []
             case .deleted?: throw ShardError.entryNotFound(key)

@@ -51,7 +51,7 @@ extension Shard {
                 let result: Result<BorrowedEntry, ShardError>
                 if let problem = EntryKey.problem(with: key) {
                     result = .failure(.invalidKey(problem))
-                } else if case .put(let item)? = pending?[n] {
+                } else if case .put(let item, _)? = pending?[n] {
                     // The record LMDB will hold, built here for the length of the callback.
                     let metadata = EntryMetadata(number: item.entryNumber ?? 0, mode: item.creationMode)
                     var record = [UInt8](repeating: 0, count: recordHeadSize(chunked: false, indexes: item.indexes, metadata: metadata) + item.value.count)

@@ -110,6 +110,9 @@ public final class Shard: @unchecked Sendable {
         /// An earlier pending item may write the key too (or another key of the
         /// same hash): a put keeping its indexes cannot take them from LMDB.
         var overwrites = false
+        /// A deletion of the key is pending before this item (or it cannot be
+        /// told): LMDB's record of the key is not the one this item writes over.
+        var afterDeletion = false
     }
 
     struct LogGroup {

@@ -336,6 +336,29 @@ import Testing
         #expect(try shard.get(key(seeded(5))).indexes == [IndexPair(name: "n", value: "five")])
     }
 
+    /// A put pending after a pending deletion of its key makes the entry anew:
+    /// reads show its own number and mode, not those of LMDB's old record.
+    @Test func aPutAfterAPendingDeletionShowsTheNewEntry() throws {
+        let dir = try TemporaryDirectory("log")
+        let shard = try makeShard(dir)
+        shard.backgroundApplyHeld = true
+        try seed(shard)
+        try shard.updateEntry(key(seeded(5)), clientID: "owner") { $0.metadata.mode = 0o755 }
+        let old = try #require(try shard.attributes(key(seeded(5)))?.metadata.number)
+        _ = try shard.batchPut([.deletion(of: bytes(seeded(5)))], clientID: "owner", deferringDurability: true)
+        var made = put(seeded(5), "new")
+        made.entryNumber = old + 1_000
+        made.creationMode = 0o600
+        _ = try shard.batchPut([made], clientID: "owner", deferringDurability: true)
+        #expect(shard.hasPendingBatches)
+        let shown = try #require(try shard.attributes(key(seeded(5))))
+        #expect(shown.metadata.mode == 0o600 && shown.metadata.number == old + 1_000, "\(shown.metadata)")
+        #expect(shard.hasPendingBatches)  // from the pending map, not an apply
+        try shard.applyLog()
+        let applied = try #require(try shard.attributes(key(seeded(5))))
+        #expect(applied.metadata.mode == 0o600 && applied.metadata.number == old + 1_000, "\(applied.metadata)")
+    }
+
     /// What a crash of the process leaves of a live shard: its files as they are
     /// now (LMDB's lock file aside).
     func crashCopy(_ path: String, _ copy: String) throws {
