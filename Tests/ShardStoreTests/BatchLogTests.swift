@@ -29,6 +29,16 @@ import Testing
 
     func seeded(_ n: Int) -> String { String(format: "k%04d", n) }
 
+    /// A shard under `dir` with 200 seeded keys whose logged batches stay pending
+    /// (the background applier held off), and its folder.
+    func heldSeededShard() throws -> (TemporaryDirectory, String, Shard) {
+        let dir = try TemporaryDirectory("log")
+        let shard = try makeShard(dir)
+        shard.backgroundApplyHeld = true
+        try seed(shard)
+        return (dir, dir.sub("shard-7"), shard)
+    }
+
     func logSize(_ dir: String) throws -> Int {
         (try FileManager.default.attributesOfItem(atPath: dir + "/" + BatchLog.fileName)[.size] as? Int) ?? -1
     }
@@ -319,10 +329,7 @@ import Testing
     /// A put that keeps its indexes, with nothing else pending for its key, is
     /// read with the indexes LMDB holds, without applying the log.
     @Test func aPendingPutKeepingItsIndexesShowsThoseLMDBHolds() throws {
-        let dir = try TemporaryDirectory("log")
-        let shard = try makeShard(dir)
-        shard.backgroundApplyHeld = true
-        try seed(shard)
+        let (_, _, shard) = try heldSeededShard()
         try shard.updateIndexes(key(seeded(5)), clientID: "owner") { _ in [IndexPair(name: "n", value: "five")] }
         var keep = put(seeded(5), "new")
         keep.keepsIndexes = true
@@ -339,10 +346,7 @@ import Testing
     /// A put pending after a pending deletion of its key makes the entry anew:
     /// reads show its own number and mode, not those of LMDB's old record.
     @Test func aPutAfterAPendingDeletionShowsTheNewEntry() throws {
-        let dir = try TemporaryDirectory("log")
-        let shard = try makeShard(dir)
-        shard.backgroundApplyHeld = true
-        try seed(shard)
+        let (_, _, shard) = try heldSeededShard()
         try shard.updateEntry(key(seeded(5)), clientID: "owner") { $0.metadata.mode = 0o755 }
         let old = try #require(try shard.attributes(key(seeded(5)))?.metadata.number)
         _ = try shard.batchPut([.deletion(of: bytes(seeded(5)))], clientID: "owner", deferringDurability: true)
@@ -372,11 +376,7 @@ import Testing
     /// in memory (nothing is written per put), and in the log once `sync()`
     /// returns, or once a durable batch follows it.
     @Test func deferredPutsAreReadAtOnceAndInTheLogAfterSync() throws {
-        let dir = try TemporaryDirectory("log")
-        let path = dir.sub("shard-7")
-        let shard = try makeShard(dir)
-        shard.backgroundApplyHeld = true
-        try seed(shard)
+        let (dir, path, shard) = try heldSeededShard()
         _ = try shard.batchPut([put(seeded(3) + "d", "deferred")], clientID: "owner", deferringDurability: true)
         #expect(try shard.get(key(seeded(3) + "d")).value == bytes("deferred"))
         #expect(try logSize(path) == 0)
@@ -401,11 +401,7 @@ import Testing
     /// deferred ones before it are written by the next write, in sequence, so a
     /// replay finds them and everything after them.
     @Test func aFailedLogWriteKeepsTheDeferredRecordsBeforeIt() throws {
-        let dir = try TemporaryDirectory("log")
-        let path = dir.sub("shard-7")
-        let shard = try makeShard(dir)
-        shard.backgroundApplyHeld = true
-        try seed(shard)
+        let (dir, path, shard) = try heldSeededShard()
         _ = try shard.batchPut([put(seeded(3) + "d", "deferred")], clientID: "owner", deferringDurability: true)
         shard.appendFault = { throw ShardError.storage("injected write failure") }
         #expect(throws: ShardError.self) { _ = try shard.batchPut([put(seeded(4) + "f", "failed")], clientID: "owner") }
@@ -423,11 +419,7 @@ import Testing
     /// deferred ones before it are applied to LMDB at the next barrier (which
     /// succeeds only then), and later batches take the direct path.
     @Test func aFailedLogSyncRetiresTheLogAndTheBarrierAppliesWhatWaits() throws {
-        let dir = try TemporaryDirectory("log")
-        let path = dir.sub("shard-7")
-        let shard = try makeShard(dir)
-        shard.backgroundApplyHeld = true
-        try seed(shard)
+        let (dir, path, shard) = try heldSeededShard()
         _ = try shard.batchPut([put(seeded(3) + "d", "deferred")], clientID: "owner", deferringDurability: true)
         shard.log?.failNextSync = true
         #expect(throws: ShardError.self) { _ = try shard.batchPut([put(seeded(4) + "f", "failed")], clientID: "owner") }
