@@ -329,7 +329,8 @@ import Testing
     /// A put that keeps its indexes, with nothing else pending for its key, is
     /// read with the indexes LMDB holds, without applying the log.
     @Test func aPendingPutKeepingItsIndexesShowsThoseLMDBHolds() throws {
-        let (_, _, shard) = try heldSeededShard()
+        let (dir, _, shard) = try heldSeededShard()
+        defer { dir.remove() }  // held to the end: the folder goes with it
         try shard.updateIndexes(key(seeded(5)), clientID: "owner") { _ in [IndexPair(name: "n", value: "five")] }
         var keep = put(seeded(5), "new")
         keep.keepsIndexes = true
@@ -346,7 +347,8 @@ import Testing
     /// A put pending after a pending deletion of its key makes the entry anew:
     /// reads show its own number and mode, not those of LMDB's old record.
     @Test func aPutAfterAPendingDeletionShowsTheNewEntry() throws {
-        let (_, _, shard) = try heldSeededShard()
+        let (dir, _, shard) = try heldSeededShard()
+        defer { dir.remove() }  // held to the end: the folder goes with it
         try shard.updateEntry(key(seeded(5)), clientID: "owner") { $0.metadata.mode = 0o755 }
         let old = try #require(try shard.attributes(key(seeded(5)))?.metadata.number)
         _ = try shard.batchPut([.deletion(of: bytes(seeded(5)))], clientID: "owner", deferringDurability: true)
