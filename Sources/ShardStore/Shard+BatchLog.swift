@@ -219,9 +219,18 @@ extension Shard {
     static let unwrittenLimit = 1 << 20
 
     /// Every logged batch up to `sequence` is durable (under logLock).
-    func markDurable(through sequence: UInt64) {
+    /// `laterSince`: when every batch past `sequence` was logged at the earliest
+    /// (the barrier's start), the new age of what still waits; without it, that
+    /// age stays as it was.
+    func markDurable(through sequence: UInt64, laterSince: ContinuousClock.Instant? = nil) {
         durableThrough = max(durableThrough, sequence)
-        if durableThrough >= lastDeferred { notDurableSince = nil }
+        if durableThrough >= lastDeferred {
+            notDurableSince = nil
+        } else if let laterSince, notDurableSince != nil {
+            // Batches logged during the barrier: due one delay after it began, not
+            // at once (the applier would sync on every pass under a steady load).
+            notDurableSince = laterSince
+        }
     }
 
     /// The durability barrier for batches put with durability deferred: writes
@@ -232,6 +241,7 @@ extension Shard {
         let (broken, waiting) = logLock.withLock { (logBroken, durableThrough < lastDeferred) }
         if broken { return try applyLog() }
         guard waiting, let log else { return }
+        deferredSyncs.add(1, ordering: .relaxed)
         let mark = log.syncFailures
         let start = ContinuousClock.now
         defer { CommitMetrics.record("log", since: start) }
@@ -246,7 +256,7 @@ extension Shard {
             }
             return  // applied: durable in LMDB after all
         }
-        logLock.withLock { markDurable(through: target) }
+        logLock.withLock { markDurable(through: target, laterSince: start) }
     }
 
     /// Whether batches put with durability deferred wait to be made durable, and

@@ -92,6 +92,8 @@ public final class Shard: @unchecked Sendable {
     /// such batch not durable yet was logged: the applier makes them durable
     /// once they are `LogApplier.idleDelay` old.
     var lastDeferred: UInt64 = 0
+    /// Barriers that wrote and fdatasync'ed deferred records (tests; the applier's pace).
+    let deferredSyncs = Atomic<Int>(0)
     var notDurableSince: ContinuousClock.Instant?
 
     struct PendingBatch {
