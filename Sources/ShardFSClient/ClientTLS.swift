@@ -1,3 +1,4 @@
+import Foundation
 import NIOSSL
 
 /// TLS for TCP connections to nodes (Unix sockets stay plain). PEM files.
@@ -19,7 +20,35 @@ public struct ClientTLS: Sendable, Equatable {
         self.serverName = serverName
     }
 
+    public static func == (a: ClientTLS, b: ClientTLS) -> Bool {
+        a.files == b.files && a.serverName == b.serverName
+    }
+
+    /// The files a context is made from.
+    private var files: [String?] { [trustedCAFile, certificateFile, privateKeyFile] }
+
+    /// The context last made, shared by copies of this value (a cluster's
+    /// reconnections read the PEM files once); remade when the files changed.
+    private let made = MadeContext()
+
+    private final class MadeContext: @unchecked Sendable {
+        let lock = NSLock()
+        var files: [String?] = []
+        var context: NIOSSLContext?
+    }
+
+    /// The TLS context for these files, made once and reused.
     func makeContext() throws -> NIOSSLContext {
+        if let cached = made.lock.withLock({ made.files == files ? made.context : nil }) { return cached }
+        let context = try buildContext()
+        made.lock.withLock {
+            made.files = files
+            made.context = context
+        }
+        return context
+    }
+
+    private func buildContext() throws -> NIOSSLContext {
         func load<T>(_ what: String, _ path: String, _ body: () throws -> T) throws -> T {
             do { return try body() } catch { throw ClientError.tls("cannot load the TLS \(what) \(path): \(error)") }
         }

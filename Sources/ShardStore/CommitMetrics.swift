@@ -6,8 +6,9 @@ import Metrics
 /// - `lmdb`: a group of LMDB writes (puts, deletes, renames, closes), the
 ///   pending batches it applies first included;
 /// - `apply`: the log applier's transaction of logged batches;
-/// - `log`: a batch-log append made durable (`fdatasync`); appends whose
-///   durability was deferred cost no I/O and are not counted.
+/// - `log`: a batch-log append made durable (`fdatasync`), or the barrier that
+///   writes and fdatasyncs deferred records (`Shard.syncDeferred`); a deferred
+///   put itself costs no I/O and is not counted.
 /// One sample per group, not per write. The handle is looked up per sample (the
 /// backend's registry, under its lock): a handle made before the executable
 /// bootstraps the backend would stay a no-op.
