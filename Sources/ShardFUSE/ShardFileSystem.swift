@@ -198,14 +198,13 @@ public final class ShardFileSystem: @unchecked Sendable {
                 } ?? false
                 if !keptWithValue {
                     // Mode and access time live in the entry: a file being written is committed first.
-                    if let writer, writer.hasChanges { try commit(writer, deferringDurability: false) }
+                    // Both are logged with durability deferred, like close(): chmod and utimens
+                    // are durable after fsync (SEMANTICS.md), and tar and rsync set them per file.
+                    if let writer, writer.hasChanges { try commit(writer, deferringDurability: true) }
                     try own(id, [key]) {
-                        try shard.updateEntry(entryKey, clientID: options.clientID) { entry in
-                            if let modification { entry.modificationTime = modification }
-                            if let access { entry.metadata.accessTime = access }
-                            if let mode { entry.metadata.mode = mode }
-                            entry.metadata.changeTime = now
-                        }
+                        try shard.changeMetadata(entryKey, modificationTime: modification,
+                                                 MetadataChange(mode: mode, accessTime: access, changeTime: now),
+                                                 clientID: options.clientID, deferringDurability: true)
                     }
                     if let writer, let mode { writer.metadata.mode = mode }
                 }

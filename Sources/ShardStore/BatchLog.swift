@@ -186,6 +186,10 @@ final class BatchLog {
             w.put(sequence)
             w.put(UInt32(items.count))
             for item in items {
+                if item.isUpdate {
+                    encodeUpdate(item, &w)
+                    continue
+                }
                 let numbered = !item.isDeletion && item.entryNumber != nil
                 let moded = !item.isDeletion && item.creationMode != nil
                 w.put(UInt8(item.isDeletion ? 2 : item.keepsIndexes ? 1 : 0) | (numbered ? 0x80 : 0) | (moded ? 0x40 : 0))
@@ -213,10 +217,32 @@ final class BatchLog {
         }
     }
 
+    /// An update: kind 3, the key, a byte saying which fields follow (1 the
+    /// modification time, 2 the mode, 4 the access time, 8 the change time), them.
+    private static func encodeUpdate(_ item: EntryWrite, _ w: inout Writer) {
+        let change = item.metadataChange
+        w.put(UInt8(3))
+        w.put(UInt16(item.key.count))
+        w.put(item.key)
+        w.put(UInt8((item.modificationTime == nil ? 0 : 1) | (change?.mode == nil ? 0 : 2)
+                    | (change?.accessTime == nil ? 0 : 4) | (change?.changeTime == nil ? 0 : 8)))
+        if let time = item.modificationTime { w.put(UInt64(bitPattern: time)) }
+        if let mode = change?.mode { w.put(mode) }
+        if let time = change?.accessTime { w.put(UInt64(bitPattern: time)) }
+        if let time = change?.changeTime { w.put(UInt64(bitPattern: time)) }
+    }
+
+    private static func updateSize(_ item: EntryWrite) -> Int {
+        let change = item.metadataChange
+        return 4 + item.key.count + (item.modificationTime == nil ? 0 : 8) + (change?.mode == nil ? 0 : 4)
+            + (change?.accessTime == nil ? 0 : 8) + (change?.changeTime == nil ? 0 : 8)
+    }
+
     /// The exact bytes `encode` writes for a batch.
     static func encodedSize(_ items: [EntryWrite]) -> Int {
         items.reduce(recordHeaderSize + 4) { sum, item in
-            sum + 17 + (!item.isDeletion ? item.entryNumber.map(leb128Size) ?? 0 : 0) + (!item.isDeletion && item.creationMode != nil ? 4 : 0)
+            if item.isUpdate { return sum + updateSize(item) }
+            return sum + 17 + (!item.isDeletion ? item.entryNumber.map(leb128Size) ?? 0 : 0) + (!item.isDeletion && item.creationMode != nil ? 4 : 0)
                 + item.key.count + item.value.count
                 + loggedIndexes(item).reduce(0) { $0 + 6 + $1.name.utf8.count + $1.value.count }
         }
@@ -269,6 +295,11 @@ final class BatchLog {
         for _ in 0..<count {
             guard let kindAt = take(1) else { return nil }
             let kind = bytes[kindAt.lowerBound] & 0x3F
+            if kind == 3 {
+                guard let item = decodeUpdate(bytes, take) else { return nil }
+                items.append(item)
+                continue
+            }
             var number: UInt64?
             if bytes[kindAt.lowerBound] & 0x80 != 0 {
                 guard let (value, used) = bytes.withUnsafeBytes({ raw in
@@ -301,6 +332,27 @@ final class BatchLog {
             items.append(item)
         }
         return at == end ? items : nil
+    }
+
+    private static func decodeUpdate(_ bytes: [UInt8], _ take: (Int) -> Range<Int>?) -> EntryWrite? {
+        guard let keyLength = take(2), let key = take(Int(bytes.readLE(UInt16.self, at: keyLength.lowerBound))),
+              let fieldsAt = take(1) else { return nil }
+        let fields = bytes[fieldsAt.lowerBound]
+        guard fields & ~0x0F == 0 else { return nil }
+        func time(_ bit: UInt8) -> Int64?? {
+            guard fields & bit != 0 else { return .some(nil) }
+            guard let at = take(8) else { return nil }
+            return Int64(bitPattern: bytes.readLE(UInt64.self, at: at.lowerBound))
+        }
+        guard let modificationTime = time(1) else { return nil }
+        var mode: UInt32?
+        if fields & 2 != 0 {
+            guard let at = take(4) else { return nil }
+            mode = bytes.readLE(UInt32.self, at: at.lowerBound)
+        }
+        guard let accessTime = time(4), let changeTime = time(8) else { return nil }
+        return .update(of: Array(bytes[key]), modificationTime: modificationTime,
+                       change: MetadataChange(mode: mode, accessTime: accessTime, changeTime: changeTime))
     }
 }
 

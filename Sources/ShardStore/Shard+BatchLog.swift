@@ -39,14 +39,15 @@ extension Shard {
             // (a direct commit would make the caller wait for its fsyncs).
             let valueLimit = deferringDurability ? Self.deferredValueLimit : chunkSize
             if item.value.count > valueLimit || item.indexes.count > Int(UInt16.max) { return false }
-            if item.modificationTime == nil { item.modificationTime = now }
+            // An update without a time leaves the entry's own.
+            if item.modificationTime == nil && !item.isUpdate { item.modificationTime = now }
             // What is logged is what is applied, in memory now or replayed later.
-            if item.keepsIndexes || item.isDeletion { item.indexes = [] }
+            if item.keepsIndexes || item.isDeletion || item.isUpdate { item.indexes = [] }
             valid.append(item)
         }
         // A point read of a pending put that creates its key must show the number
         // the entry will have: it is fixed now, for the batch's puts in one go.
-        let unnumbered = valid.indices.filter { !valid[$0].isDeletion && valid[$0].entryNumber == nil }
+        let unnumbered = valid.indices.filter { !valid[$0].isDeletion && !valid[$0].isUpdate && valid[$0].entryNumber == nil }
         if !unnumbered.isEmpty {
             var next = newEntryNumbers(unnumbered.count)
             for i in unnumbered {
@@ -128,6 +129,8 @@ extension Shard {
     /// acknowledged batch never meets the size limit when it is applied.
     static func applyCost(_ items: [EntryWrite]) -> Int {
         items.reduce(0) { sum, item in
+            // An update rewrites the record (head and inline value) where it is.
+            if item.isUpdate { return sum + 2 * (96 + item.key.count + (item.metadataChange?.recordValueBytes ?? 0)) }
             let indexes = item.indexes.reduce(0) { $0 + 48 + 2 * ($1.name.utf8.count + $1.value.count) + item.key.count }
             return sum + 2 * (64 + item.key.count + item.value.count + indexes)
         }
@@ -202,7 +205,7 @@ extension Shard {
             pendingBatches += ctx.batches
             pendingBytes += bytes
             pendingCost += ctx.cost
-            for batch in ctx.batches { notePending(batch) }
+            for at in (pendingBatches.count - ctx.batches.count)..<pendingBatches.count { notePending(at: at) }
             lastLogTime = now
             if !ctx.sync {
                 lastDeferred = lastLogged
@@ -285,21 +288,53 @@ extension Shard {
         logLock.withLock { (pendingBatches.count, pendingBatches.first?.loggedAt) }
     }
 
-    /// Maps the keys of a batch now pending to its items (under logLock).
-    func notePending(_ batch: PendingBatch) {
+    /// Maps the keys of the pending batch at `at` to its items (under logLock),
+    /// in log order. An update whose key has a pending item before it is composed
+    /// with it here, in memory (the log keeps the update as it came): it becomes
+    /// that item with the update's changes, so a point read answers from one
+    /// item, never from two. A put after a pending update keeps the update's mode
+    /// and access time the same way. Applying the composed items gives what
+    /// applying the logged ones in order gives.
+    func notePending(at: Int) {
         let applied = appliedSequence
-        for (i, item) in batch.items.enumerated() {
+        let sequence = pendingBatches[at].sequence
+        for i in pendingBatches[at].items.indices {
+            let item = pendingBatches[at].items[i]
             let hash = keyHash(item.key)
+            var mark = PendingKey(sequence: sequence, item: UInt32(i))
             // One probe for a key not pending yet (the common case), two otherwise.
-            if let earlier = pendingKeys.updateValue(PendingKey(sequence: batch.sequence, item: UInt32(i)), forKey: hash),
-               earlier.sequence > applied {
-                pendingKeys[hash]!.overwrites = true
-                pendingKeys[hash]!.afterDeletion = earlier.afterDeletion || pendingItem(earlier).map {
-                    $0.key != item.key || $0.isDeletion  // another key of the same hash: cannot tell
-                } ?? true
+            guard let earlier = pendingKeys.updateValue(mark, forKey: hash), earlier.sequence > applied else { continue }
+            let earlierItem = pendingItem(earlier).flatMap { $0.key == item.key ? $0 : nil }  // nil: cannot tell
+            if item.isUpdate {
+                guard let earlierItem else {
+                    // Reads of the key cannot tell what the update changes: they apply the log first.
+                    mark.overwrites = true
+                    mark.afterDeletion = true
+                    pendingKeys[hash] = mark
+                    continue
+                }
+                if earlierItem.isDeletion {
+                    // The entry is gone before the update (which then does nothing): reads see the deletion.
+                    pendingKeys[hash] = earlier
+                    continue
+                }
+                var composed = earlierItem
+                composed.modificationTime = item.modificationTime ?? earlierItem.modificationTime
+                composed.metadataChange = item.metadataChange!.after(earlierItem.metadataChange)
+                pendingBatches[at].items[i] = composed
+                mark.overwrites = earlier.overwrites  // it stands for the earlier item too
+                mark.afterDeletion = earlier.afterDeletion
+            } else {
+                mark.overwrites = true
+                mark.afterDeletion = earlier.afterDeletion || earlierItem.map(\.isDeletion) ?? true
+                if !item.isDeletion, !mark.afterDeletion, item.metadataChange == nil,
+                   let kept = earlierItem?.metadataChange?.keptByRewrite {
+                    pendingBatches[at].items[i].metadataChange = kept
+                }
             }
+            pendingKeys[hash] = mark
         }
-        pendingItems += batch.items.count
+        pendingItems += pendingBatches[at].items.count
     }
 
     /// The pending item `key` points at, if its batch is still pending (under logLock).
@@ -316,8 +351,12 @@ extension Shard {
         case notPending
         /// The last pending put of the key (its value is inline: logged values are).
         /// `anew`: a deletion is pending before it, so the entry it makes keeps
-        /// nothing of LMDB's record (number, mode, indexes).
+        /// nothing of LMDB's record (number, mode, indexes). Its `metadataChange`
+        /// says what pending updates changed of the entry's metadata.
         case put(EntryWrite, anew: Bool)
+        /// An update of the entry LMDB holds: its value and indexes are LMDB's;
+        /// the item's modification time (when set) and metadata change are newer.
+        case changed(EntryWrite)
         case deleted
     }
 
@@ -382,8 +421,10 @@ extension Shard {
             let item = pendingBatches[at].items[Int(found.item)]
             // A put keeping its indexes takes them from LMDB (see readSeeingPending),
             // unless an earlier pending item of the key may have changed them.
-            guard item.key == key, !(item.keepsIndexes && found.overwrites) else { return .unknown }
-            lookups.append(item.isDeletion ? .deleted : .put(item, anew: found.afterDeletion))
+            guard item.key == key, !(item.keepsIndexes && found.overwrites), !(item.isUpdate && found.afterDeletion) else {
+                return .unknown
+            }
+            lookups.append(item.isDeletion ? .deleted : item.isUpdate ? .changed(item) : .put(item, anew: found.afterDeletion))
             any = true
         }
         return any ? .lookups(lookups) : .none
@@ -444,7 +485,7 @@ extension Shard {
                 // Under steady load the map would keep every key ever written.
                 pendingKeys.removeAll(keepingCapacity: true)
                 pendingItems = 0
-                for batch in pendingBatches { notePending(batch) }
+                for at in pendingBatches.indices { notePending(at: at) }
             }
         }
     }
@@ -492,8 +533,14 @@ extension Shard {
     /// One item of a batch: a put, or a delete (nothing happens if the entry is
     /// absent). Mid-batch, an unreadable old record aborts the whole transaction.
     func applyItem(_ txn: Transaction, _ item: EntryWrite, defaultTime: Int64, appending: Bool = false) throws {
+        if item.isUpdate {
+            return try changeRecord(txn, key: item.key, modificationTime: item.modificationTime, item.metadataChange)
+        }
         guard item.isDeletion else {
-            return try writeEntry(txn, item, defaultTime: defaultTime, appending: appending)
+            try writeEntry(txn, item, defaultTime: defaultTime, appending: appending)
+            // A put composed with pending updates (see notePending).
+            if let change = item.metadataChange { try changeRecord(txn, key: item.key, modificationTime: nil, change) }
+            return
         }
         if let raw = try txn.get(entries, item.key) {
             guard let old = try? oldEntry(raw) else { throw LMDBError.corrupted }

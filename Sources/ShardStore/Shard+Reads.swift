@@ -9,15 +9,17 @@ extension Shard {
 
     public func get(_ key: EntryKey) throws -> Entry {
         try readSeeingPending(CollectionOfOne(key.bytes)) { pending, txn in
+            var update: EntryWrite?
             switch pending?[0] {
             case .put(let item, _)?: return Entry(pending: item)
+            case .changed(let item)?: update = item
             case .deleted?: throw ShardError.entryNotFound(key)
             case .notPending?, nil: break
             }
             guard let raw = try txn.get(entries, key.bytes) else { throw ShardError.entryNotFound(key) }
             let view = try RecordView(raw)
             return Entry(key: key, value: try value(txn, key.bytes, view), indexes: view.indexes(),
-                         modificationTime: view.modificationTime)
+                         modificationTime: update?.modificationTime ?? view.modificationTime)
         }
     }
 
@@ -26,8 +28,10 @@ extension Shard {
         try readSeeingPending(keys.lazy.map(\.bytes)) { pending, txn in
             keys.indices.map { i in
                 let key = keys[i]
+                var update: EntryWrite?
                 switch pending?[i] {
                 case .put(let item, _)?: return .success(Entry(pending: item))
+                case .changed(let item)?: update = item
                 case .deleted?: return .failure(.entryNotFound(key))
                 case .notPending?, nil: break
                 }
@@ -35,7 +39,7 @@ extension Shard {
                     guard let raw = try txn.get(entries, key.bytes) else { return .failure(.entryNotFound(key)) }
                     let view = try RecordView(raw)
                     return .success(Entry(key: key, value: try value(txn, key.bytes, view), indexes: view.indexes(),
-                                          modificationTime: view.modificationTime))
+                                          modificationTime: update?.modificationTime ?? view.modificationTime))
                 } catch let error as ShardError {
                     return .failure(error)
                 } catch {
@@ -56,8 +60,15 @@ extension Shard {
                 var metadata = (anew ? nil : stored?.metadata) ?? EntryMetadata(number: item.entryNumber ?? 0, mode: item.creationMode)
                 metadata.changeTime = nil
                 if metadata.number == 0 { metadata.number = item.entryNumber ?? 0 }
+                item.metadataChange?.apply(to: &metadata)
                 return EntryAttributes(key: key, size: item.value.count, modificationTime: item.modificationTime ?? 0,
                                        indexes: item.indexes, metadata: metadata)
+            case .changed(let item)?:
+                guard let view = stored else { return nil }
+                var metadata = view.metadata
+                item.metadataChange?.apply(to: &metadata)
+                return EntryAttributes(key: key, size: view.size, modificationTime: item.modificationTime ?? view.modificationTime,
+                                       indexes: view.indexes(), metadata: metadata)
             case .deleted?: return nil
             case .notPending?, nil: break
             }
@@ -76,7 +87,7 @@ extension Shard {
                 let end = min(item.value.count, offset &+ count)
                 return offset < end ? Array(item.value[offset..<end]) : []
             case .deleted?: throw ShardError.entryNotFound(key)
-            case .notPending?, nil: break
+            case .changed?, .notPending?, nil: break  // an update leaves the value
             }
             guard let raw = try txn.get(entries, key.bytes) else { throw ShardError.entryNotFound(key) }
             let view = try RecordView(raw)

@@ -8,11 +8,13 @@ public struct BorrowedEntry {
     let chunks: Database
     let key: [UInt8]
     let view: RecordView
+    /// Set by an update still pending in the batch log.
+    var pendingModificationTime: Int64?
 
     /// Size of the value in bytes.
     public var size: Int { view.size }
     /// Nanoseconds since 1970.
-    public var modificationTime: Int64 { view.modificationTime }
+    public var modificationTime: Int64 { pendingModificationTime ?? view.modificationTime }
 
     /// Calls `body` with each index's (UTF-8 name, value) bytes, in stored order.
     public func forEachIndex(_ body: (UnsafeRawBufferPointer, UnsafeRawBufferPointer) throws -> Void) rethrows {
@@ -72,7 +74,10 @@ extension Shard {
                 } else {
                     do {
                         if let raw = try txn.get(entries, key) {
-                            result = .success(BorrowedEntry(txn: txn, chunks: chunks, key: key, view: try RecordView(raw)))
+                            var changedTime: Int64?
+                            if case .changed(let item)? = pending?[n] { changedTime = item.modificationTime }
+                            result = .success(BorrowedEntry(txn: txn, chunks: chunks, key: key, view: try RecordView(raw),
+                                                            pendingModificationTime: changedTime))
                         } else {
                             result = .failure(.entryNotFound(EntryKey(trusted: key)))
                         }

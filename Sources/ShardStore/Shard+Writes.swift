@@ -81,9 +81,6 @@ extension Shard {
             try change(&entry)
             try IndexPair.validate(entry.indexes)
             entry.metadata.number = view.metadata.number
-            let size = view.size
-            let chunkSet: UInt64? = view.flags.contains(.chunked) ? view.chunkSet : nil
-            let inline = Array(view.inlineValue)
             let old = try self.oldEntry(raw)
             let indexesChanged = entry.indexes != oldIndexes
             // From here on only LMDB can fail (the group rule: no ShardError after a change).
@@ -92,17 +89,62 @@ extension Shard {
                     _ = try index.reverseKey.withUnsafeBytes { k in try key.bytes.withUnsafeBytes { try txn.delete(self.indexes, k, value: $0) } }
                 }
             }
-            let count = recordHeadSize(chunked: chunkSet != nil, indexes: entry.indexes, metadata: entry.metadata) + inline.count
-            try key.bytes.withUnsafeBytes { k in
-                let out = try txn.reserve(self.entries, k, count: count)
-                let offset = encodeRecordHead(into: out, chunkSet: chunkSet, modificationTime: entry.modificationTime, size: size,
-                                              indexes: entry.indexes, metadata: entry.metadata)
-                inline.withUnsafeBytes { v in
-                    if let base = v.baseAddress { out.baseAddress!.advanced(by: offset).copyMemory(from: base, byteCount: v.count) }
-                }
-            }
+            try self.rewriteRecord(txn, key: key.bytes, view, indexes: entry.indexes, modificationTime: entry.modificationTime,
+                                   metadata: entry.metadata)
             if indexesChanged { try self.addReverseIndexes(txn, key: key.bytes, entry.indexes) }
             ctx.changed(key.bytes)
+        }
+    }
+
+    /// Changes an entry's metadata (`change`) and, when given, its modification
+    /// time, leaving its value and indexes (chmod and utimens through the mount).
+    /// With durability deferred the change is logged like a batch put with
+    /// durability deferred (`batchPut`): every reader sees it at once, and it is
+    /// durable after `sync()` or within the log applier's delay. Otherwise, or
+    /// when the log cannot take it, it is one durable LMDB commit.
+    public func changeMetadata(_ key: EntryKey, modificationTime: Int64?, _ change: MetadataChange, clientID: String,
+                               deferringDurability: Bool = false) throws {
+        guard !isReadOnlyView else { throw ShardError.readOnlyView }
+        if deferringDurability, usesBatchLog {
+            guard let current = try attributes(key) else { throw ShardError.entryNotFound(key) }
+            let sized = MetadataChange(mode: change.mode, accessTime: change.accessTime, changeTime: change.changeTime,
+                                       recordValueBytes: current.size <= chunkSize ? current.size : 0)
+            let item = EntryWrite.update(of: key.bytes, modificationTime: modificationTime, change: sized)
+            if try logBatch([item], statuses: [nil], now: Shard.now(), clientID: clientID, deferringDurability: true) { return }
+        }
+        try updateEntry(key, clientID: clientID) { entry in
+            if let modificationTime { entry.modificationTime = modificationTime }
+            change.apply(to: &entry.metadata)
+        }
+    }
+
+    /// Applies an update (or what pending updates changed of a put) to the record
+    /// of `key`; an entry that is gone is left alone. Mid-batch: an unreadable
+    /// record aborts the transaction.
+    func changeRecord(_ txn: Transaction, key: [UInt8], modificationTime: Int64?, _ change: MetadataChange?) throws {
+        guard let raw = try txn.get(entries, key) else { return }
+        guard let view = try? RecordView(raw) else { throw LMDBError.corrupted }
+        var metadata = view.metadata
+        change?.apply(to: &metadata)
+        try rewriteRecord(txn, key: key, view, indexes: view.indexes(), modificationTime: modificationTime ?? view.modificationTime,
+                          metadata: metadata)
+    }
+
+    /// Writes the record of `key` again with a new head, keeping its value (inline,
+    /// or its chunk set) and leaving index rows to the caller.
+    func rewriteRecord(_ txn: Transaction, key: [UInt8], _ view: RecordView, indexes: [IndexPair], modificationTime: Int64,
+                       metadata: EntryMetadata) throws {
+        let chunkSet: UInt64? = view.flags.contains(.chunked) ? view.chunkSet : nil
+        let size = view.size
+        let inline = Array(view.inlineValue)  // the view points into the page the reserve replaces
+        let count = recordHeadSize(chunked: chunkSet != nil, indexes: indexes, metadata: metadata) + inline.count
+        try key.withUnsafeBytes { k in
+            let out = try txn.reserve(self.entries, k, count: count)
+            let offset = encodeRecordHead(into: out, chunkSet: chunkSet, modificationTime: modificationTime, size: size,
+                                          indexes: indexes, metadata: metadata)
+            inline.withUnsafeBytes { v in
+                if let base = v.baseAddress { out.baseAddress!.advanced(by: offset).copyMemory(from: base, byteCount: v.count) }
+            }
         }
     }
 

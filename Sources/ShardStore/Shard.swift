@@ -98,7 +98,7 @@ public final class Shard: @unchecked Sendable {
 
     struct PendingBatch {
         let sequence: UInt64
-        let items: [EntryWrite]
+        var items: [EntryWrite]  // composed in memory (see notePending)
         let bytes: Int
         let cost: Int
         /// When it was logged (just before its append): how long a view may lack it.

@@ -92,6 +92,23 @@ public struct EntryWrite: Sendable {
     public var entryNumber: UInt64?
     /// The mode the entry gets if this put creates its key (nil: the default).
     public var creationMode: UInt32?
+    /// An update (`update(of:…)`): changes the existing entry's metadata and,
+    /// when `modificationTime` is set, its time; its value, indexes and number stay.
+    public internal(set) var isUpdate = false
+    /// For an update, the metadata it sets. On a pending put, in memory only: the
+    /// metadata of pending updates of its key before it, which it keeps.
+    public internal(set) var metadataChange: MetadataChange?
+
+    /// An item that changes the metadata of `key`'s entry (chmod, utimens) and
+    /// nothing else; nil fields stay as they are. Logged like a put, applied in
+    /// log order (an entry that is gone by then is left alone).
+    public static func update(of key: [UInt8], modificationTime: Int64?, change: MetadataChange) -> EntryWrite {
+        var item = EntryWrite(key: key, value: [])
+        item.modificationTime = modificationTime
+        item.isUpdate = true
+        item.metadataChange = change
+        return item
+    }
 
     /// An item of a batch that deletes `key`.
     public static func deletion(of key: [UInt8]) -> EntryWrite {
@@ -111,6 +128,54 @@ public struct EntryWrite: Sendable {
 
     public init(key: EntryKey, value: [UInt8], indexes: [IndexPair] = [], modificationTime: Int64? = nil) {
         self.init(key: key.bytes, value: value, indexes: indexes, modificationTime: modificationTime)
+    }
+}
+
+/// Metadata that an update sets (a class: it rides in `EntryWrite`, whose size
+/// the batch paths feel, as one pointer). Nil fields stay as they are.
+public final class MetadataChange: Sendable, Equatable {
+    public let mode: UInt32?
+    public let accessTime: Int64?
+    public let changeTime: Int64?
+    /// The inline value bytes the entry's record held when the update was made:
+    /// what rewriting the record may take in LMDB (the log's room check).
+    let recordValueBytes: Int
+
+    public convenience init(mode: UInt32? = nil, accessTime: Int64? = nil, changeTime: Int64? = nil) {
+        self.init(mode: mode, accessTime: accessTime, changeTime: changeTime, recordValueBytes: 0)
+    }
+
+    init(mode: UInt32?, accessTime: Int64?, changeTime: Int64?, recordValueBytes: Int) {
+        self.mode = mode
+        self.accessTime = accessTime
+        self.changeTime = changeTime
+        self.recordValueBytes = recordValueBytes
+    }
+
+    var isEmpty: Bool { mode == nil && accessTime == nil && changeTime == nil }
+
+    /// This change made after `earlier`: its fields win where it sets them.
+    func after(_ earlier: MetadataChange?) -> MetadataChange {
+        guard let earlier else { return self }
+        return MetadataChange(mode: mode ?? earlier.mode, accessTime: accessTime ?? earlier.accessTime,
+                              changeTime: changeTime ?? earlier.changeTime,
+                              recordValueBytes: max(recordValueBytes, earlier.recordValueBytes))
+    }
+
+    /// What of it outlives a rewrite of the value: mode and access time (a
+    /// rewrite's change time is its modification time, as `writeEntry` keeps it).
+    var keptByRewrite: MetadataChange? {
+        mode == nil && accessTime == nil ? nil : MetadataChange(mode: mode, accessTime: accessTime)
+    }
+
+    func apply(to metadata: inout EntryMetadata) {
+        if let mode { metadata.mode = mode }
+        if let accessTime { metadata.accessTime = accessTime }
+        if let changeTime { metadata.changeTime = changeTime }
+    }
+
+    public static func == (a: MetadataChange, b: MetadataChange) -> Bool {
+        a.mode == b.mode && a.accessTime == b.accessTime && a.changeTime == b.changeTime
     }
 }
 

@@ -235,6 +235,33 @@ import Testing
         }
     }
 
+    /// `tar x` sets each file's mode and time after writing it; those changes
+    /// are logged like closes (durable at the directory's fsync), so what tar
+    /// extracted compares equal after a `kill -9` and a remount.
+    @Test func modesAndTimesTarSetSurviveKillDashNineAfterFsyncOfTheDirectory() async throws {
+        try await withFixture { fixture in
+            try await fixture.mount()
+            guard let pid = fixture.daemonPID else { throw FixtureError("no daemon pid") }
+            let source = try TemporaryDirectory("tar-source")
+            defer { source.remove() }
+            try await fixture.ok("""
+                cd '\(source.path)' && for i in $(seq 1 100); do echo value-$i > f$i; done && \
+                chmod 0640 f1 f50 && chmod 0755 f2 && chmod 0600 f100 && touch -d '2001-02-03 04:05:06' f1 f2 f99 && \
+                tar cf archive.tar f*
+                """)
+            try await fixture.ok("""
+                mkdir shard-1 && tar xf '\(source.path)/archive.tar' -C shard-1 && tar df '\(source.path)/archive.tar' -C shard-1 && \
+                python3 -c 'import os; fd = os.open("shard-1", os.O_RDONLY); os.fsync(fd)' && kill -9 \(pid)
+                """)
+            for _ in 0..<100 where kill(pid, 0) == 0 { try await Task.sleep(for: .milliseconds(20)) }
+            _ = try await shell("fusermount3 -u '\(fixture.mnt)' || fusermount3 -uz '\(fixture.mnt)'")
+            try await fixture.mount()
+            // tar d compares each file's mode, time, size and bytes.
+            try await fixture.ok("tar df '\(source.path)/archive.tar' -C shard-1")
+            #expect(try await fixture.ok("stat -c '%a %Y' shard-1/f1 shard-1/f2 shard-1/f100") == "640 981173106\n755 981173106\n600 \(try await fixture.ok("stat -c %Y '\(source.path)/f100'"))")
+        }
+    }
+
     @Test func aFullShardFailsCloseWithENOSPCAndStaysUsable() async throws {
         try await withFixture { fixture in
             try await fixture.mount(try fixture.sizeLimitOption("1MiB"))
