@@ -260,7 +260,10 @@ extension ShardFileSystem {
         }
         let openSource = openEntry(shard: id, key: source)
         do {
-            try own(id, [source.bytes, target.bytes]) { try shard.rename(source, to: target, clientID: options.clientID) }
+            // Logged with durability deferred, like close(): rsync renames every file it writes.
+            try own(id, [source.bytes, target.bytes]) {
+                try shard.rename(source, to: target, clientID: options.clientID, deferringDurability: true)
+            }
         } catch ShardError.entryNotFound where openSource?.pendingSize != nil {
             // Created and still open, never committed: the target is replaced now,
             // and the writer's close puts the value under the new name.

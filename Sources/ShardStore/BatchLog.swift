@@ -24,6 +24,15 @@ import Glibc
 ///     u16 key length, key | i64 modification time (ns) | u32 value length, value
 ///     u16 index count, then per index: u16 name length, name | u32 value length, value
 ///
+/// or, for the mount's chmod, utimens and rename (kinds added 2026-12-07; an
+/// older binary reads a record holding one as torn and stops there, so a log
+/// left by a crash must be replayed by this version before going back):
+///
+///     u8 3 (update) | u16 key length, key | u8 fields (1 modification time,
+///        2 mode, 4 access time, 8 change time) | the fields set, in that order
+///        (i64 times in ns, u32 mode)
+///     u8 4 (move) | u16 target key length, target | u16 source key length, source
+///
 /// Sequences increase by one from record to record. Reading stops at the first
 /// record that is short, fails its CRC or breaks the sequence: that is a torn
 /// append that was never acknowledged, or the stale tail of an older log that was
@@ -190,6 +199,15 @@ final class BatchLog {
                     encodeUpdate(item, &w)
                     continue
                 }
+                if let source = item.movedFrom {
+                    // A move: kind 4, the target key, the source key.
+                    w.put(UInt8(4))
+                    w.put(UInt16(item.key.count))
+                    w.put(item.key)
+                    w.put(UInt16(source.count))
+                    w.put(source)
+                    continue
+                }
                 let numbered = !item.isDeletion && item.entryNumber != nil
                 let moded = !item.isDeletion && item.creationMode != nil
                 w.put(UInt8(item.isDeletion ? 2 : item.keepsIndexes ? 1 : 0) | (numbered ? 0x80 : 0) | (moded ? 0x40 : 0))
@@ -242,6 +260,7 @@ final class BatchLog {
     static func encodedSize(_ items: [EntryWrite]) -> Int {
         items.reduce(recordHeaderSize + 4) { sum, item in
             if item.isUpdate { return sum + updateSize(item) }
+            if let source = item.movedFrom { return sum + 5 + item.key.count + source.count }
             return sum + 17 + (!item.isDeletion ? item.entryNumber.map(leb128Size) ?? 0 : 0) + (!item.isDeletion && item.creationMode != nil ? 4 : 0)
                 + item.key.count + item.value.count
                 + loggedIndexes(item).reduce(0) { $0 + 6 + $1.name.utf8.count + $1.value.count }
@@ -298,6 +317,13 @@ final class BatchLog {
             if kind == 3 {
                 guard let item = decodeUpdate(bytes, take) else { return nil }
                 items.append(item)
+                continue
+            }
+            if kind == 4 {
+                guard let targetLength = take(2), let target = take(Int(bytes.readLE(UInt16.self, at: targetLength.lowerBound))),
+                      let sourceLength = take(2), let source = take(Int(bytes.readLE(UInt16.self, at: sourceLength.lowerBound)))
+                else { return nil }
+                items.append(.move(from: Array(bytes[source]), to: Array(bytes[target])))
                 continue
             }
             var number: UInt64?

@@ -40,14 +40,16 @@ extension Shard {
             let valueLimit = deferringDurability ? Self.deferredValueLimit : chunkSize
             if item.value.count > valueLimit || item.indexes.count > Int(UInt16.max) { return false }
             // An update without a time leaves the entry's own.
-            if item.modificationTime == nil && !item.isUpdate { item.modificationTime = now }
+            if item.modificationTime == nil && !item.isUpdate && !item.isMove { item.modificationTime = now }
             // What is logged is what is applied, in memory now or replayed later.
-            if item.keepsIndexes || item.isDeletion || item.isUpdate { item.indexes = [] }
+            if item.keepsIndexes || item.isDeletion || item.isUpdate || item.isMove { item.indexes = [] }
             valid.append(item)
         }
         // A point read of a pending put that creates its key must show the number
         // the entry will have: it is fixed now, for the batch's puts in one go.
-        let unnumbered = valid.indices.filter { !valid[$0].isDeletion && !valid[$0].isUpdate && valid[$0].entryNumber == nil }
+        let unnumbered = valid.indices.filter {
+            !valid[$0].isDeletion && !valid[$0].isUpdate && !valid[$0].isMove && valid[$0].entryNumber == nil
+        }
         if !unnumbered.isEmpty {
             var next = newEntryNumbers(unnumbered.count)
             for i in unnumbered {
@@ -85,7 +87,11 @@ extension Shard {
             return false  // another member's failure: this batch was not written; go direct
         }
         guard logged else { return false }
-        if let observer = onCommit { observer(valid.map(\.key)) }
+        if let observer = onCommit {
+            var keys = valid.map(\.key)
+            for item in valid { if let source = item.movedFrom { keys.append(source) } }
+            observer(keys)
+        }
         LogApplier.shared.wake(self)
         return true
     }
@@ -117,7 +123,7 @@ extension Shard {
     /// The memory pending items hold: their bytes and the arrays around them.
     static func memorySize(_ items: [EntryWrite]) -> Int {
         items.reduce(0) { sum, item in
-            sum + 128 + item.key.count + item.value.count
+            sum + 128 + item.key.count + item.value.count + (item.movedFrom?.count ?? 0)
                 + item.indexes.reduce(0) { $0 + 80 + $1.name.utf8.count + $1.value.count }
         }
     }
@@ -129,8 +135,11 @@ extension Shard {
     /// acknowledged batch never meets the size limit when it is applied.
     static func applyCost(_ items: [EntryWrite]) -> Int {
         items.reduce(0) { sum, item in
-            // An update rewrites the record (head and inline value) where it is.
-            if item.isUpdate { return sum + 2 * (96 + item.key.count + (item.metadataChange?.recordValueBytes ?? 0)) }
+            // An update rewrites the record (head and inline value) where it is; a
+            // move writes it under its new key.
+            if item.isUpdate || item.isMove {
+                return sum + 2 * (96 + item.key.count + (item.movedFrom?.count ?? 0) + (item.extras?.recordValueBytes ?? 0))
+            }
             let indexes = item.indexes.reduce(0) { $0 + 48 + 2 * ($1.name.utf8.count + $1.value.count) + item.key.count }
             return sum + 2 * (64 + item.key.count + item.value.count + indexes)
         }
@@ -289,52 +298,124 @@ extension Shard {
     }
 
     /// Maps the keys of the pending batch at `at` to its items (under logLock),
-    /// in log order. An update whose key has a pending item before it is composed
-    /// with it here, in memory (the log keeps the update as it came): it becomes
-    /// that item with the update's changes, so a point read answers from one
-    /// item, never from two. A put after a pending update keeps the update's mode
-    /// and access time the same way. Applying the composed items gives what
-    /// applying the logged ones in order gives.
+    /// in log order, so a point read answers from one pending item (or from
+    /// LMDB) without applying the log:
+    /// - an update whose key has a pending item before it is composed with it
+    ///   here, in memory (the log keeps the update as it came): it becomes that
+    ///   item with the update's changes; a put after a pending update keeps the
+    ///   update's mode and access time, as a rewrite of the entry does. Applying
+    ///   the composed items gives what applying the logged ones in order gives;
+    /// - a move shows its source as deleted and its target as what the source
+    ///   held (`moved`: the source's pending item, or its LMDB record).
+    /// Where that cannot be told (a hash collision, an item after a move into its
+    /// key), the key is marked `unknown` and a read of it applies the log first.
     func notePending(at: Int) {
         let applied = appliedSequence
         let sequence = pendingBatches[at].sequence
         for i in pendingBatches[at].items.indices {
-            let item = pendingBatches[at].items[i]
-            let hash = keyHash(item.key)
+            let key = pendingBatches[at].items[i].key
             var mark = PendingKey(sequence: sequence, item: UInt32(i))
+            if let source = pendingBatches[at].items[i].movedFrom {
+                noteMove(at: at, i, from: source, mark: mark, applied: applied)
+                continue
+            }
             // One probe for a key not pending yet (the common case), two otherwise.
-            guard let earlier = pendingKeys.updateValue(mark, forKey: hash), earlier.sequence > applied else { continue }
-            let earlierItem = pendingItem(earlier).flatMap { $0.key == item.key ? $0 : nil }  // nil: cannot tell
+            guard let earlier = pendingKeys.updateValue(mark, forKey: keyHash(key)), earlier.sequence > applied else { continue }
+            let hash = keyHash(key)
+            let item = pendingBatches[at].items[i]
+            let before = earlierState(earlier, of: key)
             if item.isUpdate {
-                guard let earlierItem else {
-                    // Reads of the key cannot tell what the update changes: they apply the log first.
-                    mark.overwrites = true
-                    mark.afterDeletion = true
-                    pendingKeys[hash] = mark
-                    continue
+                switch before {
+                case .unknown:
+                    mark.unknown = true
+                case .gone:
+                    // The entry is gone before the update (which then does nothing): reads see that.
+                    mark = earlier
+                case .item(let earlierItem):
+                    var composed = earlierItem
+                    composed.modificationTime = item.modificationTime ?? earlierItem.modificationTime
+                    composed.setMetadataChange(item.metadataChange!.after(earlierItem.metadataChange))
+                    pendingBatches[at].items[i] = composed
+                    mark.overwrites = earlier.overwrites  // it stands for the earlier item too
+                    mark.afterDeletion = earlier.afterDeletion
                 }
-                if earlierItem.isDeletion {
-                    // The entry is gone before the update (which then does nothing): reads see the deletion.
-                    pendingKeys[hash] = earlier
-                    continue
-                }
-                var composed = earlierItem
-                composed.modificationTime = item.modificationTime ?? earlierItem.modificationTime
-                composed.metadataChange = item.metadataChange!.after(earlierItem.metadataChange)
-                pendingBatches[at].items[i] = composed
-                mark.overwrites = earlier.overwrites  // it stands for the earlier item too
-                mark.afterDeletion = earlier.afterDeletion
             } else {
                 mark.overwrites = true
-                mark.afterDeletion = earlier.afterDeletion || earlierItem.map(\.isDeletion) ?? true
-                if !item.isDeletion, !mark.afterDeletion, item.metadataChange == nil,
-                   let kept = earlierItem?.metadataChange?.keptByRewrite {
-                    pendingBatches[at].items[i].metadataChange = kept
+                switch before {
+                case .unknown:
+                    mark.afterDeletion = true
+                    mark.unknown = !item.isDeletion  // a deletion leaves nothing to tell
+                case .gone:
+                    mark.afterDeletion = true
+                    mark.overwrites = false  // made anew: it keeps no indexes
+                case .item(let earlierItem):
+                    mark.afterDeletion = earlier.afterDeletion
+                    if !item.isDeletion, item.metadataChange == nil, let kept = earlierItem.metadataChange?.keptByRewrite {
+                        pendingBatches[at].items[i].setMetadataChange(kept)
+                    }
+                    // A put keeping the indexes keeps those the earlier item left: LMDB's
+                    // (as far as that item could tell), or the ones it set, which it takes
+                    // now (the mount puts a file at each close and keeps its indexes).
+                    if item.keepsIndexes && !item.isDeletion {
+                        if earlierItem.keepsIndexes || earlierItem.isUpdate {
+                            mark.overwrites = earlier.overwrites
+                        } else {
+                            pendingBatches[at].items[i].indexes = earlierItem.indexes
+                            pendingBatches[at].items[i].keepsIndexes = false
+                        }
+                    }
                 }
             }
             pendingKeys[hash] = mark
         }
         pendingItems += pendingBatches[at].items.count
+    }
+
+    /// What the pending items before `mark` leave of `key` (under logLock).
+    enum EarlierState {
+        /// This item (a put, a composed put, or an update of LMDB's record).
+        case item(EntryWrite)
+        /// Deleted, or moved away.
+        case gone
+        case unknown
+    }
+
+    func earlierState(_ mark: PendingKey, of key: [UInt8]) -> EarlierState {
+        guard !mark.unknown, let item = pendingItem(mark) else { return .unknown }
+        if item.key == key {
+            // Items after a move into the key are not composed with what it moved.
+            if item.isMove { return .unknown }
+            return item.isDeletion ? .gone : .item(item)
+        }
+        return item.movedFrom == key ? .gone : .unknown  // another key of the same hash: cannot tell
+    }
+
+    /// Notes a move (see notePending): the source reads as gone, the target as
+    /// what the source held before it.
+    func noteMove(at: Int, _ i: Int, from source: [UInt8], mark: PendingKey, applied: UInt64) {
+        let target = pendingBatches[at].items[i].key
+        let sourceHash = keyHash(source), targetHash = keyHash(target)
+        let earlier = pendingKeys[sourceHash].flatMap { $0.sequence > applied ? $0 : nil }
+        var targetMark = mark
+        var shown: EntryWrite
+        switch earlier.map({ earlierState($0, of: source) }) {
+        case nil:
+            // The source's LMDB record, unchanged.
+            shown = .update(of: source, modificationTime: nil, change: MetadataChange())
+        case .item(let item)?:
+            shown = item
+            targetMark.overwrites = earlier!.overwrites
+            targetMark.afterDeletion = earlier!.afterDeletion
+        case .gone?:
+            return  // the move does nothing: both keys read as before
+        case .unknown?:
+            shown = .update(of: source, modificationTime: nil, change: MetadataChange())
+            targetMark.unknown = true
+        }
+        if sourceHash == targetHash { targetMark.unknown = true }
+        pendingBatches[at].moved[UInt32(i)] = shown
+        pendingKeys[sourceHash] = mark
+        pendingKeys[targetHash] = targetMark
     }
 
     /// The pending item `key` points at, if its batch is still pending (under logLock).
@@ -388,7 +469,8 @@ extension Shard {
                     case .lookups(var lookups):
                         for (i, key) in zip(lookups.indices, keys) {
                             guard case .put(var item, let anew) = lookups[i], item.keepsIndexes else { continue }
-                            item.indexes = anew ? [] : try txn.get(entries, key).map { try RecordView($0).indexes() } ?? []
+                            // From LMDB's record of the item's own key (a move's source, for its target).
+                            item.indexes = anew ? [] : try txn.get(entries, item.key).map { try RecordView($0).indexes() } ?? []
                             item.keepsIndexes = false
                             lookups[i] = .put(item, anew: anew)
                         }
@@ -418,12 +500,22 @@ extension Shard {
             guard found.sequence >= base else { return .unknown }
             let at = Int(found.sequence - base)
             guard at < pendingBatches.count, pendingBatches[at].sequence == found.sequence else { return .unknown }
-            let item = pendingBatches[at].items[Int(found.item)]
-            // A put keeping its indexes takes them from LMDB (see readSeeingPending),
-            // unless an earlier pending item of the key may have changed them.
-            guard item.key == key, !(item.keepsIndexes && found.overwrites), !(item.isUpdate && found.afterDeletion) else {
+            guard !found.unknown else { return .unknown }
+            var item = pendingBatches[at].items[Int(found.item)]
+            if let source = item.movedFrom {
+                if source == key && item.key != key {
+                    lookups.append(.deleted)
+                    any = true
+                    continue
+                }
+                guard item.key == key, let shown = pendingBatches[at].moved[found.item] else { return .unknown }
+                item = shown  // of the source's key: reads take LMDB's record from there
+            } else if item.key != key {
                 return .unknown
             }
+            // A put keeping its indexes takes them from LMDB (see readSeeingPending),
+            // unless an earlier pending item of the key may have changed them.
+            guard !(item.keepsIndexes && found.overwrites) else { return .unknown }
             lookups.append(item.isDeletion ? .deleted : item.isUpdate ? .changed(item) : .put(item, anew: found.afterDeletion))
             any = true
         }
@@ -493,9 +585,25 @@ extension Shard {
     /// Applies the items of many batches in key order: inserts that follow the
     /// B-tree's order touch each page once, with its path still in cache, where
     /// random keys would jump between pages. Items of one key keep their log
-    /// order, so the last one wins, as it would applied batch by batch.
+    /// order, so the last one wins, as it would applied batch by batch. A move
+    /// touches two keys: it is applied in log order, the items before it (in key
+    /// order) first, those after it afterwards.
     func applyInKeyOrder(_ txn: Transaction, _ batches: [[EntryWrite]]) throws {
         let items = batches.count == 1 ? batches[0] : Array(batches.joined())
+        guard let move = items.firstIndex(where: \.isMove) else { return try applySorted(txn, items[...]) }
+        var start = items.startIndex
+        var next: Int? = move
+        while let at = next {
+            try applySorted(txn, items[start..<at])
+            try applyItem(txn, items[at], defaultTime: Shard.now())
+            start = at + 1
+            next = items[start...].firstIndex(where: \.isMove)
+        }
+        try applySorted(txn, items[start...])
+    }
+
+    private func applySorted(_ txn: Transaction, _ items: ArraySlice<EntryWrite>) throws {
+        guard !items.isEmpty else { return }
         // The keys go into one buffer, so the sort compares bytes without touching
         // (and retaining) the items; it orders by the first 8 bytes as an integer,
         // then by whole keys, then by log order (the items' order).
@@ -536,6 +644,7 @@ extension Shard {
         if item.isUpdate {
             return try changeRecord(txn, key: item.key, modificationTime: item.modificationTime, item.metadataChange)
         }
+        if let source = item.movedFrom { return try moveRecord(txn, from: source, to: item.key) }
         guard item.isDeletion else {
             try writeEntry(txn, item, defaultTime: defaultTime, appending: appending)
             // A put composed with pending updates (see notePending).

@@ -11,14 +11,15 @@ extension Shard {
         try readSeeingPending(CollectionOfOne(key.bytes)) { pending, txn in
             var update: EntryWrite?
             switch pending?[0] {
-            case .put(let item, _)?: return Entry(pending: item)
+            case .put(let item, _)?: return Entry(key, pending: item)
             case .changed(let item)?: update = item
             case .deleted?: throw ShardError.entryNotFound(key)
             case .notPending?, nil: break
             }
-            guard let raw = try txn.get(entries, key.bytes) else { throw ShardError.entryNotFound(key) }
+            let stored = update?.key ?? key.bytes  // a moved entry's record is still at its source
+            guard let raw = try txn.get(entries, stored) else { throw ShardError.entryNotFound(key) }
             let view = try RecordView(raw)
-            return Entry(key: key, value: try value(txn, key.bytes, view), indexes: view.indexes(),
+            return Entry(key: key, value: try value(txn, stored, view), indexes: view.indexes(),
                          modificationTime: update?.modificationTime ?? view.modificationTime)
         }
     }
@@ -30,15 +31,16 @@ extension Shard {
                 let key = keys[i]
                 var update: EntryWrite?
                 switch pending?[i] {
-                case .put(let item, _)?: return .success(Entry(pending: item))
+                case .put(let item, _)?: return .success(Entry(key, pending: item))
                 case .changed(let item)?: update = item
                 case .deleted?: return .failure(.entryNotFound(key))
                 case .notPending?, nil: break
                 }
                 do {
-                    guard let raw = try txn.get(entries, key.bytes) else { return .failure(.entryNotFound(key)) }
+                    let stored = update?.key ?? key.bytes  // a moved entry's record is still at its source
+                    guard let raw = try txn.get(entries, stored) else { return .failure(.entryNotFound(key)) }
                     let view = try RecordView(raw)
-                    return .success(Entry(key: key, value: try value(txn, key.bytes, view), indexes: view.indexes(),
+                    return .success(Entry(key: key, value: try value(txn, stored, view), indexes: view.indexes(),
                                           modificationTime: update?.modificationTime ?? view.modificationTime))
                 } catch let error as ShardError {
                     return .failure(error)
@@ -52,7 +54,14 @@ extension Shard {
     /// Size, modification time and indexes of an entry, or nil if there is none.
     public func attributes(_ key: EntryKey) throws -> EntryAttributes? {
         try readSeeingPending(CollectionOfOne(key.bytes)) { pending, txn in
-            let stored = try txn.get(entries, key.bytes).map { try RecordView($0) }
+            // The record the answer builds on: LMDB's at the pending item's key (a
+            // moved entry's is still at its source), else at the key.
+            let base: [UInt8]
+            switch pending?[0] {
+            case .put(let item, _)?, .changed(let item)?: base = item.key
+            default: base = key.bytes
+            }
+            let stored = try txn.get(entries, base).map { try RecordView($0) }
             switch pending?[0] {
             case .put(let item, let anew)?:
                 // The entry keeps what it has beside its value, unless a deletion
@@ -89,9 +98,11 @@ extension Shard {
             case .deleted?: throw ShardError.entryNotFound(key)
             case .changed?, .notPending?, nil: break  // an update leaves the value
             }
-            guard let raw = try txn.get(entries, key.bytes) else { throw ShardError.entryNotFound(key) }
+            var stored = key.bytes
+            if case .changed(let item)? = pending?[0] { stored = item.key }  // a moved entry's record is still at its source
+            guard let raw = try txn.get(entries, stored) else { throw ShardError.entryNotFound(key) }
             let view = try RecordView(raw)
-            return try view.slice(offset: offset, count: count) { n in try self.chunk(txn, key.bytes, n, view) }
+            return try view.slice(offset: offset, count: count) { n in try self.chunk(txn, stored, n, view) }
         }
     }
 

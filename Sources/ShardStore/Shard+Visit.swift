@@ -73,10 +73,14 @@ extension Shard {
                     result = .failure(.entryNotFound(EntryKey(trusted: key)))
                 } else {
                     do {
-                        if let raw = try txn.get(entries, key) {
-                            var changedTime: Int64?
-                            if case .changed(let item)? = pending?[n] { changedTime = item.modificationTime }
-                            result = .success(BorrowedEntry(txn: txn, chunks: chunks, key: key, view: try RecordView(raw),
+                        var changedTime: Int64?
+                        var stored = key
+                        if case .changed(let item)? = pending?[n] {
+                            changedTime = item.modificationTime
+                            stored = item.key  // a moved entry's record is still at its source
+                        }
+                        if let raw = try txn.get(entries, stored) {
+                            result = .success(BorrowedEntry(txn: txn, chunks: chunks, key: stored, view: try RecordView(raw),
                                                             pendingModificationTime: changedTime))
                         } else {
                             result = .failure(.entryNotFound(EntryKey(trusted: key)))

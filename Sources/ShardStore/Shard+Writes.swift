@@ -107,9 +107,8 @@ extension Shard {
         guard !isReadOnlyView else { throw ShardError.readOnlyView }
         if deferringDurability, usesBatchLog {
             guard let current = try attributes(key) else { throw ShardError.entryNotFound(key) }
-            let sized = MetadataChange(mode: change.mode, accessTime: change.accessTime, changeTime: change.changeTime,
-                                       recordValueBytes: current.size <= chunkSize ? current.size : 0)
-            let item = EntryWrite.update(of: key.bytes, modificationTime: modificationTime, change: sized)
+            let item = EntryWrite.update(of: key.bytes, modificationTime: modificationTime, change: change,
+                                         recordBytes: current.size <= chunkSize ? current.size : 0)
             if try logBatch([item], statuses: [nil], now: Shard.now(), clientID: clientID, deferringDurability: true) { return }
         }
         try updateEntry(key, clientID: clientID) { entry in
@@ -190,28 +189,45 @@ extension Shard {
     }
 
     /// Renames an entry within the shard, atomically replacing `to` if it exists.
-    public func rename(_ from: EntryKey, to: EntryKey, clientID: String) throws {
-        try write(clientID: clientID) { ctx in
-            let txn = ctx.txn
-            guard let source = try self.readOld(txn, from.bytes) else { throw ShardError.entryNotFound(from) }
+    /// With durability deferred it is logged like a batch put with durability
+    /// deferred (see `changeMetadata`); otherwise it is one durable LMDB commit.
+    public func rename(_ from: EntryKey, to: EntryKey, clientID: String, deferringDurability: Bool = false) throws {
+        if deferringDurability, usesBatchLog, !isReadOnlyView {
+            guard let source = try attributes(from) else { throw ShardError.entryNotFound(from) }
             if from == to { return }
-            let record = try txn.get(self.entries, from.bytes).map { Array($0) }!
-            if let target = try self.readOld(txn, to.bytes) {
-                try self.removeEntry(txn, key: to.bytes, old: target)
-            }
-            // The record names its chunk set: the chunks stay where they are.
-            try txn.put(self.entries, to.bytes, record)
-            for index in source.indexes {
-                let rk = index.reverseKey
-                try rk.withUnsafeBytes { k in
-                    _ = try from.bytes.withUnsafeBytes { try txn.delete(self.indexes, k, value: $0) }
-                    try to.bytes.withUnsafeBytes { try txn.put(self.indexes, k, $0) }
-                }
-            }
-            try txn.delete(self.entries, from.bytes)
+            let item = EntryWrite.move(from: from.bytes, to: to.bytes, sourceBytes: source.size <= chunkSize ? source.size : 0)
+            if try logBatch([item], statuses: [nil], now: Shard.now(), clientID: clientID, deferringDurability: true) { return }
+        }
+        try write(clientID: clientID) { ctx in
+            guard try self.readOld(ctx.txn, from.bytes) != nil else { throw ShardError.entryNotFound(from) }
+            if from == to { return }
+            try self.moveRecord(ctx.txn, from: from.bytes, to: to.bytes)
             ctx.changed(from.bytes)
             ctx.changed(to.bytes)
         }
+    }
+
+    /// Moves the record of `from` (with its index rows; its chunks stay where
+    /// they are, named by the record) to `to`, replacing what `to` held. Nothing
+    /// happens if `from` has no entry. Mid-batch: an unreadable record aborts the
+    /// transaction.
+    func moveRecord(_ txn: Transaction, from: [UInt8], to: [UInt8]) throws {
+        guard from != to, let raw = try txn.get(entries, from) else { return }
+        let record = Array(raw)
+        guard let source = try? oldEntry(raw) else { throw LMDBError.corrupted }
+        if let replaced = try txn.get(entries, to) {
+            guard let target = try? oldEntry(replaced) else { throw LMDBError.corrupted }
+            try removeEntry(txn, key: to, old: target)
+        }
+        try txn.put(entries, to, record)
+        for index in source.indexes {
+            let rk = index.reverseKey
+            try rk.withUnsafeBytes { k in
+                _ = try from.withUnsafeBytes { try txn.delete(self.indexes, k, value: $0) }
+                try to.withUnsafeBytes { try txn.put(self.indexes, k, $0) }
+            }
+        }
+        try txn.delete(entries, from)
     }
 
     /// Sets an entry's modification time (nanoseconds since 1970), e.g. for `touch` or `rsync -a`.

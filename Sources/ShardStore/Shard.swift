@@ -99,6 +99,9 @@ public final class Shard: @unchecked Sendable {
     struct PendingBatch {
         let sequence: UInt64
         var items: [EntryWrite]  // composed in memory (see notePending)
+        /// For each move among `items` (by position): what its target shows, an
+        /// item of the source's key (see notePending).
+        var moved: [UInt32: EntryWrite] = [:]
         let bytes: Int
         let cost: Int
         /// When it was logged (just before its append): how long a view may lack it.
@@ -109,12 +112,16 @@ public final class Shard: @unchecked Sendable {
     struct PendingKey {
         let sequence: UInt64
         let item: UInt32
-        /// An earlier pending item may write the key too (or another key of the
-        /// same hash): a put keeping its indexes cannot take them from LMDB.
+        /// An earlier pending item may have set the key's indexes: a put keeping
+        /// its indexes cannot take them from LMDB.
         var overwrites = false
         /// A deletion of the key is pending before this item (or it cannot be
         /// told): LMDB's record of the key is not the one this item writes over.
         var afterDeletion = false
+        /// What pending items make of the key cannot be told from them alone
+        /// (a hash collision, or an item after a move into the key): a read of
+        /// it applies the log first.
+        var unknown = false
     }
 
     struct LogGroup {

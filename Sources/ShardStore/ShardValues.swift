@@ -16,10 +16,10 @@ public struct Entry: Sendable, Equatable {
 }
 
 extension Entry {
-    /// A logged put not yet applied to LMDB (its key was checked when it was logged).
-    init(pending item: EntryWrite) {
-        self.init(key: EntryKey(trusted: item.key), value: item.value, indexes: item.indexes,
-                  modificationTime: item.modificationTime ?? 0)
+    /// A logged put of `key` not yet applied to LMDB (the item's own key is the
+    /// source's when the put was moved to `key` since).
+    init(_ key: EntryKey, pending item: EntryWrite) {
+        self.init(key: key, value: item.value, indexes: item.indexes, modificationTime: item.modificationTime ?? 0)
     }
 }
 
@@ -95,19 +95,47 @@ public struct EntryWrite: Sendable {
     /// An update (`update(of:…)`): changes the existing entry's metadata and,
     /// when `modificationTime` is set, its time; its value, indexes and number stay.
     public internal(set) var isUpdate = false
+    /// What an update or a move carries (one pointer, nil for a plain put or
+    /// delete: the batch paths feel this struct's size).
+    var extras: ItemExtras?
+
     /// For an update, the metadata it sets. On a pending put, in memory only: the
     /// metadata of pending updates of its key before it, which it keeps.
-    public internal(set) var metadataChange: MetadataChange?
+    public var metadataChange: MetadataChange? { extras?.change }
+    /// For a move (`move(from:to:)`): the key whose entry is renamed to `key`,
+    /// with its value, indexes and metadata, replacing what `key` held.
+    public var movedFrom: [UInt8]? { extras?.movedFrom }
+    public var isMove: Bool { extras?.movedFrom != nil }
+
+    /// An item that renames the entry at `source` to `target`, as `Shard.rename`
+    /// does (nothing happens if `source` has no entry when it is applied).
+    /// `sourceBytes`: the inline value bytes of the source's record now (what
+    /// the move may take in LMDB; the log's room check).
+    static func move(from source: [UInt8], to target: [UInt8], sourceBytes: Int = chunkSize) -> EntryWrite {
+        var item = EntryWrite(key: target, value: [])
+        item.extras = ItemExtras(movedFrom: source, recordValueBytes: sourceBytes)
+        return item
+    }
 
     /// An item that changes the metadata of `key`'s entry (chmod, utimens) and
     /// nothing else; nil fields stay as they are. Logged like a put, applied in
-    /// log order (an entry that is gone by then is left alone).
+    /// log order (an entry that is gone by then is left alone). `recordBytes`:
+    /// as for `move`.
     public static func update(of key: [UInt8], modificationTime: Int64?, change: MetadataChange) -> EntryWrite {
+        update(of: key, modificationTime: modificationTime, change: change, recordBytes: 0)
+    }
+
+    static func update(of key: [UInt8], modificationTime: Int64?, change: MetadataChange, recordBytes: Int) -> EntryWrite {
         var item = EntryWrite(key: key, value: [])
         item.modificationTime = modificationTime
         item.isUpdate = true
-        item.metadataChange = change
+        item.extras = ItemExtras(change: change, recordValueBytes: recordBytes)
         return item
+    }
+
+    /// Sets the metadata change a pending item carries in memory (see `Shard.notePending`).
+    mutating func setMetadataChange(_ change: MetadataChange?) {
+        extras = ItemExtras(change: change, movedFrom: extras?.movedFrom, recordValueBytes: extras?.recordValueBytes ?? 0)
     }
 
     /// An item of a batch that deletes `key`.
@@ -131,35 +159,23 @@ public struct EntryWrite: Sendable {
     }
 }
 
-/// Metadata that an update sets (a class: it rides in `EntryWrite`, whose size
-/// the batch paths feel, as one pointer). Nil fields stay as they are.
-public final class MetadataChange: Sendable, Equatable {
-    public let mode: UInt32?
-    public let accessTime: Int64?
-    public let changeTime: Int64?
-    /// The inline value bytes the entry's record held when the update was made:
-    /// what rewriting the record may take in LMDB (the log's room check).
-    let recordValueBytes: Int
+/// Metadata that an update sets (chmod, utimens). Nil fields stay as they are.
+public struct MetadataChange: Sendable, Equatable {
+    public var mode: UInt32?
+    public var accessTime: Int64?
+    public var changeTime: Int64?
 
-    public convenience init(mode: UInt32? = nil, accessTime: Int64? = nil, changeTime: Int64? = nil) {
-        self.init(mode: mode, accessTime: accessTime, changeTime: changeTime, recordValueBytes: 0)
-    }
-
-    init(mode: UInt32?, accessTime: Int64?, changeTime: Int64?, recordValueBytes: Int) {
+    public init(mode: UInt32? = nil, accessTime: Int64? = nil, changeTime: Int64? = nil) {
         self.mode = mode
         self.accessTime = accessTime
         self.changeTime = changeTime
-        self.recordValueBytes = recordValueBytes
     }
-
-    var isEmpty: Bool { mode == nil && accessTime == nil && changeTime == nil }
 
     /// This change made after `earlier`: its fields win where it sets them.
     func after(_ earlier: MetadataChange?) -> MetadataChange {
         guard let earlier else { return self }
         return MetadataChange(mode: mode ?? earlier.mode, accessTime: accessTime ?? earlier.accessTime,
-                              changeTime: changeTime ?? earlier.changeTime,
-                              recordValueBytes: max(recordValueBytes, earlier.recordValueBytes))
+                              changeTime: changeTime ?? earlier.changeTime)
     }
 
     /// What of it outlives a rewrite of the value: mode and access time (a
@@ -173,9 +189,20 @@ public final class MetadataChange: Sendable, Equatable {
         if let accessTime { metadata.accessTime = accessTime }
         if let changeTime { metadata.changeTime = changeTime }
     }
+}
 
-    public static func == (a: MetadataChange, b: MetadataChange) -> Bool {
-        a.mode == b.mode && a.accessTime == b.accessTime && a.changeTime == b.changeTime
+/// What an item beyond a plain put or delete carries (see `EntryWrite.extras`).
+final class ItemExtras: Sendable {
+    let change: MetadataChange?
+    let movedFrom: [UInt8]?
+    /// The inline value bytes of the record an update or move rewrites, when it
+    /// was logged: what applying it may take in LMDB (the log's room check).
+    let recordValueBytes: Int
+
+    init(change: MetadataChange? = nil, movedFrom: [UInt8]? = nil, recordValueBytes: Int) {
+        self.change = change
+        self.movedFrom = movedFrom
+        self.recordValueBytes = recordValueBytes
     }
 }
 

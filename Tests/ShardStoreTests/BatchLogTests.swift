@@ -316,13 +316,26 @@ import Testing
         #expect(throws: ShardError.entryNotFound(key(seeded(0) + "x"))) { _ = try results[1].get() }
         #expect(shard.hasPendingBatches)
 
-        // A put keeping the indexes LMDB holds cannot be read from the log alone.
+        // A put keeping the indexes that a pending put set keeps those.
         var keep = put(seeded(199) + "x", "2")
         keep.keepsIndexes = true
         _ = try shard.batchPut([keep, put(seeded(0) + "y", "y")], clientID: "owner")
         #expect(shard.hasPendingBatches)
         let kept = try shard.get(key(seeded(199) + "x"))
         #expect(kept.value == bytes("2") && kept.indexes == [IndexPair(name: "n", value: "one")])
+        #expect(shard.hasPendingBatches)
+
+        // One keeping the indexes LMDB holds, after a pending item that may have
+        // changed them (a put moved into the key), cannot be read from the log alone.
+        try shard.updateIndexes(key(seeded(7)), clientID: "owner") { _ in [IndexPair(name: "n", value: "seven")] }
+        _ = try shard.batchPut([put(seeded(8) + "x", "8", indexes: [IndexPair(name: "n", value: "eight")])], clientID: "owner")
+        try shard.rename(key(seeded(8) + "x"), to: key(seeded(7)), clientID: "owner", deferringDurability: true)
+        var keepMoved = put(seeded(7), "7")
+        keepMoved.keepsIndexes = true
+        _ = try shard.batchPut([keepMoved], clientID: "owner", deferringDurability: true)
+        #expect(shard.hasPendingBatches)
+        let keptMoved = try shard.get(key(seeded(7)))
+        #expect(keptMoved.value == bytes("7") && keptMoved.indexes == [IndexPair(name: "n", value: "eight")])
         #expect(!shard.hasPendingBatches)
     }
 
