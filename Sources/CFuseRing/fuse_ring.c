@@ -6,6 +6,7 @@
 #define FUSE_USE_VERSION 312
 #include "fuse_ring.h"
 
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <fuse3/fuse_lowlevel.h>
@@ -331,9 +332,63 @@ static int connection_gone(int error) {
     return error == ENOTCONN || error == ECANCELED || error == ECONNABORTED || error == ENODEV;
 }
 
+// MARK: Threads started from ring threads
+
+// A ring thread is pinned to one CPU and in the SCHED_IDLE class (below), and a
+// thread inherits both from the thread that starts it. Threads are started while
+// a request is served: a thread pool growing (Swift's cooperative pool, a
+// dispatch queue's workers), the shard log applier started by the first close,
+// the staging thread of the first large file. Those must run like the rest of
+// the process, not at idle priority on one CPU (measured: the log applier,
+// which makes deferred closes durable, ran SCHED_IDLE on CPU 0). So this file
+// interposes pthread_create: a thread started from a ring thread first takes
+// the normal class and the process's CPUs, and a neutral name (until its own
+// code names it), then runs its start routine. Other threads are not touched.
+
+static __thread int in_ring_thread;
+static cpu_set_t process_cpus;  // what the thread preparing the rings may run on
+static atomic_int process_cpus_known;
+
+struct started_thread {
+    void *(*start)(void *);
+    void *argument;
+};
+
+static void *start_like_the_process(void *argument) {
+    struct started_thread started = *(struct started_thread *)argument;
+    free(argument);
+    struct sched_param no_priority = { .sched_priority = 0 };
+    (void)pthread_setschedparam(pthread_self(), SCHED_OTHER, &no_priority);
+    if (atomic_load(&process_cpus_known))
+        (void)pthread_setaffinity_np(pthread_self(), sizeof process_cpus, &process_cpus);
+    pthread_setname_np(pthread_self(), "shardfs-thread");
+    return started.start(started.argument);
+}
+
+typedef int (*pthread_create_function)(pthread_t *, const pthread_attr_t *, void *(*)(void *), void *);
+
+int pthread_create(pthread_t *thread, const pthread_attr_t *attributes, void *(*start)(void *), void *argument) {
+    static _Atomic(pthread_create_function) next;
+    pthread_create_function create = atomic_load(&next);
+    if (!create) {
+        create = (pthread_create_function)dlsym(RTLD_NEXT, "pthread_create");
+        if (!create) return EAGAIN;
+        atomic_store(&next, create);
+    }
+    if (!in_ring_thread) return create(thread, attributes, start, argument);
+    struct started_thread *started = malloc(sizeof *started);
+    if (!started) return EAGAIN;
+    started->start = start;
+    started->argument = argument;
+    int rc = create(thread, attributes, start_like_the_process, started);
+    if (rc != 0) free(started);
+    return rc;
+}
+
 static void *ring_thread_main(void *argument) {
     struct ring_thread *t = argument;
     struct shardfs_ring *ring = t->ring;
+    in_ring_thread = 1;
     char name[16];
     snprintf(name, sizeof name, "shardfs-ring-%u", t->qid);
     pthread_setname_np(pthread_self(), name);
@@ -606,6 +661,8 @@ int shardfs_ring_prepare(struct fuse_session *session, struct shardfs_fuse_conte
     ring->context = context;
     ring->fuse_fd = fuse_session_fd(session);
     ring->queues = shardfs_possible_cpus();
+    if (!atomic_load(&process_cpus_known) && sched_getaffinity(0, sizeof process_cpus, &process_cpus) == 0)
+        atomic_store(&process_cpus_known, 1);
     // A possible CPU that is not online sends no requests: one thread registers
     // its queue (the kernel needs every queue), the others serve.
     unsigned *threads_of = calloc(ring->queues, sizeof *threads_of);

@@ -45,7 +45,33 @@ import Testing
                 #expect(after.isEmpty, "ring threads without the kernel's io_uring")
             }
             #expect(try await fixture.ok("ls shard-1 | wc -l") == "299\n")
+            if allowed {
+                // Threads started while a ring thread served a request (the log
+                // applier, started by the first close) run like the process: the
+                // normal class, every CPU, not the ring thread's idle class on one CPU.
+                let process = Self.allowedCPUs(pid, nil)
+                for (task, name) in Self.threads(pid) where !name.hasPrefix("shardfs-ring-") {
+                    #expect(sched_getscheduler(pid_t(task)!) == SCHED_OTHER, "thread \(name) is not in the normal class")
+                    #expect(Self.allowedCPUs(pid, task) == process, "thread \(name) runs on fewer CPUs than the process")
+                }
+                #expect(Self.threads(pid).contains { $0.value == "shardfs-applier" })
+            }
         }
+    }
+
+    static func threads(_ pid: Int32) -> [String: String] {
+        let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
+        return Dictionary(uniqueKeysWithValues: tasks.map { task in
+            (task, ((try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/comm", encoding: .utf8)) ?? "")
+                .trimmingCharacters(in: .newlines))
+        })
+    }
+
+    /// `Cpus_allowed_list` of the process (its main thread) or of one of its threads.
+    static func allowedCPUs(_ pid: Int32, _ task: String?) -> String {
+        let path = task.map { "/proc/\(pid)/task/\($0)/status" } ?? "/proc/\(pid)/status"
+        let status = (try? String(contentsOfFile: path, encoding: .utf8)) ?? ""
+        return status.split(separator: "\n").first { $0.hasPrefix("Cpus_allowed_list:") }.map(String.init) ?? "?"
     }
 
     // Needs the rings (scripts/test turns enable_uring on); without them there

@@ -25,6 +25,10 @@
 //   it, before fuse_session_process_buf returns (the bridge answers every
 //   operation on the calling thread).
 // - shardfs_ring_stop must run before fuse_session_unmount/destroy.
+// - Ring threads are pinned to one CPU and SCHED_IDLE. This file interposes
+//   pthread_create so that a thread started from a ring thread (a pool growing
+//   during a request, a lazily started helper thread) takes the normal class
+//   and the process's CPUs instead of inheriting those.
 
 #include <stddef.h>
 #include <stdint.h>
