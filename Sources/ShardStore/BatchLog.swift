@@ -25,8 +25,9 @@ import Glibc
 ///     u16 index count, then per index: u16 name length, name | u32 value length, value
 ///
 /// or, for the mount's chmod, utimens and rename (kinds added 2026-12-07; an
-/// older binary reads a record holding one as torn and stops there, so a log
-/// left by a crash must be replayed by this version before going back):
+/// older binary reads a record holding one as torn, stops there and empties
+/// the log, losing every record after it, so a log left by a crash must be
+/// replayed by this version before going back):
 ///
 ///     u8 3 (update) | u16 key length, key | u8 fields (1 modification time,
 ///        2 mode, 4 access time, 8 change time) | the fields set, in that order

@@ -316,8 +316,10 @@ extension Shard {
             let key = pendingBatches[at].items[i].key
             var mark = PendingKey(sequence: sequence, item: UInt32(i))
             if let source = pendingBatches[at].items[i].movedFrom {
-                noteMove(at: at, i, from: source, mark: mark, applied: applied)
-                continue
+                if noteMove(at: at, i, from: source, mark: mark, applied: applied) { continue }
+                // Its source is gone before it: in memory it changes nothing, for
+                // good (a rebuild of this map must not read it as a move of LMDB's record).
+                pendingBatches[at].items[i] = .update(of: key, modificationTime: nil, change: MetadataChange(), recordBytes: 0)
             }
             // One probe for a key not pending yet (the common case), two otherwise.
             guard let earlier = pendingKeys.updateValue(mark, forKey: keyHash(key)), earlier.sequence > applied else { continue }
@@ -353,6 +355,12 @@ extension Shard {
                     if !item.isDeletion, item.metadataChange == nil, let kept = earlierItem.metadataChange?.keptByRewrite {
                         pendingBatches[at].items[i].setMetadataChange(kept)
                     }
+                    // The entry keeps the number and mode the put that made it gave
+                    // (read from this item while LMDB has no record of the key).
+                    if !item.isDeletion, !earlierItem.isUpdate, let number = earlierItem.entryNumber {
+                        pendingBatches[at].items[i].entryNumber = number
+                        pendingBatches[at].items[i].creationMode = earlierItem.creationMode
+                    }
                     // A put keeping the indexes keeps those the earlier item left: LMDB's
                     // (as far as that item could tell), or the ones it set, which it takes
                     // now (the mount puts a file at each close and keeps its indexes).
@@ -381,7 +389,9 @@ extension Shard {
     }
 
     func earlierState(_ mark: PendingKey, of key: [UInt8]) -> EarlierState {
-        guard !mark.unknown, let item = pendingItem(mark) else { return .unknown }
+        // An item an apply in progress took: a direct write may land after it and
+        // before the item noted now, so nothing is composed with it.
+        guard !mark.unknown, mark.sequence > applyingThrough, let item = pendingItem(mark) else { return .unknown }
         if item.key == key {
             // Items after a move into the key are not composed with what it moved.
             if item.isMove { return .unknown }
@@ -391,8 +401,9 @@ extension Shard {
     }
 
     /// Notes a move (see notePending): the source reads as gone, the target as
-    /// what the source held before it.
-    func noteMove(at: Int, _ i: Int, from source: [UInt8], mark: PendingKey, applied: UInt64) {
+    /// what the source held before it. Returns false for a move that does
+    /// nothing (its source is gone before it).
+    func noteMove(at: Int, _ i: Int, from source: [UInt8], mark: PendingKey, applied: UInt64) -> Bool {
         let target = pendingBatches[at].items[i].key
         let sourceHash = keyHash(source), targetHash = keyHash(target)
         let earlier = pendingKeys[sourceHash].flatMap { $0.sequence > applied ? $0 : nil }
@@ -407,7 +418,7 @@ extension Shard {
             targetMark.overwrites = earlier!.overwrites
             targetMark.afterDeletion = earlier!.afterDeletion
         case .gone?:
-            return  // the move does nothing: both keys read as before
+            return false
         case .unknown?:
             shown = .update(of: source, modificationTime: nil, change: MetadataChange())
             targetMark.unknown = true
@@ -416,6 +427,7 @@ extension Shard {
         pendingBatches[at].moved[UInt32(i)] = shown
         pendingKeys[sourceHash] = mark
         pendingKeys[targetHash] = targetMark
+        return true
     }
 
     /// The pending item `key` points at, if its batch is still pending (under logLock).
@@ -445,9 +457,13 @@ extension Shard {
     /// each of `keys` (nil when nothing is pending for them), so a point read sees
     /// every acknowledged put without waiting for the log to be applied (a lookup
     /// of a name being created must not wait for a commit either). The lookups
-    /// and the snapshot's start are taken together under `logLock` (an apply
-    /// takes its batches off the pending list under it, after its commit), so
-    /// they agree: no write lands between them. When the pending map cannot tell
+    /// and the snapshot's start are taken together under `logLock`, so no write
+    /// lands between them; but an apply takes its batches off the pending list
+    /// after its commit, so the snapshot may already hold an item the map still
+    /// answers with: the snapshot's last applied sequence (in LMDB, written by
+    /// the apply) tells, and such a key is read from LMDB alone (an answer
+    /// relative to LMDB's record, as a move's, would be wrong over the applied
+    /// one). When the pending map cannot tell
     /// (a hash collision, or a put that keeps indexes an earlier pending item may
     /// have changed), the log is applied first and the lookup is made again; a
     /// put that keeps the indexes LMDB holds is shown with them.
@@ -466,8 +482,15 @@ extension Shard {
                     switch answer {
                     case .unknown: return nil
                     case .none: return try body(nil, txn)
-                    case .lookups(var lookups):
+                    case .lookups(var lookups, let sequences):
+                        let applied = try metaCounter(txn, Self.logAppliedKey)
+                        for i in lookups.indices where sequences[i] <= applied { lookups[i] = .notPending }
+                        // A move whose source has no record here does nothing (or what it
+                        // moves cannot be told from this snapshot): apply, then read.
                         for (i, key) in zip(lookups.indices, keys) {
+                            if case .changed(let item) = lookups[i], item.key != key, try txn.get(entries, item.key) == nil { return nil }
+                        }
+                        for i in lookups.indices {
                             guard case .put(var item, let anew) = lookups[i], item.keepsIndexes else { continue }
                             // From LMDB's record of the item's own key (a move's source, for its target).
                             item.indexes = anew ? [] : try txn.get(entries, item.key).map { try RecordView($0).indexes() } ?? []
@@ -491,12 +514,15 @@ extension Shard {
     func pendingAnswer<Keys: Collection<[UInt8]>>(_ keys: Keys, _ hashes: [UInt64]) -> PendingAnswer {
         guard let base = pendingBatches.first?.sequence else { return .none }
         var lookups: [PendingLookup] = []
+        var sequences: [UInt64] = []
         var any = false
         for (key, hash) in zip(keys, hashes) {
             guard let found = pendingKeys[hash], found.sequence > appliedSequence else {
                 lookups.append(.notPending)
+                sequences.append(0)
                 continue
             }
+            sequences.append(found.sequence)
             guard found.sequence >= base else { return .unknown }
             let at = Int(found.sequence - base)
             guard at < pendingBatches.count, pendingBatches[at].sequence == found.sequence else { return .unknown }
@@ -519,18 +545,23 @@ extension Shard {
             lookups.append(item.isDeletion ? .deleted : item.isUpdate ? .changed(item) : .put(item, anew: found.afterDeletion))
             any = true
         }
-        return any ? .lookups(lookups) : .none
+        return any ? .lookups(lookups, sequences: sequences) : .none
     }
 
-    enum PendingAnswer { case none, lookups([PendingLookup]), unknown }
+    /// `sequences`: of the item each lookup answers with (0: not pending).
+    enum PendingAnswer { case none, lookups([PendingLookup], sequences: [UInt64]), unknown }
 
     /// Applies the pending batches in one durable transaction that also records
     /// the last applied sequence (so a restart replays exactly the rest), or, if
     /// that fails, batch by batch. Runs in the LMDB committer's leader, before its
     /// group; returns why pending batches could not all be applied.
     func applyPendingBatches() -> ShardError? {
-        let batches = logLock.withLock { pendingBatches }
+        let batches = logLock.withLock { () -> [PendingBatch] in
+            applyingThrough = pendingBatches.last?.sequence ?? 0
+            return pendingBatches
+        }
         guard !batches.isEmpty else { return nil }
+        defer { logLock.withLock { applyingThrough = 0 } }
         // A deposed primary leaves its log to the new one, which replays it.
         if let refused = writeFence?() { return refused }
         do {

@@ -108,13 +108,21 @@ extension Shard {
         if deferringDurability, usesBatchLog {
             guard let current = try attributes(key) else { throw ShardError.entryNotFound(key) }
             let item = EntryWrite.update(of: key.bytes, modificationTime: modificationTime, change: change,
-                                         recordBytes: current.size <= chunkSize ? current.size : 0)
+                                         recordBytes: Self.rewriteBytes(current))
             if try logBatch([item], statuses: [nil], now: Shard.now(), clientID: clientID, deferringDurability: true) { return }
         }
         try updateEntry(key, clientID: clientID) { entry in
             if let modificationTime { entry.modificationTime = modificationTime }
             change.apply(to: &entry.metadata)
         }
+    }
+
+    /// What rewriting an entry's record may take in LMDB, generously (the log's
+    /// room check): its value, if the record holds it or a pending put of up to
+    /// `deferredValueLimit` does (an update composed with one is applied as that
+    /// put again), and its indexes twice (in the record and the reverse rows).
+    static func rewriteBytes(_ entry: EntryAttributes) -> Int {
+        (entry.size <= deferredValueLimit ? entry.size : 0) + 2 * (entry.indexes.isEmpty ? 0 : encodedIndexSize(entry.indexes))
     }
 
     /// Applies an update (or what pending updates changed of a put) to the record
@@ -195,7 +203,7 @@ extension Shard {
         if deferringDurability, usesBatchLog, !isReadOnlyView {
             guard let source = try attributes(from) else { throw ShardError.entryNotFound(from) }
             if from == to { return }
-            let item = EntryWrite.move(from: from.bytes, to: to.bytes, sourceBytes: source.size <= chunkSize ? source.size : 0)
+            let item = EntryWrite.move(from: from.bytes, to: to.bytes, sourceBytes: Self.rewriteBytes(source))
             if try logBatch([item], statuses: [nil], now: Shard.now(), clientID: clientID, deferringDurability: true) { return }
         }
         try write(clientID: clientID) { ctx in

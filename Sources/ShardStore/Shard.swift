@@ -70,6 +70,10 @@ public final class Shard: @unchecked Sendable {
     var pendingKeys: [UInt64: PendingKey] = [:]
     var pendingItems = 0
     var appliedSequence: UInt64 = 0
+    /// The last sequence of the batches an apply in progress took (0: none).
+    /// Items logged meanwhile are not composed with those batches' items: a
+    /// direct write may land between the apply and them (see `earlierState`).
+    var applyingThrough: UInt64 = 0
     /// Why the last attempt to apply pending batches failed (nil once one succeeds).
     /// Until they are applied, every LMDB write fails with it (nothing may land
     /// after an acknowledged batch that is not in yet) and so does every read
