@@ -204,10 +204,7 @@ import Testing
             try await fixture.ok("mkdir shard-1 && for i in $(seq 1 50); do echo value-$i > shard-1/e$i; done && sync shard-1/e50")
             guard let pid = fixture.daemonPID else { throw FixtureError("no daemon pid") }
             kill(pid, SIGKILL)
-            for _ in 0..<100 where kill(pid, 0) == 0 { try await Task.sleep(for: .milliseconds(20)) }
-            // The dead mount answers ENOTCONN until it is unmounted.
-            _ = try await shell("fusermount3 -u '\(fixture.mnt)' || fusermount3 -uz '\(fixture.mnt)'")
-            try await fixture.mount()
+            try await fixture.remountAfterCrash(of: pid)
             for i in [1, 25, 50] { #expect(try await fixture.ok("cat shard-1/e\(i)") == "value-\(i)\n") }
             #expect(try await fixture.ok("ls shard-1 | wc -l") == "50\n")
         }
@@ -227,9 +224,7 @@ import Testing
                 getfattr --only-values -n user.shardfs.requests . && kill -9 \(pid)
                 """)
             #expect(requests.contains("fsyncdir 1"), "\(requests)")
-            for _ in 0..<100 where kill(pid, 0) == 0 { try await Task.sleep(for: .milliseconds(20)) }
-            _ = try await shell("fusermount3 -u '\(fixture.mnt)' || fusermount3 -uz '\(fixture.mnt)'")
-            try await fixture.mount()
+            try await fixture.remountAfterCrash(of: pid)
             #expect(try await fixture.ok("ls shard-1 | wc -l") == "200\n")
             for i in [1, 100, 200] { #expect(try await fixture.ok("cat shard-1/e\(i)") == "value-\(i)\n") }
         }
@@ -253,9 +248,7 @@ import Testing
                 mkdir shard-1 && tar xf '\(source.path)/archive.tar' -C shard-1 && tar df '\(source.path)/archive.tar' -C shard-1 && \
                 python3 -c 'import os; fd = os.open("shard-1", os.O_RDONLY); os.fsync(fd)' && kill -9 \(pid)
                 """)
-            for _ in 0..<100 where kill(pid, 0) == 0 { try await Task.sleep(for: .milliseconds(20)) }
-            _ = try await shell("fusermount3 -u '\(fixture.mnt)' || fusermount3 -uz '\(fixture.mnt)'")
-            try await fixture.mount()
+            try await fixture.remountAfterCrash(of: pid)
             // tar d compares each file's mode, time, size and bytes.
             try await fixture.ok("tar df '\(source.path)/archive.tar' -C shard-1")
             #expect(try await fixture.ok("stat -c '%a %Y' shard-1/f1 shard-1/f2 shard-1/f100") == "640 981173106\n755 981173106\n600 \(try await fixture.ok("stat -c %Y '\(source.path)/f100'"))")
@@ -288,9 +281,7 @@ import Testing
             try await fixture.ok("""
                 python3 -c 'import os; fd = os.open("shard-1", os.O_RDONLY); os.fsync(fd)' && kill -9 \(pid)
                 """)
-            for _ in 0..<100 where kill(pid, 0) == 0 { try await Task.sleep(for: .milliseconds(20)) }
-            _ = try await shell("fusermount3 -u '\(fixture.mnt)' || fusermount3 -uz '\(fixture.mnt)'")
-            try await fixture.mount()
+            try await fixture.remountAfterCrash(of: pid)
             let after = try await fixture.ok("rsync -ai --dry-run --omit-dir-times '\(source.path)/' shard-1/")
             #expect(after.isEmpty, "after the crash rsync would change: \(after)")
             #expect(try await fixture.ok("ls -a shard-1 | grep -c '^\\.f' || true") == "0\n")  // no temporary names left

@@ -43,6 +43,14 @@ final class MountFixture: @unchecked Sendable {
         isMountPoint(mnt)
     }
 
+    /// After a `kill -9` of the daemon `pid` (a crash): waits until it is gone,
+    /// unmounts the dead mount (it answers ENOTCONN until then) and mounts again.
+    func remountAfterCrash(of pid: Int32) async throws {
+        for _ in 0..<100 where kill(pid, 0) == 0 { try await Task.sleep(for: .milliseconds(20)) }
+        _ = try await shell("fusermount3 -u '\(mnt)' || fusermount3 -uz '\(mnt)'")
+        try await mount()
+    }
+
     func unmount() async {
         let pid = daemonPID
         if isMounted { _ = try? await shell("fusermount3 -u '\(mnt)' 2>/dev/null || fusermount3 -uz '\(mnt)'") }

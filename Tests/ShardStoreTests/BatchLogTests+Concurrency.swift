@@ -12,11 +12,26 @@ import Testing
 /// LMDB. Each case is checked live, after a replay of the log, and applied.
 /// (Found by review; `applyFault` runs in that window.)
 extension BatchLogTests {
+    /// Runs `check` on the shard while its items are pending, on a crash copy
+    /// replayed from the log, and on the shard once applied.
+    func checkPendingReplayedAndApplied(_ shard: Shard, _ dir: TemporaryDirectory, _ path: String,
+                                        _ check: (Shard, String) throws -> Void) throws {
+        try check(shard, "pending")
+        try shard.sync()
+        try crashCopy(path, dir.sub("copy"))
+        try check(try Shard.open(at: dir.sub("copy")), "replayed")
+        try shard.applyLog()
+        try check(shard, "applied")
+    }
+
     /// A chmod logged while a direct write applies the pending batches (after the
-    /// apply took its list, before it commits) is composed with the put being
-    /// applied; the direct write then lands, and the composed chmod, applied
-    /// later, writes the old put's value over it.
-    @Test func aChmodLoggedDuringAnApplyDoesNotUndoTheDirectWriteAfterIt() throws {
+    /// apply took its list, before it commits) was composed with the put being
+    /// applied; the direct write then landed, and the composed chmod, applied
+    /// later, wrote the old put's value over it (a direct put: a large file's
+    /// close, a truncate) or brought the entry back (a direct delete: the batch
+    /// service's Delete).
+    @Test(arguments: ["put", "delete"])
+    func aChmodLoggedDuringAnApplyDoesNotUndoTheDirectWriteAfterIt(_ direct: String) throws {
         let (dir, path, shard) = try heldSeededShard()
         defer { dir.remove() }
         let k = key(seeded(5))
@@ -27,18 +42,21 @@ extension BatchLogTests {
             try shard.changeMetadata(k, modificationTime: nil, MetadataChange(mode: 0o600), clientID: "owner",
                                      deferringDurability: true)
         }
-        try shard.put(k, value: bytes("direct"), clientID: "owner")  // e.g. a large file's close, a truncate
+        if direct == "put" {
+            try shard.put(k, value: bytes("direct"), clientID: "owner")
+        } else {
+            try shard.delete(k, clientID: "owner")
+        }
         #expect(shard.applyFault == nil)
         func check(_ shard: Shard, _ when: String) throws {
-            #expect(String(decoding: try shard.get(k).value, as: UTF8.self) == "direct", "\(when)")
-            #expect(try shard.attributes(k)?.metadata.mode == 0o600, "\(when)")
+            if direct == "put" {
+                #expect(String(decoding: try shard.get(k).value, as: UTF8.self) == "direct", "\(when)")
+                #expect(try shard.attributes(k)?.metadata.mode == 0o600, "\(when)")
+            } else {
+                #expect(try shard.attributes(k) == nil, "\(when)")
+            }
         }
-        try check(shard, "pending")
-        try shard.sync()
-        try crashCopy(path, dir.sub("copy"))
-        try check(try Shard.open(at: dir.sub("copy")), "replayed")
-        try shard.applyLog()
-        try check(shard, "applied")
+        try checkPendingReplayedAndApplied(shard, dir, path, check)
     }
 
     /// The same with a close (a put keeping its indexes) logged during the apply
@@ -66,12 +84,7 @@ extension BatchLogTests {
             #expect(String(decoding: entry.value, as: UTF8.self) == "second", "\(when)")
             #expect(entry.indexes == colour, "\(when)")
         }
-        try check(shard, "pending")
-        try shard.sync()
-        try crashCopy(path, dir.sub("copy"))
-        try check(try Shard.open(at: dir.sub("copy")), "replayed")
-        try shard.applyLog()
-        try check(shard, "applied")
+        try checkPendingReplayedAndApplied(shard, dir, path, check)
     }
 
     /// A rename logged during such an apply shows the source's pending put as the
@@ -152,29 +165,5 @@ extension BatchLogTests {
         try shard.applyLog()
         #expect(try shownEntry(shard, target)?.value == "seed")
         #expect(pending == "seed")
-    }
-}
-
-extension BatchLogTests {
-    /// As above, with a direct delete (the batch service's Delete): the composed
-    /// chmod, applied after the delete, brings the entry back.
-    @Test func aChmodLoggedDuringAnApplyDoesNotBringBackAnEntryDeletedAfterIt() throws {
-        let (dir, path, shard) = try heldSeededShard()
-        defer { dir.remove() }
-        let k = key(seeded(5))
-        _ = try shard.batchPut([put(seeded(5), "closed")], clientID: "owner", deferringDurability: true)
-        shard.applyFault = { [shard] in
-            shard.applyFault = nil
-            try shard.changeMetadata(k, modificationTime: nil, MetadataChange(mode: 0o600), clientID: "owner",
-                                     deferringDurability: true)
-        }
-        try shard.delete(k, clientID: "owner")
-        #expect(shard.applyFault == nil)
-        #expect(try shard.attributes(k) == nil, "pending")
-        try shard.sync()
-        try crashCopy(path, dir.sub("copy"))
-        #expect(try Shard.open(at: dir.sub("copy")).attributes(k) == nil, "replayed")
-        try shard.applyLog()
-        #expect(try shard.attributes(k) == nil, "applied")
     }
 }
