@@ -230,6 +230,27 @@ import Testing
         }
     }
 
+    /// fsync of a shard directory whose shard this node no longer serves (here:
+    /// removed while the directory was open) cannot promise anything: EIO.
+    @Test func fsyncOfADirectoryWhoseShardIsGoneFailsWithEIO() async throws {
+        try await withMount { m in
+            let result = try await m.ok("""
+                mkdir shard-1 && echo x > shard-1/a && python3 -c '
+                import errno, os
+                fd = os.open("shard-1", os.O_RDONLY)
+                os.fsync(fd)
+                os.system("rmdir shard-1")
+                try:
+                    os.fsync(fd)
+                    print("no error")
+                except OSError as e:
+                    print(errno.errorcode[e.errno])
+                '
+                """)
+            #expect(result == "EIO\n")
+        }
+    }
+
     /// `tar x` sets each file's mode and time after writing it; those changes
     /// are logged like closes (durable at the directory's fsync), so what tar
     /// extracted compares equal after a `kill -9` and a remount.
