@@ -119,7 +119,8 @@ public final class BatchServer: Sendable {
                         // Over TLS too, so the client reads why.
                         if let tls { try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls)) }
                         try channel.pipeline.syncOperations.addHandler(
-                            RejectHandler(Status(.tooManyConnections, "the server is at its limit of \(config.maxConnections) connections")))
+                            RejectHandler(Status(.tooManyConnections, "the server is at its limit of \(config.maxConnections) connections"),
+                                          deadline: config.handshakeTimeout))
                     }
                 }
                 return channel.eventLoop.makeCompletedFuture {

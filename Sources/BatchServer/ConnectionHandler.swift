@@ -271,8 +271,13 @@ final class RejectHandler: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
     let status: Status
+    /// How long the answer may wait for a TLS handshake (the server's handshake timeout).
+    let deadline: TimeAmount
 
-    init(_ status: Status) { self.status = status }
+    init(_ status: Status, deadline: TimeAmount) {
+        self.status = status
+        self.deadline = deadline
+    }
 
     func channelActive(context: ChannelHandlerContext) {
         var out = context.channel.allocator.buffer(capacity: 64)
@@ -280,7 +285,7 @@ final class RejectHandler: ChannelInboundHandler {
         let channel = context.channel
         context.writeAndFlush(wrapOutboundOut(out)).whenComplete { _ in channel.close(promise: nil) }
         // Over TLS the answer waits for a handshake a silent client never makes.
-        context.eventLoop.scheduleTask(in: .seconds(5)) { channel.close(promise: nil) }
+        context.eventLoop.scheduleTask(in: deadline) { channel.close(promise: nil) }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
