@@ -20,6 +20,11 @@ public final class ShardFSClient: Sendable {
         self.server = server
     }
 
+    /// The client handler a connection's initializer made (set and read on its event loop).
+    private final class MadeHandler: @unchecked Sendable {
+        var handler: ClientHandler?
+    }
+
     /// Connects and shakes hands; `token` is needed for TCP beyond loopback.
     /// `connectTimeout` bounds the TCP connect (a host that is down answers nothing).
     /// `tls`: for a TCP endpoint, speak TLS (a Unix socket is always plain).
@@ -28,6 +33,10 @@ public final class ShardFSClient: Sendable {
         var tlsSetup: (context: NIOSSLContext, hostname: String?)?
         if let tls, case .tcp(let host, _) = endpoint { tlsSetup = (try tls.makeContext(), tls.hostname(for: host)) }
         let tlsHandler = tlsSetup.map { setup in { @Sendable in try NIOSSLClientHandler(context: setup.context, serverHostname: setup.hostname) } }
+        // Kept apart from the pipeline: if the node answers and closes before this
+        // task resumes (a refusal at its connection limit), the pipeline is gone,
+        // but the handler still holds why.
+        let made = MadeHandler()
         let bootstrap = ClientBootstrap(group: group)
             .connectTimeout(.nanoseconds(Int64(max(1, connectTimeout.components.seconds * 1_000_000_000
                                                     + connectTimeout.components.attoseconds / 1_000_000_000))))
@@ -35,7 +44,9 @@ public final class ShardFSClient: Sendable {
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     if let tlsHandler { try channel.pipeline.syncOperations.addHandler(try tlsHandler()) }
-                    try channel.pipeline.syncOperations.addHandler(ClientHandler())
+                    let handler = ClientHandler()
+                    made.handler = handler
+                    try channel.pipeline.syncOperations.addHandler(handler)
                 }
             }
         let channel: Channel
@@ -50,7 +61,8 @@ public final class ShardFSClient: Sendable {
         let handler: NIOLoopBound<ClientHandler>
         do {
             handler = try await channel.eventLoop.submit {
-                NIOLoopBound(try channel.pipeline.syncOperations.handler(type: ClientHandler.self), eventLoop: channel.eventLoop)
+                guard let made = made.handler else { throw ChannelError.ioOnClosedChannel }
+                return NIOLoopBound(made, eventLoop: channel.eventLoop)
             }.get()
         } catch {
             // The pipeline is gone: the connection closed at once (over TLS, a

@@ -65,6 +65,42 @@ import Testing
         }
     }
 
+    /// A TLS connection past the limit is refused in TLS: the client reads why
+    /// (TOO_MANY_CONNECTIONS), and a connection is admitted again once one closes.
+    /// (Under load the node's answer and close could beat the client's setup,
+    /// which then reported a failed handshake: the client keeps its handler now.)
+    @Test func aConnectionPastTheLimitIsRefusedOverTLS() async throws {
+        let pki = try await TestPKI.make()
+        try await withServer({
+            $0.maxConnections = 2
+            $0.tls = ServerTLS(certificateFile: pki.serverCert, privateKeyFile: pki.serverKey)
+        }) { fixture in
+            let first = try await ShardFSClient.connect(to: fixture.tcp, tls: tls(pki))
+            let second = try await ShardFSClient.connect(to: fixture.tcp, tls: tls(pki))
+            #expect(try await second.listShards().isEmpty)
+            do {
+                let third = try await ShardFSClient.connect(to: fixture.tcp, tls: tls(pki))
+                _ = try await third.listShards()
+                Issue.record("a third connection was served past a limit of two")
+            } catch ClientError.connectionClosed(let why) {
+                #expect(why.contains("TOO_MANY_CONNECTIONS"), "\(why)")
+            }
+            await first.close()
+            var admitted = false
+            for _ in 0..<100 where !admitted {
+                do {
+                    let again = try await ShardFSClient.connect(to: fixture.tcp, tls: tls(pki))
+                    admitted = try await again.listShards().isEmpty
+                    await again.close()
+                } catch ClientError.connectionClosed(let why) where why.contains("TOO_MANY_CONNECTIONS") {
+                    try await Task.sleep(for: .milliseconds(50))  // the close reaches the server asynchronously
+                }
+            }
+            #expect(admitted)
+            await second.close()
+        }
+    }
+
     @Test func theTokenIsStillAskedForOverTLS() async throws {
         let pki = try await TestPKI.make()
         try await withServer({
