@@ -84,8 +84,12 @@ import Testing
     @Test func aNodeThatDiesClosesItsTLSConnections() async throws {
         let pki = try await TestPKI.make()
         let dir = try TemporaryDirectory("client-tls-kill")
+        // A long handshake deadline: with the whole suite running, a debug build's
+        // TLS handshake has taken longer than the default 10 s.
+        let config = dir.sub("config.yaml")
+        try "server:\n  handshake_timeout_ms: 60000\n".write(toFile: config, atomically: true, encoding: .utf8)
         let server = try await ServeProcess.start(["--data-dir", dir.sub("data"), "--listen", "127.0.0.1:0", "--tls-cert", pki.serverCert,
-                                                   "--tls-key", pki.serverKey, "--log-level", "warning"])
+                                                   "--tls-key", pki.serverKey, "--config", config, "--log-level", "warning"])
         defer { server.kill9() }
         let tcp = try #require(server.readyLine.split(whereSeparator: \.isWhitespace).first { $0.hasPrefix("tcp=") }?.dropFirst(4))
         let client = try await ShardFSClient.connect(to: try Endpoint.tcp(String(tcp)), tls: ClientTLS(trustedCAFile: pki.ca))
