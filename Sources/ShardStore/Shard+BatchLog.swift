@@ -322,8 +322,8 @@ extension Shard {
                 pendingBatches[at].items[i] = .update(of: key, modificationTime: nil, change: MetadataChange(), recordBytes: 0)
             }
             // One probe for a key not pending yet (the common case), two otherwise.
-            guard let earlier = pendingKeys.updateValue(mark, forKey: keyHash(key)), earlier.sequence > applied else { continue }
             let hash = keyHash(key)
+            guard let earlier = pendingKeys.updateValue(mark, forKey: hash), earlier.sequence > applied else { continue }
             let item = pendingBatches[at].items[i]
             let before = earlierState(earlier, of: key)
             if item.isUpdate {
