@@ -408,7 +408,7 @@ extension Shard {
         let sourceHash = keyHash(source), targetHash = keyHash(target)
         let earlier = pendingKeys[sourceHash].flatMap { $0.sequence > applied ? $0 : nil }
         var targetMark = mark
-        var shown: EntryWrite
+        let shown: EntryWrite
         switch earlier.map({ earlierState($0, of: source) }) {
         case nil:
             // The source's LMDB record, unchanged.
