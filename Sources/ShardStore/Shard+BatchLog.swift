@@ -451,6 +451,20 @@ extension Shard {
         /// the item's modification time (when set) and metadata change are newer.
         case changed(EntryWrite)
         case deleted
+
+        /// The key whose LMDB record a read of `key` builds on: the pending item's
+        /// own (a moved entry's record is still at its source), else `key`.
+        func recordKey(_ key: [UInt8]) -> [UInt8] {
+            switch self {
+            case .put(let item, _), .changed(let item): item.key
+            case .notPending, .deleted: key
+            }
+        }
+
+        /// The modification time a pending update set over LMDB's record.
+        var changedTime: Int64? {
+            if case .changed(let item) = self { item.modificationTime } else { nil }
+        }
     }
 
     /// Runs `body` in a read snapshot, with what pending logged batches hold for
@@ -675,7 +689,10 @@ extension Shard {
         if item.isUpdate {
             return try changeRecord(txn, key: item.key, modificationTime: item.modificationTime, item.metadataChange)
         }
-        if let source = item.movedFrom { return try moveRecord(txn, from: source, to: item.key) }
+        if let source = item.movedFrom {
+            try moveRecord(txn, from: source, to: item.key)  // a source gone by then: nothing to move
+            return
+        }
         guard item.isDeletion else {
             try writeEntry(txn, item, defaultTime: defaultTime, appending: appending)
             // A put composed with pending updates (see notePending).

@@ -9,18 +9,17 @@ extension Shard {
 
     public func get(_ key: EntryKey) throws -> Entry {
         try readSeeingPending(CollectionOfOne(key.bytes)) { pending, txn in
-            var update: EntryWrite?
-            switch pending?[0] {
-            case .put(let item, _)?: return Entry(key, pending: item)
-            case .changed(let item)?: update = item
-            case .deleted?: throw ShardError.entryNotFound(key)
-            case .notPending?, nil: break
+            let lookup = pending?[0] ?? .notPending
+            switch lookup {
+            case .put(let item, _): return Entry(key, pending: item)
+            case .deleted: throw ShardError.entryNotFound(key)
+            case .changed, .notPending: break
             }
-            let stored = update?.key ?? key.bytes  // a moved entry's record is still at its source
+            let stored = lookup.recordKey(key.bytes)
             guard let raw = try txn.get(entries, stored) else { throw ShardError.entryNotFound(key) }
             let view = try RecordView(raw)
             return Entry(key: key, value: try value(txn, stored, view), indexes: view.indexes(),
-                         modificationTime: update?.modificationTime ?? view.modificationTime)
+                         modificationTime: lookup.changedTime ?? view.modificationTime)
         }
     }
 
@@ -29,19 +28,18 @@ extension Shard {
         try readSeeingPending(keys.lazy.map(\.bytes)) { pending, txn in
             keys.indices.map { i in
                 let key = keys[i]
-                var update: EntryWrite?
-                switch pending?[i] {
-                case .put(let item, _)?: return .success(Entry(key, pending: item))
-                case .changed(let item)?: update = item
-                case .deleted?: return .failure(.entryNotFound(key))
-                case .notPending?, nil: break
+                let lookup = pending?[i] ?? .notPending
+                switch lookup {
+                case .put(let item, _): return .success(Entry(key, pending: item))
+                case .deleted: return .failure(.entryNotFound(key))
+                case .changed, .notPending: break
                 }
                 do {
-                    let stored = update?.key ?? key.bytes  // a moved entry's record is still at its source
+                    let stored = lookup.recordKey(key.bytes)
                     guard let raw = try txn.get(entries, stored) else { return .failure(.entryNotFound(key)) }
                     let view = try RecordView(raw)
                     return .success(Entry(key: key, value: try value(txn, stored, view), indexes: view.indexes(),
-                                          modificationTime: update?.modificationTime ?? view.modificationTime))
+                                          modificationTime: lookup.changedTime ?? view.modificationTime))
                 } catch let error as ShardError {
                     return .failure(error)
                 } catch {
@@ -54,14 +52,7 @@ extension Shard {
     /// Size, modification time and indexes of an entry, or nil if there is none.
     public func attributes(_ key: EntryKey) throws -> EntryAttributes? {
         try readSeeingPending(CollectionOfOne(key.bytes)) { pending, txn in
-            // The record the answer builds on: LMDB's at the pending item's key (a
-            // moved entry's is still at its source), else at the key.
-            let base: [UInt8]
-            switch pending?[0] {
-            case .put(let item, _)?, .changed(let item)?: base = item.key
-            default: base = key.bytes
-            }
-            let stored = try txn.get(entries, base).map { try RecordView($0) }
+            let stored = try txn.get(entries, (pending?[0] ?? .notPending).recordKey(key.bytes)).map { try RecordView($0) }
             switch pending?[0] {
             case .put(let item, let anew)?:
                 // The entry keeps what it has beside its value, unless a deletion
@@ -98,8 +89,7 @@ extension Shard {
             case .deleted?: throw ShardError.entryNotFound(key)
             case .changed?, .notPending?, nil: break  // an update leaves the value
             }
-            var stored = key.bytes
-            if case .changed(let item)? = pending?[0] { stored = item.key }  // a moved entry's record is still at its source
+            let stored = (pending?[0] ?? .notPending).recordKey(key.bytes)
             guard let raw = try txn.get(entries, stored) else { throw ShardError.entryNotFound(key) }
             let view = try RecordView(raw)
             return try view.slice(offset: offset, count: count) { n in try self.chunk(txn, stored, n, view) }

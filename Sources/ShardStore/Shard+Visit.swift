@@ -73,15 +73,11 @@ extension Shard {
                     result = .failure(.entryNotFound(EntryKey(trusted: key)))
                 } else {
                     do {
-                        var changedTime: Int64?
-                        var stored = key
-                        if case .changed(let item)? = pending?[n] {
-                            changedTime = item.modificationTime
-                            stored = item.key  // a moved entry's record is still at its source
-                        }
+                        let lookup = pending?[n] ?? .notPending  // not a put or a deletion here
+                        let stored = lookup.recordKey(key)
                         if let raw = try txn.get(entries, stored) {
                             result = .success(BorrowedEntry(txn: txn, chunks: chunks, key: stored, view: try RecordView(raw),
-                                                            pendingModificationTime: changedTime))
+                                                            pendingModificationTime: lookup.changedTime))
                         } else {
                             result = .failure(.entryNotFound(EntryKey(trusted: key)))
                         }

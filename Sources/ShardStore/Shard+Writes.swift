@@ -207,20 +207,24 @@ extension Shard {
             if try logBatch([item], statuses: [nil], now: Shard.now(), clientID: clientID, deferringDurability: true) { return }
         }
         try write(clientID: clientID) { ctx in
-            guard try self.readOld(ctx.txn, from.bytes) != nil else { throw ShardError.entryNotFound(from) }
-            if from == to { return }
-            try self.moveRecord(ctx.txn, from: from.bytes, to: to.bytes)
+            if from == to {
+                guard try ctx.txn.get(self.entries, from.bytes) != nil else { throw ShardError.entryNotFound(from) }
+                return
+            }
+            // Nothing is changed before it finds the source (the group rule: no ShardError after a change).
+            guard try self.moveRecord(ctx.txn, from: from.bytes, to: to.bytes) else { throw ShardError.entryNotFound(from) }
             ctx.changed(from.bytes)
             ctx.changed(to.bytes)
         }
     }
 
     /// Moves the record of `from` (with its index rows; its chunks stay where
-    /// they are, named by the record) to `to`, replacing what `to` held. Nothing
-    /// happens if `from` has no entry. Mid-batch: an unreadable record aborts the
-    /// transaction.
-    func moveRecord(_ txn: Transaction, from: [UInt8], to: [UInt8]) throws {
-        guard from != to, let raw = try txn.get(entries, from) else { return }
+    /// they are, named by the record) to `to`, replacing what `to` held. Returns
+    /// false, changing nothing, if `from` has no entry (or is `to`). Mid-batch: an
+    /// unreadable record aborts the transaction.
+    @discardableResult
+    func moveRecord(_ txn: Transaction, from: [UInt8], to: [UInt8]) throws -> Bool {
+        guard from != to, let raw = try txn.get(entries, from) else { return false }
         let record = Array(raw)
         guard let source = try? oldEntry(raw) else { throw LMDBError.corrupted }
         if let replaced = try txn.get(entries, to) {
@@ -236,15 +240,12 @@ extension Shard {
             }
         }
         try txn.delete(entries, from)
+        return true
     }
 
     /// Sets an entry's modification time (nanoseconds since 1970), e.g. for `touch` or `rsync -a`.
     public func setModificationTime(_ key: EntryKey, _ time: Int64, clientID: String) throws {
-        let now = Shard.now()
-        try updateEntry(key, clientID: clientID) { entry in
-            entry.modificationTime = time
-            entry.metadata.changeTime = now
-        }
+        try changeMetadata(key, modificationTime: time, MetadataChange(changeTime: Shard.now()), clientID: clientID)
     }
 
     func checkLimits(keyCount: Int, valueCount: Int, indexes: [IndexPair]) throws {

@@ -251,6 +251,16 @@ import Testing
         }
     }
 
+    /// A folder of 100 small files `f1`…`f100`, some with their own modes and times.
+    static func filesWithModesAndTimes(_ fixture: MountFixture) async throws -> TemporaryDirectory {
+        let source = try TemporaryDirectory("tool-source")
+        try await fixture.ok("""
+            cd '\(source.path)' && for i in $(seq 1 100); do echo value-$i > f$i; done && \
+            chmod 0640 f1 f50 && chmod 0755 f2 && chmod 0600 f100 && touch -d '2001-02-03 04:05:06' f1 f2 f99
+            """)
+        return source
+    }
+
     /// `tar x` sets each file's mode and time after writing it; those changes
     /// are logged like closes (durable at the directory's fsync), so what tar
     /// extracted compares equal after a `kill -9` and a remount.
@@ -258,13 +268,9 @@ import Testing
         try await withFixture { fixture in
             try await fixture.mount()
             guard let pid = fixture.daemonPID else { throw FixtureError("no daemon pid") }
-            let source = try TemporaryDirectory("tar-source")
+            let source = try await Self.filesWithModesAndTimes(fixture)
             defer { source.remove() }
-            try await fixture.ok("""
-                cd '\(source.path)' && for i in $(seq 1 100); do echo value-$i > f$i; done && \
-                chmod 0640 f1 f50 && chmod 0755 f2 && chmod 0600 f100 && touch -d '2001-02-03 04:05:06' f1 f2 f99 && \
-                tar cf archive.tar f*
-                """)
+            try await fixture.ok("cd '\(source.path)' && tar cf archive.tar f*")
             try await fixture.ok("""
                 mkdir shard-1 && tar xf '\(source.path)/archive.tar' -C shard-1 && tar df '\(source.path)/archive.tar' -C shard-1 && \
                 python3 -c 'import os; fd = os.open("shard-1", os.O_RDONLY); os.fsync(fd)' && kill -9 \(pid)
@@ -286,12 +292,8 @@ import Testing
         try await withFixture { fixture in
             try await fixture.mount()
             guard let pid = fixture.daemonPID else { throw FixtureError("no daemon pid") }
-            let source = try TemporaryDirectory("rsync-source")
+            let source = try await Self.filesWithModesAndTimes(fixture)
             defer { source.remove() }
-            try await fixture.ok("""
-                cd '\(source.path)' && for i in $(seq 1 100); do echo value-$i > f$i; done && \
-                chmod 0640 f1 f50 && chmod 0755 f2 && touch -d '2001-02-03 04:05:06' f1 f2 f99
-                """)
             // Two passes: the second replaces files that changed (rename over an existing entry).
             try await fixture.ok("mkdir shard-1 && rsync -a '\(source.path)/' shard-1/")
             try await fixture.ok("cd '\(source.path)' && echo changed > f3 && touch -d '2002-01-01' f3")

@@ -104,6 +104,30 @@ extension BatchLogTests {
         #expect(try shard.attributes(key(seeded(8)))?.metadata.mode == nil)
     }
 
+    /// A closed shard refuses logged updates and renames like any write, and
+    /// keeps what it had; a rename of a missing entry fails either way.
+    @Test func aClosedShardRefusesLoggedUpdatesAndRenames() throws {
+        let (dir, _, shard) = try heldSeededShard()
+        defer { dir.remove() }
+        #expect(throws: ShardError.entryNotFound(key("absent"))) {
+            try shard.rename(key("absent"), to: key("x"), clientID: "owner", deferringDurability: false)
+        }
+        #expect(throws: ShardError.entryNotFound(key("absent"))) {
+            try shard.rename(key("absent"), to: key("absent"), clientID: "owner", deferringDurability: false)
+        }
+        try shard.close()
+        #expect(throws: ShardError.closed) {
+            try shard.changeMetadata(key(seeded(1)), modificationTime: 1, MetadataChange(mode: 0o600), clientID: "owner",
+                                     deferringDurability: true)
+        }
+        #expect(throws: ShardError.closed) {
+            try shard.rename(key(seeded(1)), to: key("moved"), clientID: "owner", deferringDurability: true)
+        }
+        #expect(try shard.attributes(key(seeded(1)))?.metadata.mode == nil)
+        #expect(try shard.attributes(key("moved")) == nil)
+        #expect(!shard.hasPendingBatches)
+    }
+
     /// A shard without a log, or a durable update, commits to LMDB at once.
     @Test func aDurableUpdateCommitsToLMDB() throws {
         let (dir, path, shard) = try heldSeededShard()
