@@ -35,6 +35,15 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
         get { lock.withLock { injectedAfterLeaseGrant } }
         set { lock.withLock { injectedAfterLeaseGrant = newValue } }
     }
+    private var holdingKeepalives = false
+
+    /// Tests only: keepalives are not sent while set, as if this host were cut off
+    /// from etcd: its leases run out there, and once it is cleared the next
+    /// keepalive finds them gone and registers the nodes again.
+    public var keepalivesHeld: Bool {
+        get { lock.withLock { holdingKeepalives } }
+        set { lock.withLock { holdingKeepalives = newValue } }
+    }
     private var watches: [ObjectIdentifier: EtcdWatch] = [:]
     private var closed = false
     /// Seconds a broken watch waits before reconnecting at first. Internal: tests
@@ -492,7 +501,8 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
 
     /// Renews the lease (or registers the node again on a new one); false if that failed.
     private func keepAlive(nodeID: String, entry: NodeLease, keepalive: Keepalive) -> Bool {
-        let leaseID = lock.withLock { entry.leaseID }
+        let (leaseID, held) = lock.withLock { (entry.leaseID, holdingKeepalives) }
+        if held { return false }
         do {
             let sent = ContinuousClock.now
             let message = try client.postBlocking("/v3/lease/keepalive", ["ID": String(leaseID)], as: WireLeaseKeepAliveMessage.self)

@@ -12,6 +12,12 @@ import Volumes
 /// published extents; from the file itself for a folder volume, which shares this
 /// host's page cache), swaps the generation in, waits until no read uses the one
 /// before, and acknowledges the new one so the primary can end older pins.
+///
+/// Views are served only under the lease they were loaded under. The primary
+/// keeps pins for live backups only: once this node's lease lapsed, the
+/// snapshots its views read may have been released and their pages reused, so
+/// after a new lease it serves nothing until it has loaded the newest generation
+/// of every volume it backs again (docs/BACKUP-VIEWS.md, "A backup whose lease lapsed").
 public final class BackupViews: @unchecked Sendable {
     private let nodeID: String
     private let metadata: any MetadataStore
@@ -22,8 +28,23 @@ public final class BackupViews: @unchecked Sendable {
     private var current: [String: Generation] = [:]
     /// Shard → its volume, for the newest generations.
     private var volumeOf: [UInt64: String] = [:]
-    private var leaseCheck: @Sendable () -> Bool
+    private let leaseGeneration: @Sendable () -> UInt64?
     private var task: Task<Void, Never>?
+    /// A reload after a lease change is running.
+    private var reloading = false
+    /// Reloads done after a lease change (tests, status).
+    public private(set) var reloadsAfterLeaseChange: Int {
+        get { lock.withLock { reloadCount } }
+        set { lock.withLock { reloadCount = newValue } }
+    }
+    private var reloadCount = 0
+    /// Tests only: generations published meanwhile are not swapped in (as on a
+    /// backup whose metadata watch is behind); a reload still is.
+    public var updatesHeld: Bool {
+        get { lock.withLock { holdingUpdates } }
+        set { lock.withLock { holdingUpdates = newValue } }
+    }
+    private var holdingUpdates = false
     /// Volumes being taken over: their views stay dropped.
     private var takenOver: Set<String> = []
 
@@ -40,25 +61,29 @@ public final class BackupViews: @unchecked Sendable {
     final class Generation: @unchecked Sendable {
         let views: VolumeViews
         let shards: [UInt64: (takenIn: UInt64, view: ShardView)]
+        /// The lease this node held when it began loading them (nil: none was fresh).
+        let lease: UInt64?
         private let lock = NSLock()
         private var readers = 0
-        init(views: VolumeViews, shards: [UInt64: (takenIn: UInt64, view: ShardView)]) {
+        init(views: VolumeViews, shards: [UInt64: (takenIn: UInt64, view: ShardView)], lease: UInt64?) {
             self.views = views
             self.shards = shards
+            self.lease = lease
         }
         func enter() { lock.withLock { readers += 1 } }
         func leave() { lock.withLock { readers -= 1 } }
         var isIdle: Bool { lock.withLock { readers == 0 } }
     }
 
-    /// `leaseIsFresh`: whether this node's lease surely still lives; a read that
-    /// ends when it does not is answered with an error, not its bytes.
+    /// `leaseGeneration`: the lease this node surely still holds (`LeaseGuard.freshGeneration`),
+    /// nil when none is fresh; a read that ends when it is not the lease its views
+    /// were loaded under is answered with an error, not its bytes.
     public init(nodeID: String, metadata: any MetadataStore, volumes: any VolumeManager,
-                leaseIsFresh: @escaping @Sendable () -> Bool = { true }, logger: Logger = Logger(label: "shardfs.backup")) {
+                leaseGeneration: @escaping @Sendable () -> UInt64? = { 0 }, logger: Logger = Logger(label: "shardfs.backup")) {
         self.nodeID = nodeID
         self.metadata = metadata
         self.volumes = volumes
-        self.leaseCheck = leaseIsFresh
+        self.leaseGeneration = leaseGeneration
         self.logger = logger
     }
 
@@ -74,7 +99,7 @@ public final class BackupViews: @unchecked Sendable {
                 for await event in events {
                     guard let self else { return }
                     switch event {
-                    case .viewsPublished(let views): await self.apply(views)
+                    case .viewsPublished(let views): if !self.updatesHeld { await self.apply(views) }
                     case .volumeUpdated(let volume): await self.follow(volume)
                     default: break
                     }
@@ -158,10 +183,44 @@ public final class BackupViews: @unchecked Sendable {
         }
         guard let (generation, view) = found else { return nil }
         defer { generation.leave() }
-        guard leaseCheck() else { throw ShardError.notPrimary("this backup cannot confirm its lease; its views are not served") }
+        guard let lease = leaseGeneration() else {
+            throw ShardError.notPrimary("this backup cannot confirm its lease; its views are not served")
+        }
+        guard generation.lease == lease else {
+            reloadAfterLeaseChange()
+            throw ShardError.notPrimary("this backup's lease lapsed since its views were loaded; they are loaded again before it serves")
+        }
         let result = try body(view)
-        guard leaseCheck() else { throw ShardError.notPrimary("this backup's lease lapsed during the read") }
+        guard leaseGeneration() == lease else { throw ShardError.notPrimary("this backup's lease lapsed during the read") }
         return result
+    }
+
+    /// Loads the newest generation of every volume this node serves views of
+    /// again, under the lease it holds now (once at a time).
+    private func reloadAfterLeaseChange() {
+        let ids = lock.withLock { () -> [String]? in
+            guard !reloading else { return nil }
+            reloading = true
+            return Array(current.keys)
+        }
+        guard let ids else { return }
+        Task {
+            var done = true
+            for id in ids {
+                do {
+                    if let views = try await metadata.getViews(id) { await apply(views) }
+                } catch {
+                    done = false
+                    logger.warning("cannot load a volume's views after a lease change; retrying at the next read",
+                                   metadata: ["volume": "\(id)", "error": "\(error)"])
+                }
+            }
+            lock.withLock {
+                reloading = false
+                if done { reloadCount += 1 }
+            }
+            if done { logger.notice("views loaded again under this node's new lease", metadata: ["volumes": "\(ids.count)"]) }
+        }
     }
 
     /// Swaps in a published generation (if newer than the one held) and, once no
@@ -169,8 +228,11 @@ public final class BackupViews: @unchecked Sendable {
     func apply(_ views: VolumeViews) async {
         let id = views.volumeID
         guard let mounted = backedVolume(id), !releasedForTakeOver(id) else { return }
+        // Sampled first: a lease that changes while the views load leaves them unserved.
+        let lease = leaseGeneration()
         let previous = lock.withLock { current[id] }
-        if let previous, previous.views.epoch == views.epoch, previous.views.generation >= views.generation { return }
+        if let previous, previous.views.epoch == views.epoch, previous.views.generation >= views.generation,
+           previous.lease == lease || lease == nil { return }
         var built: [UInt64: (takenIn: UInt64, view: ShardView)] = [:]
         var changed: [UInt64] = []
         for record in views.shards {
@@ -186,18 +248,24 @@ public final class BackupViews: @unchecked Sendable {
                              metadata: ["shard": "\(record.shardID)", "volume": "\(id)", "error": "\(error)"])
             }
         }
-        let generation = Generation(views: views, shards: built)
-        let told = lock.withLock { () -> [Listener] in
+        let generation = Generation(views: views, shards: built, lease: lease)
+        let swapped = lock.withLock { () -> (replaced: Generation?, told: [Listener])? in
+            // A reload and the metadata's stream may load at once: never go back to an
+            // older generation (the primary may end its pins once a newer one is acknowledged).
+            let replaced = current[id]
+            if let now = replaced, now.views.epoch == views.epoch, now.views.generation > views.generation,
+               now.lease == lease { return nil }
             current[id] = generation
             volumeOf = volumeOf.filter { $0.value != id }
             for shardID in built.keys { volumeOf[shardID] = id }
-            return Array(listeners.values)
+            return (replaced, Array(listeners.values))
         }
-        let removed = previous.map { $0.shards.keys.filter { built[$0] == nil } } ?? []
+        guard let (replaced, told) = swapped else { return }
+        let removed = replaced.map { $0.shards.keys.filter { built[$0] == nil } } ?? []
         if !changed.isEmpty || !removed.isEmpty { for listener in told { listener(id, changed, removed) } }
-        // Reads that began on the previous generation finish first.
-        if let previous {
-            while !previous.isIdle { try? await Task.sleep(for: .milliseconds(2)) }
+        // Reads that began on the generation replaced finish first.
+        if let replaced {
+            while !replaced.isIdle { try? await Task.sleep(for: .milliseconds(2)) }
         }
         do {
             try await metadata.acknowledgeViews(volumeID: id, nodeID: nodeID, generation: views.generation)

@@ -32,10 +32,16 @@ public final class LeaseGuard: Sendable {
         return max(0, Double(left.components.seconds) + Double(left.components.attoseconds) / 1e18)
     }
 
-    public func isFresh() -> Bool {
-        guard let etcd else { return true }
-        guard let (until, generation) = etcd.leaseState(nodeID) else { return false }
-        return generation == confirmed.load(ordering: .acquiring) && ContinuousClock.now + margin < until
+    public func isFresh() -> Bool { freshGeneration() != nil }
+
+    /// Which lease the node holds, if it is fresh (see `isFresh`); nil otherwise.
+    /// A lease that lapsed is followed by another one (a new generation): what the
+    /// node took under the old one — a backup's views — may no longer hold (the
+    /// primary stops pinning for a backup that is not live). 0 with the embedded store.
+    public func freshGeneration() -> UInt64? {
+        guard let etcd else { return 0 }
+        guard let (until, generation) = etcd.leaseState(nodeID) else { return nil }
+        return generation == confirmed.load(ordering: .acquiring) && ContinuousClock.now + margin < until ? generation : nil
     }
 
     /// After a new lease: checks every volume this node writes against the

@@ -130,7 +130,8 @@ public final class StorageNode: Sendable {
         // Views of what there is, before anything is served.
         await publisher.checkpoint()
         publisher.start()
-        let views = BackupViews(nodeID: config.node.nodeID, metadata: metadata, volumes: volumes, leaseIsFresh: leaseIsFresh)
+        let views = BackupViews(nodeID: config.node.nodeID, metadata: metadata, volumes: volumes,
+                                leaseGeneration: { lease.freshGeneration() })
         try await views.start()
         shards.views = views
         let failover = Failover(nodeID: config.node.nodeID, metadata: metadata, shards: shards, lease: lease,

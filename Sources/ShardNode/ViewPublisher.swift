@@ -110,14 +110,13 @@ public final class ViewPublisher: @unchecked Sendable {
             let held = try await metadata.listVolumes(nodeID: nodeID).filter {
                 $0.primaryNodeID == nodeID && !$0.backupNodeIDs.isEmpty && shards.primaryEpoch($0.volumeID) == $0.epoch
             }
-            let live = Set(try await metadata.listNodes().map(\.nodeID))
-            for volume in held { try await checkpoint(volume, liveNodes: live) }
+            for volume in held { try await checkpoint(volume) }
         } catch {
             logger.warning("view checkpoint failed; retrying at the next one", metadata: ["error": "\(error)"])
         }
     }
 
-    private func checkpoint(_ volume: VolumeRecord, liveNodes: Set<String>) async throws {
+    private func checkpoint(_ volume: VolumeRecord) async throws {
         let id = volume.volumeID
         var state: VolumeState
         if let known = lock.withLock({ volumes[id] }), known.epoch == volume.epoch {
@@ -172,7 +171,10 @@ public final class ViewPublisher: @unchecked Sendable {
         }
 
         // A pin, or a deleted shard's files, may go once every live backup reads
-        // only generations from the one that dropped it on.
+        // only generations from the one that dropped it on. Which backups live is
+        // asked after publishing: a backup registered again after a lapse of its
+        // lease (which then loads the newest views) is counted, whatever it loads.
+        let liveNodes = Set(try await metadata.listNodes().map(\.nodeID))
         let acks = try await metadata.viewAcknowledgements(id)
         let backups = volume.backupNodeIDs.filter { liveNodes.contains($0) }
         let oldestRead = backups.map { acks[$0] ?? 0 }.min() ?? UInt64.max

@@ -1,5 +1,6 @@
 import Foundation
 import Metadata
+import MetadataEtcd
 import NodeSupport
 import ShardNode
 import ShardStore
@@ -125,6 +126,97 @@ import Testing
             let leftovers = dir.sub("volumes") + "/" + volume + "/shard-\(doomed.id).deleting"
             #expect(try await waitUntil(3) { !FileManager.default.fileExists(atPath: leftovers) })
 
+            await b.stopRoles()
+            await a.stopRoles()
+        } }
+    }
+
+    /// A backup whose lease lapsed may hold views whose pins the primary has
+    /// ended (it pins for live backups only) and whose pages it has reused: under
+    /// its new lease it serves none of them until it has loaded the newest views
+    /// again. Here the backup's metadata stream is held (as when it is behind),
+    /// its lease is revoked in etcd while the primary rewrites every key, and the
+    /// backup reads throughout: not one wrong or damaged value.
+    @Test func aBackupWhoseLeaseLapsedLoadsTheNewestViewsBeforeServing() async throws {
+        try await withHeavyTest { try await withLocalEtcd { etcd in
+            let dir = try TemporaryDirectory("backup-lease")
+            defer { dir.remove() }
+            let a = try await StorageNode.start(try Self.config(dir, node: "node-a", etcd: etcd, leaseTTL: 30))
+            guard let volume = a.volumes.mountedVolumes().first?.volumeID else { Issue.record("no volume"); return }
+            let shard = try await a.shards.newShard(owner: "c")
+            let keys = (0..<200).map { "k\($0)" }
+            @Sendable func size(_ i: Int) -> Int { i % 50 == 0 ? 300_000 : 100 + (i * 37) % 3000 }
+            @Sendable func write(_ version: Int) throws {
+                for (i, key) in keys.enumerated() {
+                    try shard.put(try EntryKey(key), value: CheckedValue.make(key: key, version: version, size: size(i)), clientID: "c")
+                }
+            }
+            try write(0)
+            // A short lease for the backup: its keepalive comes every 2 s and finds it revoked.
+            let b = try await StorageNode.start(try Self.config(dir, node: "node-b", etcd: etcd, initialVolumes: 0, leaseTTL: 6))
+            try await a.metadata.addBackup(volumeID: volume, nodeID: "node-b")
+            #expect(try await waitUntil(5) { b.views.serves(shard.id) })
+            b.views.updatesHeld = true
+
+            // The primary rewrites every key until the backup has been back for a while.
+            let writing = Atomic<Bool>(true)
+            let writer = Task.detached { () -> Int in
+                try await blockingWork {
+                    var version = 0
+                    while writing.load(ordering: .acquiring) {
+                        version += 1
+                        try write(version)
+                    }
+                    return version
+                }
+            }
+            // The backup is cut off from etcd past its 6 s lease (its node record and
+            // acknowledgements go with the lease), then reaches it again.
+            guard let store = (b.metadata as? RetryingMetadataStore)?.base as? EtcdMetadataStore else {
+                Issue.record("node-b does not keep its metadata in etcd")
+                return
+            }
+            store.keepalivesHeld = true
+            defer { store.keepalivesHeld = false }
+            let reconnectAt = Date().addingTimeInterval(9), endAt = reconnectAt.addingTimeInterval(5)
+            var reads = 0, readsSinceBack = 0, wrong = 0, damaged = 0, refused = 0, firstDamage = ""
+            while Date() < endAt {
+                if store.keepalivesHeld && Date() >= reconnectAt { store.keepalivesHeld = false }
+                // Half the keys until it is back, then the other half: pages its views
+                // have not read yet, which their snapshot's cache cannot answer.
+                let reading = store.keepalivesHeld ? keys[..<100] : keys[100...]
+                for key in reading.shuffled().prefix(20) {
+                    do {
+                        guard let entry = try b.views.withView(shard.id, { try $0.get(try EntryKey(key)) }) else { refused += 1; continue }
+                        reads += 1
+                        if !store.keepalivesHeld { readsSinceBack += 1 }
+                        if CheckedValue.version(entry.value, key: key) == nil { wrong += 1 }
+                    } catch ShardError.notPrimary {
+                        refused += 1  // no lease, or views not yet loaded again: not served
+                    } catch {
+                        if damaged == 0 { firstDamage = "\(error)" }
+                        damaged += 1
+                    }
+                }
+                try await Task.sleep(for: .milliseconds(1))
+            }
+            writing.store(false, ordering: .releasing)
+            let versions = try await writer.value
+            print("backup whose lease lapsed: \(versions) versions written; \(reads) reads (\(readsSinceBack) once back), \(wrong) wrong, \(damaged) damaged (\(firstDamage)), \(refused) refused; reloads \(b.views.reloadsAfterLeaseChange)")
+            #expect(wrong == 0)
+            #expect(damaged == 0)
+            #expect(b.views.reloadsAfterLeaseChange >= 1)
+            #expect(reads > 100)
+            #expect(readsSinceBack > 50)  // it does serve again once it has loaded them
+            // Following again, it catches up.
+            b.views.updatesHeld = false
+            try write(versions + 1)
+            #expect(try await waitUntil(5) {
+                keys.allSatisfy { key in
+                    let entry = try? b.views.withView(shard.id, { try $0.get(try EntryKey(key)) })
+                    return entry.flatMap { CheckedValue.version($0.value, key: key) } == versions + 1
+                }
+            })
             await b.stopRoles()
             await a.stopRoles()
         } }
