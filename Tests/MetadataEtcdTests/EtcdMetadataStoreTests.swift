@@ -157,29 +157,6 @@ import Testing
         }
     }
 
-    /// `endNodeLease` from another store: the node's record goes at once, and the
-    /// node, at its next keepalive, registers again on a new lease (a new generation).
-    @Test func anotherNodeCanEndANodesLease() async throws {
-        try await withLocalEtcd { server in
-            let node = try makeStore(server, leaseTTL: 2)
-            let other = try makeStore(server)
-            try await node.registerNode(NodeRecord(nodeID: "n1", address: "10.0.0.1:7070"))
-            let before = try #require(node.leaseState("n1")).generation
-            try await other.endNodeLease("n1")
-            #expect((try? await other.getNode("n1")) == nil)
-            var generation = before
-            for _ in 0..<50 where generation == before {
-                try await Task.sleep(for: .milliseconds(100))
-                generation = node.leaseState("n1")?.generation ?? before
-            }
-            #expect(generation == before + 1)
-            #expect(try await waitUntil(5) { (try? await other.getNode("n1"))?.address == "10.0.0.1:7070" })
-            try await other.endNodeLease("nobody")  // not registered: nothing to do
-            await node.close()
-            await other.close()
-        }
-    }
-
     @Test func aRevokedLeaseIsReplacedAndTheNodeRegisteredAgain() async throws {
         try await withLocalEtcd { server in
             let node = try makeStore(server, leaseTTL: 2)
