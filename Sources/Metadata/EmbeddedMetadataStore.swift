@@ -59,11 +59,6 @@ public final class EmbeddedMetadataStore: MetadataStore, @unchecked Sendable {
         broadcaster.publish(.nodeUnregistered(nodeID: nodeID))
     }
 
-    /// No leases here: the record goes.
-    public func endNodeLease(_ nodeID: String) async throws {
-        do { try await unregisterNode(nodeID) } catch MetadataError.notFound {}
-    }
-
     public func getNode(_ nodeID: String) async throws -> NodeRecord {
         try read { txn in
             guard let node: NodeRecord = try self.load(txn, self.nodes, key: nodeID) else {

@@ -132,12 +132,6 @@ public protocol MetadataStore: Sendable {
     // Nodes
     func registerNode(_ node: NodeRecord) async throws
     func unregisterNode(_ nodeID: String) async throws
-    /// Ends another node's registration now, as if its lease had run out: its
-    /// record (and all else on its lease) goes, and the node finds out at its
-    /// next keepalive and registers again on a new lease. The node itself may
-    /// believe its old lease valid until one lease TTL from now. Nothing if it is
-    /// not registered.
-    func endNodeLease(_ nodeID: String) async throws
     func getNode(_ nodeID: String) async throws -> NodeRecord
     func listNodes() async throws -> [NodeRecord]
 

@@ -60,7 +60,6 @@ public struct RetryingMetadataStore: MetadataStore {
 
     public func registerNode(_ node: NodeRecord) async throws { try await policy.run { try await base.registerNode(node) } }
     public func unregisterNode(_ nodeID: String) async throws { try await policy.run { try await base.unregisterNode(nodeID) } }
-    public func endNodeLease(_ nodeID: String) async throws { try await policy.run { try await base.endNodeLease(nodeID) } }
     public func getNode(_ nodeID: String) async throws -> NodeRecord { try await policy.run { try await base.getNode(nodeID) } }
     public func listNodes() async throws -> [NodeRecord] { try await policy.run { try await base.listNodes() } }
     public func generateShardID() async throws -> UInt64 { try await policy.run { try await base.generateShardID() } }

@@ -180,17 +180,6 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
         guard deleted else { throw MetadataError.notFound("node \(nodeID)") }
     }
 
-    public func endNodeLease(_ nodeID: String) async throws {
-        try checkOpen()
-        guard let kv = try await get(nodeKey(nodeID)) else { return }
-        let lease = kv.lease?.value ?? 0
-        if lease != 0 {
-            try await revokeLease(lease)  // the record and the node's acknowledgements go with it
-        } else {
-            _ = try await deleteKey(nodeKey(nodeID))
-        }
-    }
-
     public func getNode(_ nodeID: String) async throws -> NodeRecord {
         guard let kv = try await get(nodeKey(nodeID)) else { throw MetadataError.notFound("node \(nodeID)") }
         return try decode(NodeRecord.self, kv)

@@ -39,14 +39,11 @@ public final class BackupViews: @unchecked Sendable {
     }
     private var reloadCount = 0
     /// Tests only: generations published meanwhile are not swapped in (as on a
-    /// backup whose metadata watch is behind); a reload still is. Also held while
-    /// the file named by SHARDFS_TEST_HOLD_VIEWS_FILE exists (tests of nodes run
-    /// as processes).
+    /// backup whose metadata watch is behind); a reload still is.
     public var updatesHeld: Bool {
-        get { lock.withLock { holdingUpdates } || Self.holdFile.map { FileManager.default.fileExists(atPath: $0) } ?? false }
+        get { lock.withLock { holdingUpdates } }
         set { lock.withLock { holdingUpdates = newValue } }
     }
-    private static let holdFile = ProcessInfo.processInfo.environment["SHARDFS_TEST_HOLD_VIEWS_FILE"]
     private var holdingUpdates = false
     /// Volumes being taken over: their views stay dropped.
     private var takenOver: Set<String> = []

@@ -125,8 +125,7 @@ public final class StorageNode: Sendable {
         shards.keepsDeletedFiles = { [weak publisher] volumeID in publisher?.handlesDeletes(volumeID) ?? false }
         // Opening a shard may write (it replays its batch log): first, no backup may
         // still read a snapshot the previous run pinned.
-        try await publisher.retirePreviousGenerations(timeout: .seconds(config.metadata.leaseTTLSeconds + 5),
-                                                      leaseTTL: .seconds(config.metadata.leaseTTLSeconds))
+        try await publisher.retirePreviousGenerations(timeout: .seconds(config.metadata.leaseTTLSeconds + 5))
         try await shards.restore()
         // Views of what there is, before anything is served.
         await publisher.checkpoint()

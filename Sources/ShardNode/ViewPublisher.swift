@@ -82,12 +82,8 @@ public final class ViewPublisher: @unchecked Sendable {
     /// before this one died with it, so its published snapshots may no longer hold.
     /// Publishes, for every volume this node writes that has backups, a generation
     /// with no shards (backups drop their views) and waits until each live backup
-    /// has acknowledged it, up to `timeout`. A backup still live and silent then
-    /// (its metadata stream stuck, say) has its lease ended, and this waits one
-    /// more `leaseTTL`: past it, that backup no longer believes its lease valid, so
-    /// it serves nothing until it has a new one and has loaded the newest views
-    /// (`BackupViews`, "a backup whose lease lapsed").
-    public func retirePreviousGenerations(timeout: Duration, leaseTTL: Duration) async throws {
+    /// has acknowledged it, up to `timeout`.
+    public func retirePreviousGenerations(timeout: Duration) async throws {
         let held = try await metadata.listVolumes(nodeID: nodeID).filter { $0.primaryNodeID == nodeID && !$0.backupNodeIDs.isEmpty }
         for volume in held {
             guard let previous = try await metadata.getViews(volume.volumeID), !previous.shards.isEmpty else { continue }
@@ -102,15 +98,8 @@ public final class ViewPublisher: @unchecked Sendable {
                 try await Task.sleep(for: .milliseconds(50))
             }
             if ContinuousClock.now >= deadline {
-                let live = Set(try await metadata.listNodes().map(\.nodeID))
-                let acks = try await metadata.viewAcknowledgements(volume.volumeID)
-                let silent = volume.backupNodeIDs.filter { live.contains($0) && acks[$0, default: 0] < empty.generation }
-                for backup in silent {
-                    logger.warning("a backup did not leave the views of this node's previous run in time; ending its lease",
-                                   metadata: ["volume": "\(volume.volumeID)", "backup": "\(backup)"])
-                    try await metadata.endNodeLease(backup)
-                }
-                if !silent.isEmpty { try await Task.sleep(for: leaseTTL + .milliseconds(500)) }
+                logger.warning("a backup did not leave the views of this node's previous run in time; going on",
+                               metadata: ["volume": "\(volume.volumeID)"])
             }
         }
     }

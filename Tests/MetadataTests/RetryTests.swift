@@ -23,7 +23,6 @@ final class FlakyStore: MetadataStore, @unchecked Sendable {
 
     func registerNode(_ node: NodeRecord) async throws {}
     func unregisterNode(_ nodeID: String) async throws {}
-    func endNodeLease(_ nodeID: String) async throws {}
     func getNode(_ nodeID: String) async throws -> NodeRecord { throw MetadataError.notFound(nodeID) }
     func listNodes() async throws -> [NodeRecord] { [] }
     func generateShardID() async throws -> UInt64 { 1 }
