@@ -16,8 +16,12 @@ import Volumes
 /// Views are served only under the lease they were loaded under. The primary
 /// keeps pins for live backups only: once this node's lease lapsed, the
 /// snapshots its views read may have been released and their pages reused, so
-/// after a new lease it serves nothing until it has loaded the newest generation
+/// after a new lease it serves nothing until it has fetched the newest generation
 /// of every volume it backs again (docs/BACKUP-VIEWS.md, "A backup whose lease lapsed").
+/// A generation counts as loaded under lease L when it was fetched (`getViews`)
+/// while L was held, or came through the stream later than such a fetch: a
+/// generation from the stream's backlog may be one whose pins ended while this
+/// node was not live. Generations are swapped in one at a time, never backwards.
 public final class BackupViews: @unchecked Sendable {
     private let nodeID: String
     private let metadata: any MetadataStore
@@ -30,21 +34,52 @@ public final class BackupViews: @unchecked Sendable {
     private var volumeOf: [UInt64: String] = [:]
     private let leaseGeneration: @Sendable () -> UInt64?
     private var task: Task<Void, Never>?
+    /// Applies run one at a time (the stream's, a reload's, a new volume's).
+    private let applying = SerialGate()
+    /// Per volume: the newest generation fetched, and the lease held when the
+    /// fetch began. Generations from the stream at or past it are safe under that lease.
+    private var fetched: [String: (lease: UInt64, epoch: UInt64, generation: UInt64)] = [:]
     /// A reload after a lease change is running.
-    private var reloading = false
+    private var reloading: Task<Void, Never>?
     /// Reloads done after a lease change (tests, status).
     public private(set) var reloadsAfterLeaseChange: Int {
         get { lock.withLock { reloadCount } }
         set { lock.withLock { reloadCount = newValue } }
     }
     private var reloadCount = 0
-    /// Tests only: generations published meanwhile are not swapped in (as on a
-    /// backup whose metadata watch is behind); a reload still is.
+    /// Tests only: while set, generations from the stream wait (as on a backup
+    /// whose metadata stream is behind); `releaseUpdates` applies them in order.
+    /// Fetches (a reload) still apply.
     public var updatesHeld: Bool {
         get { lock.withLock { holdingUpdates } }
         set { lock.withLock { holdingUpdates = newValue } }
     }
     private var holdingUpdates = false
+    private var heldUpdates: [VolumeViews] = []
+    private var backlogClosed = false
+
+    /// Tests only: what the stream brings from now on is dropped, not held: the
+    /// backlog `releaseUpdates` applies ends here.
+    public func closeBacklog() { lock.withLock { backlogClosed = true } }
+
+    /// Tests only: stops holding and applies what the stream brought meanwhile.
+    public func releaseUpdates() async {
+        let backlog = lock.withLock { () -> [VolumeViews] in
+            holdingUpdates = false
+            backlogClosed = false
+            defer { heldUpdates = [] }
+            return heldUpdates
+        }
+        for views in backlog { await apply(views, fetchedUnder: nil) }
+    }
+
+    /// Whether the stream's `views` wait (tests; see `updatesHeld`).
+    private func holdBack(_ views: VolumeViews) -> Bool {
+        lock.withLock {
+            if holdingUpdates && !backlogClosed { heldUpdates.append(views) }
+            return holdingUpdates
+        }
+    }
     /// Volumes being taken over: their views stay dropped.
     private var takenOver: Set<String> = []
 
@@ -92,14 +127,14 @@ public final class BackupViews: @unchecked Sendable {
     public func start() async throws {
         let events = metadata.changes()
         for volume in try await metadata.listVolumes(nodeID: nodeID) where volume.backupNodeIDs.contains(nodeID) {
-            if let views = try await metadata.getViews(volume.volumeID) { await apply(views) }
+            try await fetchAndApply(volume.volumeID)
         }
         lock.withLock {
             task = Task { [weak self] in
                 for await event in events {
                     guard let self else { return }
                     switch event {
-                    case .viewsPublished(let views): if !self.updatesHeld { await self.apply(views) }
+                    case .viewsPublished(let views): if !self.holdBack(views) { await self.apply(views, fetchedUnder: nil) }
                     case .volumeUpdated(let volume): await self.follow(volume)
                     default: break
                     }
@@ -109,7 +144,26 @@ public final class BackupViews: @unchecked Sendable {
     }
 
     public func stop() {
-        lock.withLock { task?.cancel(); task = nil; current.removeAll(); volumeOf.removeAll() }
+        lock.withLock {
+            task?.cancel()
+            task = nil
+            reloading?.cancel()
+            current.removeAll()
+            volumeOf.removeAll()
+            fetched.removeAll()
+        }
+    }
+
+    /// Fetches the volume's newest generation and applies it as loaded under the
+    /// lease held when the fetch began.
+    private func fetchAndApply(_ volumeID: String) async throws {
+        let lease = leaseGeneration()
+        if let views = try await metadata.getViews(volumeID) {
+            await apply(views, fetchedUnder: .some(lease))
+        } else if let lease {
+            // None published yet: whatever the stream brings from now on is newer.
+            await applying.run { self.lock.withLock { if self.fetched[volumeID] == nil { self.fetched[volumeID] = (lease, 0, 0) } } }
+        }
     }
 
     /// A volume this node was just made a backup of (while running): attach it
@@ -124,7 +178,7 @@ public final class BackupViews: @unchecked Sendable {
                 _ = try await volumes.mount(volume.volumeID, readOnly: true)
             }
             logger.notice("this node is now a backup of the volume", metadata: ["volume": "\(volume.volumeID)"])
-            if let views = try await metadata.getViews(volume.volumeID) { await apply(views) }
+            try await fetchAndApply(volume.volumeID)
         } catch {
             logger.error("cannot attach a volume this node was made a backup of; restart the node to retry",
                          metadata: ["volume": "\(volume.volumeID)", "error": "\(error)"])
@@ -138,6 +192,7 @@ public final class BackupViews: @unchecked Sendable {
         let dropped = lock.withLock { () -> Generation? in
             takenOver.insert(volumeID)
             volumeOf = volumeOf.filter { $0.value != volumeID }
+            fetched.removeValue(forKey: volumeID)
             return current.removeValue(forKey: volumeID)
         }
         if let dropped {
@@ -195,44 +250,63 @@ public final class BackupViews: @unchecked Sendable {
         return result
     }
 
-    /// Loads the newest generation of every volume this node serves views of
-    /// again, under the lease it holds now (once at a time).
+    /// Fetches the newest generation of every volume this node serves views of
+    /// again, under the lease it holds now (one reload at a time).
     private func reloadAfterLeaseChange() {
-        let ids = lock.withLock { () -> [String]? in
-            guard !reloading else { return nil }
-            reloading = true
-            return Array(current.keys)
-        }
-        guard let ids else { return }
-        Task {
-            var done = true
-            for id in ids {
-                do {
-                    if let views = try await metadata.getViews(id) { await apply(views) }
-                } catch {
-                    done = false
-                    logger.warning("cannot load a volume's views after a lease change; retrying at the next read",
-                                   metadata: ["volume": "\(id)", "error": "\(error)"])
+        lock.withLock {
+            guard reloading == nil, task != nil else { return }
+            let ids = Array(current.keys)
+            reloading = Task { [weak self] in
+                guard let self else { return }
+                var done = true
+                for id in ids where !Task.isCancelled {
+                    do {
+                        try await self.fetchAndApply(id)
+                    } catch {
+                        done = false
+                        self.logger.warning("cannot load a volume's views after a lease change; retrying at the next read",
+                                            metadata: ["volume": "\(id)", "error": "\(error)"])
+                    }
                 }
+                self.lock.withLock {
+                    self.reloading = nil
+                    if done { self.reloadCount += 1 }
+                }
+                if done { self.logger.notice("views loaded again under this node's new lease", metadata: ["volumes": "\(ids.count)"]) }
             }
-            lock.withLock {
-                reloading = false
-                if done { reloadCount += 1 }
-            }
-            if done { logger.notice("views loaded again under this node's new lease", metadata: ["volumes": "\(ids.count)"]) }
         }
     }
 
-    /// Swaps in a published generation (if newer than the one held) and, once no
-    /// read uses the previous one, acknowledges it.
-    func apply(_ views: VolumeViews) async {
+    /// Swaps in a published generation (if newer than the one held, or the same
+    /// one loaded under a newer lease) and, once no read uses the previous one,
+    /// acknowledges it. `fetchedUnder`: the lease held when `getViews` began
+    /// (`.some(nil)`: none was fresh); nil: it came through the stream.
+    func apply(_ views: VolumeViews, fetchedUnder: UInt64?? = nil) async {
+        await applying.run { await self.applyNow(views, fetchedUnder: fetchedUnder) }
+    }
+
+    private func applyNow(_ views: VolumeViews, fetchedUnder: UInt64??) async {
         let id = views.volumeID
         guard let mounted = backedVolume(id), !releasedForTakeOver(id) else { return }
-        // Sampled first: a lease that changes while the views load leaves them unserved.
-        let lease = leaseGeneration()
-        let previous = lock.withLock { current[id] }
-        if let previous, previous.views.epoch == views.epoch, previous.views.generation >= views.generation,
-           previous.lease == lease || lease == nil { return }
+        let (lease, previous) = lock.withLock { () -> (UInt64?, Generation?) in
+            let lease: UInt64?
+            if let fetchedUnder {
+                lease = fetchedUnder
+                if let l = fetchedUnder, !Self.isOlder((views.epoch, views.generation), than: fetched[id]) {
+                    fetched[id] = (l, views.epoch, views.generation)
+                }
+            } else if let base = fetched[id], let now = leaseGeneration(), base.lease == now,
+                      !Self.isOlder((views.epoch, views.generation), than: base) {
+                lease = now
+            } else {
+                lease = nil  // from the backlog of an older lease, or none is fresh: not served
+            }
+            return (lease, current[id])
+        }
+        if let previous {
+            let held = (previous.views.epoch, previous.views.generation), offered = (views.epoch, views.generation)
+            if held > offered || (held == offered && (previous.lease == lease || lease == nil)) { return }
+        }
         var built: [UInt64: (takenIn: UInt64, view: ShardView)] = [:]
         var changed: [UInt64] = []
         for record in views.shards {
@@ -249,23 +323,19 @@ public final class BackupViews: @unchecked Sendable {
             }
         }
         let generation = Generation(views: views, shards: built, lease: lease)
-        let swapped = lock.withLock { () -> (replaced: Generation?, told: [Listener])? in
-            // A reload and the metadata's stream may load at once: never go back to an
-            // older generation (the primary may end its pins once a newer one is acknowledged).
-            let replaced = current[id]
-            if let now = replaced, now.views.epoch == views.epoch, now.views.generation > views.generation,
-               now.lease == lease { return nil }
+        let told = lock.withLock { () -> [Listener]? in
+            guard !takenOver.contains(id), current[id] === previous else { return nil }  // released meanwhile
             current[id] = generation
             volumeOf = volumeOf.filter { $0.value != id }
             for shardID in built.keys { volumeOf[shardID] = id }
-            return (replaced, Array(listeners.values))
+            return Array(listeners.values)
         }
-        guard let (replaced, told) = swapped else { return }
-        let removed = replaced.map { $0.shards.keys.filter { built[$0] == nil } } ?? []
+        guard let told else { return }
+        let removed = previous.map { $0.shards.keys.filter { built[$0] == nil } } ?? []
         if !changed.isEmpty || !removed.isEmpty { for listener in told { listener(id, changed, removed) } }
-        // Reads that began on the generation replaced finish first.
-        if let replaced {
-            while !replaced.isIdle { try? await Task.sleep(for: .milliseconds(2)) }
+        // Reads that began on the previous generation finish first.
+        if let previous {
+            while !previous.isIdle { try? await Task.sleep(for: .milliseconds(2)) }
         }
         do {
             try await metadata.acknowledgeViews(volumeID: id, nodeID: nodeID, generation: views.generation)
@@ -273,6 +343,12 @@ public final class BackupViews: @unchecked Sendable {
             logger.warning("cannot acknowledge a generation of views; the primary keeps older snapshots pinned",
                            metadata: ["volume": "\(id)", "generation": "\(views.generation)", "error": "\(error)"])
         }
+    }
+
+    /// Whether (epoch, generation) `a` comes before `b`.
+    private static func isOlder(_ a: (UInt64, UInt64), than b: (lease: UInt64, epoch: UInt64, generation: UInt64)?) -> Bool {
+        guard let b else { return false }
+        return a < (b.epoch, b.generation)
     }
 
     /// Where this node reads a volume it backs: the block device it holds attached
@@ -296,5 +372,30 @@ public final class BackupViews: @unchecked Sendable {
             source = try DevicePageSource(device: volume.device, extents: published.extents, pageSize: published.root.pageSize)
         }
         return try ShardView(snapshot: try Snapshot(source: source, root: published.root), transactionID: published.root.txnid, path: path)
+    }
+}
+
+/// Runs async bodies one at a time, in the order they arrive.
+final class SerialGate: @unchecked Sendable {
+    private let lock = NSLock()
+    private var busy = false
+    private var waiting: [CheckedContinuation<Void, Never>] = []
+
+    func run<T>(_ body: () async -> T) async -> T {
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            let now = lock.withLock { () -> Bool in
+                if busy { waiting.append(c); return false }
+                busy = true
+                return true
+            }
+            if now { c.resume() }
+        }
+        let result = await body()
+        let next = lock.withLock { () -> CheckedContinuation<Void, Never>? in
+            if waiting.isEmpty { busy = false; return nil }
+            return waiting.removeFirst()
+        }
+        next?.resume()
+        return result
     }
 }

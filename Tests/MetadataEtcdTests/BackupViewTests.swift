@@ -75,13 +75,18 @@ import Testing
             while writing.load(ordering: .acquiring) {
                 for key in keys.shuffled().prefix(20) {
                     do {
-                        guard let entry = try b.views.withView(shard.id, { try $0.get(try EntryKey(key)) }) else { failed += 1; continue }
+                        guard let entry = try b.views.withView(shard.id, { try $0.get(try EntryKey(key)) }) else {
+                            if failed == 0 { print("first failed read: not served") }
+                            failed += 1
+                            continue
+                        }
                         reads += 1
                         guard let version = CheckedValue.version(entry.value, key: key) else { wrong += 1; continue }
                         // Versions of one key never go back.
                         if version < newest[key, default: 0] { wrong += 1 }
                         newest[key] = max(newest[key, default: 0], version)
                     } catch {
+                        if failed == 0 { print("first failed read: \(error)") }
                         failed += 1
                     }
                 }
@@ -135,7 +140,8 @@ import Testing
     /// ended (it pins for live backups only) and whose pages it has reused: under
     /// its new lease it serves none of them until it has loaded the newest views
     /// again. Here the backup's metadata stream is held (as when it is behind),
-    /// its lease is revoked in etcd while the primary rewrites every key, and the
+    /// it is cut off from etcd past its lease while the primary rewrites every key,
+    /// then, on a new lease, gets the stream's backlog before any read; the
     /// backup reads throughout: not one wrong or damaged value.
     @Test func aBackupWhoseLeaseLapsedLoadsTheNewestViewsBeforeServing() async throws {
         try await withHeavyTest { try await withLocalEtcd { etcd in
@@ -176,12 +182,26 @@ import Testing
                 Issue.record("node-b does not keep its metadata in etcd")
                 return
             }
+            let leaseBefore = store.leaseState("node-b")?.generation
             store.keepalivesHeld = true
             defer { store.keepalivesHeld = false }
-            let reconnectAt = Date().addingTimeInterval(9), endAt = reconnectAt.addingTimeInterval(5)
+            // Its stream's backlog ends once its lease has run out in etcd (6 s).
+            let backlogEndsAt = Date().addingTimeInterval(6.5), reconnectAt = Date().addingTimeInterval(9)
+            var endAt = Date.distantFuture
             var reads = 0, readsSinceBack = 0, wrong = 0, damaged = 0, refused = 0, firstDamage = ""
             while Date() < endAt {
-                if store.keepalivesHeld && Date() >= reconnectAt { store.keepalivesHeld = false }
+                if Date() >= backlogEndsAt { b.views.closeBacklog() }
+                if store.keepalivesHeld && Date() >= reconnectAt {
+                    store.keepalivesHeld = false
+                    // Once it holds a new lease (and has had time to confirm it), the
+                    // stream's backlog arrives — generations whose pins the primary
+                    // ended while this node was not live — before any read.
+                    #expect(try await waitUntil(10) { store.leaseState("node-b")?.generation != leaseBefore })
+                    try await Task.sleep(for: .milliseconds(600))
+                    await b.views.releaseUpdates()
+                    b.views.updatesHeld = true
+                    endAt = Date().addingTimeInterval(5)
+                }
                 // Half the keys until it is back, then the other half: pages its views
                 // have not read yet, which their snapshot's cache cannot answer.
                 let reading = store.keepalivesHeld ? keys[..<100] : keys[100...]
@@ -209,7 +229,7 @@ import Testing
             #expect(reads > 100)
             #expect(readsSinceBack > 50)  // it does serve again once it has loaded them
             // Following again, it catches up.
-            b.views.updatesHeld = false
+            await b.views.releaseUpdates()
             try write(versions + 1)
             #expect(try await waitUntil(5) {
                 keys.allSatisfy { key in
