@@ -5,7 +5,12 @@ import Foundation
 /// `<volumeID>.json` (spec, tags, idempotency token, attachments); attaching it
 /// to an "instance" sets up a loop device over the image, read-only
 /// (`losetup -r`) when asked. Two loop devices over one image behave like one
-/// volume attached to two hosts. Records change under an exclusive `flock` of
+/// volume attached to two hosts. Loop devices do direct I/O on the image
+/// (`--direct-io=on`): the volume's pages are cached once, by the filesystem on
+/// it, not a second time as the image's, like a real block device — large values
+/// read and write about twice as fast as through a buffered loop device
+/// (docs/PERFORMANCE.md), and a read-only device reads what the writer's device
+/// wrote to the image, cached or not. Records change under an exclusive `flock` of
 /// `<image folder>/.lock`, so several processes may share the folder.
 ///
 /// At most one read-write attachment at a time: ext4 and xfs are not cluster
@@ -118,7 +123,7 @@ public struct LoopCloudProvider: CloudProvider {
             }) {
                 device = orphan.device
             } else {
-                let out = try runner.run("losetup", (readOnly ? ["-r"] : []) + ["-f", "--show", imagePath(volumeID)])
+                let out = try runner.run("losetup", (readOnly ? ["-r"] : []) + ["--direct-io=on", "-f", "--show", imagePath(volumeID)])
                 guard out.status == 0 else {
                     throw VolumeError.failed("cannot attach \(volumeID): losetup exited with \(out.status): "
                                              + out.stderr.trimmingCharacters(in: .whitespacesAndNewlines) + " (is this process root, with loop devices available?)")
