@@ -22,6 +22,14 @@ import Volumes
 /// while L was held, or came through the stream later than such a fetch: a
 /// generation from the stream's backlog may be one whose pins ended while this
 /// node was not live. Generations are swapped in one at a time, never backwards.
+///
+/// Nor does it rely on the stream alone: every `confirmEvery` it fetches the newest
+/// generation of each volume, and it serves a volume's views only for
+/// `currentFor` after a fetch began that they are at least as new as. A primary
+/// that restarted (its pins died with it) publishes a generation without shards
+/// and waits, for a backup that does not acknowledge it, longer than that: such a
+/// backup has either fetched it (and dropped the old views) or stopped serving
+/// them (docs/BACKUP-VIEWS.md, "A primary that restarts").
 public final class BackupViews: @unchecked Sendable {
     private let nodeID: String
     private let metadata: any MetadataStore
@@ -41,6 +49,19 @@ public final class BackupViews: @unchecked Sendable {
     private var fetched: [String: (lease: UInt64, epoch: UInt64, generation: UInt64)] = [:]
     /// A reload after a lease change is running.
     private var reloading: Task<Void, Never>?
+    /// How long views stay served after a fetch showed them current (nil: always),
+    /// and how often that is checked.
+    private let currentFor: Duration?
+    private let confirmEvery: Duration
+    /// Per volume: when the last fetch that showed its views current began.
+    private var confirmedCurrent: [String: ContinuousClock.Instant] = [:]
+    private var confirmer: Task<Void, Never>?
+    /// Tests only: the periodic fetches stop while set (as when they cannot run).
+    public var confirmationsHeld: Bool {
+        get { lock.withLock { holdingConfirmations } }
+        set { lock.withLock { holdingConfirmations = newValue } }
+    }
+    private var holdingConfirmations = false
     /// Reloads done after a lease change (tests, status).
     public private(set) var reloadsAfterLeaseChange: Int {
         get { lock.withLock { reloadCount } }
@@ -56,6 +77,7 @@ public final class BackupViews: @unchecked Sendable {
     }
     private var holdingUpdates = false
     private var heldUpdates: [VolumeViews] = []
+    private static let holdFile = ProcessInfo.processInfo.environment["SHARDFS_TEST_HOLD_VIEWS_FILE"]
     private var backlogClosed = false
 
     /// Tests only: what the stream brings from now on is dropped, not held: the
@@ -73,9 +95,12 @@ public final class BackupViews: @unchecked Sendable {
         for views in backlog { await apply(views, fetchedUnder: nil) }
     }
 
-    /// Whether the stream's `views` wait (tests; see `updatesHeld`).
+    /// Whether the stream's `views` wait (tests; see `updatesHeld`). While the file
+    /// named by SHARDFS_TEST_HOLD_VIEWS_FILE exists (tests of nodes run as
+    /// processes), they are dropped, as by a stream that is stuck.
     private func holdBack(_ views: VolumeViews) -> Bool {
-        lock.withLock {
+        if let file = Self.holdFile, FileManager.default.fileExists(atPath: file) { return true }
+        return lock.withLock {
             if holdingUpdates && !backlogClosed { heldUpdates.append(views) }
             return holdingUpdates
         }
@@ -113,12 +138,17 @@ public final class BackupViews: @unchecked Sendable {
     /// `leaseGeneration`: the lease this node surely still holds (`LeaseGuard.freshGeneration`),
     /// nil when none is fresh; a read that ends when it is not the lease its views
     /// were loaded under is answered with an error, not its bytes.
+    /// `currentFor`: how long a volume's views are served after a fetch showed them
+    /// current (less than the lease TTL; nil: no bound), checked every `confirmEvery`.
     public init(nodeID: String, metadata: any MetadataStore, volumes: any VolumeManager,
-                leaseGeneration: @escaping @Sendable () -> UInt64? = { 0 }, logger: Logger = Logger(label: "shardfs.backup")) {
+                leaseGeneration: @escaping @Sendable () -> UInt64? = { 0 }, currentFor: Duration? = nil,
+                confirmEvery: Duration = .seconds(1), logger: Logger = Logger(label: "shardfs.backup")) {
         self.nodeID = nodeID
         self.metadata = metadata
         self.volumes = volumes
         self.leaseGeneration = leaseGeneration
+        self.currentFor = currentFor
+        self.confirmEvery = confirmEvery
         self.logger = logger
     }
 
@@ -140,6 +170,22 @@ public final class BackupViews: @unchecked Sendable {
                     }
                 }
             }
+            if currentFor != nil {
+                confirmer = Task { [weak self, confirmEvery] in
+                    while !Task.isCancelled {
+                        try? await Task.sleep(for: confirmEvery)
+                        guard let self else { return }
+                        if self.confirmationsHeld { continue }
+                        let ids = self.lock.withLock { Set(self.fetched.keys).union(self.current.keys) }
+                        for id in ids.sorted() where !Task.isCancelled {
+                            do { try await self.fetchAndApply(id) } catch {
+                                self.logger.warning("cannot check that a volume's views are current; they stop being served if this lasts",
+                                                    metadata: ["volume": "\(id)", "error": "\(error)"])
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -148,21 +194,36 @@ public final class BackupViews: @unchecked Sendable {
             task?.cancel()
             task = nil
             reloading?.cancel()
+            confirmer?.cancel()
+            confirmer = nil
             current.removeAll()
             volumeOf.removeAll()
             fetched.removeAll()
+            confirmedCurrent.removeAll()
         }
     }
 
     /// Fetches the volume's newest generation and applies it as loaded under the
     /// lease held when the fetch began.
     private func fetchAndApply(_ volumeID: String) async throws {
+        let began = ContinuousClock.now
         let lease = leaseGeneration()
         if let views = try await metadata.getViews(volumeID) {
             await apply(views, fetchedUnder: .some(lease))
-        } else if let lease {
-            // None published yet: whatever the stream brings from now on is newer.
-            await applying.run { self.lock.withLock { if self.fetched[volumeID] == nil { self.fetched[volumeID] = (lease, 0, 0) } } }
+            // Current as of `began` if what is held now is at least as new.
+            lock.withLock {
+                if let held = current[volumeID], (held.views.epoch, held.views.generation) >= (views.epoch, views.generation) {
+                    confirmedCurrent[volumeID] = max(confirmedCurrent[volumeID] ?? began, began)
+                }
+            }
+        } else {
+            await applying.run {
+                self.lock.withLock {
+                    // None published yet: whatever the stream brings from now on is newer.
+                    if let lease, self.fetched[volumeID] == nil { self.fetched[volumeID] = (lease, 0, 0) }
+                    self.confirmedCurrent[volumeID] = max(self.confirmedCurrent[volumeID] ?? began, began)
+                }
+            }
         }
     }
 
@@ -193,6 +254,7 @@ public final class BackupViews: @unchecked Sendable {
             takenOver.insert(volumeID)
             volumeOf = volumeOf.filter { $0.value != volumeID }
             fetched.removeValue(forKey: volumeID)
+            confirmedCurrent.removeValue(forKey: volumeID)
             return current.removeValue(forKey: volumeID)
         }
         if let dropped {
@@ -230,14 +292,17 @@ public final class BackupViews: @unchecked Sendable {
     /// Throws `notPrimary` when this node's lease cannot be confirmed before or
     /// after the read (then what was read is dropped).
     public func withView<R>(_ shardID: UInt64, _ body: (ShardView) throws -> R) throws -> R? {
-        let found = lock.withLock { () -> (Generation, ShardView)? in
+        let found = lock.withLock { () -> (Generation, ShardView, ContinuousClock.Instant?)? in
             guard let volumeID = volumeOf[shardID], let generation = current[volumeID],
                   let entry = generation.shards[shardID] else { return nil }
             generation.enter()
-            return (generation, entry.view)
+            return (generation, entry.view, confirmedCurrent[volumeID])
         }
-        guard let (generation, view) = found else { return nil }
+        guard let (generation, view, confirmed) = found else { return nil }
         defer { generation.leave() }
+        if let currentFor, (confirmed.map { ContinuousClock.now > $0 + currentFor } ?? true) {
+            throw ShardError.notPrimary("this backup has not confirmed for \(currentFor) that its views are the newest; they are not served")
+        }
         guard let lease = leaseGeneration() else {
             throw ShardError.notPrimary("this backup cannot confirm its lease; its views are not served")
         }

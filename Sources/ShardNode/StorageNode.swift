@@ -131,7 +131,9 @@ public final class StorageNode: Sendable {
         await publisher.checkpoint()
         publisher.start()
         let views = BackupViews(nodeID: config.node.nodeID, metadata: metadata, volumes: volumes,
-                                leaseGeneration: { lease.freshGeneration() })
+                                leaseGeneration: { lease.freshGeneration() },
+                                currentFor: .seconds(config.metadata.leaseTTLSeconds) - .milliseconds(500),
+                                confirmEvery: max(.milliseconds(200), .seconds(config.metadata.leaseTTLSeconds) / 4))
         try await views.start()
         shards.views = views
         let failover = Failover(nodeID: config.node.nodeID, metadata: metadata, shards: shards, lease: lease,

@@ -242,6 +242,39 @@ import Testing
         } }
     }
 
+    /// A backup whose stream is stuck and whose periodic fetches cannot run stops
+    /// serving once it has not shown its views current for nearly a lease (here
+    /// 5.5 s of a 6 s lease), and serves again once a fetch has.
+    @Test func aBackupServesOnlyViewsItHasShownCurrentWithinALease() async throws {
+        try await withHeavyTest { try await withLocalEtcd { etcd in
+            let dir = try TemporaryDirectory("backup-current")
+            defer { dir.remove() }
+            let a = try await StorageNode.start(try Self.config(dir, node: "node-a", etcd: etcd, leaseTTL: 30))
+            guard let volume = a.volumes.mountedVolumes().first?.volumeID else { Issue.record("no volume"); return }
+            let shard = try await a.shards.newShard(owner: "c")
+            try shard.put(try EntryKey("k"), value: [1], clientID: "c")
+            let b = try await StorageNode.start(try Self.config(dir, node: "node-b", etcd: etcd, initialVolumes: 0, leaseTTL: 6))
+            try await a.metadata.addBackup(volumeID: volume, nodeID: "node-b")
+            #expect(try await waitUntil(5) { (try? b.views.withView(shard.id, { try $0.get(try EntryKey("k")) })) != nil })
+            b.views.updatesHeld = true
+            b.views.confirmationsHeld = true
+            let held = Date()
+            var servedFor = 0.0
+            while Date().timeIntervalSince(held) < 8 {
+                if (try? b.views.withView(shard.id, { try $0.get(try EntryKey("k")) })) != nil { servedFor = Date().timeIntervalSince(held) }
+                try await Task.sleep(for: .milliseconds(50))
+            }
+            print("backup with its confirmations held: served for \(servedFor) s")
+            #expect(servedFor < 6)
+            #expect(throws: ShardError.self) { _ = try b.views.withView(shard.id, { try $0.get(try EntryKey("k")) }) }
+            b.views.confirmationsHeld = false
+            #expect(try await waitUntil(5) { (try? b.views.withView(shard.id, { try $0.get(try EntryKey("k")) })) != nil })
+            await b.views.releaseUpdates()
+            await b.stopRoles()
+            await a.stopRoles()
+        } }
+    }
+
     /// A primary whose lease lapses (etcd stops answering for longer than the TTL)
     /// refuses every write, since another node may have won its volume; once etcd
     /// is back and the node has checked that it still holds the volume, it writes again.
