@@ -21,6 +21,16 @@ struct Outcome: Sendable {
     var finished: [Finished] = []
 
     init() { out = ByteBufferAllocator().buffer(capacity: 256) }
+
+    /// Appends what `other` answered.
+    mutating func merge(_ other: inout Outcome) {
+        out.writeBuffer(&other.out)
+        completed += other.completed
+        continuations += other.continuations
+        deferred += other.deferred
+        redirects += other.redirects
+        finished += other.finished
+    }
 }
 
 struct Finished: Sendable {
@@ -62,7 +72,15 @@ final class RequestExecutor: Sendable {
                 // A backup serves reads from its view of the shard; writes go on to be redirected.
                 if let id = work.request.dataShard, !work.request.isWrite, let views = shards.views, views.serves(id) {
                     do {
-                        if try views.withView(id, { view in runOne(work, view, &outcome) }) == nil { outcome.deferred.append(work) }
+                        // Answered into a scratch outcome, kept only if the read stands: a
+                        // view read that ends after the backup's lease or currency lapsed
+                        // is thrown away by withView, and so are its bytes.
+                        var read = Outcome()
+                        if try views.withView(id, { view in runOne(work, view, &read) }) == nil {
+                            outcome.deferred.append(work)
+                        } else {
+                            outcome.merge(&read)
+                        }
                     } catch {
                         reply(work, wireStatus(for: error, writing: false), .none, &outcome)
                     }

@@ -42,8 +42,19 @@ public final class BackupViews: @unchecked Sendable {
     private var volumeOf: [UInt64: String] = [:]
     private let leaseGeneration: @Sendable () -> UInt64?
     private var task: Task<Void, Never>?
-    /// Applies run one at a time (the stream's, a reload's, a new volume's).
-    private let applying = SerialGate()
+    /// Applies to one volume run one at a time (the stream's, a reload's, a
+    /// fetch's); volumes do not wait for each other.
+    private var gates: [String: SerialGate] = [:]
+    private func gate(_ volumeID: String) -> SerialGate {
+        lock.withLock {
+            if let gate = gates[volumeID] { return gate }
+            let gate = SerialGate()
+            gates[volumeID] = gate
+            return gate
+        }
+    }
+    /// Set by `stop`: nothing is swapped in afterwards.
+    private var stopped = false
     /// Per volume: the newest generation fetched, and the lease held when the
     /// fetch began. Generations from the stream at or past it are safe under that lease.
     private var fetched: [String: (lease: UInt64, epoch: UInt64, generation: UInt64)] = [:]
@@ -56,6 +67,8 @@ public final class BackupViews: @unchecked Sendable {
     /// Per volume: when the last fetch that showed its views current began.
     private var confirmedCurrent: [String: ContinuousClock.Instant] = [:]
     private var confirmer: Task<Void, Never>?
+    /// Volumes whose check is running.
+    private var confirming: Set<String> = []
     /// Tests only: the periodic fetches stop while set (as when they cannot run).
     public var confirmationsHeld: Bool {
         get { lock.withLock { holdingConfirmations } }
@@ -176,11 +189,21 @@ public final class BackupViews: @unchecked Sendable {
                         try? await Task.sleep(for: confirmEvery)
                         guard let self else { return }
                         if self.confirmationsHeld { continue }
-                        let ids = self.lock.withLock { Set(self.fetched.keys).union(self.current.keys) }
-                        for id in ids.sorted() where !Task.isCancelled {
-                            do { try await self.fetchAndApply(id) } catch {
-                                self.logger.warning("cannot check that a volume's views are current; they stop being served if this lasts",
-                                                    metadata: ["volume": "\(id)", "error": "\(error)"])
+                        // One check per volume at a time, side by side: a volume slow to
+                        // apply (readers to drain, an acknowledgement retried) holds up no other.
+                        let ids = self.lock.withLock { () -> [String] in
+                            let due = Set(self.fetched.keys).union(self.current.keys).subtracting(self.confirming)
+                            self.confirming.formUnion(due)
+                            return Array(due)
+                        }
+                        for id in ids {
+                            Task { [weak self] in
+                                guard let self else { return }
+                                defer { _ = self.lock.withLock { self.confirming.remove(id) } }
+                                do { try await self.fetchAndApply(id) } catch {
+                                    self.logger.warning("cannot check that a volume's views are current; they stop being served if this lasts",
+                                                        metadata: ["volume": "\(id)", "error": "\(error)"])
+                                }
                             }
                         }
                     }
@@ -191,6 +214,7 @@ public final class BackupViews: @unchecked Sendable {
 
     public func stop() {
         lock.withLock {
+            stopped = true
             task?.cancel()
             task = nil
             reloading?.cancel()
@@ -217,7 +241,7 @@ public final class BackupViews: @unchecked Sendable {
                 }
             }
         } else {
-            await applying.run {
+            await gate(volumeID).run {
                 self.lock.withLock {
                     // None published yet: whatever the stream brings from now on is newer.
                     if let lease, self.fetched[volumeID] == nil { self.fetched[volumeID] = (lease, 0, 0) }
@@ -238,11 +262,17 @@ public final class BackupViews: @unchecked Sendable {
             } else {
                 _ = try await volumes.mount(volume.volumeID, readOnly: true)
             }
-            logger.notice("this node is now a backup of the volume", metadata: ["volume": "\(volume.volumeID)"])
-            try await fetchAndApply(volume.volumeID)
         } catch {
             logger.error("cannot attach a volume this node was made a backup of; restart the node to retry",
                          metadata: ["volume": "\(volume.volumeID)", "error": "\(error)"])
+            return
+        }
+        logger.notice("this node is now a backup of the volume", metadata: ["volume": "\(volume.volumeID)"])
+        do {
+            try await fetchAndApply(volume.volumeID)
+        } catch {
+            logger.warning("cannot fetch the views of a volume this node now backs; the periodic fetch retries",
+                           metadata: ["volume": "\(volume.volumeID)", "error": "\(error)"])
         }
     }
 
@@ -289,8 +319,10 @@ public final class BackupViews: @unchecked Sendable {
     }
 
     /// Runs `body` with the newest view of the shard; nil if this node serves none.
-    /// Throws `notPrimary` when this node's lease cannot be confirmed before or
-    /// after the read (then what was read is dropped).
+    /// Throws `notPrimary` when, before or after the read, this node's lease cannot
+    /// be confirmed, is not the one the views count as loaded under, or the views
+    /// were not shown current within `currentFor` (what was read is then dropped:
+    /// the caller must not have sent any of it).
     public func withView<R>(_ shardID: UInt64, _ body: (ShardView) throws -> R) throws -> R? {
         let found = lock.withLock { () -> (Generation, ShardView, ContinuousClock.Instant?)? in
             guard let volumeID = volumeOf[shardID], let generation = current[volumeID],
@@ -312,6 +344,9 @@ public final class BackupViews: @unchecked Sendable {
         }
         let result = try body(view)
         guard leaseGeneration() == lease else { throw ShardError.notPrimary("this backup's lease lapsed during the read") }
+        if let currentFor, let confirmed, ContinuousClock.now > confirmed + currentFor {
+            throw ShardError.notPrimary("this backup's views stopped being shown current during the read")
+        }
         return result
     }
 
@@ -347,7 +382,7 @@ public final class BackupViews: @unchecked Sendable {
     /// acknowledges it. `fetchedUnder`: the lease held when `getViews` began
     /// (`.some(nil)`: none was fresh); nil: it came through the stream.
     func apply(_ views: VolumeViews, fetchedUnder: UInt64?? = nil) async {
-        await applying.run { await self.applyNow(views, fetchedUnder: fetchedUnder) }
+        await gate(views.volumeID).run { await self.applyNow(views, fetchedUnder: fetchedUnder) }
     }
 
     private func applyNow(_ views: VolumeViews, fetchedUnder: UInt64??) async {
@@ -357,7 +392,10 @@ public final class BackupViews: @unchecked Sendable {
             let lease: UInt64?
             if let fetchedUnder {
                 lease = fetchedUnder
-                if let l = fetchedUnder, !Self.isOlder((views.epoch, views.generation), than: fetched[id]) {
+                // A fetch that began under an older lease than one already fetched under
+                // (it stalled across a lapse) does not move the baseline back.
+                if let l = fetchedUnder, l >= fetched[id]?.lease ?? 0,
+                   fetched[id]?.lease != l || !Self.isOlder((views.epoch, views.generation), than: fetched[id]) {
                     fetched[id] = (l, views.epoch, views.generation)
                 }
             } else if let base = fetched[id], let now = leaseGeneration(), base.lease == now,
@@ -370,7 +408,11 @@ public final class BackupViews: @unchecked Sendable {
         }
         if let previous {
             let held = (previous.views.epoch, previous.views.generation), offered = (views.epoch, views.generation)
-            if held > offered || (held == offered && (previous.lease == lease || lease == nil)) { return }
+            if held > offered { return }  // never backwards
+            if held == offered {
+                // The same generation again only to count it under a newer lease (leases only grow).
+                guard let lease, previous.lease.map({ lease > $0 }) ?? true else { return }
+            }
         }
         var built: [UInt64: (takenIn: UInt64, view: ShardView)] = [:]
         var changed: [UInt64] = []
@@ -389,7 +431,7 @@ public final class BackupViews: @unchecked Sendable {
         }
         let generation = Generation(views: views, shards: built, lease: lease)
         let told = lock.withLock { () -> [Listener]? in
-            guard !takenOver.contains(id), current[id] === previous else { return nil }  // released meanwhile
+            guard !stopped, !takenOver.contains(id), current[id] === previous else { return nil }  // released or stopped meanwhile
             current[id] = generation
             volumeOf = volumeOf.filter { $0.value != id }
             for shardID in built.keys { volumeOf[shardID] = id }
