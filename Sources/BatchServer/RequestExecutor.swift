@@ -65,6 +65,9 @@ final class RequestExecutor: Sendable {
 
     func runSync(_ works: [Work], resume cursors: [StreamCursor] = []) -> Outcome {
         var outcome = Outcome()
+        var wrote = false
+        // The answers go out after the mount's kernel invalidations (ShardManager.cacheBarrier).
+        defer { if wrote { shards.cacheBarrier?() } }
         var i = 0
         while i < works.count {
             let work = works[i]
@@ -91,6 +94,7 @@ final class RequestExecutor: Sendable {
                 i += 1
                 continue
             }
+            wrote = wrote || work.request.isWrite
             // Consecutive writes by one client to one shard share a transaction.
             var end = i + 1
             while end < works.count, Self.mergeable(works[i].request, works[end].request) { end += 1 }

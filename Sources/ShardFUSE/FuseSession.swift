@@ -145,6 +145,9 @@ public final class FuseSession: @unchecked Sendable {
         changeListener = fileSystem.node.shards.addChangeListener { [weak fileSystem] shard, keys in
             fileSystem?.entriesChanged(shard: shard, keys: keys)
         }
+        // The queue is serial: once an empty block has run, every invalidation
+        // queued before it has been written to the kernel.
+        fileSystem.node.shards.cacheBarrier = { queue.sync {} }
         viewsListener = fileSystem.node.views.addListener { [weak fileSystem] _, changed, removed in
             fileSystem?.viewsChanged(changed: changed, removed: removed)
         }
@@ -169,6 +172,7 @@ public final class FuseSession: @unchecked Sendable {
         if let viewsListener { fileSystem.node.views.removeListener(viewsListener) }
         fileSystem.kernelCache.invalidate = nil
         fileSystem.kernelCache.invalidateName = nil
+        fileSystem.node.shards.cacheBarrier = nil
         sessionHandle?.alive = false  // queued invalidations send nothing more
         fileSystem.commitAll()
         if handlesSignals { fuse_remove_signal_handlers(session) }

@@ -65,6 +65,19 @@ public final class ShardManager: @unchecked Sendable {
     /// Told, after a commit to a shard of this node, which entries changed.
     public typealias ChangeListener = @Sendable (_ shard: UInt64, _ keys: [[UInt8]]) -> Void
 
+    /// Set by a FUSE mount of this node: returns once what its change listener
+    /// queued so far has reached the kernel (which then drops the cached names,
+    /// attributes and pages of the entries changed). The socket service calls it
+    /// after its writes, before it answers them: an invalidation that reached the
+    /// kernel later, while a reader's GETATTR was in flight, made the kernel drop
+    /// that GETATTR's fresh size (it discards attributes older than an
+    /// invalidation) and read the new bytes cut to the old size.
+    public var cacheBarrier: (@Sendable () -> Void)? {
+        get { lock.withLock { barrier } }
+        set { lock.withLock { barrier = newValue } }
+    }
+    private var barrier: (@Sendable () -> Void)?
+
     /// Adds a listener told after each commit to any shard of this node which
     /// entries changed (whatever path wrote them), so views like a FUSE mount can
     /// drop caches. It runs on the committing thread, after the commit: keep it
