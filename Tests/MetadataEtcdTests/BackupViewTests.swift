@@ -33,15 +33,31 @@ import Testing
         return config
     }
 
+    struct SetupFailure: Error, CustomStringConvertible { let description: String }
+
+    /// Node A, the primary (30 s lease), its volume, and a new shard of client "c".
+    static func startPrimary(_ dir: TemporaryDirectory, etcd: LocalEtcd) async throws -> (node: StorageNode, volume: String, shard: Shard) {
+        let a = try await StorageNode.start(try config(dir, node: "node-a", etcd: etcd, leaseTTL: 30))
+        guard let volume = a.volumes.mountedVolumes().first?.volumeID else { throw SetupFailure(description: "node-a mounted no volume") }
+        return (a, volume, try await a.shards.newShard(owner: "c"))
+    }
+
+    /// Node B, started and made a backup of `volume` (whose primary is `a`); returns once it serves `shard`.
+    static func startBackup(_ dir: TemporaryDirectory, etcd: LocalEtcd, leaseTTL: Int, of volume: String, primary a: StorageNode,
+                            serving shard: UInt64) async throws -> StorageNode {
+        let b = try await StorageNode.start(try config(dir, node: "node-b", etcd: etcd, initialVolumes: 0, leaseTTL: leaseTTL))
+        try await a.metadata.addBackup(volumeID: volume, nodeID: "node-b")
+        guard try await waitUntil(5, { b.views.serves(shard) }) else { throw SetupFailure(description: "node-b does not serve shard \(shard)") }
+        return b
+    }
+
     @Test func backupServesViewsThatFollowThePrimaryAndAreNeverWrong() async throws {
         try await withHeavyTest { try await withLocalEtcd { etcd in
             let dir = try TemporaryDirectory("backup-views")
             defer { dir.remove() }
             // 30 s leases: at the suite's start, hundreds of tests on two vCPUs once kept
             // every keepalive from etcd for over 10 s, and the primary rightly refused writes.
-            let a = try await StorageNode.start(try Self.config(dir, node: "node-a", etcd: etcd, leaseTTL: 30))
-            guard let volume = a.volumes.mountedVolumes().first?.volumeID else { Issue.record("no volume"); return }
-            let shard = try await a.shards.newShard(owner: "c")
+            let (a, volume, shard) = try await Self.startPrimary(dir, etcd: etcd)
             let keys = (0..<200).map { "k\($0)" }
             // Values of several sizes, a few chunked (over 128 KiB): overflow pages and chunk sets.
             @Sendable func size(_ i: Int) -> Int { i % 50 == 0 ? 300_000 : 100 + (i * 37) % 3000 }
@@ -147,9 +163,7 @@ import Testing
         try await withHeavyTest { try await withLocalEtcd { etcd in
             let dir = try TemporaryDirectory("backup-lease")
             defer { dir.remove() }
-            let a = try await StorageNode.start(try Self.config(dir, node: "node-a", etcd: etcd, leaseTTL: 30))
-            guard let volume = a.volumes.mountedVolumes().first?.volumeID else { Issue.record("no volume"); return }
-            let shard = try await a.shards.newShard(owner: "c")
+            let (a, volume, shard) = try await Self.startPrimary(dir, etcd: etcd)
             let keys = (0..<200).map { "k\($0)" }
             @Sendable func size(_ i: Int) -> Int { i % 50 == 0 ? 300_000 : 100 + (i * 37) % 3000 }
             @Sendable func write(_ version: Int) throws {
@@ -158,10 +172,8 @@ import Testing
                 }
             }
             try write(0)
-            // A short lease for the backup: its keepalive comes every 2 s and finds it revoked.
-            let b = try await StorageNode.start(try Self.config(dir, node: "node-b", etcd: etcd, initialVolumes: 0, leaseTTL: 6))
-            try await a.metadata.addBackup(volumeID: volume, nodeID: "node-b")
-            #expect(try await waitUntil(5) { b.views.serves(shard.id) })
+            // A short lease for the backup: its keepalive comes every 2 s.
+            let b = try await Self.startBackup(dir, etcd: etcd, leaseTTL: 6, of: volume, primary: a, serving: shard.id)
             b.views.updatesHeld = true
 
             // The primary rewrites every key until the backup has been back for a while.
@@ -249,13 +261,9 @@ import Testing
         try await withHeavyTest { try await withLocalEtcd { etcd in
             let dir = try TemporaryDirectory("backup-current")
             defer { dir.remove() }
-            let a = try await StorageNode.start(try Self.config(dir, node: "node-a", etcd: etcd, leaseTTL: 30))
-            guard let volume = a.volumes.mountedVolumes().first?.volumeID else { Issue.record("no volume"); return }
-            let shard = try await a.shards.newShard(owner: "c")
+            let (a, volume, shard) = try await Self.startPrimary(dir, etcd: etcd)
             try shard.put(try EntryKey("k"), value: [1], clientID: "c")
-            let b = try await StorageNode.start(try Self.config(dir, node: "node-b", etcd: etcd, initialVolumes: 0, leaseTTL: 6))
-            try await a.metadata.addBackup(volumeID: volume, nodeID: "node-b")
-            #expect(try await waitUntil(5) { (try? b.views.withView(shard.id, { try $0.get(try EntryKey("k")) })) != nil })
+            let b = try await Self.startBackup(dir, etcd: etcd, leaseTTL: 6, of: volume, primary: a, serving: shard.id)
             b.views.updatesHeld = true
             b.views.confirmationsHeld = true
             let held = Date()
