@@ -42,8 +42,8 @@ public final class BackupViews: @unchecked Sendable {
     private var volumeOf: [UInt64: String] = [:]
     private let leaseGeneration: @Sendable () -> UInt64?
     private var task: Task<Void, Never>?
-    /// Applies to one volume run one at a time (the stream's, a reload's, a
-    /// fetch's); volumes do not wait for each other.
+    /// Applies to one volume run one at a time (the stream's and a fetch's);
+    /// volumes do not wait for each other.
     private var gates: [String: SerialGate] = [:]
     private func gate(_ volumeID: String) -> SerialGate {
         lock.withLock {
@@ -58,8 +58,6 @@ public final class BackupViews: @unchecked Sendable {
     /// Per volume: the newest generation fetched, and the lease held when the
     /// fetch began. Generations from the stream at or past it are safe under that lease.
     private var fetched: [String: (lease: UInt64, epoch: UInt64, generation: UInt64)] = [:]
-    /// A reload after a lease change is running.
-    private var reloading: Task<Void, Never>?
     /// How long views stay served after a fetch showed them current (nil: always),
     /// and how often that is checked.
     private let currentFor: Duration?
@@ -75,15 +73,12 @@ public final class BackupViews: @unchecked Sendable {
         set { lock.withLock { holdingConfirmations = newValue } }
     }
     private var holdingConfirmations = false
-    /// Reloads done after a lease change (tests, status).
-    public private(set) var reloadsAfterLeaseChange: Int {
-        get { lock.withLock { reloadCount } }
-        set { lock.withLock { reloadCount = newValue } }
-    }
+    /// Fetches of a volume's views under a newer lease than the one before (tests, status).
+    public var reloadsAfterLeaseChange: Int { lock.withLock { reloadCount } }
     private var reloadCount = 0
     /// Tests only: while set, generations from the stream wait (as on a backup
     /// whose metadata stream is behind); `releaseUpdates` applies them in order.
-    /// Fetches (a reload) still apply.
+    /// Fetches still apply.
     public var updatesHeld: Bool {
         get { lock.withLock { holdingUpdates } }
         set { lock.withLock { holdingUpdates = newValue } }
@@ -188,25 +183,31 @@ public final class BackupViews: @unchecked Sendable {
                     while !Task.isCancelled {
                         try? await Task.sleep(for: confirmEvery)
                         guard let self else { return }
-                        if self.confirmationsHeld { continue }
-                        // One check per volume at a time, side by side: a volume slow to
-                        // apply (readers to drain, an acknowledgement retried) holds up no other.
-                        let ids = self.lock.withLock { () -> [String] in
-                            let due = Set(self.fetched.keys).union(self.current.keys).subtracting(self.confirming)
-                            self.confirming.formUnion(due)
-                            return Array(due)
-                        }
-                        for id in ids {
-                            Task { [weak self] in
-                                guard let self else { return }
-                                defer { _ = self.lock.withLock { self.confirming.remove(id) } }
-                                do { try await self.fetchAndApply(id) } catch {
-                                    self.logger.warning("cannot check that a volume's views are current; they stop being served if this lasts",
-                                                        metadata: ["volume": "\(id)", "error": "\(error)"])
-                                }
-                            }
-                        }
+                        if !self.confirmationsHeld { self.checkVolumes() }
                     }
+                }
+            }
+        }
+    }
+
+    /// Fetches the newest generation of every volume this node backs (see
+    /// `fetchAndApply`): periodically, and at once after a lease change. One
+    /// check per volume at a time, side by side: a volume slow to apply (readers
+    /// to drain, an acknowledgement retried) holds up no other.
+    private func checkVolumes() {
+        let ids = lock.withLock { () -> [String] in
+            guard task != nil else { return [] }  // not started, or stopped
+            let due = Set(fetched.keys).union(current.keys).subtracting(confirming)
+            confirming.formUnion(due)
+            return Array(due)
+        }
+        for id in ids {
+            Task { [weak self] in
+                guard let self else { return }
+                defer { _ = self.lock.withLock { self.confirming.remove(id) } }
+                do { try await self.fetchAndApply(id) } catch {
+                    self.logger.warning("cannot fetch a volume's newest views; they stop being served if this lasts",
+                                        metadata: ["volume": "\(id)", "error": "\(error)"])
                 }
             }
         }
@@ -217,7 +218,6 @@ public final class BackupViews: @unchecked Sendable {
             stopped = true
             task?.cancel()
             task = nil
-            reloading?.cancel()
             confirmer?.cancel()
             confirmer = nil
             current.removeAll()
@@ -339,7 +339,7 @@ public final class BackupViews: @unchecked Sendable {
             throw ShardError.notPrimary("this backup cannot confirm its lease; its views are not served")
         }
         guard generation.lease == lease else {
-            reloadAfterLeaseChange()
+            checkVolumes()
             throw ShardError.notPrimary("this backup's lease lapsed since its views were loaded; they are loaded again before it serves")
         }
         let result = try body(view)
@@ -348,33 +348,6 @@ public final class BackupViews: @unchecked Sendable {
             throw ShardError.notPrimary("this backup's views stopped being shown current during the read")
         }
         return result
-    }
-
-    /// Fetches the newest generation of every volume this node serves views of
-    /// again, under the lease it holds now (one reload at a time).
-    private func reloadAfterLeaseChange() {
-        lock.withLock {
-            guard reloading == nil, task != nil else { return }
-            let ids = Array(current.keys)
-            reloading = Task { [weak self] in
-                guard let self else { return }
-                var done = true
-                for id in ids where !Task.isCancelled {
-                    do {
-                        try await self.fetchAndApply(id)
-                    } catch {
-                        done = false
-                        self.logger.warning("cannot load a volume's views after a lease change; retrying at the next read",
-                                            metadata: ["volume": "\(id)", "error": "\(error)"])
-                    }
-                }
-                self.lock.withLock {
-                    self.reloading = nil
-                    if done { self.reloadCount += 1 }
-                }
-                if done { self.logger.notice("views loaded again under this node's new lease", metadata: ["volumes": "\(ids.count)"]) }
-            }
-        }
     }
 
     /// Swaps in a published generation (if newer than the one held, or the same
@@ -396,6 +369,7 @@ public final class BackupViews: @unchecked Sendable {
                 // (it stalled across a lapse) does not move the baseline back.
                 if let l = fetchedUnder, l >= fetched[id]?.lease ?? 0,
                    fetched[id]?.lease != l || !Self.isOlder((views.epoch, views.generation), than: fetched[id]) {
+                    if let before = fetched[id]?.lease, l > before { reloadCount += 1 }
                     fetched[id] = (l, views.epoch, views.generation)
                 }
             } else if let base = fetched[id], let now = leaseGeneration(), base.lease == now,
