@@ -119,6 +119,73 @@ struct FailoverTests {
 
     static func size(_ i: Int) -> Int { i % 40 == 0 ? 200_000 : 200 + (i * 53) % 4000 }
 
+    /// A client that rewrites `keys` of a shard through its primary, version after
+    /// version (values that check themselves: `CheckedValue`), until `stop`.
+    final class Rewriter: Sendable {
+        private let writing = Flag()
+        private let cluster: ShardFSCluster
+        private let task: Task<Int, Never>
+
+        init(keys: [String], shard: UInt64, primary: Endpoint) throws {
+            var options = RoutingOptions()
+            options.deadline = .seconds(60)
+            let cluster = try ShardFSCluster(nodes: [primary], options: options)
+            let writing = writing
+            self.cluster = cluster
+            task = Task.detached {
+                var version = 0, writes = 0
+                while writing.isSet {
+                    version += 1
+                    for (i, key) in keys.enumerated() where writing.isSet {
+                        if (try? await cluster.put(client: "writer", shard: shard, key: Array(key.utf8),
+                                                   value: CheckedValue.make(key: key, version: version, size: FailoverTests.size(i)))) != nil { writes += 1 }
+                    }
+                }
+                return writes
+            }
+        }
+
+        /// Stops; the writes acknowledged.
+        func stop() async -> Int {
+            writing.clear()
+            let writes = await task.value
+            await cluster.close()
+            return writes
+        }
+    }
+
+    /// Reads keys of a shard from a backup over the socket and checks every value.
+    final class CheckedReader {
+        let shard: UInt64
+        private let client: ShardFSClient
+        private(set) var reads = 0, wrong = 0, damaged = 0
+
+        init(shard: UInt64, backup: Endpoint) async throws {
+            self.shard = shard
+            client = try await ShardFSClient.connect(to: backup)
+        }
+
+        /// Reads 10 of `keys` at a time for `seconds`.
+        func read(for seconds: Double, _ keys: ArraySlice<String>) async throws {
+            let until = Date().addingTimeInterval(seconds)
+            while Date() < until {
+                for key in keys.shuffled().prefix(10) {
+                    do {
+                        let entry = try await client.get(shard: shard, key: Array(key.utf8))
+                        reads += 1
+                        if CheckedValue.version(entry.value, key: key) == nil { wrong += 1 }
+                    } catch {
+                        // Not served for a moment is fine; a view that finds its pages damaged is not.
+                        if "\(error)".contains("corrupt") || "\(error)".contains("view:") { damaged += 1 }
+                    }
+                }
+                try await Task.sleep(for: .milliseconds(2))
+            }
+        }
+
+        func close() async { await client.close() }
+    }
+
     func volumeID() throws -> String {
         let records = try FileManager.default.contentsOfDirectory(atPath: dir.sub("images")).filter { $0.hasSuffix(".json") }
         guard records.count == 1 else { throw Failure("expected one volume, found \(records)") }
@@ -427,56 +494,23 @@ struct FailoverTests {
             let (a, b, shard, _) = try await startPair(etcd: etcd, failoverDelayMs: 60_000)
             hosts = [a, b]
             let keys = (0..<50).map { "r\($0)" }
-            let writing = Atomic<Bool>(true)
-            var options = RoutingOptions()
-            options.deadline = .seconds(60)
-            let cluster = try ShardFSCluster(nodes: [try a.endpoint], options: options)
-            let writer = Task.detached { () -> Int in
-                var version = 0, writes = 0
-                while writing.load(ordering: .acquiring) {
-                    version += 1
-                    for (i, key) in keys.enumerated() where writing.load(ordering: .acquiring) {
-                        if (try? await cluster.put(client: "writer", shard: shard, key: Array(key.utf8),
-                                                   value: CheckedValue.make(key: key, version: version, size: Self.size(i)))) != nil { writes += 1 }
-                    }
-                }
-                return writes
-            }
-            let reader = try await ShardFSClient.connect(to: try b.endpoint)
-            var reads = 0, wrong = 0, damaged = 0
-            func readFor(_ seconds: Double) async throws {
-                let until = Date().addingTimeInterval(seconds)
-                while Date() < until {
-                    for key in keys.shuffled().prefix(10) {
-                        do {
-                            let entry = try await reader.get(shard: shard, key: Array(key.utf8))
-                            reads += 1
-                            if CheckedValue.version(entry.value, key: key) == nil { wrong += 1 }
-                        } catch {
-                            // Not served for a moment is fine; a view that finds its pages damaged is not.
-                            if "\(error)".contains("corrupt") || "\(error)".contains("view:") { damaged += 1 }
-                        }
-                    }
-                    try await Task.sleep(for: .milliseconds(2))
-                }
-            }
-            try await readFor(2)
+            let writer = try Rewriter(keys: keys, shard: shard, primary: try a.endpoint)
+            let reader = try await CheckedReader(shard: shard, backup: try b.endpoint)
+            try await reader.read(for: 2, keys[...])
             a.signal(SIGKILL)
             a.process.waitUntilExit()
             let again = try Host(name: "a", config: dir.sub("a.yaml"), port: a.port)
             hosts.append(again)
             async let restarted: Void = again.start()
-            try await readFor(3)
+            try await reader.read(for: 3, keys[...])
             try await restarted
-            try await readFor(3)
-            writing.store(false, ordering: .releasing)
-            let writes = await writer.value
-            await cluster.close()
+            try await reader.read(for: 3, keys[...])
+            let writes = await writer.stop()
             await reader.close()
-            print("restarted primary: \(writes) writes, backup reads \(reads), wrong \(wrong), damaged \(damaged)")
-            #expect(wrong == 0)
-            #expect(damaged == 0)
-            #expect(reads > 100)
+            print("restarted primary: \(writes) writes, backup reads \(reader.reads), wrong \(reader.wrong), damaged \(reader.damaged)")
+            #expect(reader.wrong == 0)
+            #expect(reader.damaged == 0)
+            #expect(reader.reads > 100)
         } }
     }
 
@@ -496,46 +530,16 @@ struct FailoverTests {
                                                        backupEnvironment: ["SHARDFS_TEST_HOLD_VIEWS_FILE": hold])
             hosts = [a, b]
             let keys = (0..<200).map { "h\($0)" }
-            let writing = Flag()
-            var options = RoutingOptions()
-            options.deadline = .seconds(60)
-            let cluster = try ShardFSCluster(nodes: [try a.endpoint], options: options)
-            let writer = Task.detached { () -> Int in
-                var version = 0, writes = 0
-                while writing.isSet {
-                    version += 1
-                    for (i, key) in keys.enumerated() where writing.isSet {
-                        if (try? await cluster.put(client: "writer", shard: shard, key: Array(key.utf8),
-                                                   value: CheckedValue.make(key: key, version: version, size: Self.size(i)))) != nil { writes += 1 }
-                    }
-                }
-                return writes
-            }
-            let reader = try await ShardFSClient.connect(to: try b.endpoint)
-            var reads = 0, readsAfter = 0, wrong = 0, damaged = 0
-            func readFor(_ seconds: Double, _ some: ArraySlice<String>, after: Bool) async throws {
-                let until = Date().addingTimeInterval(seconds)
-                while Date() < until {
-                    for key in some.shuffled().prefix(10) {
-                        do {
-                            let entry = try await reader.get(shard: shard, key: Array(key.utf8))
-                            reads += 1
-                            if after { readsAfter += 1 }
-                            if CheckedValue.version(entry.value, key: key) == nil { wrong += 1 }
-                        } catch {
-                            if "\(error)".contains("corrupt") || "\(error)".contains("view:") { damaged += 1 }
-                        }
-                    }
-                    try await Task.sleep(for: .milliseconds(2))
-                }
-            }
-            try await readFor(2, keys[..<100], after: false)
+            let writer = try Rewriter(keys: keys, shard: shard, primary: try a.endpoint)
+            let reader = try await CheckedReader(shard: shard, backup: try b.endpoint)
+            try await reader.read(for: 2, keys[..<100])
             // The stream stops well before the kill: the pages of the generation the
             // backup holds are freed early and come first when the restarted primary
             // reuses pages (LMDB takes the oldest freed first).
             FileManager.default.createFile(atPath: hold, contents: nil)
             defer { try? FileManager.default.removeItem(atPath: hold) }
-            try await readFor(3, keys[..<100], after: false)
+            try await reader.read(for: 3, keys[..<100])
+            let beforeKill = reader.reads
             a.signal(SIGKILL)
             a.process.waitUntilExit()
             let again = try Host(name: "a", config: dir.sub("a.yaml"), port: a.port)
@@ -547,24 +551,22 @@ struct FailoverTests {
                 try await again.start()
             }
             while !finished.withLock({ $0 }), Date().timeIntervalSince(started) < 60 {
-                try await readFor(0.5, keys[..<100], after: true)
+                try await reader.read(for: 0.5, keys[..<100])
             }
             try await restarting.value
             let restartSeconds = Date().timeIntervalSince(started)
-            try await readFor(3, keys[100...], after: true)
+            try await reader.read(for: 3, keys[100...])
             // Following again, it serves the primary's newest views.
             try? FileManager.default.removeItem(atPath: hold)
-            let before = reads
-            try await readFor(3, keys[100...], after: true)
-            let servedOnceFollowing = reads - before
-            writing.clear()
-            let writes = await writer.value
-            await cluster.close()
+            let before = reader.reads
+            try await reader.read(for: 3, keys[100...])
+            let servedOnceFollowing = reader.reads - before
+            let writes = await writer.stop()
             await reader.close()
-            print("restarted primary, backup not following: restart took \(String(format: "%.1f", restartSeconds)) s; \(writes) writes, backup reads \(reads) (\(readsAfter) after the kill, \(servedOnceFollowing) once following again), wrong \(wrong), damaged \(damaged)")
-            #expect(wrong == 0)
-            #expect(damaged == 0)
-            #expect(reads > 100)
+            print("restarted primary, backup not following: restart took \(String(format: "%.1f", restartSeconds)) s; \(writes) writes, backup reads \(reader.reads) (\(reader.reads - beforeKill) after the kill, \(servedOnceFollowing) once following again), wrong \(reader.wrong), damaged \(reader.damaged)")
+            #expect(reader.wrong == 0)
+            #expect(reader.damaged == 0)
+            #expect(reader.reads > 100)
             #expect(servedOnceFollowing > 50)
         } }
     }
