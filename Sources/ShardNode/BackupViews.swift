@@ -292,6 +292,22 @@ public final class BackupViews: @unchecked Sendable {
         }
     }
 
+    /// Whether the volume's views were let go for a take-over (`release`) and not readmitted.
+    public func isReleased(_ volumeID: String) -> Bool { releasedForTakeOver(volumeID) }
+
+    /// Serves a volume's views again after a take-over that ended with another
+    /// node writing it: once its record names this node a backup, it is
+    /// attached read-only and its newest views are loaded (`follow`).
+    public func readmit(_ volumeID: String) async {
+        guard lock.withLock({ takenOver.remove(volumeID) != nil }) else { return }
+        do {
+            await follow(try await metadata.getVolume(volumeID))
+        } catch {
+            logger.warning("cannot read the record of a volume given back after a take-over; a change to it serves it again",
+                           metadata: ["volume": "\(volumeID)", "error": "\(error)"])
+        }
+    }
+
     /// Adds a listener told after each generation is swapped in (on the task
     /// that follows the metadata; keep it short). Returns what `removeListener` takes.
     public func addListener(_ listener: @escaping Listener) -> UInt64 {

@@ -25,11 +25,22 @@ public final class Failover: @unchecked Sendable {
     /// Cuts the old primary off the volume (`oldPrimary`, or, when nil, whichever
     /// other instance has it attached read-write) and mounts it read-write here.
     private let takeOverVolume: @Sendable (_ volumeID: String, _ oldPrimary: String?) async throws -> MountedVolume
+    /// Gives back a volume whose take-over began here but ended with another node
+    /// writing it: lets go of what the take-over mounted, and serves the volume's
+    /// views again if this node backs it.
+    private let giveBack: @Sendable (_ volumeID: String) async -> Void
     private let logger: Logger
     private let lock = NSLock()
     private var task: Task<Void, Never>?
     private var watchers: [String: Task<Void, Never>] = [:]
     private var takingOver: Set<String> = []
+    /// Tests only: runs once a take-over has mounted the volume read-write, before
+    /// the node checks that it still holds the volume (another node may win it meanwhile).
+    public var beforeConfirmingTheWin: (@Sendable (_ volumeID: String) async -> Void)? {
+        get { lock.withLock { _beforeConfirmingTheWin } }
+        set { lock.withLock { _beforeConfirmingTheWin = newValue } }
+    }
+    private var _beforeConfirmingTheWin: (@Sendable (_ volumeID: String) async -> Void)?
     private var leaseTask: Task<Void, Never>?
     /// Promotions done, for reports: volume → how long from noticing to serving.
     public private(set) var promotions: [(volumeID: String, took: Duration)] = []
@@ -37,6 +48,7 @@ public final class Failover: @unchecked Sendable {
     public init(nodeID: String, metadata: any MetadataStore, shards: ShardManager, lease: LeaseGuard? = nil,
                 failoverDelay: Duration, automatic: Bool = true,
                 takeOverVolume: @escaping @Sendable (_ volumeID: String, _ oldPrimary: String?) async throws -> MountedVolume,
+                giveBack: @escaping @Sendable (_ volumeID: String) async -> Void = { _ in },
                 logger: Logger = Logger(label: "shardfs.failover")) {
         self.nodeID = nodeID
         self.metadata = metadata
@@ -45,6 +57,7 @@ public final class Failover: @unchecked Sendable {
         self.failoverDelay = failoverDelay
         self.automatic = automatic
         self.takeOverVolume = takeOverVolume
+        self.giveBack = giveBack
         self.logger = logger
     }
 
@@ -93,8 +106,8 @@ public final class Failover: @unchecked Sendable {
             if let held, volume.primaryNodeID != nodeID || volume.epoch != held {
                 shards.depose(volume.volumeID)
             } else if held == nil, volume.primaryNodeID == nodeID, volume.epoch > 1 {
-                // Won by hand (or by this node's own watcher, which is taking it over).
-                await takeOver(volume.volumeID, epoch: volume.epoch, oldPrimary: nil, noticed: .now)
+                // Won by hand (or by this node's own promotion, which is taking it over).
+                pursue(volume.volumeID, after: .zero)
             }
         case .nodeUnregistered(let gone):
             guard let volumes = try? await metadata.listVolumes(nodeID: nodeID) else { return }
@@ -109,14 +122,22 @@ public final class Failover: @unchecked Sendable {
     /// Waits `failoverDelay`; if the primary is still gone, wins the volume and takes it over.
     private func watchPrimary(of volumeID: String, primary: String) {
         guard automatic else { return }
+        pursue(volumeID, after: failoverDelay)
+    }
+
+    /// After `delay`, promotes this node for the volume (`promote`), unless a
+    /// promotion of it already runs here; a take-over that began and ended with
+    /// another node writing the volume is given back.
+    private func pursue(_ volumeID: String, after delay: Duration) {
         let noticed = ContinuousClock.now
         lock.withLock {
             guard watchers[volumeID] == nil else { return }
-            watchers[volumeID] = Task { [weak self, failoverDelay] in
-                try? await Task.sleep(for: failoverDelay)
+            watchers[volumeID] = Task { [weak self] in
+                if delay > .zero { try? await Task.sleep(for: delay) }
                 guard let self else { return }
                 defer { self.lock.withLock { _ = self.watchers.removeValue(forKey: volumeID) } }
                 await self.promote(volumeID, goneSince: noticed)
+                if !Task.isCancelled, self.shards.primaryEpoch(volumeID) == nil { await self.giveBack(volumeID) }
             }
         }
     }
@@ -157,6 +178,7 @@ public final class Failover: @unchecked Sendable {
         if shards.primaryEpoch(volumeID) == epoch { return }
         do {
             let mounted = try await takeOverVolume(volumeID, oldPrimary)
+            if let hook = beforeConfirmingTheWin { await hook(volumeID) }
             // Still ours? A later epoch means someone else won meanwhile: do not write.
             let volume = try await metadata.getVolume(volumeID)
             guard volume.primaryNodeID == nodeID, volume.epoch == epoch else {

@@ -141,6 +141,10 @@ public final class StorageNode: Sendable {
                                 automatic: config.backup.automaticFailover) { volumeID, oldPrimary in
             await views.release(volumeID)  // its reads hold the read-only device open
             return try await takeOver(volumeID, oldPrimary: oldPrimary, volumes: volumes, provider: provider, metadata: metadata)
+        } giveBack: { volumeID in
+            guard views.isReleased(volumeID) else { return }  // no take-over began here
+            await letGo(volumeID, volumes: volumes)
+            await views.readmit(volumeID)
         }
         try await failover.start()
         let node = StorageNode(configuration: config, lock: lock, metadata: metadata, volumes: volumes, shards: shards,
@@ -178,6 +182,26 @@ public final class StorageNode: Sendable {
         let mounted = try await block.promote(volumeID, fencing: fenced)
         if let facts = await facts(of: volumeID, volumes: volumes) { try? await metadata.updateVolumeFacts(volumeID, facts) }
         return mounted
+    }
+
+    /// Undoes what a take-over that another node won meanwhile mounted here: the
+    /// volume is unmounted (and a block volume detached from this instance; the
+    /// winner fences this instance's attachment anyway). Failures are logged: the
+    /// node does not write the volume either way.
+    static func letGo(_ volumeID: String, volumes: any VolumeManager, logger: Logger = Logger(label: "shardfs.failover")) async {
+        do {
+            if let block = volumes as? BlockVolumeManager {
+                if block.mountedVolumes().contains(where: { $0.volumeID == volumeID })
+                    || block.attachedVolumes().contains(where: { $0.volumeID == volumeID }) {
+                    try await block.detach(volumeID)
+                }
+            } else if volumes.mountedVolumes().contains(where: { $0.volumeID == volumeID }) {
+                try await volumes.unmount(volumeID)
+            }
+        } catch {
+            logger.error("cannot let go of a volume another node won while this node was taking it over",
+                         metadata: ["volume": "\(volumeID)", "error": "\(error)"])
+        }
     }
 
     // MARK: Volume facts

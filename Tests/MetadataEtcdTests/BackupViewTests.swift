@@ -283,6 +283,48 @@ import Testing
         } }
     }
 
+    /// A backup that wins its volume (here by hand) but loses it to another node
+    /// before it has checked the win writes nothing, lets go of what it mounted
+    /// read-write, and serves the volume's views again once it backs it again.
+    @Test func aBackupThatLosesAVolumeWhileTakingItOverServesItsViewsAgain() async throws {
+        try await withHeavyTest { try await withLocalEtcd { etcd in
+            let dir = try TemporaryDirectory("lost-takeover")
+            defer { dir.remove() }
+            let k = try EntryKey("k")
+            let (a, volume, id) = try await { () async throws -> (StorageNode, String, UInt64) in
+                // This Shard is let go when A is deposed: not kept past here.
+                let (a, volume, first) = try await Self.startPrimary(dir, etcd: etcd)
+                try first.put(k, value: [1], clientID: "c")
+                return (a, volume, first.id)
+            }()
+            let b = try await Self.startBackup(dir, etcd: etcd, leaseTTL: 10, of: volume, primary: a, serving: id)
+            let epoch = try await a.metadata.getVolume(volume).epoch
+            b.failover.beforeConfirmingTheWin = { volumeID in
+                // Node A wins the volume back (by hand) and makes B its backup again.
+                _ = try? await a.metadata.updatePrimary(volumeID: volumeID, nodeID: "node-a", expectedEpoch: epoch + 1)
+                try? await a.metadata.addBackup(volumeID: volumeID, nodeID: "node-b")
+            }
+            _ = try await b.metadata.updatePrimary(volumeID: volume, nodeID: "node-b", expectedEpoch: epoch)
+            // A takes the volume back at epoch + 2 and writes the shard again (a
+            // Shard opened anew by its take-over).
+            #expect(try await waitUntil(20) { a.shards.primaryEpoch(volume) == epoch + 2 })
+            let rewritten = try await waitUntil(20) {
+                guard let shard = try? await a.shards.shard(id) else { return false }
+                return (try? shard.put(k, value: [2], clientID: "c")) != nil
+            }
+            #expect(rewritten)
+            #expect(b.shards.primaryEpoch(volume) == nil)
+            let served = try await waitUntil(20) {
+                (try? b.views.withView(id, { try $0.get(k) }))?.value == [2]
+            }
+            #expect(served, "node-b serves no view of shard \(id) after losing the take-over")
+            #expect(b.volumes.mountedVolumes().filter { $0.volumeID == volume }.map(\.readOnly) == [true])
+            #expect(b.shards.primaryEpoch(volume) == nil)
+            await b.stopRoles()
+            await a.stopRoles()
+        } }
+    }
+
     /// A primary whose lease lapses (etcd stops answering for longer than the TTL)
     /// refuses every write, since another node may have won its volume; once etcd
     /// is back and the node has checked that it still holds the volume, it writes again.
