@@ -135,7 +135,7 @@ let package = Package(
         .testTarget(name: "ShardNodeTests", dependencies: ["ShardNode", "TestSupport"]),
         .testTarget(name: "BatchProtocolTests", dependencies: ["BatchProtocol", "TestSupport"]),
         .testTarget(name: "BatchServerTests", dependencies: [
-            "BatchServer", "ShardFSClient", "ShardNode", "ShardStore", "TestSupport",
+            "BatchServer", "Metadata", "ShardFSClient", "ShardNode", "ShardStore", "TestSupport", "Volumes",
         ]),
         .testTarget(name: "ShardFUSETests", dependencies: [
             "shardfs", "ShardFUSE", "ShardStore", "TestSupport",
