@@ -108,6 +108,7 @@ public final class BlockVolumeManager: VolumeManager, @unchecked Sendable {
     /// opens the device `O_RDONLY`. `detach` ends it; `releaseAll` too.
     public func attach(_ volumeID: String, readOnly: Bool) async throws -> AttachedVolume {
         try FolderCloudProvider.validate(volumeID)
+        try await dropFencedMount(volumeID)
         if let known = lock.withLock({ mounted[volumeID] }) ?? mountInfo(at: mountPath(volumeID)).map({
             MountedVolume(volumeID: volumeID, mountPath: mountPath(volumeID), readOnly: $0.readOnly, device: $0.source)
         }) {
@@ -141,7 +142,9 @@ public final class BlockVolumeManager: VolumeManager, @unchecked Sendable {
     ///
     /// 1. fence `oldInstance`: forced detach, then wait until the cloud lists it
     ///    no more (`CloudProvider.fence`); from here its writes cannot land;
-    /// 2. unmount this node's read-only mount of the volume, if any;
+    /// 2. unmount this node's read-only mount of the volume, if any, or a
+    ///    read-write one whose attachment is no longer listed (another node fenced
+    ///    this one: it was deposed, and is promoted back; `dropFencedMount`);
     /// 3. detach this instance's read-only attachment, if any (loop: a `losetup -r`
     ///    device cannot become writable; cloud attachments are read-write already
     ///    and stay);
@@ -163,6 +166,7 @@ public final class BlockVolumeManager: VolumeManager, @unchecked Sendable {
             try await provider.fence(volumeID, instanceID: oldInstance, timeout: attachTimeout, poll: pollInterval)
         }
         let target = mountPath(volumeID)
+        try await dropFencedMount(volumeID)
         if let existing = mountInfo(at: target) {
             if !existing.readOnly {
                 lock.withLock { _ = attachedOnly.removeValue(forKey: volumeID) }
@@ -314,6 +318,23 @@ public final class BlockVolumeManager: VolumeManager, @unchecked Sendable {
         default:
             throw VolumeError.failed("cannot probe volume \(volumeID) (\(device)): blkid exited with \(probe.status): "
                                      + probe.stderr.trimmingCharacters(in: .whitespacesAndNewlines))
+        }
+    }
+
+    /// A mount of the volume here whose attachment the provider no longer lists
+    /// sits on a device another node fenced off (a revoked loop device, a cloud
+    /// disk force-detached): every I/O through it fails, and the deposed node's
+    /// shards may still hold files open on it. It is unmounted lazily (`umount
+    /// -l`: those files go on failing) so that the volume can be attached afresh.
+    private func dropFencedMount(_ volumeID: String) async throws {
+        let target = mountPath(volumeID)
+        guard mountInfo(at: target) != nil,
+              try await provider.describeVolume(volumeID).attachment(of: instanceID) == nil else { return }
+        try await runner.check("umount", ["-l", target],
+                               purpose: "cannot unmount volume \(volumeID) at \(target), whose device another node fenced off")
+        lock.withLock {
+            _ = mounted.removeValue(forKey: volumeID)
+            _ = attachedOnly.removeValue(forKey: volumeID)
         }
     }
 

@@ -404,12 +404,13 @@ struct FailoverTests {
     /// The primary is paused (SIGSTOP) past its lease while a client writes to it;
     /// the backup promotes itself; the old primary is resumed and keeps being
     /// asked to write: none of its writes lands after the promotion (counted on the
-    /// new primary), and it acknowledges none.
+    /// new primary), and it acknowledges none. Made a backup and promoted back by
+    /// hand, it writes again without a restart.
     @Test func aPausedPrimaryWritesNothingAfterTheBackupTookOver() async throws {
         var hosts: [Host] = []
         defer { cleanUp(hosts) }
         try await withHeavyTest { try await withLocalEtcd { etcd in
-            let (a, b, shard, _) = try await startPair(etcd: etcd)
+            let (a, b, shard, volume) = try await startPair(etcd: etcd)
             hosts = [a, b]
             let keys = (0..<20).map { "p\($0)" }
             // (key → last version acknowledged), and acknowledgements after the pause.
@@ -480,6 +481,33 @@ struct FailoverTests {
             #expect(landedAfter == 0)
             #expect(lost == 0)
             #expect(refused > 0)
+
+            // Promoted back by hand, without a restart, the old primary (fenced, its
+            // mount on a revoked device) writes the volume again, through a fresh attachment.
+            let added = try await runAsync(Self.shardfs, ["volume", "add-backup", volume, "--backup", "a", "--config", dir.sub("a.yaml")])
+            #expect(added.status == 0, "\(added.stderr)")
+            let back = try await runAsync(Self.shardfs, ["volume", "promote", volume, "--to", "a", "--config", dir.sub("a.yaml")])
+            #expect(back.status == 0, "\(back.stderr)")
+            let again = try await ShardFSClient.connect(to: try a.endpoint)
+            var wroteBackAfter: Double?
+            let promotedBack = Date()
+            while Date().timeIntervalSince(promotedBack) < 30 {
+                if (try? await again.put(client: "writer", shard: shard, key: Array("back".utf8), value: [2])) != nil {
+                    wroteBackAfter = Date().timeIntervalSince(promotedBack)
+                    break
+                }
+                try await Task.sleep(for: .milliseconds(100))
+            }
+            #expect(wroteBackAfter != nil, "the old primary, promoted back, never wrote")
+            if wroteBackAfter != nil {
+                for key in keys {
+                    let entry = try await again.get(shard: shard, key: Array(key.utf8))
+                    #expect(CheckedValue.version(entry.value, key: key) != nil, "\(key) on the old primary promoted back")
+                }
+                #expect(try await again.get(shard: shard, key: Array("probe".utf8)).value == [1])
+            }
+            await again.close()
+            print("paused primary promoted back by hand: wrote \(wroteBackAfter.map { String(format: "%.2f", $0) } ?? "never") s after the promote")
         } }
     }
 
