@@ -292,11 +292,12 @@ public final class BackupViews: @unchecked Sendable {
         }
     }
 
-    /// Whether the volume's views were let go for a take-over (`release`) and not readmitted.
+    /// Whether the volume's views were let go for a take-over (`release`) that has not ended (`readmit`).
     public func isReleased(_ volumeID: String) -> Bool { releasedForTakeOver(volumeID) }
 
-    /// Serves a volume's views again after a take-over that ended with another
-    /// node writing it: once its record names this node a backup, it is
+    /// Ends what `release` began, once the take-over is over: if it did not end
+    /// with this node writing the volume and the record names this node a backup
+    /// (someone made it one again: a winner leaves the backups), the volume is
     /// attached read-only and its newest views are loaded (`follow`).
     public func readmit(_ volumeID: String) async {
         guard lock.withLock({ takenOver.remove(volumeID) != nil }) else { return }

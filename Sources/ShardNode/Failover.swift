@@ -25,15 +25,17 @@ public final class Failover: @unchecked Sendable {
     /// Cuts the old primary off the volume (`oldPrimary`, or, when nil, whichever
     /// other instance has it attached read-write) and mounts it read-write here.
     private let takeOverVolume: @Sendable (_ volumeID: String, _ oldPrimary: String?) async throws -> MountedVolume
-    /// Gives back a volume whose take-over began here but ended with another node
-    /// writing it: lets go of what the take-over mounted, and serves the volume's
-    /// views again if this node backs it.
-    private let giveBack: @Sendable (_ volumeID: String) async -> Void
+    /// Run when a promotion of the volume ends (`writing`: with this node writing
+    /// it): a take-over that began here and did not end writing lets go of what
+    /// it mounted, and the volume's views are served again if this node backs it.
+    private let settle: @Sendable (_ volumeID: String, _ writing: Bool) async -> Void
     private let logger: Logger
     private let lock = NSLock()
     private var task: Task<Void, Never>?
     private var watchers: [String: Task<Void, Never>] = [:]
     private var takingOver: Set<String> = []
+    /// Volumes asked to be promoted again while a promotion of them ran.
+    private var lookAgain: Set<String> = []
     /// Tests only: runs once a take-over has mounted the volume read-write, before
     /// the node checks that it still holds the volume (another node may win it meanwhile).
     public var beforeConfirmingTheWin: (@Sendable (_ volumeID: String) async -> Void)? {
@@ -48,7 +50,7 @@ public final class Failover: @unchecked Sendable {
     public init(nodeID: String, metadata: any MetadataStore, shards: ShardManager, lease: LeaseGuard? = nil,
                 failoverDelay: Duration, automatic: Bool = true,
                 takeOverVolume: @escaping @Sendable (_ volumeID: String, _ oldPrimary: String?) async throws -> MountedVolume,
-                giveBack: @escaping @Sendable (_ volumeID: String) async -> Void = { _ in },
+                settle: @escaping @Sendable (_ volumeID: String, _ writing: Bool) async -> Void = { _, _ in },
                 logger: Logger = Logger(label: "shardfs.failover")) {
         self.nodeID = nodeID
         self.metadata = metadata
@@ -57,7 +59,7 @@ public final class Failover: @unchecked Sendable {
         self.failoverDelay = failoverDelay
         self.automatic = automatic
         self.takeOverVolume = takeOverVolume
-        self.giveBack = giveBack
+        self.settle = settle
         self.logger = logger
     }
 
@@ -107,7 +109,7 @@ public final class Failover: @unchecked Sendable {
                 shards.depose(volume.volumeID)
             } else if held == nil, volume.primaryNodeID == nodeID, volume.epoch > 1 {
                 // Won by hand (or by this node's own promotion, which is taking it over).
-                pursue(volume.volumeID, after: .zero)
+                pursue(volume.volumeID, after: .zero, mayWin: false)
             }
         case .nodeUnregistered(let gone):
             guard let volumes = try? await metadata.listVolumes(nodeID: nodeID) else { return }
@@ -122,31 +124,51 @@ public final class Failover: @unchecked Sendable {
     /// Waits `failoverDelay`; if the primary is still gone, wins the volume and takes it over.
     private func watchPrimary(of volumeID: String, primary: String) {
         guard automatic else { return }
-        pursue(volumeID, after: failoverDelay)
+        pursue(volumeID, after: failoverDelay, mayWin: true)
     }
 
-    /// After `delay`, promotes this node for the volume (`promote`), unless a
-    /// promotion of it already runs here; a take-over that began and ended with
-    /// another node writing the volume is given back.
-    private func pursue(_ volumeID: String, after delay: Duration) {
+    /// After `delay`, promotes this node for the volume (`promote`); `mayWin`:
+    /// it may also win the volume from a primary that is gone (automatic
+    /// failover), else it only takes over a volume the record names it primary
+    /// of (by hand). While a promotion of the volume runs here, a new request
+    /// makes it look again once done, instead of being dropped. At its end the
+    /// volume is settled: a take-over that began here and did not end with this
+    /// node writing the volume is given back.
+    private func pursue(_ volumeID: String, after delay: Duration, mayWin: Bool) {
         let noticed = ContinuousClock.now
         lock.withLock {
-            guard watchers[volumeID] == nil else { return }
+            guard watchers[volumeID] == nil else {
+                lookAgain.insert(volumeID)
+                return
+            }
             watchers[volumeID] = Task { [weak self] in
                 if delay > .zero { try? await Task.sleep(for: delay) }
-                guard let self else { return }
-                defer { self.lock.withLock { _ = self.watchers.removeValue(forKey: volumeID) } }
-                await self.promote(volumeID, goneSince: noticed)
-                if !Task.isCancelled, self.shards.primaryEpoch(volumeID) == nil { await self.giveBack(volumeID) }
+                while let self, !Task.isCancelled {
+                    await self.promote(volumeID, mayWin: mayWin, goneSince: noticed)
+                    guard !Task.isCancelled else { break }
+                    await self.settle(volumeID, self.shards.primaryEpoch(volumeID) != nil)
+                    let again = self.lock.withLock { () -> Bool in
+                        if self.lookAgain.remove(volumeID) != nil { return true }
+                        self.watchers.removeValue(forKey: volumeID)
+                        return false
+                    }
+                    if !again { return }
+                }
+                self?.lock.withLock {
+                    _ = self?.watchers.removeValue(forKey: volumeID)
+                    _ = self?.lookAgain.remove(volumeID)
+                }
             }
         }
     }
 
-    /// Wins the volume from a primary that is gone, and takes it over. Tries
-    /// again after failures (etcd down, say) until the volume has a live primary,
-    /// this node is no longer its backup, or it has been taken over. A win whose
-    /// answer was lost is found on the next look: the volume names this node.
-    private func promote(_ volumeID: String, goneSince noticed: ContinuousClock.Instant) async {
+    /// Takes the volume over while the record names this node its primary; with
+    /// `mayWin`, first wins it from a primary that is gone. Tries again after
+    /// failures (etcd down, say) until this node writes the volume, the record
+    /// names a live primary (or, without `mayWin`, any other primary), or this
+    /// node is neither primary nor backup of it. A win whose answer was lost is
+    /// found on the next look: the volume names this node.
+    private func promote(_ volumeID: String, mayWin: Bool, goneSince noticed: ContinuousClock.Instant) async {
         var pause = Duration.milliseconds(200)
         while !Task.isCancelled {
             do {
@@ -155,6 +177,7 @@ public final class Failover: @unchecked Sendable {
                     await takeOver(volumeID, epoch: volume.epoch, oldPrimary: nil, noticed: noticed)
                     if shards.primaryEpoch(volumeID) == volume.epoch { return }
                 } else {
+                    guard mayWin else { return }
                     let live = Set(try await metadata.listNodes().map(\.nodeID))
                     guard !live.contains(volume.primaryNodeID), volume.backupNodeIDs.contains(nodeID) else { return }
                     logger.warning("the primary of a volume this node backs is gone; promoting",

@@ -141,9 +141,9 @@ public final class StorageNode: Sendable {
                                 automatic: config.backup.automaticFailover) { volumeID, oldPrimary in
             await views.release(volumeID)  // its reads hold the read-only device open
             return try await takeOver(volumeID, oldPrimary: oldPrimary, volumes: volumes, provider: provider, metadata: metadata)
-        } giveBack: { volumeID in
+        } settle: { volumeID, writing in
             guard views.isReleased(volumeID) else { return }  // no take-over began here
-            await letGo(volumeID, volumes: volumes)
+            if !writing { await letGo(volumeID, volumes: volumes) }
             await views.readmit(volumeID)
         }
         try await failover.start()
@@ -184,18 +184,16 @@ public final class StorageNode: Sendable {
         return mounted
     }
 
-    /// Undoes what a take-over that another node won meanwhile mounted here: the
-    /// volume is unmounted (and a block volume detached from this instance; the
-    /// winner fences this instance's attachment anyway). Failures are logged: the
-    /// node does not write the volume either way.
+    /// Undoes what a take-over that did not end with this node writing the volume
+    /// mounted here: a read-write mount goes (a block volume's attachment too; the
+    /// winner fences it anyway); a read-only attachment stays, for the views.
+    /// Failures are logged: the node does not write the volume either way.
     static func letGo(_ volumeID: String, volumes: any VolumeManager, logger: Logger = Logger(label: "shardfs.failover")) async {
+        guard volumes.mountedVolumes().contains(where: { $0.volumeID == volumeID && !$0.readOnly }) else { return }
         do {
             if let block = volumes as? BlockVolumeManager {
-                if block.mountedVolumes().contains(where: { $0.volumeID == volumeID })
-                    || block.attachedVolumes().contains(where: { $0.volumeID == volumeID }) {
-                    try await block.detach(volumeID)
-                }
-            } else if volumes.mountedVolumes().contains(where: { $0.volumeID == volumeID }) {
+                try await block.detach(volumeID)
+            } else {
                 try await volumes.unmount(volumeID)
             }
         } catch {

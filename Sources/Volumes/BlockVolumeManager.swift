@@ -322,16 +322,23 @@ public final class BlockVolumeManager: VolumeManager, @unchecked Sendable {
     }
 
     /// A mount of the volume here whose attachment the provider no longer lists
-    /// sits on a device another node fenced off (a revoked loop device, a cloud
-    /// disk force-detached): every I/O through it fails, and the deposed node's
-    /// shards may still hold files open on it. It is unmounted lazily (`umount
-    /// -l`: those files go on failing) so that the volume can be attached afresh.
+    /// (or lists as detached) sits on a device another node fenced off (a revoked
+    /// loop device, a cloud disk force-detached): every I/O through it fails, and
+    /// the deposed node's shards may still hold files open on it. It is unmounted
+    /// lazily (`umount -l`: those files go on failing) so that the volume can be
+    /// attached afresh. (`detaching` is not taken as fenced: Aliyun reports the
+    /// disk's state, not this instance's.)
     private func dropFencedMount(_ volumeID: String) async throws {
         let target = mountPath(volumeID)
-        guard mountInfo(at: target) != nil,
-              try await provider.describeVolume(volumeID).attachment(of: instanceID) == nil else { return }
-        try await runner.check("umount", ["-l", target],
-                               purpose: "cannot unmount volume \(volumeID) at \(target), whose device another node fenced off")
+        guard mountInfo(at: target) != nil else { return }
+        let mine = try await provider.describeVolume(volumeID).attachment(of: instanceID)
+        guard mine == nil || mine?.state == .detached else { return }
+        do {
+            try await runner.check("umount", ["-l", target],
+                                   purpose: "cannot unmount volume \(volumeID) at \(target), whose device another node fenced off")
+        } catch {
+            guard mountInfo(at: target) == nil else { throw error }  // else a concurrent call unmounted it
+        }
         lock.withLock {
             _ = mounted.removeValue(forKey: volumeID)
             _ = attachedOnly.removeValue(forKey: volumeID)

@@ -405,7 +405,8 @@ struct FailoverTests {
     /// the backup promotes itself; the old primary is resumed and keeps being
     /// asked to write: none of its writes lands after the promotion (counted on the
     /// new primary), and it acknowledges none. Made a backup and promoted back by
-    /// hand, it writes again without a restart.
+    /// hand, it writes again without a restart; the node it took the volume back
+    /// from, made a backup again, serves views of it.
     @Test func aPausedPrimaryWritesNothingAfterTheBackupTookOver() async throws {
         var hosts: [Host] = []
         defer { cleanUp(hosts) }
@@ -508,6 +509,17 @@ struct FailoverTests {
             }
             await again.close()
             print("paused primary promoted back by hand: wrote \(wroteBackAfter.map { String(format: "%.2f", $0) } ?? "never") s after the promote")
+
+            // B, deposed in turn (fenced by A's take-over), made a backup again without
+            // a restart: it drops its mount of the revoked device and serves views.
+            let readded = try await runAsync(Self.shardfs, ["volume", "add-backup", volume, "--backup", "b", "--config", dir.sub("a.yaml")])
+            #expect(readded.status == 0, "\(readded.stderr)")
+            let viewer = try await ShardFSClient.connect(to: try b.endpoint)
+            let served = try await waitUntil(30) {
+                (try? await viewer.get(shard: shard, key: Array("back".utf8)))?.value == [2]
+            }
+            await viewer.close()
+            #expect(served, "node b, deposed and made a backup again, serves no view of the shard")
         } }
     }
 
