@@ -126,6 +126,7 @@ struct shardfs_ring {
     enum start_state start;
     atomic_uint_fast64_t requests;
     atomic_int failed;
+    atomic_int serving;  // 1 once FUSE_INIT's answer took the rings
     long fail_after;  // tests: fail the ring after this many requests (-1: never)
     char abort_path[64];  // /sys/fs/fuse/connections/N/abort, "" if unknown
     char mountpoint[4096];
@@ -483,10 +484,24 @@ static void *ring_thread_main(void *argument) {
 
 // MARK: The session's I/O
 
+// The kernel sends FORGETs through /dev/fuse even while the rings serve every
+// other request: one per inode it evicts (every unlinked file, say), each a
+// wake-up of a worker. While the rings serve, a worker that has just read a
+// FORGET waits this long before it reads again, so that what the kernel queued
+// meanwhile comes as one BATCH_FORGET. (An INTERRUPT, the only other request on
+// /dev/fuse then, waits at most as long.)
+#define FORGET_BATCHING_PAUSE_US 1000
+static __thread int read_a_forget;
+
 static ssize_t io_read(int fd, void *buf, size_t length, void *userdata) {
     struct shardfs_fuse_context *context = userdata;
-    ssize_t n = read(fd, buf, length);
     struct shardfs_ring *ring = __atomic_load_n(&context->ring, __ATOMIC_ACQUIRE);
+    if (read_a_forget && ring && atomic_load_explicit(&ring->serving, memory_order_acquire))
+        usleep(FORGET_BATCHING_PAUSE_US);
+    ssize_t n = read(fd, buf, length);
+    read_a_forget = n >= (ssize_t)sizeof(struct fuse_in_header) &&
+                    (((const struct fuse_in_header *)buf)->opcode == FUSE_FORGET ||
+                     ((const struct fuse_in_header *)buf)->opcode == FUSE_BATCH_FORGET);
     if (!ring || atomic_load_explicit(&ring->init_state, memory_order_acquire) != INIT_WAITING) return n;
     if (n >= (ssize_t)(sizeof(struct fuse_in_header) + offsetof(struct fuse_init_in, unused))) {
         const struct fuse_in_header *in = buf;
@@ -529,6 +544,7 @@ static ssize_t io_writev(int fd, struct iovec *iov, int count, void *userdata) {
     }
     ssize_t n = writev(fd, iov, count);
     atomic_store_explicit(&ring->init_state, INIT_DONE, memory_order_release);
+    if (take && n >= 0) atomic_store_explicit(&ring->serving, 1, memory_order_release);
     set_start(ring, take && n >= 0 ? START_GO : START_STOP);
     return n;
 }
