@@ -1,3 +1,4 @@
+import CFuseRing
 import Foundation
 import TestSupport
 import Testing
@@ -24,6 +25,18 @@ private func listingCost(_ m: MountFixture, files: Int) async throws -> (lines: 
             after["lookup", default: 0] - before["lookup", default: 0])
 }
 
+/// `files` files made in a shard, then removed by one `rm`: the FORGETs the
+/// daemon was handed meanwhile alone, and the batches of them.
+private func forgetsOfUnlinks(_ m: MountFixture, files: Int) async throws -> (alone: Int, batches: Int) {
+    try await m.ok("mkdir shard-1 && cd shard-1 && for i in $(seq 1 \(files)); do : > f$i; done")
+    let before = try await requestCounts(m)
+    try await m.ok("rm shard-1/f*")
+    try await Task.sleep(for: .milliseconds(200))  // the last FORGETs are read
+    let after = try await requestCounts(m)
+    return (after["forget", default: 0] - before["forget", default: 0],
+            after["batchForget", default: 0] - before["batchForget", default: 0])
+}
+
 /// Round trips the daemon is spared, counted by the daemon itself
 /// (`user.shardfs.requests` on the mount's root).
 @Suite struct RoundTripTests {
@@ -41,6 +54,19 @@ private func listingCost(_ m: MountFixture, files: Int) async throws -> (lines: 
             #expect(try await m.errnoOf("os.getxattr('.', 'user.other')") == "ENODATA")
             let counts = try await requestCounts(m)
             #expect(counts["getxattr", default: 0] >= 5 && counts["lookup", default: 0] >= 1, "\(counts)")
+        }
+    }
+
+    /// Every unlinked file's inode is evicted, and the kernel sends its FORGET
+    /// through /dev/fuse even while the rings serve the unlinks. A worker that
+    /// read one waits a moment before reading again, so they come as batches,
+    /// not one wake-up per file (before: 9 in 10 came alone).
+    @Test(.enabled(if: shardfs_kernel_allows_rings() == 1, "FUSE over io_uring is off"))
+    func unlinkedFilesAreForgottenInBatches() async throws {
+        try await withMount { m in
+            let (alone, batches) = try await forgetsOfUnlinks(m, files: 2000)
+            #expect(alone < 1000, "\(alone) FORGETs came alone, \(batches) batches, for 2,000 unlinked files")
+            #expect(batches > 0)
         }
     }
 
