@@ -34,12 +34,20 @@ extension ShardFileSystem {
             if !exists || flags & O_TRUNC != 0 {
                 try entry.truncate(to: 0)
             }
-            if !exists { touchDirectory(shard) }
+            if !exists {
+                // A new file's time is its creation's until written (a write sets
+                // the time of its commit), as on a local filesystem: so the
+                // kernel may cache what this reply says, and the fstat that
+                // follows most creates costs no round trip. A write through the
+                // kernel, or a change from elsewhere, drops that cache.
+                entry.setModificationTime(Self.now())
+                touchDirectory(shard)
+            }
             guard let view = try entryView(shard, key, inode: ino, byName: false) else {
                 throw FileSystemError(ENOENT, "entry \(key) is gone")
             }
             return (EntryReply(inode: ino, attributes: fileAttributes(shard, ino, view.attributes), timeout: timeout(shard),
-                               attributeTimeout: view.ofWriter ? 0 : timeout(shard)), handle)
+                               attributeTimeout: view.ofWriter && exists ? 0 : timeout(shard)), handle)
         } catch {
             _ = try? release(handle)
             inodes.forget(ino, count: 1)  // the kernel gets no entry, so it will not forget it
