@@ -452,6 +452,7 @@ static void *ring_thread_main(void *argument) {
                     // it refused a registration (fuse_uring_cmd clears io_uring).
                     fprintf(stderr, "shardfs: FUSE ring of CPU %u not registered (%s); requests use /dev/fuse\n",
                             t->qid, strerror(error));
+                    atomic_store_explicit(&t->ring->serving, 0, memory_order_release);  // no FORGET pauses then
                 } else {
                     ring_failed(t, "committing an answer", error);
                 }

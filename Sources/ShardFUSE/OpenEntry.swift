@@ -178,6 +178,7 @@ final class OpenEntry: @unchecked Sendable {
                 try loadedBuffer().truncate(to: size)
             }
             dirty = true
+            modificationTime = nil  // new content: the time of its commit (callers set theirs after)
         }
     }
 

@@ -23,7 +23,7 @@ extension ShardFileSystem {
         // 0644 is what an entry without a stored mode shows.
         let modeBits = UInt32(mode & 0o7777)
         let metadata = existing?.metadata ?? EntryMetadata(number: shard.newEntryNumber(), mode: modeBits == 0o644 ? nil : modeBits)
-        let (handle, entry, _) = register(ino, shard, key, metadata: metadata, writable: true, append: flags & O_APPEND != 0)
+        let (handle, entry, shared) = register(ino, shard, key, metadata: metadata, writable: true, append: flags & O_APPEND != 0)
         do {
             // The kernel creates when it has no name cached, so the entry may
             // exist (in the shard, or open and uncommitted): then this is an
@@ -37,9 +37,10 @@ extension ShardFileSystem {
             if !exists {
                 // A new file's time is its creation's until written (a write sets
                 // the time of its commit), as on a local filesystem: so the
-                // kernel may cache what this reply says, and the fstat that
-                // follows most creates costs no round trip. A write through the
-                // kernel, or a change from elsewhere, drops that cache.
+                // kernel may cache what this reply says (unless other handles
+                // share the entry: their writes may race this answer), and the
+                // fstat that follows most creates costs no round trip. A write
+                // through the kernel, or a change from elsewhere, drops that cache.
                 entry.setModificationTime(Self.now())
                 touchDirectory(shard)
             }
@@ -47,7 +48,7 @@ extension ShardFileSystem {
                 throw FileSystemError(ENOENT, "entry \(key) is gone")
             }
             return (EntryReply(inode: ino, attributes: fileAttributes(shard, ino, view.attributes), timeout: timeout(shard),
-                               attributeTimeout: view.ofWriter && exists ? 0 : timeout(shard)), handle)
+                               attributeTimeout: view.ofWriter && (exists || shared) ? 0 : timeout(shard)), handle)
         } catch {
             _ = try? release(handle)
             inodes.forget(ino, count: 1)  // the kernel gets no entry, so it will not forget it
@@ -194,8 +195,9 @@ extension ShardFileSystem {
     }
 
     /// What lookup and getattr show of an entry. A file being written (perhaps
-    /// created and not committed yet) shows its writer's view, never cached by the
-    /// kernel (`ofWriter`): fstat on a new file must work. Otherwise the shard's
+    /// created and not committed yet) shows its writer's view, which lookup and
+    /// getattr answer uncached (`ofWriter`; only a create's answer for a new
+    /// file is cached, until its first write): fstat on a new file must work. Otherwise the shard's
     /// entry; nil if there is none. By name (lookup), an unlinked file
     /// still open for writing is gone; by inode (fstat on its handle) it is not.
     func entryView(_ shard: any ShardReading, _ key: EntryKey, inode: UInt64?, byName: Bool) throws

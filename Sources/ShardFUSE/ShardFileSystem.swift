@@ -10,7 +10,8 @@ struct EntryReply {
     var inode: UInt64
     var attributes: stat
     var timeout: Double
-    /// How long the attributes may be cached: `timeout`, or 0 for a writer's view.
+    /// How long the attributes may be cached: `timeout`, or 0 for a writer's view
+    /// (but a new file's, answering its create).
     var attributeTimeout: Double
 
     init(inode: UInt64, attributes: stat, timeout: Double, attributeTimeout: Double? = nil) {

@@ -54,6 +54,7 @@ import Volumes
         let bShards = ShardManager(nodeID: "node-b", metadata: a.metadata, volumes: bVolumes, defaultSizeLimit: 1 << 30)
         bShards.views = views
         var serverConfig = BatchServerConfiguration()
+        serverConfig.tcpAddress = nil  // the Unix socket only: no port shared with other tests
         serverConfig.unixSocketPath = dir.sub("b.sock")
         serverConfig.engineThreads = 1
         let server = try await BatchServer.start(serverConfig, shards: bShards)
