@@ -118,6 +118,18 @@ public final class ViewPublisher: @unchecked Sendable {
 
     private func checkpoint(_ volume: VolumeRecord) async throws {
         let id = volume.volumeID
+        let began = ContinuousClock.now
+        var pinning = Duration.zero, publishing = Duration.zero
+        defer {
+            // A checkpoint longer than two intervals makes the views lag more than
+            // the interval promises: say where the time went.
+            let took = ContinuousClock.now - began
+            if took > interval * 2 {
+                logger.warning("a view checkpoint was slow; backups' views lag by as much",
+                               metadata: ["volume": "\(id)", "took": "\(took)", "pinning": "\(pinning)",
+                                          "publishing": "\(publishing)"])
+            }
+        }
         var state: VolumeState
         if let known = lock.withLock({ volumes[id] }), known.epoch == volume.epoch {
             state = known
@@ -135,7 +147,9 @@ public final class ViewPublisher: @unchecked Sendable {
             // Batches younger than one interval are left to the background applier:
             // a view then lags by about two intervals at most, plus the checkpoint and publishing.
             if let current = state.current[shard.id], !shard.changed(since: current.pin.transactionID, maxPending: interval) { continue }
+            let pinBegan = ContinuousClock.now
             let (pin, published) = try await blockingWork { [interval] in try shard.pinForViews(applyingBatchesOlderThan: interval) }
+            pinning += ContinuousClock.now - pinBegan
             let record = ShardSnapshotRecord(shardID: shard.id, takenIn: next, snapshot: try published.encoded())
             fresh[shard.id] = Pinned(pin: pin, record: record)
         }
@@ -154,6 +168,8 @@ public final class ViewPublisher: @unchecked Sendable {
             let views = VolumeViews(volumeID: id, epoch: volume.epoch, generation: next,
                                     publishedAt: Int64(Date().timeIntervalSince1970 * 1e9),
                                     shards: current.values.map(\.record).sorted { $0.shardID < $1.shardID })
+            let publishBegan = ContinuousClock.now
+            defer { publishing = ContinuousClock.now - publishBegan }
             do {
                 try await metadata.publishViews(views)
             } catch {
