@@ -90,15 +90,19 @@ public final class Failover: @unchecked Sendable {
         }
     }
 
-    public func stop() {
-        lock.withLock {
+    /// Stops following the metadata and cancels promotions; returns once a
+    /// take-over under way has ended (a clean stop then releases what it mounted).
+    public func stop() async {
+        let running = lock.withLock { () -> [Task<Void, Never>] in
             task?.cancel()
             task = nil
             leaseTask?.cancel()
             leaseTask = nil
             for watcher in watchers.values { watcher.cancel() }
-            watchers.removeAll()
+            defer { watchers.removeAll() }
+            return Array(watchers.values)
         }
+        for watcher in running { await watcher.value }
     }
 
     func handle(_ event: MetadataEvent) async {

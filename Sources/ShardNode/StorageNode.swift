@@ -42,7 +42,7 @@ public final class StorageNode: Sendable {
     /// before the shards' logs are applied).
     public func stopRoles() async {
         factsRefresh.withLock { $0?.cancel() }
-        failover.stop()
+        await failover.stop()
         views.stop()
         await publisher.stop()
     }
