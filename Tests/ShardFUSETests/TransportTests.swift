@@ -54,7 +54,9 @@ import Testing
                     #expect(sched_getscheduler(pid_t(task)!) == SCHED_OTHER, "thread \(name) is not in the normal class")
                     #expect(Self.allowedCPUs(pid, task) == process, "thread \(name) runs on fewer CPUs than the process")
                 }
-                #expect(Self.threads(pid).contains { $0.value == "shardfs-applier" })
+                // The applier names itself once it runs: under load, a moment after it starts.
+                #expect(await waitUntil(10) { Self.threads(pid).contains { $0.value == "shardfs-applier" } },
+                        "no shardfs-applier thread: \(Self.threads(pid).values.sorted())")
             }
         }
     }
