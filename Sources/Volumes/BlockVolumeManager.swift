@@ -72,7 +72,9 @@ public final class BlockVolumeManager: VolumeManager, @unchecked Sendable {
             guard known.readOnly == readOnly else { throw roleMismatch(volumeID, mountedReadOnly: known.readOnly) }
             return known
         }
-        // After a crash the mount may still be there: adopt it.
+        // After a crash the mount may still be there: adopt it, unless another
+        // node fenced this one off the volume meanwhile.
+        try await dropFencedMount(volumeID)
         if let existing = mountInfo(at: target) {
             guard existing.readOnly == readOnly else { throw roleMismatch(volumeID, mountedReadOnly: existing.readOnly) }
             return remember(MountedVolume(volumeID: volumeID, mountPath: target, readOnly: readOnly, device: existing.source))

@@ -178,6 +178,28 @@ struct LoopFencingTests {
         #expect(f.mounts().isEmpty && f.loopDevices().isEmpty)
     }
 
+    /// A host fenced off a volume and restarted (its mount of the revoked device
+    /// still there) does not adopt that mount: it drops it and attaches afresh,
+    /// so it reads what it committed and writes again.
+    @Test func aFencedHostRestartedDoesNotAdoptItsRevokedMount() async throws {
+        let f = try LoopFixture()
+        defer { f.cleanUp() }
+        let volume = try await f.provider.createVolume(VolumeSpec(sizeBytes: 64 << 20)).volumeID
+        let rw = try await f.manager("i-a").mount(volume, readOnly: false)
+        try "committed".write(toFile: rw.mountPath + "/kept", atomically: true, encoding: .utf8)
+        sync()
+        try await f.provider.fence(volume, instanceID: "i-a", timeout: .seconds(30), poll: .milliseconds(50))
+
+        let restarted = f.manager("i-a")
+        let again = try await restarted.mount(volume, readOnly: false)
+        #expect(!f.provider.isRevoked(again.device))  // (the kernel may give it the freed device's number)
+        #expect(try String(contentsOfFile: again.mountPath + "/kept", encoding: .utf8) == "committed")
+        #expect(FileManager.default.createFile(atPath: again.mountPath + "/after", contents: Data("new".utf8)))
+        try await restarted.releaseAll()
+        try await waitUntil(timeout: 10) { f.loopDevices().isEmpty }
+        #expect(f.mounts().isEmpty && f.loopDevices().isEmpty)
+    }
+
     /// xfs: the promoted host replays the log (a file the primary only fsynced is
     /// there) and mounts beside the fenced primary's still-existing mount of the
     /// same filesystem in this one kernel (`nouuid`); the fenced mount's writes fail.
