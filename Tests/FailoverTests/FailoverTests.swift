@@ -78,7 +78,9 @@ struct FailoverTests {
     init() throws { dir = try TemporaryDirectory("failover") }
 
     func config(_ node: String, initialVolumes: Int, port: Int, etcd: String, failoverDelayMs: Int = 500) throws -> String {
-        try NodeConfigFile(nodeID: node, dataDir: dir.sub(node), listen: "127.0.0.1:\(port)",
+        // A minute for a client's handshake: the test process, which runs the clients,
+        // shares two vCPUs with the whole suite and once sent one after 10 s.
+        try NodeConfigFile(nodeID: node, dataDir: dir.sub(node), listen: "127.0.0.1:\(port)", handshakeTimeoutMs: 60_000,
                            cloud: .init(provider: "loop", imageDir: dir.sub("images"), volumeSize: "128MiB", initialVolumes: initialVolumes),
                            etcd: .init(endpoints: [etcd], namespace: "/failover", leaseTTLSeconds: 2),
                            shardSizeLimit: "32MiB",

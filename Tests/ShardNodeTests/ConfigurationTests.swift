@@ -51,7 +51,7 @@ import Testing
     @Test func theTestsConfigFileBuilderWritesTheKeysTheNodeReads() throws {
         let dir = try TemporaryDirectory("config")
         let full = NodeConfigFile(
-            nodeID: "n \"quoted\"", instanceID: "i-1", dataDir: dir.sub("da ta"), listen: "127.0.0.1:7171",
+            nodeID: "n \"quoted\"", instanceID: "i-1", dataDir: dir.sub("da ta"), listen: "127.0.0.1:7171", handshakeTimeoutMs: 60_000,
             cloud: .init(provider: "aws", region: "us-east-1", endpoint: "http://127.0.0.1:9", accessKeyID: "AKID",
                          secretAccessKey: "s#cret: x", volumeRoot: "/vr", imageDir: "/img", volumeSize: "64MiB",
                          initialVolumes: 0, retryDeadlineSeconds: 5),
@@ -61,7 +61,7 @@ import Testing
             backup: .init(viewIntervalMs: 100, failoverDelayMs: 700, automaticFailover: false))
         let config = try Configuration.load(file: try full.write(to: dir.sub("full.yaml")), environment: [:])
         #expect(config.node.nodeID == "n \"quoted\"" && config.node.instanceID == "i-1" && config.node.dataDir == dir.sub("da ta"))
-        #expect(config.server.address == "127.0.0.1:7171")
+        #expect(config.server.address == "127.0.0.1:7171" && config.server.handshakeTimeoutMs == 60_000)
         #expect(config.cloud.provider == "aws" && config.cloud.region == "us-east-1" && config.cloud.endpoint == "http://127.0.0.1:9")
         #expect(config.cloud.accessKeyID == "AKID" && config.cloud.secretAccessKey == "s#cret: x")
         #expect(config.cloud.volumeRoot == "/vr" && config.cloud.imageDir == "/img" && config.cloud.volumeSize == 64 << 20)

@@ -10,6 +10,8 @@ public struct NodeConfigFile: Sendable {
     public var dataDir: String?
     /// `server.address`: the batch service's TCP listen address (host:port).
     public var listen: String?
+    /// `server.handshake_timeout_ms`.
+    public var handshakeTimeoutMs: Int?
     public var cloud = Cloud()
     /// nil: the embedded metadata store (the default).
     public var etcd: Etcd?
@@ -78,11 +80,13 @@ public struct NodeConfigFile: Sendable {
     }
 
     public init(nodeID: String? = nil, instanceID: String? = nil, dataDir: String? = nil, listen: String? = nil,
-                cloud: Cloud = Cloud(), etcd: Etcd? = nil, shardSizeLimit: String? = nil, backup: Backup = Backup()) {
+                handshakeTimeoutMs: Int? = nil, cloud: Cloud = Cloud(), etcd: Etcd? = nil, shardSizeLimit: String? = nil,
+                backup: Backup = Backup()) {
         self.nodeID = nodeID
         self.instanceID = instanceID
         self.dataDir = dataDir
         self.listen = listen
+        self.handshakeTimeoutMs = handshakeTimeoutMs
         self.cloud = cloud
         self.etcd = etcd
         self.shardSizeLimit = shardSizeLimit
@@ -104,7 +108,7 @@ public struct NodeConfigFile: Sendable {
             }
         }
         section("node", [("node_id", .string(nodeID)), ("instance_id", .string(instanceID)), ("data_dir", .string(dataDir))])
-        section("server", [("address", .string(listen))])
+        section("server", [("address", .string(listen)), ("handshake_timeout_ms", .number(handshakeTimeoutMs))])
         section("cloud", [
             ("provider", .string(cloud.provider)), ("region", .string(cloud.region)), ("endpoint", .string(cloud.endpoint)),
             ("access_key_id", .string(cloud.accessKeyID)), ("secret_access_key", .string(cloud.secretAccessKey)),
