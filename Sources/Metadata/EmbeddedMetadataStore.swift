@@ -172,8 +172,8 @@ public final class EmbeddedMetadataStore: MetadataStore, @unchecked Sendable {
         }
     }
 
-    public func updateVolumeFacts(_ volumeID: String, _ facts: VolumeFacts) async throws {
-        _ = try await updateVolume(volumeID) { volume in volume.facts = facts }
+    public func updateVolumeFacts(_ volumeID: String, _ facts: VolumeFacts, ifPrimary nodeID: String?) async throws {
+        _ = try await updateVolume(volumeID) { volume in try volume.setFacts(facts, ifPrimary: nodeID) }
     }
 
     public func addBackup(volumeID: String, nodeID: String) async throws {

@@ -159,9 +159,12 @@ public protocol MetadataStore: Sendable {
     /// Makes `nodeID` the primary if the volume's epoch is still `expectedEpoch`;
     /// the epoch then increases by one. A stale `expectedEpoch` fails with `conflict`.
     func updatePrimary(volumeID: String, nodeID: String, expectedEpoch: UInt64) async throws -> VolumeRecord
-    /// Replaces what the record says of the volume's size, room and attachments
-    /// (informational: nothing decides by it). `notFound` for an unknown volume.
-    func updateVolumeFacts(_ volumeID: String, _ facts: VolumeFacts) async throws
+    /// Replaces what the record says of the volume's size, room and attachments.
+    /// Mostly informational, but a promotion fences the instance the facts name
+    /// as primary: with `ifPrimary`, the facts are written only while the record
+    /// names that node primary (`conflict` otherwise), so a node that lost the
+    /// volume cannot name itself after the winner did. `notFound` for an unknown volume.
+    func updateVolumeFacts(_ volumeID: String, _ facts: VolumeFacts, ifPrimary nodeID: String?) async throws
     func addBackup(volumeID: String, nodeID: String) async throws
     func removeBackup(volumeID: String, nodeID: String) async throws
     func unregisterVolume(_ volumeID: String) async throws
@@ -210,6 +213,14 @@ extension VolumeRecord {
         primaryNodeID = nodeID
         backupNodeIDs.removeAll { $0 == nodeID }
         epoch += 1
+    }
+
+    /// Sets the facts, if `nodeID` (when given) is the primary.
+    public mutating func setFacts(_ facts: VolumeFacts, ifPrimary nodeID: String?) throws {
+        if let nodeID, primaryNodeID != nodeID {
+            throw MetadataError.conflict("volume \(volumeID)'s primary is \(primaryNodeID), not \(nodeID)")
+        }
+        self.facts = facts
     }
 
     public mutating func addBackup(_ nodeID: String) {

@@ -81,8 +81,8 @@ public struct RetryingMetadataStore: MetadataStore {
     public func updatePrimary(volumeID: String, nodeID: String, expectedEpoch: UInt64) async throws -> VolumeRecord {
         try await policy.run { try await base.updatePrimary(volumeID: volumeID, nodeID: nodeID, expectedEpoch: expectedEpoch) }
     }
-    public func updateVolumeFacts(_ volumeID: String, _ facts: VolumeFacts) async throws {
-        try await policy.run { try await base.updateVolumeFacts(volumeID, facts) }
+    public func updateVolumeFacts(_ volumeID: String, _ facts: VolumeFacts, ifPrimary nodeID: String?) async throws {
+        try await policy.run { try await base.updateVolumeFacts(volumeID, facts, ifPrimary: nodeID) }
     }
     public func addBackup(volumeID: String, nodeID: String) async throws {
         try await policy.run { try await base.addBackup(volumeID: volumeID, nodeID: nodeID) }

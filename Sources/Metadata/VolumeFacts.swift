@@ -2,8 +2,9 @@ import Foundation
 
 /// What a node last saw of a volume through its cloud provider and its mount:
 /// size, room, kind, place, and who is attached in which role. Written by the
-/// node that registers (or refreshes) the volume record; informational only —
-/// the provider's own answer and the record's `primaryNodeID`/`epoch` decide.
+/// node that registers (or refreshes) the volume record, only while the record
+/// names it primary. Informational, but for one use: a promotion fences the
+/// instance named here as primary (`StorageNode.takeOver`).
 public struct VolumeFacts: Codable, Sendable, Equatable {
     /// One instance's attachment.
     public struct Attachment: Codable, Sendable, Equatable {

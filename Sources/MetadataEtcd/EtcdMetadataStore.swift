@@ -313,8 +313,10 @@ public final class EtcdMetadataStore: MetadataStore, @unchecked Sendable {
         }
     }
 
-    public func updateVolumeFacts(_ volumeID: String, _ facts: VolumeFacts) async throws {
-        _ = try await update(volumeKey(volumeID), VolumeRecord.self, what: "volume \(volumeID)") { volume in volume.facts = facts }
+    public func updateVolumeFacts(_ volumeID: String, _ facts: VolumeFacts, ifPrimary nodeID: String?) async throws {
+        _ = try await update(volumeKey(volumeID), VolumeRecord.self, what: "volume \(volumeID)") { volume in
+            try volume.setFacts(facts, ifPrimary: nodeID)
+        }
     }
 
     public func addBackup(volumeID: String, nodeID: String) async throws {

@@ -140,7 +140,8 @@ public final class StorageNode: Sendable {
                                 failoverDelay: .milliseconds(config.backup.failoverDelayMs),
                                 automatic: config.backup.automaticFailover) { volumeID, oldPrimary in
             await views.release(volumeID)  // its reads hold the read-only device open
-            return try await takeOver(volumeID, oldPrimary: oldPrimary, volumes: volumes, provider: provider, metadata: metadata)
+            return try await takeOver(volumeID, by: config.node.nodeID, oldPrimary: oldPrimary, volumes: volumes,
+                                      provider: provider, metadata: metadata)
         } settle: { volumeID, writing in
             guard views.isReleased(volumeID) else { return }  // no take-over began here
             if !writing { await letGo(volumeID, volumes: volumes) }
@@ -163,7 +164,7 @@ public final class StorageNode: Sendable {
 
     /// Promotion steps 2–3 in the volume layer: cut the old primary off (the other
     /// instance holding the volume read-write) and mount the volume read-write here.
-    static func takeOver(_ volumeID: String, oldPrimary: String?, volumes: any VolumeManager,
+    static func takeOver(_ volumeID: String, by nodeID: String, oldPrimary: String?, volumes: any VolumeManager,
                          provider: any CloudProvider, metadata: any MetadataStore) async throws -> MountedVolume {
         guard let block = volumes as? BlockVolumeManager else {
             // A folder volume: one host, nothing to fence; remount writable.
@@ -180,7 +181,11 @@ public final class StorageNode: Sendable {
         let fenced = recorded.flatMap { id in attachments.contains { $0.instanceID == id } ? id : nil }
             ?? attachments.first { $0.instanceID != block.instanceID && !$0.readOnly }?.instanceID
         let mounted = try await block.promote(volumeID, fencing: fenced)
-        if let facts = await facts(of: volumeID, volumes: volumes) { try? await metadata.updateVolumeFacts(volumeID, facts) }
+        // Named primary in the facts only while the record still names this node
+        // (a node that lost the volume meanwhile must not be the one fenced next).
+        if let facts = await facts(of: volumeID, volumes: volumes) {
+            try? await metadata.updateVolumeFacts(volumeID, facts, ifPrimary: nodeID)
+        }
         return mounted
     }
 
@@ -231,12 +236,13 @@ public final class StorageNode: Sendable {
                            })
     }
 
-    /// Writes the facts of every volume this node writes into their records.
-    /// Failures are logged: the facts are informational.
+    /// Writes the facts of every volume this node writes into their records
+    /// (while the record names it primary). Failures are logged: the next
+    /// refresh writes them.
     public func refreshVolumeFacts(logger: Logger = Logger(label: "shardfs.node")) async {
         for volume in volumes.mountedVolumes() where shards.primaryEpoch(volume.volumeID) != nil {
             guard let facts = await Self.facts(of: volume.volumeID, volumes: volumes) else { continue }
-            do { try await metadata.updateVolumeFacts(volume.volumeID, facts) } catch {
+            do { try await metadata.updateVolumeFacts(volume.volumeID, facts, ifPrimary: configuration.node.nodeID) } catch {
                 logger.info("could not record a volume's facts", metadata: ["volume": "\(volume.volumeID)", "error": "\(error)"])
             }
         }
@@ -381,7 +387,7 @@ actor VolumeProvisioner {
             let mounted = try await volumes.mount(created.volumeID, readOnly: false)
             shards?.becamePrimary(created.volumeID, epoch: record.epoch)
             if let facts = await StorageNode.facts(of: created.volumeID, volumes: volumes) {
-                try? await metadata.updateVolumeFacts(created.volumeID, facts)
+                try? await metadata.updateVolumeFacts(created.volumeID, facts, ifPrimary: config.node.nodeID)
             }
             return mounted
         }

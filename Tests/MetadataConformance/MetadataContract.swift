@@ -211,10 +211,20 @@ public enum MetadataContract {
             let facts = VolumeFacts(capacityBytes: 64 << 20, freeBytes: 1 << 20, provider: "loop", type: "loop", zone: "z",
                                     attachments: [VolumeFacts.Attachment(instanceID: "i", role: "primary", state: "attached", device: "/dev/loop0")],
                                     updatedAt: 5)
-            try await store.updateVolumeFacts("v1", facts)
+            try await store.updateVolumeFacts("v1", facts, ifPrimary: nil)
             #expect(try await store.getVolume("v1").facts == facts)
             #expect(try await store.getVolume("v1").epoch == moved.epoch)  // facts are not a change of primary
-            await #expect(throws: MetadataError.notFound("volume v9")) { try await store.updateVolumeFacts("v9", facts) }
+            await #expect(throws: MetadataError.notFound("volume v9")) { try await store.updateVolumeFacts("v9", facts, ifPrimary: nil) }
+            // A node that is not (or no longer) the primary cannot write them.
+            var other = facts
+            other.attachments = [VolumeFacts.Attachment(instanceID: "i-old", role: "primary", state: "attached", device: "/dev/loop1")]
+            await #expect(throws: MetadataError.conflict("volume v1's primary is n2, not n1")) {
+                try await store.updateVolumeFacts("v1", other, ifPrimary: "n1")
+            }
+            #expect(try await store.getVolume("v1").facts == facts)
+            try await store.updateVolumeFacts("v1", other, ifPrimary: "n2")
+            #expect(try await store.getVolume("v1").facts == other)
+            try await store.updateVolumeFacts("v1", facts, ifPrimary: nil)
             try await store.removeBackup(volumeID: "v1", nodeID: "n4")
             #expect(try await store.getVolume("v1").backupNodeIDs.isEmpty)
             try await store.removeBackup(volumeID: "v2", nodeID: "n1")

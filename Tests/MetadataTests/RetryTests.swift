@@ -37,7 +37,7 @@ final class FlakyStore: MetadataStore, @unchecked Sendable {
     func updatePrimary(volumeID: String, nodeID: String, expectedEpoch: UInt64) async throws -> VolumeRecord {
         throw MetadataError.notFound(volumeID)
     }
-    func updateVolumeFacts(_ volumeID: String, _ facts: VolumeFacts) async throws {}
+    func updateVolumeFacts(_ volumeID: String, _ facts: VolumeFacts, ifPrimary nodeID: String?) async throws {}
     func addBackup(volumeID: String, nodeID: String) async throws {}
     func removeBackup(volumeID: String, nodeID: String) async throws {}
     func unregisterVolume(_ volumeID: String) async throws {}
