@@ -35,7 +35,9 @@ import Testing
 
     struct SetupFailure: Error, CustomStringConvertible { let description: String }
 
-    /// Node A, the primary (30 s lease), its volume, and a new shard of client "c".
+    /// Node A, the primary, its volume, and a new shard of client "c". A 30 s
+    /// lease: at the suite's start, hundreds of tests on two vCPUs once kept every
+    /// keepalive from etcd for over 10 s, and the primary rightly refused writes.
     static func startPrimary(_ dir: TemporaryDirectory, etcd: LocalEtcd) async throws -> (node: StorageNode, volume: String, shard: Shard) {
         let a = try await StorageNode.start(try config(dir, node: "node-a", etcd: etcd, leaseTTL: 30))
         guard let volume = a.volumes.mountedVolumes().first?.volumeID else { throw SetupFailure(description: "node-a mounted no volume") }
@@ -51,13 +53,22 @@ import Testing
         return b
     }
 
-    @Test func backupServesViewsThatFollowThePrimaryAndAreNeverWrong() async throws {
+    /// Runs `body` with etcd, a folder for the nodes, and node A, the primary,
+    /// with a new shard of client "c"; stops A's roles after it (a backup the
+    /// body starts, the body stops).
+    static func withPrimary(_ name: String,
+                            _ body: (LocalEtcd, TemporaryDirectory, StorageNode, String, Shard) async throws -> Void) async throws {
         try await withHeavyTest { try await withLocalEtcd { etcd in
-            let dir = try TemporaryDirectory("backup-views")
+            let dir = try TemporaryDirectory(name)
             defer { dir.remove() }
-            // 30 s leases: at the suite's start, hundreds of tests on two vCPUs once kept
-            // every keepalive from etcd for over 10 s, and the primary rightly refused writes.
-            let (a, volume, shard) = try await Self.startPrimary(dir, etcd: etcd)
+            let (a, volume, shard) = try await startPrimary(dir, etcd: etcd)
+            try await body(etcd, dir, a, volume, shard)
+            await a.stopRoles()
+        } }
+    }
+
+    @Test func backupServesViewsThatFollowThePrimaryAndAreNeverWrong() async throws {
+        try await Self.withPrimary("backup-views") { etcd, dir, a, volume, shard in
             let keys = (0..<200).map { "k\($0)" }
             // Values of several sizes, a few chunked (over 128 KiB): overflow pages and chunk sets.
             @Sendable func size(_ i: Int) -> Int { i % 50 == 0 ? 300_000 : 100 + (i * 37) % 3000 }
@@ -148,8 +159,7 @@ import Testing
             #expect(try await waitUntil(3) { !FileManager.default.fileExists(atPath: leftovers) })
 
             await b.stopRoles()
-            await a.stopRoles()
-        } }
+        }
     }
 
     /// A backup whose lease lapsed may hold views whose pins the primary has
@@ -160,10 +170,7 @@ import Testing
     /// then, on a new lease, gets the stream's backlog before any read; the
     /// backup reads throughout: not one wrong or damaged value.
     @Test func aBackupWhoseLeaseLapsedLoadsTheNewestViewsBeforeServing() async throws {
-        try await withHeavyTest { try await withLocalEtcd { etcd in
-            let dir = try TemporaryDirectory("backup-lease")
-            defer { dir.remove() }
-            let (a, volume, shard) = try await Self.startPrimary(dir, etcd: etcd)
+        try await Self.withPrimary("backup-lease") { etcd, dir, a, volume, shard in
             let keys = (0..<200).map { "k\($0)" }
             @Sendable func size(_ i: Int) -> Int { i % 50 == 0 ? 300_000 : 100 + (i * 37) % 3000 }
             @Sendable func write(_ version: Int) throws {
@@ -250,18 +257,14 @@ import Testing
                 }
             })
             await b.stopRoles()
-            await a.stopRoles()
-        } }
+        }
     }
 
     /// A backup whose stream is stuck and whose periodic fetches cannot run stops
     /// serving once it has not shown its views current for nearly a lease (here
     /// 5.5 s of a 6 s lease), and serves again once a fetch has.
     @Test func aBackupServesOnlyViewsItHasShownCurrentWithinALease() async throws {
-        try await withHeavyTest { try await withLocalEtcd { etcd in
-            let dir = try TemporaryDirectory("backup-current")
-            defer { dir.remove() }
-            let (a, volume, shard) = try await Self.startPrimary(dir, etcd: etcd)
+        try await Self.withPrimary("backup-current") { etcd, dir, a, volume, shard in
             try shard.put(try EntryKey("k"), value: [1], clientID: "c")
             let b = try await Self.startBackup(dir, etcd: etcd, leaseTTL: 6, of: volume, primary: a, serving: shard.id)
             b.views.updatesHeld = true
@@ -279,8 +282,7 @@ import Testing
             #expect(try await waitUntil(5) { (try? b.views.withView(shard.id, { try $0.get(try EntryKey("k")) })) != nil })
             await b.views.releaseUpdates()
             await b.stopRoles()
-            await a.stopRoles()
-        } }
+        }
     }
 
     /// A backup that wins its volume (here by hand) but loses it to another node
