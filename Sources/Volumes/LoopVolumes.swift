@@ -285,14 +285,11 @@ public struct LoopCloudProvider: CloudProvider {
     /// holds any more (their host died or unmounted); a held one keeps its
     /// autoclear and goes when its holder does.
     func removeStaleRevokedDevices(_ volumeID: String) {
-        let image = imagePath(volumeID)
-        let stale = loopDevices(backing: image).filter(\.revoked).map(\.device)
-        for device in stale { _ = try? runner.run("losetup", ["-d", device]) }
-        // While something still holds one (a udev probe), the kernel only marks it
-        // for autoclear: give that a moment, as `detachVolume` does. Best effort:
-        // one left over is never adopted (it is revoked).
-        let deadline = Date(timeIntervalSinceNow: 5)
-        while stale.contains(where: { isLoop($0, backing: image) }), Date() < deadline { usleep(20_000) }
+        // Not waited for: the fenced host may hold one for as long as it lives (a
+        // promotion must not wait on it), and one left over is never adopted.
+        for stale in loopDevices(backing: imagePath(volumeID)) where stale.revoked {
+            _ = try? runner.run("losetup", ["-d", stale.device])
+        }
     }
 
     func isLoop(_ device: String, backing image: String) -> Bool {

@@ -502,6 +502,9 @@ struct FailoverTests {
                 try await Task.sleep(for: .milliseconds(100))
             }
             #expect(wroteBackAfter != nil, "the old primary, promoted back, never wrote")
+            // 0.1 s when nothing waits on the device the old primary was fenced off
+            // (a wait on it once made this 10 s).
+            #expect((wroteBackAfter ?? 0) < 5, "the old primary, promoted back, wrote after \(wroteBackAfter ?? 0) s")
             if wroteBackAfter != nil {
                 for key in keys {
                     let entry = try await again.get(shard: shard, key: Array(key.utf8))
