@@ -33,7 +33,6 @@ public final class Failover: @unchecked Sendable {
     private let lock = NSLock()
     private var task: Task<Void, Never>?
     private var watchers: [String: Task<Void, Never>] = [:]
-    private var takingOver: Set<String> = []
     /// Volumes asked to be promoted again while a promotion of them ran.
     private var lookAgain: Set<String> = []
     /// Tests only: runs once a take-over has mounted the volume read-write, before
@@ -99,7 +98,10 @@ public final class Failover: @unchecked Sendable {
             leaseTask?.cancel()
             leaseTask = nil
             for watcher in watchers.values { watcher.cancel() }
-            defer { watchers.removeAll() }
+            defer {
+                watchers.removeAll()
+                lookAgain.removeAll()
+            }
             return Array(watchers.values)
         }
         for watcher in running { await watcher.value }
@@ -157,11 +159,7 @@ public final class Failover: @unchecked Sendable {
                         return false
                     }
                     if !again { return }
-                }
-                self?.lock.withLock {
-                    _ = self?.watchers.removeValue(forKey: volumeID)
-                    _ = self?.lookAgain.remove(volumeID)
-                }
+                }  // cancelled: `stop` forgets the watchers
             }
         }
     }
@@ -200,8 +198,6 @@ public final class Failover: @unchecked Sendable {
 
     /// Steps 2–4 of a promotion, for a volume this node has won at `epoch`.
     func takeOver(_ volumeID: String, epoch: UInt64, oldPrimary: String?, noticed: ContinuousClock.Instant) async {
-        guard lock.withLock({ takingOver.insert(volumeID).inserted }) else { return }
-        defer { lock.withLock { _ = takingOver.remove(volumeID) } }
         if shards.primaryEpoch(volumeID) == epoch { return }
         do {
             let mounted = try await takeOverVolume(volumeID, oldPrimary)

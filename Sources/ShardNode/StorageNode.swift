@@ -195,13 +195,7 @@ public final class StorageNode: Sendable {
     /// Failures are logged: the node does not write the volume either way.
     static func letGo(_ volumeID: String, volumes: any VolumeManager, logger: Logger = Logger(label: "shardfs.failover")) async {
         guard volumes.mountedVolumes().contains(where: { $0.volumeID == volumeID && !$0.readOnly }) else { return }
-        do {
-            if let block = volumes as? BlockVolumeManager {
-                try await block.detach(volumeID)
-            } else {
-                try await volumes.unmount(volumeID)
-            }
-        } catch {
+        do { try await volumes.detach(volumeID) } catch {
             logger.error("cannot let go of a volume another node won while this node was taking it over",
                          metadata: ["volume": "\(volumeID)", "error": "\(error)"])
         }

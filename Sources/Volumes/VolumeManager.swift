@@ -46,6 +46,18 @@ public protocol VolumeManager: Sendable {
     func releaseAll() async throws
 }
 
+extension VolumeManager {
+    /// Unmounts the volume if it is mounted here and, for a block volume,
+    /// detaches it from this instance (waiting until the cloud says it is).
+    public func detach(_ volumeID: String) async throws {
+        if let block = self as? BlockVolumeManager {
+            try await block.detach(volumeID)
+        } else if mountedVolumes().contains(where: { $0.volumeID == volumeID }) {
+            try await unmount(volumeID)
+        }
+    }
+}
+
 /// Bytes free for an unprivileged writer on the filesystem holding `path`.
 func availableBytes(at path: String) throws -> Int {
     var st = statvfs()

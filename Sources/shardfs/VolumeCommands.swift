@@ -109,7 +109,7 @@ struct VolumeCommand: AsyncParsableCommand {
         @Argument(help: "Volume ID.") var volumeID: String
 
         func run() async throws {
-            try await VolumeCommand.detach(volumeID, from: try await VolumeCommand.manager(node))
+            try await VolumeCommand.manager(node).detach(volumeID)
         }
     }
 
@@ -126,7 +126,7 @@ struct VolumeCommand: AsyncParsableCommand {
                 throw ValidationError("volume \(volumeID) holds \(shards.count) shard(s) (\(shards.prefix(5).map { String($0.shardID) }.joined(separator: ", "))); "
                                       + "delete them first")
             }
-            try await VolumeCommand.detach(volumeID, from: node.volumes)
+            try await node.volumes.detach(volumeID)
             try await node.volumes.provider.deleteVolume(volumeID)
             if (try? await node.metadata.getVolume(volumeID)) != nil { try await node.metadata.unregisterVolume(volumeID) }
         }
@@ -180,13 +180,6 @@ struct VolumeCommand: AsyncParsableCommand {
         return try await StorageNode.volumeManager(config, provider: try StorageNode.cloudProvider(config))
     }
 
-    static func detach(_ volumeID: String, from volumes: any VolumeManager) async throws {
-        if let block = volumes as? BlockVolumeManager {
-            try await block.detach(volumeID)
-        } else if volumes.mountedVolumes().contains(where: { $0.volumeID == volumeID }) {
-            try await volumes.unmount(volumeID)
-        }
-    }
 }
 
 extension Array where Element: Hashable {

@@ -49,7 +49,7 @@ import Testing
                             serving shard: UInt64) async throws -> StorageNode {
         let b = try await StorageNode.start(try config(dir, node: "node-b", etcd: etcd, initialVolumes: 0, leaseTTL: leaseTTL))
         try await a.metadata.addBackup(volumeID: volume, nodeID: "node-b")
-        guard try await waitUntil(5, { b.views.serves(shard) }) else { throw SetupFailure(description: "node-b does not serve shard \(shard)") }
+        guard await waitUntil(5, { b.views.serves(shard) }) else { throw SetupFailure(description: "node-b does not serve shard \(shard)") }
         return b
     }
 
