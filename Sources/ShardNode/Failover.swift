@@ -214,6 +214,8 @@ public final class Failover: @unchecked Sendable {
             Counter(label: "shardfs_promotions_total").increment()  // metrics (helper operations)
             logger.notice("this node is now the primary of the volume",
                           metadata: ["volume": "\(volumeID)", "epoch": "\(epoch)", "took": "\(took)"])
+        } catch is CancellationError {
+            logger.notice("stopped while taking over a volume; not writing it", metadata: ["volume": "\(volumeID)"])
         } catch {
             logger.error("taking over a volume failed; its shards are not served for writes here",
                          metadata: ["volume": "\(volumeID)", "error": "\(error)"])

@@ -347,16 +347,14 @@ public final class ShardManager: @unchecked Sendable {
         // meanwhile, and LMDB over a read-only mount of a live volume reads stale
         // or reused pages. `BackupViews` serves it (docs/BACKUP-VIEWS.md).
         guard !volume.readOnly else { return }
-        if !volume.readOnly {
-            // Writable here only as its primary, at the epoch the metadata holds.
-            let record = try await metadata.getVolume(volume.volumeID)
-            guard record.primaryNodeID == nodeID else {
-                logger.error("a volume mounted writable here has another primary; not opening its shards",
-                             metadata: ["volume": "\(volume.volumeID)", "primary": "\(record.primaryNodeID)"])
-                return
-            }
-            becamePrimary(volume.volumeID, epoch: record.epoch)
+        // Writable here only as its primary, at the epoch the metadata holds.
+        let record = try await metadata.getVolume(volume.volumeID)
+        guard record.primaryNodeID == nodeID else {
+            logger.error("a volume mounted writable here has another primary; not opening its shards",
+                         metadata: ["volume": "\(volume.volumeID)", "primary": "\(record.primaryNodeID)"])
+            return
         }
+        becamePrimary(volume.volumeID, epoch: record.epoch)
         let records = try await metadata.listShards(volumeID: volume.volumeID)
         var byID = Dictionary(uniqueKeysWithValues: records.map { ($0.shardID, $0) })
         // A volume that cannot be listed is skipped, never read as empty: that
@@ -367,16 +365,14 @@ public final class ShardManager: @unchecked Sendable {
                          metadata: ["volume": "\(volume.volumeID)", "error": "\(error)"])
             return
         }
-        let writable = !volume.readOnly
-
         for name in names.sorted() {
             if name.hasSuffix(".creating"), ShardDirectoryName.id(name.utf8.dropLast(".creating".count)) != nil {
                 // A create that crashed before its rename: never acknowledged, never used.
-                if writable { try? FileManager.default.removeItem(atPath: volume.mountPath + "/" + name) }
+                try? FileManager.default.removeItem(atPath: volume.mountPath + "/" + name)
                 continue
             }
             if name.hasSuffix(".deleting"), ShardDirectoryName.id(name.utf8.dropLast(".deleting".count)) != nil {
-                if writable && !keepsDeletedFiles(volume.volumeID) {
+                if !keepsDeletedFiles(volume.volumeID) {
                     logger.notice("finishing an interrupted delete", metadata: ["dir": "\(name)"])
                     try? FileManager.default.removeItem(atPath: volume.mountPath + "/" + name)
                 }
@@ -385,24 +381,20 @@ public final class ShardManager: @unchecked Sendable {
             guard let id = ShardDirectoryName.id(name.utf8) else { continue }
             let record = byID.removeValue(forKey: id)
             if let record, record.state == .deleting {
-                if writable { try await finishDelete(id, on: volume) }
+                try await finishDelete(id, on: volume)
                 continue
             }
-            var options = ShardOptions()
-            options.readOnly = !writable
             let shard: Shard
-            do { shard = try Shard.open(at: volume.mountPath + "/" + name, options: options) } catch {
+            do { shard = try Shard.open(at: volume.mountPath + "/" + name) } catch {
                 logger.error("cannot open shard; leaving it alone", metadata: ["dir": "\(name)", "error": "\(error)"])
                 continue
             }
-            if writable {
-                try await reconcile(shard, record: record, volume: volume)
-            }
+            try await reconcile(shard, record: record, volume: volume)
             adopt(shard, volumeID: volume.volumeID)
         }
 
         // Records whose files are missing.
-        for record in byID.values where writable {
+        for record in byID.values {
             if record.state == .deleting {
                 try await finishDelete(record.shardID, on: volume)
             } else {

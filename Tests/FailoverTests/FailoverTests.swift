@@ -48,13 +48,6 @@ struct FailoverTests {
         }
     }
 
-    /// A value several tasks and functions share under a lock.
-    final class Locked<Value: Sendable>: Sendable {
-        private let mutex: Mutex<Value>
-        init(_ value: Value) { mutex = Mutex(value) }
-        func withLock<R>(_ body: (inout Value) -> R) -> R { mutex.withLock { body(&$0) } }
-    }
-
     /// A flag several tasks read (an `Atomic` local cannot be shared by two tasks).
     final class Flag: Sendable {
         private let value = Atomic<Bool>(true)

@@ -200,6 +200,40 @@ struct LoopFencingTests {
         #expect(f.mounts().isEmpty && f.loopDevices().isEmpty)
     }
 
+    /// A host that loses a take-over (it fenced the primary and mounted
+    /// read-write, then the old primary took the volume back and fenced it in
+    /// turn) lets go of its mount and attachment (`detach`, as the node's
+    /// settling does), then backs the volume again: a fresh read-only device
+    /// that reads what the primary writes after taking it back.
+    @Test func aHostThatLostATakeOverLetsGoAndBacksTheVolumeAgain() async throws {
+        let f = try LoopFixture()
+        defer { f.cleanUp() }
+        let volume = try await f.provider.createVolume(VolumeSpec(sizeBytes: 64 << 20)).volumeID
+        let a = f.manager("i-a"), b = f.manager("i-b")
+        _ = try await a.mount(volume, readOnly: false)
+        _ = try await b.attach(volume, readOnly: true)
+        let taken = try await b.promote(volume, fencing: "i-a")
+        let back = try await a.promote(volume, fencing: "i-b")
+        #expect(f.provider.isRevoked(taken.device) && !f.provider.isRevoked(back.device))
+        try "after".write(toFile: back.mountPath + "/taken-back", atomically: true, encoding: .utf8)
+
+        try await b.detach(volume)
+        #expect(b.mountedVolumes().isEmpty && b.attachedVolumes().isEmpty)
+        #expect(!f.mounts().contains { $0.mountPoint == taken.mountPath })
+        let held = try await b.attach(volume, readOnly: true)
+        #expect(!f.provider.isRevoked(held.device) && held.device != back.device)
+        let attachments = try await f.provider.describeVolume(volume).attachments
+        #expect(Set(attachments.map { "\($0.instanceID) \($0.readOnly)" }) == ["i-a false", "i-b true"])
+        // It reads what the primary wrote after taking the volume back (synced for a fresh device).
+        #expect(try CommandRunner().run("sync", ["-f", back.mountPath]).status == 0)
+        let mounted = try await b.mount(volume, readOnly: true)
+        #expect(try String(contentsOfFile: mounted.mountPath + "/taken-back", encoding: .utf8) == "after")
+        try await b.releaseAll()
+        try await a.releaseAll()
+        try await waitUntil(timeout: 10) { f.loopDevices().isEmpty }
+        #expect(f.mounts().isEmpty && f.loopDevices().isEmpty)
+    }
+
     /// xfs: the promoted host replays the log (a file the primary only fsynced is
     /// there) and mounts beside the fenced primary's still-existing mount of the
     /// same filesystem in this one kernel (`nouuid`); the fenced mount's writes fail.

@@ -1,0 +1,107 @@
+import Foundation
+import Metadata
+@testable import ShardNode
+import TestSupport
+import Testing
+import Volumes
+
+/// `Failover`'s bookkeeping, driven event by event (`handle`) on an embedded
+/// node whose own failover is stopped, with take-overs the test holds and lets
+/// go: the orders of events the multi-node tests cannot time.
+@Suite struct FailoverTests {
+    /// What the test sees of its `Failover`: take-overs (held while `held`; each
+    /// "mounts" a folder read-write) and settlings (`writing` of each).
+    struct Seen: Sendable {
+        var held = false
+        var takeOvers = 0
+        var settled: [Bool] = []
+    }
+
+    /// A node (its own failover stopped), a volume "vol-x" on primary "node-o"
+    /// that this node backs, and a `Failover` for this node with a controlled
+    /// take-over; `settle` runs when a promotion of the volume ends.
+    static func withFailover(_ name: String,
+                             settle: @escaping @Sendable (StorageNode, Failover, _ writing: Bool) async -> Void = { _, _, _ in },
+                             _ body: (StorageNode, Failover, Locked<Seen>) async throws -> Void) async throws {
+        let dir = try TemporaryDirectory(name)
+        defer { dir.remove() }
+        let node = try await StorageNode.start(try testConfig(dir))
+        await node.failover.stop()
+        let folder = dir.sub("vol-x")
+        try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+        try await node.metadata.registerVolume(VolumeRecord(volumeID: "vol-x", primaryNodeID: "node-o",
+                                                            backupNodeIDs: [node.configuration.node.nodeID], mountPath: folder))
+        let seen = Locked(Seen())
+        let made = Locked<Failover?>(nil)
+        let failover = Failover(nodeID: node.configuration.node.nodeID, metadata: node.metadata, shards: node.shards,
+                                failoverDelay: .zero) { volumeID, _ in
+            seen.withLock { $0.takeOvers += 1 }
+            while seen.value.held { try? await Task.sleep(for: .milliseconds(5)) }
+            return MountedVolume(volumeID: volumeID, mountPath: folder, readOnly: false)
+        } settle: { _, writing in
+            seen.withLock { $0.settled.append(writing) }
+            if let failover = made.value { await settle(node, failover, writing) }
+        }
+        made.set(failover)
+        try await body(node, failover, seen)
+        await failover.stop()
+    }
+
+    /// Names `nodeID` primary of "vol-x" in the record, as `shardfs volume promote` does.
+    static func promote(_ node: StorageNode, to nodeID: String) async throws -> VolumeRecord {
+        let volume = try await node.metadata.getVolume("vol-x")
+        return try await node.metadata.updatePrimary(volumeID: "vol-x", nodeID: nodeID, expectedEpoch: volume.epoch)
+    }
+
+    /// A promotion asked for while another of the same volume runs is not
+    /// dropped: it runs once that one has ended. Here the first ends without the
+    /// volume (another node was named primary meanwhile), and the request made
+    /// while it settles is what makes this node the primary (epoch 4).
+    @Test func aPromotionAskedForWhileOneRunsRunsAfterIt() async throws {
+        let askedAgain = Locked(false)
+        try await Self.withFailover("failover-again", settle: { node, failover, writing in
+            let first = askedAgain.withLock { asked in
+                defer { asked = true }
+                return !asked
+            }
+            guard !writing, first else { return }
+            guard let again = try? await Self.promote(node, to: node.configuration.node.nodeID) else { return }
+            await failover.handle(.volumeUpdated(again))
+        }) { node, failover, seen in
+            seen.withLock { $0.held = true }
+            await failover.handle(.volumeUpdated(try await Self.promote(node, to: node.configuration.node.nodeID)))
+            #expect(await waitUntil(5) { seen.value.takeOvers == 1 })
+            _ = try await Self.promote(node, to: "node-o")  // epoch 3: the first take-over is lost
+            seen.withLock { $0.held = false }
+            #expect(await waitUntil(10) { node.shards.primaryEpoch("vol-x") == 4 },
+                    "the promotion asked for during the first was dropped: \(seen.value)")
+            #expect(seen.value.takeOvers == 2)
+            #expect(await waitUntil(5) { seen.value.settled == [false, true] }, "\(seen.value)")
+        }
+    }
+
+    /// `stop` returns only once a take-over under way has ended, so that the
+    /// node's clean stop that follows releases what that take-over mounted;
+    /// the take-over does not go on to write.
+    @Test func stopWaitsForATakeOverUnderWay() async throws {
+        try await Self.withFailover("failover-stop") { node, failover, seen in
+            seen.withLock { $0.held = true }
+            await failover.handle(.volumeUpdated(try await Self.promote(node, to: node.configuration.node.nodeID)))
+            #expect(await waitUntil(5) { seen.value.takeOvers == 1 })
+            let stopped = Locked(false)
+            let stopping = Task {
+                await failover.stop()
+                stopped.set(true)
+            }
+            try await Task.sleep(for: .milliseconds(300))
+            #expect(!stopped.value, "stop returned while a take-over was under way")
+            seen.withLock { $0.held = false }
+            await stopping.value
+            // The take-over it waited for ended without writing: a stopping node
+            // does not become a primary (the record still names it; its lease,
+            // gone with the node, lets a backup take the volume).
+            #expect(seen.value.takeOvers == 1)
+            #expect(node.shards.primaryEpoch("vol-x") == nil)
+        }
+    }
+}
