@@ -132,7 +132,9 @@ let package = Package(
         // Volume providers wired into a node and `shardfs volume` (root: loop devices).
         .testTarget(name: "NodeVolumesTests", dependencies: ["shardfs", "TestSupport"]),
         .testTarget(name: "FailoverTests", dependencies: ["shardfs", "ShardFSClient", "BatchProtocol", "TestSupport"]),
-        .testTarget(name: "ShardNodeTests", dependencies: ["ShardNode", "TestSupport"]),
+        .testTarget(name: "ShardNodeTests", dependencies: [
+            "ShardNode", "TestSupport", .product(name: "Logging", package: "swift-log"),
+        ]),
         .testTarget(name: "BatchProtocolTests", dependencies: ["BatchProtocol", "TestSupport"]),
         .testTarget(name: "BatchServerTests", dependencies: [
             "BatchServer", "Metadata", "ShardFSClient", "ShardNode", "ShardStore", "TestSupport", "Volumes",
