@@ -35,6 +35,8 @@ public final class Failover: @unchecked Sendable {
     private var watchers: [String: Task<Void, Never>] = [:]
     /// Volumes asked to be promoted again while a promotion of them ran.
     private var lookAgain: Set<String> = []
+    /// Set by `stop`: an event still being handled then starts no promotion.
+    private var stopped = false
     /// Tests only: runs once a take-over has mounted the volume read-write, before
     /// the node checks that it still holds the volume (another node may win it meanwhile).
     public var beforeConfirmingTheWin: (@Sendable (_ volumeID: String) async -> Void)? {
@@ -70,6 +72,7 @@ public final class Failover: @unchecked Sendable {
             if !live.contains(volume.primaryNodeID) { watchPrimary(of: volume.volumeID, primary: volume.primaryNodeID) }
         }
         lock.withLock {
+            stopped = false
             task = Task { [weak self] in
                 for await event in events {
                     guard let self else { return }
@@ -89,22 +92,22 @@ public final class Failover: @unchecked Sendable {
         }
     }
 
-    /// Stops following the metadata and cancels promotions; returns once a
-    /// take-over under way has ended (a clean stop then releases what it mounted).
+    /// Stops following the metadata and cancels promotions; returns once the
+    /// event being handled and a take-over under way have ended. A take-over
+    /// cut short is not settled: what it mounted read-write stays mounted, for
+    /// the node's clean stop (`StorageNode.stop`) to release.
     public func stop() async {
         let running = lock.withLock { () -> [Task<Void, Never>] in
-            task?.cancel()
+            stopped = true
+            let running = [task, leaseTask].compactMap { $0 } + Array(watchers.values)
+            for running in running { running.cancel() }
             task = nil
-            leaseTask?.cancel()
             leaseTask = nil
-            for watcher in watchers.values { watcher.cancel() }
-            defer {
-                watchers.removeAll()
-                lookAgain.removeAll()
-            }
-            return Array(watchers.values)
+            watchers.removeAll()
+            lookAgain.removeAll()
+            return running
         }
-        for watcher in running { await watcher.value }
+        for task in running { await task.value }
     }
 
     func handle(_ event: MetadataEvent) async {
@@ -143,6 +146,7 @@ public final class Failover: @unchecked Sendable {
     private func pursue(_ volumeID: String, after delay: Duration, mayWin: Bool) {
         let noticed = ContinuousClock.now
         lock.withLock {
+            guard !stopped else { return }
             guard watchers[volumeID] == nil else {
                 lookAgain.insert(volumeID)
                 return
@@ -208,6 +212,7 @@ public final class Failover: @unchecked Sendable {
                 logger.error("lost the volume while taking it over; not writing it", metadata: ["volume": "\(volumeID)"])
                 return
             }
+            try Task.checkCancellation()  // a node being stopped does not start writing
             try await shards.restore(mounted)
             let took = ContinuousClock.now - noticed
             lock.withLock { promotions.append((volumeID, took)) }

@@ -1,4 +1,5 @@
 import Foundation
+import Logging
 import Metadata
 @testable import ShardNode
 import TestSupport
@@ -9,20 +10,43 @@ import Volumes
 /// node whose own failover is stopped, with take-overs the test holds and lets
 /// go: the orders of events the multi-node tests cannot time.
 @Suite struct FailoverTests {
-    /// What the test sees of its `Failover`: take-overs (held while `held`; each
-    /// "mounts" a folder read-write) and settlings (`writing` of each).
+    /// What the test sees of its `Failover`: take-overs (each "mounts" a folder
+    /// read-write) and settlings (`writing` of each).
     struct Seen: Sendable {
-        var held = false
         var takeOvers = 0
         var settled: [Bool] = []
     }
 
+    /// Holds take-overs until opened. A waiter does not wake when its task is
+    /// cancelled (as a take-over's does when `stop` runs): it waits for `open`.
+    final class Gate: Sendable {
+        private let state = Locked((open: true, waiting: [CheckedContinuation<Void, Never>]()))
+        func close() { state.withLock { $0.open = false } }
+        func open() {
+            let waiting = state.withLock { state in
+                defer { state = (true, []) }
+                return state.waiting
+            }
+            for waiter in waiting { waiter.resume() }
+        }
+        func pass() async {
+            await withCheckedContinuation { continuation in
+                let go = state.withLock { state in
+                    if !state.open { state.waiting.append(continuation) }
+                    return state.open
+                }
+                if go { continuation.resume() }
+            }
+        }
+    }
+
     /// A node (its own failover stopped), a volume "vol-x" on primary "node-o"
-    /// that this node backs, and a `Failover` for this node with a controlled
-    /// take-over; `settle` runs when a promotion of the volume ends.
-    static func withFailover(_ name: String,
+    /// that this node backs, and a `Failover` for this node whose take-overs pass
+    /// `gate`; `settle` runs when a promotion of the volume ends. The failover
+    /// is stopped (the gate opened) however `body` ends.
+    static func withFailover(_ name: String, logger: Logger = Logger(label: "shardfs.failover"),
                              settle: @escaping @Sendable (StorageNode, Failover, _ writing: Bool) async -> Void = { _, _, _ in },
-                             _ body: (StorageNode, Failover, Locked<Seen>) async throws -> Void) async throws {
+                             _ body: (StorageNode, Failover, Locked<Seen>, Gate) async throws -> Void) async throws {
         let dir = try TemporaryDirectory(name)
         defer { dir.remove() }
         let node = try await StorageNode.start(try testConfig(dir))
@@ -31,19 +55,29 @@ import Volumes
         try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
         try await node.metadata.registerVolume(VolumeRecord(volumeID: "vol-x", primaryNodeID: "node-o",
                                                             backupNodeIDs: [node.configuration.node.nodeID], mountPath: folder))
-        let seen = Locked(Seen())
+        let seen = Locked(Seen()), gate = Gate()
         let made = Locked<Failover?>(nil)
         let failover = Failover(nodeID: node.configuration.node.nodeID, metadata: node.metadata, shards: node.shards,
-                                failoverDelay: .zero) { volumeID, _ in
-            seen.withLock { $0.takeOvers += 1 }
-            while seen.value.held { try? await Task.sleep(for: .milliseconds(5)) }
-            return MountedVolume(volumeID: volumeID, mountPath: folder, readOnly: false)
-        } settle: { _, writing in
-            seen.withLock { $0.settled.append(writing) }
-            if let failover = made.value { await settle(node, failover, writing) }
-        }
+                                failoverDelay: .zero,
+                                takeOverVolume: { volumeID, _ in
+                                    seen.withLock { $0.takeOvers += 1 }
+                                    await gate.pass()
+                                    return MountedVolume(volumeID: volumeID, mountPath: folder, readOnly: false)
+                                },
+                                settle: { _, writing in
+                                    seen.withLock { $0.settled.append(writing) }
+                                    if let failover = made.value { await settle(node, failover, writing) }
+                                },
+                                logger: logger)
         made.set(failover)
-        try await body(node, failover, seen)
+        do {
+            try await body(node, failover, seen, gate)
+        } catch {
+            gate.open()
+            await failover.stop()
+            throw error
+        }
+        gate.open()
         await failover.stop()
     }
 
@@ -67,12 +101,12 @@ import Volumes
             guard !writing, first else { return }
             guard let again = try? await Self.promote(node, to: node.configuration.node.nodeID) else { return }
             await failover.handle(.volumeUpdated(again))
-        }) { node, failover, seen in
-            seen.withLock { $0.held = true }
+        }) { node, failover, seen, gate in
+            gate.close()
             await failover.handle(.volumeUpdated(try await Self.promote(node, to: node.configuration.node.nodeID)))
             #expect(await waitUntil(5) { seen.value.takeOvers == 1 })
             _ = try await Self.promote(node, to: "node-o")  // epoch 3: the first take-over is lost
-            seen.withLock { $0.held = false }
+            gate.open()
             #expect(await waitUntil(10) { node.shards.primaryEpoch("vol-x") == 4 },
                     "the promotion asked for during the first was dropped: \(seen.value)")
             #expect(seen.value.takeOvers == 2)
@@ -82,10 +116,12 @@ import Volumes
 
     /// `stop` returns only once a take-over under way has ended, so that the
     /// node's clean stop that follows releases what that take-over mounted;
-    /// the take-over does not go on to write.
+    /// the take-over does not go on to write, and says so.
     @Test func stopWaitsForATakeOverUnderWay() async throws {
-        try await Self.withFailover("failover-stop") { node, failover, seen in
-            seen.withLock { $0.held = true }
+        let records = Locked([CapturedLog.Record]())
+        let logger = Logger(label: "test") { _ in CapturedLog(records: records) }
+        try await Self.withFailover("failover-stop", logger: logger) { node, failover, seen, gate in
+            gate.close()
             await failover.handle(.volumeUpdated(try await Self.promote(node, to: node.configuration.node.nodeID)))
             #expect(await waitUntil(5) { seen.value.takeOvers == 1 })
             let stopped = Locked(false)
@@ -95,12 +131,25 @@ import Volumes
             }
             try await Task.sleep(for: .milliseconds(300))
             #expect(!stopped.value, "stop returned while a take-over was under way")
-            seen.withLock { $0.held = false }
+            gate.open()
             await stopping.value
             // The take-over it waited for ended without writing: a stopping node
             // does not become a primary (the record still names it; its lease,
             // gone with the node, lets a backup take the volume).
             #expect(seen.value.takeOvers == 1)
+            #expect(node.shards.primaryEpoch("vol-x") == nil)
+            #expect(records.value.contains { $0.message.contains("stopped while taking over") }, "\(records.value.map(\.message))")
+        }
+    }
+
+    /// An event handled after `stop` (one its event loop was already handling
+    /// when `stop` ran) starts no promotion: nothing would stop or await it.
+    @Test func aStoppedFailoverStartsNoPromotion() async throws {
+        try await Self.withFailover("failover-stopped") { node, failover, seen, _ in
+            await failover.stop()
+            await failover.handle(.volumeUpdated(try await Self.promote(node, to: node.configuration.node.nodeID)))
+            try await Task.sleep(for: .milliseconds(300))
+            #expect(seen.value.takeOvers == 0)
             #expect(node.shards.primaryEpoch("vol-x") == nil)
         }
     }
