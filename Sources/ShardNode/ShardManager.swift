@@ -149,17 +149,22 @@ public final class ShardManager: @unchecked Sendable {
     /// for them are redirected. Returns the shards let go.
     @discardableResult
     public func depose(_ volumeID: String) -> [UInt64] {
-        roles.set(volumeID, epoch: nil)
-        let released = lock.withLock { () -> [UInt64] in
-            let ids = shards.filter { $0.value.volumeID == volumeID }.map(\.key)
-            for id in ids { shards.removeValue(forKey: id) }
-            return ids
-        }
+        let released = unload(volumeID)
         if !released.isEmpty {
             logger.warning("another node is now the primary of a volume; its shards are no longer written here",
                            metadata: ["volume": "\(volumeID)", "shards": "\(released.count)"])
         }
         return released
+    }
+
+    /// Ends this node's role for the volume and lets go of its shards.
+    private func unload(_ volumeID: String) -> [UInt64] {
+        roles.set(volumeID, epoch: nil)
+        return lock.withLock { () -> [UInt64] in
+            let ids = shards.filter { $0.value.volumeID == volumeID }.map(\.key)
+            for id in ids { shards.removeValue(forKey: id) }
+            return ids
+        }
     }
 
     /// Hands the listeners as they are now to the shard's commits (called again
@@ -341,7 +346,11 @@ public final class ShardManager: @unchecked Sendable {
         }
     }
 
-    /// Opens the shards of one mounted volume (after a promotion, say).
+    /// Opens the shards of one mounted volume (after a promotion, say). A restore
+    /// that fails part-way (the metadata unreachable, say) leaves this node
+    /// neither primary of the volume nor holding any of its shards, so that a
+    /// take-over tries again instead of counting a node that serves only some
+    /// of them as done.
     public func restore(_ volume: MountedVolume) async throws {
         // A volume this node backs is never opened with LMDB: the primary writes it
         // meanwhile, and LMDB over a read-only mount of a live volume reads stale
@@ -355,6 +364,20 @@ public final class ShardManager: @unchecked Sendable {
             return
         }
         becamePrimary(volume.volumeID, epoch: record.epoch)
+        do {
+            try await openShards(of: volume)
+        } catch {
+            let released = unload(volume.volumeID)
+            logger.error("restoring a volume failed; this node does not write it", metadata: [
+                "volume": "\(volume.volumeID)", "shards let go": "\(released.count)", "error": "\(error)",
+            ])
+            throw error
+        }
+    }
+
+    /// `restore`'s work for a volume this node is primary of: opens its shards,
+    /// finishes interrupted creates and deletes, and makes files and metadata agree.
+    private func openShards(of volume: MountedVolume) async throws {
         let records = try await metadata.listShards(volumeID: volume.volumeID)
         var byID = Dictionary(uniqueKeysWithValues: records.map { ($0.shardID, $0) })
         // A volume that cannot be listed is skipped, never read as empty: that

@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import Metadata
+import ShardStore
 @testable import ShardNode
 import TestSupport
 import Testing
@@ -152,5 +153,100 @@ import Volumes
             #expect(seen.value.takeOvers == 0)
             #expect(node.shards.primaryEpoch("vol-x") == nil)
         }
+    }
+}
+
+/// A store that answers through `base`, except that listing a volume's shards
+/// fails (unavailable, as etcd down) while `listingFailures` lasts.
+final class ListingOutage: MetadataStore, Sendable {
+    let base: any MetadataStore
+    let listingFailures: Locked<Int>
+    let listings = Locked(0)
+
+    init(_ base: any MetadataStore, failures: Int) {
+        self.base = base
+        listingFailures = Locked(failures)
+    }
+
+    func listShards(volumeID: String?) async throws -> [ShardRecord] {
+        listings.withLock { $0 += 1 }
+        let fail = listingFailures.withLock { left in
+            defer { left = max(0, left - 1) }
+            return left > 0
+        }
+        if fail { throw MetadataError.unavailable("metadata down (test)") }
+        return try await base.listShards(volumeID: volumeID)
+    }
+
+    func registerNode(_ node: NodeRecord) async throws { try await base.registerNode(node) }
+    func unregisterNode(_ nodeID: String) async throws { try await base.unregisterNode(nodeID) }
+    func getNode(_ nodeID: String) async throws -> NodeRecord { try await base.getNode(nodeID) }
+    func listNodes() async throws -> [NodeRecord] { try await base.listNodes() }
+    func generateShardID() async throws -> UInt64 { try await base.generateShardID() }
+    func claimShardID(_ id: UInt64) async throws { try await base.claimShardID(id) }
+    func createShard(_ shard: ShardRecord) async throws { try await base.createShard(shard) }
+    func getShard(_ shardID: UInt64) async throws -> ShardRecord { try await base.getShard(shardID) }
+    func updateShardState(_ shardID: UInt64, to state: ShardRecordState) async throws -> ShardRecord {
+        try await base.updateShardState(shardID, to: state)
+    }
+    func deleteShard(_ shardID: UInt64) async throws { try await base.deleteShard(shardID) }
+    func registerVolume(_ volume: VolumeRecord) async throws { try await base.registerVolume(volume) }
+    func getVolume(_ volumeID: String) async throws -> VolumeRecord { try await base.getVolume(volumeID) }
+    func listVolumes(nodeID: String?) async throws -> [VolumeRecord] { try await base.listVolumes(nodeID: nodeID) }
+    func updatePrimary(volumeID: String, nodeID: String, expectedEpoch: UInt64) async throws -> VolumeRecord {
+        try await base.updatePrimary(volumeID: volumeID, nodeID: nodeID, expectedEpoch: expectedEpoch)
+    }
+    func updateVolumeFacts(_ volumeID: String, _ facts: VolumeFacts, ifPrimary nodeID: String?) async throws {
+        try await base.updateVolumeFacts(volumeID, facts, ifPrimary: nodeID)
+    }
+    func addBackup(volumeID: String, nodeID: String) async throws { try await base.addBackup(volumeID: volumeID, nodeID: nodeID) }
+    func removeBackup(volumeID: String, nodeID: String) async throws {
+        try await base.removeBackup(volumeID: volumeID, nodeID: nodeID)
+    }
+    func unregisterVolume(_ volumeID: String) async throws { try await base.unregisterVolume(volumeID) }
+    func publishViews(_ views: VolumeViews) async throws { try await base.publishViews(views) }
+    func getViews(_ volumeID: String) async throws -> VolumeViews? { try await base.getViews(volumeID) }
+    func acknowledgeViews(volumeID: String, nodeID: String, generation: UInt64) async throws {
+        try await base.acknowledgeViews(volumeID: volumeID, nodeID: nodeID, generation: generation)
+    }
+    func viewAcknowledgements(_ volumeID: String) async throws -> [String: UInt64] { try await base.viewAcknowledgements(volumeID) }
+    func changes() -> AsyncStream<MetadataEvent> { base.changes() }
+}
+
+extension FailoverTests {
+    /// A take-over whose restore fails part-way (the metadata down while the
+    /// volume's shards are listed) does not leave the node primary of a volume
+    /// whose shards it does not serve: it tries again, and then serves them.
+    @Test func aTakeOverWhoseRestoreFailsIsTriedAgain() async throws {
+        let dir = try TemporaryDirectory("failover-restore")
+        defer { dir.remove() }
+        let node = try await StorageNode.start(try testConfig(dir))
+        await node.failover.stop()
+        let me = node.configuration.node.nodeID
+        let folder = dir.sub("vol-x")
+        try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+        try await node.metadata.registerVolume(VolumeRecord(volumeID: "vol-x", primaryNodeID: "node-o", backupNodeIDs: [me],
+                                                            mountPath: folder))
+        // A shard the old primary wrote on the volume.
+        let id = try await node.metadata.generateShardID()
+        try await node.metadata.createShard(ShardRecord(shardID: id, volumeID: "vol-x", ownerClientID: "c", sizeLimit: 4 << 20))
+        try {
+            let written = try Shard.create(at: folder + "/" + ShardManager.directoryName(id), id: id, owner: "c")
+            try written.put(key1, value: [7], clientID: "c")
+        }()
+
+        let outage = ListingOutage(node.metadata, failures: 1)
+        let shards = ShardManager(nodeID: me, metadata: outage, volumes: node.volumes, defaultSizeLimit: 4 << 20)
+        let failover = Failover(nodeID: me, metadata: outage, shards: shards, failoverDelay: .zero,
+                                takeOverVolume: { volumeID, _ in MountedVolume(volumeID: volumeID, mountPath: folder, readOnly: false) })
+        let volume = try await node.metadata.getVolume("vol-x")
+        await failover.handle(.volumeUpdated(try await node.metadata.updatePrimary(volumeID: "vol-x", nodeID: me,
+                                                                                    expectedEpoch: volume.epoch)))
+        let served = await waitUntil(10) { shards.localShard(id) != nil }
+        #expect(served, "the node is primary (epoch \(String(describing: shards.primaryEpoch("vol-x")))) without serving shard \(id)")
+        #expect(shards.primaryEpoch("vol-x") == volume.epoch + 1)
+        #expect(outage.listings.value >= 2)
+        #expect(try shards.localShard(id)?.get(key1).value == [7])
+        await failover.stop()
     }
 }
