@@ -50,12 +50,7 @@ import Volumes
                              _ body: (StorageNode, Failover, Locked<Seen>, Gate) async throws -> Void) async throws {
         let dir = try TemporaryDirectory(name)
         defer { dir.remove() }
-        let node = try await StorageNode.start(try testConfig(dir))
-        await node.failover.stop()
-        let folder = dir.sub("vol-x")
-        try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
-        try await node.metadata.registerVolume(VolumeRecord(volumeID: "vol-x", primaryNodeID: "node-o",
-                                                            backupNodeIDs: [node.configuration.node.nodeID], mountPath: folder))
+        let (node, folder) = try await backupOfVolumeX(in: dir)
         let seen = Locked(Seen()), gate = Gate()
         let made = Locked<Failover?>(nil)
         let failover = Failover(nodeID: node.configuration.node.nodeID, metadata: node.metadata, shards: node.shards,
@@ -80,6 +75,18 @@ import Volumes
         }
         gate.open()
         await failover.stop()
+    }
+
+    /// A node whose own failover is stopped, backing "vol-x" (a folder of `dir`)
+    /// of primary "node-o".
+    static func backupOfVolumeX(in dir: TemporaryDirectory) async throws -> (StorageNode, folder: String) {
+        let node = try await StorageNode.start(try testConfig(dir))
+        await node.failover.stop()
+        let folder = dir.sub("vol-x")
+        try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+        try await node.metadata.registerVolume(VolumeRecord(volumeID: "vol-x", primaryNodeID: "node-o",
+                                                            backupNodeIDs: [node.configuration.node.nodeID], mountPath: folder))
+        return (node, folder)
     }
 
     /// Names `nodeID` primary of "vol-x" in the record, as `shardfs volume promote` does.
@@ -220,13 +227,8 @@ extension FailoverTests {
     @Test func aTakeOverWhoseRestoreFailsIsTriedAgain() async throws {
         let dir = try TemporaryDirectory("failover-restore")
         defer { dir.remove() }
-        let node = try await StorageNode.start(try testConfig(dir))
-        await node.failover.stop()
+        let (node, folder) = try await Self.backupOfVolumeX(in: dir)
         let me = node.configuration.node.nodeID
-        let folder = dir.sub("vol-x")
-        try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
-        try await node.metadata.registerVolume(VolumeRecord(volumeID: "vol-x", primaryNodeID: "node-o", backupNodeIDs: [me],
-                                                            mountPath: folder))
         // A shard the old primary wrote on the volume.
         let id = try await node.metadata.generateShardID()
         try await node.metadata.createShard(ShardRecord(shardID: id, volumeID: "vol-x", ownerClientID: "c", sizeLimit: 4 << 20))
@@ -240,8 +242,7 @@ extension FailoverTests {
         let failover = Failover(nodeID: me, metadata: outage, shards: shards, failoverDelay: .zero,
                                 takeOverVolume: { volumeID, _ in MountedVolume(volumeID: volumeID, mountPath: folder, readOnly: false) })
         let volume = try await node.metadata.getVolume("vol-x")
-        await failover.handle(.volumeUpdated(try await node.metadata.updatePrimary(volumeID: "vol-x", nodeID: me,
-                                                                                    expectedEpoch: volume.epoch)))
+        await failover.handle(.volumeUpdated(try await Self.promote(node, to: me)))
         let served = await waitUntil(10) { shards.localShard(id) != nil }
         #expect(served, "the node is primary (epoch \(String(describing: shards.primaryEpoch("vol-x")))) without serving shard \(id)")
         #expect(shards.primaryEpoch("vol-x") == volume.epoch + 1)

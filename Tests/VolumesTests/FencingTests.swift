@@ -126,8 +126,7 @@ struct LoopFencingTests {
         hostA.waitUntilExit()
         try await b.releaseAll()
         #expect(try CommandRunner().run("e2fsck", ["-fn", f.provider.imagePath(volume)]).status == 0)
-        try await waitUntil(timeout: 10) { f.loopDevices().isEmpty }
-        #expect(f.mounts().isEmpty && f.loopDevices().isEmpty && b.mountedVolumes().isEmpty && b.attachedVolumes().isEmpty)
+        #expect(await f.allReleased() && b.mountedVolumes().isEmpty && b.attachedVolumes().isEmpty)
     }
 
     /// A promotion that crashed after fencing is finished by a new manager: the
@@ -174,8 +173,7 @@ struct LoopFencingTests {
         #expect(try CommandRunner().run("umount", [rw.mountPath]).status == 0)
         try await restarted.releaseAll()
         _ = b  // the crashed manager holds nothing the new one did not release
-        try await waitUntil(timeout: 10) { f.loopDevices().isEmpty }
-        #expect(f.mounts().isEmpty && f.loopDevices().isEmpty)
+        #expect(await f.allReleased())
     }
 
     /// A host fenced off a volume and restarted (its mount of the revoked device
@@ -196,8 +194,7 @@ struct LoopFencingTests {
         #expect(try String(contentsOfFile: again.mountPath + "/kept", encoding: .utf8) == "committed")
         #expect(FileManager.default.createFile(atPath: again.mountPath + "/after", contents: Data("new".utf8)))
         try await restarted.releaseAll()
-        try await waitUntil(timeout: 10) { f.loopDevices().isEmpty }
-        #expect(f.mounts().isEmpty && f.loopDevices().isEmpty)
+        #expect(await f.allReleased())
     }
 
     /// A host that loses a take-over (it fenced the primary and mounted
@@ -230,8 +227,7 @@ struct LoopFencingTests {
         #expect(try String(contentsOfFile: mounted.mountPath + "/taken-back", encoding: .utf8) == "after")
         try await b.releaseAll()
         try await a.releaseAll()
-        try await waitUntil(timeout: 10) { f.loopDevices().isEmpty }
-        #expect(f.mounts().isEmpty && f.loopDevices().isEmpty)
+        #expect(await f.allReleased())
     }
 
     /// xfs: the promoted host replays the log (a file the primary only fsynced is
@@ -254,8 +250,7 @@ struct LoopFencingTests {
         #expect(info.fsType == "xfs" && !info.readOnly)
         #expect(try CommandRunner().run("umount", [rw.mountPath]).status == 0)
         try await b.releaseAll()
-        try await waitUntil(timeout: 10) { f.loopDevices().isEmpty }
-        #expect(f.mounts().isEmpty)
+        #expect(await f.allReleased())
     }
 
     /// A backup can hold the volume attached read-only without a mount and read

@@ -37,6 +37,13 @@ final class LoopFixture: @unchecked Sendable {
 
     func mounts() -> [MountInfo] { MountInfo.current().filter { $0.mountPoint.hasPrefix(dir.path + "/") } }
 
+    /// Whether everything the test's managers held is gone: no mount and no
+    /// loop device left (a detached device may linger while a udev probe holds
+    /// it, so its going is waited for, up to 10 s).
+    func allReleased() async -> Bool {
+        await waitUntil(10, every: .milliseconds(50)) { loopDevices().isEmpty } && mounts().isEmpty
+    }
+
     func cleanUp() {
         let runner = CommandRunner()
         for mount in mounts().reversed() { _ = try? runner.run("umount", ["-l", mount.mountPoint]) }
