@@ -4,6 +4,7 @@ import PackageDescription
 // One module per layer; the folder list under Sources/ is the architecture:
 //   CLMDB, CFuse3, CCurl - system libraries (pkg-config)
 //   CChecksum     - CRC-32C for the shards' batch logs
+//   CFileIO       - file calls glibc hides behind _GNU_SOURCE (sync_file_range)
 //   CFuseRing     - FUSE over io_uring for libfuse 3.14 (per-CPU request queues)
 //   LMDB          - a thin, safe Swift wrapper over the LMDB C API
 //   LMDBSnapshot  - reads one published LMDB snapshot by its root, with pread (backup views)
@@ -50,9 +51,10 @@ let package = Package(
         .target(name: "CMallocTuning"),
         .target(name: "NodeSupport", dependencies: ["CMallocTuning"]),
         .target(name: "CChecksum"),
+        .target(name: "CFileIO"),
         .target(name: "CFuseRing", dependencies: ["CFuse3"]),
         .target(name: "ShardStore", dependencies: [
-            "LMDB", "LMDBSnapshot", "CChecksum",
+            "LMDB", "LMDBSnapshot", "CChecksum", "CFileIO",
             .product(name: "Metrics", package: "swift-metrics"),
         ]),
         .target(name: "Metadata", dependencies: [

@@ -240,23 +240,36 @@ public final class Environment: @unchecked Sendable {
 /// reuse the pages it reaches meanwhile, so it grows instead).
 public final class PinnedSnapshot: @unchecked Sendable {
     private let environment: Environment  // kept open while the transaction lives
-    private let txn: Mutex<UInt>  // the MDB_txn's address, 0 once ended
+    /// The MDB_txn's address (0 once ended), and what else ends with it.
+    private let state: Mutex<(txn: UInt, endings: [@Sendable () -> Void])>
     /// The ID of the snapshot's transaction (LMDB's txnid: the number of its meta page).
     public let transactionID: UInt64
 
     init(environment: Environment, txn: OpaquePointer) {
         self.environment = environment
         transactionID = UInt64(mdb_txn_id(txn))
-        self.txn = Mutex(UInt(bitPattern: Int(bitPattern: UnsafeRawPointer(txn))))
+        state = Mutex((UInt(bitPattern: Int(bitPattern: UnsafeRawPointer(txn))), []))
     }
 
-    /// Releases the snapshot. Idempotent.
+    /// Runs `body` once, after the snapshot is released (at once if it already is):
+    /// for what the caller holds for as long as the pin (files the snapshot names, say).
+    public func onEnd(_ body: @escaping @Sendable () -> Void) {
+        let ended = state.withLock { held -> Bool in
+            if held.txn == 0 { return true }
+            held.endings.append(body)
+            return false
+        }
+        if ended { body() }
+    }
+
+    /// Releases the snapshot, then runs what `onEnd` registered. Idempotent.
     public func end() {
-        let ending = txn.withLock { held -> UInt in
-            defer { held = 0 }
-            return held
+        let (ending, endings) = state.withLock { held -> (UInt, [@Sendable () -> Void]) in
+            defer { held = (0, []) }
+            return (held.txn, held.endings)
         }
         if let ending = OpaquePointer(bitPattern: ending) { mdb_txn_abort(ending) }
+        for body in endings { body() }
     }
 
     deinit { end() }

@@ -209,11 +209,10 @@ final class OpenEntry: @unchecked Sendable {
                 dirty = false
                 return
             }
-            if buffer.isStaged {
-                // The chunks are in the shard already: write the tail and switch.
-                // The set is the entry's value now; later writes start from it.
-                try buffer.commitStaged(currentKey, modificationTime: modificationTime, indexes: indexes,
-                                        entryNumber: entryMetadata.number, creationMode: entryMetadata.mode)
+            if buffer.isInValueFile && buffer.size > WriteBuffer.spillThreshold {
+                // The value file becomes the entry's value; later writes start from it.
+                try buffer.commitValueFile(currentKey, modificationTime: modificationTime, indexes: indexes,
+                                           entryNumber: entryMetadata.number, creationMode: entryMetadata.mode)
                 self.buffer = nil
             } else {
                 try shard.put(currentKey, size: buffer.size, indexes: indexes, clientID: clientID,
@@ -227,11 +226,11 @@ final class OpenEntry: @unchecked Sendable {
         }
     }
 
-    /// The last handle is gone (or the mount stops): a staged set that was not
+    /// The last handle is gone (or the mount stops): a value file that was not
     /// committed is removed, and uncommitted changes are dropped.
     func abandon() {
         lock.withLock {
-            buffer?.discardStaging()
+            buffer?.discardValueFile()
             buffer = nil
             dirty = false
         }
@@ -249,7 +248,7 @@ final class OpenEntry: @unchecked Sendable {
     /// Drops a committed buffer made stale by a change elsewhere (lock held).
     private func dropStaleBuffer() {
         guard staleLock.withLock({ defer { stale = false }; return stale }) else { return }
-        if !dirty, buffer?.isStaged != true { buffer = nil }
+        if !dirty { buffer = nil }  // a value file it held goes with it
     }
 
     private func newBuffer() -> WriteBuffer {

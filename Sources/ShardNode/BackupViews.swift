@@ -469,7 +469,8 @@ public final class BackupViews: @unchecked Sendable {
         } else {
             source = try DevicePageSource(device: volume.device, extents: published.extents, pageSize: published.root.pageSize)
         }
-        return try ShardView(snapshot: try Snapshot(source: source, root: published.root), transactionID: published.root.txnid, path: path)
+        return try ShardView(snapshot: try Snapshot(source: source, root: published.root), transactionID: published.root.txnid, path: path,
+                             device: volume.device.isEmpty ? nil : volume.device)
     }
 }
 

@@ -8,20 +8,29 @@ import LMDBSnapshot
 //            A chunked record names its chunk set, so a large value can be
 //            written into a fresh set over several transactions and switched to
 //            in one (memory stays bounded), and a rename moves no chunks.
-//   staging  chunkSet(u64 BE) -> empty: sets being written; a crash leaves them
-//            here and opening the shard removes them.
+//   staging  chunkSet(u64 BE) -> what no record uses, to be removed: empty, a
+//            chunk set being written; [1], a value file being written; [2], a
+//            value file a record stopped using. A crash leaves them here and
+//            opening the shard removes them (ValueFiles.swift).
 //   indexes  (DUPSORT) indexKey(name, value) -> entry key. The reverse index.
-//   meta     shard descriptor: id, owner, state, size limit, format; the last chunk set ID.
+//   meta     shard descriptor: id, owner, state, size limit, format; the last chunk set ID;
+//            the bytes in value files.
+//
+// Values written through the mount past `WriteBuffer.spillThreshold` live in
+// files of their own, `values/<number, 16 hex digits>` beside the environment
+// (ValueFiles.swift): their record is a chunked one with bit 7 set, whose chunk
+// set is the file's number (a binary that predates value files finds no
+// chunks and reports the record corrupt rather than reading garbage).
 //
 // Record layout (little-endian), kept small because it is paid on every entry:
 //   0      u8   bits 0–3: format version (1); bit 4: value is chunked; bit 5: has indexes;
-//               bit 6: has the metadata extension
+//               bit 6: has the metadata extension; bit 7: the value is in a value file
 //   1..8   i64  modification time, nanoseconds since 1970
 //   if extended:     u8 length of the extension, then the extension (`EntryMetadata`):
 //                    u8 fields (bit 1 mode, bit 2 change time, bit 3 access time),
 //                    the entry number (LEB128), then u32 mode, i64 change time,
 //                    i64 access time, each only if its bit is set
-//   if chunked:      u64 value size, u64 chunk set
+//   if chunked:      u64 value size, u64 chunk set (the value file's number if bit 7)
 //   if has indexes:  u32 length of the index section, then the section:
 //                    per index: u8 name length, name, u32 value length, value
 //   then the value itself when not chunked (its size is what remains).
@@ -41,6 +50,8 @@ struct RecordFlags: OptionSet, Sendable {
     @usableFromInline static let chunked = RecordFlags(rawValue: 1 << 4)
     @usableFromInline static let hasIndexes = RecordFlags(rawValue: 1 << 5)
     @usableFromInline static let extended = RecordFlags(rawValue: 1 << 6)
+    /// Always with `chunked`: the "chunk set" is the number of a value file.
+    @usableFromInline static let inFile = RecordFlags(rawValue: 1 << 7)
 }
 
 /// What an entry carries beside its value, time and indexes (the record's extension).
@@ -232,6 +243,9 @@ struct RecordView {
             try Self.checkIndexSection(indexBytes)
         }
         inlineValue = UnsafeRawBufferPointer(rebasing: raw[offset...])
+        if flags.contains(.inFile) && !flags.contains(.chunked) {
+            throw ShardError.corrupt("a record names a value file but is not chunked")
+        }
         if flags.contains(.chunked) {
             guard inlineValue.isEmpty else { throw ShardError.corrupt("a chunked record carries inline bytes") }
             size = chunkedSize
@@ -273,6 +287,9 @@ struct RecordView {
     }
 
     var chunkCount: Int { flags.contains(.chunked) ? (size + chunkSize - 1) / chunkSize : 0 }
+
+    /// The number of the value file that holds the value (nil: inline or chunks).
+    var valueFile: UInt64? { flags.contains(.inFile) ? chunkSet : nil }
 }
 
 /// Size of the index section for `indexes`.
@@ -287,11 +304,13 @@ func recordHeadSize(chunked: Bool, indexes: [IndexPair], metadata: EntryMetadata
 }
 
 /// Writes a record's head into `out`; returns the offset where the inline value goes.
-func encodeRecordHead(into out: UnsafeMutableRawBufferPointer, chunkSet: UInt64?, modificationTime: Int64,
+/// `inFile`: `chunkSet` is the number of the value file that holds the value.
+func encodeRecordHead(into out: UnsafeMutableRawBufferPointer, chunkSet: UInt64?, inFile: Bool = false, modificationTime: Int64,
                       size: Int, indexes: [IndexPair], metadata: EntryMetadata) -> Int {
     let chunked = chunkSet != nil
     var flags: RecordFlags = []
     if chunked { flags.insert(.chunked) }
+    if chunked && inFile { flags.insert(.inFile) }
     if !indexes.isEmpty { flags.insert(.hasIndexes) }
     if !metadata.isEmpty { flags.insert(.extended) }
     out[0] = recordFormatVersion | flags.rawValue

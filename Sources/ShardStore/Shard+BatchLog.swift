@@ -486,7 +486,7 @@ extension Shard {
         while true {
             let outcome: R?
             do {
-                outcome = try env.read(prepare: { begin in
+                outcome = try readingValueFiles { try env.read(prepare: { begin in
                     try logLock.withLock {
                         let answer = hashes.isEmpty ? PendingAnswer.none : pendingAnswer(keys, hashes)
                         try begin()
@@ -513,7 +513,7 @@ extension Shard {
                         }
                         return try body(lookups, txn)
                     }
-                }
+                } }
             } catch let error as ShardError {
                 throw error
             } catch {
@@ -600,7 +600,7 @@ extension Shard {
         let start = ContinuousClock.now
         defer { CommitMetrics.record("apply", since: start) }
         var numbers: UInt64?
-        try env.write { txn in
+        try writeTransaction { txn in
             try applyInKeyOrder(txn, batches.map(\.items))
             try setMetaCounter(txn, Self.logAppliedKey, batches.last!.sequence)
             numbers = try storeEntryNumbers(txn)
@@ -719,7 +719,7 @@ extension Shard {
         if let last = records.last {
             let apply = {
                 var numbers: UInt64?
-                try self.env.write { txn in
+                try self.writeTransaction { txn in
                     try self.applyInKeyOrder(txn, records.map(\.items))
                     try self.setMetaCounter(txn, Self.logAppliedKey, last.sequence)
                     numbers = try self.storeEntryNumbers(txn)

@@ -92,6 +92,7 @@ extension Shard {
             let stored = (pending?[0] ?? .notPending).recordKey(key.bytes)
             guard let raw = try txn.get(entries, stored) else { throw ShardError.entryNotFound(key) }
             let view = try RecordView(raw)
+            if let number = view.valueFile { return try self.readValueFile(number, size: view.size, offset: offset, count: count) }
             return try view.slice(offset: offset, count: count) { n in try self.chunk(txn, stored, n, view) }
         }
     }
@@ -171,7 +172,7 @@ extension Shard {
     public func stats() throws -> ShardStats {
         let (count, free) = try readTransaction { txn in (try txn.count(entries), try txn.freePageCount()) }
         let info = env.info
-        let used = max(0, info.lastPage + 1 - free) * info.pageSize
+        let used = max(0, info.lastPage + 1 - free) * info.pageSize + (try valueFileBytes())
         return ShardStats(id: id, owner: owner, state: state, entries: count, usedBytes: used, limitBytes: sizeLimit)
     }
 
@@ -181,6 +182,7 @@ extension Shard {
 
     func value(_ txn: Transaction, _ key: [UInt8], _ view: RecordView) throws -> [UInt8] {
         guard view.flags.contains(.chunked) else { return Array(view.inlineValue) }
+        if let number = view.valueFile { return try readValueFile(number, size: view.size) }
         var out: [UInt8] = []
         out.reserveCapacity(view.size)
         for n in 0..<view.chunkCount { out.append(contentsOf: try chunk(txn, key, n, view)) }

@@ -6,6 +6,7 @@ import LMDB
 public struct BorrowedEntry {
     let txn: Transaction
     let chunks: Database
+    let shard: Shard
     let key: [UInt8]
     let view: RecordView
     /// Set by an update still pending in the batch log.
@@ -28,6 +29,7 @@ public struct BorrowedEntry {
             try body(view.inlineValue)
             return
         }
+        if let number = view.valueFile { return try shard.forEachValueFilePiece(number, size: view.size, body) }
         for n in 0..<view.chunkCount {
             try body(try view.checkedChunk(try txn.get(chunks, chunkKey(view.chunkSet, n)), n, key: key))
         }
@@ -63,7 +65,7 @@ extension Shard {
                         item.value.withUnsafeBytes { v in
                             if let base = v.baseAddress { out.baseAddress!.advanced(by: offset).copyMemory(from: base, byteCount: v.count) }
                         }
-                        let entry = BorrowedEntry(txn: txn, chunks: chunks, key: key, view: try RecordView(UnsafeRawBufferPointer(out)))
+                        let entry = BorrowedEntry(txn: txn, chunks: chunks, shard: self, key: key, view: try RecordView(UnsafeRawBufferPointer(out)))
                         try body(i, .success(entry))
                     }
                     keys.formIndex(after: &i)
@@ -76,7 +78,7 @@ extension Shard {
                         let lookup = pending?[n] ?? .notPending  // not a put or a deletion here
                         let stored = lookup.recordKey(key)
                         if let raw = try txn.get(entries, stored) {
-                            result = .success(BorrowedEntry(txn: txn, chunks: chunks, key: stored, view: try RecordView(raw),
+                            result = .success(BorrowedEntry(txn: txn, chunks: chunks, shard: self, key: stored, view: try RecordView(raw),
                                                             pendingModificationTime: lookup.changedTime))
                         } else {
                             result = .failure(.entryNotFound(EntryKey(trusted: key)))

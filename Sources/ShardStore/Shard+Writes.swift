@@ -147,8 +147,8 @@ extension Shard {
         let count = recordHeadSize(chunked: chunkSet != nil, indexes: indexes, metadata: metadata) + inline.count
         try key.withUnsafeBytes { k in
             let out = try txn.reserve(self.entries, k, count: count)
-            let offset = encodeRecordHead(into: out, chunkSet: chunkSet, modificationTime: modificationTime, size: size,
-                                          indexes: indexes, metadata: metadata)
+            let offset = encodeRecordHead(into: out, chunkSet: chunkSet, inFile: view.valueFile != nil,
+                                          modificationTime: modificationTime, size: size, indexes: indexes, metadata: metadata)
             inline.withUnsafeBytes { v in
                 if let base = v.baseAddress { out.baseAddress!.advanced(by: offset).copyMemory(from: base, byteCount: v.count) }
             }
@@ -260,6 +260,9 @@ extension Shard {
         struct Index { var reverseKey: [UInt8] }
         var chunkSet: UInt64?
         var indexes: [Index]
+        /// The value file holding the value, and its size.
+        var valueFile: (number: UInt64, size: Int)? = nil
+        var hasSideData: Bool { chunkSet != nil || valueFile != nil || !indexes.isEmpty }
     }
 
     func readOld(_ txn: Transaction, _ key: [UInt8]) throws -> OldEntry? {
@@ -269,7 +272,8 @@ extension Shard {
 
     func oldEntry(_ raw: UnsafeRawBufferPointer) throws -> OldEntry {
         let view = try RecordView(raw)
-        var old = OldEntry(chunkSet: view.flags.contains(.chunked) ? view.chunkSet : nil, indexes: [])
+        var old = OldEntry(chunkSet: view.flags.contains(.chunked) && view.valueFile == nil ? view.chunkSet : nil, indexes: [])
+        if let number = view.valueFile { old.valueFile = (number, view.size) }
         view.forEachIndex { name, value in
             old.indexes.append(.init(reverseKey: reverseIndexKey(name: name, value: value)))
         }
@@ -283,6 +287,7 @@ extension Shard {
 
     func removeSideData(_ txn: Transaction, key: [UInt8], old: OldEntry) throws {
         if let set = old.chunkSet { try deleteChunkSet(txn, set) }
+        if let file = old.valueFile { try releaseValueFile(txn, file.number, size: file.size) }
         for index in old.indexes {
             try index.reverseKey.withUnsafeBytes { k in
                 try key.withUnsafeBytes { _ = try txn.delete(indexes, k, value: $0) }
@@ -308,15 +313,16 @@ extension Shard {
 
     /// Writes a record (and chunks and index rows) whose value `source` provides
     /// piecewise, into the record itself or into reserved chunk space: no extra copy.
-    /// `stagedChunkSet`: the value's chunks are already written there.
+    /// `stagedChunkSet`: the value's chunks are already written there; `valueFile`:
+    /// the value is that value file (written, synced, its size `size`).
     /// A new key gets `entryNumber` (or a new one) and `creationMode`; an existing entry keeps its
     /// number, mode and access time (a rewrite is a change of its value).
     func writeEntry(_ txn: Transaction, key: [UInt8], size: Int, indexes newIndexes: [IndexPair],
                             appending: Bool = false, modificationTime: Int64, stagedChunkSet: UInt64? = nil,
-                            entryNumber: UInt64? = nil, creationMode: UInt32? = nil,
+                            valueFile: UInt64? = nil, entryNumber: UInt64? = nil, creationMode: UInt32? = nil,
                             source: (Int, UnsafeMutableRawBufferPointer) throws -> Void) throws {
-        let chunked = size > chunkSize
-        let chunkSet: UInt64? = chunked ? try stagedChunkSet ?? newChunkSet(txn) : nil
+        let chunked = size > chunkSize || valueFile != nil
+        let chunkSet: UInt64? = chunked ? try valueFile ?? stagedChunkSet ?? newChunkSet(txn) : nil
         // Sized for a new key first; the number is taken only once the key proves new.
         var metadata = EntryMetadata(number: entryNumber ?? lastEntryNumber.load(ordering: .relaxed) + 1, mode: creationMode)
         let valueBytes = chunked ? 0 : size
@@ -340,16 +346,16 @@ extension Shard {
                 metadata = view.metadata
                 metadata.changeTime = nil
                 if metadata.number == 0 { metadata.number = entryNumber ?? newEntryNumber() }
-                if old.chunkSet != nil || !old.indexes.isEmpty { try removeSideData(txn, key: key, old: old) }
+                if old.hasSideData { try removeSideData(txn, key: key, old: old) }
                 out = try txn.reserve(entries, k, count: recordHeadSize(chunked: chunked, indexes: newIndexes, metadata: metadata) + valueBytes)
             }
-            let offset = encodeRecordHead(into: out, chunkSet: chunkSet, modificationTime: modificationTime,
+            let offset = encodeRecordHead(into: out, chunkSet: chunkSet, inFile: valueFile != nil, modificationTime: modificationTime,
                                           size: size, indexes: newIndexes, metadata: metadata)
             if !chunked, size > 0 {
                 try source(0, UnsafeMutableRawBufferPointer(rebasing: out[offset...]))
             }
         }
-        if let chunkSet, stagedChunkSet == nil {
+        if let chunkSet, stagedChunkSet == nil, valueFile == nil {
             var n = 0
             while n * chunkSize < size {
                 let length = min(chunkSize, size - n * chunkSize)

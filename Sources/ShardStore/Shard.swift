@@ -27,6 +27,11 @@ public final class Shard: @unchecked Sendable {
     let staging: Database
     let indexes: Database
     let meta: Database
+    /// The shard's `values/` folder (ValueFiles.swift).
+    let valueFiles: ValueFileDirectory
+    /// Whether the write transaction running now released a value file: only the
+    /// thread inside LMDB's single write transaction touches it (`writeTransaction`).
+    var releasedInTransaction = false
 
     let stateLock = NSLock()
     var committedState: ShardState
@@ -239,6 +244,7 @@ public final class Shard: @unchecked Sendable {
     }
 
     init(path: String, creating descriptor: Descriptor?, options: ShardOptions) throws {
+        valueFiles = ValueFileDirectory(shardPath: path)
         var envOptions = EnvironmentOptions(mapSize: descriptor?.sizeLimit ?? ShardOptions.minimumSizeLimit)
         envOptions.readOnly = options.readOnly
         envOptions.noSync = !options.durableCommits
@@ -393,7 +399,7 @@ public final class Shard: @unchecked Sendable {
             do {
                 var changed: [[UInt8]] = []
                 var numbers: UInt64?
-                try env.write { txn in
+                try writeTransaction { txn in
                     var ctx = WriteContext(txn: txn, state: state, observed: observed)
                     for member in group {
                         do { try member.body(&ctx) } catch let error as ShardError { member.error = error }
@@ -415,7 +421,7 @@ public final class Shard: @unchecked Sendable {
                 var state = self.state
                 var changed: [[UInt8]] = []
                 var numbers: UInt64?
-                try env.write { txn in
+                try writeTransaction { txn in
                     var ctx = WriteContext(txn: txn, state: state, observed: observed)
                     try member.body(&ctx)
                     state = ctx.state

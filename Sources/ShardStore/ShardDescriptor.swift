@@ -19,7 +19,14 @@ struct Descriptor {
     var sizeLimit: Int
 
     static let formatVersion = "2"
+    /// The format of a shard that has held a value file (ValueFiles.swift): set by
+    /// the first one, so that a binary that predates value files refuses the shard
+    /// ("unknown shard format") instead of reading its records as corrupt and
+    /// leaking its files.
+    static let valueFilesFormat = "3"
+    static let formatKey = Array("format".utf8)
 
+    /// Writes a new shard's descriptor (once, at creation).
     func store(_ txn: Transaction, _ db: Database) throws {
         for (k, v) in [("format", Descriptor.formatVersion), ("id", String(id)), ("owner", owner),
                        ("state", state.rawValue), ("sizeLimit", String(sizeLimit))] {
@@ -39,7 +46,9 @@ struct Descriptor {
             }
             return String(decoding: raw, as: UTF8.self)
         }
-        guard try field("format") == formatVersion else { throw ShardError.corrupt("unknown shard format at \(path)") }
+        guard [formatVersion, valueFilesFormat].contains(try field("format")) else {
+            throw ShardError.corrupt("unknown shard format at \(path)")
+        }
         guard let id = UInt64(try field("id")), let limit = Int(try field("sizeLimit")),
               let state = ShardState(rawValue: try field("state")) else {
             throw ShardError.corrupt("unreadable shard descriptor at \(path)")

@@ -1,4 +1,5 @@
 import Foundation
+import Glibc
 import LMDB
 import LMDBSnapshot
 
@@ -38,8 +39,12 @@ extension Shard {
         if log != nil, hasBatches(loggedBefore: ContinuousClock.now - maxPending) { try applyLog() }
         do {
             let (pin, root) = try env.pinNewest { pinned, fd in
-                // The writer lock is held: the meta page of this snapshot is still on disk.
-                try SnapshotRoot.meta(of: pinned.transactionID, fd: fd)
+                // The writer lock is held: no commit releases a value file this
+                // snapshot names before the pin counts as a read of them (ValueFiles.swift).
+                let reading = valueFiles.beginReading()
+                pinned.onEnd { [valueFiles] in valueFiles.endReading(reading) }
+                // The meta page of this snapshot is still on disk.
+                return try SnapshotRoot.meta(of: pinned.transactionID, fd: fd)
             }
             do {
                 // A durable commit (the default) already synced what the backup reads
@@ -81,16 +86,27 @@ public final class ShardView: Sendable {
     let entries: SnapshotDatabase
     let chunks: SnapshotDatabase
     let indexes: SnapshotDatabase
+    let meta: SnapshotDatabase
+    /// The shard's `values/` folder, read when `device` is nil.
+    let valuesPath: String
+    /// The block device the shard's volume is on: value files are read from it by
+    /// the extents their commit recorded (nil: a folder volume, read through the folder).
+    let device: String?
 
-    /// Opens the view; reads the shard's own descriptor from the snapshot.
-    public init(snapshot: Snapshot, transactionID: UInt64, path: String) throws {
+    /// Opens the view; reads the shard's own descriptor from the snapshot. `path`
+    /// is the shard's folder; `device`, when the snapshot's pages come from a
+    /// block device, that device (value files are then read from it too).
+    public init(snapshot: Snapshot, transactionID: UInt64, path: String, device: String? = nil) throws {
         self.snapshot = snapshot
         self.transactionID = transactionID
+        valuesPath = ValueFileDirectory(shardPath: path).path
+        self.device = device
         do {
             entries = try snapshot.database("entries")
             chunks = try snapshot.database("chunks")
             indexes = try snapshot.database("indexes")
             let meta = try snapshot.database("meta")
+            self.meta = meta
             let descriptor = try snapshot.read { txn in
                 try Descriptor.load(path: path) { name in try name.withUnsafeBytes { try txn.get(meta, $0) } }
             }
@@ -111,6 +127,67 @@ public final class ShardView: Sendable {
         case let e as SnapshotError: return .corrupt("view: \(e)")
         default: return .storage("view: \(error)")
         }
+    }
+
+    /// Bytes `offset ..< offset + count` (fewer at the end) of the value in value
+    /// file `number` of `size` bytes: from the folder, or from the device at the
+    /// extents the file's commit recorded in this snapshot. The pin that keeps
+    /// this snapshot's pages keeps the file (ValueFiles.swift).
+    private func valueFileBytes(_ txn: SnapshotTransaction, _ number: UInt64, size: Int, offset: Int, count: Int) throws -> [UInt8] {
+        let end = min(size, offset &+ count)
+        guard offset < end else { return [] }
+        guard let device else {
+            let path = valuesPath + "/" + String(format: "%016llx", number)
+            let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+            guard fd >= 0 else { throw ShardError.corrupt("view: value file \(number) cannot be opened: \(String(cString: strerror(errno)))") }
+            defer { Glibc.close(fd) }
+            return try [UInt8](unsafeUninitializedCapacity: end - offset) { buffer, initialized in
+                try readFully(fd, offset: offset, into: UnsafeMutableRawBufferPointer(buffer), size: size, what: "view: value file \(number)")
+                initialized = end - offset
+            }
+        }
+        guard let raw = try Shard.valueFileExtentsKey(number).withUnsafeBytes({ try txn.get(meta, $0) }) else {
+            throw ShardError.corrupt("view: value file \(number) has no recorded extents")
+        }
+        return try Self.readFromDevice(device, extents: try Shard.decodeExtents(raw), offset: offset, end: end, number: number)
+    }
+
+    /// Bytes `offset ..< end` of a synced file whose extents are `extents`, read
+    /// from `device`: a hole or an unwritten extent inside the file reads as zeros
+    /// (the file was synced: nothing is left delayed); an extent whose bytes the
+    /// device does not hold as they are is an error. Read in pieces of 1 MiB
+    /// straight into the result.
+    static func readFromDevice(_ device: String, extents: [FileExtent], offset: Int, end: Int, number: UInt64) throws -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: end - offset)
+        for e in extents {
+            let (stop, overflow) = e.logical.addingReportingOverflow(e.length)
+            guard !overflow, stop <= UInt64(Int.max) else { throw ShardError.corrupt("view: value file \(number) has an extent out of range") }
+        }
+        let readable = extents.filter { $0.flags & FileExtent.unwritten == 0 }
+        if let bad = readable.first(where: { !$0.isReadable && $0.logical < UInt64(end) && $0.logical + $0.length > UInt64(offset) }) {
+            throw ShardError.corrupt("view: value file \(number) has an extent at \(bad.logical) with flags 0x\(String(bad.flags, radix: 16))")
+        }
+        // Sectors of 512 bytes: FIEMAP's last extent ends at the file's size
+        // rounded up to a sector, not to a filesystem block.
+        let sector = 512, piece = 1 << 20
+        let source = try DevicePageSource(device: device, extents: readable, pageSize: sector)
+        try out.withUnsafeMutableBytes { buffer in
+            for extent in readable {
+                let a = max(offset, Int(extent.logical)), b = min(end, Int(extent.logical + extent.length))
+                var at = a
+                while at < b {
+                    let stop = min(b, at + piece)
+                    let first = at / sector, last = (stop - 1) / sector
+                    let sectors = try source.read(page: UInt64(first), count: last - first + 1)
+                    sectors.withUnsafeBytes { s in
+                        UnsafeMutableRawBufferPointer(rebasing: buffer[(at - offset) ..< (stop - offset)])
+                            .copyMemory(from: UnsafeRawBufferPointer(rebasing: s[(at - first * sector) ..< (stop - first * sector)]))
+                    }
+                    at = stop
+                }
+            }
+        }
+        return out
     }
 
     private func reading<R>(_ body: (SnapshotTransaction) throws -> R) throws -> R {
@@ -157,6 +234,7 @@ public final class ShardView: Sendable {
         return try reading { txn in
             guard let raw = try key.bytes.withUnsafeBytes({ try txn.get(entries, $0) }) else { throw ShardError.entryNotFound(key) }
             let view = try RecordView(raw)
+            if let number = view.valueFile { return try valueFileBytes(txn, number, size: view.size, offset: offset, count: count) }
             return try view.slice(offset: offset, count: count) { n in try chunk(txn, key.bytes, n, view) }
         }
     }
@@ -204,10 +282,13 @@ public final class ShardView: Sendable {
 
     /// Entries and an upper bound of the bytes in use (the view does not read the free list).
     public func stats() throws -> ShardStats {
-        let count = try reading { txn in try txn.count(entries) }
+        let (count, inFiles) = try reading { txn in
+            (try txn.count(entries),
+             try txn.get(meta, Shard.valueFileBytesKey).map { $0.count == 8 ? Int(UInt64(bigEndian: $0.loadUnaligned(as: UInt64.self))) : 0 } ?? 0)
+        }
         let root = snapshot.root
         return ShardStats(id: id, owner: owner, state: state, entries: count,
-                          usedBytes: Int(root.lastPage + 1) * root.pageSize, limitBytes: sizeLimit)
+                          usedBytes: Int(root.lastPage + 1) * root.pageSize + inFiles, limitBytes: sizeLimit)
     }
 
     /// The directory time stored in the shard at this snapshot (as `Shard.directoryTime`), if any.
@@ -229,6 +310,7 @@ public final class ShardView: Sendable {
 
     private func value(_ txn: SnapshotTransaction, _ key: [UInt8], _ view: RecordView) throws -> [UInt8] {
         guard view.flags.contains(.chunked) else { return Array(view.inlineValue) }
+        if let number = view.valueFile { return try valueFileBytes(txn, number, size: view.size, offset: 0, count: view.size) }
         var out: [UInt8] = []
         out.reserveCapacity(view.size)
         for n in 0..<view.chunkCount { out.append(contentsOf: try chunk(txn, key, n, view)) }

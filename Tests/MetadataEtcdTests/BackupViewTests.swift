@@ -153,6 +153,13 @@ import Testing
             #expect(try view { try $0.find(indexName: "blob", value: long) }.map(\.description) == ["i1"])
             #expect(try view { try $0.find(indexName: "blob", value: long) } == (try doomed.find(indexName: "blob", value: long)))
             #expect(throws: ShardError.self) { _ = try view { try $0.find(indexName: "", value: [1]) } }
+            // A large value in a value file of its own (as the mount writes past 8 MiB), read through the view.
+            let large = (0..<(9 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 7) }
+            let file = try doomed.beginValueFile(clientID: "c")
+            try large.withUnsafeBytes { try file.write($0, at: 0) }
+            try file.commit(as: try EntryKey("large"))
+            #expect(try await waitUntil(3) { (try? b.views.withView(doomed.id, { try $0.get(try EntryKey("large")).value })) == large })
+            #expect(try b.views.withView(doomed.id, { try $0.read(try EntryKey("large"), offset: 5 << 20, count: 3) }) == Array(large[(5 << 20)..<((5 << 20) + 3)]))
             try await a.shards.deleteShard(doomed.id)
             #expect(try await waitUntil(3) { !b.views.serves(doomed.id) })
             let leftovers = dir.sub("volumes") + "/" + volume + "/shard-\(doomed.id).deleting"

@@ -3,9 +3,9 @@ import ShardStore
 import TestSupport
 import Testing
 
-/// Large files written in order go straight into a staging chunk set of the
-/// shard as the data arrives, and close() switches the entry to it
-/// (docs/SEMANTICS.md, "Large files and memory").
+/// Large files go to a value file of the shard as the data arrives, and close()
+/// syncs it and names it in the entry's record (docs/SEMANTICS.md, "Large files
+/// and memory").
 @Suite struct StagedWriteTests {
     /// The one shard's directory under the node's data folder (`shard-1`).
     static func shardPath(_ fixture: MountFixture) async throws -> String {
@@ -22,6 +22,11 @@ import Testing
         options.readOnly = true
         let shard = try Shard.open(at: try await shardPath(fixture), options: options)
         return try shard.stagedSets()
+    }
+
+    /// The files in the shard's `values/` folder (large values being written or kept).
+    static func valueFiles(_ fixture: MountFixture) async throws -> [String] {
+        (try? FileManager.default.contentsOfDirectory(atPath: try await shardPath(fixture) + "/values")) ?? []
     }
 
     /// Reads must come from the daemon, not from pages the writes left cached.
@@ -81,11 +86,14 @@ import Testing
             let result = try await fixture.sh("dd if=/dev/zero of=shard-1/big bs=1M count=40 status=none")
             #expect(result.status != 0 && result.stderr.contains("No space left on device"), "\(result.stderr)")
             #expect(try await fixture.ok("cat shard-1/ok") == "small\n")
-            // The space the staged chunks took is free again: a 12 MiB file fits.
+            // The failed value's file goes once its last handle is released (FUSE releases after close returns).
+            #expect(try await waitUntil(10) { try await Self.valueFiles(fixture) == [] })
+            // The space the failed value took is free again: a 12 MiB file fits.
             try await fixture.ok("head -c 12582912 /dev/urandom > '\(fixture.dir.sub("mid"))' && cp '\(fixture.dir.sub("mid"))' shard-1/mid")
             try await Self.dropCaches()
             try await fixture.ok("cmp '\(fixture.dir.sub("mid"))' shard-1/mid")
             #expect(try await Self.stagedSets(fixture) == [])
+            #expect(try await Self.valueFiles(fixture).count == 1)  // mid's
         }
         // Nothing of the big value was committed (dd's first close, after its
         // dup2, commits the created file empty, as on any filesystem).
@@ -127,12 +135,13 @@ import Testing
             process.waitUntilExit()
             writer = nil
             _ = try await shell("fusermount3 -u '\(fixture.mnt)' || fusermount3 -uz '\(fixture.mnt)'")
-            // What was staged is still listed (the data went into the shard as it came)…
-            #expect(try await Self.stagedSets(fixture).count == 1)
+            // The value file being written is still there (the data went to disk as it came)…
+            #expect(try await Self.valueFiles(fixture).count == 1)
             // …and opening the shard removes it; the entry keeps its old value.
             try await fixture.mount()
             #expect(try await fixture.ok("cat shard-1/big") == "old-value\n")
             await fixture.unmount()
+            #expect(try await Self.valueFiles(fixture) == [])
             #expect(try await Self.stagedSets(fixture) == [])
         } catch {
             if let writer, writer.isRunning { kill(writer.processIdentifier, SIGKILL) }
