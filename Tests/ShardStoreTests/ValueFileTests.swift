@@ -138,6 +138,28 @@ import Testing
         #expect(try reopened.valueFileBytes() == committed.count)
     }
 
+    @Test func moreFilesThanTheOpenDescriptorsReadBackAndAreRemoved() async throws {
+        let dir = try TemporaryDirectory("valuefile")
+        let shard = try makeShard(dir)
+        let count = ValueFileDirectory.openFilesLimit + 3
+        let numbers = try (0..<count).map { try commitValueFile(shard, "v\($0)", pattern(1 << 20 + $0, seed: UInt8($0))) }
+        for round in 0..<2 {  // the second round reads through descriptors kept or opened again
+            for i in 0..<count {
+                #expect(try shard.read(key("v\(i)"), offset: 1 << 20, count: 100) == Array(pattern(1 << 20 + i, seed: UInt8(i))[(1 << 20)...]), "round \(round)")
+            }
+        }
+        for i in 0..<count { try shard.delete(key("v\(i)"), clientID: "owner") }
+        for number in numbers { #expect(try await waitUntilRemoved(shard, number)) }
+    }
+
+    @Test func aClosedShardTakesNoValueFile() throws {
+        let dir = try TemporaryDirectory("valuefile")
+        let shard = try makeShard(dir)
+        try shard.close()
+        #expect(throws: ShardError.self) { _ = try shard.beginValueFile(clientID: "owner") }
+        #expect(try shard.stagedNumbers() == [])
+    }
+
     @Test func aShardWithoutDurableCommitsMakesNoValueFile() throws {
         let dir = try TemporaryDirectory("valuefile")
         var options = ShardOptions()
