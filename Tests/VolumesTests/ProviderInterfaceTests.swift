@@ -39,6 +39,13 @@ final class ScriptedProvider: CloudProvider, @unchecked Sendable {
         CloudVolume(volumeID: "vol-1", sizeBytes: 1 << 30, state: state, attachments: attachments)
     }
 
+    /// The deadline of waits that end after a few 10 ms polls when the code is
+    /// right. Far above them: in the full suite, every test that starts in its
+    /// first minute (dozens of suites starting processes, etcd, loop devices on
+    /// two vCPUs) takes over 60 s, even one that does nothing but return, and a
+    /// 60 s deadline failed this way on 2026-12-07 (twice) and before.
+    static let patience: Duration = .seconds(600)
+
     @Test func waitForAttachmentIsPerInstance() async throws {
         // Another instance's attachment does not satisfy the wait for i-b.
         let provider = ScriptedProvider([
@@ -46,8 +53,7 @@ final class ScriptedProvider: CloudProvider, @unchecked Sendable {
             volume(.inUse, [VolumeAttachment(instanceID: "i-a", state: .attached), VolumeAttachment(instanceID: "i-b", state: .attaching)]),
             volume(.inUse, [VolumeAttachment(instanceID: "i-a", state: .attached), VolumeAttachment(instanceID: "i-b", state: .attached)]),
         ])
-        // A deadline far above the three polls it takes: a loaded machine delays them.
-        let done = try await provider.waitFor("vol-1", .attached(instanceID: "i-b"), timeout: .seconds(60), poll: .milliseconds(10))
+        let done = try await provider.waitFor("vol-1", .attached(instanceID: "i-b"), timeout: Self.patience, poll: .milliseconds(10))
         #expect(done?.attachment(of: "i-b")?.state == .attached)
         #expect(provider.calls == 3)
     }
@@ -57,7 +63,7 @@ final class ScriptedProvider: CloudProvider, @unchecked Sendable {
             volume(.inUse, [VolumeAttachment(instanceID: "i-a", state: .attached), VolumeAttachment(instanceID: "i-b", state: .detaching)]),
             volume(.inUse, [VolumeAttachment(instanceID: "i-a", state: .attached)]),
         ])
-        let done = try await provider.waitFor("vol-1", .detached(instanceID: "i-b"), timeout: .seconds(60), poll: .milliseconds(10))
+        let done = try await provider.waitFor("vol-1", .detached(instanceID: "i-b"), timeout: Self.patience, poll: .milliseconds(10))
         #expect(done?.attachments.map(\.instanceID) == ["i-a"])
     }
 
@@ -71,7 +77,7 @@ final class ScriptedProvider: CloudProvider, @unchecked Sendable {
             volume(.inUse, [VolumeAttachment(instanceID: "i-b", state: .attached)]),
         ])
         detaching.forceError = refused
-        try await detaching.fence("vol-1", instanceID: "i-a", timeout: .seconds(60), poll: .milliseconds(10))
+        try await detaching.fence("vol-1", instanceID: "i-a", timeout: Self.patience, poll: .milliseconds(10))
         #expect(detaching.forcedDetaches == 1)
         // Refused while the cloud still shows it attached: the fence fails, it does not pretend.
         let stuck = ScriptedProvider([volume(.inUse, [VolumeAttachment(instanceID: "i-a", state: .attached)])])
