@@ -25,8 +25,8 @@ import Synchronization
 //   transaction (`ValueFileDirectory.beginReading`). Every write transaction
 //   runs through `writeTransaction`, which schedules a removal round after a
 //   commit that released a file; a round (one at a time per shard) lists the
-//   released files first, then waits for every read registered before then,
-//   then removes what it listed. A file that cannot be removed stays listed.
+//   released files first, then waits (holding no thread) for every read
+//   registered before then, then removes what it listed. A file that cannot be removed stays listed.
 // - Committed files are read through descriptors kept open per file
 //   (`withOpenFile`), closed before the file is removed.
 // - Only shards with durable commits hold value files (each listing must be on
@@ -72,9 +72,8 @@ final class ValueFileDirectory: @unchecked Sendable {
     private let evenReaders = Atomic<Int>(0)
     private let oddReaders = Atomic<Int>(0)
     private let removerLock = NSLock()
-    private var removerScheduled = false
     private var directoryMade = false
-    /// Rounds run one at a time (`waitForEarlierReaders` needs it), per shard.
+    /// The shard's removal rounds run here, one at a time.
     private let remover = DispatchQueue(label: "shardfs.value-file-remover")
 
     /// Descriptors of committed value files kept open for reads, one per file and
@@ -153,14 +152,15 @@ final class ValueFileDirectory: @unchecked Sendable {
         if e & 1 == 0 { evenReaders.subtract(1, ordering: .sequentiallyConsistent) } else { oddReaders.subtract(1, ordering: .sequentiallyConsistent) }
     }
 
-    /// Waits until every read registered before this call has ended. One caller at a time.
-    func waitForEarlierReaders() {
-        let old = epoch.add(1, ordering: .sequentiallyConsistent).oldValue
-        // Reads end within milliseconds; a view's pin within a checkpoint or two
-        // (about a second): polling every millisecond costs nothing that matters.
-        while (old & 1 == 0 ? evenReaders.load(ordering: .sequentiallyConsistent) : oddReaders.load(ordering: .sequentiallyConsistent)) != 0 {
-            usleep(1000)
-        }
+    /// Moves the epoch on: the reads registered before now are those of the
+    /// returned epoch (see `earlierReadersEnded`). One round at a time.
+    private func moveEpoch() -> UInt64 {
+        epoch.add(1, ordering: .sequentiallyConsistent).oldValue
+    }
+
+    /// Whether every read registered in epoch `old` has ended.
+    private func earlierReadersEnded(_ old: UInt64) -> Bool {
+        (old & 1 == 0 ? evenReaders.load(ordering: .sequentiallyConsistent) : oddReaders.load(ordering: .sequentiallyConsistent)) == 0
     }
 
     /// Creates `values/` (made durable in the shard's folder) if it is not there yet.
@@ -182,18 +182,52 @@ final class ValueFileDirectory: @unchecked Sendable {
         guard fsync(fd) == 0 else { throw ShardError.storage("cannot sync \(directory): \(String(cString: strerror(errno)))") }
     }
 
-    /// Runs `round` on a background thread unless one is scheduled and has not started.
-    func scheduleRemoval(_ round: @escaping @Sendable () -> Void) {
+    /// A removal round: `list` the files to remove (nil or empty: nothing to
+    /// do), then, once every read registered before the listing has ended,
+    /// `remove` them.
+    struct RemovalRound: Sendable {
+        let list: @Sendable () -> [UInt64]?
+        let remove: @Sendable ([UInt64]) -> Void
+    }
+
+    /// Runs `round` on the shard's queue; if a round is under way, another
+    /// follows it (a release committed meanwhile may not be in its list). Rounds
+    /// run one at a time (the epochs need it). A round that waits for readers
+    /// (a view's pin lasts a checkpoint or two) holds no thread: it looks again
+    /// every millisecond from the queue.
+    func scheduleRemoval(_ round: RemovalRound) {
         let start = removerLock.withLock { () -> Bool in
-            if removerScheduled { return false }
-            removerScheduled = true
+            if roundRunning { roundAgain = true; return false }
+            roundRunning = true
             return true
         }
-        guard start else { return }
-        remover.async {
-            self.removerLock.withLock { self.removerScheduled = false }
-            round()
+        if start { remover.async { self.startRound(round) } }
+    }
+
+    private var roundRunning = false
+    private var roundAgain = false
+
+    private func startRound(_ round: RemovalRound) {
+        guard let listed = round.list(), !listed.isEmpty else { return endRound(round) }
+        waitThenRemove(listed, after: moveEpoch(), round)
+    }
+
+    private func waitThenRemove(_ listed: [UInt64], after old: UInt64, _ round: RemovalRound) {
+        guard earlierReadersEnded(old) else {
+            remover.asyncAfter(deadline: .now() + .milliseconds(1)) { self.waitThenRemove(listed, after: old, round) }
+            return
         }
+        round.remove(listed)
+        endRound(round)
+    }
+
+    private func endRound(_ round: RemovalRound) {
+        let again = removerLock.withLock { () -> Bool in
+            if roundAgain { roundAgain = false; return true }
+            roundRunning = false
+            return false
+        }
+        if again { remover.async { self.startRound(round) } }
     }
 }
 
@@ -424,7 +458,7 @@ extension Shard {
     }
 
     /// Runs a write transaction (LMDB's `env.write`); if it released value files
-    /// and committed, a removal round follows (`removeReleasedValueFiles`).
+    /// and committed, a removal round follows (`scheduleValueFileRemoval`).
     /// Every write transaction of the shard goes through here: a release must
     /// be seen by a round that lists after its commit, not one that listed
     /// before (that one would miss it until the shard next opens).
@@ -437,24 +471,30 @@ extension Shard {
             releasedInTransaction = false
             return result
         }
-        if released { valueFiles.scheduleRemoval { [weak self] in self?.removeReleasedValueFiles() } }
+        if released { scheduleValueFileRemoval() }
         return result
     }
 
     /// Removes the value files `staging` lists as released (see the rules above):
-    /// those listed now, once every read that began before now has ended; a
-    /// file released later waits for the round its commit schedules.
-    func removeReleasedValueFiles() {
-        guard let released = try? listedValueFiles(.releasedFile), !released.isEmpty else { return }
-        // Opened without durable commits (the files were made with them): the
-        // releases must be on disk before their files go.
-        if env.options.noSync { guard (try? env.sync(force: true)) != nil else { return } }
-        valueFiles.waitForEarlierReaders()
-        let gone = released.filter { removeFile($0) }
-        guard !gone.isEmpty else { return }
-        try? committer.submit { ctx in
-            for number in gone { _ = try ctx.txn.delete(self.staging, chunkSetKey(number)) }
-        }
+    /// those listed when the round starts, once every read that began before
+    /// then has ended; a file released later is left to the next round.
+    func scheduleValueFileRemoval() {
+        valueFiles.scheduleRemoval(.init(
+            list: { [weak self] in
+                guard let self, let released = try? self.listedValueFiles(.releasedFile), !released.isEmpty else { return nil }
+                // Opened without durable commits (the files were made with them):
+                // the releases must be on disk before their files go.
+                if self.env.options.noSync { guard (try? self.env.sync(force: true)) != nil else { return nil } }
+                return released
+            },
+            remove: { [weak self] released in
+                guard let self else { return }
+                let gone = released.filter { self.removeFile($0) }
+                guard !gone.isEmpty else { return }
+                try? self.committer.submit { ctx in
+                    for number in gone { _ = try ctx.txn.delete(self.staging, chunkSetKey(number)) }
+                }
+            }))
     }
 
     /// Unlinks value file `number`; true if it is gone (a file that cannot be
