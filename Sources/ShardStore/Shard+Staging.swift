@@ -13,21 +13,6 @@ extension Shard {
         try listedValueFiles(.chunkSet)
     }
 
-    /// Every number `staging` lists: chunk sets and value files.
-    func stagedNumbers() throws -> [UInt64] {
-        try readTransaction(applyingLog: false) { txn in
-            try txn.withCursor(staging) { cursor in
-                var found: [UInt64] = []
-                var pair = try cursor.first()
-                while let p = pair {
-                    if p.key.count == 8 { found.append(UInt64(bigEndian: p.key.loadUnaligned(as: UInt64.self))) }
-                    pair = try cursor.next()
-                }
-                return found
-            }
-        }
-    }
-
     /// Writes the chunks of a value into a new chunk set, `stagingThreshold` bytes
     /// per transaction; the set is listed in `staging` until a record uses it.
     func stageChunks(size: Int, clientID: String,

@@ -137,7 +137,7 @@ public final class ShardView: Sendable {
         let end = min(size, offset &+ count)
         guard offset < end else { return [] }
         guard let device else {
-            let path = valuesPath + "/" + String(format: "%016llx", number)
+            let path = ValueFileDirectory.filePath(number, in: valuesPath)
             let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
             guard fd >= 0 else { throw ShardError.corrupt("view: value file \(number) cannot be opened: \(String(cString: strerror(errno)))") }
             defer { Glibc.close(fd) }

@@ -134,7 +134,10 @@ final class ValueFileDirectory: @unchecked Sendable {
         }
     }
 
-    func filePath(_ number: UInt64) -> String {
+    func filePath(_ number: UInt64) -> String { Self.filePath(number, in: path) }
+
+    /// Value file `number` in the `values/` folder at `path` (16 hex digits).
+    static func filePath(_ number: UInt64, in path: String) -> String {
         path + "/" + String(format: "%016llx", number)
     }
 
@@ -174,13 +177,6 @@ final class ValueFileDirectory: @unchecked Sendable {
         removerLock.withLock { directoryMade = true }
     }
 
-    /// Makes the entries of `directory` durable.
-    func syncDirectory(_ directory: String) throws {
-        let fd = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        guard fd >= 0 else { throw ShardError.storage("cannot open \(directory): \(String(cString: strerror(errno)))") }
-        defer { close(fd) }
-        guard fsync(fd) == 0 else { throw ShardError.storage("cannot sync \(directory): \(String(cString: strerror(errno)))") }
-    }
 
     /// A removal round: `list` the files to remove (nil or empty: nothing to
     /// do), then, once every read registered before the listing has ended,
@@ -322,7 +318,7 @@ public final class ValueFile: @unchecked Sendable {
             throw ShardError.fromErrno(errno, "cannot sync value file \(number)", limit: shard.sizeLimit)
         }
         do {
-            try shard.valueFiles.syncDirectory(shard.valueFiles.path)
+            try syncDirectory(shard.valueFiles.path)
         } catch {
             syncFailed = true
             throw error

@@ -177,6 +177,13 @@ import Testing
         #expect(throws: ShardError.full(limit: 8 << 20)) { try second.commit(as: key("second")) }
         second.discard()
         #expect(try shard.stagedNumbers() == [])
+        // No write or truncation makes a value larger than the whole limit; the file stays usable.
+        let third = try shard.beginValueFile(clientID: "owner")
+        #expect(throws: ShardError.full(limit: 8 << 20)) { try [UInt8](repeating: 1, count: 10).withUnsafeBytes { try third.write($0, at: (8 << 20) - 5) } }
+        #expect(throws: ShardError.full(limit: 8 << 20)) { try third.truncate(to: (8 << 20) + 1) }
+        try [UInt8](repeating: 1, count: 10).withUnsafeBytes { try third.write($0, at: 0) }
+        #expect(third.size == 10)
+        third.discard()
         // Replacing the first value frees its bytes in the same commit.
         _ = try commitValueFile(shard, "first", pattern(5 << 20, seed: 3))
         #expect(try shard.get(key("first")).value == pattern(5 << 20, seed: 3))
@@ -292,5 +299,22 @@ import Testing
         #expect(fileExists(shard, firstNumber))
         oldPin.end()
         #expect(try await waitUntilRemoved(shard, firstNumber))
+    }
+}
+
+extension Shard {
+    /// Every number `staging` lists: chunk sets and value files.
+    func stagedNumbers() throws -> [UInt64] {
+        try readTransaction(applyingLog: false) { txn in
+            try txn.withCursor(staging) { cursor in
+                var found: [UInt64] = []
+                var pair = try cursor.first()
+                while let p = pair {
+                    if p.key.count == 8 { found.append(UInt64(bigEndian: p.key.loadUnaligned(as: UInt64.self))) }
+                    pair = try cursor.next()
+                }
+                return found
+            }
+        }
     }
 }
