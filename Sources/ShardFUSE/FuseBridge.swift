@@ -175,8 +175,21 @@ private func opCreate(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePo
         let (reply, handle) = try fileSystem(req).create(parent, bytes(name), flags: fi.pointee.flags, mode: mode)
         var parameters = entryParameters(reply)
         fi.pointee.fh = handle
+        fi.pointee.direct_io = writesDirectly(fi.pointee.flags)
         answered(fuse_reply_create(req, &parameters, fi))
     } catch { fail(req, error) }
+}
+
+/// A write-only handle skips the page cache (`FOPEN_DIRECT_IO`): its writes
+/// reach the daemon as they did (one request per `write()`, up to max_write),
+/// and the kernel no longer asks `getxattr(security.capability)` before each
+/// one (`file_remove_privs` runs on cached writes only): a create + write +
+/// close takes 5 round trips instead of 6. Nothing reads through such a handle,
+/// and it cannot be mmapped (mmap needs read access). The kernel drops cached
+/// pages of the written range first; the set-ID bits it would have cleared are
+/// cleared by `ShardFileSystem.write`.
+private func writesDirectly(_ flags: Int32) -> UInt32 {
+    flags & O_ACCMODE == O_WRONLY ? 1 : 0
 }
 
 private func opOpen(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
@@ -189,6 +202,7 @@ private func opOpen(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePo
         // A read-only handle has nothing to commit at close(): spare the kernel
         // the flush request (release still comes, asynchronously).
         fi.pointee.noflush = fi.pointee.flags & O_ACCMODE == O_RDONLY ? 1 : 0
+        fi.pointee.direct_io = writesDirectly(fi.pointee.flags)
         answered(fuse_reply_open(req, fi))
     } catch { fail(req, error) }
 }
@@ -207,7 +221,9 @@ private func opWrite(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ buffer: UnsafePoin
     FuseRequest.write.count()
     guard let fi, let buffer else { answered(fuse_reply_err(req, EBADF)); return }
     do {
-        let written = try fileSystem(req).write(fi.pointee.fh, UnsafeRawBufferPointer(start: buffer, count: size), offset: Int(offset))
+        let caller = fuse_req_ctx(req)?.pointee.uid ?? 0
+        let written = try fileSystem(req).write(fi.pointee.fh, UnsafeRawBufferPointer(start: buffer, count: size), offset: Int(offset),
+                                                caller: caller)
         answered(fuse_reply_write(req, written))
     } catch { fail(req, error) }
 }

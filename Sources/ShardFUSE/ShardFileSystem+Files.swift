@@ -103,14 +103,30 @@ extension ShardFileSystem {
         return try entry.read(at: offset, count: count)
     }
 
-    func write(_ handle: UInt64, _ bytes: UnsafeRawBufferPointer, offset: Int) throws -> Int {
+    /// `caller`: the writing user. A write by anyone but root clears the file's
+    /// set-user-ID bit, and its set-group-ID bit when group-executable, as the
+    /// kernel does for a local filesystem (write-only handles bypass its check).
+    func write(_ handle: UInt64, _ bytes: UnsafeRawBufferPointer, offset: Int, caller: uid_t = 0) throws -> Int {
         let file = try self.file(handle)
         guard file.writable else { throw FileSystemError(EBADF, "file not open for writing") }
         try writable(file.entry.shard)
+        if caller != 0, let mode = file.entry.metadata.mode, let cleared = Self.modeClearingSetID(mode) {
+            var attributes = stat()
+            attributes.st_mode = mode_t(cleared)
+            _ = try setattr(file.entry.inode, attributes, .mode, handle: handle)
+            kernelCache.invalidate?([file.entry.inode])  // its cached mode still shows the bits
+        }
         if try file.entry.write(bytes, at: offset, append: file.append) {
             kernelCache.invalidate?([file.entry.inode])  // the kernel put the bytes at the old end
         }
         return bytes.count
+    }
+
+    /// The mode a non-root write leaves, or nil when it changes nothing.
+    static func modeClearingSetID(_ mode: UInt32) -> UInt32? {
+        var cleared = mode & ~UInt32(S_ISUID)
+        if mode & UInt32(S_IXGRP) != 0 { cleared &= ~UInt32(S_ISGID) }
+        return cleared == mode ? nil : cleared
     }
 
     /// close(): the file's put, durable within milliseconds or at the next

@@ -22,4 +22,29 @@ import Testing
             #expect(try await m.ok("cat shard-2/g") == "b\n")
         }
     }
+
+    /// Write-only handles bypass the kernel's page cache, and with it the kernel's
+    /// own clearing of set-ID bits on write: the daemon clears them instead. A
+    /// writer that is not root loses set-user-ID, and set-group-ID when the file
+    /// is group-executable (as on ext4); root keeps them.
+    @Test func aWriteByAnotherUserClearsSetIDBits() async throws {
+        try await withMount("client_id=tester,allow_other") { m in
+            try await m.ok("mkdir shard-1 && for f in a b c; do echo 1 > shard-1/$f; done && chmod 6777 shard-1/a shard-1/c && chmod 6767 shard-1/b")
+            // Opened by root, then written as nobody (the write request carries the writer).
+            let script = """
+                import os
+                fds = [os.open("shard-1/" + f, os.O_WRONLY | os.O_APPEND) for f in "ab"]
+                root = os.open("shard-1/c", os.O_WRONLY | os.O_APPEND)
+                os.write(root, b"2\\n")
+                os.setgroups([]); os.setgid(65534); os.setuid(65534)
+                for fd in fds: os.write(fd, b"2\\n")
+                for f in "abc": print(f, oct(os.stat("shard-1/" + f).st_mode & 0o7777))
+                """
+            #expect(try await m.python(script) == "a 0o777\nb 0o2767\nc 0o6777\n")
+            // Stored so: the modes after a restart, and the data written.
+            await m.unmount()
+            try await m.mount()
+            #expect(try await m.ok("stat -c %a shard-1/a shard-1/b shard-1/c && cat shard-1/a") == "777\n2767\n6777\n1\n2\n")
+        }
+    }
 }
