@@ -12,6 +12,11 @@
 //   what you keep.
 // - Databases are opened once, at setup (mdb_dbi_open must not run in
 //   concurrent transactions of one process).
+// - An environment is open at most once per process (lmdb.h, "Caveats"): its
+//   lock file's locks are fcntl locks, which a process holds only once, so a
+//   second open in the same process takes the first's mutexes for its own and
+//   re-initialises them, and its close destroys them under the first. Opening
+//   a folder that is open already here throws `LMDBError.alreadyOpen`.
 import CLMDB
 #if canImport(Glibc)
 import Glibc
@@ -32,6 +37,8 @@ public struct LMDBError: Error, Equatable, CustomStringConvertible, Sendable {
     public static let badValueSize = LMDBError(code: MDB_BAD_VALSIZE)
     /// Located page was wrong type, or data the caller expected is missing.
     public static let corrupted = LMDBError(code: MDB_CORRUPTED)
+    /// The environment is open in this process already (EBUSY).
+    public static let alreadyOpen = LMDBError(code: EBUSY)
 
     public var description: String {
         String(cString: mdb_strerror(code))
@@ -104,11 +111,23 @@ public final class Environment: @unchecked Sendable {
     /// LMDB's page size for this environment (the OS page size when it was created).
     public let pageSize: Int
 
-    /// Opens (creating if needed) the environment in the directory `path`, which must exist.
+    /// The folder's identity while this environment has it open (see `OpenFolders`).
+    private let folder: OpenFolders.Folder
+
+    /// Opens (creating if needed) the environment in the directory `path`, which
+    /// must exist. Throws `LMDBError.alreadyOpen` while another `Environment` of
+    /// this process has it open.
     public init(path: String, options: EnvironmentOptions) throws {
+        folder = try OpenFolders.claim(path)
         var env: OpaquePointer?
-        try check(mdb_env_create(&env))
-        guard let env else { throw LMDBError(code: EINVAL) }
+        do { try check(mdb_env_create(&env)) } catch {
+            OpenFolders.release(folder)
+            throw error
+        }
+        guard let env else {
+            OpenFolders.release(folder)
+            throw LMDBError(code: EINVAL)
+        }
         do {
             try check(mdb_env_set_mapsize(env, options.mapSize))
             try check(mdb_env_set_maxdbs(env, options.maxDatabases))
@@ -120,6 +139,7 @@ public final class Environment: @unchecked Sendable {
             try check(mdb_env_open(env, path, flags, options.mode))
         } catch {
             mdb_env_close(env)
+            OpenFolders.release(folder)
             throw error
         }
         self.env = env
@@ -130,7 +150,10 @@ public final class Environment: @unchecked Sendable {
         pageSize = Int(stat.ms_psize)
     }
 
-    deinit { mdb_env_close(env) }
+    deinit {
+        mdb_env_close(env)
+        OpenFolders.release(folder)
+    }
 
     /// Opens a named database. Call at setup only, never concurrently with other
     /// `openDatabase` calls on the same environment.
@@ -492,3 +515,26 @@ public struct LeafPagePrefetcher {
     }
 }
 
+/// The environment folders open in this process, by device and inode (two paths
+/// may name one folder), so none is opened twice (see the rules at the top).
+enum OpenFolders {
+    struct Folder: Hashable, Sendable {
+        let device: UInt64
+        let inode: UInt64
+    }
+
+    private static let open = Mutex<Set<Folder>>([])
+
+    static func claim(_ path: String) throws -> Folder {
+        var st = stat()
+        guard stat(path, &st) == 0 else { throw LMDBError(code: errno) }
+        let folder = Folder(device: UInt64(st.st_dev), inode: UInt64(st.st_ino))
+        let claimed = open.withLock { $0.insert(folder).inserted }
+        guard claimed else { throw LMDBError.alreadyOpen }
+        return folder
+    }
+
+    static func release(_ folder: Folder) {
+        _ = open.withLock { $0.remove(folder) }
+    }
+}

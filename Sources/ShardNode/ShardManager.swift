@@ -158,6 +158,7 @@ public final class ShardManager: @unchecked Sendable {
     }
 
     /// Ends this node's role for the volume and lets go of its shards.
+    @discardableResult
     private func unload(_ volumeID: String) -> [UInt64] {
         roles.set(volumeID, epoch: nil)
         return lock.withLock { () -> [UInt64] in
@@ -363,6 +364,10 @@ public final class ShardManager: @unchecked Sendable {
                          metadata: ["volume": "\(volume.volumeID)", "primary": "\(record.primaryNodeID)"])
             return
         }
+        // Instances from an earlier term here (a node that won its volume back
+        // before it noticed losing it) are let go: another node may have written
+        // the shards meanwhile, and LMDB opens an environment once per process.
+        unload(volume.volumeID)
         becamePrimary(volume.volumeID, epoch: record.epoch)
         do {
             try await openShards(of: volume)

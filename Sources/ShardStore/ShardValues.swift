@@ -231,7 +231,8 @@ public struct ShardOptions: Sendable {
     public var durableCommits = true
     /// Batch log size past which an append first applies everything and empties it.
     var batchLogLimit = 256 << 20
-    /// How long a writable open waits for another instance to let go of the shard.
+    /// How long an open waits for another instance to let go of the shard: a
+    /// writer of another process (writable opens), or any instance of this one.
     var writerWait = Duration.seconds(2)
 
     public init() {}

@@ -106,9 +106,9 @@ private func batchPutCodes(_ frames: [Frame]) -> [UInt32: [StatusCode]] {
             let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
                 .deletingLastPathComponent().appendingPathComponent("clients/python/check_protocol.py").path
             let port = fx.server.tcpPort!
-            let result = try await Task.detached {
+            let result = try await offPool {
                 try run("/usr/bin/env", ["python3", script, "--socket", fx.socket, "--tcp", "127.0.0.1:\(port)", "--token", "py-token"])
-            }.value
+            }
             #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
             #expect(result.stdout.contains("python protocol check passed"))
         } }
@@ -156,7 +156,7 @@ private func batchPutCodes(_ frames: [Frame]) -> [UInt32: [StatusCode]] {
             let shard = try await c.newShard(owner: "o"), other = try await c.newShard(owner: "o")
             let path = fx.socket
             for round in 0..<5 {
-                let frames = try await Task.detached { () -> [Frame] in
+                let frames = try await offPool { () -> [Frame] in
                     let socket = try RawSocket(unixPath: path)
                     socket.send(hello())
                     // A large batch, then small ones while it is being committed.
@@ -174,7 +174,7 @@ private func batchPutCodes(_ frames: [Frame]) -> [UInt32: [StatusCode]] {
                         socket.send(Array(b.readableBytesView))
                     }
                     return socket.readFrames(22)
-                }.value
+                }
                 let codes = batchPutCodes(frames)
                 #expect(codes.count == 21 && codes.values.allSatisfy { $0.allSatisfy { $0 == .ok } })
                 #expect(try await c.get(shard: shard, key: bytes("same")).value == bytes("v19"))
@@ -194,7 +194,7 @@ private func batchPutCodes(_ frames: [Frame]) -> [UInt32: [StatusCode]] {
             defer { Task { await c.close() } }
             let shard = try await c.newShard(owner: "f", sizeLimit: 256 << 10)
             let path = fx.socket
-            let frames = try await Task.detached { () -> [Frame] in
+            let frames = try await offPool { () -> [Frame] in
                 let socket = try RawSocket(unixPath: path)
                 var b = ByteBufferAllocator().buffer(capacity: 1 << 20)
                 b.writeBytes(hello())
@@ -204,7 +204,7 @@ private func batchPutCodes(_ frames: [Frame]) -> [UInt32: [StatusCode]] {
                 }
                 socket.send(Array(b.readableBytesView))
                 return socket.readFrames(4)
-            }.value
+            }
             let codes = batchPutCodes(frames)
             #expect(codes == [1: [.ok], 2: [.ok], 3: [.shardFull]], "\(codes)")
             #expect(try await c.get(shard: shard, key: bytes("v1")).value.count == 80 << 10)
@@ -326,7 +326,7 @@ private func batchPutCodes(_ frames: [Frame]) -> [UInt32: [StatusCode]] {
             defer { Task { await good.close() } }
             let shard = try await good.newShard(owner: "b")
             let path = fx.socket
-            let results = try await Task.detached { () -> [[Response]] in
+            let results = try await offPool { () -> [[Response]] in
                 // Random bytes.
                 var rng = SystemRandomNumberGenerator()
                 let random = try RawSocket(unixPath: path)
@@ -341,7 +341,7 @@ private func batchPutCodes(_ frames: [Frame]) -> [UInt32: [StatusCode]] {
                 let unknown = try RawSocket(unixPath: path)
                 unknown.send(hello() + [0, 0, 0, 5, 0x6E, 0, 0, 0, 9])
                 return [random, huge, half, unknown].map { responses($0.readToEnd()) }
-            }.value
+            }
             func lastError(_ rs: [Response]) -> StatusCode? {
                 if case .error(_, let s) = rs.last { return s.code }
                 return nil
@@ -360,7 +360,7 @@ private func batchPutCodes(_ frames: [Frame]) -> [UInt32: [StatusCode]] {
     @Test func aThousandConnectionsAtOnce() async throws {
         try await withServer({ $0.maxConnections = 600 }) { fx in
             let path = fx.socket
-            let (accepted, refused, others) = try await Task.detached { () -> (Int, Int, Int) in
+            let (accepted, refused, others) = try await offPool { () -> (Int, Int, Int) in
                 // One after another, each shaking hands before the next connects:
                 // 600 are served and kept open, the other 400 are refused.
                 var open: [RawSocket] = []
@@ -376,7 +376,7 @@ private func batchPutCodes(_ frames: [Frame]) -> [UInt32: [StatusCode]] {
                     }
                 }
                 return (open.count, refused, others)
-            }.value
+            }
             #expect(accepted == 600 && refused == 400 && others == 0, "\(accepted) served, \(refused) refused, \(others) other")
             // All those closed; the server answers again once it has seen them go
             // (their closes reach it asynchronously, so a first try may still be refused).

@@ -69,7 +69,7 @@ private func trickle(_ socket: RawSocket, _ bytes: [UInt8], interval: Double, wa
     @Test func aClientTricklingBytesIsClosedAtTheDeadlineNotKeptAlive() async throws {
         try await withServer({ $0.handshakeTimeout = .seconds(1); $0.frameTimeout = .seconds(1) }) { fx in
             let port = fx.server.tcpPort!
-            let (handshake, frame) = try await Task.detached { () -> ((Double?, [UInt8]), (Double?, [UInt8])) in
+            let (handshake, frame) = try await offPool { () -> ((Double?, [UInt8]), (Double?, [UInt8])) in
                 // A Hello at 5 bytes a second would take 3.4 s: the handshake deadline is 1 s.
                 let slowHello = try RawSocket(tcpPort: port)
                 let first = trickle(slowHello, helloFrame(), interval: 0.2)
@@ -81,7 +81,7 @@ private func trickle(_ socket: RawSocket, _ bytes: [UInt8], interval: Double, wa
                 let put = requestFrame(.put(client: "c", shard: 1, item: PutItem(key: [0x61], value: [UInt8](repeating: 7, count: 100))),
                                        id: 1)
                 return (first, trickle(slowFrame, put, interval: 0.05))
-            }.value
+            }
             #expect(errorStatus(handshake.1) == .timeout, "\(decodeAll(handshake.1))")
             #expect(handshake.0.map { $0 >= 0.9 && $0 < 3 } == true, "closed after \(String(describing: handshake.0)) s")
             #expect(errorStatus(frame.1) == .timeout, "\(decodeAll(frame.1))")
@@ -94,12 +94,12 @@ private func trickle(_ socket: RawSocket, _ bytes: [UInt8], interval: Double, wa
         try await withServer({ $0.maxConnections = 60; $0.handshakeTimeout = .seconds(60); $0.frameTimeout = .seconds(60) }) { fx in
             let port = fx.server.tcpPort!
             let hello = helloFrame()
-            let tricklers = try await Task.detached { () -> [RawSocket] in
+            let tricklers = try await offPool { () -> [RawSocket] in
                 // 60 clients each start a Hello (never finished) and keep trickling it.
                 let sockets = try (0..<60).map { _ in try RawSocket(tcpPort: port) }
                 for (i, s) in sockets.enumerated() { s.send([hello[0]]); if i % 10 == 9 { usleep(20_000) } }
                 return sockets
-            }.value
+            }
             let stop = ManagedAtomicFlag()
             let dripping = Thread {
                 var next = 1
@@ -121,7 +121,7 @@ private func trickle(_ socket: RawSocket, _ bytes: [UInt8], interval: Double, wa
             #expect(try await unix.stat(shard).owner == "real")
             // Most tricklers were pushed out; at most a quarter of 60 may wait for a handshake.
             // (Their closes may still be on the way: look again for up to 10 s.)
-            let (pushedOut, stillOpen) = await Task.detached { () -> (Int, Int) in
+            let (pushedOut, stillOpen) = try await offPool { () -> (Int, Int) in
                 var seen = [(bytes: [UInt8], closed: Bool)](repeating: ([], false), count: tricklers.count)
                 for _ in 0..<200 {
                     for (i, s) in tricklers.enumerated() where !seen[i].closed {
@@ -133,7 +133,7 @@ private func trickle(_ socket: RawSocket, _ bytes: [UInt8], interval: Double, wa
                 }
                 return (seen.filter { $0.closed && errorStatus($0.bytes) == .tooManyConnections }.count,
                         seen.filter { !$0.closed }.count)
-            }.value
+            }
             #expect(pushedOut >= 45 && stillOpen <= 15, "\(pushedOut) pushed out, \(stillOpen) still open")
             await tcp.close()
             await unix.close()
@@ -153,7 +153,7 @@ private func trickle(_ socket: RawSocket, _ bytes: [UInt8], interval: Double, wa
         try await warm.put(client: "w", shard: shard, key: Array("k".utf8), value: [UInt8](repeating: 1, count: 1 << 20))
         await warm.close()
         let before = try residentBytes(pid)
-        let held = try await Task.detached { () -> [RawSocket] in
+        let held = try await offPool { () -> [RawSocket] in
             // Each announces a Put of 16 MiB before any Hello, then pushes 8 MiB of it.
             var header: [UInt8] = []
             let length = UInt32(16 << 20)
@@ -169,13 +169,13 @@ private func trickle(_ socket: RawSocket, _ bytes: [UInt8], interval: Double, wa
                 sockets.append(s)
             }
             return sockets
-        }.value
+        }
         try await Task.sleep(for: .milliseconds(500))
         let after = try residentBytes(pid)
         let grown = after - before
         #expect(grown < 48 << 20, "RSS grew by \(grown >> 20) MiB (from \(before >> 20) MiB)")
         // They were refused at the length, with FRAME_TOO_LARGE.
-        let refused = await Task.detached { held.filter { errorStatus($0.readNow().bytes) == .frameTooLarge }.count }.value
+        let refused = try await offPool { held.filter { errorStatus($0.readNow().bytes) == .frameTooLarge }.count }
         #expect(refused == 40)
         let after2 = try await ShardFSClient.connect(to: .tcp(host: "127.0.0.1", port: port))
         #expect(try await after2.get(shard: shard, key: Array("k".utf8)).value.count == 1 << 20)
@@ -193,13 +193,13 @@ private func trickle(_ socket: RawSocket, _ bytes: [UInt8], interval: Double, wa
             #expect(await code { try await c.closeShard(client: "mallory", shard: 999_999) } == .shardNotFound)
             // A version-1 client is understood, but its CloseShard and DeleteShard name no one: refused.
             let path = fx.socket
-            let old = try await Task.detached { () -> [Response] in
+            let old = try await offPool { () -> [Response] in
                 let s = try RawSocket(unixPath: path, receiveTimeoutSeconds: 60)
                 s.send(helloFrame(version: 1) + requestFrame(.closeShard(client: "", shard: shard), id: 1, version: 1)
                        + requestFrame(.deleteShard(client: "", shard: shard), id: 2, version: 1)
                        + requestFrame(.stat(shard), id: 3, version: 1))
                 return s.readFrames(4).compactMap { try? ResponseCodec.decode($0) }
-            }.value
+            }
             #expect(old.count == 4)
             for case .reply(let op, _, let status, let payload) in old {
                 switch op {

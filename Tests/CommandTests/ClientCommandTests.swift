@@ -4,7 +4,7 @@ import TestSupport
 import Testing
 
 /// `shardfs client …` against a running `shardfs serve` (Unix socket only).
-@Suite struct ClientCommandTests {
+@Suite(.onOwnThreads) struct ClientCommandTests {
     @Test func everyClientCommandAgainstARunningNode() async throws {
         let dir = try TemporaryDirectory("client")
         let data = dir.sub("data")
@@ -52,7 +52,7 @@ import Testing
 }
 
 /// `shardfs serve` with TLS on TCP, and `shardfs client` speaking it.
-@Suite struct TLSCommandTests {
+@Suite(.onOwnThreads) struct TLSCommandTests {
     @Test func serveAndClientSpeakTLS() async throws {
         let pki = try await TestPKI.make()
         let dir = try TemporaryDirectory("client-tls")

@@ -10,7 +10,7 @@ func shardfsRun(_ arguments: [String], input: String = "", environment: [String:
     try run(shardfs, arguments, input: input, environment: environment)
 }
 
-@Suite struct CommandTests {
+@Suite(.onOwnThreads) struct CommandTests {
     @Test func helpWorksEverywhere() throws {
         for command in [[], ["demo"], ["shard"], ["shard", "new"], ["shard", "list"], ["put"], ["get"], ["ls"], ["rm"],
                         ["mv"], ["find"], ["batch-put"]] {

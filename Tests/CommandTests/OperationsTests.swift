@@ -4,7 +4,7 @@ import Testing
 
 /// Observing a running node: `/metrics` (Prometheus) and `/status` over HTTP,
 /// `shardfs status`, `shardfs --version`.
-@Suite struct OperationsTests {
+@Suite(.onOwnThreads) struct OperationsTests {
     /// One sample's value from Prometheus text: the line `name{labels} value`
     /// (labels as printed, in order), or nil when absent.
     static func sample(_ text: String, _ series: String) -> Double? {

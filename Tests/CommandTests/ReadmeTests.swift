@@ -7,7 +7,7 @@ import Testing
 /// `shardfs` and `shardfs-bench` the built binaries. A README whose commands
 /// no longer work fails here. What is changed before running is said where it
 /// is changed.
-@Suite(.serialized) struct ReadmeTests {
+@Suite(.onOwnThreads, .serialized) struct ReadmeTests {
     static let readme = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
         .deletingLastPathComponent().appendingPathComponent("README.md").path
 

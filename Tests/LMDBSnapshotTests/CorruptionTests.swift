@@ -70,7 +70,7 @@ func expectCorrupt(page: UInt64, _ comment: Comment, _ body: () throws -> Void) 
     }
 }
 
-@Suite struct CorruptionTests {
+@Suite(.onOwnThreads) struct CorruptionTests {
     @Test func theUndamagedCopyReads() throws {
         try DamagedCopy(seed: 20).readAll()
     }

@@ -4,7 +4,7 @@ import LMDBSnapshot
 import Testing
 import TestSupport
 
-@Suite(.serialized, .enabled(if: getuid() == 0, "loop devices and mounts need root"))
+@Suite(.onOwnThreads, .serialized, .enabled(if: getuid() == 0, "loop devices and mounts need root"))
 struct DeviceTests {
     /// The fixture's loop device detaches itself once its filesystem is unmounted
     /// (autoclear), so an unmount is all a crashed run's cleanup needs to do.

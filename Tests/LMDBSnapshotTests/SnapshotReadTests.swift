@@ -16,7 +16,7 @@ func onThread(_ body: @escaping @Sendable () throws -> Void) throws {
     if let failure { throw failure }
 }
 
-@Suite struct SnapshotReadTests {
+@Suite(.onOwnThreads) struct SnapshotReadTests {
     @Test func metaPagesGiveTheCommittedRoots() throws {
         let f = try Fixture()
         try f.fill(seed: 1, entries: 500)

@@ -1,8 +1,9 @@
 import LMDB
 import TestSupport
+import Foundation
 import Testing
 
-@Suite struct LMDBTests {
+@Suite(.onOwnThreads) struct LMDBTests {
     @Test func putGetDeleteAndOrder() throws {
         let dir = try TemporaryDirectory("lmdb")
         let env = try Environment(path: dir.path, options: EnvironmentOptions(mapSize: 1 << 20))
@@ -76,5 +77,28 @@ import Testing
         #expect(try ro.read { try $0.count(db) } == 3)
         #expect(throws: LMDBError.self) { try ro.write { txn in try txn.put(db, [1], [1]) } }
         #expect(throws: LMDBError.notFound) { _ = try ro.openDatabase("missing") }
+    }
+
+    /// lmdb.h: an environment must not be opened twice in one process (the second
+    /// open would take over the lock file's mutexes and its close destroy them).
+    /// The second open is refused, by any path to the folder, until the first closes.
+    @Test func anEnvironmentOpensOncePerProcess() throws {
+        let dir = try TemporaryDirectory("lmdb")
+        let link = dir.path + "-link"
+        #expect(symlink(dir.path, link) == 0)
+        defer { unlink(link) }
+        var first: Environment? = try Environment(path: dir.path, options: EnvironmentOptions(mapSize: 1 << 20))
+        let db = try first!.openDatabase("d", flags: [.create])
+        try first!.write { txn in try txn.put(db, [1], [1]) }
+        var readOnly = EnvironmentOptions(mapSize: 1 << 20)
+        readOnly.readOnly = true
+        #expect(throws: LMDBError.alreadyOpen) { _ = try Environment(path: dir.path, options: EnvironmentOptions(mapSize: 1 << 20)) }
+        #expect(throws: LMDBError.alreadyOpen) { _ = try Environment(path: link, options: readOnly) }
+        // The first is unharmed, and once closed the folder opens again.
+        try first!.write { txn in try txn.put(db, [2], [2]) }
+        first = nil
+        let again = try Environment(path: link, options: readOnly)
+        let reopened = try again.openDatabase("d")
+        #expect(try again.read { try $0.count(reopened) } == 2)
     }
 }

@@ -6,7 +6,7 @@ import Testing
 /// The batch log: acknowledged batches are in the log before LMDB has them, so
 /// reads must wait for them, a restart must replay exactly the ones not applied,
 /// and a close must not let one through after it.
-@Suite struct BatchLogTests {
+@Suite(.onOwnThreads) struct BatchLogTests {
     /// Writes records straight into a shard's log, as a process that crashed
     /// before applying them would have left it.
     func writeLog(_ dir: String, _ records: [(UInt64, [EntryWrite])], tail: [UInt8] = []) throws {
@@ -96,40 +96,47 @@ import Testing
         #expect(try shard!.list().map(\.key.description) == ["first", "second"])
     }
 
-    @Test func loggedBatchesAreReadAtOnceAndReachReadOnlyViews() throws {
+    @Test func loggedBatchesAreReadAtOnceAndReachLMDBWhenApplied() throws {
         let dir = try TemporaryDirectory("log")
-        let writing = try makeShard(dir)
-        #expect(writing.usesBatchLog)
-        let writers = 4, batches = 25
-        let errors = LockedList<String>()
-        DispatchQueue.concurrentPerform(iterations: writers) { w in
-            for b in 0..<batches {
-                var items = (0..<39).map { put("w\(w)-\(b)-\($0)", "value \(w) \(b) \($0)") }
-                // The last key of each batch is written again by the next one (last write wins).
-                items.append(put("w\(w)-last", "value \(w) \(b) last"))
-                do {
-                    let statuses = try writing.batchPut(items, clientID: "owner")
-                    if statuses.contains(where: { $0 != nil }) { errors.append("statuses \(statuses)") }
-                    // Acknowledged: every read from now on sees it.
-                    let got = try writing.batchGet(items.map { try EntryKey($0.key) })
-                    for (item, result) in zip(items, got) where (try? result.get().value) != item.value {
-                        errors.append("\(String(decoding: item.key, as: UTF8.self)) not read back")
-                    }
-                    // Each kind of point read sees it too (they apply the log only for keys it holds).
-                    let last = try EntryKey(items[39].key)
-                    if try writing.attributes(last)?.size != items[39].value.count { errors.append("attributes of \(last)") }
-                    if try writing.read(last, offset: 0, count: 5) != Array(items[39].value.prefix(5)) { errors.append("read of \(last)") }
-                } catch { errors.append("\(error)") }
-            }
-        }
-        #expect(errors.values.isEmpty)
-        #expect(try writing.stats().entries == writers * (batches * 39 + 1))
-        #expect(try writing.get(key("w2-last")).value == bytes("value 2 \(batches - 1) last"))
-        // A read-only view (as a backup node opens it) catches up once the log is applied.
         var options = ShardOptions()
         options.readOnly = true
+        let writers = 4, batches = 25
+        do {
+            let writing = try makeShard(dir)
+            #expect(writing.usesBatchLog)
+            let errors = LockedList<String>()
+            DispatchQueue.concurrentPerform(iterations: writers) { w in
+                for b in 0..<batches {
+                    var items = (0..<39).map { put("w\(w)-\(b)-\($0)", "value \(w) \(b) \($0)") }
+                    // The last key of each batch is written again by the next one (last write wins).
+                    items.append(put("w\(w)-last", "value \(w) \(b) last"))
+                    do {
+                        let statuses = try writing.batchPut(items, clientID: "owner")
+                        if statuses.contains(where: { $0 != nil }) { errors.append("statuses \(statuses)") }
+                        // Acknowledged: every read from now on sees it.
+                        let got = try writing.batchGet(items.map { try EntryKey($0.key) })
+                        for (item, result) in zip(items, got) where (try? result.get().value) != item.value {
+                            errors.append("\(String(decoding: item.key, as: UTF8.self)) not read back")
+                        }
+                        // Each kind of point read sees it too (they apply the log only for keys it holds).
+                        let last = try EntryKey(items[39].key)
+                        if try writing.attributes(last)?.size != items[39].value.count { errors.append("attributes of \(last)") }
+                        if try writing.read(last, offset: 0, count: 5) != Array(items[39].value.prefix(5)) { errors.append("read of \(last)") }
+                    } catch { errors.append("\(error)") }
+                }
+            }
+            #expect(errors.values.isEmpty)
+            #expect(try writing.stats().entries == writers * (batches * 39 + 1))
+            #expect(try writing.get(key("w2-last")).value == bytes("value 2 \(batches - 1) last"))
+            // Applied, the batches are in LMDB itself: a read-only open reads them
+            // without the log (after the writer is gone: LMDB opens an environment
+            // once per process, and a second instance here waits, then is refused).
+            var waiting = options
+            waiting.writerWait = .milliseconds(50)
+            #expect(throws: ShardError.self) { _ = try Shard.open(at: dir.sub("shard-7"), options: waiting) }
+            try writing.applyLog()
+        }
         let view = try Shard.open(at: dir.sub("shard-7"), options: options)
-        try writing.applyLog()
         #expect(try view.stats().entries == writers * (batches * 39 + 1))
         #expect(try view.get(key("w3-24-38")).value == bytes("value 3 24 38"))
     }

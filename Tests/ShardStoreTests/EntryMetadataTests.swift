@@ -6,7 +6,7 @@ import Testing
 /// Entry numbers (the mount's inode numbers) and the metadata kept beside a
 /// value: a number is given when a key is created, kept by rewrites, renames
 /// and metadata changes, and never given again, across restarts and the batch log.
-@Suite struct EntryMetadataTests {
+@Suite(.onOwnThreads) struct EntryMetadataTests {
     func number(_ shard: Shard, _ name: String) throws -> UInt64 {
         try #require(try shard.attributes(key(name))).metadata.number
     }

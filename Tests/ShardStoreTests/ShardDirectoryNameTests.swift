@@ -1,7 +1,8 @@
 @testable import ShardStore
+import TestSupport
 import Testing
 
-@Suite struct ShardDirectoryNameTests {
+@Suite(.onOwnThreads) struct ShardDirectoryNameTests {
     @Test func namesRoundTrip() {
         for id: UInt64 in [1, 7, 42, UInt64.max] {
             #expect(ShardDirectoryName.id(Array(ShardDirectoryName.of(id).utf8)) == id)

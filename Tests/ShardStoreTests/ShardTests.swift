@@ -13,7 +13,7 @@ func makeShard(_ dir: TemporaryDirectory, limit: Int = ShardOptions.defaultSizeL
 func key(_ s: String) -> EntryKey { try! EntryKey(s) }
 func bytes(_ s: String) -> [UInt8] { Array(s.utf8) }
 
-@Suite struct KeyTests {
+@Suite(.onOwnThreads) struct KeyTests {
     @Test func validKeys() throws {
         #expect(try EntryKey("a").bytes == [0x61])
         #expect(try EntryKey(String(repeating: "k", count: 255)).bytes.count == 255)
@@ -37,7 +37,7 @@ func bytes(_ s: String) -> [UInt8] { Array(s.utf8) }
     }
 }
 
-@Suite struct ShardTests {
+@Suite(.onOwnThreads) struct ShardTests {
     @Test func putGetOverwriteDelete() throws {
         let dir = try TemporaryDirectory("shard")
         let shard = try makeShard(dir)
@@ -416,7 +416,7 @@ func bytes(_ s: String) -> [UInt8] { Array(s.utf8) }
     }
 }
 
-@Suite struct StreamingAndIndexUpdateTests {
+@Suite(.onOwnThreads) struct StreamingAndIndexUpdateTests {
     @Test func putFromASourceWritesChunksPiecewise() throws {
         let dir = try TemporaryDirectory("shard")
         let shard = try makeShard(dir)
@@ -470,7 +470,7 @@ func bytes(_ s: String) -> [UInt8] { Array(s.utf8) }
     }
 }
 
-@Suite struct StagedValueTests {
+@Suite(.onOwnThreads) struct StagedValueTests {
     func pattern(_ offset: Int, _ buffer: UnsafeMutableRawBufferPointer) {
         for i in 0..<buffer.count { buffer[i] = UInt8(truncatingIfNeeded: (offset + i) &* 7 &+ (offset + i) >> 13) }
     }
@@ -527,7 +527,7 @@ func bytes(_ s: String) -> [UInt8] { Array(s.utf8) }
     }
 }
 
-@Suite struct BatchDeletionTests {
+@Suite(.onOwnThreads) struct BatchDeletionTests {
     @Test func aBatchCanDeleteAndPutTogether() throws {
         let dir = try TemporaryDirectory("shard")
         let shard = try makeShard(dir)

@@ -5,7 +5,7 @@ import Testing
 
 /// Chunk sets listed in `staging` (Shard+Staging.swift): what a crash leaves
 /// there is removed when the shard opens again.
-@Suite struct StagingTests {
+@Suite(.onOwnThreads) struct StagingTests {
     @Test func aChunkSetACrashLeftStagedIsRemovedAtOpen() throws {
         let dir = try TemporaryDirectory("shard")
         var shard: Shard? = try makeShard(dir)

@@ -7,7 +7,7 @@ import Testing
 
 /// Large values kept in value files beside the shard's LMDB (ValueFiles.swift):
 /// each rule of that file's header, on a real shard.
-@Suite struct ValueFileTests {
+@Suite(.onOwnThreads) struct ValueFileTests {
     func pattern(_ count: Int, seed: UInt8) -> [UInt8] { (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 31) &+ seed } }
 
     func fileExists(_ shard: Shard, _ number: UInt64) -> Bool {

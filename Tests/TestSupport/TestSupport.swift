@@ -70,15 +70,20 @@ public func run(_ executable: String, _ arguments: [String], input: String = "",
                          stderr: String(decoding: errData, as: UTF8.self))
 }
 
-/// `run` on a thread of its own, so a test waiting for a child process does not
-/// hold one of Swift's few cooperative threads (which other tests' timers need).
+/// Blocking work (a child process, socket reads and writes, sleeps) on a thread
+/// of its own, so the test waiting for it does not hold one of Swift's few
+/// cooperative threads, which every other test running meanwhile needs (a
+/// `Task.detached` runs on those same threads).
+public func offPool<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { continuation in
+        Thread { continuation.resume(with: Result { try work() }) }.start()
+    }
+}
+
+/// `run` off the cooperative pool (see `offPool`).
 public func runAsync(_ executable: String, _ arguments: [String], input: String = "",
                      environment: [String: String] = [:]) async throws -> ProcessResult {
-    try await withCheckedThrowingContinuation { continuation in
-        Thread {
-            continuation.resume(with: Result { try run(executable, arguments, input: input, environment: environment) })
-        }.start()
-    }
+    try await offPool { try run(executable, arguments, input: input, environment: environment) }
 }
 
 /// Runs a shell command line (bash -c) off the cooperative pool.

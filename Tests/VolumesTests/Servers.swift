@@ -75,12 +75,6 @@ extension ServerProcess {
     }
 }
 
-func offPool<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async throws -> T {
-    try await withCheckedThrowingContinuation { continuation in
-        Thread { continuation.resume(with: Result { try work() }) }.start()
-    }
-}
-
 /// Runs a Python snippet with `input` as its standard input; its stdout, trimmed.
 func python(_ script: String, input: String = "") async throws -> String {
     let r = try await runAsync("/usr/bin/env", ["python3", "-c", script], input: input)
