@@ -24,7 +24,7 @@ func wireStatus(for error: Error, writing: Bool) -> Status {
         case .shardExists: code = .shardIDTaken
         case .notAShard: code = .deviceException
         case .corrupt: code = .readException
-        case .storage: code = writing ? .writeException : .readException
+        case .storage, .inUse: code = writing ? .writeException : .readException
         }
     case let e as ShardManagerError:
         switch e {

@@ -155,6 +155,19 @@ public final class Environment: @unchecked Sendable {
         OpenFolders.release(folder)
     }
 
+    /// Opens like `init`, waiting up to `wait` while another instance of this
+    /// process still has the folder open (one being let go: a background task
+    /// may hold it a moment longer); `LMDBError.alreadyOpen` after that. Blocks.
+    public static func open(path: String, options: EnvironmentOptions, waitingUpTo wait: Duration) throws -> Environment {
+        let deadline = ContinuousClock.now + wait
+        while true {
+            do { return try Environment(path: path, options: options) } catch let error as LMDBError
+                where error == .alreadyOpen && ContinuousClock.now < deadline {
+                usleep(10_000)
+            }
+        }
+    }
+
     /// Opens a named database. Call at setup only, never concurrently with other
     /// `openDatabase` calls on the same environment.
     public func openDatabase(_ name: String, flags: DatabaseFlags = []) throws -> Database {

@@ -28,7 +28,8 @@ public final class EmbeddedMetadataStore: MetadataStore, @unchecked Sendable {
             let fresh = !FileManager.default.fileExists(atPath: path + "/data.mdb")
             var options = EnvironmentOptions(mapSize: 256 << 20)
             options.maxDatabases = 5
-            env = try Environment(path: path, options: options)
+            // An instance of this process being let go (a node restarted in it) is waited for.
+            env = try Environment.open(path: path, options: options, waitingUpTo: .seconds(2))
             nodes = try env.openDatabase("nodes", flags: .create)
             shards = try env.openDatabase("shards", flags: .create)
             volumes = try env.openDatabase("volumes", flags: .create)

@@ -29,6 +29,7 @@ func errnoValue(of error: Error) -> Int32 {
         case .entryNotFound: return ENOENT
         case .shardExists: return EEXIST
         case .notAShard, .corrupt, .storage: return EIO
+        case .inUse: return EBUSY
         }
     case let e as ShardManagerError:
         switch e {

@@ -64,6 +64,12 @@ private func opInit(_ userdata: UnsafeMutableRawPointer?, _ conn: UnsafeMutableP
     conn.pointee.max_write = FuseSession.maxWrite
     conn.pointee.want |= UInt32(FUSE_CAP_READDIRPLUS)
     conn.pointee.want &= ~UInt32(FUSE_CAP_READDIRPLUS_AUTO)
+    // Direct writes only where the kernel is known to drop cached pages of the
+    // range first, so readers holding pages see the write (checked on 6.18:
+    // FileSystemTests.aReaderHoldingPagesSeesAWriteOnlyHandlesWrites).
+    if let userdata {
+        fileSystem(userdata).writesAroundPageCache = conn.pointee.proto_major > 7 || conn.pointee.proto_minor >= 42
+    }
 }
 
 private func opDestroy(_ userdata: UnsafeMutableRawPointer?) {
@@ -171,16 +177,18 @@ private func opCreate(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePo
                       _ fi: UnsafeMutablePointer<fuse_file_info>?) {
     FuseRequest.create.count()
     guard let fi else { answered(fuse_reply_err(req, EINVAL)); return }
+    let fs = fileSystem(req)
     do {
-        let (reply, handle) = try fileSystem(req).create(parent, bytes(name), flags: fi.pointee.flags, mode: mode)
+        let (reply, handle) = try fs.create(parent, bytes(name), flags: fi.pointee.flags, mode: mode)
         var parameters = entryParameters(reply)
         fi.pointee.fh = handle
-        fi.pointee.direct_io = writesDirectly(fi.pointee.flags)
+        fi.pointee.direct_io = writesDirectly(fs, fi.pointee.flags)
         answered(fuse_reply_create(req, &parameters, fi))
     } catch { fail(req, error) }
 }
 
-/// A write-only handle skips the page cache (`FOPEN_DIRECT_IO`): its writes
+/// A write-only handle skips the page cache (`FOPEN_DIRECT_IO`, on kernels of
+/// FUSE 7.42 and later: `ShardFileSystem.writesAroundPageCache`): its writes
 /// reach the daemon as they did (one request per `write()`, up to max_write),
 /// and the kernel no longer asks `getxattr(security.capability)` before each
 /// one (`file_remove_privs` runs on cached writes only): a create + write +
@@ -188,21 +196,22 @@ private func opCreate(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePo
 /// and it cannot be mmapped (mmap needs read access). The kernel drops cached
 /// pages of the written range first; the set-ID bits it would have cleared are
 /// cleared by `ShardFileSystem.write`.
-private func writesDirectly(_ flags: Int32) -> UInt32 {
-    flags & O_ACCMODE == O_WRONLY ? 1 : 0
+private func writesDirectly(_ fs: ShardFileSystem, _ flags: Int32) -> UInt32 {
+    fs.writesAroundPageCache && flags & O_ACCMODE == O_WRONLY ? 1 : 0
 }
 
 private func opOpen(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
     FuseRequest.open.count()
     guard let fi else { answered(fuse_reply_err(req, EINVAL)); return }
+    let fs = fileSystem(req)
     do {
-        let (handle, keepCache) = try fileSystem(req).open(ino, flags: fi.pointee.flags)
+        let (handle, keepCache) = try fs.open(ino, flags: fi.pointee.flags)
         fi.pointee.fh = handle
         fi.pointee.keep_cache = keepCache ? 1 : 0
         // A read-only handle has nothing to commit at close(): spare the kernel
         // the flush request (release still comes, asynchronously).
         fi.pointee.noflush = fi.pointee.flags & O_ACCMODE == O_RDONLY ? 1 : 0
-        fi.pointee.direct_io = writesDirectly(fi.pointee.flags)
+        fi.pointee.direct_io = writesDirectly(fs, fi.pointee.flags)
         answered(fuse_reply_open(req, fi))
     } catch { fail(req, error) }
 }

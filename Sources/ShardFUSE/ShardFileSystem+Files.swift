@@ -111,15 +111,29 @@ extension ShardFileSystem {
         guard file.writable else { throw FileSystemError(EBADF, "file not open for writing") }
         try writable(file.entry.shard)
         if caller != 0, let mode = file.entry.metadata.mode, let cleared = Self.modeClearingSetID(mode) {
-            var attributes = stat()
-            attributes.st_mode = mode_t(cleared)
-            _ = try setattr(file.entry.inode, attributes, .mode, handle: handle)
-            kernelCache.invalidate?([file.entry.inode])  // its cached mode still shows the bits
+            try clearSetID(file.entry, mode: cleared)
         }
         if try file.entry.write(bytes, at: offset, append: file.append) {
             kernelCache.invalidate?([file.entry.inode])  // the kernel put the bytes at the old end
         }
         return bytes.count
+    }
+
+    /// Stores `mode` without committing what is being written: in the entry's
+    /// open state (a commit that creates the entry gives it this mode) and in the
+    /// stored entry, if there is one yet (a later put keeps its mode).
+    private func clearSetID(_ entry: OpenEntry, mode: UInt32) throws {
+        entry.metadata.mode = mode
+        let key = entry.key, shard = entry.shard
+        try own(shard.id, [key.bytes]) {
+            do {
+                try shard.changeMetadata(key, modificationTime: nil, MetadataChange(mode: mode, changeTime: Self.now()),
+                                         clientID: options.clientID, deferringDurability: true)
+            } catch ShardError.entryNotFound {
+                // Not committed yet: its first commit carries the mode.
+            }
+        }
+        kernelCache.invalidate?([entry.inode])  // its cached mode still shows the bits
     }
 
     /// The mode a non-root write leaves, or nil when it changes nothing.

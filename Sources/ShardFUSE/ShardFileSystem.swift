@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Glibc
 import Logging
 import Metadata
@@ -51,6 +52,14 @@ public final class ShardFileSystem: @unchecked Sendable {
     let kernelCache = KernelCache()
     let handles = HandleTable()
     private let directoryTimes: DirectoryTimes
+
+    /// Whether write-only handles bypass the page cache (see `writesDirectly` in
+    /// FuseBridge): set at INIT, on kernels that speak FUSE 7.42 (Linux 6.14) or later.
+    var writesAroundPageCache: Bool {
+        get { writesAroundPageCacheFlag.load(ordering: .relaxed) }
+        set { writesAroundPageCacheFlag.store(newValue, ordering: .relaxed) }
+    }
+    private let writesAroundPageCacheFlag = Atomic<Bool>(false)
 
     /// `commitAll` runs once (the loop's end and libfuse's destroy both call it).
     private let commitAllLock = NSLock()

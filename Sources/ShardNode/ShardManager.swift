@@ -103,7 +103,10 @@ public final class ShardManager: @unchecked Sendable {
     /// writable shard gets the write fence of its volume.
     private func adopt(_ shard: Shard, volumeID: String) {
         if !shard.isReadOnlyView {
-            shard.writeFence = { [roles] in roles.refusal(volumeID) }
+            // Fenced to this term: an instance still held after the node lost
+            // the volume (an open file keeps one) stays refused if it wins it back.
+            let term = roles.epoch(volumeID)
+            shard.writeFence = { [roles] in roles.refusal(volumeID, term: term) }
         }
         lock.withLock {
             shards[shard.id] = (shard, volumeID)
@@ -413,7 +416,13 @@ public final class ShardManager: @unchecked Sendable {
                 continue
             }
             let shard: Shard
-            do { shard = try Shard.open(at: volume.mountPath + "/" + name) } catch {
+            let path = volume.mountPath + "/" + name
+            // Opening replays the batch log and may wait for an instance being let go.
+            do { shard = try await blockingWork { try Shard.open(at: path) } } catch ShardError.inUse(let why) {
+                // An earlier instance still held here (a file open on the mount
+                // keeps one): the restore fails, and the take-over tries again.
+                throw ShardError.inUse(why)
+            } catch {
                 logger.error("cannot open shard; leaving it alone", metadata: ["dir": "\(name)", "error": "\(error)"])
                 continue
             }
@@ -563,10 +572,14 @@ final class NodeRoles: @unchecked Sendable {
 
     func removeAll() { lock.withLock { epochs.removeAll() } }
 
-    /// Why a write to a shard on `volumeID` must not land now, or nil.
-    func refusal(_ volumeID: String) -> ShardError? {
+    /// Why a write to a shard on `volumeID` must not land now, or nil. `term`:
+    /// the epoch the shard was loaded at, if known; a write is refused at any other.
+    func refusal(_ volumeID: String, term: UInt64? = nil) -> ShardError? {
         let (epoch, fresh) = lock.withLock { (epochs[volumeID], lease) }
         guard epoch != nil else { return .notPrimary("this node no longer writes volume \(volumeID)") }
+        if let term, term != epoch {
+            return .notPrimary("this shard was loaded in an earlier term of this node as primary of volume \(volumeID)")
+        }
         guard fresh() else { return .notPrimary("this node cannot confirm its lease, so it may no longer be the primary of volume \(volumeID)") }
         return nil
     }

@@ -250,13 +250,11 @@ public final class Shard: @unchecked Sendable {
         envOptions.noSync = !options.durableCommits
         envOptions.maxDatabases = 5
         let dbFlags: DatabaseFlags = options.readOnly ? [] : [.create]
-        // The batch log's lock first: a second writer (another process, or a
-        // second instance in this one) waits or is refused before it opens LMDB.
-        // A shard being created gets its log when it is opened under its final name.
-        let log = descriptor == nil && !options.readOnly && options.durableCommits
-            ? try BatchLog(directory: path, lockWait: options.writerWait) : nil
         do {
-            env = try Self.environment(path, envOptions, wait: options.writerWait)
+            // An instance of this process being let go is waited for (LMDB opens
+            // an environment once per process); then the batch log's lock keeps
+            // out a writer of another process.
+            env = try Environment.open(path: path, options: envOptions, waitingUpTo: options.writerWait)
             entries = try env.openDatabase("entries", flags: dbFlags)
             chunks = try env.openDatabase("chunks", flags: dbFlags)
             staging = try env.openDatabase("staging", flags: dbFlags)
@@ -264,7 +262,7 @@ public final class Shard: @unchecked Sendable {
             meta = try env.openDatabase("meta", flags: dbFlags)
         } catch let error as LMDBError {
             throw error == .notFound ? ShardError.notAShard("\(path) lacks the shard databases")
-                : error == .alreadyOpen ? ShardError.storage("shard at \(path) is open in this process already")
+                : error == .alreadyOpen ? ShardError.inUse("\(path) is still open in this process (an earlier instance not let go yet)")
                 : ShardError.storage("cannot open shard at \(path): \(error)")
         }
         let stored: Descriptor
@@ -288,7 +286,8 @@ public final class Shard: @unchecked Sendable {
         self.committedState = stored.state
         self.isReadOnlyView = options.readOnly
         self.batchLogLimit = options.batchLogLimit
-        self.log = log
+        // A shard being created gets its log when it is opened under its final name.
+        self.log = descriptor == nil && !options.readOnly && options.durableCommits ? try BatchLog(directory: path, lockWait: options.writerWait) : nil
         self.logClosing = stored.state == .closed
         self.committer = GroupCommitter(runGroup: { [unowned self] group in self.run(group) })
         self.logCommitter = GroupCommitter(runGroup: { [unowned self] group in self.runLogGroup(group) })
@@ -305,19 +304,6 @@ public final class Shard: @unchecked Sendable {
         // (say, a full shard) must not keep the shard from opening.
         if !options.readOnly {
             try? removeLeftoverStagedSets()
-        }
-    }
-
-    /// Opens the shard's LMDB environment. One that another instance in this
-    /// process still has open (being let go: a background apply may hold it for
-    /// a moment) is waited for up to `wait`, as a locked batch log is.
-    private static func environment(_ path: String, _ options: EnvironmentOptions, wait: Duration) throws -> Environment {
-        let deadline = ContinuousClock.now + wait
-        while true {
-            do { return try Environment(path: path, options: options) } catch let error as LMDBError
-                where error == .alreadyOpen && ContinuousClock.now < deadline {
-                usleep(10_000)
-            }
         }
     }
 

@@ -26,6 +26,10 @@ public enum ShardError: Error, Equatable, Sendable, CustomStringConvertible {
     case notAShard(String)
     case corrupt(String)
     case storage(String)
+    /// An instance of the shard in this process is still open (being let go:
+    /// an open file or a request holds it); LMDB opens an environment once per
+    /// process, so a new instance waits for it. Try again later.
+    case inUse(String)
 
     public var description: String {
         switch self {
@@ -44,6 +48,7 @@ public enum ShardError: Error, Equatable, Sendable, CustomStringConvertible {
         case .notAShard(let why): return "not a shard: \(why)"
         case .corrupt(let why): return "shard data is corrupt: \(why)"
         case .storage(let why): return "storage error: \(why)"
+        case .inUse(let why): return "shard in use: \(why)"
         }
     }
 
