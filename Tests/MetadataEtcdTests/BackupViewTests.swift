@@ -292,6 +292,42 @@ import Testing
         }
     }
 
+    /// A node that wins its volume back while an instance of its earlier term is
+    /// still held (here by the test, as an open file would): that instance stays
+    /// refused, and the take-over waits for it (LMDB opens an environment once
+    /// per process), then opens the shard anew and writes it.
+    @Test func aShardHeldFromAnEarlierTermStaysFencedAndIsReopenedOnceLetGo() async throws {
+        try await withHeavyTest { try await withLocalEtcd { etcd in
+            let dir = try TemporaryDirectory("earlier-term")
+            defer { dir.remove() }
+            let k = try EntryKey("k")
+            var held: Shard?
+            let (a, volume) = try await { () async throws -> (StorageNode, String) in
+                let (a, volume, first) = try await Self.startPrimary(dir, etcd: etcd)
+                held = first  // the only reference kept past here
+                return (a, volume)
+            }()
+            try held!.put(k, value: [1], clientID: "c")
+            let id = held!.id
+            let epoch = try await a.metadata.getVolume(volume).epoch
+            // Another node wins the volume; A wins it back before it noticed.
+            _ = try await a.metadata.updatePrimary(volumeID: volume, nodeID: "node-b", expectedEpoch: epoch)
+            _ = try await a.metadata.updatePrimary(volumeID: volume, nodeID: "node-a", expectedEpoch: epoch + 1)
+            try await Task.sleep(for: .seconds(3))
+            #expect(a.shards.localShard(id) == nil, "the take-over opened the shard beside the held instance")
+            #expect(throws: ShardError.self) { try held!.put(k, value: [9], clientID: "c") }
+            held = nil
+            let rewritten = try await waitUntil(30) {
+                guard let shard = try? await a.shards.shard(id) else { return false }
+                return (try? shard.put(k, value: [2], clientID: "c")) != nil
+            }
+            #expect(rewritten)
+            #expect(a.shards.primaryEpoch(volume) == epoch + 2)
+            #expect(try await a.shards.shard(id).get(k).value == [2])
+            await a.stopRoles()
+        } }
+    }
+
     /// A backup that wins its volume (here by hand) but loses it to another node
     /// before it has checked the win writes nothing, lets go of what it mounted
     /// read-write, and serves the volume's views again once it backs it again.
