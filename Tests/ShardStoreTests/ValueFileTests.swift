@@ -300,6 +300,46 @@ import Testing
         oldPin.end()
         #expect(try await waitUntilRemoved(shard, firstNumber))
     }
+
+    /// A value file whose sync fails (its disk is full: `values/` here is an ext4
+    /// on a loop device whose image lives on a tmpfs with too little room) is not
+    /// committed, the entry keeps its value, and a retry of the commit is refused
+    /// even once there is room again: Linux reports a failed writeback once, and
+    /// a second sync could succeed over the lost pages. The shard stays usable.
+    @Test(.enabled(if: getuid() == 0, "loop devices and mounts need root"))
+    func aValueFileWhoseSyncFailsIsNeverCommitted() throws {
+        let dir = try TemporaryDirectory("valuefile-fault")
+        let guardian = try CrashCleanup(CrashCleanup.unmountAndDetach(under: dir.path))
+        let room = dir.sub("room"), values = dir.sub("shard-7/values")
+        defer {
+            _ = try? LoopFilesystem.sh("umount '\(values)' || umount -l '\(values)'; umount '\(room)' || umount -l '\(room)'")
+            guardian.dismiss()
+            dir.remove()
+        }
+        var shard: Shard? = try makeShard(dir)
+        try shard!.put(key("v"), value: bytes("old"), clientID: "owner")
+        try LoopFilesystem.sh("""
+            mkdir -p '\(room)' '\(values)' && mount -t tmpfs -o size=48M tmpfs '\(room)' &&
+            truncate -s 128M '\(room)/img' && mkfs.ext4 -q -F '\(room)/img' && mount -o loop '\(room)/img' '\(values)' &&
+            head -c 40M /dev/zero > '\(room)/filler'
+            """)
+        do {
+            let file = try shard!.beginValueFile(clientID: "owner")
+            let value = pattern(24 << 20, seed: 3)
+            // The bytes reach the page cache; the disk under them has no room.
+            try? value.withUnsafeBytes { try file.write($0, at: 0) }
+            #expect(throws: (any Error).self) { try file.commit(as: key("v")) }
+            try LoopFilesystem.sh("rm '\(room)/filler'")
+            #expect(throws: ShardError.self) { try file.commit(as: key("v")) }
+            file.discard()
+        }
+        #expect(try shard!.get(key("v")).value == bytes("old"))
+        try shard!.put(key("small"), value: bytes("still writable"), clientID: "owner")
+        #expect(try shard!.get(key("small")).value == bytes("still writable"))
+        shard = nil
+        let reopened = try Shard.open(at: dir.sub("shard-7"))
+        #expect(try reopened.get(key("v")).value == bytes("old"))
+    }
 }
 
 extension Shard {
@@ -317,4 +357,5 @@ extension Shard {
             }
         }
     }
+
 }
