@@ -182,22 +182,9 @@ private func opCreate(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePo
         let (reply, handle) = try fs.create(parent, bytes(name), flags: fi.pointee.flags, mode: mode)
         var parameters = entryParameters(reply)
         fi.pointee.fh = handle
-        fi.pointee.direct_io = writesDirectly(fs, fi.pointee.flags)
+        fi.pointee.direct_io = fs.writesDirectly(fi.pointee.flags) ? 1 : 0
         answered(fuse_reply_create(req, &parameters, fi))
     } catch { fail(req, error) }
-}
-
-/// A write-only handle skips the page cache (`FOPEN_DIRECT_IO`, on kernels of
-/// FUSE 7.42 and later: `ShardFileSystem.writesAroundPageCache`): its writes
-/// reach the daemon as they did (one request per `write()`, up to max_write),
-/// and the kernel no longer asks `getxattr(security.capability)` before each
-/// one (`file_remove_privs` runs on cached writes only): a create + write +
-/// close takes 5 round trips instead of 6. Nothing reads through such a handle,
-/// and it cannot be mmapped (mmap needs read access). The kernel drops cached
-/// pages of the written range first; the set-ID bits it would have cleared are
-/// cleared by `ShardFileSystem.write`.
-private func writesDirectly(_ fs: ShardFileSystem, _ flags: Int32) -> UInt32 {
-    fs.writesAroundPageCache && flags & O_ACCMODE == O_WRONLY ? 1 : 0
 }
 
 private func opOpen(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
@@ -211,7 +198,7 @@ private func opOpen(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePo
         // A read-only handle has nothing to commit at close(): spare the kernel
         // the flush request (release still comes, asynchronously).
         fi.pointee.noflush = fi.pointee.flags & O_ACCMODE == O_RDONLY ? 1 : 0
-        fi.pointee.direct_io = writesDirectly(fs, fi.pointee.flags)
+        fi.pointee.direct_io = fs.writesDirectly(fi.pointee.flags) ? 1 : 0
         answered(fuse_reply_open(req, fi))
     } catch { fail(req, error) }
 }

@@ -8,6 +8,8 @@ struct OpenFile {
     let writable: Bool
     /// O_APPEND: every write lands at the end of the value.
     let append: Bool
+    /// Written around the page cache (`ShardFileSystem.writesDirectly`).
+    let direct: Bool
 }
 
 /// One open(2) of an entry of a backup's view: read-only, and read from the
@@ -37,19 +39,22 @@ final class HandleTable: @unchecked Sendable {
 
     /// A new handle on `ino`, sharing the inode's open state, or one `make`
     /// makes when it has none (`shared` false).
-    func open(_ ino: UInt64, writable: Bool, append: Bool, make: () -> OpenEntry)
+    func open(_ ino: UInt64, writable: Bool, append: Bool, direct: Bool, make: () -> OpenEntry)
         -> (handle: UInt64, entry: OpenEntry, shared: Bool) {
         lock.withLock {
             let handle = newHandle()
             let existing = entries[ino]?.entry
             let entry = existing ?? make()
             entries[ino] = (entry, (entries[ino]?.handles ?? 0) + 1)
-            files[handle] = OpenFile(entry: entry, writable: writable, append: append)
+            files[handle] = OpenFile(entry: entry, writable: writable, append: append, direct: direct)
             return (handle, entry, existing != nil)
         }
     }
 
     func file(_ handle: UInt64) -> OpenFile? { lock.withLock { files[handle] } }
+
+    /// How many handles hold `ino`'s open state.
+    func handleCount(_ ino: UInt64) -> Int { lock.withLock { entries[ino]?.handles ?? 0 } }
 
     /// The open state of `ino`, if any handle holds it.
     func entry(_ ino: UInt64) -> OpenEntry? { lock.withLock { entries[ino]?.entry } }

@@ -23,7 +23,8 @@ extension ShardFileSystem {
         // 0644 is what an entry without a stored mode shows.
         let modeBits = UInt32(mode & 0o7777)
         let metadata = existing?.metadata ?? EntryMetadata(number: shard.newEntryNumber(), mode: modeBits == 0o644 ? nil : modeBits)
-        let (handle, entry, shared) = register(ino, shard, key, metadata: metadata, writable: true, append: flags & O_APPEND != 0)
+        let (handle, entry, shared) = register(ino, shard, key, metadata: metadata, writable: true, append: flags & O_APPEND != 0,
+                                               direct: writesDirectly(flags))
         do {
             // The kernel creates when it has no name cached, so the entry may
             // exist (in the shard, or open and uncommitted): then this is an
@@ -67,7 +68,7 @@ extension ShardFileSystem {
         }
         let current = try currentAttributes(shard, entryKey)
         let (handle, entry, _) = register(ino, shard, entryKey, metadata: current?.metadata ?? EntryMetadata(),
-                                          writable: wantsWrite, append: flags & O_APPEND != 0)
+                                          writable: wantsWrite, append: flags & O_APPEND != 0, direct: writesDirectly(flags))
         do {
             // A file the mount holds open and has not committed yet exists too.
             let exists = entry.pendingSize != nil || current != nil
@@ -113,8 +114,11 @@ extension ShardFileSystem {
         if caller != 0, let mode = file.entry.metadata.mode, let cleared = Self.modeClearingSetID(mode) {
             try clearSetID(file.entry, mode: cleared)
         }
-        if try file.entry.write(bytes, at: offset, append: file.append) {
-            kernelCache.invalidate?([file.entry.inode])  // the kernel put the bytes at the old end
+        let movedByAppend = try file.entry.write(bytes, at: offset, append: file.append)
+        // Bytes the kernel put at the old end, or written around pages another
+        // handle may have read back meanwhile: drop the kernel's pages.
+        if movedByAppend || (file.direct && handles.handleCount(file.entry.inode) > 1) {
+            kernelCache.invalidate?([file.entry.inode])
         }
         return bytes.count
     }
