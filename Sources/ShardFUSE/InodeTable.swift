@@ -14,6 +14,22 @@ enum NodeKind: Hashable, Sendable {
         case .shard(let id), .entry(let id, _): return id
         }
     }
+
+    /// A key's bytes are hashed at once (the synthesized hash feeds them one by
+    /// one), for the inode lookups most requests make.
+    func hash(into hasher: inout Hasher) {
+        switch self {
+        case .root:
+            hasher.combine(0 as UInt8)
+        case .shard(let id):
+            hasher.combine(1 as UInt8)
+            hasher.combine(id)
+        case .entry(let shard, let key):
+            hasher.combine(2 as UInt8)
+            hasher.combine(shard)
+            key.withUnsafeBytes { hasher.combine(bytes: $0) }
+        }
+    }
 }
 
 /// Inode numbers for the mount. An inode lives while the kernel holds lookups on
