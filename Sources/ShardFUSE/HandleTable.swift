@@ -32,7 +32,9 @@ struct DirectoryCursor {
 final class HandleTable: @unchecked Sendable {
     private let lock = NSLock()
     private var files: [UInt64: OpenFile] = [:]
-    private var entries: [UInt64: (entry: OpenEntry, handles: Int)] = [:]
+    /// Each inode's open state, its handles, and how many of them go through
+    /// the page cache (not `direct`: they may hold cached pages).
+    private var entries: [UInt64: (entry: OpenEntry, handles: Int, cached: Int)] = [:]
     private var directories: [UInt64: DirectoryCursor] = [:]
     private var viewFiles: [UInt64: ViewFile] = [:]
     private var next: UInt64 = 1
@@ -45,7 +47,7 @@ final class HandleTable: @unchecked Sendable {
             let handle = newHandle()
             let existing = entries[ino]?.entry
             let entry = existing ?? make()
-            entries[ino] = (entry, (entries[ino]?.handles ?? 0) + 1)
+            entries[ino] = (entry, (entries[ino]?.handles ?? 0) + 1, (entries[ino]?.cached ?? 0) + (direct ? 0 : 1))
             files[handle] = OpenFile(entry: entry, writable: writable, append: append, direct: direct)
             return (handle, entry, existing != nil)
         }
@@ -53,8 +55,8 @@ final class HandleTable: @unchecked Sendable {
 
     func file(_ handle: UInt64) -> OpenFile? { lock.withLock { files[handle] } }
 
-    /// How many handles hold `ino`'s open state.
-    func handleCount(_ ino: UInt64) -> Int { lock.withLock { entries[ino]?.handles ?? 0 } }
+    /// How many handles on `ino` go through the page cache (may hold its pages).
+    func cachedHandleCount(_ ino: UInt64) -> Int { lock.withLock { entries[ino]?.cached ?? 0 } }
 
     /// The open state of `ino`, if any handle holds it.
     func entry(_ ino: UInt64) -> OpenEntry? { lock.withLock { entries[ino]?.entry } }
@@ -66,6 +68,7 @@ final class HandleTable: @unchecked Sendable {
         lock.withLock {
             guard let file = files.removeValue(forKey: handle) else { return nil }
             entries[file.entry.inode]?.handles -= 1
+            if !file.direct { entries[file.entry.inode]?.cached -= 1 }
             return file.entry
         }
     }

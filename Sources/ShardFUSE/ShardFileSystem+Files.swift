@@ -115,9 +115,10 @@ extension ShardFileSystem {
             try clearSetID(file.entry, mode: cleared)
         }
         let movedByAppend = try file.entry.write(bytes, at: offset, append: file.append)
-        // Bytes the kernel put at the old end, or written around pages another
-        // handle may have read back meanwhile: drop the kernel's pages.
-        if movedByAppend || (file.direct && handles.handleCount(file.entry.inode) > 1) {
+        // Bytes the kernel put at the old end, or written around pages a cached
+        // handle may have read back meanwhile: drop the kernel's pages (queued:
+        // the drop may come just after this reply).
+        if movedByAppend || (file.direct && handles.cachedHandleCount(file.entry.inode) > 0) {
             kernelCache.invalidate?([file.entry.inode])
         }
         return bytes.count

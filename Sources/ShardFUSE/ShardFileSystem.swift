@@ -68,10 +68,12 @@ public final class ShardFileSystem: @unchecked Sendable {
     /// one (`file_remove_privs` runs on cached writes only): a create + write +
     /// close takes 5 round trips instead of 6. Nothing reads through such a
     /// handle, and it cannot be mmapped (mmap needs read access). The kernel
-    /// drops cached pages of the range before the write; `write` drops them again
-    /// after it when other handles are open (a read between the two could cache
-    /// the old bytes: not seen here, 6,000 appends under a reading loop), and
-    /// clears the set-ID bits the kernel would have.
+    /// drops cached pages of the range before the write; `write` asks for them
+    /// to be dropped again after it while handles through the cache are open (a
+    /// read between the two could cache the old bytes: not seen here, 6,000
+    /// appends under a reading loop; the second drop is queued, so it narrows
+    /// that window rather than closing it), and clears the set-ID bits the
+    /// kernel would have.
     func writesDirectly(_ flags: Int32) -> Bool {
         writesAroundPageCache && flags & O_ACCMODE == O_WRONLY
     }

@@ -74,4 +74,33 @@ import Testing
             #expect(throws: FileSystemError.self) { try fs.lookup(shardInode, name) }  // the close brought nothing back
         }
     }
+
+    /// A direct (write-only) handle's write asks the kernel to drop the file's
+    /// pages while a handle through the page cache is open, and only then.
+    @Test func directWritesDropCachedPagesOnlyWhileCachedHandlesAreOpen() async throws {
+        try await withFileSystem { fs, shardInode, _ in
+            fs.writesAroundPageCache = true
+            let dropped = Locked<[UInt64]>([])
+            fs.kernelCache.invalidate = { inodes in dropped.withLock { $0 += inodes } }
+            let (reply, writer) = try fs.create(shardInode, Array("f".utf8), flags: O_WRONLY | O_CREAT)
+            let one: [UInt8] = [1]
+            func write(_ handle: UInt64, at offset: Int) throws {
+                _ = try one.withUnsafeBytes { try fs.write(handle, $0, offset: offset) }
+            }
+            try write(writer, at: 0)
+            #expect(dropped.value.isEmpty, "no handle through the cache: nothing to drop")
+            let reader = try fs.open(reply.inode, flags: O_RDONLY).handle
+            try write(writer, at: 1)
+            #expect(dropped.value == [reply.inode])
+            let other = try fs.create(shardInode, Array("f".utf8), flags: O_RDWR | O_CREAT).1
+            try write(other, at: 2)  // through the cache: the kernel's pages have the bytes
+            #expect(dropped.value == [reply.inode])
+            try fs.release(reader)
+            try fs.release(other)
+            try write(writer, at: 3)
+            #expect(dropped.value == [reply.inode], "the cached handles are gone")
+            try fs.flush(writer)
+            try fs.release(writer)
+        }
+    }
 }

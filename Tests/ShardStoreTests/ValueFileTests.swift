@@ -301,11 +301,12 @@ import Testing
         #expect(try await waitUntilRemoved(shard, firstNumber))
     }
 
-    /// A value file whose sync fails (its disk is full: `values/` here is an ext4
-    /// on a loop device whose image lives on a tmpfs with too little room) is not
-    /// committed, the entry keeps its value, and a retry of the commit is refused
-    /// even once there is room again: Linux reports a failed writeback once, and
-    /// a second sync could succeed over the lost pages. The shard stays usable.
+    /// A value file whose sync fails (its disk is full: `values/` here is an ext4,
+    /// without a journal, on a loop device whose image lives on a tmpfs with too
+    /// little room) is not committed, the entry keeps its value, and a retry of
+    /// the commit is refused even once there is room again: Linux reports a
+    /// failed writeback once, and a second sync could succeed over the lost
+    /// pages. The shard stays usable: the next value file commits.
     @Test(.enabled(if: getuid() == 0, "loop devices and mounts need root"))
     func aValueFileWhoseSyncFailsIsNeverCommitted() throws {
         let dir = try TemporaryDirectory("valuefile-fault")
@@ -318,27 +319,47 @@ import Testing
         }
         var shard: Shard? = try makeShard(dir)
         try shard!.put(key("v"), value: bytes("old"), clientID: "owner")
+        // 8 MiB left on the tmpfs under the image, for a 24 MiB value.
         try LoopFilesystem.sh("""
-            mkdir -p '\(room)' '\(values)' && mount -t tmpfs -o size=48M tmpfs '\(room)' &&
-            truncate -s 128M '\(room)/img' && mkfs.ext4 -q -F '\(room)/img' && mount -o loop '\(room)/img' '\(values)' &&
-            head -c 40M /dev/zero > '\(room)/filler'
+            mkdir -p '\(room)' '\(values)' && mount -t tmpfs -o size=64M tmpfs '\(room)' &&
+            truncate -s 128M '\(room)/img' && mkfs.ext4 -q -F -O ^has_journal -E nodiscard '\(room)/img' &&
+            mount -o loop '\(room)/img' '\(values)' &&
+            head -c $(( $(df --output=avail -k '\(room)' | tail -1) - 8192 ))K /dev/zero > '\(room)/filler'
             """)
         do {
             let file = try shard!.beginValueFile(clientID: "owner")
             let value = pattern(24 << 20, seed: 3)
             // The bytes reach the page cache; the disk under them has no room.
-            try? value.withUnsafeBytes { try file.write($0, at: 0) }
-            #expect(throws: (any Error).self) { try file.commit(as: key("v")) }
+            try value.withUnsafeBytes { try file.write($0, at: 0) }
+            #expect(file.size == 24 << 20)
+            do {
+                try file.commit(as: key("v"))
+                Issue.record("a value file committed on a full disk")
+            } catch {
+                // The sync fails: EIO, or ENOSPC (read as the shard's `full`).
+                let failedSync: Bool
+                switch error as? ShardError {
+                case .storage(let why)?: failedSync = why.contains("cannot sync value file")
+                case .full?: failedSync = true
+                default: failedSync = false
+                }
+                #expect(failedSync, "the commit failed otherwise: \(error)")
+            }
             try LoopFilesystem.sh("rm '\(room)/filler'")
-            #expect(throws: ShardError.self) { try file.commit(as: key("v")) }
+            #expect(throws: ShardError.storage("value file \(file.number) failed to sync before; its bytes may be lost")) {
+                try file.commit(as: key("v"))
+            }
             file.discard()
         }
         #expect(try shard!.get(key("v")).value == bytes("old"))
-        try shard!.put(key("small"), value: bytes("still writable"), clientID: "owner")
-        #expect(try shard!.get(key("small")).value == bytes("still writable"))
+        // Room again: the next value file commits.
+        let next = pattern(12 << 20, seed: 9)
+        _ = try commitValueFile(shard!, "w", next)
+        #expect(try shard!.get(key("w")).value == next)
         shard = nil
         let reopened = try Shard.open(at: dir.sub("shard-7"))
         #expect(try reopened.get(key("v")).value == bytes("old"))
+        #expect(try reopened.get(key("w")).value == next)
     }
 }
 
@@ -357,5 +378,4 @@ extension Shard {
             }
         }
     }
-
 }
