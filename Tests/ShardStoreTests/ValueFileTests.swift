@@ -301,31 +301,20 @@ import Testing
         #expect(try await waitUntilRemoved(shard, firstNumber))
     }
 
-    /// A value file whose sync fails (its disk is full: `values/` here is an ext4,
-    /// without a journal, on a loop device whose image lives on a tmpfs with too
-    /// little room) is not committed, the entry keeps its value, and a retry of
+    /// A value file whose sync fails (its disk is full: `values/` here is a
+    /// `FillableDisk`) is not committed, the entry keeps its value, and a retry of
     /// the commit is refused even once there is room again: Linux reports a
     /// failed writeback once, and a second sync could succeed over the lost
     /// pages. The shard stays usable: the next value file commits.
     @Test(.enabled(if: getuid() == 0, "loop devices and mounts need root"))
     func aValueFileWhoseSyncFailsIsNeverCommitted() throws {
         let dir = try TemporaryDirectory("valuefile-fault")
-        let guardian = try CrashCleanup(CrashCleanup.unmountAndDetach(under: dir.path))
-        let room = dir.sub("room"), values = dir.sub("shard-7/values")
-        defer {
-            _ = try? LoopFilesystem.sh("umount '\(values)' || umount -l '\(values)'; umount '\(room)' || umount -l '\(room)'")
-            guardian.dismiss()
-            dir.remove()
-        }
+        defer { dir.remove() }
         var shard: Shard? = try makeShard(dir)
         try shard!.put(key("v"), value: bytes("old"), clientID: "owner")
-        // 8 MiB left on the tmpfs under the image, for a 24 MiB value.
-        try LoopFilesystem.sh("""
-            mkdir -p '\(room)' '\(values)' && mount -t tmpfs -o size=64M tmpfs '\(room)' &&
-            truncate -s 128M '\(room)/img' && mkfs.ext4 -q -F -O ^has_journal -E nodiscard '\(room)/img' &&
-            mount -o loop '\(room)/img' '\(values)' &&
-            head -c $(( $(df --output=avail -k '\(room)' | tail -1) - 8192 ))K /dev/zero > '\(room)/filler'
-            """)
+        let disk = try FillableDisk(in: dir, mountedAt: dir.sub("shard-7/values"))
+        defer { disk.cleanUp() }
+        try disk.fill(leavingKiB: 8 << 10)  // 8 MiB left for a 24 MiB value
         do {
             let file = try shard!.beginValueFile(clientID: "owner")
             let value = pattern(24 << 20, seed: 3)
@@ -345,7 +334,7 @@ import Testing
                 }
                 #expect(failedSync, "the commit failed otherwise: \(error)")
             }
-            try LoopFilesystem.sh("rm '\(room)/filler'")
+            try disk.emptyRoom()
             #expect(throws: ShardError.storage("value file \(file.number) failed to sync before; its bytes may be lost")) {
                 try file.commit(as: key("v"))
             }
@@ -357,6 +346,7 @@ import Testing
         _ = try commitValueFile(shard!, "w", next)
         #expect(try shard!.get(key("w")).value == next)
         shard = nil
+        try disk.remount()  // what reached the disk
         let reopened = try Shard.open(at: dir.sub("shard-7"))
         #expect(try reopened.get(key("v")).value == bytes("old"))
         #expect(try reopened.get(key("w")).value == next)
