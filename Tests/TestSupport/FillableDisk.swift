@@ -5,7 +5,10 @@ import Foundation
 /// (`ENOSPC`, then `EIO`) as a full or failing volume's would, and nothing goes
 /// read-only (no journal to abort); `emptyRoom` gives the room back. `cleanUp`
 /// (in `defer`) unmounts both, the ext4 first; a crash of the test process is
-/// covered by a `CrashCleanup` guard on the folder.
+/// covered by a `CrashCleanup` guard on the folder. It shows that failures are
+/// reported and refused, not that acknowledged bytes survive: the last write a
+/// plain `fdatasync` acknowledged just before the tmpfs filled read back as
+/// zeros after a remount (PLATFORM.md, "Fault injection").
 public final class FillableDisk {
     public let mountPoint: String
     private let room: String
