@@ -14,7 +14,7 @@ public struct FileSystemError: Error, CustomStringConvertible {
     public var description: String { "\(reason) (\(String(cString: strerror(code))))" }
 }
 
-/// The one place errors become errno values; docs/SEMANTICS.md lists the same table.
+/// The one place errors become errno values; docs/SEMANTICS.md gives each operation's.
 func errnoValue(of error: Error) -> Int32 {
     switch error {
     case let e as FileSystemError:

@@ -6,7 +6,7 @@ import ShardStore
 ///
 /// Small files stay in memory. Past `spillThreshold` the bytes go to a **value
 /// file** of the shard (`Shard.beginValueFile`, docs/ARCHITECTURE.md, "Large
-/// values in value files"): every write is one `pwrite` into it, at any offset,
+/// values: value files"): every write is one `pwrite` into it, at any offset,
 /// and the commit at close syncs it and names it in the entry's record — the
 /// value is written to disk once and never copied through LMDB. Without a shard
 /// to write into (a value kept for an unlinked file's open descriptors), or when

@@ -403,7 +403,9 @@ extension Shard {
         try write(clientID: clientID) { ctx in
             box.set = try self.newChunkSet(ctx.txn)
             try ctx.txn.put(self.staging, chunkSetKey(box.set), [StagingKind.writingFile.rawValue])
-            try ctx.txn.put(self.meta, Descriptor.formatKey, Array(Descriptor.valueFilesFormat.utf8))
+            let format = Array(Descriptor.valueFilesFormat.utf8)
+            let stored = try Descriptor.formatKey.withUnsafeBytes { try ctx.txn.get(self.meta, $0).map(Array.init) }
+            if stored != format { try ctx.txn.put(self.meta, Descriptor.formatKey, format) }
         }
         let fd = Glibc.open(valueFiles.filePath(box.set), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         guard fd >= 0 else {
