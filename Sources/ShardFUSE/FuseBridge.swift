@@ -29,13 +29,20 @@ private func bytes(_ name: UnsafePointer<CChar>?) -> [UInt8] {
 private func fail(_ req: fuse_req_t?, _ error: Error, operation: StaticString = #function) {
     let code = errnoValue(of: error)
     FuseMetrics.failed(operation, errno: code)
-    // Refusals (not a closed or full shard's ordinary misses like ENOENT) are
-    // logged with who asked: the errno alone says too little.
-    if [EACCES, EPERM, EROFS, ENOSPC, EFBIG, EEXIST].contains(code), let context = fuse_req_ctx(req) {
-        fileSystem(req).logger.info("refused", metadata: [
-            "errno": "\(String(cString: strerror(code)))", "reason": "\(error)",
+    // Refusals (not ordinary misses like ENOENT) are logged with who asked, and
+    // failures (EIO, EBUSY, ETIMEDOUT: storage, a shard in use, the metadata
+    // store) as warnings: the errno alone says too little.
+    let failure = [EIO, EBUSY, ETIMEDOUT].contains(code)
+    if failure || [EACCES, EPERM, EROFS, ENOSPC, EFBIG, EEXIST].contains(code), let context = fuse_req_ctx(req) {
+        let metadata: Logger.Metadata = [
+            "operation": "\(operation)", "errno": "\(String(cString: strerror(code)))", "reason": "\(error)",
             "uid": "\(context.pointee.uid)", "pid": "\(context.pointee.pid)",
-        ])
+        ]
+        if failure {
+            fileSystem(req).logger.warning("failed", metadata: metadata)
+        } else {
+            fileSystem(req).logger.info("refused", metadata: metadata)
+        }
     }
     answered(fuse_reply_err(req, code))
 }
