@@ -86,12 +86,8 @@ final class WriteBuffer {
         case .valueFile(let file):
             try file.read(at: offset, into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<available]))
         case .spilled(let fd):
-            var done = 0
-            while done < available {
-                let n = pread(fd, buffer.baseAddress! + done, available - done, off_t(offset + done))
-                guard n > 0 else { throw FileSystemError(n < 0 ? errno : EIO, "cannot read the spill file") }
-                done += n
-            }
+            let failure = preadFully(fd, into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<available]), at: offset)
+            if failure != 0 { throw FileSystemError(failure == ENODATA ? EIO : failure, "cannot read the spill file") }
         case .memory:
             if available > 0 {
                 memory.withUnsafeBytes { m in
@@ -178,11 +174,7 @@ final class WriteBuffer {
     }
 
     private static func pwriteAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, at offset: Int) throws {
-        var done = 0
-        while done < bytes.count {
-            let n = pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset + done))
-            guard n > 0 else { throw FileSystemError(n < 0 ? errno : EIO, "cannot write the spill file") }
-            done += n
-        }
+        let failure = pwriteFully(fd, bytes, at: offset)
+        if failure != 0 { throw FileSystemError(failure, "cannot write the spill file") }
     }
 }

@@ -263,13 +263,8 @@ public final class ValueFile: @unchecked Sendable {
         // No value is larger than the shard's whole limit: fail now, not at the
         // commit after filling the disk (the commit checks what is in use).
         guard offset + bytes.count <= shard.sizeLimit else { throw ShardError.full(limit: shard.sizeLimit) }
-        var done = 0
-        while done < bytes.count {
-            let n = pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset + done))
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { throw ShardError.fromErrno(n < 0 ? errno : EIO, "cannot write value file \(number)", limit: shard.sizeLimit) }
-            done += n
-        }
+        let failure = pwriteFully(fd, bytes, at: offset)
+        if failure != 0 { throw ShardError.fromErrno(failure, "cannot write value file \(number)", limit: shard.sizeLimit) }
         size = max(size, offset + bytes.count)
         startWriteback(through: offset + bytes.count)
     }
@@ -346,14 +341,9 @@ public final class ValueFile: @unchecked Sendable {
 /// Reads `buffer.count` bytes at `offset` of a file whose value is `size` bytes; zeros past the end.
 func readFully(_ fd: Int32, offset: Int, into buffer: UnsafeMutableRawBufferPointer, size: Int, what: String) throws {
     let available = max(0, min(buffer.count, size - offset))
-    var done = 0
-    while done < available {
-        let n = pread(fd, buffer.baseAddress! + done, available - done, off_t(offset + done))
-        if n < 0 && errno == EINTR { continue }
-        guard n > 0 else {
-            throw ShardError.storage(n == 0 ? "\(what) ends before its \(size) bytes" : "cannot read \(what): \(String(cString: strerror(errno)))")
-        }
-        done += n
+    let failure = preadFully(fd, into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<available]), at: offset)
+    if failure != 0 {
+        throw ShardError.storage(failure == ENODATA ? "\(what) ends before its \(size) bytes" : "cannot read \(what): \(String(cString: strerror(failure)))")
     }
     if available < buffer.count {
         UnsafeMutableRawBufferPointer(rebasing: buffer[available...]).initializeMemory(as: UInt8.self, repeating: 0)
