@@ -58,6 +58,28 @@ import Testing
         }
     }
 
+    @Test func aLargeFileCutBackUnderTheThresholdBeforeCloseIsAnOrdinaryValue() async throws {
+        try await withMount { m in
+            try await m.ok("mkdir shard-1 && head -c 12582912 /dev/urandom > '\(m.dir.sub("src"))'")  // 12 MiB
+            // Past 8 MiB the bytes went to a value file; cut to 3 MiB + 5 before the
+            // close, the value is put into LMDB from it, and the file goes.
+            try await m.ok("""
+                python3 -c '
+                import os
+                src = open("\(m.dir.sub("src"))", "rb").read()
+                fd = os.open("shard-1/cut", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.write(fd, src)
+                os.ftruncate(fd, (3 << 20) + 5)
+                os.close(fd)
+                '
+                """)
+            #expect(try await waitUntil(10) { try await Self.valueFiles(m) == [] })
+            try await Self.dropCaches()
+            try await m.ok("head -c 3145733 '\(m.dir.sub("src"))' | cmp - shard-1/cut")
+            #expect(try await m.ok("stat -c %s shard-1/cut") == "3145733\n")
+        }
+    }
+
     @Test func aLargeWriteThatSeeksBackIsStillCorrect() async throws {
         try await withMount { m in
             try await m.ok("mkdir shard-1 && head -c 62914560 /dev/urandom > '\(m.dir.sub("src"))'")  // 60 MiB

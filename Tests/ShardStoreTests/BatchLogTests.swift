@@ -388,15 +388,6 @@ import Testing
         #expect(applied.metadata.mode == 0o600 && applied.metadata.number == old + 1_000, "\(applied.metadata)")
     }
 
-    /// What a crash of the process leaves of a live shard: its files as they are
-    /// now (LMDB's lock file aside).
-    func crashCopy(_ path: String, _ copy: String) throws {
-        try FileManager.default.createDirectory(atPath: copy, withIntermediateDirectories: true)
-        for name in try FileManager.default.contentsOfDirectory(atPath: path) where name != "lock.mdb" {
-            try FileManager.default.copyItem(atPath: path + "/" + name, toPath: copy + "/" + name)
-        }
-    }
-
     /// Durability deferred (the mount's close): the batch is read at once, kept
     /// in memory (nothing is written per put), and in the log once `sync()`
     /// returns, or once a durable batch follows it.

@@ -11,6 +11,15 @@ func makeShard(_ dir: TemporaryDirectory, limit: Int = ShardOptions.defaultSizeL
 }
 
 func key(_ s: String) -> EntryKey { try! EntryKey(s) }
+
+/// What a crash of the process leaves of a live shard: its files as they are
+/// now (LMDB's lock file aside), folders such as `values/` included.
+func crashCopy(_ path: String, _ copy: String) throws {
+    try FileManager.default.createDirectory(atPath: copy, withIntermediateDirectories: true)
+    for name in try FileManager.default.contentsOfDirectory(atPath: path) where name != "lock.mdb" {
+        try FileManager.default.copyItem(atPath: path + "/" + name, toPath: copy + "/" + name)
+    }
+}
 func bytes(_ s: String) -> [UInt8] { Array(s.utf8) }
 
 @Suite(.onOwnThreads) struct KeyTests {

@@ -138,6 +138,36 @@ import Testing
         #expect(try reopened.valueFileBytes() == committed.count)
     }
 
+    @Test func aFileReleasedButNotYetRemovedWhenTheProcessDiesIsRemovedAtOpen() async throws {
+        let dir = try TemporaryDirectory("valuefile")
+        let shard = try makeShard(dir)
+        let value = pattern(2 << 20, seed: 4)
+        let released = try commitValueFile(shard, "old", value)
+        let kept = try commitValueFile(shard, "kept", value)
+        // A read holds the removal back: the delete lists the file as released
+        // (kind 2) and it stays. A crash now leaves both on disk.
+        let reading = DispatchSemaphore(value: 0), release = DispatchSemaphore(value: 0)
+        let reader = Thread { shard.readingValueFiles { reading.signal(); release.wait() } }
+        reader.start()
+        reading.wait()
+        do {
+            defer { release.signal() }
+            try shard.delete(key("old"), clientID: "owner")
+            #expect(try shard.stagedNumbers() == [released])
+            #expect(fileExists(shard, released))
+            try crashCopy(dir.sub("shard-7"), dir.sub("copy"))
+        }
+        let copy = try Shard.open(at: dir.sub("copy"))
+        #expect(try copy.stagedNumbers() == [])
+        #expect(!fileExists(copy, released))
+        #expect(fileExists(copy, kept))
+        #expect(try copy.get(key("kept")).value == value)
+        #expect(try copy.valueFileBytes() == value.count)
+        #expect(throws: ShardError.entryNotFound(key("old"))) { _ = try copy.get(key("old")) }
+        // The live shard removes it once the read has ended.
+        #expect(try await waitUntilRemoved(shard, released))
+    }
+
     @Test func moreFilesThanTheOpenDescriptorsReadBackAndAreRemoved() async throws {
         let dir = try TemporaryDirectory("valuefile")
         let shard = try makeShard(dir)
