@@ -24,7 +24,7 @@ func errnoValue(of error: Error) -> Int32 {
         case .invalidKey, .invalidIndex, .invalidArgument: return EINVAL
         case .clientIDRequired, .fenced: return EACCES
         case .closed, .readOnlyView, .notPrimary: return EROFS
-        case .full: return ENOSPC
+        case .full, .volumeFull: return ENOSPC
         case .tooLarge: return EFBIG
         case .entryNotFound: return ENOENT
         case .shardExists: return EEXIST

@@ -143,7 +143,7 @@ final class BatchLog {
         // too (deferred ones): the log is not trusted again (the shard applies what
         // is pending to LMDB instead).
         let broken = ftruncate(fd, off_t(end)) != 0 || fsync(fd) != 0 || syncFailed
-        throw BatchLogError(message: "cannot write the batch log: \(String(cString: strerror(failure)))", broken: broken)
+        throw BatchLogError(message: "cannot write the batch log: \(String(cString: strerror(failure)))", code: failure, broken: broken)
     }
 
     /// How many fdatasyncs of this file failed so far (any caller's).
@@ -160,9 +160,9 @@ final class BatchLog {
     /// (`syncFailures` before the records were written).
     func sync(failuresSince mark: Int) throws {
         if fdatasync(fd) != 0 {
-            let text = String(cString: strerror(errno))
+            let code = errno
             noteSyncFailure()
-            throw BatchLogError(message: "cannot sync the batch log: \(text)", broken: true)
+            throw BatchLogError(message: "cannot sync the batch log: \(String(cString: strerror(code)))", code: code, broken: true)
         }
         if syncFailures != mark {
             throw BatchLogError(message: "cannot sync the batch log: an earlier sync of it failed", broken: true)
@@ -385,6 +385,8 @@ final class BatchLog {
 
 struct BatchLogError: Error, CustomStringConvertible {
     var message: String
+    /// The errno of the failed call (EIO when there was none).
+    var code: Int32 = EIO
     /// The file could not be cut back after a failed append: stop appending to it.
     var broken: Bool
     var description: String { message }

@@ -201,7 +201,7 @@ extension Shard {
             }
         } catch {
             if let logError = error as? BatchLogError, logError.broken { logLock.withLock { logBroken = true } }
-            let failure = error as? ShardError ?? ShardError.storage("\(error)")
+            let failure = error as? ShardError ?? writeFailure(error, code: (error as? BatchLogError)?.code)
             for member in group { member.error = failure }
             return
         }
@@ -584,8 +584,9 @@ extension Shard {
             // A large group may not fit where its batches one by one do.
             for batch in batches {
                 do { try applyBatches([batch]) } catch {
-                    let failure = ShardError.storage(
-                        "acknowledged batches cannot be applied yet (\(ShardError.from(error, limit: sizeLimit))); they are kept in the batch log and retried")
+                    let why = "acknowledged batches cannot be applied yet (\(ShardError.from(error, limit: sizeLimit))); they are kept in the batch log and retried"
+                    let failure: ShardError
+                    if case .volumeFull = writeFailure(error) { failure = .volumeFull(why) } else { failure = .storage(why) }
                     logLock.withLock { logFailure = failure }
                     return failure
                 }

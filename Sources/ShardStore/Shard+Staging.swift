@@ -52,7 +52,7 @@ extension Shard {
                 try ctx.txn.delete(self.staging, chunkSetKey(set))
             }
         } catch let error as ShardError { throw error } catch {
-            throw ShardError.from(error, limit: sizeLimit)
+            throw writeFailure(error)
         }
     }
 

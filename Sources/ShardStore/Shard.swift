@@ -435,9 +435,39 @@ public final class Shard: @unchecked Sendable {
                 stateLock.withLock { committedState = state }
                 if !changed.isEmpty { onCommit?(changed) }
             } catch {
-                member.error = ShardError.from(error, limit: sizeLimit)
+                member.error = writeFailure(error)
             }
         }
+    }
+
+    /// Under this much room a write that failed with EIO is put down to a full
+    /// volume: LMDB reports a write that a full filesystem cut short as EIO, and
+    /// by then the room that was left has gone into the cut-short write.
+    static let fullVolumeRoom = 4 << 20
+
+    /// A failed write's error in the shard's vocabulary (`ShardError.from` for
+    /// LMDB's). `code` is the errno for errors that carry one other than LMDB's.
+    /// ENOSPC and EDQUOT, and EIO on a filesystem with next to no room left, are
+    /// `volumeFull`: the write is refused as on a full local disk, not reported as
+    /// a device failure.
+    func writeFailure(_ error: Error, code: Int32? = nil) -> ShardError {
+        let mapped = ShardError.from(error, limit: sizeLimit) as? ShardError ?? .storage("\(error)")
+        guard case .storage = mapped, let code = code ?? (error as? LMDBError)?.code else { return mapped }
+        if code == ENOSPC || code == EDQUOT {
+            return .volumeFull("the filesystem of \(path) has no room left (\(error))")
+        }
+        if code == EIO, let room = freeBytes(), room < Self.fullVolumeRoom {
+            return .volumeFull("the filesystem of \(path) has \(room) bytes left (\(error))")
+        }
+        return mapped
+    }
+
+    /// The bytes this process may still write on the shard's filesystem (root
+    /// may use the blocks kept for it).
+    func freeBytes() -> Int? {
+        var stats = statvfs()
+        guard statvfs(path, &stats) == 0 else { return nil }
+        return Int(geteuid() == 0 ? stats.f_bfree : stats.f_bavail) * Int(stats.f_frsize)
     }
 
     @usableFromInline

@@ -19,6 +19,12 @@ public enum ShardError: Error, Equatable, Sendable, CustomStringConvertible {
     case notPrimary(String)
     /// The write does not fit in the shard's size limit; nothing was committed.
     case full(limit: Int)
+    /// The filesystem under the shard has no room for the write (ENOSPC, or an
+    /// I/O error with next to no room left: LMDB reports a write a full
+    /// filesystem cut short as EIO). Nothing was committed; the shard stays
+    /// readable and takes writes again once there is room. Not the shard's own
+    /// limit: that is `full`.
+    case volumeFull(String)
     /// One transaction cannot hold this much; nothing was committed.
     case tooLarge(String)
     case entryNotFound(EntryKey)
@@ -42,6 +48,7 @@ public enum ShardError: Error, Equatable, Sendable, CustomStringConvertible {
         case .readOnlyView: return "shard is open read-only on this node"
         case .notPrimary(let why): return "not the primary: \(why)"
         case .full(let limit): return "shard full: the write does not fit in the shard's size limit of \(limit) bytes"
+        case .volumeFull(let why): return "volume full: \(why)"
         case .tooLarge(let why): return "write too large: \(why)"
         case .entryNotFound(let key): return "entry not found: \(key)"
         case .shardExists(let path): return "a shard already exists at \(path)"

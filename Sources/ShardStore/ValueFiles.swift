@@ -351,9 +351,10 @@ func readFully(_ fd: Int32, offset: Int, into buffer: UnsafeMutableRawBufferPoin
 }
 
 extension ShardError {
-    /// An errno from a value file: ENOSPC and EDQUOT are `full`.
+    /// An errno from a value file: ENOSPC and EDQUOT are `volumeFull`.
     static func fromErrno(_ code: Int32, _ what: String, limit: Int) -> ShardError {
-        code == ENOSPC || code == EDQUOT ? .full(limit: limit) : .storage("\(what): \(String(cString: strerror(code)))")
+        let text = "\(what): \(String(cString: strerror(code)))"
+        return code == ENOSPC || code == EDQUOT ? .volumeFull(text) : .storage(text)
     }
 }
 
@@ -431,7 +432,7 @@ extension Shard {
         } catch let error as ShardError {
             throw error
         } catch {
-            throw ShardError.from(error, limit: sizeLimit)
+            throw writeFailure(error)
         }
     }
 

@@ -355,11 +355,10 @@ import Testing
                 try file.commit(as: key("v"))
                 Issue.record("a value file committed on a full disk")
             } catch {
-                // The sync fails: EIO, or ENOSPC (read as the shard's `full`).
+                // The sync fails: EIO, or ENOSPC (read as `volumeFull`).
                 let failedSync: Bool
                 switch error as? ShardError {
-                case .storage(let why)?: failedSync = why.contains("cannot sync value file")
-                case .full?: failedSync = true
+                case .storage(let why)?, .volumeFull(let why)?: failedSync = why.contains("cannot sync value file")
                 default: failedSync = false
                 }
                 #expect(failedSync, "the commit failed otherwise: \(error)")
