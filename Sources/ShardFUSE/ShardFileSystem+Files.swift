@@ -240,12 +240,12 @@ extension ShardFileSystem {
         if !byName, let inode, let unlinked = openEntry(inode)?.unlinkedView {
             return (unlinked, true)  // fstat on a descriptor of an unlinked file
         }
-        let current = try currentAttributes(shard, key)
+        // The writer's view first: then a create, and fstat while writing, read no snapshot.
         if let writer = inode.flatMap({ openWriter($0, includingUnlinked: !byName) }), let size = writer.pendingSize {
             let time = writer.pendingModificationTime ?? Self.now()
             return (EntryAttributes(key: key, size: size, modificationTime: time, indexes: [], metadata: writer.metadata), true)
         }
-        return current.map { ($0, false) }
+        return try currentAttributes(shard, key).map { ($0, false) }
     }
 
     /// An entry's attributes in the shard (puts not durable yet included).

@@ -201,7 +201,8 @@ extension Shard {
             }
         } catch {
             if let logError = error as? BatchLogError, logError.broken { logLock.withLock { logBroken = true } }
-            let failure = error as? ShardError ?? writeFailure(error, code: (error as? BatchLogError)?.code)
+            let failure = error as? ShardError ?? writeFailure(error, code: (error as? BatchLogError)?.code) as? ShardError
+                ?? ShardError.storage("\(error)")
             for member in group { member.error = failure }
             return
         }
@@ -586,7 +587,7 @@ extension Shard {
                 do { try applyBatches([batch]) } catch {
                     let why = "acknowledged batches cannot be applied yet (\(ShardError.from(error, limit: sizeLimit))); they are kept in the batch log and retried"
                     let failure: ShardError
-                    if case .volumeFull = writeFailure(error) { failure = .volumeFull(why) } else { failure = .storage(why) }
+                    if case .volumeFull? = writeFailure(error) as? ShardError { failure = .volumeFull(why) } else { failure = .storage(why) }
                     logLock.withLock { logFailure = failure }
                     return failure
                 }

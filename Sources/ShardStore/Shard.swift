@@ -450,14 +450,16 @@ public final class Shard: @unchecked Sendable {
     /// ENOSPC and EDQUOT, and EIO on a filesystem with next to no room left, are
     /// `volumeFull`: the write is refused as on a full local disk, not reported as
     /// a device failure.
-    func writeFailure(_ error: Error, code: Int32? = nil) -> ShardError {
-        let mapped = ShardError.from(error, limit: sizeLimit) as? ShardError ?? .storage("\(error)")
-        guard case .storage = mapped, let code = code ?? (error as? LMDBError)?.code else { return mapped }
-        if code == ENOSPC || code == EDQUOT {
-            return .volumeFull("the filesystem of \(path) has no room left (\(error))")
+    func writeFailure(_ error: Error, code: Int32? = nil) -> Error {
+        let mapped = ShardError.from(error, limit: sizeLimit)  // errors not LMDB's stay as they are
+        // Failures of the disk only: not LMDB's map or transaction limits, nor a caller's own error.
+        var failure = code
+        if failure == nil, let e = error as? LMDBError, case .storage? = mapped as? ShardError { failure = e.code }
+        if failure == ENOSPC || failure == EDQUOT {
+            return ShardError.volumeFull("the filesystem of \(path) has no room left (\(error))")
         }
-        if code == EIO, let room = freeBytes(), room < Self.fullVolumeRoom {
-            return .volumeFull("the filesystem of \(path) has \(room) bytes left (\(error))")
+        if failure == EIO, let room = freeBytes(), room < Self.fullVolumeRoom {
+            return ShardError.volumeFull("the filesystem of \(path) has \(room) bytes left (\(error))")
         }
         return mapped
     }
