@@ -12,6 +12,10 @@
 //   what you keep.
 // - Databases are opened once, at setup (mdb_dbi_open must not run in
 //   concurrent transactions of one process).
+// - Ended read transactions are kept, reset, for the next read
+//   (`mdb_txn_reset`, then `mdb_txn_renew`): a renewal allocates nothing and
+//   keeps its reader slot, where a begin allocates a transaction and takes a
+//   slot under the lock file's mutex. A reset transaction pins no snapshot.
 // - An environment is open at most once per process (lmdb.h, "Caveats"): its
 //   lock file's locks are fcntl locks, which a process holds only once, so a
 //   second open in the same process takes the first's mutexes for its own and
@@ -113,6 +117,13 @@ public final class Environment: @unchecked Sendable {
 
     /// The folder's identity while this environment has it open (see `OpenFolders`).
     private let folder: OpenFolders.Folder
+    /// Ended read transactions, reset, for `read` to renew (at most `idleReaderLimit`).
+    private let idleReaders = Mutex<[IdleReader]>([])
+    /// A reset read transaction: used by one thread at a time (`MDB_NOTLS`), handed over under the lock.
+    private struct IdleReader: @unchecked Sendable { let txn: OpaquePointer }
+    /// Enough for the threads that read at once (a ring thread per CPU, a few
+    /// more); each holds a reader slot of `EnvironmentOptions.maxReaders`.
+    static let idleReaderLimit = 8
 
     /// Opens (creating if needed) the environment in the directory `path`, which
     /// must exist. Throws `LMDBError.alreadyOpen` while another `Environment` of
@@ -151,6 +162,7 @@ public final class Environment: @unchecked Sendable {
     }
 
     deinit {
+        idleReaders.withLock { idle in for reader in idle { mdb_txn_abort(reader.txn) } }  // all must end before the close
         mdb_env_close(env)
         OpenFolders.release(folder)
     }
@@ -197,14 +209,39 @@ public final class Environment: @unchecked Sendable {
         var txn: OpaquePointer?
         let prepared: P
         do {
-            prepared = try prepare { try check(mdb_txn_begin(env, nil, UInt32(MDB_RDONLY), &txn)) }
+            prepared = try prepare { txn = try beginRead() }
         } catch {
-            if let txn { mdb_txn_abort(txn) }
+            if let txn { endRead(txn) }
             throw error
         }
         guard let txn else { preconditionFailure("read(prepare:) needs prepare to call begin") }
-        defer { mdb_txn_abort(txn) }
+        defer { endRead(txn) }
         return try body(prepared, Transaction(txn: txn))
+    }
+
+    /// A read transaction on the newest snapshot: a kept one renewed, or a new one.
+    private func beginRead() throws -> OpaquePointer {
+        if let kept = idleReaders.withLock({ $0.popLast() })?.txn {
+            let rc = mdb_txn_renew(kept)
+            if rc == 0 { return kept }
+            mdb_txn_abort(kept)
+            throw LMDBError(code: rc)
+        }
+        var txn: OpaquePointer?
+        try check(mdb_txn_begin(env, nil, UInt32(MDB_RDONLY), &txn))
+        return txn!
+    }
+
+    /// Ends a read transaction: reset and kept for the next read, or aborted.
+    private func endRead(_ txn: OpaquePointer) {
+        mdb_txn_reset(txn)
+        let reader = IdleReader(txn: txn)
+        let kept = idleReaders.withLock { idle -> Bool in
+            guard idle.count < Self.idleReaderLimit else { return false }
+            idle.append(reader)
+            return true
+        }
+        if !kept { mdb_txn_abort(txn) }
     }
 
     /// Runs `body` in a write transaction on the calling thread and commits it if

@@ -1,6 +1,7 @@
 import LMDB
 import TestSupport
 import Foundation
+import Synchronization
 import Testing
 
 @Suite(.onOwnThreads) struct LMDBTests {
@@ -100,5 +101,58 @@ import Testing
         let again = try Environment(path: link, options: readOnly)
         let reopened = try again.openDatabase("d")
         #expect(try again.read { try $0.count(reopened) } == 2)
+    }
+
+    /// Read transactions are kept reset and renewed (LMDB.swift): a renewed one
+    /// reads the newest commit, and a kept one pins no snapshot, so commits reuse
+    /// freed pages and the file does not grow with them.
+    @Test func keptReadTransactionsReadTheNewestCommitAndPinNothing() throws {
+        let dir = try TemporaryDirectory("lmdb")
+        let env = try Environment(path: dir.path, options: EnvironmentOptions(mapSize: 64 << 20))
+        let db = try env.openDatabase("d", flags: .create)
+        let key = Array("k".utf8)
+        func value() throws -> [UInt8]? { try env.read { try $0.get(db, key).map { Array($0) } } }
+        #expect(try value() == nil)
+        for round in 0..<2000 {
+            try env.write { try $0.put(db, key, [UInt8](repeating: UInt8(truncatingIfNeeded: round), count: 4096)) }
+            #expect(try value() == [UInt8](repeating: UInt8(truncatingIfNeeded: round), count: 4096))
+        }
+        // 2000 commits of a 4 KiB value: a pinned snapshot would keep every old page.
+        #expect(env.info.lastPage < 100, "\(env.info.lastPage) pages")
+    }
+
+    /// More readers at once than are kept: each reads a whole commit, and the
+    /// environment closes with kept transactions (it opens again at once).
+    @Test func manyReadersAtOnceAndACloseWithKeptReaders() throws {
+        let dir = try TemporaryDirectory("lmdb")
+        do {
+            let env = try Environment(path: dir.path, options: EnvironmentOptions(mapSize: 64 << 20))
+            let db = try env.openDatabase("d", flags: .create)
+            let torn = Mutex(0)
+            let done = DispatchGroup()
+            for _ in 0..<16 {
+                DispatchQueue.global().async(group: done) {
+                    for _ in 0..<200 {
+                        // Both keys are written in one commit: a read sees them equal.
+                        let pair = try? env.read { txn in
+                            (try txn.get(db, Array("a".utf8)).map { Array($0) }, try txn.get(db, Array("b".utf8)).map { Array($0) })
+                        }
+                        if pair == nil || pair!.0 != pair!.1 { torn.withLock { $0 += 1 } }
+                    }
+                }
+            }
+            for round in 0..<300 {
+                let v = Array("\(round)".utf8)
+                try env.write { txn in
+                    try txn.put(db, Array("a".utf8), v)
+                    try txn.put(db, Array("b".utf8), v)
+                }
+            }
+            done.wait()
+            #expect(torn.withLock { $0 } == 0)
+        }  // the last reference goes: kept transactions end, then the environment closes
+        let again = try Environment(path: dir.path, options: EnvironmentOptions(mapSize: 64 << 20))
+        let reopened = try again.openDatabase("d")
+        #expect(try again.read { try $0.get(reopened, Array("a".utf8)).map { Array($0) } } == Array("299".utf8))
     }
 }
