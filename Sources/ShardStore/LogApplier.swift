@@ -21,9 +21,13 @@ final class LogApplier: @unchecked Sendable {
 
     /// Tells the applier that `shard` has pending batches.
     func wake(_ shard: Shard) {
+        // Queued already (the usual case under load): the applier looks at the
+        // shard after taking it out of the queue, so it sees what was logged before.
+        if shard.queuedForApplier.load(ordering: .acquiring) { return }
         condition.lock()
         let known = waiting[ObjectIdentifier(shard)] != nil
         waiting[ObjectIdentifier(shard)] = Weak(shard: shard)
+        shard.queuedForApplier.store(true, ordering: .releasing)
         if !started {
             started = true
             let thread = Thread { [self] in
@@ -43,6 +47,7 @@ final class LogApplier: @unchecked Sendable {
             while waiting.isEmpty { condition.wait() }
             let shards = waiting.values.compactMap(\.shard)
             waiting.removeAll(keepingCapacity: true)
+            for shard in shards { shard.queuedForApplier.store(false, ordering: .releasing) }
             condition.unlock()
 
             var later: [Shard] = []
@@ -62,7 +67,10 @@ final class LogApplier: @unchecked Sendable {
             }
             guard !later.isEmpty else { continue }
             condition.lock()
-            for shard in later { waiting[ObjectIdentifier(shard)] = Weak(shard: shard) }
+            for shard in later {
+                waiting[ObjectIdentifier(shard)] = Weak(shard: shard)
+                shard.queuedForApplier.store(true, ordering: .releasing)
+            }
             _ = condition.wait(until: Date().addingTimeInterval(0.002))
             condition.unlock()
         }

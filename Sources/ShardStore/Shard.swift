@@ -104,6 +104,9 @@ public final class Shard: @unchecked Sendable {
     /// Barriers that wrote and fdatasync'ed deferred records (tests; the applier's pace).
     let deferredSyncs = Atomic<Int>(0)
     var notDurableSince: ContinuousClock.Instant?
+    /// Whether the log applier has this shard in its queue (changed under its
+    /// lock): a wake-up then needs no lock.
+    let queuedForApplier = Atomic<Bool>(false)
 
     struct PendingBatch {
         let sequence: UInt64
