@@ -6,23 +6,25 @@ import Glibc
 
 /// Writes all of `bytes` at `offset`; 0, or the errno (EIO for a write that wrote nothing).
 public func pwriteFully(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, at offset: Int) -> Int32 {
-    var done = 0
-    while done < bytes.count {
-        let n = pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset + done))
-        if n < 0 && errno == EINTR { continue }
-        guard n > 0 else { return n < 0 ? errno : EIO }
-        done += n
+    transferFully(bytes.count, endedEarly: EIO) { done in
+        pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset + done))
     }
-    return 0
 }
 
 /// Fills `buffer` from `offset`; 0, or the errno (`ENODATA` when the file ends first).
 public func preadFully(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer, at offset: Int) -> Int32 {
+    transferFully(buffer.count, endedEarly: ENODATA) { done in
+        pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset + done))
+    }
+}
+
+/// Calls `transfer(done)` (bytes moved, or -1 and errno) until `count` bytes have moved.
+private func transferFully(_ count: Int, endedEarly: Int32, _ transfer: (_ done: Int) -> Int) -> Int32 {
     var done = 0
-    while done < buffer.count {
-        let n = pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset + done))
+    while done < count {
+        let n = transfer(done)
         if n < 0 && errno == EINTR { continue }
-        guard n > 0 else { return n < 0 ? errno : ENODATA }
+        guard n > 0 else { return n < 0 ? errno : endedEarly }
         done += n
     }
     return 0
