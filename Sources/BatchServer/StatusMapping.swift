@@ -18,7 +18,8 @@ func wireStatus(for error: Error, writing: Bool) -> Status {
         case .fenced: code = .shardFenced
         case .closed: code = .shardClosed
         case .readOnlyView, .notPrimary: code = .notShardLeader
-        case .full, .volumeFull: code = .shardFull  // either way: write to a new shard (placed where there is room)
+        case .full: code = .shardFull
+        case .volumeFull: code = writing ? .shardFull : .readException  // a write: to a new shard, placed where there is room
         case .tooLarge: code = .writeTooLarge
         case .entryNotFound: code = .entryNotFound
         case .shardExists: code = .shardIDTaken

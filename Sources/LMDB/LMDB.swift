@@ -209,7 +209,10 @@ public final class Environment: @unchecked Sendable {
         var txn: OpaquePointer?
         let prepared: P
         do {
-            prepared = try prepare { txn = try beginRead() }
+            prepared = try prepare {
+                precondition(txn == nil, "read(prepare:) calls begin once")
+                txn = try beginRead()
+            }
         } catch {
             if let txn { endRead(txn) }
             throw error
@@ -277,7 +280,8 @@ public final class Environment: @unchecked Sendable {
     }
 
     /// Changes the map size (the size limit). Only while this process has no
-    /// transaction open on the environment, e.g. right after opening it.
+    /// active transaction on the environment, e.g. right after opening it (kept
+    /// read transactions, reset, are not active).
     public func setMapSize(_ size: Int) throws {
         try check(mdb_env_set_mapsize(env, size))
     }

@@ -175,7 +175,8 @@ final class BatchLog {
     /// before any stale tail.
     func reset() throws {
         guard ftruncate(fd, 0) == 0 else {
-            throw BatchLogError(message: "cannot empty the batch log: \(String(cString: strerror(errno)))", broken: true)
+            let code = errno
+            throw BatchLogError(message: "cannot empty the batch log: \(String(cString: strerror(code)))", code: code, broken: true)
         }
         end = 0
     }
@@ -385,8 +386,8 @@ final class BatchLog {
 
 struct BatchLogError: Error, CustomStringConvertible {
     var message: String
-    /// The errno of the failed call (EIO when there was none).
-    var code: Int32 = EIO
+    /// The errno of the failed call, when there was one.
+    var code: Int32? = nil
     /// The file could not be cut back after a failed append: stop appending to it.
     var broken: Bool
     var description: String { message }

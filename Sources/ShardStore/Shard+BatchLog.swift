@@ -260,12 +260,14 @@ extension Shard {
         defer { CommitMetrics.record("log", since: start) }
         try logCommitter.submit { group in group.write = true }
         let target = logLock.withLock { writtenThrough }
-        do { try log.sync(failuresSince: mark) } catch {
+        do { try log.sync(failuresSince: mark) } catch let syncError {
             // After a failed fdatasync the page cache may claim what the disk lacks:
             // the log is not used again, and what is pending goes to LMDB instead.
             logLock.withLock { logBroken = true }
-            do { try applyLog() } catch {
-                throw ShardError.storage("the batch log cannot be made durable (\(error)), nor its batches applied: \(error)")
+            do { try applyLog() } catch let applyError {
+                let why = "the batch log cannot be made durable (\(syncError)), nor its batches applied: \(applyError)"
+                if case .volumeFull? = applyError as? ShardError { throw ShardError.volumeFull(why) }
+                throw ShardError.storage(why)
             }
             return  // applied: durable in LMDB after all
         }
@@ -521,7 +523,7 @@ extension Shard {
                 throw ShardError.from(error, limit: sizeLimit)
             }
             if let outcome { return outcome }
-            try applyLog()
+            try applyLogBeforeRead()
         }
     }
 

@@ -475,9 +475,15 @@ public final class Shard: @unchecked Sendable {
         return Int(geteuid() == 0 ? stats.f_bfree : stats.f_bavail) * Int(stats.f_frsize)
     }
 
+    /// `applyLog` before a read: a volume too full for the apply fails the read
+    /// as storage (EIO, READ_EXCEPTION), not as a write that did not fit.
+    func applyLogBeforeRead() throws {
+        do { try applyLog() } catch ShardError.volumeFull(let why) { throw ShardError.storage(why) }
+    }
+
     @usableFromInline
     func readTransaction<R>(applyingLog: Bool = true, _ body: (Transaction) throws -> R) throws -> R {
-        if applyingLog { try applyLog() }
+        if applyingLog { try applyLogBeforeRead() }
         do {
             return try env.read(body)
         } catch let error as ShardError {

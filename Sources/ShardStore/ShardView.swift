@@ -36,7 +36,7 @@ extension Shard {
     /// checkpoint made more, smaller transactions than the log would. The pin
     /// keeps every page the snapshot reaches from reuse until `PinnedSnapshot.end()`.
     public func pinForViews(applyingBatchesOlderThan maxPending: Duration) throws -> (pin: PinnedSnapshot, published: PublishedSnapshot) {
-        if log != nil, hasBatches(loggedBefore: ContinuousClock.now - maxPending) { try applyLog() }
+        if log != nil, hasBatches(loggedBefore: ContinuousClock.now - maxPending) { try applyLogBeforeRead() }
         do {
             let (pin, root) = try env.pinNewest { pinned, fd in
                 // The writer lock is held: no commit releases a value file this

@@ -121,17 +121,26 @@ import Testing
         #expect(env.info.lastPage < 100, "\(env.info.lastPage) pages")
     }
 
-    /// More readers at once than are kept: each reads a whole commit, and the
+    /// More readers at once than are kept (16 held open together, then reading
+    /// on while a writer commits): each reads a whole commit, and the
     /// environment closes with kept transactions (it opens again at once).
     @Test func manyReadersAtOnceAndACloseWithKeptReaders() throws {
         let dir = try TemporaryDirectory("lmdb")
         do {
             let env = try Environment(path: dir.path, options: EnvironmentOptions(mapSize: 64 << 20))
             let db = try env.openDatabase("d", flags: .create)
+            let readers = 16
             let torn = Mutex(0)
-            let done = DispatchGroup()
-            for _ in 0..<16 {
-                DispatchQueue.global().async(group: done) {
+            let arrived = DispatchSemaphore(value: 0), go = DispatchSemaphore(value: 0), done = DispatchGroup()
+            for _ in 0..<readers {
+                done.enter()
+                Thread {
+                    defer { done.leave() }
+                    // All in a read transaction at once: more than the 8 kept ones.
+                    _ = try? env.read { _ in
+                        arrived.signal()
+                        go.wait()
+                    }
                     for _ in 0..<200 {
                         // Both keys are written in one commit: a read sees them equal.
                         let pair = try? env.read { txn in
@@ -139,8 +148,10 @@ import Testing
                         }
                         if pair == nil || pair!.0 != pair!.1 { torn.withLock { $0 += 1 } }
                     }
-                }
+                }.start()
             }
+            for _ in 0..<readers { arrived.wait() }
+            for _ in 0..<readers { go.signal() }
             for round in 0..<300 {
                 let v = Array("\(round)".utf8)
                 try env.write { txn in
@@ -151,7 +162,7 @@ import Testing
             done.wait()
             #expect(torn.withLock { $0 } == 0)
         }  // the last reference goes: kept transactions end, then the environment closes
-        let again = try Environment(path: dir.path, options: EnvironmentOptions(mapSize: 64 << 20))
+        let again = try Environment.open(path: dir.path, options: EnvironmentOptions(mapSize: 64 << 20), waitingUpTo: .seconds(5))
         let reopened = try again.openDatabase("d")
         #expect(try again.read { try $0.get(reopened, Array("a".utf8)).map { Array($0) } } == Array("299".utf8))
     }

@@ -17,15 +17,16 @@ import Testing
         // A 64 MiB ext4 on a device with room to spare: the filesystem fills, not the device.
         let disk = try FillableDisk(in: dir, mountedAt: dir.sub("volume"), roomMiB: 256, imageMiB: 64)
         defer { disk.cleanUp() }
-        let shard = try Shard.create(at: dir.sub("volume/shard-7"), id: 7, owner: "owner", options: ShardOptions())
+        var held: Shard? = try Shard.create(at: dir.sub("volume/shard-7"), id: 7, owner: "owner", options: ShardOptions())
+        defer { held = nil }  // before the disk's cleanup: nothing of the volume left open
         var acknowledged: [String: [UInt8]] = [:]
         func put(_ name: String, _ size: Int, deferred: Bool = false) throws {
             let value = [UInt8](repeating: UInt8(truncatingIfNeeded: name.hashValue), count: size)
             if deferred {
-                if let failed = try shard.batchPut([EntryWrite(key: bytes(name), value: value)], clientID: "owner",
+                if let failed = try held!.batchPut([EntryWrite(key: bytes(name), value: value)], clientID: "owner",
                                                    deferringDurability: true)[0] { throw failed }
             } else {
-                try shard.put(key(name), value: value, clientID: "owner")
+                try held!.put(key(name), value: value, clientID: "owner")
             }
             acknowledged[name] = value
         }
@@ -46,17 +47,17 @@ import Testing
                 }
             }
         }
-        do { try shard.sync() } catch { refusals.append(error) }
+        do { try held!.sync() } catch { refusals.append(error) }
         #expect(refusals.count >= 2, "\(refusals)")
         for refusal in refusals { #expect(isVolumeFull(refusal), "\(refusal)") }
-        for (name, value) in acknowledged { #expect(try shard.get(key(name)).value == value, "\(name)") }
+        for (name, value) in acknowledged { #expect(try held!.get(key(name)).value == value, "\(name)") }
 
         try LoopFilesystem.sh("rm -f '\(dir.sub("volume/filler"))'")
         try put("z-99", 100)
         try put("b-99", 100)
         try put("c-99", 100, deferred: true)
-        try shard.sync()
-        try shard.applyLog()
-        for (name, value) in acknowledged { #expect(try shard.get(key(name)).value == value, "\(name)") }
+        try held!.sync()
+        try held!.applyLog()
+        for (name, value) in acknowledged { #expect(try held!.get(key(name)).value == value, "\(name)") }
     }
 }
