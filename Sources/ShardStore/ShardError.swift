@@ -21,9 +21,10 @@ public enum ShardError: Error, Equatable, Sendable, CustomStringConvertible {
     case full(limit: Int)
     /// The filesystem under the shard has no room for the write (ENOSPC, or an
     /// I/O error with next to no room left: LMDB reports a write a full
-    /// filesystem cut short as EIO). Nothing was committed; the shard stays
-    /// readable and takes writes again once there is room. Not the shard's own
-    /// limit: that is `full`.
+    /// filesystem cut short as EIO). Nothing was committed; entries stay
+    /// readable by key (a scan that must apply pending batches first fails as
+    /// `storage` meanwhile), and the shard takes writes again once there is
+    /// room. Not the shard's own limit: that is `full`.
     case volumeFull(String)
     /// One transaction cannot hold this much; nothing was committed.
     case tooLarge(String)
