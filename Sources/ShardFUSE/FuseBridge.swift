@@ -167,17 +167,17 @@ private func opRename(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePo
 /// Symlinks, hard links and device nodes have no place in a shard.
 private func opSymlink(_ req: fuse_req_t?, _ link: UnsafePointer<CChar>?, _ parent: fuse_ino_t, _ name: UnsafePointer<CChar>?) {
     FuseRequest.symlink.count()
-    answered(fuse_reply_err(req, EPERM))
+    fail(req, FileSystemError(EPERM, "symbolic links have no place in a shard"))
 }
 
 private func opLink(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ newParent: fuse_ino_t, _ newName: UnsafePointer<CChar>?) {
     FuseRequest.link.count()
-    answered(fuse_reply_err(req, EPERM))
+    fail(req, FileSystemError(EPERM, "hard links have no place in a shard"))
 }
 
 private func opMknod(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePointer<CChar>?, _ mode: mode_t, _ rdev: dev_t) {
     FuseRequest.mknod.count()
-    answered(fuse_reply_err(req, EPERM))
+    fail(req, FileSystemError(EPERM, "device nodes and FIFOs have no place in a shard"))
 }
 
 private func opCreate(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePointer<CChar>?, _ mode: mode_t,

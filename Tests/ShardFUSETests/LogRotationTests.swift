@@ -28,9 +28,11 @@ import Testing
 
             // A refused operation is logged in the new file and counted in /metrics.
             #expect(try await m.sh("mkdir not-a-shard").status != 0)
+            #expect(try await m.sh("ln -s target a-link").status != 0)
             let metrics = try await shell("curl -sS --max-time 30 --unix-socket '\(m.data)/shardfs-admin.sock' http://x/metrics")
             #expect(metrics.status == 0, "\(metrics.stderr)")
             #expect(metrics.stdout.contains("shardfs_fuse_errors_total{operation=\"mkdir\",errno="), "\(metrics.stdout)")
+            #expect(metrics.stdout.contains("shardfs_fuse_errors_total{operation=\"symlink\",errno=\"EPERM\"}"), "\(metrics.stdout)")
             let status = try await runAsync(shardfs, ["status", "--data-dir", m.data])
             #expect(status.status == 0 && status.stdout.contains("primary"), "\(status.stdout) \(status.stderr)")
         }
