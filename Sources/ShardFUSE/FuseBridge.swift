@@ -189,7 +189,7 @@ private func opCreate(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePo
         let (reply, handle) = try fs.create(parent, bytes(name), flags: fi.pointee.flags, mode: mode)
         var parameters = entryParameters(reply)
         fi.pointee.fh = handle
-        fi.pointee.direct_io = fs.writesDirectly(fi.pointee.flags) ? 1 : 0
+        fi.pointee.direct_io = fs.handles.file(handle)?.direct == true ? 1 : 0  // as the handle was registered
         answered(fuse_reply_create(req, &parameters, fi))
     } catch { fail(req, error) }
 }
@@ -205,7 +205,7 @@ private func opOpen(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePo
         // A read-only handle has nothing to commit at close(): spare the kernel
         // the flush request (release still comes, asynchronously).
         fi.pointee.noflush = fi.pointee.flags & O_ACCMODE == O_RDONLY ? 1 : 0
-        fi.pointee.direct_io = fs.writesDirectly(fi.pointee.flags) ? 1 : 0
+        fi.pointee.direct_io = fs.handles.file(handle)?.direct == true ? 1 : 0  // as the handle was registered
         answered(fuse_reply_open(req, fi))
     } catch { fail(req, error) }
 }

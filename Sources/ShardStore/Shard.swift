@@ -467,6 +467,13 @@ public final class Shard: @unchecked Sendable {
         return mapped
     }
 
+    /// A failed system call of the shard's own files (value files): `storage`,
+    /// or `volumeFull` by the rules of `writeFailure`.
+    func diskFailure(_ code: Int32, _ what: String) -> ShardError {
+        let failure = ShardError.storage("\(what): \(String(cString: strerror(code)))")
+        return writeFailure(failure, code: code) as? ShardError ?? failure
+    }
+
     /// The bytes this process may still write on the shard's filesystem (root
     /// may use the blocks kept for it).
     func freeBytes() -> Int? {

@@ -264,7 +264,7 @@ public final class ValueFile: @unchecked Sendable {
         // commit after filling the disk (the commit checks what is in use).
         guard offset + bytes.count <= shard.sizeLimit else { throw ShardError.full(limit: shard.sizeLimit) }
         let failure = pwriteFully(fd, bytes, at: offset)
-        if failure != 0 { throw ShardError.fromErrno(failure, "cannot write value file \(number)", limit: shard.sizeLimit) }
+        if failure != 0 { throw shard.diskFailure(failure, "cannot write value file \(number)") }
         size = max(size, offset + bytes.count)
         startWriteback(through: offset + bytes.count)
     }
@@ -296,7 +296,7 @@ public final class ValueFile: @unchecked Sendable {
     public func truncate(to newSize: Int) throws {
         guard newSize <= shard.sizeLimit else { throw ShardError.full(limit: shard.sizeLimit) }
         guard ftruncate(fd, off_t(newSize)) == 0 else {
-            throw ShardError.fromErrno(errno, "cannot truncate value file \(number)", limit: shard.sizeLimit)
+            throw shard.diskFailure(errno, "cannot truncate value file \(number)")
         }
         size = newSize
     }
@@ -310,7 +310,7 @@ public final class ValueFile: @unchecked Sendable {
         guard !syncFailed else { throw ShardError.storage("value file \(number) failed to sync before; its bytes may be lost") }
         guard fdatasync(fd) == 0 else {
             syncFailed = true
-            throw ShardError.fromErrno(errno, "cannot sync value file \(number)", limit: shard.sizeLimit)
+            throw shard.diskFailure(errno, "cannot sync value file \(number)")
         }
         do {
             try syncDirectory(shard.valueFiles.path)
@@ -350,13 +350,6 @@ func readFully(_ fd: Int32, offset: Int, into buffer: UnsafeMutableRawBufferPoin
     }
 }
 
-extension ShardError {
-    /// An errno from a value file: ENOSPC and EDQUOT are `volumeFull`.
-    static func fromErrno(_ code: Int32, _ what: String, limit: Int) -> ShardError {
-        let text = "\(what): \(String(cString: strerror(code)))"
-        return code == ENOSPC || code == EDQUOT ? .volumeFull(text) : .storage(text)
-    }
-}
 
 extension Shard {
     static let valueFileBytesKey = Array("valueFileBytes".utf8)
@@ -402,7 +395,7 @@ extension Shard {
         guard fd >= 0 else {
             let code = errno
             dropValueFile(box.set)
-            throw ShardError.fromErrno(code, "cannot create value file \(box.set) in \(valueFiles.path)", limit: sizeLimit)
+            throw diskFailure(code, "cannot create value file \(box.set) in \(valueFiles.path)")
         }
         return ValueFile(shard: self, number: box.set, fd: fd, clientID: clientID)
     }
