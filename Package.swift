@@ -5,7 +5,7 @@ import PackageDescription
 //   CLMDB, CFuse3, CCurl - system libraries (pkg-config)
 //   CChecksum     - CRC-32C for the shards' batch logs
 //   CFileIO       - file calls glibc hides behind _GNU_SOURCE (sync_file_range)
-//   CFuseRing     - FUSE over io_uring for libfuse 3.14 (per-CPU request queues)
+//   CFuseRing     - the FUSE session layer libfuse 3.14 lacks: io_uring queues, passthrough
 //   LMDB          - a thin, safe Swift wrapper over the LMDB C API
 //   LMDBSnapshot  - reads one published LMDB snapshot by its root, with pread (backup views)
 //   CMallocTuning, NodeSupport - process-wide helpers: blockingWork, the malloc tuning

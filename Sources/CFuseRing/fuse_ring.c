@@ -5,6 +5,7 @@
 #define _GNU_SOURCE
 #define FUSE_USE_VERSION 312
 #include "fuse_ring.h"
+#include "session_io.h"
 
 #include <dlfcn.h>
 #include <errno.h>
@@ -503,6 +504,7 @@ static ssize_t io_read(int fd, void *buf, size_t length, void *userdata) {
     read_a_forget = n >= (ssize_t)sizeof(struct fuse_in_header) &&
                     (((const struct fuse_in_header *)buf)->opcode == FUSE_FORGET ||
                      ((const struct fuse_in_header *)buf)->opcode == FUSE_BATCH_FORGET);
+    shardfs_passthrough_saw_request(context, buf, n);
     if (!ring || atomic_load_explicit(&ring->init_state, memory_order_acquire) != INIT_WAITING) return n;
     if (n >= (ssize_t)(sizeof(struct fuse_in_header) + offsetof(struct fuse_init_in, unused))) {
         const struct fuse_in_header *in = buf;
@@ -527,10 +529,11 @@ static void set_start(struct shardfs_ring *ring, enum start_state start) {
 
 static ssize_t io_writev(int fd, struct iovec *iov, int count, void *userdata) {
     const struct fuse_out_header *out = iov[0].iov_base;
-    struct ring_entry *e = current_entry;
-    if (e && out->unique == e->unique) return answer_through_ring(e, iov, count);
     if (out->unique == 0) return writev(fd, iov, count);  // a notification
     struct shardfs_fuse_context *context = userdata;
+    shardfs_passthrough_answering(context, iov, count);
+    struct ring_entry *e = current_entry;
+    if (e && out->unique == e->unique) return answer_through_ring(e, iov, count);
     struct shardfs_ring *ring = __atomic_load_n(&context->ring, __ATOMIC_ACQUIRE);
     if (!ring || atomic_load_explicit(&ring->init_state, memory_order_acquire) != INIT_OFFERED ||
         out->unique != ring->init_unique)
@@ -548,6 +551,14 @@ static ssize_t io_writev(int fd, struct iovec *iov, int count, void *userdata) {
     if (take && n >= 0) atomic_store_explicit(&ring->serving, 1, memory_order_release);
     set_start(ring, take && n >= 0 ? START_GO : START_STOP);
     return n;
+}
+
+/// The hooks without rings (passthrough alone): io_read and io_writev find no ring.
+static const struct fuse_custom_io plain_io = {.read = io_read, .writev = io_writev};
+
+int shardfs_session_io_install(struct fuse_session *session, struct shardfs_fuse_context *context) {
+    if (__atomic_load_n(&context->ring, __ATOMIC_ACQUIRE)) return 0;  // the rings' I/O has the hooks
+    return fuse_session_custom_io(session, &plain_io, fuse_session_fd(session));
 }
 
 // MARK: Setup and teardown

@@ -189,8 +189,14 @@ private func opCreate(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePo
         let (reply, handle) = try fs.create(parent, bytes(name), flags: fi.pointee.flags, mode: mode)
         var parameters = entryParameters(reply)
         fi.pointee.fh = handle
-        fi.pointee.direct_io = fs.handles.file(handle)?.direct == true ? 1 : 0  // as the handle was registered
-        answered(fuse_reply_create(req, &parameters, fi))
+        let file = fs.handles.file(handle)  // as the handle was registered
+        fi.pointee.direct_io = file?.direct == true ? 1 : 0  // a create names a backing file only with direct I/O
+        let rc = if let backing = file?.passthrough?.backing {
+            shardfs_reply_create_backed(req, &parameters, fi, backing)
+        } else {
+            fuse_reply_create(req, &parameters, fi)
+        }
+        replied(rc, handle: handle, fs)
     } catch { fail(req, error) }
 }
 
@@ -200,14 +206,33 @@ private func opOpen(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePo
     let fs = fileSystem(req)
     do {
         let (handle, keepCache) = try fs.open(ino, flags: fi.pointee.flags)
+        let file = fs.handles.file(handle)  // as the handle was registered
         fi.pointee.fh = handle
-        fi.pointee.keep_cache = keepCache ? 1 : 0
         // A read-only handle has nothing to commit at close(): spare the kernel
         // the flush request (release still comes, asynchronously).
         fi.pointee.noflush = fi.pointee.flags & O_ACCMODE == O_RDONLY ? 1 : 0
-        fi.pointee.direct_io = fs.handles.file(handle)?.direct == true ? 1 : 0  // as the handle was registered
-        answered(fuse_reply_open(req, fi))
+        let rc: Int32
+        if let passthrough = file?.passthrough {
+            // The kernel reads the backing file itself, unless the daemon must
+            // see this handle's reads and writes (direct I/O beside it).
+            fi.pointee.keep_cache = 0
+            fi.pointee.direct_io = passthrough.throughDaemon ? 1 : 0
+            rc = shardfs_reply_open_backed(req, fi, passthrough.backing)
+        } else {
+            fi.pointee.keep_cache = keepCache ? 1 : 0
+            fi.pointee.direct_io = file?.direct == true ? 1 : 0
+            rc = fuse_reply_open(req, fi)
+        }
+        replied(rc, handle: handle, fs)
     } catch { fail(req, error) }
+}
+
+/// After answering an OPEN or CREATE: the kernel gave up the request (the caller
+/// was killed while waiting; libfuse returns -ENOENT) and will never release
+/// the handle the answer carried, so it is released here.
+private func replied(_ rc: Int32, handle: UInt64, _ fs: ShardFileSystem) {
+    answered(rc)
+    if rc == -ENOENT { _ = try? fs.release(handle) }
 }
 
 private func opRead(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _ offset: off_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {

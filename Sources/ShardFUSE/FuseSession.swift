@@ -8,19 +8,24 @@ import Glibc
 import Logging
 import Volumes
 
-/// The session pointer for the invalidation queue. Once `alive` is false, blocks
-/// send nothing more; the session is destroyed only after the queue drained.
+/// The session and context pointers for the invalidation queue and backing
+/// files. Once `alive` is false, blocks send nothing more; the session is
+/// destroyed only after the queue drained.
 /// (Not set on the queue itself: a block may be stuck in the kernel, waiting
 /// for a page a read request of the stopped session holds, until the unmount.)
 private final class SessionHandle: @unchecked Sendable {
     let session: OpaquePointer
+    let context: UnsafePointer<shardfs_fuse_context>
     private let lock = NSLock()
     private var isAlive = true
     var alive: Bool {
         get { lock.withLock { isAlive } }
         set { lock.withLock { isAlive = newValue } }
     }
-    init(_ session: OpaquePointer) { self.session = session }
+    init(_ session: OpaquePointer, _ context: UnsafePointer<shardfs_fuse_context>) {
+        self.session = session
+        self.context = context
+    }
 }
 
 public struct MountError: Error, CustomStringConvertible {
@@ -92,7 +97,8 @@ public final class FuseSession: @unchecked Sendable {
         }
         var ops = makeOperations()
         context = .allocate(capacity: 1)
-        context.initialize(to: shardfs_fuse_context(filesystem: Unmanaged.passUnretained(fileSystem).toOpaque(), ring: nil))
+        context.initialize(to: shardfs_fuse_context(filesystem: Unmanaged.passUnretained(fileSystem).toOpaque(), ring: nil,
+                                                    passthrough: 0, passthrough_init_unique: 0))
         guard let session = fuse_session_new(&arguments, &ops, MemoryLayout<fuse_lowlevel_ops>.size, context) else {
             context.deallocate()
             fuse_opt_free_args(&arguments)
@@ -125,11 +131,25 @@ public final class FuseSession: @unchecked Sendable {
         } else {
             fileSystem.logger.info("FUSE requests go through /dev/fuse (-o nouring)")
         }
+        let handle = SessionHandle(session, context)
+        sessionHandle = handle
+        if fileSystem.options.passthrough {
+            // Asked at FUSE_INIT (after the rings, whose I/O hooks it shares);
+            // the kernel says there whether it takes it.
+            let rc = shardfs_passthrough_request(session, context)
+            if rc == 0 {
+                fileSystem.backingFiles.connect(BackingFiles.Session(
+                    enabled: { handle.alive && shardfs_passthrough_enabled(handle.context) != 0 },
+                    register: { fd in handle.alive ? shardfs_backing_open(handle.session, fd) : -ENOTCONN },
+                    unregister: { id in if handle.alive { _ = shardfs_backing_close(handle.session, id) } }))
+            } else {
+                fileSystem.logger.warning("FUSE passthrough could not be asked for; large files are read through the daemon",
+                                          metadata: ["error": "\(String(cString: strerror(-rc)))"])
+            }
+        }
         // SIGTERM, SIGINT and SIGHUP end the loop; `run` then unmounts.
         if handleSignals { fuse_set_signal_handlers(session) }
-        let handle = SessionHandle(session)
         let queue = invalidations
-        sessionHandle = handle
         fileSystem.kernelCache.invalidate = { inodes in
             queue.async {
                 for ino in inodes where handle.alive { fuse_lowlevel_notify_inval_inode(handle.session, ino, 0, 0) }

@@ -8,8 +8,39 @@ struct OpenFile {
     let writable: Bool
     /// O_APPEND: every write lands at the end of the value.
     let append: Bool
-    /// Written around the page cache (`ShardFileSystem.writesDirectly`).
+    /// Written around the page cache (`ShardFileSystem.writesDirectly`), or
+    /// naming a backing file.
     let direct: Bool
+    /// The backing file the open names (FUSE passthrough), if any.
+    var passthrough: PassthroughOpen? = nil
+}
+
+/// A committed value file registered as an inode's backing file (FUSE
+/// passthrough, `BackingFiles`): the kernel reads it without the daemon.
+struct Backing: Equatable {
+    let id: Int32
+    /// Its number in the shard: which value it holds.
+    let valueFile: UInt64
+}
+
+/// How an open names its inode's backing file: from an inode's first
+/// passthrough open to its last release, the kernel wants every open of it to.
+struct PassthroughOpen: Equatable {
+    let backing: Int32
+    /// Reads and writes still come to the daemon (FOPEN_DIRECT_IO beside it): the
+    /// open may write, or the entry's value is no longer the backing file's.
+    let throughDaemon: Bool
+}
+
+/// What `HandleTable.open` registered.
+struct OpenedHandle {
+    let handle: UInt64
+    let entry: OpenEntry
+    /// Other handles held the inode's open state already.
+    let shared: Bool
+    let passthrough: PassthroughOpen?
+    /// The backing file offered to the open, when it did not take it: the caller unregisters it.
+    let unusedBacking: Backing?
 }
 
 /// One open(2) of an entry of a backup's view: read-only, and read from the
@@ -32,25 +63,58 @@ struct DirectoryCursor {
 final class HandleTable: @unchecked Sendable {
     private let lock = NSLock()
     private var files: [UInt64: OpenFile] = [:]
-    /// Each inode's open state, its handles, and how many of them go through
-    /// the page cache (not `direct`: they may hold cached pages).
-    private var entries: [UInt64: (entry: OpenEntry, handles: Int, cached: Int)] = [:]
+    /// Each inode's open state, its handles, how many of them go through the
+    /// page cache (not `direct`: they may hold cached pages), and the backing
+    /// file every open names while the kernel reads the inode itself.
+    private var entries: [UInt64: OpenInode] = [:]
+    private struct OpenInode {
+        let entry: OpenEntry
+        var handles = 0
+        var cached = 0
+        var backing: Backing?
+    }
     private var directories: [UInt64: DirectoryCursor] = [:]
     private var viewFiles: [UInt64: ViewFile] = [:]
     private var next: UInt64 = 1
 
     /// A new handle on `ino`, sharing the inode's open state, or one `make`
     /// makes when it has none (`shared` false).
-    func open(_ ino: UInt64, writable: Bool, append: Bool, direct: Bool, make: () -> OpenEntry)
-        -> (handle: UInt64, entry: OpenEntry, shared: Bool) {
+    ///
+    /// Passthrough: `offered` is a backing file for a read-only open of the
+    /// entry's committed value file. The open takes it when no other handle is
+    /// open on the inode (none may use its page cache); while the inode has a
+    /// backing file, every open names it, reading it itself only if read-only
+    /// and the entry's value is still that file (`valueFile`, nil: unknown).
+    func open(_ ino: UInt64, writable: Bool, append: Bool, direct: Bool, offered: Backing? = nil, valueFile: UInt64? = nil,
+              make: () -> OpenEntry) -> OpenedHandle {
         lock.withLock {
             let handle = newHandle()
-            let existing = entries[ino]?.entry
-            let entry = existing ?? make()
-            entries[ino] = (entry, (entries[ino]?.handles ?? 0) + 1, (entries[ino]?.cached ?? 0) + (direct ? 0 : 1))
-            files[handle] = OpenFile(entry: entry, writable: writable, append: append, direct: direct)
-            return (handle, entry, existing != nil)
+            let existing = entries[ino]
+            var inode = existing ?? OpenInode(entry: make())
+            var passthrough: PassthroughOpen?
+            var unused = offered
+            if let backing = inode.backing {
+                passthrough = PassthroughOpen(backing: backing.id, throughDaemon: writable || valueFile != backing.valueFile)
+            } else if inode.handles == 0, let offered {
+                inode.backing = offered
+                unused = nil
+                passthrough = PassthroughOpen(backing: offered.id, throughDaemon: false)
+            }
+            // A handle that names a backing file uses no page cache.
+            let direct = direct || passthrough != nil
+            inode.handles += 1
+            if !direct { inode.cached += 1 }
+            entries[ino] = inode
+            files[handle] = OpenFile(entry: inode.entry, writable: writable, append: append, direct: direct, passthrough: passthrough)
+            return OpenedHandle(handle: handle, entry: inode.entry, shared: existing != nil, passthrough: passthrough,
+                                unusedBacking: unused)
         }
+    }
+
+    /// The backing file of `ino`, while it has one; `open` (no handle open on
+    /// it: none), else nil: whether an open should prepare a backing file.
+    func passthroughState(_ ino: UInt64) -> (open: Bool, backing: Backing?) {
+        lock.withLock { (entries[ino].map { $0.handles > 0 } ?? false, entries[ino]?.backing) }
     }
 
     func file(_ handle: UInt64) -> OpenFile? { lock.withLock { files[handle] } }
@@ -63,13 +127,18 @@ final class HandleTable: @unchecked Sendable {
 
     var allEntries: [OpenEntry] { lock.withLock { entries.values.map(\.entry) } }
 
-    /// Removes a handle; its entry stays until `retire` lets it go.
-    func close(_ handle: UInt64) -> OpenEntry? {
+    /// Removes a handle; its entry stays until `retire` lets it go. The last
+    /// handle of an inode takes its backing file along: the caller unregisters
+    /// it (the kernel released every open that named it before this release).
+    func close(_ handle: UInt64) -> (entry: OpenEntry, droppedBacking: Backing?)? {
         lock.withLock {
-            guard let file = files.removeValue(forKey: handle) else { return nil }
-            entries[file.entry.inode]?.handles -= 1
-            if !file.direct { entries[file.entry.inode]?.cached -= 1 }
-            return file.entry
+            guard let file = files.removeValue(forKey: handle), var inode = entries[file.entry.inode] else { return nil }
+            inode.handles -= 1
+            if !file.direct { inode.cached -= 1 }
+            let dropped = inode.handles == 0 ? inode.backing : nil
+            if dropped != nil { inode.backing = nil }
+            entries[file.entry.inode] = inode
+            return (file.entry, dropped)
         }
     }
 

@@ -19,6 +19,9 @@ public struct MountOptions: Sendable, Equatable {
     /// Serve requests over io_uring (per-CPU queues) when the kernel allows it
     /// (`nouring` keeps /dev/fuse). See CFuseRing.
     public var uring = true
+    /// Let the kernel read committed large files itself (FUSE passthrough,
+    /// `nopassthrough` keeps every read in the daemon). See `BackingFiles`.
+    public var passthrough = true
     public var debug = false
     /// Mount over a directory that holds files (hidden while mounted); refused otherwise.
     public var allowNonEmpty = false
@@ -66,6 +69,8 @@ public struct MountOptions: Sendable, Equatable {
             case "debug": debug = true
             case "uring": uring = true
             case "nouring": uring = false
+            case "passthrough": passthrough = true
+            case "nopassthrough": passthrough = false
             case "nonempty", "allow_non_empty": allowNonEmpty = true
             case "uid":
                 guard let v = value.flatMap({ UInt32($0) }) else { throw MountOptionError("option uid needs a numeric user ID, as in uid=1000") }

@@ -67,8 +67,10 @@ extension ShardFileSystem {
             try writable(shard)
         }
         let current = try currentAttributes(shard, entryKey)
+        let (offered, valueFile) = try passthroughFor(ino, shard, entryKey, size: current?.size, writable: wantsWrite)
         let (handle, entry, _) = register(ino, shard, entryKey, metadata: current?.metadata ?? EntryMetadata(),
-                                          writable: wantsWrite, append: flags & O_APPEND != 0, direct: writesDirectly(flags))
+                                          writable: wantsWrite, append: flags & O_APPEND != 0, direct: writesDirectly(flags),
+                                          offered: offered, valueFile: valueFile)
         do {
             // A file the mount holds open and has not committed yet exists too.
             let exists = entry.pendingSize != nil || current != nil
@@ -84,6 +86,24 @@ extension ShardFileSystem {
         // go through them, and changes made elsewhere (the socket service)
         // invalidate them (entriesChanged).
         return (handle, true)
+    }
+
+    /// What an open needs for passthrough (`HandleTable.open`): a backing file
+    /// for a read-only open of a committed value file when no handle is open
+    /// on the inode; the entry's value file when the inode has a backing file
+    /// already (whether the open may read it too). Only values past the spill
+    /// threshold can be value files: smaller ones cost no lookup here.
+    private func passthroughFor(_ ino: UInt64, _ shard: Shard, _ key: EntryKey, size: Int?, writable: Bool) throws
+        -> (offered: Backing?, valueFile: UInt64?) {
+        guard let size, size > WriteBuffer.spillThreshold else { return (nil, nil) }
+        let state = handles.passthroughState(ino)
+        if state.backing != nil {
+            return (nil, writable ? nil : try shard.valueFile(of: key, opening: false)?.number)
+        }
+        guard !writable, !state.open, backingFiles.available,
+              let file = try shard.valueFile(of: key, opening: true), let fd = file.fd else { return (nil, nil) }
+        defer { close(fd) }
+        return (backingFiles.register(fd, valueFile: file.number, logger: logger), nil)
     }
 
     /// A handle on an entry of a backup's view: read-only. Its pages are not kept
@@ -180,7 +200,8 @@ extension ShardFileSystem {
     /// are lost: readers see the last committed value again.
     func release(_ handle: UInt64) throws {
         if handles.closeView(handle) { return }
-        guard let entry = handles.close(handle) else { return }
+        guard let (entry, dropped) = handles.close(handle) else { return }
+        if let dropped { backingFiles.unregister(dropped) }
         var failure: Error?
         do { try commit(entry, deferringDurability: true) } catch { failure = error }
         // Still registered during the commit, so an open racing it shares the

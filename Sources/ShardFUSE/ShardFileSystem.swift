@@ -51,6 +51,8 @@ public final class ShardFileSystem: @unchecked Sendable {
     /// What the kernel is told to forget, and which commits are the mount's own.
     let kernelCache = KernelCache()
     let handles = HandleTable()
+    /// Committed value files the kernel reads itself (FUSE passthrough).
+    let backingFiles = BackingFiles()
     private let directoryTimes: DirectoryTimes
 
     /// Whether write-only handles bypass the page cache (`writesDirectly`): set
@@ -395,13 +397,17 @@ public final class ShardFileSystem: @unchecked Sendable {
         return openEntry(ino)
     }
 
-    /// A new handle on `ino`, sharing the inode's open state (made if it has none: `shared` false).
+    /// A new handle on `ino`, sharing the inode's open state (made if it has
+    /// none: `shared` false). `offered`, `valueFile`: see `HandleTable.open`; a
+    /// backing file the open did not take is unregistered here.
     func register(_ ino: UInt64, _ shard: Shard, _ key: EntryKey, metadata: EntryMetadata, writable: Bool, append: Bool,
-                  direct: Bool = false) -> (handle: UInt64, entry: OpenEntry, shared: Bool) {
-        handles.open(ino, writable: writable, append: append, direct: direct) {
+                  direct: Bool = false, offered: Backing? = nil, valueFile: UInt64? = nil) -> (handle: UInt64, entry: OpenEntry, shared: Bool) {
+        let opened = handles.open(ino, writable: writable, append: append, direct: direct, offered: offered, valueFile: valueFile) {
             OpenEntry(shard: shard, key: key, inode: ino, metadata: metadata, clientID: options.clientID,
                       spillDirectory: spillDirectory)
         }
+        if let unused = opened.unusedBacking { backingFiles.unregister(unused) }
+        return (opened.handle, opened.entry, opened.shared)
     }
 
     /// The open state of `ino` while it holds uncommitted changes (one whose

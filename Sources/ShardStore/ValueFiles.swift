@@ -523,6 +523,27 @@ extension Shard {
         return try body()
     }
 
+    /// The value file holding `key`'s value as it stands, if it is in one: its
+    /// number, and with `opening` a read-only descriptor of it (the caller
+    /// closes it). Nil when the value is in LMDB or waits in the batch log. The
+    /// file never changes; once a commit stops naming it, it is removed, but a
+    /// descriptor opened before still reads it (the mount hands such descriptors
+    /// to the kernel for passthrough reads).
+    public func valueFile(of key: EntryKey, opening: Bool) throws -> (number: UInt64, fd: Int32?)? {
+        try readSeeingPending(CollectionOfOne(key.bytes)) { pending, txn in
+            switch pending?[0] {
+            case .put?: return nil
+            case .deleted?: throw ShardError.entryNotFound(key)
+            case .changed?, .notPending?, nil: break
+            }
+            let stored = (pending?[0] ?? .notPending).recordKey(key.bytes)
+            guard let raw = try txn.get(entries, stored) else { throw ShardError.entryNotFound(key) }
+            guard let number = try RecordView(raw).valueFile else { return nil }
+            // Opened while this read is registered: the file cannot be removed before.
+            return (number, opening ? try openValueFile(number) : nil)
+        }
+    }
+
     /// `count` bytes (fewer at the end) of the value in value file `number` (`size` bytes) from `offset`.
     func readValueFile(_ number: UInt64, size: Int, offset: Int = 0, count: Int = .max) throws -> [UInt8] {
         let end = min(size, offset &+ count)

@@ -18,7 +18,8 @@ struct MountCommand: AsyncParsableCommand {
             entry_timeout=S, attr_timeout=S, closed_timeout=S, config=FILE, max_threads=N, \
             uid=N, gid=N, umask=OCTAL (owner, group and default modes shown), nonempty, \
             uring (the default: FUSE over io_uring when the kernel's fuse module allows it) or \
-            nouring (always /dev/fuse), debug; \
+            nouring (always /dev/fuse), passthrough (the default: the kernel reads committed files \
+            past 8 MiB itself, Linux 6.9+, as root) or nopassthrough, debug; \
             generic mount options (dev, suid, _netdev, nofail, ...) are ignored. Unmount with \
             `fusermount3 -u MOUNTPOINT`, `umount`, or SIGTERM/SIGINT to the daemon. See docs/SEMANTICS.md.
             """)

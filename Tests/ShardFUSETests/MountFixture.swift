@@ -85,6 +85,18 @@ final class MountFixture: @unchecked Sendable {
         return try await ok("python3 '\(path)'", sourceLocation: sourceLocation)
     }
 
+    /// The daemon's request counts by kind, from the root's attribute
+    /// (`user.shardfs.requests`: one count per round trip).
+    func requestCounts() async throws -> [String: Int] {
+        let text = try await ok("getfattr --only-values -n user.shardfs.requests .")
+        var counts: [String: Int] = [:]
+        for line in text.split(separator: "\n") {
+            let parts = line.split(separator: " ")
+            if parts.count == 2, let n = Int(parts[1]) { counts[String(parts[0])] = n }
+        }
+        return counts
+    }
+
     /// The errno name a Python os call fails with, or "OK".
     func errnoOf(_ pythonCall: String) async throws -> String {
         let script = """

@@ -3,24 +3,13 @@ import Foundation
 import TestSupport
 import Testing
 
-/// The daemon's request counts by kind, from the root's attribute.
-private func requestCounts(_ m: MountFixture) async throws -> [String: Int] {
-    let text = try await m.ok("getfattr --only-values -n user.shardfs.requests .")
-    var counts: [String: Int] = [:]
-    for line in text.split(separator: "\n") {
-        let parts = line.split(separator: " ")
-        if parts.count == 2, let n = Int(parts[1]) { counts[String(parts[0])] = n }
-    }
-    return counts
-}
-
 /// GNU `ls -l` of a shard of `files` files: its output's line count, and the
 /// getxattr and lookup requests the daemon was handed meanwhile.
 private func listingCost(_ m: MountFixture, files: Int) async throws -> (lines: String, getxattr: Int, lookup: Int) {
     try await m.ok("mkdir shard-1 && cd shard-1 && for i in $(seq 1 \(files)); do echo $i > f$i; done")
-    let before = try await requestCounts(m)
+    let before = try await m.requestCounts()
     let lines = try await m.ok("ls -l shard-1 | wc -l")
-    let after = try await requestCounts(m)
+    let after = try await m.requestCounts()
     return (lines, after["getxattr", default: 0] - before["getxattr", default: 0],
             after["lookup", default: 0] - before["lookup", default: 0])
 }
@@ -29,10 +18,10 @@ private func listingCost(_ m: MountFixture, files: Int) async throws -> (lines: 
 /// daemon was handed meanwhile alone, and the batches of them.
 private func forgetsOfUnlinks(_ m: MountFixture, files: Int) async throws -> (alone: Int, batches: Int) {
     try await m.ok("mkdir shard-1 && cd shard-1 && for i in $(seq 1 \(files)); do : > f$i; done")
-    let before = try await requestCounts(m)
+    let before = try await m.requestCounts()
     try await m.ok("rm shard-1/f*")
     try await Task.sleep(for: .milliseconds(200))  // the last FORGETs are read
-    let after = try await requestCounts(m)
+    let after = try await m.requestCounts()
     return (after["forget", default: 0] - before["forget", default: 0],
             after["batchForget", default: 0] - before["batchForget", default: 0])
 }
@@ -52,7 +41,7 @@ private func forgetsOfUnlinks(_ m: MountFixture, files: Int) async throws -> (al
             #expect(try await m.ok("getfattr --only-values -n user.topic shard-1/e") == "logs")
             // The root has the request counts, and no other attribute.
             #expect(try await m.errnoOf("os.getxattr('.', 'user.other')") == "ENODATA")
-            let counts = try await requestCounts(m)
+            let counts = try await m.requestCounts()
             #expect(counts["getxattr", default: 0] >= 5 && counts["lookup", default: 0] >= 1, "\(counts)")
         }
     }
@@ -77,9 +66,9 @@ private func forgetsOfUnlinks(_ m: MountFixture, files: Int) async throws -> (al
     @Test func aNewFileIsStatedFromItsCreation() async throws {
         try await withMount { m in
             try await m.ok("mkdir shard-1")
-            let before = try await requestCounts(m)
+            let before = try await m.requestCounts()
             try await m.ok("python3 -c \"\nfor i in range(100):\n    open('shard-1/f%d' % i, 'wb').close()\"")
-            let after = try await requestCounts(m)
+            let after = try await m.requestCounts()
             let getattr = after["getattr", default: 0] - before["getattr", default: 0]
             #expect(getattr < 10, "100 creates from Python cost \(getattr) GETATTRs")
             let shown = try await m.ok("python3 -c \"import os; f = open('shard-1/t', 'wb'); print(os.fstat(f.fileno()).st_mtime_ns); f.close()\"")
@@ -109,10 +98,10 @@ private func forgetsOfUnlinks(_ m: MountFixture, files: Int) async throws -> (al
     @Test func writeOnlyFilesAreWrittenWithoutCapabilityQueries() async throws {
         try await withMount { m in
             try await m.ok("mkdir shard-1")
-            let before = try await requestCounts(m)
+            let before = try await m.requestCounts()
             try await m.ok("python3 -c \"\nfor i in range(100):\n    open('shard-1/f%d' % i, 'wb').write(b'x' * 1024)\"")
             try await m.ok("dd if=/dev/zero of=shard-1/big bs=1M count=4 status=none")
-            let after = try await requestCounts(m)
+            let after = try await m.requestCounts()
             let delta = { (kind: String) in after[kind, default: 0] - before[kind, default: 0] }
             // Reading the counts asks twice itself (the size, then the value).
             #expect(delta("getxattr") <= 2, "100 files and 4 MiB written cost \(delta("getxattr")) GETXATTRs")

@@ -103,4 +103,77 @@ import Testing
             try fs.release(writer)
         }
     }
+
+    /// The kernel's rules for backing files (CFuseRing/fuse_passthrough.h), as
+    /// the typed layer keeps them, with a stand-in for the session's ioctls.
+    @Test func backingFilesFollowTheKernelsRules() async throws {
+        try await withFileSystem { fs, shardInode, shard in
+            let registered = Locked<[Int32]>([]), unregistered = Locked<[Int32]>([]), refusal = Locked<Int32>(0)
+            fs.backingFiles.connect(BackingFiles.Session(
+                enabled: { true },
+                register: { fd in
+                    #expect(fd >= 0)
+                    if refusal.value != 0 { return -refusal.value }
+                    return registered.withLock { $0.append(Int32($0.count + 1)); return $0.last! }
+                },
+                unregister: { id in unregistered.withLock { $0.append(id) } }))
+            func commit(_ name: String, size: Int) throws -> UInt64 {
+                let (reply, handle) = try fs.create(shardInode, Array(name.utf8), flags: O_WRONLY | O_CREAT)
+                let piece = [UInt8](repeating: 7, count: 1 << 20)
+                for offset in stride(from: 0, to: size, by: piece.count) {
+                    _ = try piece[0..<min(piece.count, size - offset)].withUnsafeBytes { try fs.write(handle, $0, offset: offset) }
+                }
+                try fs.flush(handle)
+                try fs.release(handle)
+                return reply.inode
+            }
+            func passthrough(_ handle: UInt64) -> PassthroughOpen? { fs.handles.file(handle)?.passthrough }
+            let big = try commit("big", size: 9 << 20)
+            // The first read-only open takes a backing file; later opens name it,
+            // through the daemon when they may write.
+            let first = try fs.open(big, flags: O_RDONLY).handle
+            #expect(passthrough(first) == PassthroughOpen(backing: 1, throughDaemon: false))
+            let second = try fs.open(big, flags: O_RDONLY).handle
+            #expect(passthrough(second) == PassthroughOpen(backing: 1, throughDaemon: false))
+            let writer = try fs.open(big, flags: O_RDWR).handle
+            #expect(passthrough(writer) == PassthroughOpen(backing: 1, throughDaemon: true))
+            #expect(registered.value == [1])
+            try fs.release(first)
+            try fs.release(second)
+            #expect(unregistered.value.isEmpty, "a handle is still open")
+            try fs.release(writer)
+            #expect(unregistered.value == [1], "the last release unregisters it")
+            // A handle through the page cache first: no backing file until every handle is gone.
+            let cached = try fs.open(big, flags: O_RDWR).handle
+            let reader = try fs.open(big, flags: O_RDONLY).handle
+            #expect(passthrough(cached) == nil && passthrough(reader) == nil)
+            #expect(registered.value == [1], "nothing registered while a handle is open")
+            try fs.release(reader)
+            try fs.release(cached)
+            // A value changed since the backing file was taken is read through the daemon.
+            let old = try fs.open(big, flags: O_RDONLY).handle
+            #expect(passthrough(old) == PassthroughOpen(backing: 2, throughDaemon: false))
+            try shard.put(try EntryKey("big"), value: [UInt8](repeating: 1, count: 9 << 20), clientID: "c")
+            let later = try fs.open(big, flags: O_RDONLY).handle
+            #expect(passthrough(later) == PassthroughOpen(backing: 2, throughDaemon: true))
+            #expect(try fs.read(later, offset: 0, count: 1) == [1])
+            try fs.release(later)
+            try fs.release(old)
+            // Files up to 8 MiB, and values not in a value file, take none.
+            let small = try commit("small", size: 8 << 20)
+            let smallReader = try fs.open(small, flags: O_RDONLY).handle
+            let chunked = try fs.open(big, flags: O_RDONLY).handle
+            #expect(passthrough(smallReader) == nil && passthrough(chunked) == nil)
+            try fs.release(smallReader)
+            try fs.release(chunked)
+            // A refusal turns passthrough off for the mount: not asked again.
+            _ = try commit("big2", size: 9 << 20)
+            refusal.withLock { $0 = EPERM }
+            let big2 = try fs.lookup(shardInode, Array("big2".utf8)).inode
+            let refused = try fs.open(big2, flags: O_RDONLY).handle
+            #expect(passthrough(refused) == nil && !fs.backingFiles.available)
+            try fs.release(refused)
+            #expect(registered.value == [1, 2] && unregistered.value == [1, 2])
+        }
+    }
 }

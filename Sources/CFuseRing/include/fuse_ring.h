@@ -36,10 +36,13 @@
 struct fuse_session;
 struct shardfs_ring;
 
-/// What libfuse hands callbacks as userdata: the filesystem and the ring.
+/// What libfuse hands callbacks as userdata: the filesystem, the ring, and
+/// where passthrough stands (fuse_passthrough.h; written by the C code only).
 struct shardfs_fuse_context {
     void *filesystem;
     struct shardfs_ring *ring;
+    int passthrough;                   // 0 not asked, 1 asked at FUSE_INIT, 2 on
+    uint64_t passthrough_init_unique;  // FUSE_INIT's request, when the kernel offered passthrough
 };
 
 /// Prepares FUSE over io_uring for a session just mounted at `mountpoint`

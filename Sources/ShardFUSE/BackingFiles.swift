@@ -1,0 +1,58 @@
+import Foundation
+import Glibc
+import Logging
+
+/// Files the kernel reads itself (FUSE passthrough, Linux 6.9+; see
+/// CFuseRing/fuse_passthrough.h for the kernel's rules): a read-only open of an
+/// entry whose committed value is a value file (past 8 MiB, never changed once
+/// committed) names the file as its backing file, and the kernel serves its
+/// reads from it without a round trip to the daemon, at the disk's speed.
+///
+/// The session connects the registration calls once mounted; the kernel turns
+/// passthrough on at FUSE_INIT (`enabled`). A registration that fails (not
+/// root: CAP_SYS_ADMIN; a volume on a stacked filesystem: ELOOP) is logged and
+/// turns passthrough off for the rest of the mount: reads then come to the
+/// daemon, as without it.
+final class BackingFiles: @unchecked Sendable {
+    struct Session: Sendable {
+        /// Whether FUSE_INIT turned passthrough on.
+        let enabled: @Sendable () -> Bool
+        /// Registers an open descriptor: the backing ID (> 0), or a negative errno.
+        let register: @Sendable (Int32) -> Int32
+        let unregister: @Sendable (Int32) -> Void
+    }
+
+    private let lock = NSLock()
+    private var session: Session?
+    private var refused = false
+
+    /// Called by the session once mounted (`-o nopassthrough`: never).
+    func connect(_ session: Session) { lock.withLock { self.session = session } }
+
+    /// The session, if opens may name backing files now.
+    private var usable: Session? {
+        guard let session = lock.withLock({ refused ? nil : self.session }), session.enabled() else { return nil }
+        return session
+    }
+
+    var available: Bool { usable != nil }
+
+    /// Registers value file `number`, open as `fd` (the caller closes `fd`
+    /// afterwards; the kernel keeps its own reference).
+    func register(_ fd: Int32, valueFile number: UInt64, logger: Logger) -> Backing? {
+        guard let session = usable else { return nil }
+        let id = session.register(fd)
+        if id > 0 { return Backing(id: id, valueFile: number) }
+        let first = lock.withLock { () -> Bool in
+            defer { refused = true }
+            return !refused
+        }
+        if first {
+            logger.warning("the kernel refused a backing file: large files are read through the daemon from now on",
+                           metadata: ["error": "\(String(cString: strerror(-id)))"])
+        }
+        return nil
+    }
+
+    func unregister(_ backing: Backing) { lock.withLock { session }?.unregister(backing.id) }
+}
