@@ -122,11 +122,8 @@ public final class DevicePageSource: PageSource {
     /// Alignment of offsets, lengths and buffers for O_DIRECT.
     private let alignment: Int
 
-    #if arch(arm64)
-    static let directFlag: Int32 = 0o200000  // O_DIRECT (not exported by Swift's Glibc)
-    #else
-    static let directFlag: Int32 = 0o40000
-    #endif
+    /// O_DIRECT (Swift's Glibc exports it only under glibc's own name).
+    static let directFlag: Int32 = __O_DIRECT
     static let getLogicalBlockSize: UInt = 0x1268  // BLKSSZGET
 
     public init(device: String, extents: [FileExtent], pageSize: Int) throws {

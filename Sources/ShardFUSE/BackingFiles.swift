@@ -9,10 +9,11 @@ import Logging
 /// reads from it without a round trip to the daemon, at the disk's speed.
 ///
 /// The session connects the registration calls once mounted; the kernel turns
-/// passthrough on at FUSE_INIT (`enabled`). A registration that fails (not
-/// root: CAP_SYS_ADMIN; a volume on a stacked filesystem: ELOOP) is logged and
-/// turns passthrough off for the rest of the mount: reads then come to the
-/// daemon, as without it.
+/// passthrough on at FUSE_INIT (`enabled`). A registration the kernel refuses
+/// for good (not root: EPERM; a volume on a stacked filesystem: ELOOP; no such
+/// ioctl) is logged and turns passthrough off for the rest of the mount; one
+/// that fails otherwise (out of descriptors or memory) leaves that open's
+/// reads to the daemon. Either way the open succeeds, read as without it.
 final class BackingFiles: @unchecked Sendable {
     struct Session: Sendable {
         /// Whether FUSE_INIT turned passthrough on.
@@ -43,16 +44,26 @@ final class BackingFiles: @unchecked Sendable {
         guard let session = usable else { return nil }
         let id = session.register(fd)
         if id > 0 { return Backing(id: id, valueFile: number) }
+        let error = -id
+        if error == ENOTCONN { return nil }  // the mount is ending
+        guard Self.refusedForGood.contains(error) else {
+            logger.warning("a large file could not be handed to the kernel; its reads go through the daemon",
+                           metadata: ["error": "\(String(cString: strerror(error)))"])
+            return nil
+        }
         let first = lock.withLock { () -> Bool in
             defer { refused = true }
             return !refused
         }
         if first {
-            logger.warning("the kernel refused a backing file: large files are read through the daemon from now on",
-                           metadata: ["error": "\(String(cString: strerror(-id)))"])
+            logger.warning("the kernel refuses backing files: large files are read through the daemon from now on",
+                           metadata: ["error": "\(String(cString: strerror(error)))"])
         }
         return nil
     }
+
+    /// Errors that every later registration would meet too.
+    static let refusedForGood: Set<Int32> = [EPERM, ELOOP, EINVAL, ENOTTY, EOPNOTSUPP, ENOSYS]
 
     func unregister(_ backing: Backing) { lock.withLock { session }?.unregister(backing.id) }
 }

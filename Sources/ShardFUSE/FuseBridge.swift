@@ -33,7 +33,7 @@ private func fail(_ req: fuse_req_t?, _ error: Error, operation: StaticString = 
     // failures (EIO, EBUSY, ETIMEDOUT: storage, a shard in use, the metadata
     // store) as warnings: the errno alone says too little.
     let failure = [EIO, EBUSY, ETIMEDOUT].contains(code)
-    if failure || [EACCES, EPERM, EROFS, ENOSPC, EFBIG, EEXIST].contains(code), let context = fuse_req_ctx(req) {
+    if failure || [EACCES, EPERM, EROFS, ENOSPC, EFBIG, EEXIST, ETXTBSY].contains(code), let context = fuse_req_ctx(req) {
         let metadata: Logger.Metadata = [
             "operation": "\(operation)", "errno": "\(String(cString: strerror(code)))", "reason": "\(error)",
             "uid": "\(context.pointee.uid)", "pid": "\(context.pointee.pid)",
@@ -196,7 +196,7 @@ private func opCreate(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePo
         } else {
             fuse_reply_create(req, &parameters, fi)
         }
-        replied(rc, handle: handle, fs)
+        replied(rc, handle: handle, fs, lookupOf: reply.inode)
     } catch { fail(req, error) }
 }
 
@@ -227,12 +227,16 @@ private func opOpen(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePo
     } catch { fail(req, error) }
 }
 
-/// After answering an OPEN or CREATE: the kernel gave up the request (the caller
-/// was killed while waiting; libfuse returns -ENOENT) and will never release
-/// the handle the answer carried, so it is released here.
-private func replied(_ rc: Int32, handle: UInt64, _ fs: ShardFileSystem) {
+/// After answering an OPEN or CREATE over /dev/fuse: an answer the kernel did
+/// not take (-ENOENT: it no longer has the request, as when the connection was
+/// aborted) leaves a handle nobody will release, and for a CREATE a lookup
+/// nobody will forget; both are given back here. (Over the rings an answer
+/// always goes; a refused one ends the mount.)
+private func replied(_ rc: Int32, handle: UInt64, _ fs: ShardFileSystem, lookupOf inode: UInt64? = nil) {
     answered(rc)
-    if rc == -ENOENT { _ = try? fs.release(handle) }
+    guard rc == -ENOENT else { return }
+    _ = try? fs.release(handle)
+    if let inode { fs.inodes.forget(inode, count: 1) }
 }
 
 private func opRead(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _ offset: off_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {

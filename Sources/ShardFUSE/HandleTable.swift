@@ -71,6 +71,8 @@ final class HandleTable: @unchecked Sendable {
         let entry: OpenEntry
         var handles = 0
         var cached = 0
+        /// Handles open for writing.
+        var writers = 0
         var backing: Backing?
     }
     private var directories: [UInt64: DirectoryCursor] = [:]
@@ -82,19 +84,28 @@ final class HandleTable: @unchecked Sendable {
     ///
     /// Passthrough: `offered` is a backing file for a read-only open of the
     /// entry's committed value file. The open takes it when no other handle is
-    /// open on the inode (none may use its page cache); while the inode has a
-    /// backing file, every open names it, reading it itself only if read-only
-    /// and the entry's value is still that file (`valueFile`, nil: unknown).
-    func open(_ ino: UInt64, writable: Bool, append: Bool, direct: Bool, offered: Backing? = nil, valueFile: UInt64? = nil,
-              make: () -> OpenEntry) -> OpenedHandle {
-        lock.withLock {
-            let handle = newHandle()
+    /// open on the inode (none may use its page cache). While the inode has a
+    /// backing file, every open names it (the kernel's rule), and only a
+    /// read-only one whose entry's value is still that file (`valueFile`, nil:
+    /// unknown or not to be read by the kernel) while no handle may write reads
+    /// it through the kernel; the others come to the daemon (direct I/O). A
+    /// read-write open is refused then (`ETXTBSY`): the kernel opens the backing
+    /// file for it with its flags, and a shared writable mmap would write into
+    /// the committed value file. On a throw, the caller unregisters `offered`.
+    func open(_ ino: UInt64, writable: Bool, readable: Bool = true, append: Bool, direct: Bool, offered: Backing? = nil,
+              valueFile: UInt64? = nil, make: () -> OpenEntry) throws -> OpenedHandle {
+        try lock.withLock {
             let existing = entries[ino]
+            if existing?.backing != nil && writable && readable {
+                throw FileSystemError(ETXTBSY, "the file is open for reading through the kernel: it cannot be opened for reading and writing")
+            }
+            let handle = newHandle()
             var inode = existing ?? OpenInode(entry: make())
             var passthrough: PassthroughOpen?
             var unused = offered
             if let backing = inode.backing {
-                passthrough = PassthroughOpen(backing: backing.id, throughDaemon: writable || valueFile != backing.valueFile)
+                let kernelReads = !writable && inode.writers == 0 && valueFile == backing.valueFile
+                passthrough = PassthroughOpen(backing: backing.id, throughDaemon: !kernelReads)
             } else if inode.handles == 0, let offered {
                 inode.backing = offered
                 unused = nil
@@ -104,6 +115,7 @@ final class HandleTable: @unchecked Sendable {
             let direct = direct || passthrough != nil
             inode.handles += 1
             if !direct { inode.cached += 1 }
+            if writable { inode.writers += 1 }
             entries[ino] = inode
             files[handle] = OpenFile(entry: inode.entry, writable: writable, append: append, direct: direct, passthrough: passthrough)
             return OpenedHandle(handle: handle, entry: inode.entry, shared: existing != nil, passthrough: passthrough,
@@ -135,6 +147,7 @@ final class HandleTable: @unchecked Sendable {
             guard let file = files.removeValue(forKey: handle), var inode = entries[file.entry.inode] else { return nil }
             inode.handles -= 1
             if !file.direct { inode.cached -= 1 }
+            if file.writable { inode.writers -= 1 }
             let dropped = inode.handles == 0 ? inode.backing : nil
             if dropped != nil { inode.backing = nil }
             entries[file.entry.inode] = inode

@@ -116,16 +116,22 @@ final class OpenEntry: @unchecked Sendable {
 
     /// Values up to this size stay readable through open descriptors after an
     /// unlink (copied out of the shard first; past 8 MiB into a temporary file).
+    /// A value in a value file stays readable whatever its size: its file is kept open.
     static let keptAfterUnlink = 64 << 20
 
-    /// Before an unlink: keeps the entry's value for its open descriptors (if
-    /// small enough) and what fstat shows of it from then on.
+    /// Before an unlink: keeps the entry's value for its open descriptors and
+    /// what fstat shows of it from then on.
     func keepAfterUnlink(_ attributes: EntryAttributes) throws {
         try lock.withLock {
-            if buffer == nil && attributes.size <= Self.keptAfterUnlink {
-                let kept = WriteBuffer(spillDirectory: spillDirectory)
-                try fill(kept)
-                buffer = kept
+            if buffer == nil {
+                if attributes.size > WriteBuffer.spillThreshold, let file = try shard.valueFile(of: currentKey, opening: true),
+                   let fd = file.fd {
+                    buffer = WriteBuffer(keeping: fd, size: attributes.size, spillDirectory: spillDirectory)
+                } else if attributes.size <= Self.keptAfterUnlink {
+                    let kept = WriteBuffer(spillDirectory: spillDirectory)
+                    try fill(kept)
+                    buffer = kept
+                }
             }
             unlinked = attributes
         }

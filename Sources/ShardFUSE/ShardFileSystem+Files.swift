@@ -23,8 +23,15 @@ extension ShardFileSystem {
         // 0644 is what an entry without a stored mode shows.
         let modeBits = UInt32(mode & 0o7777)
         let metadata = existing?.metadata ?? EntryMetadata(number: shard.newEntryNumber(), mode: modeBits == 0o644 ? nil : modeBits)
-        let (handle, entry, shared) = register(ino, shard, key, metadata: metadata, writable: true, append: flags & O_APPEND != 0,
-                                               direct: writesDirectly(flags))
+        let registered: (handle: UInt64, entry: OpenEntry, shared: Bool)
+        do {
+            registered = try register(ino, shard, key, metadata: metadata, writable: true, readable: flags & O_ACCMODE != O_WRONLY,
+                                      append: flags & O_APPEND != 0, direct: writesDirectly(flags))
+        } catch {
+            inodes.forget(ino, count: 1)  // the kernel gets no entry, so it will not forget it
+            throw error
+        }
+        let (handle, entry, shared) = registered
         do {
             // The kernel creates when it has no name cached, so the entry may
             // exist (in the shard, or open and uncommitted): then this is an
@@ -67,10 +74,10 @@ extension ShardFileSystem {
             try writable(shard)
         }
         let current = try currentAttributes(shard, entryKey)
-        let (offered, valueFile) = try passthroughFor(ino, shard, entryKey, size: current?.size, writable: wantsWrite)
-        let (handle, entry, _) = register(ino, shard, entryKey, metadata: current?.metadata ?? EntryMetadata(),
-                                          writable: wantsWrite, append: flags & O_APPEND != 0, direct: writesDirectly(flags),
-                                          offered: offered, valueFile: valueFile)
+        let (offered, valueFile) = passthroughFor(ino, shard, entryKey, size: current?.size, flags: flags)
+        let (handle, entry, _) = try register(ino, shard, entryKey, metadata: current?.metadata ?? EntryMetadata(),
+                                              writable: wantsWrite, readable: flags & O_ACCMODE != O_WRONLY, append: flags & O_APPEND != 0,
+                                              direct: writesDirectly(flags), offered: offered, valueFile: valueFile)
         do {
             // A file the mount holds open and has not committed yet exists too.
             let exists = entry.pendingSize != nil || current != nil
@@ -91,19 +98,27 @@ extension ShardFileSystem {
     /// What an open needs for passthrough (`HandleTable.open`): a backing file
     /// for a read-only open of a committed value file when no handle is open
     /// on the inode; the entry's value file when the inode has a backing file
-    /// already (whether the open may read it too). Only values past the spill
-    /// threshold can be value files: smaller ones cost no lookup here.
-    private func passthroughFor(_ ino: UInt64, _ shard: Shard, _ key: EntryKey, size: Int?, writable: Bool) throws
+    /// already and the open could read it through the kernel. Only values past
+    /// the spill threshold can be value files: smaller ones cost no lookup here.
+    /// Not for `O_DIRECT` opens: the kernel would open the backing file with it,
+    /// and the volume's filesystem refuses unaligned direct reads. A lookup that
+    /// fails leaves the reads to the daemon.
+    private func passthroughFor(_ ino: UInt64, _ shard: Shard, _ key: EntryKey, size: Int?, flags: Int32)
         -> (offered: Backing?, valueFile: UInt64?) {
-        guard let size, size > WriteBuffer.spillThreshold else { return (nil, nil) }
+        guard let size, size > WriteBuffer.spillThreshold, flags & O_ACCMODE == O_RDONLY, flags & __O_DIRECT == 0 else {
+            return (nil, nil)
+        }
         let state = handles.passthroughState(ino)
         if state.backing != nil {
-            return (nil, writable ? nil : try shard.valueFile(of: key, opening: false)?.number)
+            // Uncommitted changes (say, a commit that failed) are read from the daemon.
+            guard handles.entry(ino)?.hasChanges != true else { return (nil, nil) }
+            return (nil, (try? shard.valueFile(of: key, opening: false))?.number)
         }
-        guard !writable, !state.open, backingFiles.available,
-              let file = try shard.valueFile(of: key, opening: true), let fd = file.fd else { return (nil, nil) }
+        guard !state.open, backingFiles.available,
+              let file = try? shard.valueFile(of: key, opening: true), let fd = file.fd else { return (nil, nil) }
         defer { close(fd) }
-        return (backingFiles.register(fd, valueFile: file.number, logger: logger), nil)
+        let backing = backingFiles.register(fd, valueFile: file.number, logger: logger)
+        return (backing, backing?.valueFile)
     }
 
     /// A handle on an entry of a backup's view: read-only. Its pages are not kept

@@ -400,11 +400,19 @@ public final class ShardFileSystem: @unchecked Sendable {
     /// A new handle on `ino`, sharing the inode's open state (made if it has
     /// none: `shared` false). `offered`, `valueFile`: see `HandleTable.open`; a
     /// backing file the open did not take is unregistered here.
-    func register(_ ino: UInt64, _ shard: Shard, _ key: EntryKey, metadata: EntryMetadata, writable: Bool, append: Bool,
-                  direct: Bool = false, offered: Backing? = nil, valueFile: UInt64? = nil) -> (handle: UInt64, entry: OpenEntry, shared: Bool) {
-        let opened = handles.open(ino, writable: writable, append: append, direct: direct, offered: offered, valueFile: valueFile) {
-            OpenEntry(shard: shard, key: key, inode: ino, metadata: metadata, clientID: options.clientID,
-                      spillDirectory: spillDirectory)
+    func register(_ ino: UInt64, _ shard: Shard, _ key: EntryKey, metadata: EntryMetadata, writable: Bool, readable: Bool = true,
+                  append: Bool, direct: Bool = false, offered: Backing? = nil, valueFile: UInt64? = nil) throws
+        -> (handle: UInt64, entry: OpenEntry, shared: Bool) {
+        let opened: OpenedHandle
+        do {
+            opened = try handles.open(ino, writable: writable, readable: readable, append: append, direct: direct, offered: offered,
+                                      valueFile: valueFile) {
+                OpenEntry(shard: shard, key: key, inode: ino, metadata: metadata, clientID: options.clientID,
+                          spillDirectory: spillDirectory)
+            }
+        } catch {
+            if let offered { backingFiles.unregister(offered) }
+            throw error
         }
         if let unused = opened.unusedBacking { backingFiles.unregister(unused) }
         return (opened.handle, opened.entry, opened.shared)

@@ -24,6 +24,11 @@ final class WriteBuffer {
         case valueFile(ValueFile)
         /// All of it in an unlinked temporary file.
         case spilled(fd: Int32)
+        /// All of it in a committed value file, read-only (an unlinked entry's
+        /// value kept for its open descriptors: the file never changes, and an
+        /// open descriptor reads it after the shard removes it). A write or a
+        /// truncation first copies it to a spill file.
+        case committed(fd: Int32)
     }
 
     private var mode = Mode.memory
@@ -40,8 +45,21 @@ final class WriteBuffer {
         self.clientID = clientID
     }
 
+    /// A buffer holding the committed value file open as `fd` (`size` bytes),
+    /// which it closes.
+    init(keeping fd: Int32, size: Int, spillDirectory: String) {
+        self.spillDirectory = spillDirectory
+        shard = nil
+        clientID = ""
+        mode = .committed(fd: fd)
+        self.size = size
+    }
+
     deinit {
-        if let fd = spillFile { close(fd) }
+        switch mode {
+        case .spilled(let fd), .committed(let fd): close(fd)
+        case .memory, .valueFile: break
+        }
         discardValueFile()
     }
 
@@ -53,19 +71,17 @@ final class WriteBuffer {
         return nil
     }
 
-    private var spillFile: Int32? {
-        if case .spilled(let fd) = mode { return fd }
-        return nil
-    }
-
     func write(_ bytes: UnsafeRawBufferPointer, at offset: Int) throws {
         let end = offset + bytes.count
         if case .memory = mode, end > Self.spillThreshold { try leaveMemory() }
+        if case .committed(let fd) = mode { try spillCommitted(fd) }
         switch mode {
         case .valueFile(let file):
             try file.write(bytes, at: offset)
         case .spilled(let fd):
             try Self.pwriteAll(fd, bytes, at: offset)
+        case .committed:
+            preconditionFailure("a committed value file is copied before a write")
         case .memory:
             if offset == memory.count {
                 memory.append(contentsOf: bytes)
@@ -85,9 +101,9 @@ final class WriteBuffer {
         switch mode {
         case .valueFile(let file):
             try file.read(at: offset, into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<available]))
-        case .spilled(let fd):
+        case .spilled(let fd), .committed(let fd):
             let failure = preadFully(fd, into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<available]), at: offset)
-            if failure != 0 { throw FileSystemError(failure == ENODATA ? EIO : failure, "cannot read the spill file") }
+            if failure != 0 { throw FileSystemError(failure == ENODATA ? EIO : failure, "cannot read the \(fileName)") }
         case .memory:
             if available > 0 {
                 memory.withUnsafeBytes { m in
@@ -103,11 +119,14 @@ final class WriteBuffer {
 
     func truncate(to newSize: Int) throws {
         if case .memory = mode, newSize > Self.spillThreshold { try leaveMemory() }
+        if case .committed(let fd) = mode { try spillCommitted(fd) }
         switch mode {
         case .valueFile(let file):
             try file.truncate(to: newSize)
         case .spilled(let fd):
             guard ftruncate(fd, off_t(newSize)) == 0 else { throw FileSystemError(errno, "cannot truncate the spill file") }
+        case .committed:
+            preconditionFailure("a committed value file is copied before a truncation")
         case .memory:
             if newSize < memory.count {
                 memory.removeSubrange(newSize...)
@@ -163,6 +182,32 @@ final class WriteBuffer {
         }
         mode = .spilled(fd: fd)
         memory = []
+    }
+
+    /// Committed (`fd`) → spilled: the value copied, the committed file let go.
+    private func spillCommitted(_ fd: Int32) throws {
+        let spill = try makeSpillFile()
+        do {
+            try withUnsafeTemporaryAllocation(byteCount: 1 << 20, alignment: 16) { piece in
+                var offset = 0
+                while offset < size {
+                    let part = UnsafeMutableRawBufferPointer(rebasing: piece[0..<min(piece.count, size - offset)])
+                    try read(at: offset, into: part)
+                    try Self.pwriteAll(spill, UnsafeRawBufferPointer(part), at: offset)
+                    offset += part.count
+                }
+            }
+        } catch {
+            close(spill)
+            throw error
+        }
+        close(fd)
+        mode = .spilled(fd: spill)
+    }
+
+    private var fileName: String {
+        if case .committed = mode { return "kept value file" }
+        return "spill file"
     }
 
     private func makeSpillFile() throws -> Int32 {

@@ -209,7 +209,9 @@ public final class BlockVolumeManager: VolumeManager, @unchecked Sendable {
         guard known != nil || mountInfo(at: target) != nil else { throw VolumeError.notMounted(volumeID) }
         if mountInfo(at: target) != nil {
             try await runner.check("umount", [target], purpose: "cannot unmount volume \(volumeID) at \(target) "
-                                   + "(a process still using it? see fuser -m \(target))")
+                                   + "(a process still using it? see fuser -m \(target); a large file of the ShardFS "
+                                   + "mount that a process holds open, read by the kernel, holds the volume too: "
+                                   + "fuser -m on that mount)")
         }
         lock.withLock { _ = mounted.removeValue(forKey: volumeID) }
     }

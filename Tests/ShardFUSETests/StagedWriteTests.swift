@@ -80,6 +80,43 @@ import Testing
         }
     }
 
+    /// A committed large file unlinked while open stays readable through its
+    /// descriptors whatever its size (past the 64 MiB copied for other values):
+    /// its value file is kept open, and copied only when written. Read through
+    /// the daemon (`nopassthrough`; the kernel's reads are PassthroughTests').
+    @Test func anUnlinkedLargeFileStaysReadableWhateverItsSize() async throws {
+        try await withMount("client_id=tester,nopassthrough") { m in
+            let source = m.dir.sub("src")
+            try await m.ok("mkdir shard-1 && head -c 71303173 /dev/urandom > '\(source)' && cp '\(source)' shard-1/big")  // 68 MiB + 5
+            let values = try await Self.shardPath(m) + "/values"
+            try await m.python("""
+                import os, time
+                src = open("\(source)", "rb").read()
+                def whole(fd):
+                    out = bytearray()
+                    while True:
+                        piece = os.pread(fd, 1 << 20, len(out))
+                        if not piece: return bytes(out)
+                        out += piece
+                reader = os.open("shard-1/big", os.O_RDONLY)
+                writer = os.open("shard-1/big", os.O_RDWR)
+                os.unlink("shard-1/big")
+                for _ in range(200):
+                    if not os.listdir("\(values)"): break
+                    time.sleep(0.01)
+                assert not os.listdir("\(values)"), "the value file left the shard"
+                assert os.fstat(reader).st_nlink == 0 and os.fstat(reader).st_size == len(src)
+                assert whole(reader) == src, "read whole after the unlink"
+                os.pwrite(writer, b"changed", 60 << 20)
+                expected = src[:60 << 20] + b"changed" + src[(60 << 20) + 7:]
+                assert whole(reader) == expected, "a write to the unlinked file is seen by its descriptors"
+                os.close(writer)
+                os.close(reader)
+                assert not os.path.exists("shard-1/big")
+                """)
+        }
+    }
+
     @Test func aLargeWriteThatSeeksBackIsStillCorrect() async throws {
         try await withMount { m in
             try await m.ok("mkdir shard-1 && head -c 62914560 /dev/urandom > '\(m.dir.sub("src"))'")  // 60 MiB

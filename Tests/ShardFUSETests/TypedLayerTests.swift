@@ -135,11 +135,15 @@ import Testing
             #expect(passthrough(first) == PassthroughOpen(backing: 1, throughDaemon: false))
             let second = try fs.open(big, flags: O_RDONLY).handle
             #expect(passthrough(second) == PassthroughOpen(backing: 1, throughDaemon: false))
-            let writer = try fs.open(big, flags: O_RDWR).handle
+            let writer = try fs.open(big, flags: O_WRONLY).handle
             #expect(passthrough(writer) == PassthroughOpen(backing: 1, throughDaemon: true))
+            let whileWriting = try fs.open(big, flags: O_RDONLY).handle
+            #expect(passthrough(whileWriting) == PassthroughOpen(backing: 1, throughDaemon: true), "a writer is open")
+            #expect { try fs.open(big, flags: O_RDWR) } throws: { ($0 as? FileSystemError)?.code == ETXTBSY }
             #expect(registered.value == [1])
             try fs.release(first)
             try fs.release(second)
+            try fs.release(whileWriting)
             #expect(unregistered.value.isEmpty, "a handle is still open")
             try fs.release(writer)
             #expect(unregistered.value == [1], "the last release unregisters it")
