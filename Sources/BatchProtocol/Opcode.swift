@@ -41,6 +41,11 @@ public enum ProtocolConstants {
     /// type + request ID.
     public static let frameHeaderLength = 5
     public static let defaultMaxFrameLength = 16 << 20
+    /// The largest value an answer carries: a frame's length is a `u32`, and
+    /// this leaves 16 MiB of it for the rest (indexes, headers). Only a file
+    /// written through the mount into a shard whose size limit is larger can be
+    /// larger; a Get or BatchGet item answers it with INVALID_ARGUMENT.
+    public static let maxValueLength = Int(UInt32.max) - (16 << 20)
     public static let maxPageLimit: UInt32 = 10_000
     public static let defaultPageLimit: UInt32 = 1_000
 }

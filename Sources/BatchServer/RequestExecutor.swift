@@ -151,7 +151,7 @@ final class RequestExecutor: Sendable {
                 try shard.delete(try EntryKey(key), clientID: client)
                 reply(work, .ok, .none, &outcome)
             case .get(_, let key):
-                let entry = try shard.get(try EntryKey(key))
+                let entry = try shard.get(try EntryKey(key), largestValue: ProtocolConstants.maxValueLength)
                 reply(work, .ok, .entry(Self.payload(entry)), &outcome)
             case .batchGet(_, let keys):
                 stream(StreamCursor(requestID: work.requestID, shard: shard.id, keys: keys), shard, &outcome)
@@ -196,12 +196,16 @@ final class RequestExecutor: Sendable {
         do {
             switch request {
             case .get(_, let key):
-                reply(work, .ok, .entry(Self.payload(try view.get(try EntryKey(key)))), &outcome)
+                reply(work, .ok, .entry(Self.payload(try view.get(try EntryKey(key), largestValue: ProtocolConstants.maxValueLength))), &outcome)
             case .batchGet(_, let keys):
                 let results = try view.batchGet(keys.map { key in (try? EntryKey(key)) ?? EntryKey(trusted: key) })
                 for (p, result) in results.enumerated() {
                     let problem = EntryKey.problem(with: keys[p]).map { ShardError.invalidKey($0) }
                     switch (problem, result) {
+                    case (nil, .success(let entry)) where entry.value.count > ProtocolConstants.maxValueLength:
+                        let error = Shard.valueTooLarge(entry.key, entry.value.count, ProtocolConstants.maxValueLength)
+                        ResponseCodec.encodeBatchGetItem(requestID: work.requestID, position: UInt32(p),
+                                                         status: wireStatus(for: error, writing: false), entry: nil, into: &outcome.out)
                     case (nil, .success(let entry)):
                         ResponseCodec.encodeBatchGetItem(requestID: work.requestID, position: UInt32(p), status: .ok,
                                                          entry: Self.payload(entry), into: &outcome.out)
@@ -309,6 +313,9 @@ final class RequestExecutor: Sendable {
                                    into out: inout ByteBuffer) {
         var status = Status.ok
         switch result {
+        case .success(let entry) where entry.size > ProtocolConstants.maxValueLength:
+            let key = EntryKey(trusted: entry.key)
+            status = wireStatus(for: Shard.valueTooLarge(key, entry.size, ProtocolConstants.maxValueLength), writing: false)
         case .success(let entry):
             var indexCount = 0, indexesSize = 0
             entry.forEachIndex { name, value in

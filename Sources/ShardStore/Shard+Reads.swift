@@ -7,7 +7,9 @@ import LMDB
 extension Shard {
     // MARK: Reads
 
-    public func get(_ key: EntryKey) throws -> Entry {
+    /// The entry; `largestValue`: a value larger than this is refused
+    /// (`invalidArgument`) before it is read (a protocol that cannot carry it).
+    public func get(_ key: EntryKey, largestValue: Int = .max) throws -> Entry {
         try readSeeingPending(CollectionOfOne(key.bytes)) { pending, txn in
             let lookup = pending?[0] ?? .notPending
             switch lookup {
@@ -18,9 +20,15 @@ extension Shard {
             let stored = lookup.recordKey(key.bytes)
             guard let raw = try txn.get(entries, stored) else { throw ShardError.entryNotFound(key) }
             let view = try RecordView(raw)
+            if view.size > largestValue { throw Self.valueTooLarge(key, view.size, largestValue) }
             return Entry(key: key, value: try value(txn, stored, view), indexes: view.indexes(),
                          modificationTime: lookup.changedTime ?? view.modificationTime)
         }
+    }
+
+    /// Why a value of `size` bytes is not answered where at most `largest` fit.
+    public static func valueTooLarge(_ key: EntryKey, _ size: Int, _ largest: Int) -> ShardError {
+        .invalidArgument("the value of \(key) is \(size) bytes, more than one answer can carry (\(largest)); read it through the mount")
     }
 
     /// Gets many entries from one snapshot; a missing entry is reported at its position.

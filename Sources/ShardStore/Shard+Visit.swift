@@ -7,7 +7,8 @@ public struct BorrowedEntry {
     let txn: Transaction
     let chunks: Database
     let shard: Shard
-    let key: [UInt8]
+    /// The entry's key (its bytes).
+    public let key: [UInt8]
     let view: RecordView
     /// Set by an update still pending in the batch log.
     var pendingModificationTime: Int64?

@@ -194,10 +194,12 @@ public final class ShardView: Sendable {
         do { return try snapshot.read(body) } catch { throw ShardView.shardError(error) }
     }
 
-    public func get(_ key: EntryKey) throws -> Entry {
+    /// As `Shard.get`.
+    public func get(_ key: EntryKey, largestValue: Int = .max) throws -> Entry {
         try reading { txn in
             guard let raw = try key.bytes.withUnsafeBytes({ try txn.get(entries, $0) }) else { throw ShardError.entryNotFound(key) }
             let view = try RecordView(raw)
+            if view.size > largestValue { throw Shard.valueTooLarge(key, view.size, largestValue) }
             return Entry(key: key, value: try value(txn, key.bytes, view), indexes: view.indexes(), modificationTime: view.modificationTime)
         }
     }

@@ -83,6 +83,45 @@ import Testing
         #expect(try shard.valueFileBytes() == 0)
     }
 
+    /// `valueFile(of:opening:)` names the file holding an entry's value and
+    /// opens it; the descriptor reads that value after the entry changed and the
+    /// file was removed (what the mount hands the kernel, and keeps for an
+    /// unlinked file's descriptors). Values in LMDB have none.
+    @Test func anOpenedValueFileOutlivesItsRecord() async throws {
+        let dir = try TemporaryDirectory("valuefile")
+        let shard = try makeShard(dir)
+        let value = pattern(2 << 20, seed: 3)
+        let number = try commitValueFile(shard, "a", value)
+        let found = try #require(try shard.valueFile(of: key("a"), opening: true))
+        let fd = try #require(found.fd)
+        defer { close(fd) }
+        #expect(found.number == number)
+        #expect(try shard.valueFile(of: key("a"), opening: false)?.fd == nil)
+        try shard.put(key("a"), value: bytes("small"), clientID: "owner")
+        #expect(try shard.valueFile(of: key("a"), opening: false) == nil, "the value is in LMDB now")
+        #expect(try await waitUntilRemoved(shard, number))
+        var back = [UInt8](repeating: 0, count: value.count)
+        #expect(back.withUnsafeMutableBytes { preadFully(fd, into: $0, at: 0) } == 0)
+        #expect(back == value)
+        #expect(throws: ShardError.self) { try shard.valueFile(of: key("gone"), opening: false) }
+    }
+
+    /// A get that cannot carry a value past `largestValue` refuses it before reading it.
+    @Test func aGetRefusesAValueLargerThanItsCallerCanCarry() throws {
+        let dir = try TemporaryDirectory("valuefile")
+        let shard = try makeShard(dir)
+        let value = pattern(3 << 20, seed: 1)
+        _ = try commitValueFile(shard, "big", value)
+        try shard.put(key("small"), value: bytes("12345"), clientID: "owner")
+        #expect { try shard.get(key("big"), largestValue: 1 << 20) } throws: { error in
+            guard case ShardError.invalidArgument(let message)? = error as? ShardError else { return false }
+            return message.contains("\(value.count) bytes")
+        }
+        #expect(try shard.get(key("big"), largestValue: value.count).value == value)
+        #expect(throws: ShardError.self) { try shard.get(key("small"), largestValue: 4) }
+        #expect(try shard.get(key("small"), largestValue: 5).value == bytes("12345"))
+    }
+
     @Test func aDeleteReleasesTheFileOnlyAfterTheReadsThatMaySeeIt() async throws {
         let dir = try TemporaryDirectory("valuefile")
         let shard = try makeShard(dir)
