@@ -42,17 +42,40 @@ public enum ResponseCodec {
                                           indexesSize: Int, modificationTime: Int64, into out: inout ByteBuffer,
                                           value: (UnsafeMutableRawBufferPointer) throws -> Void,
                                           indexes: (UnsafeMutableRawBufferPointer) -> Void) rethrows {
-        // length, type, ID, position, status (code, empty message), value length
-        let head = 4 + 1 + 4 + 4 + 2 + 2 + 4
+        try encodeEntryFrame(type: Opcode.batchGetItemType, requestID: requestID, position: position, valueSize: valueSize,
+                             indexCount: indexCount, indexesSize: indexesSize, modificationTime: modificationTime, into: &out,
+                             value: value, indexes: indexes)
+    }
+
+    /// A Get's answer with status OK, written as `encodeBatchGetItem` writes an
+    /// item: the value copied in straight from where it lies, so the server
+    /// holds it once, in the outgoing buffer.
+    public static func encodeGetReply(requestID: UInt32, valueSize: Int, indexCount: Int, indexesSize: Int,
+                                      modificationTime: Int64, into out: inout ByteBuffer,
+                                      value: (UnsafeMutableRawBufferPointer) throws -> Void,
+                                      indexes: (UnsafeMutableRawBufferPointer) -> Void) rethrows {
+        try encodeEntryFrame(type: Opcode.get.responseType, requestID: requestID, position: nil, valueSize: valueSize,
+                             indexCount: indexCount, indexesSize: indexesSize, modificationTime: modificationTime, into: &out,
+                             value: value, indexes: indexes)
+    }
+
+    /// length, type, ID, [position], status OK (code, empty message), then the
+    /// entry: value (length, bytes), indexes (count, fields), modification time.
+    private static func encodeEntryFrame(type: UInt8, requestID: UInt32, position: UInt32?, valueSize: Int, indexCount: Int,
+                                         indexesSize: Int, modificationTime: Int64, into out: inout ByteBuffer,
+                                         value: (UnsafeMutableRawBufferPointer) throws -> Void,
+                                         indexes: (UnsafeMutableRawBufferPointer) -> Void) rethrows {
+        let positionSize = position == nil ? 0 : 4
+        let head = 4 + 1 + 4 + positionSize + 2 + 2 + 4
         let total = head + valueSize + 2 + indexesSize + 8
         try out.writeWithUnsafeMutableBytes(minimumWritableBytes: total) { p in
             let b = UnsafeMutableRawBufferPointer(rebasing: p[0..<total])
             b.storeBytes(of: UInt32(total - 4).bigEndian, toByteOffset: 0, as: UInt32.self)
-            b[4] = Opcode.batchGetItemType
+            b[4] = type
             b.storeBytes(of: requestID.bigEndian, toByteOffset: 5, as: UInt32.self)
-            b.storeBytes(of: position.bigEndian, toByteOffset: 9, as: UInt32.self)
-            b.storeBytes(of: UInt32(0), toByteOffset: 13, as: UInt32.self)
-            b.storeBytes(of: UInt32(truncatingIfNeeded: valueSize).bigEndian, toByteOffset: 17, as: UInt32.self)
+            if let position { b.storeBytes(of: position.bigEndian, toByteOffset: 9, as: UInt32.self) }
+            b.storeBytes(of: UInt32(0), toByteOffset: 9 + positionSize, as: UInt32.self)
+            b.storeBytes(of: UInt32(truncatingIfNeeded: valueSize).bigEndian, toByteOffset: 13 + positionSize, as: UInt32.self)
             try value(UnsafeMutableRawBufferPointer(rebasing: b[head..<(head + valueSize)]))
             var offset = head + valueSize
             b.storeBytes(of: UInt16(truncatingIfNeeded: indexCount).bigEndian, toByteOffset: offset, as: UInt16.self)

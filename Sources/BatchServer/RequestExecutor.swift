@@ -151,8 +151,20 @@ final class RequestExecutor: Sendable {
                 try shard.delete(try EntryKey(key), clientID: client)
                 reply(work, .ok, .none, &outcome)
             case .get(_, let key):
-                let entry = try shard.get(try EntryKey(key), largestValue: ProtocolConstants.maxValueLength)
-                reply(work, .ok, .entry(Self.payload(entry)), &outcome)
+                // Copied from the map (or the value file) straight into the answer.
+                var failed: Status?
+                try shard.visitEntries(CollectionOfOne(key)) { _, result in
+                    switch result {
+                    case .success(let entry): failed = Self.encodeEntry(entry, .get(work.requestID), into: &outcome.out)
+                    case .failure(let error): failed = wireStatus(for: error, writing: false)
+                    }
+                }
+                if let failed {
+                    reply(work, failed, .none, &outcome)
+                } else {
+                    outcome.completed += 1
+                    outcome.finished.append(Finished(requestID: work.requestID, opcode: .get, code: .ok))
+                }
             case .batchGet(_, let keys):
                 stream(StreamCursor(requestID: work.requestID, shard: shard.id, keys: keys), shard, &outcome)
             case .list(_, let after, let limit):
@@ -311,42 +323,67 @@ final class RequestExecutor: Sendable {
     /// One BatchGet item; a value that cannot be read becomes that item's status.
     private static func encodeItem(requestID: UInt32, position: UInt32, _ result: Result<BorrowedEntry, ShardError>,
                                    into out: inout ByteBuffer) {
-        var status = Status.ok
+        let status: Status
         switch result {
-        case .success(let entry) where entry.size > ProtocolConstants.maxValueLength:
-            let key = EntryKey(trusted: entry.key)
-            status = wireStatus(for: Shard.valueTooLarge(key, entry.size, ProtocolConstants.maxValueLength), writing: false)
         case .success(let entry):
-            var indexCount = 0, indexesSize = 0
-            entry.forEachIndex { name, value in
-                indexCount += 1
-                indexesSize += ResponseCodec.indexFieldSize(nameCount: name.count, valueCount: value.count)
-            }
-            do {
-                try ResponseCodec.encodeBatchGetItem(
-                    requestID: requestID, position: position, valueSize: entry.size, indexCount: indexCount,
-                    indexesSize: indexesSize, modificationTime: entry.modificationTime, into: &out,
-                    value: { target in
-                        var offset = 0
-                        try entry.forEachValuePiece { piece in
-                            if let base = piece.baseAddress, piece.count > 0 {
-                                (target.baseAddress! + offset).copyMemory(from: base, byteCount: piece.count)
-                            }
-                            offset += piece.count
-                        }
-                    },
-                    indexes: { target in
-                        var offset = 0
-                        entry.forEachIndex { offset = ResponseCodec.storeIndexField(name: $0, value: $1, into: target, at: offset) }
-                    })
-                return
-            } catch {
-                status = wireStatus(for: error, writing: false)
-            }
+            guard let failed = encodeEntry(entry, .item(requestID, position: position), into: &out) else { return }
+            status = failed
         case .failure(let error):
             status = wireStatus(for: error, writing: false)
         }
         ResponseCodec.encodeBatchGetItem(requestID: requestID, position: position, status: status, entry: nil, into: &out)
+    }
+
+    /// Which answer an entry goes into.
+    private enum EntryFrame {
+        case get(UInt32)
+        case item(UInt32, position: UInt32)
+    }
+
+    /// Encodes a found entry's answer with status OK, its value and indexes
+    /// copied straight from where they lie (LMDB's map, a value file) into
+    /// `out`: no `Entry` is built, and a large value is held once, in the
+    /// outgoing buffer. Returns the status to answer with instead when the value
+    /// cannot be read or carried (nothing of it is then left in `out`).
+    private static func encodeEntry(_ entry: BorrowedEntry, _ frame: EntryFrame, into out: inout ByteBuffer) -> Status? {
+        guard entry.size <= ProtocolConstants.maxValueLength else {
+            return wireStatus(for: Shard.valueTooLarge(EntryKey(trusted: entry.key), entry.size, ProtocolConstants.maxValueLength),
+                              writing: false)
+        }
+        var indexCount = 0, indexesSize = 0
+        entry.forEachIndex { name, value in
+            indexCount += 1
+            indexesSize += ResponseCodec.indexFieldSize(nameCount: name.count, valueCount: value.count)
+        }
+        let value = { (target: UnsafeMutableRawBufferPointer) in
+            var offset = 0
+            try entry.forEachValuePiece { piece in
+                if let base = piece.baseAddress, piece.count > 0 {
+                    (target.baseAddress! + offset).copyMemory(from: base, byteCount: piece.count)
+                }
+                offset += piece.count
+            }
+        }
+        let indexes = { (target: UnsafeMutableRawBufferPointer) in
+            var offset = 0
+            entry.forEachIndex { offset = ResponseCodec.storeIndexField(name: $0, value: $1, into: target, at: offset) }
+        }
+        do {
+            switch frame {
+            case .get(let requestID):
+                try ResponseCodec.encodeGetReply(requestID: requestID, valueSize: entry.size, indexCount: indexCount,
+                                                 indexesSize: indexesSize, modificationTime: entry.modificationTime, into: &out,
+                                                 value: value, indexes: indexes)
+            case .item(let requestID, let position):
+                try ResponseCodec.encodeBatchGetItem(requestID: requestID, position: position, valueSize: entry.size,
+                                                     indexCount: indexCount, indexesSize: indexesSize,
+                                                     modificationTime: entry.modificationTime, into: &out,
+                                                     value: value, indexes: indexes)
+            }
+            return nil
+        } catch {
+            return wireStatus(for: error, writing: false)
+        }
     }
 
     private func finishStream(_ cursor: StreamCursor, _ status: Status, _ outcome: inout Outcome) {
