@@ -97,6 +97,24 @@ final class MountFixture: @unchecked Sendable {
         return counts
     }
 
+    /// Python functions for scripts (`python`; the script imports `os` and
+    /// `time`): `whole(fd)`, a descriptor's whole content from offset 0, read in
+    /// pieces with `os.pread`; `wait_empty(path)`, true once folder `path` is
+    /// empty, false after two seconds.
+    static let pythonHelpers = """
+        def whole(fd):
+            out = bytearray()
+            while True:
+                piece = os.pread(fd, 1 << 20, len(out))
+                if not piece: return bytes(out)
+                out += piece
+        def wait_empty(path):
+            for _ in range(200):
+                if not os.listdir(path): return True
+                time.sleep(0.01)
+            return False
+        """
+
     /// The errno name a Python os call fails with, or "OK".
     func errnoOf(_ pythonCall: String) async throws -> String {
         let script = """

@@ -61,12 +61,7 @@ import Testing
                 import mmap, os
                 old = open("\(old)", "rb").read()
                 new = open("\(new)", "rb").read()
-                def whole(fd):
-                    out = bytearray()
-                    while True:
-                        piece = os.pread(fd, 1 << 20, len(out))
-                        if not piece: return bytes(out)
-                        out += piece
+                \(MountFixture.pythonHelpers)
                 reader = os.open("shard-1/big", os.O_RDONLY)
                 assert os.pread(reader, 4096, 0) == old[:4096]
                 # A writer opens while the kernel reads the file for `reader`.
@@ -99,13 +94,11 @@ import Testing
             let values = try await StagedWriteTests.shardPath(m) + "/values"
             try await m.python("""
                 import os, time
+                \(MountFixture.pythonHelpers)
                 src = open("\(source)", "rb").read()
                 fd = os.open("shard-1/big", os.O_RDONLY)
                 os.unlink("shard-1/big")
-                for _ in range(200):
-                    if not os.listdir("\(values)"): break
-                    time.sleep(0.01)
-                assert not os.listdir("\(values)"), "the value file is removed"
+                assert wait_empty("\(values)"), "the value file is removed"
                 assert os.pread(fd, len(src) + 1, 0) == src
                 os.close(fd)
                 """)

@@ -92,19 +92,11 @@ import Testing
             try await m.python("""
                 import os, time
                 src = open("\(source)", "rb").read()
-                def whole(fd):
-                    out = bytearray()
-                    while True:
-                        piece = os.pread(fd, 1 << 20, len(out))
-                        if not piece: return bytes(out)
-                        out += piece
+                \(MountFixture.pythonHelpers)
                 reader = os.open("shard-1/big", os.O_RDONLY)
                 writer = os.open("shard-1/big", os.O_RDWR)
                 os.unlink("shard-1/big")
-                for _ in range(200):
-                    if not os.listdir("\(values)"): break
-                    time.sleep(0.01)
-                assert not os.listdir("\(values)"), "the value file left the shard"
+                assert wait_empty("\(values)"), "the value file left the shard"
                 assert os.fstat(reader).st_nlink == 0 and os.fstat(reader).st_size == len(src)
                 assert whole(reader) == src, "read whole after the unlink"
                 os.pwrite(writer, b"changed", 60 << 20)
