@@ -250,10 +250,10 @@ extension ShardFileSystem {
                                       modificationTime: time ?? Self.now(), keepsIndexes: indexes == nil)
                 if file.metadata.number > 0 { item.entryNumber = file.metadata.number }
                 item.creationMode = file.metadata.mode
-                try own(id, [file.key.bytes]) {
-                    if let failed = try file.shard.batchPut([item], clientID: options.clientID, deferringDurability: true)[0] {
-                        throw failed
-                    }
+                // The mount's own write: the shard need not report it back (see entriesChanged).
+                if let failed = try file.shard.batchPut([item], clientID: options.clientID, deferringDurability: true,
+                                                        reportingChanges: false)[0] {
+                    throw failed
                 }
             } catch {
                 file.keepUncommitted(indexes: indexes)  // the buffer still holds the value: a later close or release retries
@@ -297,22 +297,24 @@ extension ShardFileSystem {
         try writable(shard)
         let key = try entryKey(name)
         let open = openEntry(shard: id, key: key)
-        let current = try currentAttributes(shard, key)
-        if let open, let current {
+        let exists: Bool
+        if let open {
+            let current = try currentAttributes(shard, key)
             // Its descriptors keep reading it, as on a local filesystem.
-            try open.keepAfterUnlink(current)
+            if let current { try open.keepAfterUnlink(current) }
+            exists = current != nil
+        } else {
+            exists = try shard.contains(key)  // no attributes to build
         }
         // Deferred like a close's put: gone for every reader at once, durable at
         // the shard's next fsync or within milliseconds. Created-and-still-open files have
         // nothing committed, and unlinking them is dropping them.
-        if current == nil {
+        if !exists {
             guard open != nil else { throw FileSystemError(ENOENT, "no entry \(key) in shard \(id)") }
         } else {
-            try own(id, [key.bytes]) {
-                if let failed = try shard.batchPut([EntryWrite.deletion(of: key.bytes)], clientID: options.clientID,
-                                                   deferringDurability: true)[0] {
-                    throw failed
-                }
+            if let failed = try shard.batchPut([EntryWrite.deletion(of: key.bytes)], clientID: options.clientID,
+                                               deferringDurability: true, reportingChanges: false)[0] {
+                throw failed
             }
         }
         touchDirectory(shard)

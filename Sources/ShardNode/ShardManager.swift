@@ -3,6 +3,7 @@ import Logging
 import Metadata
 import NodeSupport
 import ShardStore
+import Synchronization
 import Volumes
 
 public enum ShardManagerError: Error, Equatable, Sendable, CustomStringConvertible {
@@ -106,7 +107,8 @@ public final class ShardManager: @unchecked Sendable {
             // Fenced to this term: an instance still held after the node lost
             // the volume (an open file keeps one) stays refused if it wins it back.
             let term = roles.epoch(volumeID)
-            shard.writeFence = { [roles] in roles.refusal(volumeID, term: term) }
+            let role = roles.role(volumeID)
+            shard.writeFence = { [roles] in roles.refusal(role, term: term) }
         }
         lock.withLock {
             shards[shard.id] = (shard, volumeID)
@@ -557,7 +559,23 @@ public final class ShardManager: @unchecked Sendable {
 final class NodeRoles: @unchecked Sendable {
     private let lock = NSLock()
     private var epochs: [String: UInt64] = [:]
+    /// One per volume ever named here, never removed: what a shard's write
+    /// fence reads on every commit, without a lock or a lookup by name.
+    private var roles: [String: VolumeRole] = [:]
     private var lease: @Sendable () -> Bool = { true }
+
+    /// A volume's epoch as this node writes it (nil: it does not).
+    final class VolumeRole: Sendable {
+        let volumeID: String
+        /// 0 while the node does not write the volume, else its epoch + 1.
+        fileprivate let epochPlusOne = Atomic<UInt64>(0)
+        init(_ volumeID: String) { self.volumeID = volumeID }
+        var epoch: UInt64? {
+            let stored = epochPlusOne.load(ordering: .acquiring)
+            return stored == 0 ? nil : stored - 1
+        }
+        fileprivate func set(_ epoch: UInt64?) { epochPlusOne.store(epoch.map { $0 &+ 1 } ?? 0, ordering: .releasing) }
+    }
 
     var leaseCheck: @Sendable () -> Bool {
         get { lock.withLock { lease } }
@@ -568,14 +586,41 @@ final class NodeRoles: @unchecked Sendable {
 
     func epoch(_ volumeID: String) -> UInt64? { lock.withLock { epochs[volumeID] } }
 
-    func set(_ volumeID: String, epoch: UInt64?) { lock.withLock { epochs[volumeID] = epoch } }
+    /// `volumeID`'s role, made on first use.
+    func role(_ volumeID: String) -> VolumeRole { lock.withLock { roleLocked(volumeID) } }
 
-    func removeAll() { lock.withLock { epochs.removeAll() } }
+    private func roleLocked(_ volumeID: String) -> VolumeRole {
+        if let role = roles[volumeID] { return role }
+        let role = VolumeRole(volumeID)
+        role.set(epochs[volumeID])
+        roles[volumeID] = role
+        return role
+    }
+
+    func set(_ volumeID: String, epoch: UInt64?) {
+        lock.withLock {
+            epochs[volumeID] = epoch
+            roleLocked(volumeID).set(epoch)
+        }
+    }
+
+    func removeAll() {
+        lock.withLock {
+            epochs.removeAll()
+            for role in roles.values { role.set(nil) }
+        }
+    }
 
     /// Why a write to a shard on `volumeID` must not land now, or nil. `term`:
     /// the epoch the shard was loaded at, if known; a write is refused at any other.
     func refusal(_ volumeID: String, term: UInt64? = nil) -> ShardError? {
-        let (epoch, fresh) = lock.withLock { (epochs[volumeID], lease) }
+        refusal(role(volumeID), term: term)
+    }
+
+    /// As `refusal(_:term:)`, by the volume's role (a shard's write fence).
+    func refusal(_ role: VolumeRole, term: UInt64? = nil) -> ShardError? {
+        let volumeID = role.volumeID
+        let epoch = role.epoch, fresh = leaseCheck
         guard epoch != nil else { return .notPrimary("this node no longer writes volume \(volumeID)") }
         if let term, term != epoch {
             return .notPrimary("this shard was loaded in an earlier term of this node as primary of volume \(volumeID)")

@@ -25,7 +25,7 @@ extension Shard {
     /// be: the shard has a log and room to spare, and no value needs chunks.
     /// Returns false when the batch must take the direct path.
     func logBatch(_ items: [EntryWrite], statuses: [ShardError?], now: Int64, clientID: String,
-                  deferringDurability: Bool = false) throws -> Bool {
+                  deferringDurability: Bool = false, reportingChanges: Bool = true) throws -> Bool {
         guard log != nil else { return false }
         guard !clientID.isEmpty else { throw ShardError.clientIDRequired }
         guard clientID == owner else { throw ShardError.fenced(owner: owner, client: clientID) }
@@ -87,7 +87,7 @@ extension Shard {
             return false  // another member's failure: this batch was not written; go direct
         }
         guard logged else { return false }
-        if let observer = onCommit {
+        if reportingChanges, let observer = onCommit {
             var keys = valid.map(\.key)
             for item in valid { if let source = item.movedFrom { keys.append(source) } }
             observer(keys)

@@ -57,6 +57,19 @@ extension Shard {
         }
     }
 
+    /// Whether the entry exists (pending puts and deletions included): what
+    /// `attributes` answers with a record read, without building the attributes.
+    public func contains(_ key: EntryKey) throws -> Bool {
+        try readSeeingPending(CollectionOfOne(key.bytes)) { pending, txn in
+            switch pending?[0] {
+            case .put?: return true
+            case .deleted?: return false
+            case .changed?, .notPending?, nil: break
+            }
+            return try txn.get(entries, (pending?[0] ?? .notPending).recordKey(key.bytes)) != nil
+        }
+    }
+
     /// Size, modification time and indexes of an entry, or nil if there is none.
     public func attributes(_ key: EntryKey) throws -> EntryAttributes? {
         try readSeeingPending(CollectionOfOne(key.bytes)) { pending, txn in

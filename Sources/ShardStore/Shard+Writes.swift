@@ -158,7 +158,10 @@ extension Shard {
     /// Puts many entries in one transaction. Items that fail validation get their
     /// error at their position and are skipped; the others commit together. Errors
     /// of the whole batch (fenced, closed, full) are thrown and nothing is committed.
-    public func batchPut(_ items: [EntryWrite], clientID: String, deferringDurability: Bool = false) throws -> [ShardError?] {
+    /// `reportingChanges` false: `onCommit` is not told of these keys (a caller
+    /// that is the observer itself, and knows already: the mount's own writes).
+    public func batchPut(_ items: [EntryWrite], clientID: String, deferringDurability: Bool = false,
+                         reportingChanges: Bool = true) throws -> [ShardError?] {
         var statuses = [ShardError?](repeating: nil, count: items.count)
         var invalid = 0
         for i in items.indices {
@@ -175,13 +178,14 @@ extension Shard {
         let now = Shard.now()
         // A batch that appends commits directly (LMDB's best case); others are logged.
         let appending = try !deferringDurability && appendsPastLastKey(items, statuses)
-        if !appending, try logBatch(items, statuses: statuses, now: now, clientID: clientID, deferringDurability: deferringDurability) {
+        if !appending, try logBatch(items, statuses: statuses, now: now, clientID: clientID, deferringDurability: deferringDurability,
+                                    reportingChanges: reportingChanges) {
             return statuses
         }
         try write(clientID: clientID) { [statuses] ctx in
             for i in items.indices where statuses[i] == nil {
                 try self.applyItem(ctx.txn, items[i], defaultTime: now, appending: appending)
-                ctx.changed(items[i].key)
+                if reportingChanges { ctx.changed(items[i].key) }
             }
         }
         return statuses

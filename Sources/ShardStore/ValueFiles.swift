@@ -413,7 +413,7 @@ extension Shard {
                 let replaced = try ctx.txn.get(self.entries, key.bytes).map { try RecordView($0) }
                 let freed = replaced?.valueFile != nil ? replaced!.size : 0
                 if self.env.info.usedBytes + Int(inFiles) - freed + size > self.sizeLimit { throw ShardError.full(limit: self.sizeLimit) }
-                let kept = try indexes ?? replaced?.indexes() ?? []
+                let kept = indexes ?? replaced?.indexes() ?? []
                 try self.writeEntry(ctx.txn, key: key.bytes, size: size, indexes: kept, modificationTime: mtime,
                                     valueFile: number, entryNumber: entryNumber, creationMode: creationMode) { _, _ in }
                 _ = try ctx.txn.delete(self.staging, chunkSetKey(number))
