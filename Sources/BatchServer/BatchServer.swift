@@ -51,7 +51,8 @@ public final class BatchServer: Sendable {
         let pool = NIOThreadPool(numberOfThreads: configuration.engineThreads)
         pool.start()
         let locator = configuration.locator ?? MetadataShardLocator(metadata: shards.metadata, nodeID: shards.nodeID)
-        let executor = RequestExecutor(shards: shards, locator: locator)
+        let executor = RequestExecutor(shards: shards, locator: locator, answerBudget: configuration.answerBudget,
+                                       largestValue: configuration.largestValue)
         let connections = ConnectionRegistry(limit: configuration.maxConnections, share: configuration.unauthenticatedShare)
         raiseDescriptorLimit(configuration, logger)
         var listeners: [Channel] = []

@@ -40,6 +40,12 @@ public struct BatchServerConfiguration: Sendable {
     /// Engine threads (LMDB calls never run on an event loop).
     public var engineThreads = 4
     public var eventLoopThreads = 1
+    /// The answers one engine job gathers stop short of this many bytes (one
+    /// answer alone may be larger): the reads past it run in jobs of their own.
+    public var answerBudget = 1 << 30
+    /// The largest value a Get or BatchGet item answers with; past it,
+    /// INVALID_ARGUMENT (the protocol's own limit: `ProtocolConstants.maxValueLength`).
+    public var largestValue = ProtocolConstants.maxValueLength
     /// How long a graceful shutdown waits for in-flight requests.
     public var drainTimeout: TimeAmount = .seconds(30)
     /// Where shards are served (Locate, and the address a NOT_SHARD_LEADER answer

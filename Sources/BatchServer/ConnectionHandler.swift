@@ -260,6 +260,8 @@ final class ConnectionHandler: ChannelDuplexHandler {
                 }
             }
         }
+        // Reads whose answers did not fit beside these: a job of their own.
+        if !outcome.postponed.isEmpty { submit(works: outcome.postponed, resume: [], context) }
         if outcome.completed > 0 || !outcome.continuations.isEmpty {
             perform(machine.workFinished(completed: outcome.completed, continuations: outcome.continuations), context)
         }

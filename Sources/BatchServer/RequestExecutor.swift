@@ -19,6 +19,9 @@ struct Outcome: Sendable {
     var redirects: [Redirect] = []
     /// The requests these answers finish (metrics: counts and latency by opcode and status).
     var finished: [Finished] = []
+    /// Reads whose answers did not fit beside the others (`RequestExecutor.answerBudget`):
+    /// run again in a job of their own once these answers are written.
+    var postponed: [Work] = []
 
     init() { out = ByteBufferAllocator().buffer(capacity: 256) }
 
@@ -30,6 +33,7 @@ struct Outcome: Sendable {
         deferred += other.deferred
         redirects += other.redirects
         finished += other.finished
+        postponed += other.postponed
     }
 }
 
@@ -53,12 +57,30 @@ final class RequestExecutor: Sendable {
     /// so a slow reader holds back the stream instead of the server buffering it.
     let streamChunkKeys: Int
     let streamChunkBytes: Int
+    /// The answers one engine job gathers into one buffer stop short of this
+    /// many bytes, unless one answer alone is larger: a later read goes to a
+    /// job of its own (`Outcome.postponed`), a BatchGet piece ends early. (One
+    /// buffer holds at most 4 GiB, and values written through the mount are
+    /// up to their shard's size limit: a few pipelined Gets of such values
+    /// would pass it.)
+    let answerBudget: Int
+    /// The largest value an answer carries (`ProtocolConstants.maxValueLength`);
+    /// a larger one is answered INVALID_ARGUMENT before it is read.
+    let largestValue: Int
 
-    init(shards: ShardManager, locator: any ShardLocator, streamChunkKeys: Int = 2048, streamChunkBytes: Int = 1 << 20) {
+    init(shards: ShardManager, locator: any ShardLocator, streamChunkKeys: Int = 2048, streamChunkBytes: Int = 1 << 20,
+         answerBudget: Int = 1 << 30, largestValue: Int = ProtocolConstants.maxValueLength) {
         self.shards = shards
         self.locator = locator
         self.streamChunkKeys = streamChunkKeys
         self.streamChunkBytes = streamChunkBytes
+        self.answerBudget = answerBudget
+        self.largestValue = largestValue
+    }
+
+    /// Whether an answer of about `bytes` may join what `out` holds.
+    private func fits(_ bytes: Int, in out: ByteBuffer) -> Bool {
+        out.readableBytes == 0 || out.readableBytes + bytes <= answerBudget
     }
 
     // MARK: On an engine thread
@@ -81,6 +103,8 @@ final class RequestExecutor: Sendable {
                         var read = Outcome()
                         if try views.withView(id, { view in runOne(work, view, &read) }) == nil {
                             outcome.deferred.append(work)
+                        } else if !fits(read.out.readableBytes, in: outcome.out) {
+                            outcome.postponed.append(work)  // read again, alone
                         } else {
                             outcome.merge(&read)
                         }
@@ -152,14 +176,23 @@ final class RequestExecutor: Sendable {
                 reply(work, .ok, .none, &outcome)
             case .get(_, let key):
                 // Copied from the map (or the value file) straight into the answer.
-                var failed: Status?
-                try shard.visitEntries(CollectionOfOne(key)) { _, result in
-                    switch result {
-                    case .success(let entry): failed = Self.encodeEntry(entry, .get(work.requestID), into: &outcome.out)
-                    case .failure(let error): failed = wireStatus(for: error, writing: false)
+                var failed: Status?, postpone = false
+                let start = outcome.out.writerIndex
+                do {
+                    try shard.visitEntries(CollectionOfOne(key)) { _, result in
+                        switch result {
+                        case .success(let entry) where !fits(entry.size + 64, in: outcome.out): postpone = true
+                        case .success(let entry): failed = Self.encodeEntry(entry, .get(work.requestID), largest: largestValue, into: &outcome.out)
+                        case .failure(let error): failed = wireStatus(for: error, writing: false)
+                        }
                     }
+                } catch {
+                    outcome.out.moveWriterIndex(to: start)  // no answer twice
+                    throw error
                 }
-                if let failed {
+                if postpone {
+                    outcome.postponed.append(work)
+                } else if let failed {
                     reply(work, failed, .none, &outcome)
                 } else {
                     outcome.completed += 1
@@ -208,14 +241,18 @@ final class RequestExecutor: Sendable {
         do {
             switch request {
             case .get(_, let key):
-                reply(work, .ok, .entry(Self.payload(try view.get(try EntryKey(key), largestValue: ProtocolConstants.maxValueLength))), &outcome)
+                reply(work, .ok, .entry(Self.payload(try view.get(try EntryKey(key), largestValue: largestValue))), &outcome)
             case .batchGet(_, let keys):
                 let results = try view.batchGet(keys.map { key in (try? EntryKey(key)) ?? EntryKey(trusted: key) })
                 for (p, result) in results.enumerated() {
                     let problem = EntryKey.problem(with: keys[p]).map { ShardError.invalidKey($0) }
                     switch (problem, result) {
-                    case (nil, .success(let entry)) where entry.value.count > ProtocolConstants.maxValueLength:
-                        let error = Shard.valueTooLarge(entry.key, entry.value.count, ProtocolConstants.maxValueLength)
+                    case (nil, .success(let entry)) where entry.value.count > largestValue
+                        || !fits(entry.value.count + 64, in: outcome.out):
+                        // Answered whole from one snapshot: an item that would take the
+                        // answer past what one buffer holds is refused, to be asked alone.
+                        let largest = min(largestValue, answerBudget - outcome.out.readableBytes)
+                        let error = Shard.valueTooLarge(entry.key, entry.value.count, max(0, largest))
                         ResponseCodec.encodeBatchGetItem(requestID: work.requestID, position: UInt32(p),
                                                          status: wireStatus(for: error, writing: false), entry: nil, into: &outcome.out)
                     case (nil, .success(let entry)):
@@ -292,7 +329,9 @@ final class RequestExecutor: Sendable {
         let start = outcome.out.writerIndex
         do {
             try shard.visitEntries(cursor.keys[cursor.next..<limit]) { p, result in
-                Self.encodeItem(requestID: requestID, position: UInt32(p), result, into: &outcome.out)
+                // An item too large to join this buffer starts the next piece (in a job of its own).
+                if case .success(let entry) = result, !fits(entry.size + 64, in: outcome.out) { throw PieceFull() }
+                Self.encodeItem(requestID: requestID, position: UInt32(p), result, largest: largestValue, into: &outcome.out)
                 if reached == cursor.next {
                     // Room for the rest at the first item's size: the buffer does not regrow and recopy as it fills.
                     let guess = (outcome.out.writerIndex - start) * (limit - p)
@@ -322,11 +361,11 @@ final class RequestExecutor: Sendable {
 
     /// One BatchGet item; a value that cannot be read becomes that item's status.
     private static func encodeItem(requestID: UInt32, position: UInt32, _ result: Result<BorrowedEntry, ShardError>,
-                                   into out: inout ByteBuffer) {
+                                   largest: Int, into out: inout ByteBuffer) {
         let status: Status
         switch result {
         case .success(let entry):
-            guard let failed = encodeEntry(entry, .item(requestID, position: position), into: &out) else { return }
+            guard let failed = encodeEntry(entry, .item(requestID, position: position), largest: largest, into: &out) else { return }
             status = failed
         case .failure(let error):
             status = wireStatus(for: error, writing: false)
@@ -345,10 +384,9 @@ final class RequestExecutor: Sendable {
     /// `out`: no `Entry` is built, and a large value is held once, in the
     /// outgoing buffer. Returns the status to answer with instead when the value
     /// cannot be read or carried (nothing of it is then left in `out`).
-    private static func encodeEntry(_ entry: BorrowedEntry, _ frame: EntryFrame, into out: inout ByteBuffer) -> Status? {
-        guard entry.size <= ProtocolConstants.maxValueLength else {
-            return wireStatus(for: Shard.valueTooLarge(EntryKey(trusted: entry.key), entry.size, ProtocolConstants.maxValueLength),
-                              writing: false)
+    private static func encodeEntry(_ entry: BorrowedEntry, _ frame: EntryFrame, largest: Int, into out: inout ByteBuffer) -> Status? {
+        guard entry.size <= largest else {
+            return wireStatus(for: Shard.valueTooLarge(EntryKey(trusted: entry.key), entry.size, largest), writing: false)
         }
         var indexCount = 0, indexesSize = 0
         entry.forEachIndex { name, value in

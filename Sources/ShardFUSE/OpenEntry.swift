@@ -120,22 +120,42 @@ final class OpenEntry: @unchecked Sendable {
     static let keptAfterUnlink = 64 << 20
 
     /// Before an unlink: keeps the entry's value for its open descriptors and
-    /// what fstat shows of it from then on.
+    /// what fstat shows of it from then on. A value file is kept open (its size
+    /// is the file's, which may be a newer value than `attributes` say); when
+    /// it cannot be, or the value is not in one, a copy up to 64 MiB.
+    /// `undoKeepAfterUnlink` takes it back if the unlink then fails.
     func keepAfterUnlink(_ attributes: EntryAttributes) throws {
         try lock.withLock {
             if buffer == nil {
-                if attributes.size > WriteBuffer.spillThreshold, let file = try shard.valueFile(of: currentKey, opening: true),
+                if attributes.size > WriteBuffer.spillThreshold, let file = try? shard.valueFile(of: currentKey, opening: true),
                    let fd = file.fd {
-                    buffer = WriteBuffer(keeping: fd, size: attributes.size, spillDirectory: spillDirectory)
+                    var st = stat()
+                    let size = fstat(fd, &st) == 0 ? Int(st.st_size) : attributes.size
+                    buffer = WriteBuffer(keeping: fd, size: size, spillDirectory: spillDirectory)
+                    keptForUnlink = true
                 } else if attributes.size <= Self.keptAfterUnlink {
                     let kept = WriteBuffer(spillDirectory: spillDirectory)
                     try fill(kept)
                     buffer = kept
+                    keptForUnlink = true
                 }
             }
             unlinked = attributes
         }
     }
+
+    /// The unlink `keepAfterUnlink` prepared for failed: the entry is still
+    /// linked. A kept value not written since goes (reads use the shard again).
+    func undoKeepAfterUnlink() {
+        lock.withLock {
+            if keptForUnlink && !dirty { buffer = nil }
+            keptForUnlink = false
+            unlinked = nil
+        }
+    }
+
+    /// The buffer holds only a value kept by `keepAfterUnlink` (guarded by lock).
+    private var keptForUnlink = false
 
     /// What fstat shows of an unlinked file still open (nil while linked).
     var unlinkedView: EntryAttributes? {

@@ -25,7 +25,11 @@ extension ShardFileSystem {
         let metadata = existing?.metadata ?? EntryMetadata(number: shard.newEntryNumber(), mode: modeBits == 0o644 ? nil : modeBits)
         let registered: (handle: UInt64, entry: OpenEntry, shared: Bool)
         do {
-            registered = try register(ino, shard, key, metadata: metadata, writable: true, readable: flags & O_ACCMODE != O_WRONLY,
+            // A new file is written (created empty) even when opened read-only;
+            // an existing one opened read-only (the kernel creates when it has no
+            // name cached) is not a writer.
+            let writes = existing == nil || flags & O_ACCMODE != O_RDONLY
+            registered = try register(ino, shard, key, metadata: metadata, writable: writes, readable: flags & O_ACCMODE != O_WRONLY,
                                       append: flags & O_APPEND != 0, direct: writesDirectly(flags))
         } catch {
             inodes.forget(ino, count: 1)  // the kernel gets no entry, so it will not forget it
@@ -312,9 +316,14 @@ extension ShardFileSystem {
         if !exists {
             guard open != nil else { throw FileSystemError(ENOENT, "no entry \(key) in shard \(id)") }
         } else {
-            if let failed = try shard.batchPut([EntryWrite.deletion(of: key.bytes)], clientID: options.clientID,
-                                               deferringDurability: true, reportingChanges: false)[0] {
-                throw failed
+            do {
+                if let failed = try shard.batchPut([EntryWrite.deletion(of: key.bytes)], clientID: options.clientID,
+                                                   deferringDurability: true, reportingChanges: false)[0] {
+                    throw failed
+                }
+            } catch {
+                open?.undoKeepAfterUnlink()  // still linked
+                throw error
             }
         }
         touchDirectory(shard)

@@ -74,7 +74,7 @@ final class WriteBuffer {
     func write(_ bytes: UnsafeRawBufferPointer, at offset: Int) throws {
         let end = offset + bytes.count
         if case .memory = mode, end > Self.spillThreshold { try leaveMemory() }
-        if case .committed(let fd) = mode { try spillCommitted(fd) }
+        if case .committed(let fd) = mode { try spillCommitted(fd, keeping: size) }
         switch mode {
         case .valueFile(let file):
             try file.write(bytes, at: offset)
@@ -119,7 +119,19 @@ final class WriteBuffer {
 
     func truncate(to newSize: Int) throws {
         if case .memory = mode, newSize > Self.spillThreshold { try leaveMemory() }
-        if case .committed(let fd) = mode { try spillCommitted(fd) }
+        if case .committed(let fd) = mode {
+            if newSize <= Self.spillThreshold {
+                // What is kept of it fits in memory: no spill file.
+                var kept = [UInt8](repeating: 0, count: min(size, newSize))
+                try kept.withUnsafeMutableBytes { try read(at: 0, into: $0) }
+                close(fd)
+                mode = .memory
+                memory = kept
+                size = kept.count
+            } else {
+                try spillCommitted(fd, keeping: newSize)
+            }
+        }
         switch mode {
         case .valueFile(let file):
             try file.truncate(to: newSize)
@@ -184,14 +196,16 @@ final class WriteBuffer {
         memory = []
     }
 
-    /// Committed (`fd`) → spilled: the value copied, the committed file let go.
-    private func spillCommitted(_ fd: Int32) throws {
+    /// Committed (`fd`) → spilled: the value's first `keeping` bytes copied
+    /// (a truncation copies only what it keeps), the committed file let go.
+    private func spillCommitted(_ fd: Int32, keeping: Int) throws {
         let spill = try makeSpillFile()
+        let end = min(size, keeping)
         do {
             try withUnsafeTemporaryAllocation(byteCount: 1 << 20, alignment: 16) { piece in
                 var offset = 0
-                while offset < size {
-                    let part = UnsafeMutableRawBufferPointer(rebasing: piece[0..<min(piece.count, size - offset)])
+                while offset < end {
+                    let part = UnsafeMutableRawBufferPointer(rebasing: piece[0..<min(piece.count, end - offset)])
                     try read(at: offset, into: part)
                     try Self.pwriteAll(spill, UnsafeRawBufferPointer(part), at: offset)
                     offset += part.count

@@ -7,9 +7,7 @@ import LMDB
 extension Shard {
     // MARK: Reads
 
-    /// The entry; `largestValue`: a value larger than this is refused
-    /// (`invalidArgument`) before it is read (a protocol that cannot carry it).
-    public func get(_ key: EntryKey, largestValue: Int = .max) throws -> Entry {
+    public func get(_ key: EntryKey) throws -> Entry {
         try readSeeingPending(CollectionOfOne(key.bytes)) { pending, txn in
             let lookup = pending?[0] ?? .notPending
             switch lookup {
@@ -20,7 +18,6 @@ extension Shard {
             let stored = lookup.recordKey(key.bytes)
             guard let raw = try txn.get(entries, stored) else { throw ShardError.entryNotFound(key) }
             let view = try RecordView(raw)
-            if view.size > largestValue { throw Self.valueTooLarge(key, view.size, largestValue) }
             return Entry(key: key, value: try value(txn, stored, view), indexes: view.indexes(),
                          modificationTime: lookup.changedTime ?? view.modificationTime)
         }

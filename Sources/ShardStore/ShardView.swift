@@ -194,7 +194,8 @@ public final class ShardView: Sendable {
         do { return try snapshot.read(body) } catch { throw ShardView.shardError(error) }
     }
 
-    /// As `Shard.get`.
+    /// The entry; `largestValue`: a larger value is refused (`invalidArgument`)
+    /// before it is read (a protocol that cannot carry it).
     public func get(_ key: EntryKey, largestValue: Int = .max) throws -> Entry {
         try reading { txn in
             guard let raw = try key.bytes.withUnsafeBytes({ try txn.get(entries, $0) }) else { throw ShardError.entryNotFound(key) }

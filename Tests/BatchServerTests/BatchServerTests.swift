@@ -42,6 +42,50 @@ private func batchPutCodes(_ frames: [Frame]) -> [UInt32: [StatusCode]] {
 }
 
 @Suite(.serialized) struct BatchServerTests {
+    /// A value larger than an answer may carry (`largestValue`: the protocol's
+    /// 4 GiB less 16 MiB by default, reached only by files written through the
+    /// mount) is answered INVALID_ARGUMENT, by a Get and as a BatchGet item, and
+    /// leaves nothing of itself in the stream: the connection goes on.
+    @Test func aValueLargerThanAnAnswerCarriesIsRefusedCleanly() async throws {
+        try await withServer({ $0.largestValue = 1 << 20 }) { fx in
+            let c = try await fx.client()
+            defer { Task { await c.close() } }
+            let shard = try await c.newShard(owner: "sw")
+            let big = [UInt8](repeating: 7, count: 2 << 20)
+            try await c.put(client: "sw", shard: shard, key: bytes("big"), value: big)
+            try await c.put(client: "sw", shard: shard, key: bytes("small"), value: bytes("s"))
+            #expect(await statusCode { _ = try await c.get(shard: shard, key: bytes("big")) } == .invalidArgument)
+            let items = try await c.batchGetAll(shard: shard, keys: [bytes("big"), bytes("small")])
+            #expect(items.map(\.status.code) == [.invalidArgument, .ok])
+            #expect(try await c.get(shard: shard, key: bytes("small")).value == bytes("s"))
+        }
+    }
+
+    /// Pipelined reads whose answers together pass what one engine job gathers
+    /// (`answerBudget`; 1 GiB by default, where a few Gets of large files
+    /// written through the mount would pass the 4 GiB one buffer holds) are
+    /// answered in jobs of their own: every answer arrives once, whole.
+    @Test(.timeLimit(.minutes(1))) func pipelinedReadsPastTheAnswerBudgetAllArriveWhole() async throws {
+        try await withServer({ $0.answerBudget = 1 << 20 }) { fx in
+            let c = try await fx.client()
+            defer { Task { await c.close() } }
+            let shard = try await c.newShard(owner: "sw")
+            let values = (0..<6).map { n in (0..<(700 << 10)).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ n) } }
+            for (n, value) in values.enumerated() {
+                try await c.put(client: "sw", shard: shard, key: bytes("k\(n)"), value: value)
+            }
+            let got = try await withThrowingTaskGroup(of: (Int, [UInt8]).self) { group in
+                for n in values.indices { group.addTask { (n, try await c.get(shard: shard, key: bytes("k\(n)")).value) } }
+                var got: [Int: [UInt8]] = [:]
+                for try await (n, value) in group { got[n] = value }
+                return got
+            }
+            #expect(got.count == values.count && values.indices.allSatisfy { got[$0] == values[$0] })
+            let items = try await c.batchGetAll(shard: shard, keys: values.indices.map { bytes("k\($0)") })
+            #expect(items.count == values.count && items.allSatisfy { $0.status.isOK && $0.entry?.value == values[Int($0.position)] })
+        }
+    }
+
     @Test func everyOperationAndStatusThroughTheSwiftClient() async throws {
         try await withServer { fx in
             let c = try await fx.client()

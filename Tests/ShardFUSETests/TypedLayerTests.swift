@@ -140,6 +140,13 @@ import Testing
             let whileWriting = try fs.open(big, flags: O_RDONLY).handle
             #expect(passthrough(whileWriting) == PassthroughOpen(backing: 1, throughDaemon: true), "a writer is open")
             #expect { try fs.open(big, flags: O_RDWR) } throws: { ($0 as? FileSystemError)?.code == ETXTBSY }
+            // The kernel creates when it has no name cached: a read-only create of the
+            // file is a reader, named through the daemon (a writer is open).
+            let created = try fs.create(shardInode, Array("big".utf8), flags: O_RDONLY | O_CREAT).1
+            #expect(fs.handles.file(created)?.writable == false)
+            #expect(passthrough(created) == PassthroughOpen(backing: 1, throughDaemon: true))
+            try fs.release(created)
+            fs.inodes.forget(big, count: 1)
             #expect(registered.value == [1])
             try fs.release(first)
             try fs.release(second)

@@ -106,22 +106,6 @@ import Testing
         #expect(throws: ShardError.self) { try shard.valueFile(of: key("gone"), opening: false) }
     }
 
-    /// A get that cannot carry a value past `largestValue` refuses it before reading it.
-    @Test func aGetRefusesAValueLargerThanItsCallerCanCarry() throws {
-        let dir = try TemporaryDirectory("valuefile")
-        let shard = try makeShard(dir)
-        let value = pattern(3 << 20, seed: 1)
-        _ = try commitValueFile(shard, "big", value)
-        try shard.put(key("small"), value: bytes("12345"), clientID: "owner")
-        #expect { try shard.get(key("big"), largestValue: 1 << 20) } throws: { error in
-            guard case ShardError.invalidArgument(let message)? = error as? ShardError else { return false }
-            return message.contains("\(value.count) bytes")
-        }
-        #expect(try shard.get(key("big"), largestValue: value.count).value == value)
-        #expect(throws: ShardError.self) { try shard.get(key("small"), largestValue: 4) }
-        #expect(try shard.get(key("small"), largestValue: 5).value == bytes("12345"))
-    }
-
     @Test func aDeleteReleasesTheFileOnlyAfterTheReadsThatMaySeeIt() async throws {
         let dir = try TemporaryDirectory("valuefile")
         let shard = try makeShard(dir)
