@@ -88,7 +88,13 @@ private func opLookup(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePo
     FuseRequest.lookup.count()
     let fs = fileSystem(req)
     do {
-        var parameters = entryParameters(try fs.lookup(parent, bytes(name)))
+        guard let reply = try fs.lookupIfPresent(parent, bytes(name)) else {
+            var parameters = fuse_entry_param()  // a negative entry, as below
+            parameters.entry_timeout = fs.negativeTimeout(parent)
+            answered(fuse_reply_entry(req, &parameters))
+            return
+        }
+        var parameters = entryParameters(reply)
         answered(fuse_reply_entry(req, &parameters))
     } catch let error where errnoValue(of: error) == ENOENT {
         // A negative entry, cached like a positive one (not in a backup's view).

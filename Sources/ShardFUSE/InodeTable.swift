@@ -52,16 +52,22 @@ final class InodeTable: @unchecked Sendable {
     /// The inode of `kind`, created if needed; `lookup` counts one kernel reference.
     func inode(for kind: NodeKind, lookup: Bool) -> UInt64 {
         lock.withLock {
-            if let ino = byKind[kind] {
-                if lookup { slots[ino]!.lookups += 1 }
-                return ino
+            // One hash of the kind, found or inserted (0: no inode yet).
+            let (ino, made) = Self.findOrMake(&byKind[kind, default: 0], &next)
+            if made {
+                slots[ino] = Slot(kind: kind, lookups: lookup ? 1 : 0)
+            } else if lookup {
+                slots[ino]!.lookups += 1
             }
-            let ino = next
-            next += 1
-            slots[ino] = Slot(kind: kind, lookups: lookup ? 1 : 0)
-            byKind[kind] = ino
             return ino
         }
+    }
+
+    private static func findOrMake(_ slot: inout UInt64, _ next: inout UInt64) -> (UInt64, Bool) {
+        if slot != 0 { return (slot, false) }
+        slot = next
+        next += 1
+        return (slot, true)
     }
 
     /// The inode of `kind` if the kernel may know it (never creates one).

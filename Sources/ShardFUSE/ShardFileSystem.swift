@@ -103,23 +103,33 @@ public final class ShardFileSystem: @unchecked Sendable {
     // MARK: Names and attributes
 
     func lookup(_ parent: UInt64, _ name: [UInt8]) throws -> EntryReply {
+        guard let reply = try lookupIfPresent(parent, name) else {
+            throw FileSystemError(ENOENT, "no \(String(decoding: name, as: UTF8.self)) in inode \(parent)")
+        }
+        return reply
+    }
+
+    /// A lookup; nil when there is no such name (the bridge answers a negative
+    /// entry: most lookups of a create are of a name that is not there yet, and
+    /// build no error for it).
+    func lookupIfPresent(_ parent: UInt64, _ name: [UInt8]) throws -> EntryReply? {
         switch try kind(parent) {
         case .root:
-            guard let id = ShardDirectoryName.id(name) else {
-                throw FileSystemError(ENOENT, "no shard \(String(decoding: name, as: UTF8.self))")
-            }
-            return try reading(id) { shard in
-                let ino = inodes.inode(for: .shard(id), lookup: true)
-                return EntryReply(inode: ino, attributes: shardAttributes(shard, ino), timeout: timeout(shard))
+            guard let id = ShardDirectoryName.id(name) else { return nil }
+            do {
+                return try reading(id) { shard in
+                    let ino = inodes.inode(for: .shard(id), lookup: true)
+                    return EntryReply(inode: ino, attributes: shardAttributes(shard, ino), timeout: timeout(shard))
+                }
+            } catch let error as FileSystemError where error.code == ENOENT {
+                return nil
             }
         case .shard(let id):
             let key = try entryKey(name)
             return try reading(id) { shard in
                 // A file created and still open exists too (for its writer's stat, rename…).
                 let known = inodes.existingInode(for: .entry(shard: id, key: key.bytes))
-                guard let view = try entryView(shard, key, inode: known, byName: true) else {
-                    throw FileSystemError(ENOENT, "no entry \(key) in shard \(id)")
-                }
+                guard let view = try entryView(shard, key, inode: known, byName: true) else { return nil }
                 let ino = inodes.inode(for: .entry(shard: id, key: key.bytes), lookup: true)
                 return EntryReply(inode: ino, attributes: fileAttributes(shard, ino, view.attributes), timeout: timeout(shard),
                                   attributeTimeout: view.ofWriter ? 0 : timeout(shard))
