@@ -106,6 +106,20 @@ import Testing
                 os.close(writer)
                 os.close(reader)
                 assert not os.path.exists("shard-1/big")
+                # Truncating a kept value copies only what it keeps: into memory up to
+                # 8 MiB, into a spill file past that.
+                for name, cut in (("small", (3 << 20) + 1), ("large", (12 << 20) + 1)):
+                    with open("shard-1/" + name, "wb") as f: f.write(src)
+                    reader = os.open("shard-1/" + name, os.O_RDONLY)
+                    writer = os.open("shard-1/" + name, os.O_RDWR)
+                    os.unlink("shard-1/" + name)
+                    os.ftruncate(writer, cut)
+                    os.pwrite(writer, b"end", cut)
+                    open("/proc/sys/vm/drop_caches", "w").write("3")
+                    assert os.fstat(reader).st_size == cut + 3, name
+                    assert whole(reader) == src[:cut] + b"end", name
+                    os.close(writer)
+                    os.close(reader)
                 """)
         }
     }
