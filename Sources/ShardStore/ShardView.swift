@@ -2,6 +2,7 @@ import Foundation
 import Glibc
 import LMDB
 import LMDBSnapshot
+import Synchronization
 
 // Backup views (docs/BACKUP-VIEWS.md). The primary pins a snapshot of a shard and
 // publishes where its pages are (`PublishedSnapshot`); a backup reads that snapshot
@@ -92,6 +93,18 @@ public final class ShardView: Sendable {
     /// The block device the shard's volume is on: value files are read from it by
     /// the extents their commit recorded (nil: a folder volume, read through the folder).
     let device: String?
+    /// Value files this view has read, kept open for its later reads (a FUSE
+    /// read of a large file asks for 128 KiB at a time): a descriptor on a
+    /// folder volume, on a device the page source over the file's extents. A
+    /// view lives one generation; the pin that keeps its snapshot keeps the
+    /// files. At most `keptValueFiles`; past that, a read opens its own.
+    private let valueSources = Mutex<[UInt64: ValueSource]>([:])
+    static let keptValueFiles = 16
+
+    private enum ValueSource: @unchecked Sendable {
+        case file(Int32)
+        case device(DevicePageSource, readable: [FileExtent])
+    }
 
     /// Opens the view; reads the shard's own descriptor from the snapshot. `path`
     /// is the shard's folder; `device`, when the snapshot's pages come from a
@@ -119,6 +132,12 @@ public final class ShardView: Sendable {
         }
     }
 
+    deinit {
+        valueSources.withLock { sources in
+            for case .file(let fd) in sources.values { Glibc.close(fd) }
+        }
+    }
+
     /// Snapshot errors as shard errors: what the reader refused is `corrupt`, a
     /// device that failed is `storage`.
     static func shardError(_ error: any Error) -> ShardError {
@@ -136,41 +155,69 @@ public final class ShardView: Sendable {
     private func valueFileBytes(_ txn: SnapshotTransaction, _ number: UInt64, size: Int, offset: Int, count: Int) throws -> [UInt8] {
         let end = min(size, offset &+ count)
         guard offset < end else { return [] }
-        guard let device else {
-            let path = ValueFileDirectory.filePath(number, in: valuesPath)
-            let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
-            guard fd >= 0 else { throw ShardError.corrupt("view: value file \(number) cannot be opened: \(String(cString: strerror(errno)))") }
-            defer { Glibc.close(fd) }
+        let source = try valueSource(txn, number)
+        defer { if case .file(let fd) = source.source, !source.kept { Glibc.close(fd) } }
+        switch source.source {
+        case .file(let fd):
             return try [UInt8](unsafeUninitializedCapacity: end - offset) { buffer, initialized in
                 try readFully(fd, offset: offset, into: UnsafeMutableRawBufferPointer(buffer), size: size, what: "view: value file \(number)")
                 initialized = end - offset
             }
+        case .device(let device, let readable):
+            return try Self.read(device, readable: readable, offset: offset, end: end, number: number)
         }
-        guard let raw = try Shard.valueFileExtentsKey(number).withUnsafeBytes({ try txn.get(meta, $0) }) else {
-            throw ShardError.corrupt("view: value file \(number) has no recorded extents")
-        }
-        return try Self.readFromDevice(device, extents: try Shard.decodeExtents(raw), offset: offset, end: end, number: number)
     }
 
-    /// Bytes `offset ..< end` of a synced file whose extents are `extents`, read
-    /// from `device`: a hole or an unwritten extent inside the file reads as zeros
-    /// (the file was synced: nothing is left delayed); an extent whose bytes the
-    /// device does not hold as they are is an error. Read in pieces of 1 MiB
-    /// straight into the result.
-    static func readFromDevice(_ device: String, extents: [FileExtent], offset: Int, end: Int, number: UInt64) throws -> [UInt8] {
-        var out = [UInt8](repeating: 0, count: end - offset)
+    /// Value file `number`'s source: kept from an earlier read, or opened now
+    /// (and kept, while there is room).
+    private func valueSource(_ txn: SnapshotTransaction, _ number: UInt64) throws -> (source: ValueSource, kept: Bool) {
+        if let known = valueSources.withLock({ $0[number] }) { return (known, true) }
+        let opened: ValueSource
+        if let device {
+            guard let raw = try Shard.valueFileExtentsKey(number).withUnsafeBytes({ try txn.get(meta, $0) }) else {
+                throw ShardError.corrupt("view: value file \(number) has no recorded extents")
+            }
+            let (source, readable) = try Self.deviceSource(device, extents: try Shard.decodeExtents(raw), number: number)
+            opened = .device(source, readable: readable)
+        } else {
+            let fd = Glibc.open(ValueFileDirectory.filePath(number, in: valuesPath), O_RDONLY | O_CLOEXEC)
+            guard fd >= 0 else { throw ShardError.corrupt("view: value file \(number) cannot be opened: \(String(cString: strerror(errno)))") }
+            opened = .file(fd)
+        }
+        return valueSources.withLock { sources in
+            if let known = sources[number] {  // another read opened it meanwhile
+                if case .file(let fd) = opened { Glibc.close(fd) }
+                return (known, true)
+            }
+            guard sources.count < Self.keptValueFiles else { return (opened, false) }
+            sources[number] = opened
+            return (opened, true)
+        }
+    }
+
+    /// The device, read over a synced file's extents: a hole or an unwritten
+    /// extent inside the file reads as zeros (the file was synced: nothing is
+    /// left delayed); an extent whose bytes the device does not hold as they are
+    /// is an error (when read). Sectors of 512 bytes: FIEMAP's last extent ends
+    /// at the file's size rounded up to a sector, not to a filesystem block.
+    static func deviceSource(_ device: String, extents: [FileExtent], number: UInt64) throws
+        -> (source: DevicePageSource, readable: [FileExtent]) {
         for e in extents {
             let (stop, overflow) = e.logical.addingReportingOverflow(e.length)
             guard !overflow, stop <= UInt64(Int.max) else { throw ShardError.corrupt("view: value file \(number) has an extent out of range") }
         }
         let readable = extents.filter { $0.flags & FileExtent.unwritten == 0 }
+        return (try DevicePageSource(device: device, extents: readable, pageSize: 512), readable)
+    }
+
+    /// Bytes `offset ..< end` of value file `number`, which `source` reads, in
+    /// pieces of 1 MiB straight into the result.
+    static func read(_ source: DevicePageSource, readable: [FileExtent], offset: Int, end: Int, number: UInt64) throws -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: end - offset)
         if let bad = readable.first(where: { !$0.isReadable && $0.logical < UInt64(end) && $0.logical + $0.length > UInt64(offset) }) {
             throw ShardError.corrupt("view: value file \(number) has an extent at \(bad.logical) with flags 0x\(String(bad.flags, radix: 16))")
         }
-        // Sectors of 512 bytes: FIEMAP's last extent ends at the file's size
-        // rounded up to a sector, not to a filesystem block.
-        let sector = 512, piece = 1 << 20
-        let source = try DevicePageSource(device: device, extents: readable, pageSize: sector)
+        let sector = source.pageSize, piece = 1 << 20
         try out.withUnsafeMutableBytes { buffer in
             for extent in readable {
                 let a = max(offset, Int(extent.logical)), b = min(end, Int(extent.logical + extent.length))
