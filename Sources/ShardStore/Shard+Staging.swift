@@ -59,8 +59,9 @@ extension Shard {
     /// At open: chunk sets a crash left half-written are garbage, and so are
     /// value files being written or released (ValueFiles.swift).
     func removeLeftoverStagedSets() throws {
-        for set in try stagedSets() { try removeStagedSet(set) }
-        let files = try listedValueFiles(.writingFile) + listedValueFiles(.releasedFile)
+        let listed = try listedInStaging()  // one read: usually nothing is listed
+        for set in listed where set.kind == .chunkSet { try removeStagedSet(set.number) }
+        let files = listed.filter { $0.kind != .chunkSet }.map(\.number)
         guard !files.isEmpty else { return }
         for number in files { unlink(valueFiles.filePath(number)) }
         try committer.submit { ctx in

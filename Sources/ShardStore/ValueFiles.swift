@@ -492,15 +492,20 @@ extension Shard {
         try? committer.submit { ctx in _ = try ctx.txn.delete(self.staging, chunkSetKey(number)) }
     }
 
-    /// Value files `staging` lists as `kind`.
+    /// Value files (or chunk sets) `staging` lists as `kind`.
     func listedValueFiles(_ kind: StagingKind) throws -> [UInt64] {
+        try listedInStaging().filter { $0.kind == kind }.map(\.number)
+    }
+
+    /// Everything `staging` lists, with its kind, in one read.
+    func listedInStaging() throws -> [(number: UInt64, kind: StagingKind)] {
         try readTransaction(applyingLog: false) { txn in
             try txn.withCursor(staging) { cursor in
-                var found: [UInt64] = []
+                var found: [(number: UInt64, kind: StagingKind)] = []
                 var pair = try cursor.first()
                 while let p = pair {
-                    if p.key.count == 8, StagingKind(stored: p.value) == kind {
-                        found.append(UInt64(bigEndian: p.key.loadUnaligned(as: UInt64.self)))
+                    if p.key.count == 8 {
+                        found.append((UInt64(bigEndian: p.key.loadUnaligned(as: UInt64.self)), StagingKind(stored: p.value)))
                     }
                     pair = try cursor.next()
                 }
