@@ -80,8 +80,10 @@ public final class ShardManager: @unchecked Sendable {
     private var barrier: (@Sendable () -> Void)?
 
     /// Adds a listener told after each commit to any shard of this node which
-    /// entries changed (whatever path wrote them), so views like a FUSE mount can
-    /// drop caches. It runs on the committing thread, after the commit: keep it
+    /// entries changed, so views like a FUSE mount can drop caches: whatever path
+    /// wrote them, except the mount's own small-file closes and unlinks, which it
+    /// commits unreported (`Shard.batchPut(reportingChanges:)`; the one mount of
+    /// a node is the one listener, and needs no word of its own writes). It runs on the committing thread, after the commit: keep it
     /// short, take no lock a writer may hold. Returns what `removeChangeListener` takes.
     public func addChangeListener(_ listener: @escaping ChangeListener) -> UInt64 {
         lock.withLock {

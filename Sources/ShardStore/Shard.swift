@@ -179,7 +179,8 @@ public final class Shard: @unchecked Sendable {
     var commitObserver: (@Sendable ([[UInt8]]) -> Void)?
 
     /// Called after each commit with the keys it changed (put, delete, rename,
-    /// index and time changes), on the committing thread: keep it short.
+    /// index and time changes), on the committing thread: keep it short. Batch
+    /// puts made with `reportingChanges: false` are not reported.
     public var onCommit: (@Sendable ([[UInt8]]) -> Void)? {
         get { observerLock.withLock { commitObserver } }
         set { observerLock.withLock { commitObserver = newValue } }

@@ -96,12 +96,16 @@ public final class ShardView: Sendable {
     /// Value files this view has read, kept open for its later reads (a FUSE
     /// read of a large file asks for 128 KiB at a time): a descriptor on a
     /// folder volume, on a device the page source over the file's extents. A
-    /// view lives one generation; the pin that keeps its snapshot keeps the
-    /// files. At most `keptValueFiles`; past that, a read opens its own.
+    /// view lives while its snapshot is served (a generation, or more while the
+    /// shard does not change); the pin that keeps its snapshot keeps the files.
+    /// At most `keptValueFiles` per view and `keptValueFilesTotal` in the
+    /// process (each one a descriptor); past that, a read opens its own.
     private let valueSources = Mutex<[UInt64: ValueSource]>([:])
     static let keptValueFiles = 16
+    static let keptValueFilesTotal = 256
+    private static let keptTotal = Atomic<Int>(0)
 
-    private enum ValueSource: @unchecked Sendable {
+    private enum ValueSource: Sendable {
         case file(Int32)
         case device(DevicePageSource, readable: [FileExtent])
     }
@@ -135,6 +139,7 @@ public final class ShardView: Sendable {
     deinit {
         valueSources.withLock { sources in
             for case .file(let fd) in sources.values { Glibc.close(fd) }
+            Self.keptTotal.subtract(sources.count, ordering: .relaxed)
         }
     }
 
@@ -163,8 +168,12 @@ public final class ShardView: Sendable {
                 try readFully(fd, offset: offset, into: UnsafeMutableRawBufferPointer(buffer), size: size, what: "view: value file \(number)")
                 initialized = end - offset
             }
-        case .device(let device, let readable):
-            return try Self.read(device, readable: readable, offset: offset, end: end, number: number)
+        case .device(let source, let readable):
+            do {
+                return try Self.read(source, readable: readable, offset: offset, end: end, number: number)
+            } catch let error as SnapshotError {
+                throw ShardError.storage("view: value file \(number) on \(source.device): \(error)")  // the device failed
+            }
         }
     }
 
@@ -177,11 +186,18 @@ public final class ShardView: Sendable {
             guard let raw = try Shard.valueFileExtentsKey(number).withUnsafeBytes({ try txn.get(meta, $0) }) else {
                 throw ShardError.corrupt("view: value file \(number) has no recorded extents")
             }
-            let (source, readable) = try Self.deviceSource(device, extents: try Shard.decodeExtents(raw), number: number)
-            opened = .device(source, readable: readable)
+            do {
+                let (source, readable) = try Self.deviceSource(device, extents: try Shard.decodeExtents(raw), number: number)
+                opened = .device(source, readable: readable)
+            } catch let error as SnapshotError {
+                throw ShardError.storage("view: value file \(number) on \(device): \(error)")  // the device, not the data
+            }
         } else {
             let fd = Glibc.open(ValueFileDirectory.filePath(number, in: valuesPath), O_RDONLY | O_CLOEXEC)
-            guard fd >= 0 else { throw ShardError.corrupt("view: value file \(number) cannot be opened: \(String(cString: strerror(errno)))") }
+            guard fd >= 0 else {
+                let code = errno, text = "view: value file \(number) cannot be opened: \(String(cString: strerror(code)))"
+                throw code == ENOENT ? ShardError.corrupt(text) : ShardError.storage(text)
+            }
             opened = .file(fd)
         }
         return valueSources.withLock { sources in
@@ -190,6 +206,10 @@ public final class ShardView: Sendable {
                 return (known, true)
             }
             guard sources.count < Self.keptValueFiles else { return (opened, false) }
+            guard Self.keptTotal.add(1, ordering: .relaxed).newValue <= Self.keptValueFilesTotal else {
+                Self.keptTotal.subtract(1, ordering: .relaxed)
+                return (opened, false)
+            }
             sources[number] = opened
             return (opened, true)
         }
