@@ -29,7 +29,11 @@ import Volumes
         func turn(after reads: Int) { state.withLock { $0.turnAfter = reads } }
     }
 
-    @Test func aViewReadThatEndsUnderAnotherLeaseIsAnsweredWithoutItsBytes() async throws {
+    /// Node A's shard, filled by `populate` and published to node B, a backup in
+    /// this process whose socket service (`tweak`) answers from its views;
+    /// `body` gets a client of B, the shard's ID and B's lease.
+    func withBackupReads(_ tweak: (inout BatchServerConfiguration) -> Void = { _ in }, populate: (Shard) throws -> Void,
+                         _ body: (ShardFSClient, UInt64, TestLease) async throws -> Void) async throws {
         let dir = try TemporaryDirectory("backup-read")
         defer { dir.remove() }
         var config = Configuration()
@@ -37,7 +41,7 @@ import Volumes
         try config.set("cloud.volume_root", dir.sub("volumes"))
         let a = try await StorageNode.start(config)
         let shard = try await a.shards.newShard(owner: "c")
-        try shard.put(try EntryKey("k"), value: Array("committed".utf8), clientID: "c")
+        try populate(shard)
         guard let volume = a.volumes.mountedVolumes().first?.volumeID else { Issue.record("node-a mounted no volume"); return }
         try await a.metadata.addBackup(volumeID: volume, nodeID: "node-b")
         await a.publisher.checkpoint()
@@ -57,23 +61,49 @@ import Volumes
         serverConfig.tcpAddress = nil  // the Unix socket only: no port shared with other tests
         serverConfig.unixSocketPath = dir.sub("b.sock")
         serverConfig.engineThreads = 1
+        tweak(&serverConfig)
         let server = try await BatchServer.start(serverConfig, shards: bShards)
         let client = try await ShardFSClient.connect(to: .unix(path: dir.sub("b.sock")))
         do {
-            #expect(try await client.get(shard: shard.id, key: Array("k".utf8)).value == Array("committed".utf8))
-            // The lease moves on during the next read: its check before the read
-            // sees the lease the views were loaded under, the one after does not.
-            lease.turn(after: 1)
-            do {
-                let got = try await client.get(shard: shard.id, key: Array("k".utf8))
-                Issue.record("a read that ended under another lease was answered: \(got.value.count) bytes")
-            } catch ClientError.notShardLeader {
-            }
+            try await body(client, shard.id, lease)
         } catch {
             Issue.record("\(error)")
         }
         await client.close()
         await server.shutdown()
         await a.stopRoles()
+    }
+
+    @Test func aViewReadThatEndsUnderAnotherLeaseIsAnsweredWithoutItsBytes() async throws {
+        try await withBackupReads(populate: { try $0.put(try EntryKey("k"), value: Array("committed".utf8), clientID: "c") }) {
+            client, shard, lease in
+            #expect(try await client.get(shard: shard, key: Array("k".utf8)).value == Array("committed".utf8))
+            // The lease moves on during the next read: its check before the read
+            // sees the lease the views were loaded under, the one after does not.
+            lease.turn(after: 1)
+            do {
+                let got = try await client.get(shard: shard, key: Array("k".utf8))
+                Issue.record("a read that ended under another lease was answered: \(got.value.count) bytes")
+            } catch ClientError.notShardLeader {
+            }
+        }
+    }
+
+    /// A BatchGet from a view is answered whole from one snapshot: an item that
+    /// would take the answer past what one engine job gathers (`answerBudget`)
+    /// is refused INVALID_ARGUMENT, to be asked for alone, and a value larger
+    /// than an answer carries (`largestValue`) is refused by a Get too.
+    @Test func aViewAnswerPastTheBudgetRefusesItemsToBeAskedAlone() async throws {
+        let values = (0..<3).map { n in [UInt8](repeating: UInt8(n + 1), count: 700 << 10) }
+        try await withBackupReads({ $0.answerBudget = 1 << 20; $0.largestValue = 800 << 10 }, populate: { shard in
+            for (n, value) in values.enumerated() { try shard.put(try EntryKey("k\(n)"), value: value, clientID: "c") }
+            try shard.put(try EntryKey("huge"), value: [UInt8](repeating: 9, count: 900 << 10), clientID: "c")
+        }) { client, shard, _ in
+            let items = try await client.batchGetAll(shard: shard, keys: (0..<3).map { Array("k\($0)".utf8) })
+            #expect(items.map(\.status.code) == [.ok, .invalidArgument, .invalidArgument])
+            #expect(items.first?.entry?.value == values[0])
+            for n in 1..<3 { #expect(try await client.get(shard: shard, key: Array("k\(n)".utf8)).value == values[n]) }
+            #expect(await statusCode { _ = try await client.get(shard: shard, key: Array("huge".utf8)) } == .invalidArgument)
+        }
     }
 }

@@ -10,7 +10,7 @@ import TestSupport
 
 private func bytes(_ s: String) -> [UInt8] { Array(s.utf8) }
 
-private func statusCode(_ body: () async throws -> Void) async -> StatusCode? {
+func statusCode(_ body: () async throws -> Void) async -> StatusCode? {
     do { try await body() } catch ClientError.status(let s) { return s.code } catch { return nil }
     return .ok
 }
